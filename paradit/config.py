@@ -1,0 +1,111 @@
+"""Model presets and video settings.
+
+A `WanConfig` describes one Wan DiT architecture plus the sampling defaults of its release
+(WAN_SPEC.md). Presets are looked up by name with `WanConfig.preset(name)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    name: str
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_channels: int = 16
+    out_channels: int = 16
+    patch: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    eps: float = 1e-6
+    cross_attn_norm: bool = True
+    # sampling defaults of the release
+    steps: int = 50
+    shift: float = 5.0
+    guidance: tuple[float, float] = (5.0, 5.0)  # (high-noise expert, low-noise expert)
+    boundary: float | None = None               # t >= boundary * 1000 runs the high-noise expert
+    fps: int = 16
+    frames: int = 81
+    size: tuple[int, int] = (1280, 720)         # (width, height)
+    # latent codec
+    vae: str = "wan2.1"                         # "wan2.1" (z16, 4x8x8) | "wan2.2" (z48, 4x16x16) | "tiny"
+    z_dim: int = 16
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    task: str = "t2v"                           # "t2v" | "i2v" | "ti2v"
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def num_experts(self) -> int:
+        return 1 if self.boundary is None else 2
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this (VAE stride x patch)."""
+        return self.vae_stride[1] * self.patch[1]
+
+    def latent_shape(self, width: int, height: int, frames: int) -> tuple[int, int, int, int]:
+        """[C, F_lat, H_lat, W_lat] of the latent of a video of this size."""
+        self.check_video(width, height, frames)
+        st, sh, sw = self.vae_stride
+        return (self.z_dim, (frames - 1) // st + 1, height // sh, width // sw)
+
+    def num_tokens(self, width: int, height: int, frames: int) -> int:
+        _, f, h, w = self.latent_shape(width, height, frames)
+        pt, ph, pw = self.patch
+        return (f // pt) * (h // ph) * (w // pw)
+
+    def check_video(self, width: int, height: int, frames: int) -> None:
+        m, st = self.size_multiple, self.vae_stride[0]
+        if width <= 0 or height <= 0 or width % m or height % m:
+            lo_w, lo_h = max(m, width // m * m), max(m, height // m * m)
+            raise ValueError(
+                f"size {width}x{height} is not allowed for {self.name}: width and height must be "
+                f"positive multiples of {m} (VAE stride x patch); nearest below is {lo_w}x{lo_h}")
+        if frames < 1 or (frames - 1) % st:
+            lo = max(1, (frames - 1) // st * st + 1)
+            raise ValueError(f"frames={frames} is not allowed for {self.name}: frames must be of the "
+                             f"form {st}k+1 (1, 5, 9, ..., 81); nearest below is {lo}")
+
+    def replace(self, **changes) -> "WanConfig":
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def preset(name: str) -> "WanConfig":
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown model preset {name!r}; known presets: "
+                             f"{', '.join(sorted(PRESETS))}") from None
+
+    @staticmethod
+    def names() -> list[str]:
+        return sorted(PRESETS)
+
+
+_A14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, steps=40)
+
+PRESETS: dict[str, WanConfig] = {c.name: c for c in [
+    WanConfig("wan2.2-t2v-a14b", **_A14B, shift=12.0, guidance=(4.0, 3.0), boundary=0.875),
+    WanConfig("wan2.2-i2v-a14b", **_A14B, in_channels=36, shift=5.0, guidance=(3.5, 3.5),
+              boundary=0.900, task="i2v"),
+    WanConfig("wan2.2-ti2v-5b", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
+              in_channels=48, out_channels=48, steps=50, shift=5.0, guidance=(5.0, 5.0), fps=24,
+              frames=121, size=(1280, 704), vae="wan2.2", z_dim=48, vae_stride=(4, 16, 16),
+              task="ti2v"),
+    WanConfig("wan2.1-t2v-14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    WanConfig("wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+              size=(832, 480)),
+    # Runs a whole pipeline in seconds on a CPU; random weights; two experts like A14B.
+    WanConfig("tiny", dim=24, ffn_dim=32, num_heads=2, num_layers=2, text_dim=32, text_len=16,
+              steps=8, shift=12.0, guidance=(4.0, 3.0), boundary=0.875, frames=9, size=(64, 64),
+              vae="tiny", fps=8),
+]}

@@ -1,0 +1,136 @@
+"""Process-group setup, chosen in one place: NCCL with one GPU per local rank, gloo on CPU.
+
+`init_distributed()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT); without it the process is a world of one and no process group is created.
+`spawn(fn, nprocs)` runs `fn(*args)` in N local gloo processes, for tests and CPU use.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("paradit")
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("PARADIT_TIMEOUT_S", 600))
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+
+
+def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
+    if requested and requested != "auto":
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        return dev
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(device: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Join the torchrun world if there is one (idempotent)."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world == 1 and not dist.is_initialized():
+        return DistInfo(0, 1, 0, dev, None)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+        kwargs = dict(device_id=dev) if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
+    setup_logging(dist.get_rank())
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
+    """Rank 0 logs at `level`; other ranks only warnings and errors, tagged with their rank."""
+    if getattr(setup_logging, "_done", False):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[paradit r{rank}] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level if rank == 0 else logging.WARNING)
+    log.propagate = False
+    setup_logging._done = True
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- local spawner
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, queue, timeout_s):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # N processes share the machine's cores
+    try:
+        init_distributed("cpu", timeout_s=timeout_s)
+        queue.put((rank, True, fn(*args)))
+    except BaseException as err:  # report everything, including SystemExit, to the parent
+        queue.put((rank, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+    finally:
+        shutdown()
+
+
+class SpawnError(RuntimeError):
+    pass
+
+
+def spawn(fn, nprocs: int, *args, timeout_s: float = 300.0) -> list:
+    """Run fn(*args) on `nprocs` local gloo ranks; return each rank's result, in rank order.
+
+    fn must be importable (module-level). Any rank's exception is raised here naming the rank.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue, timeout_s), daemon=True)
+             for r in range(nprocs)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(nprocs):
+            rank, ok, value = queue.get(timeout=timeout_s)
+            (results if ok else errors)[rank] = value
+            if errors:
+                break
+    except Exception as err:  # queue.Empty: a rank hung or died without reporting
+        errors[-1] = f"timed out after {timeout_s:.0f}s waiting for ranks ({err!r})"
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        rank = min(errors)
+        raise SpawnError(f"rank {rank} failed: {errors[rank]}")
+    return [results[r] for r in range(nprocs)]

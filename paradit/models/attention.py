@@ -1,0 +1,117 @@
+"""Local (single-device) attention kernels behind one interface.
+
+Every kernel takes q, k, v as (B, S, H, D) and returns the output (B, S, H, D); the `*_lse`
+variant also returns the log-sum-exp of the scores, (B, H, S) in fp32, which Ring attention needs
+to merge partial results. Backends, best first where available:
+
+    flash3 / flash2   flash-attn (GPU, fp16/bf16)
+    sdpa              torch scaled_dot_product_attention (cuDNN / flash / efficient on GPU)
+    math              plain matmul + logsumexp (any device, any dtype; the CPU path)
+
+No torch.distributed here: this module is the model's default seam and the parallel code's kernel.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def math_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference attention with LSE; fp32 accumulation whatever the input dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, S, D)
+    scores = (qf @ kf.transpose(-1, -2)) * scale                   # (B, H, Sq, Sk)
+    lse = torch.logsumexp(scores, dim=-1)                          # (B, H, Sq)
+    out = torch.exp(scores - lse.unsqueeze(-1)) @ vf               # (B, H, Sq, D)
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)  # (B, S, H, D)
+
+
+def sdpa_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """CUDA SDPA with LSE through the efficient-attention op (exact, any head_dim <= 256)."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        qt, kt, vt, None, compute_log_sumexp=True)[:2]
+    return out.transpose(1, 2), lse[..., : q.shape[1]].float()  # lse may be padded to 32
+
+
+def _flash_module():
+    for name in ("flash_attn_interface", "flash_attn"):  # FA3 first, then FA2
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return None
+
+
+def flash_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    name = _flash_module()
+    if name == "flash_attn_interface":
+        from flash_attn_interface import flash_attn_func
+        out, lse = flash_attn_func(q, k, v)[:2]
+    else:
+        from flash_attn import flash_attn_func
+        out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    return out, lse.float()  # (B, S, H, D), (B, H, S)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return flash_attention_lse(q, k, v)[0]
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return math_attention_lse(q, k, v)[0]
+
+
+BACKENDS: dict[str, tuple[AttentionFn, Callable]] = {
+    "flash": (flash_attention, flash_attention_lse),
+    "sdpa": (sdpa_attention, sdpa_attention_lse),
+    "math": (math_attention, math_attention_lse),
+}
+
+
+def pick_backend(device: torch.device | str, dtype: torch.dtype, requested: str = "auto") -> str:
+    """Choose a backend once; a requested one that cannot run here is an error, not a fallback."""
+    device = torch.device(device)
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown attention backend {requested!r}; choose from "
+                             f"auto, {', '.join(BACKENDS)}")
+        if requested == "flash" and (device.type != "cuda" or _flash_module() is None):
+            raise ValueError("attention backend 'flash' needs CUDA and the flash-attn package "
+                             "(pip install paradit[gpu]); use 'sdpa' instead")
+        return requested
+    if device.type == "cuda":
+        if _flash_module() is not None and dtype in (torch.float16, torch.bfloat16):
+            return "flash"
+        return "sdpa"
+    # On CPU SDPA has no LSE output; plain SDPA is used where no LSE is needed.
+    return "sdpa" if device.type == "cpu" else "math"
+
+
+def describe_backend(name: str, device: torch.device | str) -> str:
+    device = torch.device(device)
+    if name == "flash":
+        return f"flash-attn ({'FA3' if _flash_module() == 'flash_attn_interface' else 'FA2'})"
+    if name == "sdpa" and device.type != "cuda":
+        return "torch SDPA (CPU); log-sum-exp for Ring from the math kernel"
+    if name == "sdpa":
+        return "torch SDPA (cuDNN/flash); log-sum-exp for Ring from the efficient kernel"
+    return "math (matmul + logsumexp)"
+
+
+def kernels(name: str, device: torch.device | str) -> tuple[AttentionFn, Callable]:
+    """(attention, attention_with_lse) for a backend name on a device."""
+    plain, with_lse = BACKENDS[name]
+    if name == "sdpa" and torch.device(device).type != "cuda":
+        with_lse = math_attention_lse  # the efficient-attention LSE op is CUDA-only
+    return plain, with_lse

@@ -1,0 +1,227 @@
+"""Checkpoint loading: diffusers and original Wan layouts, via safetensors, onto the meta device.
+
+The model is built on the meta device (no allocation), each tensor is read from the safetensors
+mmap, converted to the target dtype on the target device, and assigned. A missing, unexpected or
+wrongly shaped tensor is an error naming it (and the file it came from).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from paradit.config import PRESETS, WanConfig
+from paradit.models.transformer import WanTransformer
+
+# diffusers name -> original Wan name (WAN_SPEC.md), applied in order.
+_DIFFUSERS_TO_ORIGINAL = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"\.scale_shift_table$", ".modulation"),
+    (r"\.attn1\.to_out\.0\.", ".self_attn.o."),
+    (r"\.attn2\.to_out\.0\.", ".cross_attn.o."),
+    (r"\.attn1\.to_([qkv])\.", r".self_attn.\1."),
+    (r"\.attn2\.to_([qkv])\.", r".cross_attn.\1."),
+    (r"\.attn1\.norm_", ".self_attn.norm_"),
+    (r"\.attn2\.norm_", ".cross_attn.norm_"),
+    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),  # diffusers' norm2 is the affine cross-attn norm
+    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
+    (r"\.ffn\.net\.2\.", ".ffn.2."),
+]
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+# Parameters of the Wan2.1 I2V image branch, which paradit does not implement (WAN_SPEC.md).
+_UNSUPPORTED = re.compile(r"(add_[kv]_proj|norm_added_k|image_embedder|img_emb|k_img|v_img|norm_k_img)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, or not the model it claims to be."""
+
+
+def to_original_name(name: str) -> str:
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    for pattern, repl in _DIFFUSERS_TO_ORIGINAL:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+@dataclass
+class TensorIndex:
+    """Where each tensor (by its original-layout name) lives: file and stored name."""
+    files: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    config: dict | None = None
+    layout: str = "original"  # "diffusers" | "original"
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.files)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete: the index {indexes[0].name} names "
+                                  f"shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} is not a checkpoint: it has no *.safetensors files "
+                              f"(expected config.json + safetensors, sharded with an index or single)")
+    return files
+
+
+def index_checkpoint(path: str | Path) -> TensorIndex:
+    """Find every tensor of a transformer checkpoint (a folder, or one .safetensors file)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    files = [path] if path.is_file() else _weight_files(path)
+    cfg_file = (path.parent if path.is_file() else path) / "config.json"
+    index = TensorIndex(config=json.loads(cfg_file.read_text()) if cfg_file.exists() else None)
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as err:  # safetensors raises its own error types for a corrupt header
+            raise CheckpointError(f"cannot read {file}: {err}") from err
+        for key in keys:
+            name = to_original_name(key)
+            if name != key and not key.startswith(_PREFIXES):
+                index.layout = "diffusers"
+            index.files[name] = (file, key)
+    return index
+
+
+def config_from_checkpoint(index: TensorIndex, base: WanConfig | None = None) -> WanConfig:
+    """The architecture from config.json (diffusers or original), else inferred from shapes."""
+    c = index.config or {}
+    if c.get("image_dim") or c.get("added_kv_proj_dim"):
+        raise CheckpointError("this is a Wan2.1 I2V checkpoint with a CLIP image branch, which paradit "
+                              "does not support; Wan2.2 I2V-A14B (36 input channels, no CLIP) is supported")
+    if "num_attention_heads" in c:  # diffusers
+        arch = dict(dim=c["num_attention_heads"] * c["attention_head_dim"], num_heads=c["num_attention_heads"],
+                    ffn_dim=c["ffn_dim"], num_layers=c["num_layers"], in_channels=c["in_channels"],
+                    out_channels=c.get("out_channels") or c["in_channels"], patch=tuple(c["patch_size"]),
+                    freq_dim=c["freq_dim"], text_dim=c["text_dim"], eps=c.get("eps", 1e-6),
+                    cross_attn_norm=c.get("cross_attn_norm", True))
+    elif "num_heads" in c:  # original Wan config.json
+        arch = dict(dim=c["dim"], num_heads=c["num_heads"], ffn_dim=c["ffn_dim"], num_layers=c["num_layers"],
+                    in_channels=c["in_dim"], out_channels=c["out_dim"], patch=tuple(c.get("patch_size", (1, 2, 2))),
+                    freq_dim=c.get("freq_dim", 256), text_dim=c.get("text_dim", 4096), eps=c.get("eps", 1e-6),
+                    cross_attn_norm=c.get("cross_attn_norm", True))
+    else:
+        arch = _infer_arch(index)
+    for key in ("patch_embedding.weight", "head.head.weight"):
+        if key not in index.files:
+            raise CheckpointError(f"checkpoint has no tensor {key!r}: not a Wan transformer")
+    if base is None:
+        base = next((p for p in PRESETS.values() if (p.dim, p.num_layers, p.in_channels) ==
+                     (arch["dim"], arch["num_layers"], arch["in_channels"])), None)
+        base = base or WanConfig(name="custom", **arch)
+    return base.replace(**arch)
+
+
+def _infer_arch(index: TensorIndex) -> dict:
+    shape = _shape_reader(index)
+    try:
+        pe = shape("patch_embedding.weight")                       # (D, C, pt, ph, pw)
+        dim, layers = pe[0], 1 + max(int(n.split(".")[1]) for n in index.files if n.startswith("blocks."))
+        patch = tuple(pe[2:])
+        return dict(dim=dim, num_heads=dim // 128, ffn_dim=shape("blocks.0.ffn.0.weight")[0], num_layers=layers,
+                    in_channels=pe[1], out_channels=shape("head.head.weight")[0] // math.prod(patch), patch=patch,
+                    freq_dim=shape("time_embedding.0.weight")[1], text_dim=shape("text_embedding.0.weight")[1])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint has no config.json and its tensors do not describe a Wan "
+                              f"transformer ({err})") from err
+
+
+def _shape_reader(index: TensorIndex) -> Callable[[str], tuple[int, ...]]:
+    def shape(name: str) -> tuple[int, ...]:
+        file, key = index.files[name]
+        with safe_open(file, framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+    return shape
+
+
+def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, device, threads: int = 8,
+                 stats: dict | None = None) -> dict[str, torch.Tensor]:
+    """Read `names` from the mmap, converted to dtype on device; one thread per shard file."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(index.files[name][0], []).append(name)
+
+    def read_file(file: Path) -> dict[str, torch.Tensor]:
+        out = {}
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in by_file[file]:
+                t = f.get_tensor(index.files[name][1])      # a view of the mmap where possible
+                out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                if stats is not None:
+                    stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
+                    stats.setdefault("names", []).append(name)
+        return out
+
+    tensors: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_file)))) as pool:
+        for part in pool.map(read_file, by_file):
+            tensors.update(part)
+    return tensors
+
+
+def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+                     config: WanConfig | None = None, stats: dict | None = None) -> WanTransformer:
+    """Load a Wan transformer from a diffusers-layout or original-layout checkpoint."""
+    index = index_checkpoint(path)
+    cfg = config_from_checkpoint(index, config)
+    with torch.device("meta"):
+        model = WanTransformer(cfg)
+    expected = model.state_dict()
+    unsupported = sorted(n for n in index.files if _UNSUPPORTED.search(n))
+    if unsupported:
+        raise CheckpointError(f"{path}: tensors of an unsupported image branch: {', '.join(unsupported[:4])}")
+    missing = sorted(set(expected) - set(index.files))
+    unexpected = sorted(set(index.files) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the {cfg.name} architecture: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    tensors = read_tensors(index, list(expected), dtype, device, stats=stats)
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            file = index.files[name][0]
+            raise CheckpointError(f"tensor {name!r} in {file} has shape {tuple(t.shape)}, "
+                                  f"expected {tuple(expected[name].shape)} for {cfg.name}")
+    model.load_state_dict(tensors, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def save_original_layout(model: WanTransformer, folder: str | Path) -> None:
+    """Write a transformer in the original Wan layout (config.json + one safetensors file)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.cfg
+    (folder / "config.json").write_text(json.dumps(dict(
+        model_type=c.task, dim=c.dim, ffn_dim=c.ffn_dim, num_heads=c.num_heads, num_layers=c.num_layers,
+        in_dim=c.in_channels, out_dim=c.out_channels, patch_size=list(c.patch), freq_dim=c.freq_dim,
+        text_dim=c.text_dim, text_len=c.text_len, eps=c.eps, cross_attn_norm=c.cross_attn_norm), indent=1))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / "diffusion_pytorch_model.safetensors")
