@@ -1,0 +1,196 @@
+"""The CLI: `python -m paradit.generate` (also under `torchrun --nproc-per-node W`).
+
+    torchrun --nproc-per-node 4 -m paradit.generate --model tiny --sp 2 --cfg-par 2 --out out.mp4
+
+Everything the user typed is validated on every rank before any weights are built or read.
+Rank 0 of each data-parallel replica writes its videos, atomically, each with a JSON sidecar.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from paradit.config import PRESETS, WanConfig
+from paradit.launch import init_distributed, setup_logging, shutdown
+from paradit.models.loading import CheckpointError
+from paradit.outputs import write_json, write_tensor, write_video
+from paradit.parallel.mesh import ParallelConfig, auto_sp
+
+log = logging.getLogger("paradit")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m paradit.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help=f"preset ({', '.join(sorted(PRESETS))}) or checkpoint folder")
+    p.add_argument("--prompt", default="a red circle moving right")
+    p.add_argument("--prompts-file", help="one prompt a line; data-parallel replicas share them out")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--size", help="WxH, e.g. 1280x720 (default: the preset's)")
+    p.add_argument("--frames", type=int, help="4k+1 frames (default: the preset's)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--shift", type=float)
+    p.add_argument("--guidance", help="one scale, or high,low for the two Wan2.2 experts")
+    p.add_argument("--sampler", default="unipc", choices=["unipc", "euler"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/video.mp4")
+    p.add_argument("--save-latents", action="store_true", help="also write the final latent (.safetensors)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--attention", default="auto", help="auto, flash, sdpa, math")
+    p.add_argument("--sp", type=int, help="sequence-parallel degree; picks ulysses x ring from the head count")
+    p.add_argument("--ulysses", type=int)
+    p.add_argument("--ring", type=int)
+    p.add_argument("--cfg-par", type=int, default=1, choices=[1, 2], help="2: cond and uncond on separate GPU groups")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas over prompts")
+    p.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {size!r}: write it as WIDTHxHEIGHT, e.g. 1280x720") from None
+    return w, h
+
+
+def parse_guidance(text: str | None):
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--guidance {text!r}: give one number or two (high,low), e.g. 4.0,3.0") from None
+    if len(vals) not in (1, 2):
+        raise ValueError(f"--guidance {text!r}: give one number or two (high,low)")
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def layout_from_args(args, num_heads: int) -> ParallelConfig:
+    u, r = args.ulysses, args.ring
+    if args.sp is not None:
+        if u is None and r is None:
+            u, r = auto_sp(num_heads, args.sp)
+        elif (u or 1) * (r or 1) != args.sp:
+            raise ValueError(f"--sp {args.sp} disagrees with --ulysses {u} x --ring {r}; give --sp alone or "
+                             f"--ulysses and --ring whose product is {args.sp}")
+        else:
+            u, r = u or args.sp // (r or 1), r or args.sp // (u or 1)
+    return ParallelConfig(ulysses=u or 1, ring=r or 1, cfg=args.cfg_par, dp=args.dp)
+
+
+def model_config(name_or_path: str) -> WanConfig:
+    if name_or_path in PRESETS:
+        return WanConfig.preset(name_or_path)
+    if not Path(name_or_path).exists():
+        raise ValueError(f"--model {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                         f"nor an existing checkpoint folder")
+    from paradit.checkpoint import model_config as checkpoint_config
+    return checkpoint_config(name_or_path)
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompts_file is None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise ValueError(f"--prompts-file {path}: no such file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path} has no prompts (one prompt a line)")
+    return prompts
+
+
+def output_path(out: str, index: int, count: int) -> Path:
+    out = Path(out)
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {out}: the video is written as H.264 mp4; give a path ending in .mp4")
+    return out if count == 1 else out.with_name(f"{out.stem}_{index:03d}{out.suffix}")
+
+
+def run(args) -> list[Path]:
+    from paradit.pipeline import Pipeline, VideoSettings
+
+    # 1. validate everything before any weights exist
+    t_start = time.perf_counter()
+    info = init_distributed(args.device, args.timeout)
+    setup_logging(info.rank)
+    cfg = model_config(args.model)
+    width, height = parse_size(args.size)
+    settings = VideoSettings.resolve(cfg, width, height, args.frames, args.steps, args.shift,
+                                     parse_guidance(args.guidance), args.seed, args.sampler)
+    layout = layout_from_args(args, cfg.num_heads)
+    layout.validate(info.world_size, cfg.num_heads)
+    prompts = read_prompts(args)
+    paths = [output_path(args.out, i, len(prompts)) for i in range(len(prompts))]
+
+    # 2. build
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention)
+    startup = {"config_s": t0 - t_start, "build_s": time.perf_counter() - t0}
+    mesh = pipe.mesh
+
+    # 3. generate this replica's share of the prompts
+    written = []
+    for i, (prompt, path) in enumerate(zip(prompts, paths)):
+        if i % layout.dp != mesh.rank("dp"):
+            continue
+        t0 = time.perf_counter()
+        kw = dict(negative_prompt=args.negative_prompt, width=settings.width, height=settings.height,
+                  frames=settings.frames, steps=settings.steps, shift=settings.shift,
+                  guidance=settings.guidance, seed=settings.seed, sampler=settings.sampler,
+                  progress=not args.no_progress)
+        latent = pipe(prompt, output="latent", **kw)
+        t1 = time.perf_counter()
+        video = pipe.vae.decode(latent) if mesh.is_output_rank else None
+        pipe.record.timings["vae_decode_s"] = time.perf_counter() - t1
+        elapsed = time.perf_counter() - t0
+        if not mesh.is_output_rank:
+            continue
+        write_video(path, video.numpy(), cfg.fps)
+        if args.save_latents:
+            write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
+        write_json(path.with_suffix(".json"), sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed))
+        log.info("wrote %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1], elapsed)
+        print(f"paradit: wrote {path}", flush=True)
+        written.append(path)
+    return written
+
+
+def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict:
+    rec = pipe.record
+    steps = max(1, len(rec.trace))
+    return {
+        "prompt": prompt, "negative_prompt": args.negative_prompt, "model": args.model, "preset": cfg.name,
+        "settings": settings.__dict__, "layout": layout.__dict__ | {"world_size": layout.world_size},
+        "attention": pipe.runtime.backend, "device": str(pipe.mesh.device),
+        "experts_per_step": [{"t": t, "expert": ["high", "low"][k], "guidance": g} for t, k, g in rec.trace],
+        "timings_s": {"startup": startup, **rec.timings, "total": elapsed},
+        "collectives_per_step": {op: {"bytes": b / steps, "count": c / steps} for op, (b, c) in rec.traffic.items()},
+        "torch": torch.__version__,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except (ValueError, CheckpointError) as err:
+        rank = int(__import__("os").environ.get("RANK", 0))
+        print(f"paradit: error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The text encoder: transformers' UMT5EncoderModel and a tokenizer, Wan's way.
+
+The prompt is tokenised to at most text_len tokens, encoded, trimmed to its real length and
+zero-padded back to text_len (the original Wan code's convention; cross-attention sees all
+text_len positions).
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+# Words of the synthetic shape videos (colours, shapes, motions); enough for tiny and demo prompts.
+WORDS = ("a an the of on in and with moving move moves going left right up down towards to slowly quickly "
+         "red green blue yellow orange purple white black cyan magenta gray "
+         "circle square triangle ball box shape disk ring cross star background plain over").split()
+
+
+def word_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built locally with the tokenizers library (no download)."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+class TextEncoder:
+    def __init__(self, model: UMT5EncoderModel, tokenizer, text_len: int, device="cpu"):
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.tokenizer, self.text_len, self.device = tokenizer, text_len, torch.device(device)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, text_len, d_model) fp32, zero past each prompt's real length."""
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.text_len, truncation=True,
+                             add_special_tokens=True, return_tensors="pt")
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        return out * mask[..., None]  # trim to the real length, zero-pad to text_len
+
+    @classmethod
+    def tiny(cls, text_dim: int, text_len: int, seed: int = 0, device="cpu", layers: int = 2) -> "TextEncoder":
+        tokenizer = word_tokenizer()
+        config = UMT5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=2 * text_dim,
+                            num_layers=layers, num_heads=4, relative_attention_num_buckets=8,
+                            relative_attention_max_distance=16, dropout_rate=0.0, feed_forward_proj="gated-gelu")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = UMT5EncoderModel(config)
+        return cls(model, tokenizer, text_len, device)
+
+    @classmethod
+    def from_pretrained(cls, folder, tokenizer_folder, text_len: int = 512, dtype=torch.bfloat16,
+                        device="cpu") -> "TextEncoder":
+        from transformers import AutoTokenizer
+        model = UMT5EncoderModel.from_pretrained(folder, torch_dtype=dtype)
+        return cls(model, AutoTokenizer.from_pretrained(tokenizer_folder), text_len, device)

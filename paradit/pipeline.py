@@ -1,0 +1,180 @@
+"""prompt -> text embeddings -> seeded noise -> denoising loop -> VAE decode -> uint8 frames.
+
+The loop runs in token space: the patchified latent is sharded along the sequence exactly like
+the transformer's tokens (Runtime.token_range), so a step gathers nothing; only the final latent
+is gathered for the decode. On one process the shard is the whole sequence.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from paradit.config import WanConfig
+from paradit.launch import init_distributed
+from paradit.models.text_encoder import TextEncoder
+from paradit.models.transformer import WanTransformer, patchify, token_grid, unpatchify
+from paradit.models.vae import VideoVAE
+from paradit.parallel.collectives import TRAFFIC
+from paradit.parallel.mesh import Mesh, ParallelConfig, init_parallel
+from paradit.parallel.runtime import Runtime
+from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler
+
+log = logging.getLogger("paradit")
+SAMPLERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler}
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    width: int
+    height: int
+    frames: int
+    steps: int
+    shift: float
+    guidance: tuple[float, float]  # (high-noise expert, low-noise expert)
+    seed: int = 0
+    sampler: str = "unipc"
+
+    @staticmethod
+    def resolve(cfg: WanConfig, width=None, height=None, frames=None, steps=None, shift=None,
+                guidance=None, seed=0, sampler="unipc") -> "VideoSettings":
+        """Fill defaults from the preset and reject what the model cannot take, with the fix."""
+        width, height = width or cfg.size[0], height or cfg.size[1]
+        frames, steps = frames or cfg.frames, cfg.steps if steps is None else steps
+        shift = cfg.shift if shift is None else shift
+        guidance = cfg.guidance if guidance is None else guidance
+        if isinstance(guidance, (int, float)):
+            guidance = (float(guidance), float(guidance))
+        guidance = tuple(float(g) for g in guidance)
+        cfg.check_video(width, height, frames)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps={steps}: the number of denoising steps must be an integer >= 1")
+        if not shift > 0:
+            raise ValueError(f"shift={shift}: the schedule shift must be > 0 (Wan uses 5.0 or 12.0)")
+        if len(guidance) != 2 or any(g < 0 or g != g for g in guidance):
+            raise ValueError(f"guidance={guidance}: give one scale >= 0, or two (high-noise, low-noise)")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        return VideoSettings(width, height, frames, steps, float(shift), guidance, int(seed), sampler)
+
+
+@dataclass
+class RunRecord:
+    """What one call did: the expert and guidance of every step, phase timings, traffic."""
+    trace: list[tuple[int, int, float]] = field(default_factory=list)  # (timestep, expert, guidance)
+    timings: dict[str, float] = field(default_factory=dict)
+    traffic: dict[str, list[int]] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, cfg: WanConfig, experts: list[WanTransformer], text_encoder: TextEncoder,
+                 vae: VideoVAE | None, parallel: ParallelConfig | None = None, mesh: Mesh | None = None,
+                 backend: str = "auto"):
+        if len(experts) != cfg.num_experts:
+            raise ValueError(f"{cfg.name} needs {cfg.num_experts} expert(s), got {len(experts)}")
+        self.cfg, self.experts, self.text_encoder, self.vae = cfg, experts, text_encoder, vae
+        self.mesh = mesh or init_parallel(parallel or ParallelConfig(), num_heads=cfg.num_heads)
+        dtype = next(experts[0].parameters()).dtype
+        self.runtime = Runtime(self.mesh, backend, dtype)
+        for m in experts:
+            self.runtime.bind(m)
+        self.record = RunRecord()
+        log.info("layout: %s", self.runtime.describe())
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, device=None,
+                        dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0) -> "Pipeline":
+        """'tiny' (random weights, built locally) or a checkpoint folder. The layout is validated
+        against the world before any weights are built or read."""
+        info = init_distributed(device)
+        parallel = parallel or ParallelConfig()
+        if name_or_path == "tiny":
+            cfg = WanConfig.preset("tiny")
+            mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
+            return cls(cfg, *tiny_components(cfg, info.device, dtype or torch.float32, seed), mesh=mesh,
+                       backend=backend)
+        from paradit.checkpoint import load_pipeline_components  # real checkpoints (folders)
+        return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend)
+
+    # ------------------------------------------------------------------ generation
+    def expert_for(self, t: int) -> int:
+        """0 = high-noise expert (t >= boundary * 1000), 1 = low-noise expert."""
+        if self.cfg.boundary is None:
+            return 0
+        return 0 if t >= self.cfg.boundary * 1000 else 1
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, negative_prompt: str = "", height: int | None = None,
+                 width: int | None = None, frames: int | None = None, steps: int | None = None,
+                 shift: float | None = None, guidance=None, seed: int = 0, output: str = "video",
+                 sampler: str = "unipc", progress: bool = True):
+        if output not in ("video", "latent"):
+            raise ValueError(f"output={output!r}: choose 'video' or 'latent'")
+        s = VideoSettings.resolve(self.cfg, width, height, frames, steps, shift, guidance, seed, sampler)
+        self.record = rec = RunRecord()
+        TRAFFIC.clear()
+        t0 = time.perf_counter()
+        cond, uncond = self.encode_prompts(prompt, negative_prompt, s.guidance)
+        rec.timings["text_encoder_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        latent = self.denoise(s, cond, uncond, progress)
+        rec.timings["denoise_s"] = time.perf_counter() - t0
+        rec.traffic = {k: list(v) for k, v in TRAFFIC.items()}
+        if output == "latent":
+            return latent
+        if not self.mesh.is_output_rank or self.vae is None:
+            return None
+        t0 = time.perf_counter()
+        video = self.vae.decode(latent)
+        rec.timings["vae_decode_s"] = time.perf_counter() - t0
+        return video
+
+    def encode_prompts(self, prompt: str, negative_prompt: str, guidance: tuple[float, float]):
+        need_uncond = any(g != 1.0 for g in guidance)
+        prompts = [prompt, negative_prompt] if need_uncond else [prompt]
+        emb = self.text_encoder.encode(prompts).to(self.mesh.device)  # (1 or 2, text_len, text_dim)
+        return emb[:1], (emb[1:] if need_uncond else None)
+
+    def initial_noise(self, s: VideoSettings) -> torch.Tensor:
+        """[C, F, H, W] fp32 from a seeded CPU generator: the same on every rank and layout."""
+        shape = self.cfg.latent_shape(s.width, s.height, s.frames)
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
+
+    def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True) -> torch.Tensor:
+        """The sampler loop on this rank's token shard; returns the full latent [C, F, H, W] fp32."""
+        noise = self.initial_noise(s)
+        patch = self.cfg.patch
+        grid = token_grid(noise.shape, patch)
+        tokens = patchify(noise[None], patch)[0]                         # (L, P*C)
+        start, end = self.runtime.token_range(tokens.shape[0])
+        x = tokens[start:end].to(self.mesh.device)                       # this rank's shard
+        sched = SAMPLERS[s.sampler](shift=s.shift)
+        sched.set_timesteps(s.steps)
+        bar = tqdm(sched.timesteps.tolist(), desc="denoise", unit="step",
+                   disable=not (progress and self.mesh.is_output_rank))
+        for t in bar:
+            k = self.expert_for(t)
+            g = s.guidance[k]
+            self.record.trace.append((int(t), k, g))
+            v = self.runtime.velocity(self.experts[k], x, torch.tensor(float(t), device=x.device),
+                                      cond, uncond if g != 1.0 else None, g, grid)
+            x = sched.step(v, t, x)
+        full = self.runtime.gather_tokens(x, tokens.shape[0])            # (L, P*C)
+        return unpatchify(full[None].cpu().float(), grid, patch)[0]
+
+
+def tiny_components(cfg: WanConfig, device, dtype, seed: int = 0):
+    """Seeded random experts, a tiny umT5 and a tiny Wan VAE: identical on every rank."""
+    experts = []
+    for k in range(cfg.num_experts):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + k)
+            experts.append(WanTransformer(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False))
+    text = TextEncoder.tiny(cfg.text_dim, cfg.text_len, seed=seed, device=device)
+    vae = VideoVAE.tiny(cfg.z_dim, seed=seed, device=device)
+    return experts, text, vae
