@@ -97,6 +97,11 @@ class Pipeline:
             mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
             return cls(cfg, *tiny_components(cfg, info.device, dtype or torch.float32, seed), mesh=mesh,
                        backend=backend)
+        if name_or_path == "demo":  # the trained tiny text-to-video model shipped in the package
+            from paradit.demo import demo_components
+            cfg = WanConfig.preset("demo")
+            mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
+            return cls(cfg, *demo_components(cfg, info.device), mesh=mesh, backend=backend)
         from paradit.checkpoint import load_pipeline_components  # real checkpoints (folders)
         return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend)
 
