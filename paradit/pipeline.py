@@ -42,10 +42,10 @@ class VideoSettings:
     def resolve(cfg: WanConfig, width=None, height=None, frames=None, steps=None, shift=None,
                 guidance=None, seed=0, sampler="unipc") -> "VideoSettings":
         """Fill defaults from the preset and reject what the model cannot take, with the fix."""
-        width, height = width or cfg.size[0], height or cfg.size[1]
-        frames, steps = frames or cfg.frames, cfg.steps if steps is None else steps
-        shift = cfg.shift if shift is None else shift
-        guidance = cfg.guidance if guidance is None else guidance
+        pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is an error, not "default")
+        width, height = pick(width, cfg.size[0]), pick(height, cfg.size[1])
+        frames, steps = pick(frames, cfg.frames), pick(steps, cfg.steps)
+        shift, guidance = pick(shift, cfg.shift), pick(guidance, cfg.guidance)
         if isinstance(guidance, (int, float)):
             guidance = (float(guidance), float(guidance))
         guidance = tuple(float(g) for g in guidance)

@@ -108,6 +108,11 @@ class Mesh:
         return all(self.coords[a] == 0 for a in ("ulysses", "ring", "cfg", "chords", "stage"))
 
 
+def single_device_mesh(device: torch.device | str = "cpu") -> Mesh:
+    """The mesh of a world of one, whether or not a process group exists (references, tests)."""
+    return Mesh(ParallelConfig(), torch.device(device), None, {a: 0 for a in AXES}, {})
+
+
 def init_parallel(config: ParallelConfig, device: torch.device | str | None = None,
                   num_heads: int | None = None) -> Mesh:
     """Build the mesh for `config` inside an initialised process group (or a world of one)."""
@@ -116,7 +121,7 @@ def init_parallel(config: ParallelConfig, device: torch.device | str | None = No
     device = torch.device(device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     if world == 1:
-        return Mesh(config, device, None, {a: 0 for a in AXES}, {})
+        return single_device_mesh(device)
     shape = dict(dp=config.dp, stage=1, chords=config.chords, cfg=config.cfg, ring=config.ring,
                  ulysses=config.ulysses)
     dm = init_device_mesh(device.type, tuple(shape[a] for a in AXES), mesh_dim_names=AXES)

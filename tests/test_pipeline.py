@@ -1,0 +1,103 @@
+"""The single-process pipeline: determinism, the expert switch, batched CFG, bad input."""
+import pytest
+import torch
+
+from paradit.config import WanConfig
+from paradit.models.loading import CheckpointError
+from paradit.models.transformer import patchify, token_grid
+from paradit.parallel.collectives import cfg_combine
+from paradit.pipeline import Pipeline, VideoSettings
+
+KW = dict(negative_prompt="blurry", steps=8, seed=3, progress=False)
+PROMPT = "a red circle moving left"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained("tiny")
+
+
+def test_deterministic_under_a_seed(pipe):
+    a = pipe(PROMPT, output="latent", **KW)
+    b = pipe(PROMPT, output="latent", **KW)
+    c = pipe(PROMPT, output="latent", **(KW | dict(seed=4)))
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 1e-2
+
+
+def test_experts_switch_at_the_boundary(pipe):
+    pipe(PROMPT, output="latent", **KW)
+    trace = pipe.record.trace
+    assert [t for t, _, _ in trace][:3] == [999, 988, 972]
+    assert all((k == 0) == (t >= 875) for t, k, _ in trace)
+    assert {k for _, k, _ in trace} == {0, 1}
+    assert all(g == (4.0 if k == 0 else 3.0) for _, k, g in trace)  # per-expert guidance (high, low)
+
+
+def test_each_expert_runs_exactly_its_steps(pipe):
+    ran = []
+    hooks = [m.blocks[0].register_forward_hook(lambda mod, i, o, k=k: ran.append(k))
+             for k, m in enumerate(pipe.experts)]
+    try:
+        pipe(PROMPT, output="latent", **KW)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [k for _, k, _ in pipe.record.trace]  # one batched-CFG forward per step, right expert
+
+
+def test_batched_cfg_equals_two_forwards(pipe):
+    cfg = pipe.cfg
+    latent = torch.randn(cfg.latent_shape(64, 48, 9), generator=torch.Generator().manual_seed(0))
+    grid = token_grid(latent.shape, cfg.patch)
+    x = patchify(latent[None], cfg.patch)[0]
+    cond, uncond = pipe.encode_prompts("a blue square moving up", "blurry", (4.0, 3.0))
+    t = torch.tensor(950.0)
+    v = pipe.runtime.velocity(pipe.experts[0], x, t, cond, uncond, 4.0, grid)
+    model = pipe.experts[0]
+    vc = model.forward_tokens(x[None], t.reshape(1, 1), cond, grid)[0]
+    vu = model.forward_tokens(x[None], t.reshape(1, 1), uncond, grid)[0]
+    # a batch of 2 against two batches of 1: identical math, rounding only
+    torch.testing.assert_close(v, cfg_combine(vc, vu, 4.0), rtol=1e-5, atol=1e-6)
+    assert (vc - vu).abs().mean() > 1e-3  # the two prompts really differ
+
+
+def test_outputs(pipe):
+    video = pipe(PROMPT, **KW)
+    assert video.dtype == torch.uint8 and video.shape == (9, 64, 64, 3)
+    latent = pipe(PROMPT, output="latent", **KW)
+    assert latent.dtype == torch.float32 and latent.shape == (16, 3, 8, 8)
+
+
+A14B, TI2V = WanConfig.preset("wan2.2-t2v-a14b"), WanConfig.preset("wan2.2-ti2v-5b")
+
+
+@pytest.mark.parametrize("cfg,kw,message", [
+    (A14B, dict(width=1280, height=700), "multiples of 16"),
+    (A14B, dict(width=1000, height=720), "multiples of 16"),
+    (TI2V, dict(width=1280, height=720), "multiples of 32"),
+    (A14B, dict(frames=80), "4k\\+1"),
+    (A14B, dict(frames=0), "4k\\+1"),
+    (A14B, dict(steps=0), "steps"),
+    (A14B, dict(shift=0.0), "shift"),
+    (A14B, dict(guidance=(1.0, 2.0, 3.0)), "guidance"),
+    (A14B, dict(sampler="ddim"), "sampler"),
+])
+def test_bad_video_settings(cfg, kw, message):
+    with pytest.raises(ValueError, match=message):
+        VideoSettings.resolve(cfg, **kw)
+
+
+def test_preset_defaults():
+    s = VideoSettings.resolve(A14B)
+    assert (s.width, s.height, s.frames, s.steps, s.shift, s.guidance) == (1280, 720, 81, 40, 12.0, (4.0, 3.0))
+    assert A14B.num_tokens(1280, 720, 81) == 75_600 and A14B.num_tokens(832, 480, 81) == 32_760
+
+
+def test_unknown_preset_and_non_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="unknown model preset"):
+        WanConfig.preset("wan9")
+    with pytest.raises(CheckpointError, match="not a preset name and not a checkpoint"):
+        Pipeline.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="not a Wan checkpoint"):
+        Pipeline.from_pretrained(str(tmp_path))

@@ -1,0 +1,81 @@
+"""Functions that run inside spawned gloo ranks (module-level so that spawn can import them)."""
+from __future__ import annotations
+
+import torch
+
+from paradit.config import WanConfig
+from paradit.models import WanTransformer
+from paradit.parallel import ParallelConfig, init_parallel, parallelize
+from paradit.pipeline import Pipeline, tiny_components
+
+PROMPT, NEGATIVE = "a red circle moving left", "blurry"
+
+
+def tiny_config(heads: int, head_dim: int = 8) -> WanConfig:
+    return WanConfig.preset("tiny").replace(num_heads=heads, dim=heads * head_dim)
+
+
+def model_inputs(cfg: WanConfig, grid, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    f, h, w = grid
+    x = torch.randn(2, cfg.in_channels, f, 2 * h, 2 * w, generator=g)
+    t = torch.tensor([999.0, 421.0])
+    ctx = torch.randn(2, 7, cfg.text_dim, generator=g)
+    return x, t, ctx
+
+
+def model_output(cfg: WanConfig, grid, layout: dict | None):
+    """The tiny model's output on fixed random inputs, under a layout (None: this process alone)."""
+    torch.manual_seed(1)
+    model = WanTransformer(cfg).eval()
+    x, t, ctx = model_inputs(cfg, grid)
+    with torch.no_grad():
+        if layout is None:
+            return model(x, t, ctx)
+        mesh = init_parallel(ParallelConfig(**layout), num_heads=cfg.num_heads)
+        return parallelize(model, mesh)(x, t, ctx)
+
+
+PIPE_KW = dict(width=80, height=48, frames=9, steps=4, seed=7, progress=False)  # 45 tokens: divides nothing
+
+
+def pipeline_latent(cfg: WanConfig, layout: dict | None, **kw):
+    mesh = init_parallel(ParallelConfig(**(layout or {})), num_heads=cfg.num_heads) if layout else None
+    experts, text, _ = tiny_components(cfg, "cpu", torch.float32)
+    pipe = Pipeline(cfg, experts, text, None, mesh=mesh)
+    return pipe(PROMPT, negative_prompt=NEGATIVE, output="latent", **(PIPE_KW | kw))
+
+
+def run_layout_table(rows):
+    """rows: [(name, layout, heads, grid)] -> {name: (model output, pipeline latent)}."""
+    out = {}
+    for name, layout, heads, grid in rows:
+        cfg = tiny_config(heads)
+        out[name] = (model_output(cfg, grid, layout), pipeline_latent(cfg, layout))
+    return out
+
+
+def collectives_checks():
+    """Round trips and ring attention with uneven shards, in a world of any size."""
+    import torch.distributed as dist
+
+    from paradit.models.attention import math_attention_lse
+    from paradit.parallel.attention import ring_attention
+    from paradit.parallel.collectives import even_split, heads_to_seq, offsets, seq_to_heads
+
+    world, me = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(0)
+    total, heads, d = 4 * world + 3, 2 * world + 1, 4           # neither divides by the world
+    full = torch.randn(3, 2, total, heads, d, generator=g)       # (qkv, B, L, H, D), same on all ranks
+    seq = even_split(total, world)
+    start = offsets(seq)[me]
+    mine = full[:, :, start:start + seq[me]]
+    hs = even_split(heads, world)
+    h0 = offsets(hs)[me]
+    gathered = seq_to_heads(mine.contiguous(), dist.group.WORLD, seq, hs)
+    back = heads_to_seq(gathered[0].contiguous(), dist.group.WORLD, seq, hs)
+    ring_out = ring_attention(*mine.unbind(0), dist.group.WORLD, seq, math_attention_lse)
+    ref_out = math_attention_lse(*full.unbind(0))[0][:, start:start + seq[me]]
+    return dict(gathered_ok=torch.equal(gathered, full[:, :, :, h0:h0 + hs[me]]),
+                round_trip_ok=torch.equal(back, mine[0]),
+                ring_err=((ring_out - ref_out).norm() / ref_out.norm()).item())
