@@ -1,0 +1,891 @@
+"""Planner: choose a parallel layout for a Wan model from a cost and memory model.
+
+Pure Python, no torch: planning a machine takes milliseconds.
+
+Notation: L video tokens, T = text_len (512), D = dim, F = ffn_dim, H heads, N layers,
+b = batch of one forward (2 with batched CFG on one group, 1 with CFG-parallel), U x R the
+Ulysses x Ring degrees, l = ceil(L / (U R)) the tokens each rank holds.
+
+FLOPs of one forward of one expert (a multiply-add counts 2):
+    linear    = N L 2 (4 D^2 + 2 D F)      self-attn q, k, v, o and the FFN
+              + N L 2 (2 D^2)              cross-attn q, o on the video tokens
+              + N T 2 (2 D^2)              cross-attn k, v of the text
+              + patch embedding, head, text and time embeddings (small)
+    attention = N 4 L^2 D                  self-attn QK^T and PV
+              + N 4 L T D                  cross-attn
+    Wan2.2 A14B at 720p x 81 (L = 75,600): 1.81e15 linear + 4.71e15 attention = 6.52e15.
+Per rank and step each term is divided by U R (tokens are split); with an uneven head split
+the self-attention and the all-to-alls are multiplied by ceil(H/U) / (H/U) (padded heads).
+
+Time of one step on one rank:
+    compute   = linear / (rate * e_mm * M / (M + m0))    M = b l rows; small GEMMs run slower
+              + attention / (rate * e_attn)
+              + elementwise bytes (40 D + 4 F per token and layer) / (HBM * e_elem)
+    ulysses   = N [2 alpha + 4 b l D 2 (U-1)/U / (bw e_comm)]   q,k,v packed + output; not overlapped
+    ring      = N (R-1) t_send - overlap * min(that, self-attention time)
+                with t_send = alpha + b 2 (L/R)(D/U) 2 / (bw e_comm) (K and V after the all-to-all);
+                plus the LSE merges, N (R-1) b (L/R)(D/U) 4 * 3 bytes of fp32 passes, as elementwise
+    cfg       = alpha + l c_out p 4 / bw           velocity exchange once per step (cfg = 2)
+    launch    = N * layer overhead
+bw is NVLink inside a node, the NIC across nodes (a mesh axis whose groups leave a node).
+Latency of one request: steps x step (colocated); CHORDS: rounds to the first hit,
+(K-1) + (N_steps - i_{K-1}), x (step + (x, v) exchange); split experts: high steps x high
+stage step + low steps x low stage step + one hand-off. Throughput: dp x 3600 / latency,
+for split experts dp x 3600 / (time of the slower stage), since requests pipeline.
+
+Memory per GPU = bf16 weights of the experts it holds + text encoder (umT5-XXL, 5.7e9
+params, 11.4 GB, unless offloaded) + overhead (CUDA context, NCCL, workspaces) + VAE weights
++ max(activations, VAE decode working set): the decode runs after denoising has freed its
+activations. Activations of one block per token: 4 D (fp32 residual) + max(attention phase
+16 D [+ 12 D ring buffers], FFN phase 8 D + 4 F) bytes, times b l.
+
+Efficiency factors come from calibration.json (uncalibrated defaults until bench/ measures them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from paradit.config import WanConfig
+
+GB = 1e9
+TEXT_ENCODER_PARAMS = 5.7e9          # umT5-XXL encoder, held in bf16
+CHORDS_INIT_50 = {                   # the CHORDS paper's initialisation sequences for N = 50
+    4: (0, 8, 16, 32),
+    6: (0, 3, 6, 12, 24, 36),
+    8: (0, 2, 4, 8, 16, 24, 32, 40),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware and calibration
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """One GPU kind. Override any field with `GPUS["h100"].replace(hbm_gb=48)`."""
+    name: str
+    matmul_tflops: float           # measured-style dense bf16 GEMM rate, TFLOP/s
+    hbm_gb: float                  # capacity as the vendor names it, read as 1e9-byte GB
+    hbm_tbps: float                # HBM bandwidth, TB/s
+    nvlink_gbps: float             # NVLink, unidirectional, per GPU, GB/s
+    usable_fraction: float = 0.97  # what a process may fill (allocator fragmentation)
+    gpus_per_node: int = 8         # one NVLink island
+    internode_gbps: float = 50.0   # per GPU across nodes: one 400 Gb/s NIC
+
+    @property
+    def usable_gb(self) -> float:
+        return self.hbm_gb * self.usable_fraction
+
+    def replace(self, **changes) -> "GPUSpec":
+        return dataclasses.replace(self, **changes)
+
+
+# Sources. matmul: PEERS.md's measured 790 TFLOP/s for H100/H200 (datasheet dense bf16 peak
+# 989); B200 datasheet dense bf16 2250 (HGX, 1000 W), taken at the same ~80% -> 1800.
+# HBM and NVLink: NVIDIA datasheets (NVLink 4: 900 GB/s bidirectional per GPU, NVLink 5:
+# 1.8 TB/s). HBM sizes are the vendor figures (really GiB, so reading them as 1e9-byte GB
+# leaves ~7% more margin). Inter-node: ConnectX-7 400 Gb/s per GPU in DGX H100/H200/B200.
+GPUS: dict[str, GPUSpec] = {
+    "h100": GPUSpec("h100", matmul_tflops=790.0, hbm_gb=80.0, hbm_tbps=3.35, nvlink_gbps=450.0),
+    "h200": GPUSpec("h200", matmul_tflops=790.0, hbm_gb=141.0, hbm_tbps=4.8, nvlink_gbps=450.0),
+    "b200": GPUSpec("b200", matmul_tflops=1800.0, hbm_gb=180.0, hbm_tbps=8.0, nvlink_gbps=900.0),
+}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Efficiency factors (fractions of the GPUSpec rates) and small fixed costs."""
+    source: str = "built-in defaults"
+    matmul_efficiency: float = 0.65
+    attention_efficiency: float = 0.65
+    elementwise_efficiency: float = 0.5
+    comm_efficiency: float = 0.7
+    collective_latency_us: float = 20.0    # alpha of one collective or ring send
+    gemm_half_rows: int = 256              # GEMM rows at which efficiency halves
+    layer_overhead_us: float = 50.0        # launches and syncs per block and forward
+    overhead_gb: float = 3.0               # CUDA context, NCCL buffers, cuBLAS workspaces
+    min_tokens_per_rank: int = 256         # below this a rank's kernels are launch-bound
+    ring_overlap: float = 0.7              # share of ring transfer time attention can hide
+    per_gpu: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def for_gpu(self, name: str) -> "Calibration":
+        """These factors with the overrides measured on GPU `name` applied."""
+        return dataclasses.replace(self, **self.per_gpu.get(name, {}), per_gpu={})
+
+
+DEFAULT_CALIBRATION = os.path.join(os.path.dirname(__file__), "calibration.json")
+
+
+def load_calibration(path: str | None = None) -> Calibration:
+    """Read a calibration JSON (default: the one shipped next to this file).
+
+    Keys are Calibration's fields; an optional "gpus": {"h100": {...}, ...} holds overrides
+    measured per GPU kind.
+    """
+    path = path or DEFAULT_CALIBRATION
+    with open(path) as f:
+        raw = json.load(f)
+    names = {f.name for f in dataclasses.fields(Calibration)} - {"per_gpu"}
+    per_gpu = raw.pop("gpus", {})
+    unknown = set(raw) - names | {k for v in per_gpu.values() for k in v} - names
+    if unknown:
+        raise ValueError(f"{path}: unknown calibration keys {sorted(unknown)}; known: {sorted(names)}")
+    return Calibration(**raw, per_gpu=per_gpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: parameters, FLOPs, memory, schedule
+
+
+def param_count(m: WanConfig) -> int:
+    """Parameters of one expert (blocks, embeddings, head), from the architecture."""
+    d, f, p = m.dim, m.ffn_dim, math.prod(m.patch)
+    attn = 4 * (d * d + d) + 2 * d                   # q, k, v, o with bias; RMSNorm q, k
+    block = 2 * attn + 2 * f * d + f + d + 6 * d     # self + cross attn, FFN, modulation
+    block += 2 * d if m.cross_attn_norm else 0       # affine LayerNorm before cross-attn
+    embed = (m.in_channels * p * d + d                # patch embedding
+             + m.text_dim * d + d + d * d + d         # text embedding
+             + m.freq_dim * d + d + d * d + d         # time embedding
+             + 6 * d * d + 6 * d)                     # time projection
+    head = 2 * d + d * m.out_channels * p + m.out_channels * p
+    return m.num_layers * block + embed + head
+
+
+def forward_flops(m: WanConfig, tokens: int) -> dict[str, float]:
+    """FLOPs of one forward (batch 1) of one expert over the whole sequence."""
+    d, f, n, t, p = m.dim, m.ffn_dim, m.num_layers, m.text_len, math.prod(m.patch)
+    per_token = n * (2 * (4 * d * d + 2 * d * f) + 2 * 2 * d * d) \
+        + 2 * d * p * (m.in_channels + m.out_channels)             # patch embedding, head
+    per_forward = n * t * 2 * 2 * d * d \
+        + t * 2 * (m.text_dim * d + d * d) \
+        + 2 * (m.freq_dim * d + d * d + 6 * d * d)                 # text kv, text / time MLPs
+    return {"linear": float(tokens * per_token + per_forward),
+            "attention": float(n * (4 * tokens * tokens * d + 4 * tokens * t * d))}
+
+
+def activation_gb(m: WanConfig, local_tokens: int, batch: int, ring: bool) -> float:
+    """Working set of one block on one rank (bf16 tensors, fp32 residual stream)."""
+    d, f = m.dim, m.ffn_dim
+    # attention phase: normed input, q/k/v, their all-to-all copies, output; ring adds two
+    # in-flight K/V blocks (8 D) and the fp32 partial output for the LSE merge (4 D)
+    attention = 16 * d + (12 * d if ring else 0)
+    ffn = 8 * d + 4 * f                          # normed input, output, fp32 gate temp; 2 F-wide
+    return batch * local_tokens * (4 * d + max(attention, ffn)) / GB
+
+
+def vae_decode_gb(m: WanConfig, width: int, height: int, frames: int) -> tuple[float, float]:
+    """(resident weights, decode working set) of the VAE, an estimate.
+
+    Wan VAEs: weights ~0.5 GB; tiled decoding bounds the conv activations at ~3 GB whatever
+    the size. The decoded video is held whole in fp32 on the decoding rank. The tiny test VAE
+    has no weights to speak of.
+    """
+    video = frames * height * width * 3 * 4 / GB
+    return (0.0, video) if m.vae == "tiny" else (0.5, 3.0 + video)
+
+
+def text_encoder_gb(m: WanConfig) -> float:
+    """umT5-XXL encoder in bf16 for the real models (text_dim 4096); the tiny one is negligible."""
+    return TEXT_ENCODER_PARAMS * 2 / GB if m.text_dim == 4096 else 0.0
+
+
+def timesteps(steps: int, shift: float) -> list[int]:
+    """Original Wan FlowUniPC schedule: integer timesteps of the `steps` model calls."""
+    raw = [0.999 - 0.999 * i / steps for i in range(steps)]      # linspace(0.999, 0, N+1)[:-1]
+    return [int(1000 * shift * s / (1 + (shift - 1) * s)) for s in raw]
+
+
+def high_noise_steps(m: WanConfig, steps: int | None = None) -> int:
+    """Steps run by the high-noise expert (t >= boundary * 1000); all of them for one expert."""
+    steps = steps or m.steps
+    if m.boundary is None:
+        return steps
+    return sum(t >= m.boundary * 1000 for t in timesteps(steps, m.shift))
+
+
+def split_sizes(m: WanConfig, gpus: int, steps: int | None = None) -> tuple[int, int]:
+    """(high, low) stage sizes proportional to each expert's step count, so stages balance."""
+    if gpus < 2:
+        raise ValueError(f"split experts need at least 2 GPUs, got {gpus}")
+    steps = steps or m.steps
+    high = round(gpus * high_noise_steps(m, steps) / steps)
+    high = min(max(high, 1), gpus - 1)
+    return high, gpus - high
+
+
+def chords_init(cores: int, steps: int) -> tuple[int, ...] | None:
+    """The paper's initialisation sequence for `cores`, rescaled from N = 50 to `steps`."""
+    if cores not in CHORDS_INIT_50:
+        return None
+    init = tuple(round(i * steps / 50) for i in CHORDS_INIT_50[cores])
+    increasing = all(a < b for a, b in zip(init, init[1:]))
+    return init if increasing and init[-1] < steps else None
+
+
+def chords_rounds(cores: int, steps: int) -> int | None:
+    """Rounds to CHORDS' first hit: (K - 1) + (N - i_{K-1}); `steps` when cores == 1."""
+    if cores == 1:
+        return steps
+    init = chords_init(cores, steps)
+    return None if init is None else (cores - 1) + (steps - init[-1])
+
+
+def chords_core_experts(m: WanConfig, cores: int, steps: int) -> list[int]:
+    """How many experts each CHORDS core must hold to reach the first hit.
+
+    Core c evaluates indices i_c .. i_c + rounds - 1 - c (it starts one round after core c-1);
+    an index < high_noise_steps needs the high-noise expert, the others the low-noise one.
+    """
+    if m.num_experts == 1 or cores == 1:
+        return [m.num_experts] * cores
+    init, rounds, n_high = chords_init(cores, steps), chords_rounds(cores, steps), \
+        high_noise_steps(m, steps)
+    held = []
+    for c, start in enumerate(init):
+        last = min(steps - 1, start + rounds - 1 - c)
+        held.append(int(start < n_high) + int(last >= n_high))
+    return held
+
+
+def auto_sp(heads: int, n: int, max_ulysses: int | None = None) -> tuple[int, int]:
+    """Split n sequence-parallel ranks into (ulysses, ring), as much Ulysses as divides heads.
+
+    The largest U dividing both n and heads is gcd(heads, n): 40 heads on 16 -> U8 R2,
+    12 heads on 8 -> U4 R2, 3 heads on 2 -> U1 R2.
+    """
+    if n < 1 or heads < 1:
+        raise ValueError(f"need n >= 1 and heads >= 1, got n={n}, heads={heads}")
+    u = math.gcd(heads, n)
+    while max_ulysses and u > max_ulysses:
+        u = max(d for d in range(1, u) if u % d == 0)
+    return u, n // u
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+
+Stage = tuple[int, int, int]   # (ulysses, ring, cfg) of one expert stage
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of each parallel axis. Rank order, fastest first: ulysses, ring, cfg, chords,
+    stage, dp. With experts="split", `split` gives the (ulysses, ring, cfg) of the high-noise and
+    the low-noise stage, and the top-level ulysses, ring, cfg stay 1."""
+    ulysses: int = 1
+    ring: int = 1
+    cfg: int = 1
+    chords: int = 1
+    dp: int = 1
+    experts: str = "colocated"
+    split: tuple[Stage, Stage] | None = None
+
+    def __post_init__(self):
+        degrees = (self.ulysses, self.ring, self.cfg, self.chords, self.dp)
+        if any(not isinstance(x, int) or x < 1 for x in degrees):
+            raise ValueError(f"parallel degrees must be integers >= 1, got {self}")
+        if self.experts not in ("colocated", "split"):
+            raise ValueError(f"experts must be 'colocated' or 'split', got {self.experts!r}")
+        if (self.experts == "split") != (self.split is not None):
+            raise ValueError("experts='split' needs split=((u, r, cfg), (u, r, cfg)) and "
+                             "split is only allowed with experts='split'")
+        if self.split is not None:
+            object.__setattr__(self, "split", tuple(tuple(s) for s in self.split))
+            if (self.ulysses, self.ring, self.cfg, self.chords) != (1, 1, 1, 1):
+                raise ValueError("with experts='split' give each stage's degrees in split=...; "
+                                 "ulysses, ring, cfg, chords stay 1")
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return self.split if self.split else ((self.ulysses, self.ring, self.cfg),)
+
+    @property
+    def group_size(self) -> int:
+        """GPUs of one replica (the dp axis excluded)."""
+        return sum(math.prod(s) for s in self.stages) * self.chords
+
+    @property
+    def world_size(self) -> int:
+        return self.group_size * self.dp
+
+    def label(self) -> str:
+        def stage(s: Stage) -> str:
+            u, r, c = s
+            return " ".join([f"U{u}"] + ([f"R{r}"] if r > 1 else []) + ([f"cfg{c}"] if c > 1 else []))
+        if self.split:
+            (hi, lo) = self.split
+            text = f"split {math.prod(hi)}+{math.prod(lo)} [{stage(hi)} | {stage(lo)}]"
+        else:
+            text = stage(self.stages[0]) + (f" chords{self.chords}" if self.chords > 1 else "")
+        return text + (f" dp{self.dp}" if self.dp > 1 else "")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["split"] = [list(s) for s in self.split] if self.split else None
+        d["world_size"] = self.world_size
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating one layout
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is being planned: a model, a video, a machine."""
+    model: WanConfig
+    gpus: int
+    gpu: GPUSpec
+    width: int
+    height: int
+    frames: int
+    steps: int
+    calibration: Calibration
+    guidance: bool = True                 # CFG on: two forwards' worth of work per step
+    offload_text_encoder: bool = False
+    allow_ring: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.model.num_tokens(self.width, self.height, self.frames)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated layout. Out-of-memory candidates keep their predicted times (what they would
+    take if they fitted); other infeasible ones have NaN times."""
+    layout: Layout
+    step_s: float             # one step (CHORDS: one round; split: latency / steps)
+    latency_s: float          # denoising time of one request (text encode and decode excluded)
+    throughput_per_h: float   # requests per hour, all replicas
+    mem_gb: float             # peak per GPU, the fullest GPU
+    feasible: bool
+    reason: str               # why infeasible ("" when feasible)
+    note: str = ""            # caveats of a feasible layout
+    breakdown: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def comm_share(self) -> float:
+        """Share of the latency spent in communication that compute does not hide."""
+        parts = self.breakdown.get("parts_s")
+        if not parts or not self.latency_s:
+            return float("nan")
+        busy = parts["compute"] + parts["launch overhead"]
+        return max(0.0, 1 - busy / self.latency_s)
+
+    def to_dict(self) -> dict:
+        return {"layout": self.layout.to_dict(), "step_s": self.step_s,
+                "latency_s": self.latency_s, "throughput_per_h": self.throughput_per_h,
+                "mem_gb": self.mem_gb, "feasible": self.feasible, "reason": self.reason,
+                "note": self.note, "comm_share": self.comm_share, "breakdown": self.breakdown}
+
+
+def _intra_node(gpu: GPUSpec, offsets: list[int], stride: int, size: int, span: int) -> bool:
+    """Whether every group of a mesh axis (stride, size) stays inside one node, in each copy
+    of a sub-mesh of `span` ranks starting at one of `offsets`."""
+    node = gpu.gpus_per_node
+    return all(first // node == (first + stride * (size - 1)) // node
+               for offset in offsets for first in range(offset, offset + span)
+               if ((first - offset) // stride) % size == 0)
+
+
+def _bandwidth(p: Problem, offsets: list[int], stride: int, size: int, span: int) -> float:
+    """Bytes/s one rank moves on a mesh axis: NVLink inside a node, the NIC across nodes."""
+    inside = _intra_node(p.gpu, offsets, stride, size, span)
+    return (p.gpu.nvlink_gbps if inside else p.gpu.internode_gbps) * 1e9 * p.calibration.comm_efficiency
+
+
+def _stage_check(p: Problem, stage: Stage) -> str:
+    """Reason this (ulysses, ring, cfg) stage cannot run, or ''."""
+    u, r, c = stage
+    heads = p.model.num_heads
+    if c not in (1, 2):
+        return f"cfg must be 1 or 2, got {c}"
+    if c == 2 and not p.guidance:
+        return "cfg=2 needs classifier-free guidance"
+    if u > heads:
+        return f"ulysses {u} > {heads} heads"
+    if heads % u and p.allow_ring:
+        eu, er = auto_sp(heads, u * r)
+        return f"uneven heads: {heads} over ulysses {u}; ring balances it (U{eu} R{er})"
+    if u * r > 1 and math.ceil(p.tokens / (u * r)) < p.calibration.min_tokens_per_rank:
+        return (f"{math.ceil(p.tokens / (u * r))} tokens per rank < "
+                f"{p.calibration.min_tokens_per_rank}")
+    return ""
+
+
+def _stage_step(p: Problem, stage: Stage, offsets: list[int]) -> dict:
+    """Seconds, FLOPs and bytes of one denoising step of one stage, per rank.
+
+    Copies of the stage start at ranks `offsets` (replicas, CHORDS cores); where they sit
+    decides which links their mesh axes use.
+    """
+    u, r, c = stage
+    span = math.prod(stage)
+    out = _compute(p, stage)
+    out |= _ulysses(p, stage, out["batch"], _bandwidth(p, offsets, 1, u, span))
+    out |= _ring(p, stage, out["batch"], out["self_attention_s"],
+                 _bandwidth(p, offsets, u, r, span))
+    # CFG-parallel: the two groups swap their velocity shards (fp32, token space) once a step
+    m, alpha = p.model, p.calibration.collective_latency_us * 1e-6
+    out["bytes_cfg"] = out["local_tokens"] * m.out_channels * math.prod(m.patch) * 4 if c == 2 else 0
+    out["cfg_s"] = alpha + out["bytes_cfg"] / _bandwidth(p, offsets, u * r, 2, span) if c == 2 else 0.0
+    out["launch_s"] = m.num_layers * p.calibration.layer_overhead_us * 1e-6
+    out["step_s"] = sum(out[k] for k in ("compute_s", "ulysses_s", "ring_exposed_s",
+                                         "ring_merge_s", "cfg_s", "launch_s"))
+    return out
+
+
+def _compute(p: Problem, stage: Stage) -> dict:
+    """GEMMs, attention and memory-bound elementwise work of one step on one rank."""
+    m, gpu, cal = p.model, p.gpu, p.calibration
+    u, r, c = stage
+    n, d, heads, L = m.num_layers, m.dim, m.num_heads, p.tokens
+    local = math.ceil(L / (u * r))
+    batch = 2 if (p.guidance and c == 1) else 1          # batched CFG when not CFG-parallel
+    pad = math.ceil(heads / u) / (heads / u)              # padded heads of an uneven split
+    rate = gpu.matmul_tflops * 1e12
+
+    whole = forward_flops(m, L)
+    self_attn = n * 4 * L * L * d * pad
+    cross_attn = whole["attention"] - n * 4 * L * L * d
+    flops_linear = batch * whole["linear"] * local / L
+    rows = batch * local
+    t_linear = flops_linear / (rate * cal.matmul_efficiency * rows / (rows + cal.gemm_half_rows))
+    t_self = batch * self_attn * local / L / (rate * cal.attention_efficiency)
+    t_cross = batch * cross_attn * local / L / (rate * cal.attention_efficiency)
+    t_elem = batch * n * local * (40 * d + 4 * m.ffn_dim) / _hbm(p)
+    return {"compute_s": t_linear + t_self + t_cross + t_elem, "linear_s": t_linear,
+            "attention_s": t_self + t_cross, "self_attention_s": t_self, "elementwise_s": t_elem,
+            "flops_linear": flops_linear,
+            "flops_attention": batch * (self_attn + cross_attn) * local / L,
+            "local_tokens": local, "batch": batch, "head_padding": pad}
+
+
+def _hbm(p: Problem) -> float:
+    return p.gpu.hbm_tbps * 1e12 * p.calibration.elementwise_efficiency
+
+
+def _ulysses(p: Problem, stage: Stage, batch: int, bw: float) -> dict:
+    """Per layer: one all-to-all of packed q, k, v and one of the output; nothing hides them."""
+    u, r, _ = stage
+    m, heads = p.model, p.model.num_heads
+    if u == 1:
+        return {"ulysses_s": 0.0, "bytes_ulysses": 0.0}
+    local = math.ceil(p.tokens / (u * r))
+    pad = math.ceil(heads / u) / (heads / u)
+    sent = m.num_layers * 4 * batch * local * m.dim * 2 * (u - 1) / u * pad
+    alpha = p.calibration.collective_latency_us * 1e-6
+    return {"ulysses_s": 2 * m.num_layers * alpha + sent / bw, "bytes_ulysses": sent}
+
+
+def _ring(p: Problem, stage: Stage, batch: int, t_self: float, bw: float) -> dict:
+    """Per layer: R-1 sends of the post-all-to-all K and V block ((L/R) tokens x D/U dims).
+
+    Attention on the block in hand hides the sends, but only partly (ring_overlap): NCCL
+    kernels contend for SMs and HBM. Each received block's partial output is merged into the
+    fp32 accumulator through its log-sum-exp: ~3 fp32 passes over the output, memory-bound.
+    """
+    u, r, _ = stage
+    m, heads = p.model, p.model.num_heads
+    if r == 1:
+        return {"ring_exposed_s": 0.0, "ring_total_s": 0.0, "ring_merge_s": 0.0, "bytes_ring": 0.0}
+    pad = math.ceil(heads / u) / (heads / u)
+    block_numel = batch * math.ceil(p.tokens / r) * (m.dim / u) * pad     # one of K, V, out
+    sends = m.num_layers * (r - 1)
+    total = sends * (p.calibration.collective_latency_us * 1e-6 + 2 * block_numel * 2 / bw)
+    return {"ring_exposed_s": total - p.calibration.ring_overlap * min(total, t_self),
+            "ring_total_s": total, "ring_merge_s": sends * block_numel * 4 * 3 / _hbm(p),
+            "bytes_ring": sends * 2 * block_numel * 2}
+
+
+def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool) -> dict:
+    """Per-GPU memory (GB) of a rank of this stage, by part."""
+    u, r, c = stage
+    batch = 2 if (p.guidance and c == 1) else 1
+    vae_weights, vae_work = vae_decode_gb(p.model, p.width, p.height, p.frames) if decode \
+        else (0.0, 0.0)
+    acts = activation_gb(p.model, math.ceil(p.tokens / (u * r)), batch, r > 1)
+    parts = {"weights": experts * param_count(p.model) * 2 / GB,
+             "text_encoder": text_encoder_gb(p.model) if text and not p.offload_text_encoder
+             else 0.0,
+             "overhead": p.calibration.overhead_gb + vae_weights,
+             "activations": max(acts, vae_work)}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _oom_reason(p: Problem, mem: dict, experts: int) -> str:
+    if mem["total"] <= p.gpu.usable_gb:
+        return ""
+    return (f"out of memory: {mem['total']:.1f} GB > {p.gpu.usable_gb:.1f} GB usable (weights "
+            f"{mem['weights']:.1f} [{experts} expert{'s' * (experts > 1)}], text encoder "
+            f"{mem['text_encoder']:.1f}, activations {mem['activations']:.1f}, overhead "
+            f"{mem['overhead']:.1f})")
+
+
+def _infeasible(layout: Layout, reason: str) -> Candidate:
+    nan = float("nan")
+    return Candidate(layout, nan, nan, 0.0, nan, False, reason)
+
+
+def evaluate(p: Problem, layout: Layout) -> Candidate:
+    """Predicted time and memory of one layout, or why it cannot run."""
+    if layout.world_size != p.gpus:
+        return _infeasible(layout, f"world size {layout.world_size} != {p.gpus} GPUs")
+    for stage in layout.stages:
+        if reason := _stage_check(p, stage):
+            return _infeasible(layout, reason)
+    if layout.split:
+        return _evaluate_split(p, layout)
+    return _evaluate_colocated(p, layout)
+
+
+def _evaluate_colocated(p: Problem, layout: Layout) -> Candidate:
+    m, stage, k = p.model, layout.stages[0], layout.chords
+    rounds = chords_rounds(k, p.steps)
+    if rounds is None:
+        return _infeasible(layout, f"no CHORDS initialisation sequence for {k} cores at "
+                                   f"{p.steps} steps (paper's: 4, 6, 8 cores)")
+    core = math.prod(stage)
+    held = max(chords_core_experts(m, k, p.steps))
+    mem = _stage_mem(p, stage, held, text=True, decode=True)
+    replicas = [i * layout.group_size for i in range(layout.dp)]
+    step = _stage_step(p, stage, [rep + c * core for rep in replicas for c in range(k)])
+    breakdown = {"step": step, "mem_gb": mem, "experts_per_gpu": held, "rounds": rounds}
+    exchange = 0.0
+    if k > 1:   # all-gather of (x, v) over the chords axis, fp32 token-space shards
+        shard = step["local_tokens"] * m.out_channels * math.prod(m.patch) * 4
+        exchange = p.calibration.collective_latency_us * 1e-6 + \
+            2 * shard * (k - 1) / _bandwidth(p, replicas, core, k, core * k)
+    round_s = step["step_s"] + exchange
+    latency = rounds * round_s
+    breakdown["parts_s"] = _parts(step, rounds) | {"CHORDS exchange": rounds * exchange}
+    note = "uneven heads, padded" if m.num_heads % stage[0] else ""
+    if k > 1:
+        note = (note + "; " if note else "") + \
+            f"CHORDS: first hit after {rounds} rounds, approximate"
+    reason = _oom_reason(p, mem, held)
+    return Candidate(layout, round_s, latency, layout.dp * 3600 / latency, mem["total"],
+                     not reason, reason, _headroom(p, mem["total"], note), breakdown)
+
+
+def _evaluate_split(p: Problem, layout: Layout) -> Candidate:
+    m = p.model
+    if m.num_experts < 2:
+        return _infeasible(layout, f"{m.name} has one expert; nothing to split")
+    (hi, lo), n_hi = layout.split, high_noise_steps(m, p.steps)
+    size_hi, replicas = math.prod(hi), [i * layout.group_size for i in range(layout.dp)]
+    counts = (n_hi, p.steps - n_hi)
+    mems = (_split_mem(p, hi, "high"), _split_mem(p, lo, "low"))
+    steps = (_stage_step(p, hi, replicas), _stage_step(p, lo, [r + size_hi for r in replicas]))
+    breakdown = {"high": steps[0], "low": steps[1], "mem_gb": {"high": mems[0], "low": mems[1]},
+                 "steps": {"high": counts[0], "low": counts[1]}}
+    peak = max(mm["total"] for mm in mems)
+    reason = next((r for r in (_oom_reason(p, mm, 1) for mm in mems) if r), "")
+    # hand-off: latent, UniPC state (x, two model outputs, last sample) in fp32, and the text
+    # embeddings (cond + uncond, bf16), once per request across the stage boundary
+    c, f, h, w = m.latent_shape(p.width, p.height, p.frames)
+    handoff_bytes = 4 * c * f * h * w * 4 + 2 * m.text_len * m.text_dim * 2
+    handoff = p.calibration.collective_latency_us * 1e-6 + \
+        handoff_bytes / _bandwidth(p, replicas, size_hi, 2, layout.group_size)
+    stage_s = [n * s["step_s"] for n, s in zip(counts, steps)]
+    latency = sum(stage_s) + handoff
+    breakdown["parts_s"] = _sum_parts(_parts(steps[0], counts[0]), _parts(steps[1], counts[1]))
+    breakdown["parts_s"]["expert hand-off"] = handoff
+    breakdown["stage_s"] = {"high": stage_s[0], "low": stage_s[1]}
+    throughput = layout.dp * 3600 / (max(stage_s) + handoff)
+    return Candidate(layout, latency / p.steps, latency, throughput, peak, not reason, reason,
+                     _headroom(p, peak, "requests pipeline through the stages"), breakdown)
+
+
+def _headroom(p: Problem, mem_gb: float, note: str) -> str:
+    """Flag layouts within 5% of the memory limit: the memory model is an estimate."""
+    spare = p.gpu.usable_gb - mem_gb
+    if 0 <= spare < 0.05 * p.gpu.usable_gb:
+        note = (note + "; " if note else "") + f"tight: {spare:.1f} GB spare"
+    return note
+
+
+def _split_mem(p: Problem, stage: Stage, role: str) -> dict:
+    """One expert per GPU; the high stage encodes the prompt, the low stage decodes the video."""
+    return _stage_mem(p, stage, 1, text=role == "high", decode=role == "low")
+
+
+def _parts(step: dict, n: int) -> dict:
+    """Seconds per request by cost, for explanations."""
+    return {"compute": n * step["compute_s"], "Ulysses all-to-all": n * step["ulysses_s"],
+            "ring transfer (exposed)": n * step["ring_exposed_s"],
+            "ring LSE merges": n * step["ring_merge_s"], "CFG exchange": n * step["cfg_s"],
+            "launch overhead": n * step["launch_s"]}
+
+
+def _sum_parts(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a | b}
+
+
+# ---------------------------------------------------------------------------------------------
+# Enumerating and ranking
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _stages(n: int) -> list[Stage]:
+    """Every (ulysses, ring, cfg) with product n."""
+    return [(u, n // c // u, c) for c in (1, 2) if n % c == 0
+            for u in _divisors(n // c)]
+
+
+def _best_stage(p: Problem, size: int, offsets: list[int], role: str) -> Stage:
+    """The fastest runnable (ulysses, ring, cfg) of a split stage on `size` GPUs, preferring
+    ones that fit in memory (if none does, the layout is reported out of memory)."""
+    stages = [s for s in _stages(size) if not _stage_check(p, s)] or _stages(size)
+    fits = [s for s in stages if _split_mem(p, s, role)["total"] <= p.gpu.usable_gb] or stages
+    return min(fits, key=lambda s: _stage_step(p, s, offsets)["step_s"])
+
+
+def candidates(p: Problem, max_chords: int = 1) -> list[Layout]:
+    """Layouts to consider on p.gpus GPUs."""
+    out = []
+    for dp in _divisors(p.gpus):
+        group = p.gpus // dp
+        for k in (1, 4, 6, 8):
+            if k <= max_chords and group % k == 0:
+                out += [Layout(u, r, c, chords=k, dp=dp) for u, r, c in _stages(group // k)]
+        if p.model.num_experts == 2:      # each split of the group, each stage at its best
+            replicas = [i * group for i in range(dp)]
+            for size_hi in range(1, group):
+                hi = _best_stage(p, size_hi, replicas, "high")
+                lo = _best_stage(p, group - size_hi, [r + size_hi for r in replicas], "low")
+                out.append(Layout(dp=dp, experts="split", split=(hi, lo)))
+    return out
+
+
+def _complexity(layout: Layout) -> int:
+    """Tie-break: fewer moving parts first."""
+    return sum(s[1] > 1 for s in layout.stages) + sum(s[2] > 1 for s in layout.stages) + \
+        (layout.chords > 1) + (layout.split is not None) + (layout.dp > 1)
+
+
+def rank(cands: list[Candidate], objective: str) -> list[Candidate]:
+    """Feasible first, best first by the objective; then infeasible ones."""
+    def key(c: Candidate):
+        if not c.feasible:      # the nearest misses (least memory) first
+            return (1, c.mem_gb if math.isfinite(c.mem_gb) else math.inf, 0.0, 0)
+        primary = c.latency_s if objective == "latency" else -c.throughput_per_h
+        secondary = -c.throughput_per_h if objective == "latency" else c.latency_s
+        return (0, round(primary, 6), round(secondary, 6), _complexity(c.layout))
+    return sorted(cands, key=key)
+
+
+@dataclass
+class Plan:
+    problem: Problem
+    objective: str
+    candidates: list[Candidate]      # ranked
+
+    @property
+    def choice(self) -> Candidate | None:
+        best = self.candidates[0] if self.candidates else None
+        return best if best is not None and best.feasible else None
+
+    @property
+    def feasible(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.feasible]
+
+    @property
+    def infeasible(self) -> list[Candidate]:
+        return [c for c in self.candidates if not c.feasible]
+
+    def to_dict(self) -> dict:
+        p = self.problem
+        return {"model": p.model.name, "gpus": p.gpus, "gpu": dataclasses.asdict(p.gpu),
+                "video": {"width": p.width, "height": p.height, "frames": p.frames,
+                          "tokens": p.tokens}, "steps": p.steps, "objective": self.objective,
+                "calibration": p.calibration.source,
+                "choice": self.choice.to_dict() if self.choice else None,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=indent)
+
+    def explain(self, losers: int = 3) -> str:
+        return explain(self, losers)
+
+
+def _finite(x):
+    """JSON has no NaN: infeasible candidates' times become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
+                 width: int | None = None, height: int | None = None, frames: int | None = None,
+                 steps: int | None = None, calibration: Calibration | str | None = None,
+                 offload_text_encoder: bool = False, guidance: bool = True,
+                 allow_ring: bool = True) -> Problem:
+    """A Problem from names and defaults (the model's size, frames and steps when None)."""
+    m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
+    spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
+    width, height, frames = width or m.size[0], height or m.size[1], frames or m.frames
+    m.check_video(width, height, frames)
+    return Problem(m, gpus, spec, width, height, frames, steps or m.steps,
+                   cal.for_gpu(spec.name), guidance, offload_text_encoder, allow_ring)
+
+
+def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
+         width: int | None = None, height: int | None = None, frames: int | None = None,
+         steps: int | None = None, objective: str = "latency",
+         calibration: Calibration | str | None = None, max_chords: int = 1,
+         **options) -> Plan:
+    """Rank every layout of `gpus` GPUs for one video size.
+
+    max_chords: the most CHORDS cores to consider. Default 1 (off): CHORDS' first hit only
+    approximates the sequential solve, so the planner offers it only when asked.
+    options: offload_text_encoder, guidance, allow_ring (see Problem).
+    """
+    if objective not in ("latency", "throughput"):
+        raise ValueError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+    p = make_problem(model, gpus, gpu, width, height, frames, steps, calibration, **options)
+    return Plan(p, objective, rank([evaluate(p, lay) for lay in candidates(p, max_chords)], objective))
+
+
+def _gpu(name: str) -> GPUSpec:
+    try:
+        return GPUS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown GPU {name!r}; known: {', '.join(GPUS)} "
+                         f"(or pass a GPUSpec)") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Explaining
+
+
+def explain(plan: Plan, losers: int = 3) -> str:
+    """Why the choice won, why the best few others lost, and what could not run."""
+    p, choice = plan.problem, plan.choice
+    lines = [f"{p.model.name}: {p.width}x{p.height}x{p.frames} ({p.tokens:,} tokens), "
+             f"{p.steps} steps, {p.gpus} x {p.gpu.name} ({p.gpu.matmul_tflops:g} TFLOP/s, "
+             f"{p.gpu.usable_gb:.0f} GB usable); objective: {plan.objective}",
+             f"calibration: {p.calibration.source}"]
+    if choice is None:
+        return "\n".join(lines + _no_choice(plan) + _infeasible_summary(plan))
+    lines.append(f"Choice: {choice.layout.label()}: {choice.latency_s:.4g} s per video, "
+                 f"{choice.throughput_per_h:.4g} videos/h, {choice.mem_gb:.1f} GB per GPU.")
+    lines += ["  " + s for s in _step_text(choice, p.steps)]
+    if choice.note:
+        lines.append(f"  note: {choice.note}")
+    others = plan.feasible[1:1 + losers]
+    if others:
+        lines.append("Why not the next best:")
+        lines += [f"  {o.layout.label()}: {_why_lost(choice, o, plan.objective)}" for o in others]
+    return "\n".join(lines + _infeasible_summary(plan))
+
+
+def _step_text(c: Candidate, steps: int) -> list[str]:
+    b = c.breakdown
+    stages = [("", b["step"])] if "step" in b else [("high stage ", b["high"]), ("low stage ", b["low"])]
+    out = []
+    for name, s in stages:
+        text = (f"{name}step {s['step_s']:.4g} s = compute {s['compute_s']:.4g} (linear "
+                f"{s['linear_s']:.4g}, attention {s['attention_s']:.4g}, elementwise "
+                f"{s['elementwise_s']:.4g})")
+        if s["ulysses_s"]:
+            text += f" + all-to-all {s['ulysses_s']:.4g}"
+        if s["ring_total_s"]:
+            text += (f" + ring {s['ring_exposed_s']:.4g} exposed (of {s['ring_total_s']:.4g}, "
+                     f"the rest hidden behind attention) + LSE merges {s['ring_merge_s']:.4g}")
+        if s["cfg_s"]:
+            text += f" + CFG exchange {s['cfg_s']:.2g}"
+        out.append(text + f" + launches {s['launch_s']:.4g}")
+    if "rounds" in b and c.layout.chords > 1:
+        out.append(f"CHORDS: {b['rounds']} rounds to the first hit instead of {steps} steps")
+    if "stage_s" in b:
+        out.append(f"stages: {b['steps']['high']} high-noise steps take {b['stage_s']['high']:.4g} s, "
+                   f"{b['steps']['low']} low-noise steps {b['stage_s']['low']:.4g} s")
+    return out
+
+
+def _why_lost(choice: Candidate, other: Candidate, objective: str) -> str:
+    if objective == "latency":
+        head = (f"{100 * (other.latency_s / choice.latency_s - 1):.1f}% slower "
+                f"({other.latency_s:.4g} s vs {choice.latency_s:.4g} s)")
+    else:
+        head = (f"{100 * (1 - other.throughput_per_h / choice.throughput_per_h):.1f}% fewer videos "
+                f"per hour ({other.throughput_per_h:.4g} vs {choice.throughput_per_h:.4g})")
+    metric = "latency_s" if objective == "latency" else "throughput_per_h"
+    if abs(getattr(other, metric) / getattr(choice, metric) - 1) < 0.005:
+        simpler = _complexity(choice.layout) < _complexity(other.layout)
+        return head + (": a tie; the choice has fewer parallel axes" if simpler else
+                       ": a tie within 0.5%")
+    layout = other.layout
+    if layout.split and objective == "latency":
+        return head + ": a request runs on one stage at a time, so each step uses part of the GPUs"
+    if layout.split:
+        s = other.breakdown["stage_s"]
+        return head + f": the slower stage bounds the pipeline ({max(s.values()):.4g} s per request)"
+    if layout.dp > 1 and objective == "latency":
+        return head + f": dp{layout.dp} leaves each request {layout.group_size} GPUs"
+    # latency: seconds per request; throughput: GPU-seconds per request (replicas differ)
+    unit = "s" if objective == "latency" else "GPU-s"
+    mine, theirs = _cost(choice, objective), _cost(other, objective)
+    part = max(theirs, key=lambda k: theirs[k] - mine.get(k, 0.0))
+    why = f": more {part} ({theirs[part]:.4g} {unit} vs {mine.get(part, 0.0):.4g} {unit} per request"
+    if part == "compute" and other.note.startswith("uneven"):
+        why += ", padded heads"
+    return head + why + ")"
+
+
+def _cost(c: Candidate, objective: str) -> dict:
+    scale = 1 if objective == "latency" else c.layout.group_size
+    return {k: v * scale for k, v in c.breakdown["parts_s"].items()}
+
+
+def _category(reason: str) -> str:
+    if ":" in reason:
+        return reason.split(":")[0]
+    return "".join("N" if ch.isdigit() else ch for ch in reason).replace("NN", "N").replace("NN", "N")
+
+
+def _infeasible_summary(plan: Plan) -> list[str]:
+    groups: dict[str, list[Candidate]] = {}
+    for c in plan.infeasible:
+        groups.setdefault(_category(c.reason), []).append(c)
+    if not groups:
+        return []
+    lines = [f"Ruled out ({len(plan.infeasible)}):"]
+    for cat, cs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        example = cs[0]
+        lines.append(f"  {cat} ({len(cs)}), e.g. {example.layout.label()}: {example.reason}")
+    return lines
+
+
+def _no_choice(plan: Plan) -> list[str]:
+    p = plan.problem
+    lines = ["No layout runs."]
+    oom = [c for c in plan.infeasible if c.reason.startswith("out of memory")]
+    if oom:
+        least = min(oom, key=lambda c: c.mem_gb)
+        lines.append(f"  Least memory: {least.layout.label()} needs {least.mem_gb:.1f} GB per GPU, "
+                     f"{p.gpu.usable_gb:.1f} GB usable (it would take {least.latency_s:.4g} s).")
+        hints = ["more GPUs (split experts hold one expert per GPU)", "a GPU with more memory"]
+        if not p.offload_text_encoder:
+            hints.insert(0, f"offloading the text encoder (saves {text_encoder_gb(p.model):.1f} GB)")
+        lines.append("  Try " + ", ".join(hints) + ".")
+    return lines
