@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,9 @@ def index_checkpoint(path: str | Path) -> TensorIndex:
             name = to_original_name(key)
             if name != key and not key.startswith(_PREFIXES):
                 index.layout = "diffusers"
+            if name in index.files:  # e.g. a variant file (.fp16.safetensors) beside the main one
+                raise CheckpointError(f"tensor {name!r} is stored twice, as {index.files[name][1]!r} in "
+                                      f"{index.files[name][0]} and as {key!r} in {file}; keep one copy")
             index.files[name] = (file, key)
     return index
 
@@ -113,9 +117,11 @@ def index_checkpoint(path: str | Path) -> TensorIndex:
 def config_from_checkpoint(index: TensorIndex, base: WanConfig | None = None) -> WanConfig:
     """The architecture from config.json (diffusers or original), else inferred from shapes."""
     c = index.config or {}
-    if c.get("image_dim") or c.get("added_kv_proj_dim"):
+    unsupported = sorted(n for n in index.files if _UNSUPPORTED.search(n))
+    if c.get("image_dim") or c.get("added_kv_proj_dim") or unsupported:
         raise CheckpointError("this is a Wan2.1 I2V checkpoint with a CLIP image branch, which paradit "
-                              "does not support; Wan2.2 I2V-A14B (36 input channels, no CLIP) is supported")
+                              "does not support; Wan2.2 I2V-A14B (36 input channels, no CLIP) is supported"
+                              + (f" (image-branch tensors: {', '.join(unsupported[:4])})" if unsupported else ""))
     if "num_attention_heads" in c:  # diffusers
         arch = dict(dim=c["num_attention_heads"] * c["attention_head_dim"], num_heads=c["num_attention_heads"],
                     ffn_dim=c["ffn_dim"], num_layers=c["num_layers"], in_channels=c["in_channels"],
@@ -132,11 +138,26 @@ def config_from_checkpoint(index: TensorIndex, base: WanConfig | None = None) ->
     for key in ("patch_embedding.weight", "head.head.weight"):
         if key not in index.files:
             raise CheckpointError(f"checkpoint has no tensor {key!r}: not a Wan transformer")
+    if "num_heads" not in arch:  # tensor shapes do not tell the head count: (D, D) either way
+        arch["num_heads"] = _infer_num_heads(arch["dim"], base)
     if base is None:
         base = next((p for p in PRESETS.values() if (p.dim, p.num_layers, p.in_channels) ==
                      (arch["dim"], arch["num_layers"], arch["in_channels"])), None)
         base = base or WanConfig(name="custom", **arch)
     return base.replace(**arch)
+
+
+def _infer_num_heads(dim: int, given: WanConfig | None) -> int:
+    """The caller's config.num_heads, else head_dim 128 (every released Wan model); never a guess."""
+    if given is not None:
+        if dim % given.num_heads:
+            raise CheckpointError(f"config {given.name!r} has {given.num_heads} heads, which do not divide "
+                                  f"the checkpoint's dim {dim}")
+        return given.num_heads
+    if dim % 128 == 0:
+        return dim // 128
+    raise CheckpointError(f"checkpoint has no config.json and dim {dim} is not a multiple of 128, so its "
+                          f"head count cannot be inferred; pass config= with the right num_heads")
 
 
 def _infer_arch(index: TensorIndex) -> dict:
@@ -145,9 +166,10 @@ def _infer_arch(index: TensorIndex) -> dict:
         pe = shape("patch_embedding.weight")                       # (D, C, pt, ph, pw)
         dim, layers = pe[0], 1 + max(int(n.split(".")[1]) for n in index.files if n.startswith("blocks."))
         patch = tuple(pe[2:])
-        return dict(dim=dim, num_heads=dim // 128, ffn_dim=shape("blocks.0.ffn.0.weight")[0], num_layers=layers,
+        return dict(dim=dim, ffn_dim=shape("blocks.0.ffn.0.weight")[0], num_layers=layers,
                     in_channels=pe[1], out_channels=shape("head.head.weight")[0] // math.prod(patch), patch=patch,
-                    freq_dim=shape("time_embedding.0.weight")[1], text_dim=shape("text_embedding.0.weight")[1])
+                    freq_dim=shape("time_embedding.0.weight")[1], text_dim=shape("text_embedding.0.weight")[1],
+                    cross_attn_norm="blocks.0.norm3.weight" in index.files)
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint has no config.json and its tensors do not describe a Wan "
                               f"transformer ({err})") from err
@@ -165,6 +187,7 @@ def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, devic
                  stats: dict | None = None) -> dict[str, torch.Tensor]:
     """Read `names` from the mmap, converted to dtype on device; one thread per shard file."""
     by_file: dict[Path, list[str]] = {}
+    lock = threading.Lock()  # stats is shared by the reader threads
     for name in names:
         by_file.setdefault(index.files[name][0], []).append(name)
 
@@ -175,8 +198,9 @@ def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, devic
                 t = f.get_tensor(index.files[name][1])      # a view of the mmap where possible
                 out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                 if stats is not None:
-                    stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
-                    stats.setdefault("names", []).append(name)
+                    with lock:
+                        stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
+                        stats.setdefault("names", []).append(name)
         return out
 
     tensors: dict[str, torch.Tensor] = {}
@@ -194,23 +218,33 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     with torch.device("meta"):
         model = WanTransformer(cfg)
     expected = model.state_dict()
-    unsupported = sorted(n for n in index.files if _UNSUPPORTED.search(n))
-    if unsupported:
-        raise CheckpointError(f"{path}: tensors of an unsupported image branch: {', '.join(unsupported[:4])}")
     missing = sorted(set(expected) - set(index.files))
     unexpected = sorted(set(index.files) - set(expected))
     if missing or unexpected:
+        unexpected = [index.files[n][1] for n in unexpected]  # as stored, so it can be found in the file
         raise CheckpointError(f"{path} does not match the {cfg.name} architecture: "
-                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} (original Wan names) "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    _check_shapes(index, {n: tuple(p.shape) for n, p in expected.items()}, cfg.name)
     tensors = read_tensors(index, list(expected), dtype, device, stats=stats)
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            file = index.files[name][0]
-            raise CheckpointError(f"tensor {name!r} in {file} has shape {tuple(t.shape)}, "
-                                  f"expected {tuple(expected[name].shape)} for {cfg.name}")
     model.load_state_dict(tensors, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _check_shapes(index: TensorIndex, expected: dict[str, tuple[int, ...]], arch: str) -> None:
+    """Compare stored shapes (from the safetensors headers) before any tensor is read."""
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(index.files[name][0], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                key = index.files[name][1]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != expected[name]:
+                    alias = f" ({name} in the original layout)" if key != name else ""
+                    raise CheckpointError(f"tensor {key!r}{alias} in {file} has shape {shape}, "
+                                          f"expected {expected[name]} for {arch}")
 
 
 def save_original_layout(model: WanTransformer, folder: str | Path) -> None:
