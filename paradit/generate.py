@@ -8,6 +8,7 @@ Rank 0 of each data-parallel replica writes its videos, atomically, each with a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -19,6 +20,7 @@ from paradit.config import PRESETS, WanConfig
 from paradit.launch import init_distributed, setup_logging, shutdown
 from paradit.models.loading import CheckpointError
 from paradit.outputs import write_json, write_tensor, write_video
+from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_init, parse_stop
 from paradit.parallel.mesh import ParallelConfig, auto_sp
 
 log = logging.getLogger("paradit")
@@ -47,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ring", type=int)
     p.add_argument("--cfg-par", type=int, default=1, choices=[1, 2], help="2: cond and uncond on separate GPU groups")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas over prompts")
+    p.add_argument("--chords", type=int, default=1, help="CHORDS cores (parallel-in-time); one core group "
+                   "per core when the world has room, else the cores run in turn")
+    p.add_argument("--chords-init", help="start step of each core, e.g. 0,8,16,32 (default: the rule)")
+    p.add_argument("--chords-stop", default="hit:1", help="hit:M | residual:TAU | none")
+    p.add_argument("--chords-stream", action="store_true", help="write every hit as it arrives (out.hitN.mp4)")
     p.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -128,13 +135,27 @@ def run(args) -> list[Path]:
     settings = VideoSettings.resolve(cfg, width, height, args.frames, args.steps, args.shift,
                                      parse_guidance(args.guidance), args.seed, args.sampler)
     layout = layout_from_args(args, cfg.num_heads)
+    chords, needed = None, None
+    if args.chords > 1:
+        chords = ChordsSettings(args.chords, parse_init(args.chords_init), parse_stop(args.chords_stop))
+        layout = dataclasses.replace(layout, chords=chords_layout(chords, info.world_size, layout.world_size))
+        chords.validate(settings.steps, layout.chords)
+        per_core = experts_per_core(cfg.boundary, settings.steps, settings.shift,
+                                    chords.resolve_init(settings.steps), chords.stop)
+        needed = (per_core[layout.coords(info.rank)["chords"]] if layout.chords > 1
+                  else set().union(*per_core))
     layout.validate(info.world_size, cfg.num_heads)
+    if chords is not None:
+        log.info("CHORDS: %d cores, init %s, stop %s; experts per core: %s", chords.cores,
+                 chords.resolve_init(settings.steps), args.chords_stop,
+                 [sorted(["high", "low"][k] for k in e) for e in per_core])
     prompts = read_prompts(args)
     paths = [output_path(args.out, i, len(prompts)) for i in range(len(prompts))]
 
     # 2. build
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention)
+    pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention,
+                                    experts_needed=needed)
     startup = {"config_s": t0 - t_start, "build_s": time.perf_counter() - t0}
     mesh = pipe.mesh
 
@@ -148,7 +169,8 @@ def run(args) -> list[Path]:
                   frames=settings.frames, steps=settings.steps, shift=settings.shift,
                   guidance=settings.guidance, seed=settings.seed, sampler=settings.sampler,
                   progress=not args.no_progress)
-        latent = pipe(prompt, output="latent", **kw)
+        on_hit = stream_hits(pipe, path, cfg.fps) if (chords and args.chords_stream and mesh.is_output_rank) else None
+        latent = pipe(prompt, output="latent", chords=chords, on_hit=on_hit, **kw)
         t1 = time.perf_counter()
         video = pipe.vae.decode(latent) if mesh.is_output_rank else None
         pipe.record.timings["vae_decode_s"] = time.perf_counter() - t1
@@ -159,10 +181,34 @@ def run(args) -> list[Path]:
         if args.save_latents:
             write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
         write_json(path.with_suffix(".json"), sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed))
+        if pipe.record.chords:
+            log.info("%s", chords_summary(pipe.record.chords, settings.steps))
         log.info("wrote %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1], elapsed)
         print(f"paradit: wrote {path}", flush=True)
         written.append(path)
     return written
+
+
+def stream_hits(pipe, path: Path, fps: int):
+    """Decode and write every CHORDS hit as it arrives: out.hit0.mp4 (preview), out.hit1.mp4, ..."""
+    count = [0]
+
+    def on_hit(hit, latent):
+        out = path.with_name(f"{path.stem}.hit{count[0]}{path.suffix}")
+        write_video(out, pipe.vae.decode(latent).numpy(), fps)
+        print(f"paradit: CHORDS hit {count[0]} (core {hit.core}, round {hit.round}"
+              f"{', preview' if hit.preview else ''}) -> {out}", flush=True)
+        count[0] += 1
+    return on_hit
+
+
+def chords_summary(report, steps: int) -> str:
+    lines = [f"CHORDS: {report.rounds} rounds for {steps} steps (ideal speedup {steps / report.rounds:.2f}x), "
+             f"{report.nfe} NFEs ({report.nfe / steps:.2f}x sequential)"]
+    for j, h in enumerate(report.hits):
+        lines.append(f"  hit {j}: core {h['core']} round {h['round']}{' (preview)' if h['preview'] else ''}, "
+                     f"RMS from last hit {h['rms_from_last']:.3e}")
+    return "\n".join(lines)
 
 
 def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict:
@@ -175,6 +221,7 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
         "experts_per_step": [{"t": t, "expert": ["high", "low"][k], "guidance": g} for t, k, g in rec.trace],
         "timings_s": {"startup": startup, **rec.timings, "total": elapsed},
         "collectives_per_step": {op: {"bytes": b / steps, "count": c / steps} for op, (b, c) in rec.traffic.items()},
+        "chords": rec.chords.as_dict(settings.steps) if rec.chords else None,
         "torch": torch.__version__,
     }
 

@@ -67,6 +67,7 @@ class RunRecord:
     trace: list[tuple[int, int, float]] = field(default_factory=list)  # (timestep, expert, guidance)
     timings: dict[str, float] = field(default_factory=dict)
     traffic: dict[str, list[int]] = field(default_factory=dict)
+    chords: object = None  # a ChordsReport when CHORDS ran
 
 
 class Pipeline:
@@ -75,19 +76,23 @@ class Pipeline:
                  backend: str = "auto"):
         if len(experts) != cfg.num_experts:
             raise ValueError(f"{cfg.name} needs {cfg.num_experts} expert(s), got {len(experts)}")
+        if all(m is None for m in experts):
+            raise ValueError("a pipeline needs at least one loaded expert")
         self.cfg, self.experts, self.text_encoder, self.vae = cfg, experts, text_encoder, vae
         self.mesh = mesh or init_parallel(parallel or ParallelConfig(), num_heads=cfg.num_heads)
-        dtype = next(experts[0].parameters()).dtype
+        dtype = next(m for m in experts if m is not None).parameters().__next__().dtype
         self.runtime = Runtime(self.mesh, backend, dtype)
         for m in experts:
-            self.runtime.bind(m)
+            if m is not None:  # None: an expert this rank never runs (CHORDS cores, split stages)
+                self.runtime.bind(m)
         self.record = RunRecord()
         log.info("layout: %s", self.runtime.describe())
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, device=None,
-                        dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0) -> "Pipeline":
+                        dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0,
+                        experts_needed: set[int] | None = None) -> "Pipeline":
         """'tiny' (random weights, built locally) or a checkpoint folder. The layout is validated
         against the world before any weights are built or read."""
         info = init_distributed(device)
@@ -95,8 +100,8 @@ class Pipeline:
         if name_or_path == "tiny":
             cfg = WanConfig.preset("tiny")
             mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
-            return cls(cfg, *tiny_components(cfg, info.device, dtype or torch.float32, seed), mesh=mesh,
-                       backend=backend)
+            return cls(cfg, *tiny_components(cfg, info.device, dtype or torch.float32, seed, experts_needed),
+                       mesh=mesh, backend=backend)
         if name_or_path == "demo":  # the trained tiny text-to-video model shipped in the package
             from paradit.demo import demo_components
             cfg = WanConfig.preset("demo")
@@ -116,7 +121,9 @@ class Pipeline:
     def __call__(self, prompt: str, negative_prompt: str = "", height: int | None = None,
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  shift: float | None = None, guidance=None, seed: int = 0, output: str = "video",
-                 sampler: str = "unipc", progress: bool = True):
+                 sampler: str = "unipc", progress: bool = True, chords=None, on_hit=None):
+        """Generate one video. chords: a ChordsSettings to solve with CHORDS (Euler steps) instead of
+        the sequential sampler; on_hit(hit, latent) then sees every CHORDS hit as it arrives."""
         if output not in ("video", "latent"):
             raise ValueError(f"output={output!r}: choose 'video' or 'latent'")
         s = VideoSettings.resolve(self.cfg, width, height, frames, steps, shift, guidance, seed, sampler)
@@ -127,7 +134,7 @@ class Pipeline:
         rec.timings["text_encoder_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        latent = self.denoise(s, cond, uncond, progress)
+        latent = self.denoise(s, cond, uncond, progress, chords, on_hit)
         rec.timings["denoise_s"] = time.perf_counter() - t0
         rec.traffic = {k: list(v) for k, v in TRAFFIC.items()}
         if output == "latent":
@@ -150,7 +157,8 @@ class Pipeline:
         shape = self.cfg.latent_shape(s.width, s.height, s.frames)
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
 
-    def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True) -> torch.Tensor:
+    def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True, chords=None,
+                on_hit=None) -> torch.Tensor:
         """The sampler loop on this rank's token shard; returns the full latent [C, F, H, W] fp32."""
         noise = self.initial_noise(s)
         patch = self.cfg.patch
@@ -158,6 +166,13 @@ class Pipeline:
         tokens = patchify(noise[None], patch)[0]                         # (L, P*C)
         start, end = self.runtime.token_range(tokens.shape[0])
         x = tokens[start:end].to(self.mesh.device)                       # this rank's shard
+        to_latent = lambda shard: unpatchify(  # noqa: E731
+            self.runtime.gather_tokens(shard, tokens.shape[0])[None].cpu().float(), grid, patch)[0]
+        if chords is not None:
+            from paradit.parallel.chords import chords_denoise
+            hook = None if on_hit is None else (lambda hit, shard: on_hit(hit, to_latent(shard)))
+            x, self.record.chords = chords_denoise(self, chords, s, x, cond, uncond, grid, hook)
+            return to_latent(x)
         sched = SAMPLERS[s.sampler](shift=s.shift)
         sched.set_timesteps(s.steps)
         bar = tqdm(sched.timesteps.tolist(), desc="denoise", unit="step",
@@ -169,14 +184,17 @@ class Pipeline:
             v = self.runtime.velocity(self.experts[k], x, torch.tensor(float(t), device=x.device),
                                       cond, uncond if g != 1.0 else None, g, grid)
             x = sched.step(v, t, x)
-        full = self.runtime.gather_tokens(x, tokens.shape[0])            # (L, P*C)
-        return unpatchify(full[None].cpu().float(), grid, patch)[0]
+        return to_latent(x)
 
 
-def tiny_components(cfg: WanConfig, device, dtype, seed: int = 0):
-    """Seeded random experts, a tiny umT5 and a tiny Wan VAE: identical on every rank."""
+def tiny_components(cfg: WanConfig, device, dtype, seed: int = 0, needed: set[int] | None = None):
+    """Seeded random experts, a tiny umT5 and a tiny Wan VAE: identical on every rank.
+    Experts not in `needed` are not built (None)."""
     experts = []
     for k in range(cfg.num_experts):
+        if needed is not None and k not in needed:
+            experts.append(None)
+            continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + k)
             experts.append(WanTransformer(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False))

@@ -79,3 +79,21 @@ def collectives_checks():
     return dict(gathered_ok=torch.equal(gathered, full[:, :, :, h0:h0 + hs[me]]),
                 round_trip_ok=torch.equal(back, mine[0]),
                 ring_err=((ring_out - ref_out).norm() / ref_out.norm()).item())
+
+
+def chords_hits(cfg_kw: dict, layout: dict | None, cores: int, stop, needed_per_core=None, init=None):
+    """Every CHORDS hit (core, round, preview, latent) of the tiny pipeline under a layout."""
+    from paradit.parallel.chords import ChordsSettings
+    cfg = tiny_config(**cfg_kw)
+    pc = ParallelConfig(**(layout or {}))
+    mesh = init_parallel(pc, num_heads=cfg.num_heads) if layout else None
+    import torch.distributed as dist
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    needed = needed_per_core[pc.coords(rank)["chords"]] if needed_per_core else None
+    experts, text, _ = tiny_components(cfg, "cpu", torch.float32, needed=needed)
+    pipe = Pipeline(cfg, experts, text, None, mesh=mesh)
+    hits = []
+    pipe(PROMPT, negative_prompt=NEGATIVE, output="latent", chords=ChordsSettings(cores, init, stop),
+         on_hit=lambda h, lat: hits.append((h.core, h.round, h.preview, lat)), **(PIPE_KW | dict(steps=8)))
+    loaded = [m is not None for m in experts]
+    return hits, loaded

@@ -44,6 +44,14 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.ulysses * self.ring * self.cfg * self.chords * self.dp
 
+    def coords(self, rank: int) -> dict[str, int]:
+        """A global rank's index along each axis (ulysses fastest), without building a mesh."""
+        out = {}
+        for axis in reversed(AXES):
+            size = 1 if axis == "stage" else getattr(self, axis)
+            rank, out[axis] = divmod(rank, size)
+        return out
+
     def describe(self) -> str:
         parts = [f"{k}={getattr(self, k)}" for k in ("ulysses", "ring", "cfg", "chords", "dp") if getattr(self, k) > 1]
         return " x ".join(parts) or "single device"

@@ -1,0 +1,76 @@
+"""CHORDS with every core a sequence/CFG-parallel group gives the emulation's hits, exactly."""
+import pytest
+import torch
+
+from paradit.config import WanConfig
+from paradit.launch import spawn
+from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_stop
+from workers import PIPE_KW, chords_hits, pipeline_latent, tiny_config
+
+# (world, layout, cores, heads): each core group is the layout without its chords axis
+TABLE = [
+    (4, dict(chords=2, ulysses=2), 2, 3),
+    (4, dict(chords=2, cfg=2), 2, 2),
+    (4, dict(chords=4), 4, 2),
+    (8, dict(chords=2, ring=2, cfg=2), 2, 2),
+]
+RTOL = 1e-5  # fp32, the same Euler controller, split attention: rounding only (as in test_parallel)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return {(cores, heads): chords_hits(dict(heads=heads), None, cores, None)[0]
+            for _, _, cores, heads in TABLE}
+
+
+def _check_same_hits(got, ref, what):
+    assert [h[:3] for h in got] == [h[:3] for h in ref], f"{what}: different cores / rounds"
+    for (core, rnd, _, lat), (_, _, _, ref_lat) in zip(got, ref):
+        assert rel_err(lat, ref_lat) < RTOL, f"{what}: hit of core {core} at round {rnd} differs"
+
+
+@pytest.mark.parametrize("world", sorted({r[0] for r in TABLE}))
+def test_distributed_cores_match_emulation(world, emulated):
+    for _, layout, cores, heads in [r for r in TABLE if r[0] == world]:
+        results = spawn(chords_hits, world, dict(heads=heads), layout, cores, None, timeout_s=240)
+        for rank, (hits, _) in enumerate(results):
+            _check_same_hits(hits, emulated[(cores, heads)], f"{layout} rank {rank}")
+
+
+def test_last_hit_is_the_sequential_euler_result(emulated):
+    seq = pipeline_latent(tiny_config(2), None, sampler="euler", steps=8)
+    hits = emulated[(4, 2)]
+    assert hits[0][2] and not any(h[2] for h in hits[1:])  # the preview comes first, once
+    assert rel_err(hits[-1][3], seq) < 1e-6  # identical Euler arithmetic in the same order
+    assert rel_err(hits[0][3], seq) > 1e-2   # the preview is coarse: the check can fail
+
+
+def test_a_core_below_the_boundary_never_loads_the_high_noise_expert():
+    cfg = WanConfig.preset("tiny")  # 8 steps at shift 12: t = 999 .. 877 high-noise, 799, 631 low
+    needed = experts_per_core(cfg.boundary, 8, cfg.shift, [0, 6], None)
+    assert needed == [{0, 1}, {1}]
+    results = spawn(chords_hits, 2, dict(heads=2), dict(chords=2), 2, None, needed, (0, 6), timeout_s=120)
+    (hits0, loaded0), (hits1, loaded1) = results
+    assert loaded0 == [True, True] and loaded1 == [False, True]
+    _check_same_hits(hits1, hits0, "core 1 vs core 0 view")
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="hit:M"):
+        parse_stop("first")
+    with pytest.raises(ValueError, match="needs at least as many steps"):
+        ChordsSettings(8).validate(steps=4, mesh_cores=1)
+    with pytest.raises(ValueError, match="start at 0|strictly increasing|0"):
+        ChordsSettings(2, init=(1, 3)).validate(steps=8, mesh_cores=1)
+    with pytest.raises(ValueError, match="core groups"):
+        ChordsSettings(4).validate(steps=8, mesh_cores=2)
+    with pytest.raises(ValueError):
+        ChordsSettings(2, stop=3).validate(steps=8, mesh_cores=1)
+    with pytest.raises(ValueError, match="the world has 6"):
+        chords_layout(ChordsSettings(4), world=6, inner=2)
+    assert chords_layout(ChordsSettings(4), world=8, inner=2) == 4
+    assert chords_layout(ChordsSettings(4), world=2, inner=2) == 1
