@@ -157,34 +157,62 @@ class Pipeline:
         shape = self.cfg.latent_shape(s.width, s.height, s.frames)
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
 
-    def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True, chords=None,
-                on_hit=None) -> torch.Tensor:
-        """The sampler loop on this rank's token shard; returns the full latent [C, F, H, W] fp32."""
+    def initial_tokens(self, s: VideoSettings) -> tuple[torch.Tensor, "TokenSpace"]:
+        """This rank's shard of the patchified noise, and the token space it lives in."""
         noise = self.initial_noise(s)
-        patch = self.cfg.patch
-        grid = token_grid(noise.shape, patch)
-        tokens = patchify(noise[None], patch)[0]                         # (L, P*C)
-        start, end = self.runtime.token_range(tokens.shape[0])
-        x = tokens[start:end].to(self.mesh.device)                       # this rank's shard
-        to_latent = lambda shard: unpatchify(  # noqa: E731
-            self.runtime.gather_tokens(shard, tokens.shape[0])[None].cpu().float(), grid, patch)[0]
-        if chords is not None:
-            from paradit.parallel.chords import chords_denoise
-            hook = None if on_hit is None else (lambda hit, shard: on_hit(hit, to_latent(shard)))
-            x, self.record.chords = chords_denoise(self, chords, s, x, cond, uncond, grid, hook)
-            return to_latent(x)
+        space = TokenSpace(self, token_grid(noise.shape, self.cfg.patch))
+        tokens = patchify(noise[None], self.cfg.patch)[0]                # (L, P*C)
+        start, end = self.runtime.token_range(space.num_tokens)
+        return tokens[start:end].to(self.mesh.device), space
+
+    def scheduler(self, s: VideoSettings):
         sched = SAMPLERS[s.sampler](shift=s.shift)
         sched.set_timesteps(s.steps)
-        bar = tqdm(sched.timesteps.tolist(), desc="denoise", unit="step",
-                   disable=not (progress and self.mesh.is_output_rank))
-        for t in bar:
+        return sched
+
+    def run_steps(self, s: VideoSettings, x: torch.Tensor, sched, space: "TokenSpace", cond, uncond,
+                  steps: range, progress: bool = True) -> torch.Tensor:
+        """Sampler steps `steps` (indices into the schedule) on this rank's token shard x."""
+        timesteps = sched.timesteps.tolist()
+        bar = tqdm(steps, desc="denoise", unit="step", disable=not (progress and self.mesh.is_output_rank))
+        for i in bar:
+            t = timesteps[i]
             k = self.expert_for(t)
             g = s.guidance[k]
             self.record.trace.append((int(t), k, g))
             v = self.runtime.velocity(self.experts[k], x, torch.tensor(float(t), device=x.device),
-                                      cond, uncond if g != 1.0 else None, g, grid)
+                                      cond, uncond if g != 1.0 else None, g, space.grid)
             x = sched.step(v, t, x)
-        return to_latent(x)
+        return x
+
+    def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True, chords=None,
+                on_hit=None) -> torch.Tensor:
+        """The sampler loop on this rank's token shard; returns the full latent [C, F, H, W] fp32."""
+        x, space = self.initial_tokens(s)
+        if chords is not None:
+            from paradit.parallel.chords import chords_denoise
+            hook = None if on_hit is None else (lambda hit, shard: on_hit(hit, space.to_latent(shard)))
+            x, self.record.chords = chords_denoise(self, chords, s, x, cond, uncond, space.grid, hook)
+            return space.to_latent(x)
+        sched = self.scheduler(s)
+        x = self.run_steps(s, x, sched, space, cond, uncond, range(s.steps), progress)
+        return space.to_latent(x)
+
+
+@dataclass(frozen=True)
+class TokenSpace:
+    """The patch grid of one video and the way back from token shards to the latent."""
+    pipe: Pipeline
+    grid: tuple[int, int, int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def to_latent(self, shard: torch.Tensor) -> torch.Tensor:
+        """Gather the sp shards of a token-space tensor -> latent [C, F, H, W] fp32 on the CPU."""
+        full = self.pipe.runtime.gather_tokens(shard, self.num_tokens)   # (L, P*C)
+        return unpatchify(full[None].cpu().float(), self.grid, self.pipe.cfg.patch)[0]
 
 
 def tiny_components(cfg: WanConfig, device, dtype, seed: int = 0, needed: set[int] | None = None):

@@ -39,11 +39,11 @@ def model_output(cfg: WanConfig, grid, layout: dict | None):
 PIPE_KW = dict(width=80, height=48, frames=9, steps=4, seed=7, progress=False)  # 45 tokens: divides nothing
 
 
-def pipeline_latent(cfg: WanConfig, layout: dict | None, **kw):
+def pipeline_latent(cfg: WanConfig, layout: dict | None, prompt: str = PROMPT, **kw):
     mesh = init_parallel(ParallelConfig(**(layout or {})), num_heads=cfg.num_heads) if layout else None
     experts, text, _ = tiny_components(cfg, "cpu", torch.float32)
     pipe = Pipeline(cfg, experts, text, None, mesh=mesh)
-    return pipe(PROMPT, negative_prompt=NEGATIVE, output="latent", **(PIPE_KW | kw))
+    return pipe(prompt, negative_prompt=NEGATIVE, output="latent", **(PIPE_KW | kw))
 
 
 def run_layout_table(rows):
@@ -97,3 +97,27 @@ def chords_hits(cfg_kw: dict, layout: dict | None, cores: int, stop, needed_per_
          on_hit=lambda h, lat: hits.append((h.core, h.round, h.preview, lat)), **(PIPE_KW | dict(steps=8)))
     loaded = [m is not None for m in experts]
     return hits, loaded
+
+
+SPLIT_PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving right"]
+
+
+def split_run(heads: int, stages, steps: int = 12):
+    """Three prompts through split expert stages: (latents by request, loaded experts, spans)."""
+    import torch.distributed as dist
+
+    from paradit.parallel.stages import run_split
+    from paradit.pipeline import VideoSettings
+    cfg = tiny_config(heads)
+    pc = ParallelConfig(experts="split", stages=stages)
+    mesh = init_parallel(pc, num_heads=cfg.num_heads)
+    stage = mesh.coords["stage"]
+    experts, text, _ = tiny_components(cfg, "cpu", torch.float32, needed={stage})
+    pipe = Pipeline(cfg, experts, text if stage == 0 else None, None, mesh=mesh)
+    kw = {k: v for k, v in (PIPE_KW | dict(steps=steps)).items() if k != "progress"}
+    s = VideoSettings.resolve(cfg, **kw)
+    done = {}
+    spans = run_split(pipe, [(p, NEGATIVE, s) for p in SPLIT_PROMPTS],
+                      on_done=lambda i, lat, latency: done.__setitem__(i, lat), progress=False)
+    return dict(rank=dist.get_rank(), stage=stage, latents=done, loaded=[m is not None for m in experts],
+                spans=spans.spans)
