@@ -49,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ring", type=int)
     p.add_argument("--cfg-par", type=int, default=1, choices=[1, 2], help="2: cond and uncond on separate GPU groups")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas over prompts")
+    p.add_argument("--experts", default="colocated", choices=["colocated", "split", "auto"],
+                   help="split: high- and low-noise experts on separate GPU groups, requests pipelined")
+    p.add_argument("--stages", help="GPUs of the high,low stages with --experts split (default: by step split)")
+    p.add_argument("--plan", default="manual", choices=["manual", "auto"], help="auto: the planner picks the layout")
+    p.add_argument("--gpu", choices=["h100", "h200", "b200"], help="GPU kind for the planner (default: detected)")
+    p.add_argument("--force", action="store_true", help="run a layout the planner predicts will not fit")
     p.add_argument("--chords", type=int, default=1, help="CHORDS cores (parallel-in-time); one core group "
                    "per core when the world has room, else the cores run in turn")
     p.add_argument("--chords-init", help="start step of each core, e.g. 0,8,16,32 (default: the rule)")
@@ -123,6 +129,88 @@ def output_path(out: str, index: int, count: int) -> Path:
     return out if count == 1 else out.with_name(f"{out.stem}_{index:03d}{out.suffix}")
 
 
+def gpu_kind(args) -> str | None:
+    """The planner's GPU preset: --gpu, else read from the CUDA device name; None on CPU."""
+    if args.gpu:
+        return args.gpu
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower()
+    return next((k for k in ("b200", "h200", "h100") if k in name), "h100")
+
+
+def planned_layout(args, cfg, world: int, settings, kind: str | None, log_choice: bool):
+    """--plan auto / --experts auto: the planner's choice for this world and GPU kind."""
+    from paradit.parallel.planner import plan
+    if kind is None:
+        raise ValueError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
+                         "pass --gpu h100|h200|b200")
+    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
+    if p.choice is None:
+        raise ValueError(f"the planner finds no layout of {world} x {kind} that fits "
+                         f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
+    if log_choice:
+        log.info("planner: %s", p.explain())
+    lay = p.choice.layout
+    return ParallelConfig(lay.ulysses, lay.ring, lay.cfg, lay.chords, lay.dp, lay.experts,
+                          lay.split if lay.split else None)
+
+
+def split_layout(args, cfg, world: int, settings) -> ParallelConfig:
+    """--experts split: stage sizes from --stages or the step split; each stage's sp from the heads."""
+    from paradit.parallel.stages import high_noise_steps, stage_sizes
+    from paradit.schedulers import wan_timesteps
+    n_high = high_noise_steps(wan_timesteps(settings.steps, settings.shift).tolist(), cfg.boundary)
+    if args.stages:
+        try:
+            sizes = tuple(int(v) for v in args.stages.split(","))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 2 or min(sizes) < 1:
+            raise ValueError(f"--stages {args.stages!r}: give two GPU counts, high,low (e.g. 5,3)")
+    else:
+        sizes = stage_sizes(world, n_high, settings.steps)
+    stages = []
+    for n in sizes:
+        if n % args.cfg_par:
+            raise ValueError(f"--stages {sizes}: a stage of {n} GPUs cannot hold --cfg-par {args.cfg_par}")
+        stages.append((*auto_sp(cfg.num_heads, n // args.cfg_par), args.cfg_par))
+    return ParallelConfig(experts="split", stages=tuple(stages))
+
+
+def resolve_layout(args, cfg, info, settings) -> ParallelConfig:
+    kind = gpu_kind(args)
+    if args.plan == "auto":
+        layout = planned_layout(args, cfg, info.world_size, settings, kind, info.rank == 0)
+    elif args.experts == "split":
+        layout = split_layout(args, cfg, info.world_size, settings)
+    elif args.experts == "auto" and kind is not None:
+        chosen = planned_layout(args, cfg, info.world_size, settings, kind, False)
+        layout = (split_layout(args, cfg, info.world_size, settings) if chosen.experts == "split"
+                  else layout_from_args(args, cfg.num_heads))
+    else:  # colocated, or auto with no GPU to plan for (CPU): both experts on every rank
+        layout = layout_from_args(args, cfg.num_heads)
+    layout.validate(info.world_size, cfg.num_heads)
+    if kind is not None and not args.force:
+        check_memory(cfg, layout, kind, settings, info.world_size)
+    return layout
+
+
+def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int) -> None:
+    """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
+    from paradit.parallel.planner import Layout, evaluate, make_problem, plan
+    if cfg.name not in PRESETS:
+        return
+    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
+    cand = evaluate(problem, Layout(layout.ulysses, layout.ring, layout.cfg, layout.chords, layout.dp,
+                                    "split" if layout.stages else "colocated", layout.stages))
+    if not cand.feasible and "memory" in cand.reason:
+        best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
+        hint = f"; the planner suggests {best.layout.label()} ({best.mem_gb:.1f} GB per GPU)" if best else ""
+        raise ValueError(f"layout {layout.describe()} is predicted not to fit on {kind}: {cand.reason}"
+                         f"{hint}. Pass --force to run it anyway")
+
+
 def run(args) -> list[Path]:
     from paradit.pipeline import Pipeline, VideoSettings
 
@@ -134,9 +222,11 @@ def run(args) -> list[Path]:
     width, height = parse_size(args.size)
     settings = VideoSettings.resolve(cfg, width, height, args.frames, args.steps, args.shift,
                                      parse_guidance(args.guidance), args.seed, args.sampler)
-    layout = layout_from_args(args, cfg.num_heads)
-    chords, needed = None, None
+    layout = resolve_layout(args, cfg, info, settings)
+    chords, needed, per_core = None, None, None
     if args.chords > 1:
+        if layout.stages:
+            raise ValueError("--chords cannot be combined with --experts split yet; use colocated experts")
         chords = ChordsSettings(args.chords, parse_init(args.chords_init), parse_stop(args.chords_stop))
         layout = dataclasses.replace(layout, chords=chords_layout(chords, info.world_size, layout.world_size))
         chords.validate(settings.steps, layout.chords)
@@ -144,11 +234,12 @@ def run(args) -> list[Path]:
                                     chords.resolve_init(settings.steps), chords.stop)
         needed = (per_core[layout.coords(info.rank)["chords"]] if layout.chords > 1
                   else set().union(*per_core))
-    layout.validate(info.world_size, cfg.num_heads)
-    if chords is not None:
+        layout.validate(info.world_size, cfg.num_heads)
         log.info("CHORDS: %d cores, init %s, stop %s; experts per core: %s", chords.cores,
                  chords.resolve_init(settings.steps), args.chords_stop,
                  [sorted(["high", "low"][k] for k in e) for e in per_core])
+    if layout.stages:
+        needed = {layout.coords(info.rank)["stage"]}
     prompts = read_prompts(args)
     paths = [output_path(args.out, i, len(prompts)) for i in range(len(prompts))]
 
@@ -158,35 +249,57 @@ def run(args) -> list[Path]:
                                     experts_needed=needed)
     startup = {"config_s": t0 - t_start, "build_s": time.perf_counter() - t0}
     mesh = pipe.mesh
-
-    # 3. generate this replica's share of the prompts
     written = []
+
+    def finish(i: int, latent, elapsed: float) -> None:
+        """Decode and write request i on the rank that holds the result."""
+        if not mesh.is_output_rank:
+            return
+        path = paths[i]
+        t1 = time.perf_counter()
+        video = pipe.vae.decode(latent)
+        pipe.record.timings["vae_decode_s"] = time.perf_counter() - t1
+        write_video(path, video.numpy(), cfg.fps)
+        if args.save_latents:
+            write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
+        write_json(path.with_suffix(".json"), sidecar(args, cfg, settings, layout, pipe, prompts[i], startup,
+                                                     elapsed))
+        if pipe.record.chords:
+            log.info("%s", chords_summary(pipe.record.chords, settings.steps))
+        log.info("wrote %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1],
+                 elapsed)
+        print(f"paradit: wrote {path}", flush=True)
+        written.append(path)
+
+    # 3. generate: through the two expert stages, or this replica's share of the prompts
+    if layout.stages:
+        from paradit.parallel.stages import run_split
+        t0 = time.perf_counter()
+        latencies = []
+        run_split(pipe, [(p, args.negative_prompt, settings) for p in prompts],
+                  on_done=lambda i, latent, latency: (latencies.append(latency), finish(i, latent, latency)),
+                  progress=not args.no_progress)
+        if mesh.is_output_rank:
+            total = time.perf_counter() - t0
+            print(f"paradit: split experts: {len(prompts)} requests in {total:.2f} s "
+                  f"({3600 * len(prompts) / total:.1f} per hour); latency per request: "
+                  + ", ".join(f"{lat:.2f} s" for lat in latencies), flush=True)
+        return written
     for i, (prompt, path) in enumerate(zip(prompts, paths)):
         if i % layout.dp != mesh.rank("dp"):
             continue
         t0 = time.perf_counter()
-        kw = dict(negative_prompt=args.negative_prompt, width=settings.width, height=settings.height,
-                  frames=settings.frames, steps=settings.steps, shift=settings.shift,
-                  guidance=settings.guidance, seed=settings.seed, sampler=settings.sampler,
-                  progress=not args.no_progress)
         on_hit = stream_hits(pipe, path, cfg.fps) if (chords and args.chords_stream and mesh.is_output_rank) else None
-        latent = pipe(prompt, output="latent", chords=chords, on_hit=on_hit, **kw)
-        t1 = time.perf_counter()
-        video = pipe.vae.decode(latent) if mesh.is_output_rank else None
-        pipe.record.timings["vae_decode_s"] = time.perf_counter() - t1
-        elapsed = time.perf_counter() - t0
-        if not mesh.is_output_rank:
-            continue
-        write_video(path, video.numpy(), cfg.fps)
-        if args.save_latents:
-            write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
-        write_json(path.with_suffix(".json"), sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed))
-        if pipe.record.chords:
-            log.info("%s", chords_summary(pipe.record.chords, settings.steps))
-        log.info("wrote %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1], elapsed)
-        print(f"paradit: wrote {path}", flush=True)
-        written.append(path)
+        latent = pipe(prompt, output="latent", chords=chords, on_hit=on_hit, progress=not args.no_progress,
+                      **settings_kwargs(args, settings))
+        finish(i, latent, time.perf_counter() - t0)
     return written
+
+
+def settings_kwargs(args, settings) -> dict:
+    return dict(negative_prompt=args.negative_prompt, width=settings.width, height=settings.height,
+                frames=settings.frames, steps=settings.steps, shift=settings.shift,
+                guidance=settings.guidance, seed=settings.seed, sampler=settings.sampler)
 
 
 def stream_hits(pipe, path: Path, fps: int):

@@ -30,7 +30,8 @@ class Runtime:
         self.attention = SequenceParallelAttention(mesh, plain, with_lse) if self.sp > 1 else plain
 
     def describe(self) -> str:
-        return f"{self.mesh.config.describe()}; attention: {describe_backend(self.backend, self.mesh.device)}"
+        layout = (self.mesh.split or self.mesh.config).describe()
+        return f"{layout}; attention: {describe_backend(self.backend, self.mesh.device)}"
 
     def bind(self, model: WanTransformer) -> WanTransformer:
         model.set_attention(self.attention)
