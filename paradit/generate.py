@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from paradit.config import PRESETS, WanConfig
 from paradit.launch import init_distributed, setup_logging, shutdown
+from paradit.launch.faults import EXIT_PEER_FAILED, AbortWatcher, peer_failure, report_failure
 from paradit.models.loading import CheckpointError
 from paradit.outputs import write_json, write_tensor, write_video
 from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_init, parse_stop
@@ -61,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chords-stop", default="hit:1", help="hit:M | residual:TAU | none")
     p.add_argument("--chords-stream", action="store_true", help="write every hit as it arrives (out.hitN.mp4)")
     p.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds")
+    p.add_argument("--check-finite", action="store_true", help="stop at the first NaN/Inf velocity, naming the step")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -178,7 +182,7 @@ def split_layout(args, cfg, world: int, settings) -> ParallelConfig:
     return ParallelConfig(experts="split", stages=tuple(stages))
 
 
-def resolve_layout(args, cfg, info, settings) -> ParallelConfig:
+def resolve_layout(args, cfg, info, settings, chords: ChordsSettings | None = None) -> ParallelConfig:
     kind = gpu_kind(args)
     if args.plan == "auto":
         layout = planned_layout(args, cfg, info.world_size, settings, kind, info.rank == 0)
@@ -190,6 +194,11 @@ def resolve_layout(args, cfg, info, settings) -> ParallelConfig:
                   else layout_from_args(args, cfg.num_heads))
     else:  # colocated, or auto with no GPU to plan for (CPU): both experts on every rank
         layout = layout_from_args(args, cfg.num_heads)
+    if chords is not None:
+        if layout.stages:
+            raise ValueError("--chords cannot be combined with --experts split yet; use colocated experts")
+        layout = dataclasses.replace(layout, chords=chords_layout(chords, info.world_size, layout.world_size))
+        chords.validate(settings.steps, layout.chords)
     layout.validate(info.world_size, cfg.num_heads)
     if kind is not None and not args.force:
         check_memory(cfg, layout, kind, settings, info.world_size)
@@ -222,19 +231,15 @@ def run(args) -> list[Path]:
     width, height = parse_size(args.size)
     settings = VideoSettings.resolve(cfg, width, height, args.frames, args.steps, args.shift,
                                      parse_guidance(args.guidance), args.seed, args.sampler)
-    layout = resolve_layout(args, cfg, info, settings)
-    chords, needed, per_core = None, None, None
+    chords, needed = None, None
     if args.chords > 1:
-        if layout.stages:
-            raise ValueError("--chords cannot be combined with --experts split yet; use colocated experts")
         chords = ChordsSettings(args.chords, parse_init(args.chords_init), parse_stop(args.chords_stop))
-        layout = dataclasses.replace(layout, chords=chords_layout(chords, info.world_size, layout.world_size))
-        chords.validate(settings.steps, layout.chords)
+    layout = resolve_layout(args, cfg, info, settings, chords)
+    if chords is not None:
         per_core = experts_per_core(cfg.boundary, settings.steps, settings.shift,
                                     chords.resolve_init(settings.steps), chords.stop)
         needed = (per_core[layout.coords(info.rank)["chords"]] if layout.chords > 1
                   else set().union(*per_core))
-        layout.validate(info.world_size, cfg.num_heads)
         log.info("CHORDS: %d cores, init %s, stop %s; experts per core: %s", chords.cores,
                  chords.resolve_init(settings.steps), args.chords_stop,
                  [sorted(["high", "low"][k] for k in e) for e in per_core])
@@ -248,6 +253,7 @@ def run(args) -> list[Path]:
     pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention,
                                     experts_needed=needed)
     startup = {"config_s": t0 - t_start, "build_s": time.perf_counter() - t0}
+    pipe.check_finite = args.check_finite
     mesh = pipe.mesh
     written = []
 
@@ -340,16 +346,36 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
 
 
 def main(argv=None) -> int:
+    """Run the CLI; on any rank's failure every rank exits non-zero with the reason."""
     args = parse_args(argv)
+    watcher, code = None, 0
     try:
+        info = init_distributed(args.device, args.timeout)
+        if info.world_size > 1:
+            watcher = AbortWatcher().start()
         run(args)
-        return 0
-    except (ValueError, CheckpointError) as err:
-        rank = int(__import__("os").environ.get("RANK", 0))
-        print(f"paradit: error (rank {rank}): {err}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        shutdown()
+    except (ValueError, CheckpointError) as err:      # the user's input: a clear message, exit 2
+        code, message = 2, str(err)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted (Ctrl-C)"
+    except Exception as err:                          # a bug, a broken machine, or a failed peer
+        peer = peer_failure()
+        if peer is None:
+            traceback.print_exc()
+        code, message = (EXIT_PEER_FAILED, f"stopping because {peer}") if peer else (1, f"{type(err).__name__}: {err}")
+    if code:
+        if watcher is not None:
+            watcher.stop()  # this thread reports now; the watcher must not print a second time
+        rank = int(os.environ.get("RANK", 0))
+        print(f"paradit: error (rank {rank}): {message}", file=sys.stderr, flush=True)
+        if code != EXIT_PEER_FAILED:  # only the root cause is posted; never overwrite it
+            report_failure(message)
+        sys.stderr.flush()
+        os._exit(code)  # peers may be blocked in collectives: do not wait on a clean teardown
+    if watcher is not None:
+        watcher.stop()
+    shutdown()
+    return 0
 
 
 if __name__ == "__main__":

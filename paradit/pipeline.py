@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from paradit import conditioning
 from paradit.config import WanConfig
 from paradit.launch import init_distributed
+from paradit.launch.faults import maybe_fail
 from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer, patchify, token_grid, unpatchify
 from paradit.models.vae import VideoVAE
-from paradit.parallel.collectives import TRAFFIC
+from paradit.parallel.collectives import TRAFFIC, broadcast_from_first
 from paradit.parallel.mesh import Mesh, ParallelConfig, init_parallel
+from paradit.parallel.requests import decode_group, is_encoder_rank, request_group
 from paradit.parallel.runtime import Runtime
 from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler
 
@@ -86,15 +89,44 @@ class Pipeline:
             if m is not None:  # None: an expert this rank never runs (CHORDS cores, split stages)
                 self.runtime.bind(m)
         self.record = RunRecord()
+        self.check_finite = False  # the optional per-step NaN/Inf guard
+        self.request_group = request_group(self.mesh)  # collective: every rank builds its pipeline together
+        self.condition = None                          # the image condition of the running request
+        self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, compile.py)
+        self.load_stats: dict[str, dict] = {}          # bytes read per component on this rank
         log.info("layout: %s", self.runtime.describe())
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, device=None,
                         dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0,
-                        experts_needed: set[int] | None = None) -> "Pipeline":
+                        experts_needed: set[int] | None = None, components=None,
+                        compile: bool = False) -> "Pipeline":
         """'tiny' (random weights, built locally) or a checkpoint folder. The layout is validated
-        against the world before any weights are built or read."""
+        against the world before any weights are built or read.
+
+        experts_needed: the experts this rank runs (0 = high-noise or only, 1 = low-noise); others
+        are never read. components: a diffusers-layout folder for the text encoder, tokenizer and
+        VAE (needed by original-layout checkpoints; see paradit/checkpoint.py). compile: regional
+        torch.compile of the transformer blocks (paradit/compile.py); then warm up with pipe.warmup."""
+        pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components)
+        if compile:
+            from paradit.compile import compile_blocks
+            compile_blocks(pipe.experts)
+        return pipe
+
+    def warmup(self, image: bool = False, **settings) -> float:
+        """Build every compiled graph (one step per expert) at the shapes of a call with `settings`
+        (width, height, frames, steps, shift, guidance, sampler); every rank calls it together."""
+        from paradit.compile import warmup
+        keys = ("width", "height", "frames", "steps", "shift", "guidance")
+        s = VideoSettings.resolve(self.cfg, **{k: settings.get(k) for k in keys},
+                                  sampler=settings.get("sampler", "unipc"))
+        self.startup["compile_s"] = warmup(self, s, image)
+        return self.startup["compile_s"]
+
+    @classmethod
+    def _build(cls, name_or_path, parallel, device, dtype, backend, seed, experts_needed, components):
         info = init_distributed(device)
         parallel = parallel or ParallelConfig()
         if name_or_path == "tiny":
@@ -108,7 +140,8 @@ class Pipeline:
             mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
             return cls(cfg, *demo_components(cfg, info.device), mesh=mesh, backend=backend)
         from paradit.checkpoint import load_pipeline_components  # real checkpoints (folders)
-        return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend)
+        return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend, experts_needed,
+                                        components)
 
     # ------------------------------------------------------------------ generation
     def expert_for(self, t: int) -> int:
@@ -118,14 +151,25 @@ class Pipeline:
         return 0 if t >= self.cfg.boundary * 1000 else 1
 
     @torch.no_grad()
-    def __call__(self, prompt: str, negative_prompt: str = "", height: int | None = None,
+    def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  shift: float | None = None, guidance=None, seed: int = 0, output: str = "video",
-                 sampler: str = "unipc", progress: bool = True, chords=None, on_hit=None):
+                 sampler: str = "unipc", progress: bool = True, chords=None, on_hit=None, image=None):
         """Generate one video. chords: a ChordsSettings to solve with CHORDS (Euler steps) instead of
-        the sequential sampler; on_hit(hit, latent) then sees every CHORDS hit as it arrives."""
+        the sequential sampler; on_hit(hit, latent) then sees every CHORDS hit as it arrives.
+        image: the first frame (a path or a PIL image) for I2V-A14B and TI2V-5B; without a size the
+        video takes the image's shape at the preset's area, as the original code does.
+        negative_prompt: None takes the model's default (the original Wan's for Wan checkpoints)."""
         if output not in ("video", "latent"):
             raise ValueError(f"output={output!r}: choose 'video' or 'latent'")
+        conditioning.check_task(self.cfg, image)
+        if image is not None:
+            image = conditioning.load_image(image) if not hasattr(image, "convert") else image.convert("RGB")
+            if chords is not None and self.cfg.task == "ti2v":
+                raise ValueError("CHORDS with a TI2V image is not supported (its first frame is reset after "
+                                 "every sequential step); run TI2V image-to-video without --chords")
+            if width is None and height is None:
+                width, height = conditioning.size_for_image(self.cfg, image.width, image.height)
         s = VideoSettings.resolve(self.cfg, width, height, frames, steps, shift, guidance, seed, sampler)
         self.record = rec = RunRecord()
         TRAFFIC.clear()
@@ -134,23 +178,59 @@ class Pipeline:
         rec.timings["text_encoder_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        latent = self.denoise(s, cond, uncond, progress, chords, on_hit)
+        condition = self.prepare_condition(image, s) if image is not None else None
+        rec.timings["image_encode_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        latent = self.denoise(s, cond, uncond, progress, chords, on_hit, condition)
         rec.timings["denoise_s"] = time.perf_counter() - t0
         rec.traffic = {k: list(v) for k, v in TRAFFIC.items()}
         if output == "latent":
             return latent
-        if not self.mesh.is_output_rank or self.vae is None:
-            return None
         t0 = time.perf_counter()
-        video = self.vae.decode(latent)
+        video = self.decode(latent)
         rec.timings["vae_decode_s"] = time.perf_counter() - t0
         return video
 
-    def encode_prompts(self, prompt: str, negative_prompt: str, guidance: tuple[float, float]):
+    def encode_prompts(self, prompt: str, negative_prompt: str | None, guidance: tuple[float, float]):
+        """(cond, uncond or None), each (1, text_len, text_dim): encoded once, on the request's first
+        rank, and broadcast over the request group."""
         need_uncond = any(g != 1.0 for g in guidance)
-        prompts = [prompt, negative_prompt] if need_uncond else [prompt]
-        emb = self.text_encoder.encode(prompts).to(self.mesh.device)  # (1 or 2, text_len, text_dim)
+        negative = self.cfg.negative_prompt if negative_prompt is None else negative_prompt
+        prompts = [prompt, negative] if need_uncond else [prompt]
+        emb = None
+        if is_encoder_rank(self.mesh):
+            if self.text_encoder is None:
+                raise ValueError("this rank encodes the prompts but has no text encoder")
+            emb = self.text_encoder.encode(prompts)                       # (1 or 2, text_len, text_dim)
+        emb = broadcast_from_first(emb, (len(prompts), self.cfg.text_len, self.cfg.text_dim), torch.float32,
+                                   self.mesh.device, self.request_group).to(self.mesh.device)
         return emb[:1], (emb[1:] if need_uncond else None)
+
+    def prepare_condition(self, image, s: VideoSettings) -> conditioning.Condition:
+        """The image's latent condition, VAE-encoded once on the request's first rank and broadcast;
+        returns this rank's token shard of it."""
+        shape = conditioning.condition_shape(self.cfg, s.width, s.height, s.frames)
+        y = None
+        if is_encoder_rank(self.mesh):
+            if self.vae is None:
+                raise ValueError("this rank encodes the image but has no VAE")
+            y = conditioning.encode_condition(self.cfg, self.vae, image, s.width, s.height, s.frames)
+        y = broadcast_from_first(y, shape, torch.float32, self.mesh.device, self.request_group).cpu()
+        latent_shape = self.cfg.latent_shape(s.width, s.height, s.frames)
+        start, end = self.runtime.token_range(self.cfg.num_tokens(s.width, s.height, s.frames))
+        return conditioning.shard_condition(self.cfg, y, latent_shape, start, end, self.mesh.device)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor | None:
+        """uint8 frames (F, H, W, 3) on the output rank, None elsewhere. Every rank calls it: the
+        VAE's tiles are spread over the output rank's sequence-parallel group."""
+        member, group = decode_group(self.mesh)
+        if not member or self.vae is None:
+            return None
+        if isinstance(self.vae, VideoVAE):
+            video = self.vae.decode(latent, group=group)
+        else:  # another codec (the demo's): decoded on the output rank alone
+            video = self.vae.decode(latent) if self.mesh.is_output_rank else None
+        return video if self.mesh.is_output_rank else None
 
     def initial_noise(self, s: VideoSettings) -> torch.Tensor:
         """[C, F, H, W] fp32 from a seeded CPU generator: the same on every rank and layout."""
@@ -163,7 +243,8 @@ class Pipeline:
         space = TokenSpace(self, token_grid(noise.shape, self.cfg.patch))
         tokens = patchify(noise[None], self.cfg.patch)[0]                # (L, P*C)
         start, end = self.runtime.token_range(space.num_tokens)
-        return tokens[start:end].to(self.mesh.device), space
+        x = conditioning.after_step(tokens[start:end].to(self.mesh.device), self.condition)  # TI2V: frame 0
+        return x, space
 
     def scheduler(self, s: VideoSettings):
         sched = SAMPLERS[s.sampler](shift=s.shift)
@@ -176,18 +257,38 @@ class Pipeline:
         timesteps = sched.timesteps.tolist()
         bar = tqdm(steps, desc="denoise", unit="step", disable=not (progress and self.mesh.is_output_rank))
         for i in bar:
-            t = timesteps[i]
-            k = self.expert_for(t)
-            g = s.guidance[k]
-            self.record.trace.append((int(t), k, g))
-            v = self.runtime.velocity(self.experts[k], x, torch.tensor(float(t), device=x.device),
-                                      cond, uncond if g != 1.0 else None, g, space.grid)
-            x = sched.step(v, t, x)
+            maybe_fail(f"step{i}")
+            t0 = time.perf_counter()
+            x = sched.step(self.velocity(s, x, timesteps[i], cond, uncond, space.grid, f"step {i}"),
+                           timesteps[i], x)
+            x = conditioning.after_step(x, self.condition)               # TI2V: frame 0 stays the image
+            self.startup.setdefault("first_step_s", time.perf_counter() - t0)
         return x
 
+    def velocity(self, s: VideoSettings, x: torch.Tensor, t: int, cond, uncond, grid, where: str):
+        """The guided velocity at timestep t with the expert and guidance t belongs to."""
+        k = self.expert_for(t)
+        g = s.guidance[k]
+        self.record.trace.append((int(t), k, g))
+        tt = conditioning.timesteps(torch.tensor(float(t), device=x.device), self.condition)
+        v = self.runtime.velocity(self.experts[k], conditioning.model_input(x, self.condition), tt,
+                                  cond, uncond if g != 1.0 else None, g, grid)
+        if self.check_finite and not torch.isfinite(v).all():
+            expert = ["high-noise", "low-noise"][k] if self.cfg.num_experts == 2 else "the"
+            raise FloatingPointError(f"non-finite velocity at {where} (t={t}) from {expert} expert")
+        return v
+
     def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True, chords=None,
-                on_hit=None) -> torch.Tensor:
-        """The sampler loop on this rank's token shard; returns the full latent [C, F, H, W] fp32."""
+                on_hit=None, condition: conditioning.Condition | None = None) -> torch.Tensor:
+        """The sampler loop on this rank's token shard; returns the full latent [C, F, H, W] fp32.
+        condition: this rank's shard of an image condition (prepare_condition)."""
+        self.condition = condition
+        try:
+            return self._denoise(s, cond, uncond, progress, chords, on_hit)
+        finally:
+            self.condition = None
+
+    def _denoise(self, s: VideoSettings, cond, uncond, progress: bool, chords, on_hit) -> torch.Tensor:
         x, space = self.initial_tokens(s)
         if chords is not None:
             from paradit.parallel.chords import chords_denoise

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import all_gather_equal
 from paradit.schedulers import wan_sigmas, wan_timesteps
 from paradit.schedulers.chords import Chords, Hit, core_indices, init_sequence, validate_init
@@ -106,17 +107,13 @@ def chords_denoise(pipe, settings: ChordsSettings, s, x: torch.Tensor, cond, unc
 
     def evaluate(index: int, xi: torch.Tensor) -> torch.Tensor:
         t = ts[index]
-        k = pipe.expert_for(t)
-        g = s.guidance[k]
-        pipe.record.trace.append((t, k, g))
-        model = pipe.experts[k]
-        assert model is not None, f"core needs expert {k} at t={t}, which this rank did not load"
-        return runtime.velocity(model, xi, torch.tensor(float(t), device=xi.device), cond,
-                                uncond if g != 1.0 else None, g, grid)
+        assert pipe.experts[pipe.expert_for(t)] is not None, f"core needs the expert of t={t}, not loaded here"
+        return pipe.velocity(s, xi, t, cond, uncond, grid, f"CHORDS round {state['round']} step {index}")
 
     def velocity(points):
         pairs = plan[state["round"]]                           # [(core, index)] of this round
         state["round"] += 1
+        maybe_fail(f"round{state['round']}")
         assert [i for _, i in pairs] == [i for i, _ in points], "controller left the static schedule"
         if my_core is None:                                    # emulation: every core in turn
             return [evaluate(i, xi) for i, xi in points]

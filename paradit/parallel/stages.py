@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import _count, even_split, offsets
 from paradit.parallel.mesh import ParallelConfig
 
@@ -133,6 +134,7 @@ def run_split(pipe, requests: list[tuple[str, str, object]], on_done=None, progr
 def _handoff_send(pipe, s, space, sched, x, cond, uncond, t0, me, split):
     """From a high-stage rank: the state to the low stage; its first rank also sends the prompt.
     Per pair of ranks, messages are matched in order (NCCL has no tags): metadata first, then state."""
+    maybe_fail("handoff")
     works = []
     if me == 0:  # text embeddings and the request's start time, to every low-stage rank
         meta = torch.cat([cond.float().flatten(), uncond.float().flatten(),
@@ -147,6 +149,7 @@ def _handoff_send(pipe, s, space, sched, x, cond, uncond, t0, me, split):
 
 
 def _handoff_recv(pipe, s, sched, n_high, me, split):
+    maybe_fail("handoff")
     cfg, device = pipe.cfg, pipe.mesh.device
     emb = cfg.text_len * cfg.text_dim
     meta = torch.empty(2 * emb + 2, dtype=torch.float32, device=device)
