@@ -1,70 +1,314 @@
-"""Pipeline checkpoints: a diffusers-layout folder (model_index.json, transformer/ = high-noise
-expert, transformer_2/ = low-noise expert, text_encoder/, tokenizer/, vae/), or an original-layout
-folder (high_noise_model/, low_noise_model/) whose text encoder and VAE come from a diffusers folder.
+"""Pipeline checkpoints: where the parts are, what model they are, and a lean, concurrent load.
+
+Two layouts are read (WAN_SPEC.md):
+  * diffusers: model_index.json, transformer/ (high-noise expert), transformer_2/ (low-noise
+    expert; absent for one-expert models), text_encoder/ (umT5), tokenizer/, vae/, scheduler/;
+  * original: high_noise_model/ and low_noise_model/ (or one transformer folder) of safetensors.
+    Its text encoder and VAE are .pth pickles that paradit does not read: they come from a
+    diffusers-layout folder named by `components=` (CLI `--components PATH`), e.g. the matching
+    Wan-AI/Wan2.2-*-Diffusers download; its text_encoder/, tokenizer/ and vae/ are used.
+`components=` also overrides the text encoder and VAE of a diffusers-layout folder.
+
+The model kind comes from the configs alone (no tensor is read): input channels 16 / 36 / 48,
+one expert or two, the VAE's z_dim. Sampling defaults (steps, shift, guidance pair, boundary, fps,
+negative prompt) come from the kind's preset in paradit.config; the boundary from model_index.json's
+boundary_ratio where it has one. Architecture fields come from the checkpoint.
+
+Loading is per rank and lean: a rank reads only the experts it runs (`experts_needed`, indices
+0 = high-noise or only expert, 1 = low-noise), straight from the safetensors mmap to its device in
+the target dtype; only the first rank of a request loads the text encoder (it encodes and
+broadcasts), and only ranks that encode images or decode videos load the VAE. The experts, the
+text encoder and the VAE load concurrently in threads. Phase timings land in `pipe.startup`,
+bytes read per component in `pipe.load_stats`.
 """
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from paradit.config import WanConfig
-from paradit.models.loading import CheckpointError, config_from_checkpoint, index_checkpoint, load_transformer
+from paradit.models.loading import (CheckpointError, TensorIndex, config_from_checkpoint, index_checkpoint,
+                                    load_transformer)
+
+log = logging.getLogger("paradit")
 
 EXPERT_DIRS = {"diffusers": ("transformer", "transformer_2"), "original": ("high_noise_model", "low_noise_model")}
+COMPONENT_DIRS = ("text_encoder", "tokenizer", "vae")
+ARCH_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels", "patch",
+               "freq_dim", "text_dim", "eps", "cross_attn_norm")
 
 
-def expert_folders(path: str | Path) -> list[Path]:
-    """The transformer folder(s) of a checkpoint, high-noise expert first."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the parts of a checkpoint are; nothing is read but directory listings."""
+    root: Path
+    layout: str                  # "diffusers" | "original" | "transformer" (one bare transformer folder)
+    experts: tuple[Path, ...]    # high-noise expert first
+    components: Path | None      # the diffusers-layout folder holding text_encoder/, tokenizer/, vae/
+
+    def component(self, name: str) -> Path:
+        if self.components is None:
+            raise CheckpointError(
+                f"{self.root} holds transformer weights only ({self.layout} layout; the original layout's text "
+                f"encoder and VAE are .pth files paradit does not read): pass components= (CLI --components "
+                f"PATH) naming a diffusers-layout folder of the same model (e.g. Wan2.2-T2V-A14B-Diffusers); "
+                f"its text_encoder/, tokenizer/ and vae/ are used")
+        return self.components / name
+
+
+def locate(path: str | Path, components: str | Path | None = None) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--model {path}: not a preset name and not a checkpoint folder "
                               f"(presets: {', '.join(WanConfig.names())})")
-    for high, low in EXPERT_DIRS.values():
+    layout, experts = None, []
+    for name, (high, low) in EXPERT_DIRS.items():
         if (path / high).is_dir():
-            return [path / high] + ([path / low] if (path / low).is_dir() else [])
-    if (path / "config.json").exists() and any(path.glob("*.safetensors*")):
-        return [path]  # a bare transformer folder
-    raise CheckpointError(f"{path} is not a Wan checkpoint: expected model_index.json with transformer/ "
-                          f"(and transformer_2/), or high_noise_model/ and low_noise_model/")
+            layout, experts = name, [path / high] + ([path / low] if (path / low).is_dir() else [])
+            break
+    if layout is None and (path / "config.json").exists() and any(path.glob("*.safetensors*")):
+        layout, experts = "transformer", [path]
+    if layout is None:
+        raise CheckpointError(f"{path} is not a Wan checkpoint: expected model_index.json with transformer/ "
+                              f"(and transformer_2/), or high_noise_model/ and low_noise_model/")
+    index = _read_json(path / "model_index.json")
+    if layout == "diffusers" and (index.get("transformer_2") or [None])[0] and len(experts) == 1:
+        raise CheckpointError(f"{path / 'model_index.json'} lists transformer_2 (the low-noise expert), but "
+                              f"{path / 'transformer_2'} does not exist: the download is incomplete")
+    if components is None and layout == "diffusers":
+        components = path
+    if components is not None:
+        components = Path(components)
+        missing = [d for d in COMPONENT_DIRS if not (components / d).is_dir()]
+        if missing:
+            raise CheckpointError(f"{components} has no {', '.join(d + '/' for d in missing)} folder: the text "
+                                  f"encoder, tokenizer and VAE come from a diffusers-layout folder")
+    return Checkpoint(path, layout, tuple(experts), components)
 
 
-def model_config(path: str | Path) -> WanConfig:
-    """The architecture and sampling defaults of a checkpoint, read from its configs only (cheap)."""
-    path = Path(path)
-    folders = expert_folders(path)
-    cfg = config_from_checkpoint(index_checkpoint(folders[0]))
-    index_file = path / "model_index.json"
-    boundary = json.loads(index_file.read_text()).get("boundary_ratio") if index_file.exists() else None
-    if len(folders) == 2:
-        cfg = cfg.replace(boundary=boundary or cfg.boundary or 0.875)
-    else:
-        cfg = cfg.replace(boundary=None)
-    text_cfg = path / "text_encoder" / "config.json"
-    if text_cfg.exists():
-        cfg = cfg.replace(text_dim=json.loads(text_cfg.read_text())["d_model"])
-    return cfg
+def _read_json(file: Path) -> dict:
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
 
 
-def load_pipeline_components(cls, path, parallel, info, dtype, backend):
-    """Build a Pipeline from a checkpoint folder; the layout is validated before weights are read."""
+def expert_folders(path: str | Path) -> list[Path]:
+    """The transformer folder(s) of a checkpoint, high-noise expert first."""
+    return list(locate(path).experts)
+
+
+# ----------------------------------------------------------------------------- the model kind
+def expert_config(folder: Path) -> WanConfig:
+    """A transformer folder's architecture from its config.json alone (no weight file is opened);
+    from the safetensors headers where there is no config.json."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        return config_from_checkpoint(index_checkpoint(folder))
+    # config_from_checkpoint needs only the config here; the two names stand in for the index,
+    # which is checked against the model when (and only where) the weights are read.
+    stub = TensorIndex(files={n: (cfg_file, n) for n in ("patch_embedding.weight", "head.head.weight")},
+                       config=_read_json(cfg_file))
+    return config_from_checkpoint(stub)
+
+
+def _kind(arch: WanConfig, experts: int, z_dim: int, expand_timesteps: bool, where: str, vae_file: Path) -> str:
+    """The preset whose sampling defaults fit: from input channels, expert count and VAE z_dim."""
+    i, o = arch.in_channels, arch.out_channels
+    found = (f"{where} has in_channels {i} (input dim of patch_embedding.weight) and out_channels {o} "
+             f"(proj_out.weight); {vae_file} has z_dim {z_dim}")
+    if i == 48 or z_dim == 48 or expand_timesteps:
+        if (i, o, z_dim) != (48, 48, 48) or experts != 1:
+            raise CheckpointError(f"mismatched checkpoint: TI2V-5B needs in_channels = out_channels = VAE z_dim "
+                                  f"= 48 and one transformer; {found}, {experts} transformer(s)")
+        return "wan2.2-ti2v-5b"
+    if z_dim != 16 or o != 16 or i not in (16, 36):
+        raise CheckpointError(f"not a Wan model kind paradit knows (16 input channels: T2V, 36: I2V-A14B, 48: "
+                              f"TI2V-5B, with a z_dim 16 VAE except TI2V): {found}")
+    if i == 36:
+        return "wan2.2-i2v-a14b"
+    if experts == 2:
+        return "wan2.2-t2v-a14b"
+    return "wan2.1-t2v-1.3b" if arch.dim == 1536 else "wan2.1-t2v-14b"
+
+
+def model_config(path: str | Path, components: str | Path | None = None) -> WanConfig:
+    """Architecture and sampling defaults of a checkpoint, from its JSON configs only (cheap; the
+    same on every rank)."""
+    ck = path if isinstance(path, Checkpoint) else locate(path, components)
+    archs = [expert_config(f) for f in ck.experts]
+    arch = {k: getattr(archs[0], k) for k in ARCH_FIELDS}
+    for folder, other in zip(ck.experts[1:], archs[1:]):
+        diff = {k: (v, getattr(other, k)) for k, v in arch.items() if getattr(other, k) != v}
+        if diff:
+            raise CheckpointError(f"the two experts disagree: {ck.experts[0]}/config.json vs {folder}/config.json "
+                                  f"differ in {diff}")
+    vae_file, text_file = ck.component("vae") / "config.json", ck.component("text_encoder") / "config.json"
+    vae_cfg, text_cfg = _read_json(vae_file), _read_json(text_file)
+    if "z_dim" not in vae_cfg:
+        raise CheckpointError(f"{vae_file} is missing or has no z_dim: not an AutoencoderKLWan config")
+    index = _read_json(ck.root / "model_index.json")
+    where = f"{ck.experts[0] / 'config.json'}"
+    kind = _kind(archs[0], len(ck.experts), vae_cfg["z_dim"], bool(index.get("expand_timesteps")), where, vae_file)
+    if text_cfg.get("d_model") != arch["text_dim"]:
+        raise CheckpointError(f"{text_file} has d_model {text_cfg.get('d_model')}, but {where} expects "
+                              f"text_dim {arch['text_dim']} (input dim of text_embedding.0.weight): mismatched "
+                              f"text encoder")
+    base = WanConfig.preset(kind)
+    spatial = vae_cfg.get("scale_factor_spatial") or 8
+    boundary = (index.get("boundary_ratio") or base.boundary) if len(ck.experts) == 2 else None
+    text_len = _read_json(ck.experts[0] / "config.json").get("text_len", base.text_len)  # original configs say
+    evidence = (f"{where}: in_channels {arch['in_channels']} (input dim of patch_embedding.weight), "
+                f"{len(ck.experts)} expert(s); {vae_file}: z_dim {vae_cfg['z_dim']}")
+    return base.replace(**arch, boundary=boundary, z_dim=vae_cfg["z_dim"], text_len=text_len,
+                        vae="wan2.2" if vae_cfg["z_dim"] == 48 else "wan2.1",
+                        vae_stride=(vae_cfg.get("scale_factor_temporal") or 4, spatial, spatial),
+                        extra=dict(checkpoint=str(ck.root), layout=ck.layout, evidence=evidence,
+                                   components=str(ck.components) if ck.components else None))
+
+
+# ----------------------------------------------------------------------------- loading
+def _normalise_needed(needed, num_experts: int) -> list[int]:
+    if needed is None:
+        return list(range(num_experts))
+    names = {"high": 0, "low": 1}
+    out = sorted({names.get(k, k) for k in needed})
+    bad = [k for k in out if k not in range(num_experts)]
+    if bad:
+        raise ValueError(f"experts_needed={sorted(needed, key=str)}: this model has {num_experts} expert(s), "
+                         f"numbered 0 (high-noise{' or only' if num_experts == 1 else ''})"
+                         f"{' and 1 (low-noise)' if num_experts == 2 else ''}")
+    return out
+
+
+def _folder_bytes(folder: Path) -> dict:
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return {"bytes": sum(f.stat().st_size for f in files), "files": [f.name for f in files]}
+
+
+def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str = "auto", experts_needed=None,
+                             components=None):
+    """Build a Pipeline from a checkpoint folder: configs first (every error before any weight is
+    read), then this rank's share of the weights, concurrently."""
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
     from paradit.parallel.mesh import init_parallel
+    from paradit.parallel.requests import components_needed
 
-    path = Path(path)
-    cfg = model_config(path)
+    t0 = time.perf_counter()
+    ck = locate(path, components)
+    cfg = model_config(ck)
+    needed = _normalise_needed(experts_needed, cfg.num_experts)
     mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
+    parts = components_needed(mesh)
     dtype = dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    experts = [load_transformer(f, dtype=dtype, device=info.device, config=cfg) for f in expert_folders(path)]
-    for part in ("text_encoder", "tokenizer", "vae"):
-        if not (path / part).is_dir():
-            raise CheckpointError(f"{path} has no {part}/ folder; a pipeline checkpoint needs "
-                                  f"text_encoder/, tokenizer/ and vae/ in the diffusers layout")
-    text = TextEncoder.from_pretrained(path / "text_encoder", path / "tokenizer", cfg.text_len,
-                                       dtype=dtype, device=info.device)
-    from diffusers import AutoencoderKLWan
-    vae = VideoVAE(AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32), info.device,
-                   tiling=info.device.type == "cuda")
-    return cls(cfg, experts, text, vae, mesh=mesh, backend=backend)
+    startup = {"config_s": time.perf_counter() - t0}
+    stats: dict[str, dict] = {}
+
+    def timed(fn, *args, **kw):
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        return out, time.perf_counter() - t
+
+    experts: list = [None] * cfg.num_experts
+    t1 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(needed) + 2) as pool:
+        jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
+                               config=cfg, stats=stats.setdefault(ck.experts[k].name, {})) for k in needed}
+        text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
+                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=info.device) \
+            if "text_encoder" in parts else None
+        vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device) \
+            if "vae" in parts else None
+        for k, job in jobs.items():
+            experts[k], _ = job.result()
+        startup["weights_s"] = time.perf_counter() - t1  # the experts, loaded side by side
+        text, startup["text_encoder_s"] = text_job.result() if text_job else (None, 0.0)
+        vae, startup["vae_s"] = vae_job.result() if vae_job else (None, 0.0)
+    startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
+    for name, part in (("text_encoder", text), ("vae", vae)):
+        if part is not None:
+            stats[name] = _folder_bytes(ck.component(name))
+    pipe = cls(cfg, experts, text, vae, mesh=mesh, backend=backend)
+    pipe.startup.update(startup)
+    pipe.load_stats = stats
+    log.info("start-up: config %.2f s; weights %.2f s (%s), text encoder %.2f s, VAE %.2f s; %.2f s in all, "
+             "concurrently; read %.1f MB on this rank", startup["config_s"], startup["weights_s"],
+             ", ".join(ck.experts[k].name for k in needed), startup["text_encoder_s"], startup["vae_s"],
+             startup["load_s"], sum(s.get("bytes", 0) for s in stats.values()) / 1e6)
+    return pipe
+
+
+# ----------------------------------------------------------------------------- writing
+# original Wan name -> diffusers name (the inverse of paradit.models.loading's map), in order.
+_ORIGINAL_TO_DIFFUSERS = [
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^head\.modulation$", "scale_shift_table"),
+    (r"^head\.head\.", "proj_out."),
+    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
+    (r"\.self_attn\.o\.", ".attn1.to_out.0."),
+    (r"\.cross_attn\.o\.", ".attn2.to_out.0."),
+    (r"\.self_attn\.([qkv])\.", r".attn1.to_\1."),
+    (r"\.cross_attn\.([qkv])\.", r".attn2.to_\1."),
+    (r"\.self_attn\.norm_", ".attn1.norm_"),
+    (r"\.cross_attn\.norm_", ".attn2.norm_"),
+    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
+    (r"\.ffn\.0\.", ".ffn.net.0.proj."),
+    (r"\.ffn\.2\.", ".ffn.net.2."),
+]
+
+
+def to_diffusers_name(name: str) -> str:
+    for pattern, repl in _ORIGINAL_TO_DIFFUSERS:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def save_diffusers_layout(model, folder: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write a paradit WanTransformer as diffusers writes WanTransformer3DModel: config.json and
+    safetensors with diffusers' names, sharded with an index when max_shard_bytes is given."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.cfg
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": c.head_dim,
+        "cross_attn_norm": c.cross_attn_norm, "eps": c.eps, "ffn_dim": c.ffn_dim, "freq_dim": c.freq_dim,
+        "image_dim": None, "in_channels": c.in_channels, "num_attention_heads": c.num_heads,
+        "num_layers": c.num_layers, "out_channels": c.out_channels, "patch_size": list(c.patch),
+        "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
+        "text_dim": c.text_dim}, indent=1))
+    state = {to_diffusers_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards, size = [{}], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], folder / "diffusion_pytorch_model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / file)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))

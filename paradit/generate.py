@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from paradit import conditioning
 from paradit.config import PRESETS, WanConfig
 from paradit.launch import init_distributed, setup_logging, shutdown
 from paradit.launch.faults import EXIT_PEER_FAILED, AbortWatcher, peer_failure, report_failure
+from paradit.models.attention import pick_backend
 from paradit.models.loading import CheckpointError
 from paradit.outputs import write_json, write_tensor, write_video
 from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_init, parse_stop
@@ -35,7 +37,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help=f"preset ({', '.join(sorted(PRESETS))}) or checkpoint folder")
     p.add_argument("--prompt", default="a red circle moving right")
     p.add_argument("--prompts-file", help="one prompt a line; data-parallel replicas share them out")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default=None,
+                   help="default: the model's own (the original Wan's Chinese one for Wan checkpoints)")
+    p.add_argument("--image", help="first frame for I2V-A14B / TI2V-5B checkpoints; without --size the video "
+                                   "takes the image's shape at the preset's area")
+    p.add_argument("--components", help="diffusers-layout folder whose text_encoder/, tokenizer/ and vae/ "
+                                        "an original-layout --model uses (overrides a diffusers folder's own)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block, then warm "
+                                                          "up one step per expert before the timed run")
     p.add_argument("--size", help="WxH, e.g. 1280x720 (default: the preset's)")
     p.add_argument("--frames", type=int, help="4k+1 frames (default: the preset's)")
     p.add_argument("--steps", type=int)
@@ -104,14 +113,14 @@ def layout_from_args(args, num_heads: int) -> ParallelConfig:
     return ParallelConfig(ulysses=u or 1, ring=r or 1, cfg=args.cfg_par, dp=args.dp)
 
 
-def model_config(name_or_path: str) -> WanConfig:
+def model_config(name_or_path: str, components: str | None = None) -> WanConfig:
     if name_or_path in PRESETS:
         return WanConfig.preset(name_or_path)
     if not Path(name_or_path).exists():
         raise ValueError(f"--model {name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                          f"nor an existing checkpoint folder")
     from paradit.checkpoint import model_config as checkpoint_config
-    return checkpoint_config(name_or_path)
+    return checkpoint_config(name_or_path, components)
 
 
 def read_prompts(args) -> list[str]:
@@ -221,20 +230,25 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int) -
 
 
 def run(args) -> list[Path]:
-    from paradit.pipeline import Pipeline, VideoSettings
+    from paradit.settings import VideoSettings
 
     # 1. validate everything before any weights exist
     t_start = time.perf_counter()
     info = init_distributed(args.device, args.timeout)
     setup_logging(info.rank)
-    cfg = model_config(args.model)
+    cfg = model_config(args.model, args.components)
     width, height = parse_size(args.size)
+    conditioning.check_task(cfg, args.image)
+    if args.image and args.size is None:
+        img = conditioning.load_image(args.image)
+        width, height = conditioning.size_for_image(cfg, img.width, img.height)
     settings = VideoSettings.resolve(cfg, width, height, args.frames, args.steps, args.shift,
                                      parse_guidance(args.guidance), args.seed, args.sampler)
     chords, needed = None, None
     if args.chords > 1:
         chords = ChordsSettings(args.chords, parse_init(args.chords_init), parse_stop(args.chords_stop))
     layout = resolve_layout(args, cfg, info, settings, chords)
+    pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, args.attention)
     if chords is not None:
         per_core = experts_per_core(cfg.boundary, settings.steps, settings.shift,
                                     chords.resolve_init(settings.steps), chords.stop)
@@ -245,26 +259,32 @@ def run(args) -> list[Path]:
                  [sorted(["high", "low"][k] for k in e) for e in per_core])
     if layout.stages:
         needed = {layout.coords(info.rank)["stage"]}
+    if args.image and (layout.stages or (chords and cfg.task == "ti2v")):
+        raise ValueError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
     prompts = read_prompts(args)
     paths = [output_path(args.out, i, len(prompts)) for i in range(len(prompts))]
 
     # 2. build
+    from paradit.pipeline import Pipeline  # diffusers and transformers: only once the input is valid
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention,
-                                    experts_needed=needed)
-    startup = {"config_s": t0 - t_start, "build_s": time.perf_counter() - t0}
+                                    experts_needed=needed, components=args.components, compile=args.compile)
+    startup = {"validate_s": t0 - t_start, **pipe.startup, "build_s": time.perf_counter() - t0}
+    if args.compile:
+        startup["compile_s"] = pipe.warmup(image=args.image is not None, **settings.__dict__)
     pipe.check_finite = args.check_finite
     mesh = pipe.mesh
     written = []
 
     def finish(i: int, latent, elapsed: float) -> None:
-        """Decode and write request i on the rank that holds the result."""
+        """Decode (spread over the output rank's sp group) and write request i on the output rank."""
+        t1 = time.perf_counter()
+        video = pipe.decode(latent)
         if not mesh.is_output_rank:
             return
         path = paths[i]
-        t1 = time.perf_counter()
-        video = pipe.vae.decode(latent)
         pipe.record.timings["vae_decode_s"] = time.perf_counter() - t1
+        startup.update({k: v for k, v in pipe.startup.items() if k not in startup})  # first_step_s
         write_video(path, video.numpy(), cfg.fps)
         if args.save_latents:
             write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
@@ -303,8 +323,8 @@ def run(args) -> list[Path]:
 
 
 def settings_kwargs(args, settings) -> dict:
-    return dict(negative_prompt=args.negative_prompt, width=settings.width, height=settings.height,
-                frames=settings.frames, steps=settings.steps, shift=settings.shift,
+    return dict(negative_prompt=args.negative_prompt, image=args.image, width=settings.width,
+                height=settings.height, frames=settings.frames, steps=settings.steps, shift=settings.shift,
                 guidance=settings.guidance, seed=settings.seed, sampler=settings.sampler)
 
 
@@ -334,7 +354,8 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
     rec = pipe.record
     steps = max(1, len(rec.trace))
     return {
-        "prompt": prompt, "negative_prompt": args.negative_prompt, "model": args.model, "preset": cfg.name,
+        "prompt": prompt, "model": args.model, "preset": cfg.name, "image": args.image,
+        "negative_prompt": cfg.negative_prompt if args.negative_prompt is None else args.negative_prompt,
         "settings": settings.__dict__, "layout": layout.__dict__ | {"world_size": layout.world_size},
         "attention": pipe.runtime.backend, "device": str(pipe.mesh.device),
         "experts_per_step": [{"t": t, "expert": ["high", "low"][k], "guidance": g} for t, k, g in rec.trace],
@@ -343,6 +364,17 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
         "chords": rec.chords.as_dict(settings.steps) if rec.chords else None,
         "torch": torch.__version__,
     }
+
+
+def finish_together(info) -> None:
+    """Every rank confirms success before any exits 0, so that a rank which finished its own part
+    (say the high-noise stage) still learns of, and reports, a peer's failure."""
+    if info.world_size > 1:
+        import torch.distributed as dist
+        ok = torch.ones(1, device=info.device)
+        dist.all_reduce(ok)
+        if ok.item() != info.world_size:  # unreachable unless a rank lied; kept as an invariant
+            raise RuntimeError("ranks disagree on success")
 
 
 def main(argv=None) -> int:
@@ -354,6 +386,7 @@ def main(argv=None) -> int:
         if info.world_size > 1:
             watcher = AbortWatcher().start()
         run(args)
+        finish_together(info)
     except (ValueError, CheckpointError) as err:      # the user's input: a clear message, exit 2
         code, message = 2, str(err)
     except KeyboardInterrupt:
@@ -370,6 +403,8 @@ def main(argv=None) -> int:
         print(f"paradit: error (rank {rank}): {message}", file=sys.stderr, flush=True)
         if code != EXIT_PEER_FAILED:  # only the root cause is posted; never overwrite it
             report_failure(message)
+            if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+                time.sleep(0.5)  # let the peers' watchers print the reason before a launcher kills them
         sys.stderr.flush()
         os._exit(code)  # peers may be blocked in collectives: do not wait on a clean teardown
     if watcher is not None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from paradit import conditioning
 from paradit.config import WanConfig
+from paradit.settings import SAMPLER_NAMES, VideoSettings
 from paradit.launch import init_distributed
 from paradit.launch.faults import maybe_fail
 from paradit.models.text_encoder import TextEncoder
@@ -28,40 +29,7 @@ from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler
 
 log = logging.getLogger("paradit")
 SAMPLERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler}
-
-
-@dataclass(frozen=True)
-class VideoSettings:
-    width: int
-    height: int
-    frames: int
-    steps: int
-    shift: float
-    guidance: tuple[float, float]  # (high-noise expert, low-noise expert)
-    seed: int = 0
-    sampler: str = "unipc"
-
-    @staticmethod
-    def resolve(cfg: WanConfig, width=None, height=None, frames=None, steps=None, shift=None,
-                guidance=None, seed=0, sampler="unipc") -> "VideoSettings":
-        """Fill defaults from the preset and reject what the model cannot take, with the fix."""
-        pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is an error, not "default")
-        width, height = pick(width, cfg.size[0]), pick(height, cfg.size[1])
-        frames, steps = pick(frames, cfg.frames), pick(steps, cfg.steps)
-        shift, guidance = pick(shift, cfg.shift), pick(guidance, cfg.guidance)
-        if isinstance(guidance, (int, float)):
-            guidance = (float(guidance), float(guidance))
-        guidance = tuple(float(g) for g in guidance)
-        cfg.check_video(width, height, frames)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps={steps}: the number of denoising steps must be an integer >= 1")
-        if not shift > 0:
-            raise ValueError(f"shift={shift}: the schedule shift must be > 0 (Wan uses 5.0 or 12.0)")
-        if len(guidance) != 2 or any(g < 0 or g != g for g in guidance):
-            raise ValueError(f"guidance={guidance}: give one scale >= 0, or two (high-noise, low-noise)")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        return VideoSettings(width, height, frames, steps, float(shift), guidance, int(seed), sampler)
+assert tuple(SAMPLERS) == SAMPLER_NAMES
 
 
 @dataclass
@@ -123,6 +91,8 @@ class Pipeline:
         s = VideoSettings.resolve(self.cfg, **{k: settings.get(k) for k in keys},
                                   sampler=settings.get("sampler", "unipc"))
         self.startup["compile_s"] = warmup(self, s, image)
+        log.info("warm-up: one step per expert at %dx%dx%d in %.2f s", s.width, s.height, s.frames,
+                 self.startup["compile_s"])
         return self.startup["compile_s"]
 
     @classmethod
@@ -227,7 +197,8 @@ class Pipeline:
         if not member or self.vae is None:
             return None
         if isinstance(self.vae, VideoVAE):
-            video = self.vae.decode(latent, group=group)
+            from paradit.parallel.vae import spread_decode
+            video = spread_decode(self.vae, latent, group)
         else:  # another codec (the demo's): decoded on the output rank alone
             video = self.vae.decode(latent) if self.mesh.is_output_rank else None
         return video if self.mesh.is_output_rank else None

@@ -50,6 +50,8 @@ def init_distributed(device: str | None = None, timeout_s: float | None = None) 
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (VAE, norms) on tensor cores; the
+        torch.backends.cudnn.allow_tf32 = True        # weights are bf16 anyway. Set once, here.
     if world == 1 and not dist.is_initialized():
         return DistInfo(0, 1, 0, dev, None)
     backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -77,10 +77,12 @@ def _weight_files(path: Path) -> list[Path]:
     if indexes:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
         files = sorted({path / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
+        missing = [f for f in files if not f.exists()]
         if missing:
+            lost = [k for k, f in weight_map.items() if path / f in missing]
             raise CheckpointError(f"checkpoint {path} is incomplete: the index {indexes[0].name} names "
-                                  f"shard(s) that do not exist: {', '.join(missing)}")
+                                  f"shard(s) that do not exist: {', '.join(map(str, missing))}, holding "
+                                  f"{len(lost)} tensor(s) such as {', '.join(lost[:3])}")
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -1,10 +1,14 @@
 """The text encoder: transformers' UMT5EncoderModel and a tokenizer, Wan's way.
 
-The prompt is tokenised to at most text_len tokens, encoded, trimmed to its real length and
-zero-padded back to text_len (the original Wan code's convention; cross-attention sees all
-text_len positions).
+The prompt is cleaned (HTML entities, whitespace; ftfy where installed), tokenised to at most
+text_len tokens (right padding, EOS kept under truncation), encoded with the attention mask,
+trimmed to its real length and zero-padded back to text_len: the original Wan code's convention
+(wan/modules/t5.py, tokenizers.py); cross-attention then sees all text_len positions.
 """
 from __future__ import annotations
+
+import html
+import re
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -26,10 +30,22 @@ def word_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def clean_prompt(text: str) -> str:
+    """wan/modules/tokenizers.py's clean='whitespace': ftfy (if installed), HTML unescaped twice, spaces."""
+    try:
+        import ftfy
+        text = ftfy.fix_text(text)
+    except ImportError:  # ftfy only repairs mojibake; plain prompts are unchanged by it
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
 class TextEncoder:
     def __init__(self, model: UMT5EncoderModel, tokenizer, text_len: int, device="cpu"):
         self.model = model.eval().requires_grad_(False).to(device)
         self.tokenizer, self.text_len, self.device = tokenizer, text_len, torch.device(device)
+        self.tokenizer.padding_side = "right"  # the trim below keeps each prompt's first tokens
 
     @property
     def dim(self) -> int:
@@ -38,8 +54,8 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """(B, text_len, d_model) fp32, zero past each prompt's real length."""
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.text_len, truncation=True,
-                             add_special_tokens=True, return_tensors="pt")
+        tok = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=self.text_len,
+                             truncation=True, add_special_tokens=True, return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         return out * mask[..., None]  # trim to the real length, zero-pad to text_len
@@ -59,5 +75,5 @@ class TextEncoder:
     def from_pretrained(cls, folder, tokenizer_folder, text_len: int = 512, dtype=torch.bfloat16,
                         device="cpu") -> "TextEncoder":
         from transformers import AutoTokenizer
-        model = UMT5EncoderModel.from_pretrained(folder, torch_dtype=dtype)
+        model = UMT5EncoderModel.from_pretrained(folder, dtype=dtype)
         return cls(model, AutoTokenizer.from_pretrained(tokenizer_folder), text_len, device)

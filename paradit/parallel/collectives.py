@@ -6,6 +6,7 @@ Every call records what it moved in `TRAFFIC` (bytes sent by this rank, count), 
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -139,3 +140,44 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, guidance: float) -> Tensor:
     """Classifier-free guidance in fp32: v = v_u + g (v_c - v_u)."""
     vc, vu = v_cond.float(), v_uncond.float()
     return vu + guidance * (vc - vu)
+
+
+def broadcast_from_first(x: Tensor | None, shape, dtype: torch.dtype, device, group) -> Tensor:
+    """Group rank 0's x on every rank of `group` (the others pass None); x itself without a group.
+
+    Used for what one rank computes once per request (text embeddings, the image condition).
+    """
+    if group is None:
+        return x
+    if dist.get_rank(group) == 0:
+        assert x is not None and tuple(x.shape) == tuple(shape), (None if x is None else x.shape, shape)
+        x = x.to(device=device, dtype=dtype).contiguous()
+        _count("broadcast", x.numel() * x.element_size() * (dist.get_world_size(group) - 1))
+    else:
+        x = torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(x, group=group, group_src=0)
+    return x
+
+
+def gather_tensors(tensors: list[Tensor], group, like: Tensor) -> list[list[Tensor]] | None:
+    """Every rank's list of tensors (any count and shapes; like's dtype and device) on group rank 0.
+
+    Returns, on rank 0, one list per rank in rank order; None on the other ranks. The shapes travel
+    first (a small object all-gather), then one flat buffer per rank, padded to the longest.
+    """
+    n, me = dist.get_world_size(group), dist.get_rank(group)
+    shapes: list = [None] * n
+    dist.all_gather_object(shapes, [tuple(t.shape) for t in tensors], group=group)
+    sizes = [sum(math.prod(s) for s in per_rank) for per_rank in shapes]
+    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else like.new_empty(0)  # (sizes[me],)
+    flat = torch.cat([flat, flat.new_zeros(max(sizes) - flat.numel())])                   # (max(sizes),)
+    bufs = [torch.empty_like(flat) for _ in range(n)] if me == 0 else None
+    dist.gather(flat, bufs, group=group, group_dst=0)
+    if me != 0:
+        _count("gather", flat.numel() * flat.element_size())
+        return None
+    out = []
+    for buf, per_rank in zip(bufs, shapes):
+        offs = offsets([math.prod(s) for s in per_rank])
+        out.append([buf[o:o + math.prod(s)].view(s) for o, s in zip(offs, per_rank)])
+    return out

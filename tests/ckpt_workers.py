@@ -1,0 +1,144 @@
+"""Tiny local checkpoints and images, and the functions that spawned ranks run, for
+test_checkpoint.py and test_conditioning.py (module-level, so that spawn can import them).
+
+Everything is built here from seeded random weights: no download. A checkpoint folder holds the
+diffusers layout (model_index.json, transformer/ and transformer_2/ sharded with an index,
+text_encoder/ + tokenizer/ saved with save_pretrained, vae/, scheduler/) and, under original/,
+the same experts in the original Wan layout.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from paradit.checkpoint import save_diffusers_layout
+from paradit.config import WanConfig
+from paradit.models.loading import save_original_layout
+from paradit.parallel import ParallelConfig, init_parallel
+from paradit.pipeline import Pipeline, tiny_components
+
+PROMPT, NEGATIVE = "a red circle moving left", "blurry"
+# Checkpoints carry no text_len: Wan's 512 is what from_pretrained uses, so the tiny T2V model has it too.
+TINY_T2V = WanConfig.preset("tiny").replace(text_len=512)
+TINY_I2V = WanConfig.preset("tiny").replace(in_channels=36, task="i2v", boundary=0.9, shift=5.0,
+                                            guidance=(3.5, 3.0))
+TINY_TI2V = WanConfig.preset("tiny").replace(in_channels=48, out_channels=48, z_dim=48, vae="wan2.2",
+                                             vae_stride=(4, 16, 16), task="ti2v", boundary=None,
+                                             guidance=(5.0, 5.0), shift=5.0)
+TILE = {16: (32, 24), 48: (64, 48)}   # small VAE tiles (pixels) so that tiny videos are decoded in tiles
+SPREAD_CASES = ((16, (5, 8)), (48, (5, 7)))  # latent (H, W): 2 x 3 tiles of 4 (stride 3), the last ragged
+RUN = dict(negative_prompt=NEGATIVE, frames=9, steps=4, seed=7, progress=False)
+SIZE = {"t2v": dict(width=80, height=48), "i2v": dict(width=80, height=48), "ti2v": dict(width=96, height=64)}
+
+
+def small_tiles(vae) -> None:
+    size, stride = TILE[vae.z_dim]
+    vae.vae.enable_tiling(size, size, stride, stride)
+
+
+def components(cfg: WanConfig, seed: int = 0):
+    return tiny_components(cfg, "cpu", torch.float32, seed)
+
+
+def write_checkpoint(root: Path, cfg: WanConfig = TINY_T2V, seed: int = 0, shard_bytes: int = 20_000) -> Path:
+    """The tiny model's components as a diffusers-layout folder, plus root/original/ in the original layout."""
+    from diffusers import UniPCMultistepScheduler
+
+    experts, text, vae = components(cfg, seed)
+    dirs = ("transformer", "transformer_2")[:len(experts)]
+    for model, name in zip(experts, dirs):
+        save_diffusers_layout(model, root / name, max_shard_bytes=shard_bytes)
+    for model, name in zip(experts, ("high_noise_model", "low_noise_model")):
+        save_original_layout(model, root / "original" / name)
+    text.model.save_pretrained(root / "text_encoder")
+    text.tokenizer.save_pretrained(root / "tokenizer")
+    vae.vae.save_pretrained(root / "vae")
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                            flow_shift=cfg.shift).save_pretrained(root / "scheduler")
+    index = {"_class_name": "WanPipeline", "_diffusers_version": "0.35.0", "boundary_ratio": cfg.boundary,
+             "expand_timesteps": cfg.task == "ti2v",
+             "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "WanTransformer3DModel"],
+             "transformer_2": ["diffusers", "WanTransformer3DModel"] if len(experts) == 2 else [None, None],
+             "vae": ["diffusers", "AutoencoderKLWan"]}
+    (root / "model_index.json").write_text(json.dumps(index, indent=1))
+    return root
+
+
+def sample_image(width: int = 100, height: int = 70):
+    """A deterministic RGB image: colour ramps and a bright square."""
+    from PIL import Image
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    rgb = torch.stack([x, y, 1 - x * y])
+    rgb[:, height // 4:height // 2, width // 3:width // 2] = 1.0
+    return Image.fromarray((rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
+
+def _mesh(layout):
+    return init_parallel(ParallelConfig(**layout), num_heads=2) if layout else None
+
+
+# ----------------------------------------------------------------------------- spawned ranks
+def checkpoint_ranks(root: str, layout: dict):
+    """From each layout of the checkpoint: the final latent (and, for diffusers, the video), then a
+    load with one expert per rank for the bytes-read check."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, kw in (("diffusers", {}), ("original", dict(components=root))):
+        path = root if name == "diffusers" else str(Path(root) / "original")
+        pipe = Pipeline.from_pretrained(path, parallel=ParallelConfig(**layout), **kw)
+        out[name] = pipe(PROMPT, output="latent", **SIZE["t2v"], **RUN)
+        if name == "diffusers":
+            if pipe.vae is not None:
+                small_tiles(pipe.vae)
+            out["video"] = pipe.decode(out[name])  # tiles spread over the output rank's sp group
+            out["has"] = dict(text_encoder=pipe.text_encoder is not None, vae=pipe.vae is not None)
+    rank = dist.get_rank()
+    lean = Pipeline.from_pretrained(root, parallel=ParallelConfig(**layout), experts_needed={rank % 2})
+    out["needed"] = rank % 2
+    out["stats"] = {k: dict(v, names=sorted(v.get("names", []))) for k, v in lean.load_stats.items()}
+    out["loaded"] = [m is not None for m in lean.experts]
+    out["startup"] = dict(lean.startup)
+    return out
+
+
+def conditioned(kind: str, layout: dict | None, image=None, video: bool = False):
+    """The tiny I2V or TI2V pipeline (in memory) on the sample image, under a layout: the final
+    latent and, if asked, the video decoded in small tiles (spread over the decode group)."""
+    cfg = {"i2v": TINY_I2V, "ti2v": TINY_TI2V}[kind]
+    pipe = Pipeline(cfg, *components(cfg), mesh=_mesh(layout))
+    image = sample_image() if image is None else image
+    latent = pipe(PROMPT, image=image, output="latent", **SIZE[kind], **RUN)
+    if not video:
+        return latent, None
+    small_tiles(pipe.vae)
+    return latent, pipe.decode(latent)
+
+
+def conditioning_ranks(layout: dict):
+    out = {"i2v": conditioned("i2v", layout, video=True), "ti2v": conditioned("ti2v", layout)}
+    out["spread"] = spread_decodes()
+    return out
+
+
+def spread_decodes():
+    """The VAE decode spread over the whole world, and paradit's single-rank tiled decode, on rank 0."""
+    import torch.distributed as dist
+
+    from paradit.models.vae import VideoVAE, tiled_decode
+    from paradit.parallel.vae import spread_decode, spread_tiled_decode
+
+    res = {}
+    for z, hw in SPREAD_CASES:
+        vae = VideoVAE.tiny(z, tile=TILE[z])
+        latent = torch.randn(z, 2, *hw, generator=torch.Generator().manual_seed(z))
+        raw = vae.to_model_space(latent)
+        res[z] = dict(spread=spread_tiled_decode(vae.vae, raw, dist.group.WORLD),
+                      frames=spread_decode(vae, latent, dist.group.WORLD),
+                      ref=tiled_decode(vae.vae, raw) if dist.get_rank() == 0 else None)
+    return res
