@@ -121,3 +121,12 @@ def split_run(heads: int, stages, steps: int = 12):
                       on_done=lambda i, lat, latency: done.__setitem__(i, lat), progress=False)
     return dict(rank=dist.get_rank(), stage=stage, latents=done, loaded=[m is not None for m in experts],
                 spans=spans.spans)
+
+
+def bad_layout_on_every_rank(layout: dict):
+    """init_parallel with a layout that does not fit: the error every rank sees, as text."""
+    try:
+        init_parallel(ParallelConfig(**layout), num_heads=2)
+    except ValueError as err:
+        return str(err)
+    return None
