@@ -37,6 +37,7 @@ class WanConfig:
     z_dim: int = 16
     vae_stride: tuple[int, int, int] = (4, 8, 8)
     task: str = "t2v"                           # "t2v" | "i2v" | "ti2v"
+    negative_prompt: str = ""                   # used when the caller gives none (the original Wan's rule)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -91,7 +92,11 @@ class WanConfig:
         return sorted(PRESETS)
 
 
-_A14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, steps=40)
+# The original Wan's default negative prompt (wan/configs/shared_config.py, sample_neg_prompt).
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+_A14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, steps=40, negative_prompt=WAN_NEGATIVE_PROMPT)
 
 PRESETS: dict[str, WanConfig] = {c.name: c for c in [
     WanConfig("wan2.2-t2v-a14b", **_A14B, shift=12.0, guidance=(4.0, 3.0), boundary=0.875),
@@ -100,12 +105,17 @@ PRESETS: dict[str, WanConfig] = {c.name: c for c in [
     WanConfig("wan2.2-ti2v-5b", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
               in_channels=48, out_channels=48, steps=50, shift=5.0, guidance=(5.0, 5.0), fps=24,
               frames=121, size=(1280, 704), vae="wan2.2", z_dim=48, vae_stride=(4, 16, 16),
-              task="ti2v"),
-    WanConfig("wan2.1-t2v-14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+              task="ti2v", negative_prompt=WAN_NEGATIVE_PROMPT),
+    WanConfig("wan2.1-t2v-14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40,
+              negative_prompt=WAN_NEGATIVE_PROMPT),
     WanConfig("wan2.1-t2v-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
-              size=(832, 480)),
+              size=(832, 480), negative_prompt=WAN_NEGATIVE_PROMPT),
     # Runs a whole pipeline in seconds on a CPU; random weights; two experts like A14B.
     WanConfig("tiny", dim=24, ffn_dim=32, num_heads=2, num_layers=2, text_dim=32, text_len=16,
               steps=8, shift=12.0, guidance=(4.0, 3.0), boundary=0.875, frames=9, size=(64, 64),
               vae="tiny", fps=8),
+    # Trained on synthetic moving shapes (paradit/demo, docs/demo-model.md); weights ship in the package.
+    WanConfig("demo", dim=96, ffn_dim=256, num_heads=4, num_layers=3, in_channels=48, out_channels=48,
+              text_dim=32, text_len=16, steps=24, shift=5.0, guidance=(4.0, 3.0), boundary=0.875,
+              fps=8, frames=9, size=(32, 32), vae="demo", z_dim=48, vae_stride=(1, 4, 4)),
 ]}
