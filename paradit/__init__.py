@@ -1,16 +1,18 @@
 """paradit: Wan 2.x video diffusion transformers on 1 to 8+ GPUs.
 
 Public API (DESIGN.md): WanConfig, WanTransformer, load_transformer, Pipeline; the parallel layer
-lives in paradit.parallel and the samplers in paradit.schedulers.
+lives in paradit.parallel and the samplers in paradit.schedulers. Names are imported on first use,
+so that light entry points (the planner CLI) do not pay for torch, diffusers or transformers.
 """
 from paradit.config import WanConfig
-from paradit.models import WanTransformer, load_transformer
 
 __all__ = ["WanConfig", "WanTransformer", "load_transformer", "Pipeline"]
+_LAZY = {"WanTransformer": "paradit.models.transformer", "load_transformer": "paradit.models.loading",
+         "Pipeline": "paradit.pipeline"}
 
 
-def __getattr__(name):  # the pipeline pulls in diffusers and transformers: import it on first use
-    if name == "Pipeline":
-        from paradit.pipeline import Pipeline
-        return Pipeline
-    raise AttributeError(name)
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'paradit' has no attribute {name!r}")

@@ -1,5 +1,13 @@
-"""Parallel machinery: the mesh, sequence-parallel attention, CFG, CHORDS, expert stages, planner."""
-from paradit.parallel.mesh import Mesh, ParallelConfig, auto_sp, init_parallel
-from paradit.parallel.runtime import ParallelWan, Runtime, parallelize
+"""Parallel machinery: the mesh, sequence-parallel attention, CFG, CHORDS, expert stages, planner.
 
+Names are imported on first use (the planner needs no torch)."""
 __all__ = ["ParallelConfig", "Mesh", "init_parallel", "parallelize", "ParallelWan", "Runtime", "auto_sp"]
+_LAZY = {"ParallelConfig": "mesh", "Mesh": "mesh", "init_parallel": "mesh", "auto_sp": "planner",
+         "parallelize": "runtime", "ParallelWan": "runtime", "Runtime": "runtime"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"paradit.parallel.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'paradit.parallel' has no attribute {name!r}")

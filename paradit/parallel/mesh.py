@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from paradit.parallel.planner import auto_sp  # noqa: F401  (one definition, re-exported here)
+
 AXES = ("dp", "stage", "chords", "cfg", "ring", "ulysses")  # slowest-varying first (DeviceMesh order)
 EXPERT_MODES = ("colocated", "split", "auto")
 
@@ -98,12 +100,6 @@ class ParallelConfig:
             raise ValueError(f"ulysses={self.ulysses} is above the model's {num_heads} attention heads "
                              f"(each Ulysses rank needs at least one head); use ring for the rest, e.g. "
                              f"--ulysses {auto_sp(num_heads, self.sp)[0]} --ring {auto_sp(num_heads, self.sp)[1]}")
-
-
-def auto_sp(num_heads: int, sp: int) -> tuple[int, int]:
-    """Split sp into (ulysses, ring): the largest Ulysses degree dividing both sp and the head count."""
-    u = max(d for d in range(1, sp + 1) if sp % d == 0 and num_heads % d == 0)
-    return u, sp // u
 
 
 def suggest_layouts(world: int, num_heads: int | None = None, limit: int = 4) -> str:
