@@ -21,7 +21,8 @@ import torch
 from paradit import conditioning
 from paradit.config import PRESETS, WanConfig
 from paradit.launch import init_distributed, setup_logging, shutdown
-from paradit.launch.faults import EXIT_PEER_FAILED, AbortWatcher, peer_failure, report_failure
+from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reported, peer_failure, report_failure,
+                                   say_error, wait_for_reports)
 from paradit.models.attention import pick_backend
 from paradit.models.loading import CheckpointError
 from paradit.outputs import write_json, write_tensor, write_video
@@ -366,6 +367,11 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
     }
 
 
+def dist_ready() -> bool:
+    import torch.distributed as dist
+    return dist.is_initialized()
+
+
 def finish_together(info) -> None:
     """Every rank confirms success before any exits 0, so that a rank which finished its own part
     (say the high-noise stage) still learns of, and reports, a peer's failure."""
@@ -400,11 +406,14 @@ def main(argv=None) -> int:
         if watcher is not None:
             watcher.stop()  # this thread reports now; the watcher must not print a second time
         rank = int(os.environ.get("RANK", 0))
-        print(f"paradit: error (rank {rank}): {message}", file=sys.stderr, flush=True)
+        say_error(f"paradit: error (rank {rank}): {message}")
+        count_reported()
         if code != EXIT_PEER_FAILED:  # only the root cause is posted; never overwrite it
             report_failure(message)
-            if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-                time.sleep(0.5)  # let the peers' watchers print the reason before a launcher kills them
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1 and not dist_ready():
+            time.sleep(3.0)  # failed before the process group existed: no store to wait on
+        wait_for_reports(world)  # every rank prints before any exits (a launcher then kills the rest)
         sys.stderr.flush()
         os._exit(code)  # peers may be blocked in collectives: do not wait on a clean teardown
     if watcher is not None:

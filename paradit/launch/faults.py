@@ -17,6 +17,7 @@ import time
 import torch.distributed as dist
 
 ABORT_KEY = "paradit/abort"
+REPORTED_KEY = "paradit/reported"  # how many ranks have printed their error
 EXIT_PEER_FAILED = 3
 
 
@@ -35,6 +36,13 @@ def maybe_fail(point: str) -> None:
         raise InjectedFailure(f"injected failure at {point} (PARADIT_FAIL_AT={spec})")
 
 
+def say_error(line: str) -> None:
+    """One write per line: ranks share the launcher's stderr, and print() writes the newline
+    separately, which lets two ranks' lines merge into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _store():
     # The default group's store: the rendezvous TCPStore torchrun (or our spawner) created.
     return dist.distributed_c10d._get_default_store()
@@ -48,6 +56,27 @@ def report_failure(message: str) -> None:
         _store().set(ABORT_KEY, f"rank {dist.get_rank()}: {message}")
     except Exception:  # the store may be gone already; the launcher still sees our exit code
         pass
+
+
+def count_reported() -> int:
+    """Count this rank as having printed its error; returns how many ranks have so far."""
+    try:
+        return _store().add(REPORTED_KEY, 1) if dist.is_initialized() else 1
+    except Exception:
+        return -1
+
+
+def wait_for_reports(world: int, timeout_s: float = 10.0) -> None:
+    """Before the first failing rank exits (and a launcher kills the rest), give every rank up to
+    timeout_s to print its own error: when all ranks reject the same input, all of them say so."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if _store().add(REPORTED_KEY, 0) >= world:
+                return
+        except Exception:
+            return
+        time.sleep(0.05)
 
 
 def peer_failure(wait_s: float = 1.0) -> str | None:
@@ -100,6 +129,7 @@ class AbortWatcher:
                 reason = f"lost contact with the job's store on rank 0 ({type(err).__name__})"
             if reason.startswith(f"rank {self.me}:") or self._stop.is_set():
                 return  # our own failure: the main thread is already exiting
-            print(f"paradit: error (rank {self.me}): stopping because {reason}", file=sys.stderr, flush=True)
-            time.sleep(0.05)
+            say_error(f"paradit: error (rank {self.me}): stopping because {reason}")
+            count_reported()
+            wait_for_reports(dist.get_world_size())  # rank 0 hosts the store: it must outlive the others' reports
             os._exit(EXIT_PEER_FAILED)
