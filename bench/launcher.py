@@ -3,7 +3,7 @@
 One launcher for both kinds of machine:
   * CPU: paradit.launch.spawn, N gloo processes of one thread each.
   * GPU: N processes, one per GPU, each given the torchrun environment (MASTER_ADDR/PORT, RANK,
-    WORLD_SIZE, LOCAL_RANK) and joining NCCL through paradit.launch.init_distributed.
+    WORLD_SIZE, LOCAL_RANK) and joining NCCL: paradit.launch.spawn(device="cuda").
 `run_world(fn, world, *args)` returns fn's result from every rank, in rank order, either way.
 """
 from __future__ import annotations
@@ -14,12 +14,11 @@ import os
 import platform
 import re
 import resource
-import traceback
 from pathlib import Path
 
 import torch
 
-from paradit.launch import free_port, init_distributed, shutdown, spawn
+from paradit.launch import spawn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -114,49 +113,4 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- launching
 def run_world(fn, world: int, *args, device_type: str = "cpu", timeout_s: float = 600.0) -> list:
     """fn(*args) on `world` local ranks (gloo on CPU, NCCL one process per GPU); results by rank."""
-    if device_type == "cpu":
-        return spawn(fn, world, *args, timeout_s=timeout_s)
-    if world > torch.cuda.device_count():
-        raise ValueError(f"world {world} needs {world} GPUs; this machine has {torch.cuda.device_count()}")
-    return _spawn_cuda(fn, world, args, timeout_s)
-
-
-def _cuda_worker(rank, world, port, fn, args, queue, timeout_s):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        init_distributed(None, timeout_s=timeout_s)   # cuda:LOCAL_RANK, NCCL when world > 1
-        queue.put((rank, True, fn(*args)))
-    except BaseException as err:  # report everything to the parent, which names the rank
-        queue.put((rank, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-    finally:
-        shutdown()
-
-
-def _spawn_cuda(fn, world: int, args: tuple, timeout_s: float) -> list:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_cuda_worker, args=(r, world, port, fn, args, queue, timeout_s), daemon=True)
-             for r in range(world)]   # daemons: they die with this process if it is killed
-    for p in procs:
-        p.start()
-    results, errors = {}, {}
-    try:
-        for _ in range(world):
-            rank, ok, value = queue.get(timeout=timeout_s)
-            (results if ok else errors)[rank] = value
-            if errors:
-                break
-    except Exception as err:  # queue.Empty: a rank hung or died without reporting
-        errors[-1] = f"timed out after {timeout_s:.0f}s waiting for ranks ({err!r})"
-    finally:
-        for p in procs:
-            p.join(timeout=30 if not errors else 2)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        rank = min(errors)
-        raise RuntimeError(f"rank {rank} failed: {errors[rank]}")
-    return [results[r] for r in range(world)]
+    return spawn(fn, world, *args, timeout_s=timeout_s, device=device_type)

@@ -87,12 +87,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, queue, timeout_s):
+def _worker(rank, world, port, fn, args, queue, timeout_s, device):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # N processes share the machine's cores
+    if device == "cpu":
+        torch.set_num_threads(1)  # N processes share the machine's cores
     try:
-        init_distributed("cpu", timeout_s=timeout_s)
+        init_distributed(device, timeout_s=timeout_s)  # gloo on CPU; NCCL on cuda:LOCAL_RANK
         queue.put((rank, True, fn(*args)))
     except BaseException as err:  # report everything, including SystemExit, to the parent
         queue.put((rank, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
@@ -104,17 +105,21 @@ class SpawnError(RuntimeError):
     pass
 
 
-def spawn(fn, nprocs: int, *args, timeout_s: float = 300.0) -> list:
-    """Run fn(*args) on `nprocs` local gloo ranks; return each rank's result, in rank order.
+def spawn(fn, nprocs: int, *args, timeout_s: float = 300.0, device: str = "cpu") -> list:
+    """Run fn(*args) on `nprocs` local ranks (device "cpu": gloo; "cuda": NCCL, one GPU a rank);
+    return each rank's result, in rank order.
 
     fn must be importable (module-level). Any rank's exception is raised here naming the rank.
     """
+    if device == "cuda" and nprocs > torch.cuda.device_count():
+        raise ValueError(f"{nprocs} ranks need {nprocs} GPUs; this machine has {torch.cuda.device_count()}")
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue, timeout_s), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue, timeout_s, device),
+                         daemon=True)
              for r in range(nprocs)]
     for p in procs:
         p.start()
