@@ -75,9 +75,15 @@ def _rope_table_cpu(grid: tuple[int, int, int], head_dim: int) -> tuple[Tensor, 
     return ang.cos().float(), ang.sin().float()
 
 
-def rope_table(grid, head_dim: int, start: int, end: int, device) -> tuple[Tensor, Tensor]:
-    cos, sin = _rope_table_cpu(tuple(grid), head_dim)
+@lru_cache(maxsize=32)
+def _rope_slice(grid: tuple[int, int, int], head_dim: int, start: int, end: int, device: str):
+    cos, sin = _rope_table_cpu(grid, head_dim)
     return cos[start:end].to(device), sin[start:end].to(device)
+
+
+def rope_table(grid, head_dim: int, start: int, end: int, device) -> tuple[Tensor, Tensor]:
+    """This shard's RoPE rows, cached per device: a static shape per plan, copied to the GPU once."""
+    return _rope_slice(tuple(grid), head_dim, start, end, str(device))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

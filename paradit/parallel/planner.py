@@ -53,11 +53,6 @@ from paradit.config import WanConfig
 
 GB = 1e9
 TEXT_ENCODER_PARAMS = 5.7e9          # umT5-XXL encoder, held in bf16
-CHORDS_INIT_50 = {                   # the CHORDS paper's initialisation sequences for N = 50
-    4: (0, 8, 16, 32),
-    6: (0, 3, 6, 12, 24, 36),
-    8: (0, 2, 4, 8, 16, 24, 32, 40),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,12 +213,10 @@ def split_sizes(m: WanConfig, gpus: int, steps: int | None = None) -> tuple[int,
 
 
 def chords_init(cores: int, steps: int) -> tuple[int, ...] | None:
-    """The paper's initialisation sequence for `cores`, rescaled from N = 50 to `steps`."""
-    if cores not in CHORDS_INIT_50:
-        return None
-    init = tuple(round(i * steps / 50) for i in CHORDS_INIT_50[cores])
-    increasing = all(a < b for a, b in zip(init, init[1:]))
-    return init if increasing and init[-1] < steps else None
+    """The runtime's default initialisation sequence (the paper's, rescaled; the rule otherwise);
+    None when `cores` cannot fit `steps`. Imported here lazily: only CHORDS planning needs torch."""
+    from paradit.schedulers.chords import init_sequence
+    return tuple(init_sequence(cores, steps)) if 1 <= cores <= steps else None
 
 
 def chords_rounds(cores: int, steps: int) -> int | None:
