@@ -57,8 +57,10 @@ def test_batched_cfg_equals_two_forwards(pipe):
     model = pipe.experts[0]
     vc = model.forward_tokens(x[None], t.reshape(1, 1), cond, grid)[0]
     vu = model.forward_tokens(x[None], t.reshape(1, 1), uncond, grid)[0]
-    # a batch of 2 against two batches of 1: identical math, rounding only
-    torch.testing.assert_close(v, cfg_combine(vc, vu, 4.0), rtol=1e-5, atol=1e-6)
+    # a batch of 2 against two batches of 1: identical math; fp32 GEMMs may block differently per
+    # batch size, so single elements near zero can differ by ~1e-6: compare relative norms (~1e-7)
+    ref = cfg_combine(vc, vu, 4.0)
+    assert ((v - ref).norm() / ref.norm()).item() < 1e-5
     assert (vc - vu).abs().mean() > 1e-3  # the two prompts really differ
 
 

@@ -144,7 +144,7 @@ class WanBlock(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         d = cfg.dim
-        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 6, d).mul_(d**-0.5))  # in place: no dynamo import on meta
         self.norm1 = FP32LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.self_attn = Attention(d, cfg.num_heads, cfg.eps)
         self.norm3 = FP32LayerNorm(d, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
@@ -169,7 +169,7 @@ class Head(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
         d = cfg.dim
-        self.modulation = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 2, d).mul_(d**-0.5))
         self.norm = FP32LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(d, math.prod(cfg.patch) * cfg.out_channels)
 
