@@ -115,7 +115,8 @@ PRESETS: dict[str, WanConfig] = {c.name: c for c in [
               steps=8, shift=12.0, guidance=(4.0, 3.0), boundary=0.875, frames=9, size=(64, 64),
               vae="tiny", fps=8),
     # Trained on synthetic moving shapes (paradit/demo, docs/demo-model.md); weights ship in the package.
-    WanConfig("demo", dim=96, ffn_dim=256, num_heads=4, num_layers=3, in_channels=48, out_channels=48,
+    # Its codec folds 8 frames into channels (stride 8x1x1), which gives the tiny DiT the arrow of time.
+    WanConfig("demo", dim=128, ffn_dim=256, num_heads=2, num_layers=3, in_channels=24, out_channels=24,
               text_dim=32, text_len=16, steps=24, shift=5.0, guidance=(4.0, 3.0), boundary=0.875,
-              fps=8, frames=9, size=(32, 32), vae="demo", z_dim=48, vae_stride=(1, 4, 4)),
+              fps=8, frames=9, size=(16, 16), vae="demo", z_dim=24, vae_stride=(8, 1, 1)),
 ]}

@@ -1,0 +1,36 @@
+"""The demo model: a tiny Wan-architecture text-to-video model trained on moving coloured shapes.
+
+Its weights ship in the package (paradit/assets/demo, written by `python -m paradit.demo.train`);
+`Pipeline.from_pretrained("demo")` loads them through `demo_components`. See docs/demo-model.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model
+
+from paradit.config import WanConfig
+from paradit.demo.codec import TimeToDepthCodec
+from paradit.models.text_encoder import TextEncoder
+from paradit.models.transformer import WanTransformer
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+def demo_components(cfg: WanConfig, device, assets: Path = ASSETS):
+    """([high-noise expert, low-noise expert], text encoder, codec) with the shipped weights, fp32."""
+    missing = [f for f in ("high.safetensors", "low.safetensors", "text_encoder.safetensors")
+               if not (assets / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"demo model weights {', '.join(missing)} not found in {assets}; "
+                                f"reinstall paradit, or rebuild them: python -m paradit.demo.train --out {assets}")
+    experts = []
+    for name in ("high", "low"):
+        with torch.device("meta"):
+            m = WanTransformer(cfg)
+        m.load_state_dict(load_file(assets / f"{name}.safetensors"), assign=True)
+        experts.append(m.to(device).eval().requires_grad_(False))
+    text = TextEncoder.tiny(cfg.text_dim, cfg.text_len, device=device)   # the architecture; weights next
+    load_model(text.model, str(assets / "text_encoder.safetensors"))
+    return experts, text, TimeToDepthCodec(device=device)
