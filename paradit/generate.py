@@ -35,7 +35,7 @@ log = logging.getLogger("paradit")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m paradit.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny", help=f"preset ({', '.join(sorted(PRESETS))}) or checkpoint folder")
+    p.add_argument("--model", default="demo", help=f"preset ({', '.join(sorted(PRESETS))}) or checkpoint folder")
     p.add_argument("--prompt", default="a red circle moving right")
     p.add_argument("--prompts-file", help="one prompt a line; data-parallel replicas share them out")
     p.add_argument("--negative-prompt", default=None,

@@ -26,11 +26,18 @@ def atomic_path(path: str | Path):
             tmp.unlink()
 
 
-def write_video(path: str | Path, frames, fps: int) -> Path:
-    """uint8 frames (F, H, W, 3) -> H.264 mp4 (imageio-ffmpeg)."""
+def write_video(path: str | Path, frames, fps: int, min_side: int = 128) -> Path:
+    """uint8 frames (F, H, W, 3) -> H.264 mp4 (imageio-ffmpeg).
+
+    Frames smaller than min_side pixels (the demo model's 16x16) are enlarged by an integer factor
+    with nearest-neighbour pixels, so that a player shows them; the pixels themselves are unchanged.
+    """
     import imageio.v2 as imageio
 
     frames = np.asarray(frames)
+    k = -(-min_side // min(frames.shape[1:3]))
+    if k > 1:
+        frames = frames.repeat(k, axis=1).repeat(k, axis=2)
     with atomic_path(path) as tmp:
         with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
                                 pixelformat="yuv420p", format="FFMPEG") as w:
