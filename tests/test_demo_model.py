@@ -60,3 +60,22 @@ def test_demo_model_follows_its_prompts(demo):
     results = {p: judge(demo(p, seed=i, progress=False), p) for i, p in enumerate(PROMPTS)}
     passed = [p for p, (c, d) in results.items() if c and d]
     assert len(passed) >= PASS_RATE * len(PROMPTS), {p: r for p, r in results.items() if p not in passed}
+
+
+LAYOUT_PROMPTS = PROMPTS[:10]
+
+
+@pytest.mark.parametrize("layout,cores", [(dict(ulysses=2), None), (dict(cfg=2), None), (dict(chords=2), 2)],
+                         ids=["U2", "CFG2", "CHORDS2"])
+def test_demo_model_follows_its_prompts_under_parallel_layouts(layout, cores):
+    """The same judgement for sequence-parallel, CFG-parallel and CHORDS runs (2 gloo processes);
+    for CHORDS both the first real hit and the last (the exact sequential Euler result)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from paradit.launch import spawn
+    from workers import demo_judged
+    results = next(r for r in spawn(demo_judged, 2, layout, LAYOUT_PROMPTS, cores, timeout_s=600) if r)
+    for which in ["final"] + (["first_hit"] if cores else []):
+        passed = [p for p, r in results.items() if all(r[which])]
+        assert len(passed) >= PASS_RATE * len(LAYOUT_PROMPTS), (which, {p: r[which] for p, r in results.items()})

@@ -130,3 +130,24 @@ def bad_layout_on_every_rank(layout: dict):
     except ValueError as err:
         return str(err)
     return None
+
+
+def demo_judged(layout: dict, prompts: list[str], chords_cores: int | None = None):
+    """Judge the demo model's videos under a layout: {prompt: {"final": (colour_ok, motion_ok),
+    "first_hit": ... (CHORDS only)}} on the output rank, None elsewhere."""
+    from paradit.demo.judge import judge
+    from paradit.parallel.chords import ChordsSettings
+    pipe = Pipeline.from_pretrained("demo", parallel=ParallelConfig(**layout))
+    out = {}
+    for i, p in enumerate(prompts):
+        hits = []
+        chords = ChordsSettings(chords_cores, stop=None) if chords_cores else None
+        latent = pipe(p, seed=i, output="latent", progress=False, chords=chords,
+                      on_hit=lambda h, lat: hits.append((h, lat)))
+        if not pipe.mesh.is_output_rank:
+            continue
+        out[p] = {"final": judge(pipe.vae.decode(latent), p)}
+        if chords:
+            first_real = next(lat for h, lat in hits if not h.preview)
+            out[p]["first_hit"] = judge(pipe.vae.decode(first_real), p)
+    return out if pipe.mesh.is_output_rank else None
