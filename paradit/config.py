@@ -33,7 +33,7 @@ class WanConfig:
     frames: int = 81
     size: tuple[int, int] = (1280, 720)         # (width, height)
     # latent codec
-    vae: str = "wan2.1"                         # "wan2.1" (z16, 4x8x8) | "wan2.2" (z48, 4x16x16) | "tiny"
+    vae: str = "wan2.1"                         # "wan2.1" (z16, 4x8x8) | "wan2.2" (z48, 4x16x16) | "tiny" | "demo" (lossless, 8x1x1)
     z_dim: int = 16
     vae_stride: tuple[int, int, int] = (4, 8, 8)
     task: str = "t2v"                           # "t2v" | "i2v" | "ti2v"
@@ -74,7 +74,7 @@ class WanConfig:
         if frames < 1 or (frames - 1) % st:
             lo = max(1, (frames - 1) // st * st + 1)
             raise ValueError(f"frames={frames} is not allowed for {self.name}: frames must be of the "
-                             f"form {st}k+1 (1, 5, 9, ..., 81); nearest below is {lo}")
+                             f"form {st}k+1 ({1}, {st + 1}, {2 * st + 1}, ...); nearest below is {lo}")
 
     def replace(self, **changes) -> "WanConfig":
         return dataclasses.replace(self, **changes)
