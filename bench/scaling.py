@@ -392,6 +392,8 @@ def world_main(points: list[dict], opts: dict) -> list[dict] | None:
 def _speed_check(device) -> float | None:
     """Rank 0's matmul rate while the other ranks wait at a barrier (None on the other ranks)."""
     alone = not dist.is_initialized() or dist.get_rank() == 0
+    if dist.is_initialized():
+        dist.barrier()                            # the others may still be building their model
     rate = _matmul_rate(device, together=False)["tflops"] if alone else None
     if dist.is_initialized():
         dist.barrier()
@@ -446,6 +448,8 @@ def merge_ranks(point: dict, ranks: list[dict], stat: str) -> dict:
 def probe_main(device_type: str) -> dict:
     """Rates of this machine, measured where the benchmark runs (one thread per rank on CPU)."""
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    if dist.is_initialized():
+        dist.barrier()                            # every rank started: none is still importing
     out = {"matmul": _matmul_rate(device), "copy_gbps": _copy_rate(device)}
     if dist.is_initialized():
         out["all_gather"] = _all_gather_rate(device)
