@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from paradit.launch import spawn
-from workers import model_output, pipeline_latent, run_layout_table, tiny_config
+from workers import compiled_against_eager, model_output, pipeline_latent, run_layout_table, tiny_config
 
 # (world, name, layout, heads, latent grid (F', H', W') of the model check)
 TABLE = [
@@ -52,3 +52,13 @@ def test_layout_matches_single_device(results, world, name, layout, heads, grid)
         out, latent = per_rank[name]
         assert rel_err(out, ref_out) < RTOL, f"{name} rank {rank}: model output differs"
         assert rel_err(latent, ref_latent) < RTOL, f"{name} rank {rank}: final latent differs"
+
+
+@pytest.mark.parametrize("layout", [dict(ulysses=2), dict(ring=2)], ids=["U2", "R2"])
+def test_compiled_blocks_under_a_layout(layout):
+    """--compile with sequence parallelism: the warm-up builds every graph, the run compiles nothing
+    more (a guard on per-call Python state, such as the traffic counter, would recompile every
+    block call until dynamo gave up and ran eager), and the latent is what eager mode gives."""
+    for rank, (eager, out, new_graphs) in enumerate(spawn(compiled_against_eager, 2, layout, timeout_s=300)):
+        assert new_graphs == 0, f"rank {rank}: {new_graphs} graphs built inside the run"
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)

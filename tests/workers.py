@@ -151,3 +151,24 @@ def demo_judged(layout: dict, prompts: list[str], chords_cores: int | None = Non
             first_real = next(lat for h, lat in hits if not h.preview)
             out[p]["first_hit"] = judge(pipe.vae.decode(first_real), p)
     return out if pipe.mesh.is_output_rank else None
+
+
+def compiled_against_eager(layout: dict, heads: int = 4):
+    """The pipeline's latent under a layout, eager and with compiled blocks (warmed up first), and
+    how many graphs the compiled run built after its warm-up (it must build none)."""
+    from torch._dynamo.utils import counters
+
+    from paradit.compile import compile_blocks
+
+    cfg = tiny_config(heads)
+    eager = pipeline_latent(cfg, layout, steps=3)
+    mesh = init_parallel(ParallelConfig(**layout), num_heads=cfg.num_heads)
+    experts, text, _ = tiny_components(cfg, "cpu", torch.float32)
+    pipe = Pipeline(cfg, experts, text, None, mesh=mesh)
+    torch._dynamo.reset()
+    compile_blocks(pipe.experts)
+    kw = PIPE_KW | dict(steps=3)
+    pipe.warmup(**{k: kw[k] for k in ("width", "height", "frames", "steps")})
+    graphs = counters["stats"]["unique_graphs"]
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, output="latent", **kw)
+    return eager, out, counters["stats"]["unique_graphs"] - graphs

@@ -3,6 +3,10 @@
 Uneven splits are first class: a token count or head count that the degree does not divide is
 split as evenly as possible (the first n % parts ranks get one more), never padded into the math.
 Every call records what it moved in `TRAFFIC` (bytes sent by this rank, count), for the sidecar.
+
+The functions that talk to the process group are `torch.compiler.disable`d: inside compiled blocks
+(--compile) they run eagerly between the compiled regions. Traced, the traffic counter (Python state
+that changes on every call) would fail dynamo's guards and rebuild the graph at every block call.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ def offsets(sizes: list[int]) -> list[int]:
     return out
 
 
+@torch.compiler.disable
 def all_to_all_uneven(chunks: list[Tensor], recv_numel: list[int], group) -> list[Tensor]:
     """Send chunks[j] to group rank j; receive recv_numel[j] elements from rank j (flat, 1-D)."""
     send = torch.cat([c.reshape(-1) for c in chunks])
@@ -68,6 +73,7 @@ def heads_to_seq(x: Tensor, group, seq_sizes: list[int], head_sizes: list[int]) 
     return torch.cat([r.view(b, seq_sizes[me], h, d) for r, h in zip(recv, head_sizes)], dim=2)
 
 
+@torch.compiler.disable
 def all_gather_uneven(x: Tensor, group, sizes: list[int], dim: int = 0) -> Tensor:
     """Concatenate every rank's x along `dim`, where rank j holds sizes[j] entries of that dim."""
     if group is None:
@@ -81,6 +87,7 @@ def all_gather_uneven(x: Tensor, group, sizes: list[int], dim: int = 0) -> Tenso
     return torch.cat([b[:s] for b, s in zip(bufs, sizes)]).movedim(0, dim)
 
 
+@torch.compiler.disable
 def all_gather_equal(x: Tensor, group) -> list[Tensor]:
     bufs = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(bufs, x.contiguous(), group=group)
@@ -102,6 +109,7 @@ class RingComm:
         self.prev = dist.get_global_rank(group, (me - 1) % n)
         self._reqs, self._buf = None, None
 
+    @torch.compiler.disable
     def send_recv(self, t: Tensor, recv_shape) -> None:
         if self._reqs is not None:
             raise RuntimeError("RingComm.send_recv called twice without wait()")
@@ -112,6 +120,7 @@ class RingComm:
         self._reqs = dist.batch_isend_irecv(ops)
         _count("ring_p2p", t.numel() * t.element_size())
 
+    @torch.compiler.disable
     def wait(self) -> Tensor:
         if self._reqs is None:
             raise RuntimeError("RingComm.wait called with no send_recv in flight")
