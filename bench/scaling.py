@@ -22,8 +22,11 @@ What is measured, per point (every rank runs it; the slowest rank of each step c
             (request / rounds), so latency = rounds x round. Skipped if paradit.parallel.chords
             does not import.
   forward   (--measure forward) one expert forward, no guidance; cfg=1 layouts only.
-  time      --warmup untimed steps, then --steps timed ones, each after a barrier; CUDA events on
-            GPU, perf_counter on CPU. Median, min and max over the timed steps; --stat picks
+  compile   a backend named with "+compile" (sdpa+compile) runs after the eager points of its world,
+            with every block torch.compile'd (paradit.compile.compile_blocks); the first call, which
+            builds the graphs, is timed on its own (first_call_s, printed), never among the steps.
+  time      --warmup untimed steps (the first is timed apart as first_call_s), then --steps timed
+            ones, each after a barrier; CUDA events on GPU, perf_counter on CPU. Median, min and max over the timed steps; --stat picks
             the one every derived number uses (median; min on a shared machine, where other
             work only ever adds time).
   compute   the same steps again with every collective replaced by a local stand-in of the same
@@ -338,22 +341,34 @@ def make_chords_request(runtime: Runtime, model: WanTransformer, cfg: WanConfig,
     return request
 
 
+def split_backend(backend: str) -> tuple[str, bool]:
+    """'sdpa+compile' -> ('sdpa', True): the attention backend, and whether the blocks are compiled."""
+    name, _, mode = backend.partition("+")
+    return name, mode == "compile"
+
+
 def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
     """Run one point on this rank; returns this rank's raw numbers (seconds per step or round)."""
     pc = ParallelConfig(**point["config"])
     mesh = init_parallel(pc, device, num_heads=cfg.num_heads)
-    runtime = Runtime(mesh, point["backend"], next(model.parameters()).dtype)
+    attention, compiled = split_backend(point["backend"])
+    runtime = Runtime(mesh, attention, next(model.parameters()).dtype)
     runtime.bind(model)
+    if compiled and not getattr(model, "_bench_compiled", False):   # eager points of this world ran first
+        from paradit.compile import compile_blocks
+        compile_blocks([model])
+        model._bench_compiled = True
     per = 1   # a CHORDS point times whole requests to the first hit; per-round = request / rounds
     if pc.chords > 1:
         per = rounds_to_first_hit(init_sequence(pc.chords, opts["sample_steps"]), opts["sample_steps"])
-        step = make_chords_request(runtime, model, cfg, inputs, opts, point["backend"])
+        step = make_chords_request(runtime, model, cfg, inputs, opts, attention)
         repeats, warmup = max(2, opts["steps"] // per), 1
     else:
         step = make_step(runtime, model, inputs, point["measure"], device)
         repeats, warmup = opts["steps"], opts["warmup"]
     with torch.no_grad():
-        for _ in range(warmup):
+        first = timed(step, 1, device)[0]           # with +compile: builds the graphs of this shape
+        for _ in range(warmup - 1):
             step()
         mem_kind = reset_memory(device)
         TRAFFIC.clear()
@@ -366,7 +381,8 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
                 step()                                        # warm the stand-ins' shapes
                 compute = [t / per for t in timed(step, repeats, device)]
     return dict(times=times, compute=compute, traffic=traffic, mem_mb=mem, mem_kind=mem_kind,
-                attention=runtime.describe(), repeats=repeats, rounds_per_repeat=per)
+                attention=runtime.describe() + (", blocks torch.compile'd" if compiled else ""),
+                repeats=repeats, rounds_per_repeat=per, first_call_s=first)
 
 
 def world_main(points: list[dict], opts: dict) -> list[dict] | None:
@@ -377,7 +393,7 @@ def world_main(points: list[dict], opts: dict) -> list[dict] | None:
     model = build_model(cfg, device, getattr(torch, opts["dtype"]))
     inputs = make_inputs(cfg, opts, device)
     records = []
-    for point in points:
+    for point in sorted(points, key=lambda p: split_backend(p["backend"])[1]):   # eager first: compiling is for good
         before = _speed_check(device)             # the machine's speed now: drift check on shared machines
         mine = measure_point(model, cfg, inputs, point, opts, device)
         ranks = [mine]
@@ -428,6 +444,7 @@ def merge_ranks(point: dict, ranks: list[dict], stat: str) -> dict:
     """Per step, the slowest rank's time; memory and traffic per rank."""
     step = [max(r["times"][i] for r in ranks) for i in range(len(ranks[0]["times"]))]
     out = dict(point, step_s=_stats(step, stat), attention=ranks[0]["attention"],
+               first_call_s=max(r["first_call_s"] for r in ranks),
                peak_mem_mb=dict(max=max(r["mem_mb"] for r in ranks), per_rank=[r["mem_mb"] for r in ranks],
                                 kind=ranks[0]["mem_kind"]))
     ops = sorted({op for r in ranks for op in r["traffic"]})
@@ -741,7 +758,9 @@ def parse_args(argv):
                                                "layer; 0 = the preset's depth (default: 4 on GPU, 0 on CPU)")
     ap.add_argument("--layouts", help="comma-separated layouts (see the module docstring)")
     ap.add_argument("--worlds", default="1,2,4,8", help="world sizes; those above the device count are skipped")
-    ap.add_argument("--backends", default="auto", help="attention backends, e.g. flash,sdpa (unavailable: skipped)")
+    ap.add_argument("--backends", default="auto",
+                    help="attention backends, e.g. flash,sdpa (unavailable: skipped); a '+compile' suffix "
+                         "(sdpa+compile) times the same with every block torch.compile'd (paradit.compile)")
     ap.add_argument("--measure", default="step", help="step (guided denoising step) and/or forward (one expert)")
     ap.add_argument("--steps", type=int, help="timed steps per point")
     ap.add_argument("--warmup", type=int, help="untimed steps per point")
@@ -773,9 +792,12 @@ def available_backends(names: list[str], device_type: str) -> tuple[list[str], l
     from paradit.models.attention import _flash_module
     ok, notes = [], []
     for b in names:
-        if b == "flash" and (device_type != "cuda" or _flash_module() is None):
+        name, mode = b.partition("+")[::2]
+        if mode not in ("", "compile"):
+            notes.append(f"backend {b!r}: unknown suffix {mode!r} (only +compile), skipped")
+        elif name == "flash" and (device_type != "cuda" or _flash_module() is None):
             notes.append("backend flash skipped: needs CUDA and flash-attn")
-        elif b in ("auto", "flash", "sdpa", "math"):
+        elif name in ("auto", "flash", "sdpa", "math"):
             ok.append(b)
         else:
             notes.append(f"backend {b!r} unknown, skipped")
@@ -875,6 +897,10 @@ def main(argv=None) -> int:
             print(f"  {p['label']:<28} {p['backend']:<6} {p['measure']:<8} {e['step_s']:.4g} s, "
                   f"~{e['peak_mem_mb'] / 1024:.1f} GiB peak, achieved {p['achieved_tflops_per_device']:.4g} TFLOP/s "
                   f"per device vs matmul {probe['matmul']['tflops']:.4g}")
+    for p in records:
+        if split_backend(p["backend"])[1]:
+            print(f"compiled: {p['label']} {p['measure']}: first call {p['first_call_s']:.3g} s (graph build), "
+                  f"then {p['step_s']['headline']:.3g} s per step")
     print(f"fit: compute x{fit['compute_scale']:.3g} ({fit['compute_points']} points), comm x{fit['comm_scale']:.3g} "
           f"({fit['comm_points']} points)")
     for n in drift:

@@ -1,0 +1,196 @@
+"""Attention kernels side by side: the kernels paradit can call, at the shapes of a real model.
+
+    python bench/attention_kernels.py                      # GPU: A14B 720p x 81 (75,600 tokens, 40 heads)
+    python bench/attention_kernels.py --tokens 4096 --heads 4 --dtype float32      # CPU, small
+
+Ulysses runs plain attention over the whole sequence with H / u heads; Ring needs the log-sum-exp
+(LSE) of every block to merge partial results, so it can only use kernels that return it. This
+measures every candidate of both kinds on one device:
+
+  plain   F.scaled_dot_product_attention as torch picks, and pinned to each of its GPU kernels
+          (flash, cuDNN, efficient) with torch.nn.attention.sdpa_kernel; flash-attn if installed.
+  lse     the aten ops with an LSE output (efficient, flash, cuDNN on GPU; the CPU flash kernel
+          on CPU); flash-attn's with return_attn_probs if installed; the fp32 math reference.
+
+Correctness first, on a small odd shape (999 query x 1,003 key tokens, 3 heads): every kernel's
+output and LSE against fp32 math, relative error printed. Then timing at the full shape: warm-up,
+then CUDA events (perf_counter on CPU), median of --reps; TFLOP/s = 4 S_q S_k H D / time.
+Results: bench/results/<date>_<machine>_attention.json and the printed table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
+
+from paradit.models.attention import math_attention_lse  # noqa: E402
+
+
+def _bhsd(*ts):
+    return (t.transpose(1, 2) for t in ts)        # (B, S, H, D) <-> (B, H, S, D)
+
+
+def _sdpa_pinned(kernel):
+    def fn(q, k, v):
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel([kernel]):
+            return next(_bhsd(F.scaled_dot_product_attention(*_bhsd(q, k, v)))), None
+    return fn
+
+
+def _sdpa(q, k, v):
+    return next(_bhsd(F.scaled_dot_product_attention(*_bhsd(q, k, v)))), None
+
+
+def _lse_efficient(q, k, v):
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(*_bhsd(q, k, v), None, True)[:2]
+    return next(_bhsd(out)), lse[..., : q.shape[1]]
+
+
+def _lse_flash(q, k, v):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(*_bhsd(q, k, v))[:2]
+    return next(_bhsd(out)), lse
+
+
+def _lse_cudnn(q, k, v):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(*_bhsd(q, k, v), None, True)[:2]
+    return next(_bhsd(out)), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
+
+
+def _lse_cpu_flash(q, k, v):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_bhsd(q, k, v))[:2]
+    return next(_bhsd(out)), lse
+
+
+def _flash_attn(q, k, v):
+    if importlib.util.find_spec("flash_attn_interface"):
+        from flash_attn_interface import flash_attn_func
+        out, lse = flash_attn_func(q, k, v)[:2]
+        return out, lse
+    from flash_attn import flash_attn_func
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    return out, lse
+
+
+def candidates(device: torch.device) -> dict:
+    """name -> (fn, what it is); fn(q, k, v) with (B, S, H, D) inputs returns (out, lse or None)."""
+    out = {"sdpa (torch's choice)": (_sdpa, "plain")}
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+        out |= {"sdpa pinned flash": (_sdpa_pinned(SDPBackend.FLASH_ATTENTION), "plain"),
+                "sdpa pinned cudnn": (_sdpa_pinned(SDPBackend.CUDNN_ATTENTION), "plain"),
+                "sdpa pinned efficient": (_sdpa_pinned(SDPBackend.EFFICIENT_ATTENTION), "plain"),
+                "lse efficient (aten)": (_lse_efficient, "lse"),
+                "lse flash (aten)": (_lse_flash, "lse"),
+                "lse cudnn (aten)": (_lse_cudnn, "lse")}
+        if importlib.util.find_spec("flash_attn_interface") or importlib.util.find_spec("flash_attn"):
+            out["flash-attn package"] = (_flash_attn, "lse")
+    else:
+        out["lse cpu flash (aten)"] = (_lse_cpu_flash, "lse")
+        out["math fp32 (reference)"] = (lambda q, k, v: math_attention_lse(q, k, v), "lse")
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def check(fns: dict, device, dtype) -> dict:
+    """Every kernel against fp32 math on a small odd shape; errors reported, not raised."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(1, 999, 3, 128, generator=g).to(device, dtype)
+    k, v = (torch.randn(1, 1003, 3, 128, generator=g).to(device, dtype) for _ in range(2))
+    ref_out, ref_lse = math_attention_lse(q.float(), k.float(), v.float())
+    res = {}
+    for name, (fn, _) in fns.items():
+        try:
+            out, lse = fn(q, k, v)
+            res[name] = dict(out_rel_err=rel(out, ref_out),
+                             lse_max_abs_err=None if lse is None else float((lse.float() - ref_lse).abs().max()))
+        except Exception as err:     # a kernel that refuses this shape/dtype/device: recorded, not hidden
+            res[name] = dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    return res
+
+
+def time_it(fn, args, device, warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn(*args)
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn(*args)
+            e1.record()
+            e1.synchronize()
+            out.append(e0.elapsed_time(e1) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--tokens", type=int, default=75600, help="query = key tokens (A14B 1280x720x81: 75,600)")
+    ap.add_argument("--heads", type=int, default=40)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", help="results folder (default: bench/results)")
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    fns = candidates(device)
+    tag = machine_tag(device.type)
+    print(f"attention kernels on {machine_description(device.type)}: {args.tokens} tokens, {args.heads} heads x "
+          f"{args.head_dim}, {dtype}", flush=True)
+
+    checks = check(fns, device, dtype)
+    s, h, d = args.tokens, args.heads, args.head_dim
+    flops = 4 * s * s * h * d
+    q, k, v = (torch.randn(1, s, h, d, device=device, dtype=dtype) for _ in range(3))
+    rows = []
+    for name, (fn, kind) in fns.items():
+        row = dict(kernel=name, kind=kind, **checks[name])
+        if "error" not in row and not (name.startswith("math") and s > 8192):
+            try:
+                ts = time_it(fn, (q, k, v), device, args.warmup, args.reps)
+                row |= dict(times_s=ts, median_s=statistics.median(ts), tflops=flops / statistics.median(ts) / 1e12)
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        rows.append(row)
+        print(f"  {name:<24} {kind:<5} " + (f"{row['median_s'] * 1e3:9.2f} ms {row['tflops']:7.3g} TFLOP/s"
+                                           if "median_s" in row else f"{'-':>28}")
+              + (f"   err out {row['out_rel_err']:.2e}" if "out_rel_err" in row else "")
+              + (f" lse {row['lse_max_abs_err']:.2e}" if row.get("lse_max_abs_err") is not None else "")
+              + (f"   {row['error']}" if "error" in row else ""), flush=True)
+    best = {kind: max((r for r in rows if r["kind"] == kind and "tflops" in r), key=lambda r: r["tflops"],
+                      default=None) for kind in ("plain", "lse")}
+    for kind, r in best.items():
+        if r:
+            print(f"fastest {kind}: {r['kernel']} ({r['tflops']:.3g} TFLOP/s)")
+    result = dict(what="attention", date=time.strftime("%Y-%m-%d"), machine=tag,
+                  machine_description=machine_description(device.type), environment=environment(),
+                  shape=dict(tokens=s, heads=h, head_dim=d, dtype=str(dtype), flops_per_call=flops),
+                  check_shape="q 999 x k 1003 tokens, 3 heads x 128, against fp32 math", method=__doc__, rows=rows)
+    print(f"wrote {write_json(results_path('attention', 'json', args.out, tag), result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
