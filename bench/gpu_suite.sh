@@ -3,14 +3,17 @@
 #
 #     bash bench/gpu_suite.sh
 #
-# (a) checks CUDA and prints nvidia-smi and the driver;
+# (a) checks CUDA and prints nvidia-smi and the driver; the GPU tests (tests/test_gpu.py); every
+#     attention kernel at the A14B 720p shape (bench/attention_kernels.py);
 # (b) Wan2.2 T2V-A14B architecture (random bf16 weights, one expert) at 1280x720x81 (75,600 tokens),
-#     world 1, eager, for each attention backend here (flash if importable, sdpa): one expert forward
-#     and one CFG step (batched CFG), built with LAYERS of the 40 blocks and extrapolated to 40 per
-#     layer (the output says so); achieved TFLOP/s (planner forward_flops / time) against a bf16
-#     8192^3 matmul timed first, peak memory, the planner's prediction next to each time;
+#     world 1, for each attention backend here (flash if importable, sdpa), eager and with the blocks
+#     compiled (COMPILE=0 skips): one expert forward and one CFG step (batched CFG), built with LAYERS
+#     of the 40 blocks and extrapolated to 40 per layer (the output says so); achieved TFLOP/s
+#     (planner forward_flops / time) against a bf16 8192^3 matmul timed first, peak memory, the
+#     planner's prediction next to each time;
 # (c) with more than one GPU, a scaling sweep (SP and SP x CFG2) over 2, 4, 8 GPUs with MULTI_LAYERS.
-# Time limits: (b) 300 s, (c) 240 s, so the whole script stays inside a 10-minute command.
+# Time limits: (a) 150 s, (b) 330 s, (c) 240 s (the sweep only runs with several GPUs, and then (b)
+# should be cut with COMPILE=0), so the script stays inside a 10-minute command.
 # Results: bench/scaling.py's JSON and PNG plus this log, under $OUT if set, else bench/results/.
 # Settings: LAYERS (8), MULTI_LAYERS (4), PY (python with CUDA torch; .venv's if it has CUDA).
 set -uo pipefail
@@ -18,6 +21,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT_DIR="${OUT:-bench/results}"
 LAYERS="${LAYERS:-8}"
+COMPILE="${COMPILE:-1}"
 MULTI_LAYERS="${MULTI_LAYERS:-4}"
 mkdir -p "$OUT_DIR"
 if [ -z "${PY:-}" ]; then
@@ -43,15 +47,21 @@ BACKENDS=sdpa
 "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('flash_attn_interface') or u.find_spec('flash_attn')))" \
     && BACKENDS=flash,sdpa
 echo "machine $TAG, attention backends: $BACKENDS, log: $LOG"
+{
+    echo "== (a) GPU tests and attention kernels"
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    timeout 60 "$PY" bench/attention_kernels.py --out "$OUT_DIR"
+} 2>&1 | tee "$LOG"
+[ "$COMPILE" = 1 ] && BACKENDS="$BACKENDS,${BACKENDS//,/+compile,}+compile"
 
 # (b) world 1, full-size architecture, LAYERS blocks
 {
     echo "== (b) A14B 1280x720x81, world 1, $LAYERS of 40 layers (times extrapolated x 40/$LAYERS), eager"
-    timeout 300 "$PY" bench/scaling.py --device cuda --preset wan2.2-t2v-a14b --size 1280x720 --frames 81 \
+    timeout 330 "$PY" bench/scaling.py --device cuda --preset wan2.2-t2v-a14b --size 1280x720 --frames 81 \
         --worlds 1 --layouts 1 --layers "$LAYERS" --backends "$BACKENDS" --measure forward,step \
         --steps 3 --warmup 2 --out "$OUT_DIR" --write-calibration "$OUT_DIR/$(date +%F)_${TAG}_calibration.json"
     echo "exit status $?"
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee -a "$LOG"
 
 # (c) several GPUs: scaling curves (a second JSON/PNG; the world-1 one above is kept under its own name)
 if [ "$GPUS" -gt 1 ]; then

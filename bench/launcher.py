@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import resource
+import subprocess
 from pathlib import Path
 
 import torch
@@ -70,8 +71,18 @@ def environment() -> dict:
            "loadavg_1_5_15_min": os.getloadavg()}   # the machine may be shared: how busy it was
     if has_cuda():
         env |= {"gpu": gpu_name(), "gpus": torch.cuda.device_count(), "cuda": torch.version.cuda,
-                "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
+                "nccl": ".".join(map(str, torch.cuda.nccl.version())), "cudnn": torch.backends.cudnn.version(),
+                "driver": _nvidia_driver()}
     return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # ----------------------------------------------------------------------------- results

@@ -564,12 +564,13 @@ def fit_calibration(points: list[dict], base: pl.Calibration, fit_world_max: int
       comm     r = measured comm / predicted comm (points that communicate); comm_efficiency is
                divided by r and collective_latency_us multiplied by r, which scales every
                predicted transfer time by r (latency and bandwidth cannot be told apart this way).
-    Points with world > fit_world_max (oversubscribed CPU cores) are left out.
+    Points with world > fit_world_max (oversubscribed CPU cores) are left out, and so are compiled
+    points (+compile): the planner models eager runs, as the CLI makes them without --compile.
     """
     s_list, r_list = [], []
     for pt in points:
         pred = pt["predicted"]
-        if pt["world"] > fit_world_max or pred.get("step_s") is None:
+        if pt["world"] > fit_world_max or pred.get("step_s") is None or split_backend(pt["backend"])[1]:
             continue
         busy = (pt["compute_only_s"] or pt["step_s"])["headline"]
         if busy > pred["launch_s"]:

@@ -51,6 +51,20 @@ def test_ring_merge_of_uneven_blocks_on_cuda(backend):
     assert rel(out, ref) < BF16_RTOL
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sdpa_lse_kernel_per_dtype(dtype):
+    """Ring's CUDA LSE kernel: cuDNN in bf16/fp16, the efficient kernel in fp32; odd, unequal
+    query and key lengths (a Ring block of an uneven split)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(2, 999, 5, 128, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(2, 1003, 5, 128, device="cuda", generator=g).to(dtype) for _ in range(2))
+    ref_out, ref_lse = math_attention_lse(q.float(), k.float(), v.float())
+    out, lse = kernels("sdpa", "cuda")[1](q, k, v)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert rel(out, ref_out) < (1e-4 if dtype == torch.float32 else BF16_RTOL)
+    assert (lse - ref_lse).abs().max() < 1e-3
+
+
 def test_model_bf16_cuda_matches_fp32_cpu():
     cfg = WanConfig.preset("tiny").replace(dim=512, num_heads=4, ffn_dim=1024, num_layers=2, text_dim=64)
     torch.manual_seed(0)
