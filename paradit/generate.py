@@ -27,7 +27,7 @@ from paradit.models.attention import pick_backend
 from paradit.models.loading import CheckpointError
 from paradit.outputs import write_json, write_tensor, write_video
 from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_init, parse_stop
-from paradit.parallel.mesh import ParallelConfig, auto_sp
+from paradit.parallel.layout import ParallelConfig, auto_sp
 
 log = logging.getLogger("paradit")
 
@@ -165,9 +165,7 @@ def planned_layout(args, cfg, world: int, settings, kind: str | None, log_choice
                          f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
     if log_choice:
         log.info("planner: %s", p.explain())
-    lay = p.choice.layout
-    return ParallelConfig(lay.ulysses, lay.ring, lay.cfg, lay.chords, lay.dp, lay.experts,
-                          lay.split if lay.split else None)
+    return p.choice.layout
 
 
 def split_layout(args, cfg, world: int, settings) -> ParallelConfig:
@@ -217,12 +215,11 @@ def resolve_layout(args, cfg, info, settings, chords: ChordsSettings | None = No
 
 def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int) -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
-    from paradit.parallel.planner import Layout, evaluate, make_problem, plan
+    from paradit.parallel.planner import evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
     problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
-    cand = evaluate(problem, Layout(layout.ulysses, layout.ring, layout.cfg, layout.chords, layout.dp,
-                                    "split" if layout.stages else "colocated", layout.stages))
+    cand = evaluate(problem, layout)
     if not cand.feasible and "memory" in cand.reason:
         best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
         hint = f"; the planner suggests {best.layout.label()} ({best.mem_gb:.1f} GB per GPU)" if best else ""

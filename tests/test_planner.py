@@ -7,9 +7,10 @@ import sys
 import pytest
 
 from paradit.config import WanConfig
-from paradit.parallel.planner import (GPUS, Layout, auto_sp, chords_rounds, evaluate,
-                                      forward_flops, high_noise_steps, load_calibration,
-                                      make_problem, param_count, plan, split_sizes, timesteps)
+from paradit.parallel.layout import ParallelConfig
+from paradit.parallel.planner import (GPUS, auto_sp, chords_rounds, evaluate, forward_flops,
+                                      high_noise_steps, load_calibration, make_problem,
+                                      param_count, plan, split_sizes, timesteps)
 from paradit.plan import main
 
 A14B = WanConfig.preset("wan2.2-t2v-a14b")
@@ -52,16 +53,16 @@ def test_16_gpus_never_split_40_heads_unevenly(objective):
     p = plan(A14B, 16, "h200", objective=objective)
     assert p.choice is not None
     for c in p.feasible:
-        for u, _, _ in c.layout.stages:
+        for u, _, _ in c.layout.stage_degrees:
             assert 40 % u == 0, c.layout
-    u16 = [c for c in p.candidates if c.layout.stages == ((16, 1, 1),)]
+    u16 = [c for c in p.candidates if c.layout.stage_degrees == ((16, 1, 1),)]
     assert len(u16) == 1 and not u16[0].feasible
     assert "uneven heads" in u16[0].reason and "U8 R2" in u16[0].reason
 
 
 def test_uneven_ulysses_is_penalised_without_ring():
     p = make_problem(A14B, 16, "h200", allow_ring=False)
-    u16, u8r2 = evaluate(p, Layout(16)), evaluate(p, Layout(8, 2))
+    u16, u8r2 = evaluate(p, ParallelConfig(16)), evaluate(p, ParallelConfig(8, 2))
     assert u16.feasible
     # 40 heads over 16 ranks: 3 heads each instead of 2.5, so self-attention costs 3 / 2.5
     assert u16.breakdown["step"]["head_padding"] == pytest.approx(1.2)
@@ -78,13 +79,13 @@ def test_auto_sp(heads, n, expected):
 
 def test_wan21_1p3b_12_heads_on_8_gpus_uses_ring():
     p = plan("wan2.1-t2v-1.3b", 8, "h100", guidance=False)
-    assert p.choice.layout.stages == ((4, 2, 1),)
+    assert p.choice.layout.stage_degrees == ((4, 2, 1),)
     # with CFG the planner may prefer CFG-parallel, but never U8 over 12 heads
     p = plan("wan2.1-t2v-1.3b", 8, "h100")
     assert all(12 % c.layout.ulysses == 0 for c in p.feasible)
     sp_only = [c for c in p.feasible if c.layout.cfg == 1 and c.layout.dp == 1
                and c.layout.experts == "colocated"]
-    assert sp_only[0].layout.stages == ((4, 2, 1),)
+    assert sp_only[0].layout.stage_degrees == ((4, 2, 1),)
 
 
 def test_expert_step_split():
@@ -97,7 +98,7 @@ def test_expert_step_split():
 
 def test_split_latency_sums_stages_and_throughput_takes_the_slower():
     p = make_problem(A14B, 8, "h200")
-    c = evaluate(p, Layout(experts="split", split=((4, 1, 1), (2, 1, 2))))
+    c = evaluate(p, ParallelConfig(experts="split", stages=((4, 1, 1), (2, 1, 2))))
     assert c.feasible
     hi, lo, handoff = c.breakdown["high"], c.breakdown["low"], c.breakdown["parts_s"]["expert hand-off"]
     assert c.latency_s == pytest.approx(26 * hi["step_s"] + 14 * lo["step_s"] + handoff)
@@ -109,10 +110,10 @@ def test_split_latency_sums_stages_and_throughput_takes_the_slower():
 def test_communication_bytes_by_hand():
     p = make_problem(A14B, 8, "h200")
     n, d, batch = 40, 5120, 2
-    u8 = evaluate(p, Layout(8)).breakdown["step"]
+    u8 = evaluate(p, ParallelConfig(8)).breakdown["step"]
     # 4 tensors (q, k, v, o) of 9,450 local tokens x D in bf16, 7/8 of it leaves the rank
     assert u8["bytes_ulysses"] == pytest.approx(n * 4 * batch * 9450 * d * 2 * 7 / 8)
-    u4r2 = evaluate(p, Layout(4, 2)).breakdown["step"]
+    u4r2 = evaluate(p, ParallelConfig(4, 2)).breakdown["step"]
     # one ring send per layer of K and V: L/R = 37,800 tokens x D/U = 1,280 dims, bf16
     assert u4r2["bytes_ring"] == pytest.approx(n * 1 * batch * 2 * 37800 * 1280 * 2)
     assert u4r2["bytes_ulysses"] == pytest.approx(n * 4 * batch * 9450 * d * 2 * 3 / 4)
@@ -130,15 +131,16 @@ def test_chords_rounds_to_first_hit():
 
 def test_layout_rules():
     p = make_problem(A14B, 8, "h200")
-    assert "world size 4" in evaluate(p, Layout(4)).reason
-    assert "cfg must be 1 or 2" in evaluate(p, Layout(2, 1, cfg=4)).reason
-    assert "ulysses 48 > 40 heads" in evaluate(make_problem(A14B, 48), Layout(48)).reason
+    assert "world size 4" in evaluate(p, ParallelConfig(4)).reason
+    assert "ulysses 48 > 40 heads" in evaluate(make_problem(A14B, 48), ParallelConfig(48)).reason
     with pytest.raises(ValueError):
-        Layout(experts="split")
+        ParallelConfig(experts="split")
     with pytest.raises(ValueError):
-        Layout(ulysses=0)
-    assert Layout(2, 2, 2, dp=2).world_size == 16
-    assert Layout(experts="split", split=((5, 1, 1), (1, 3, 1))).world_size == 8
+        ParallelConfig(ulysses=0)
+    with pytest.raises(ValueError, match="1 or 2"):
+        ParallelConfig(2, 1, cfg=4)
+    assert ParallelConfig(2, 2, 2, dp=2).world_size == 16
+    assert ParallelConfig(experts="split", stages=((5, 1, 1), (1, 3, 1))).world_size == 8
 
 
 def test_json_has_documented_keys():

@@ -65,5 +65,7 @@ def test_bad_split_layouts():
         ParallelConfig(ulysses=2, experts="split", stages=((1, 1, 1), (1, 1, 1)))
     with pytest.raises(ValueError, match="needs 3 processes"):
         ParallelConfig(experts="split", stages=((2, 1, 1), (1, 1, 1))).validate(4, 40)
+    with pytest.raises(ValueError, match="dp=2 with split experts"):  # a layout the planner ranks, not run
+        ParallelConfig(dp=2, experts="split", stages=((1, 1, 1), (1, 1, 1))).validate(4, 40)
     with pytest.raises(ValueError, match="one expert"):
         high_noise_steps([999, 500], None)

@@ -1,8 +1,8 @@
 """Parallel machinery: the mesh, sequence-parallel attention, CFG, CHORDS, expert stages, planner.
 
-Names are imported on first use (the planner needs no torch)."""
+Names are imported on first use (ParallelConfig and the planner need no torch)."""
 __all__ = ["ParallelConfig", "Mesh", "init_parallel", "parallelize", "ParallelWan", "Runtime", "auto_sp"]
-_LAZY = {"ParallelConfig": "mesh", "Mesh": "mesh", "init_parallel": "mesh", "auto_sp": "planner",
+_LAZY = {"ParallelConfig": "layout", "Mesh": "mesh", "init_parallel": "mesh", "auto_sp": "layout",
          "parallelize": "runtime", "ParallelWan": "runtime", "Runtime": "runtime"}
 
 

@@ -50,6 +50,9 @@ import os
 from dataclasses import dataclass, field
 
 from paradit.config import WanConfig
+from paradit.parallel.layout import ParallelConfig, Stage, auto_sp
+
+Layout = ParallelConfig   # the planner's former name for it, still used by bench/ (see bench/README.md)
 
 GB = 1e9
 TEXT_ENCODER_PARAMS = 5.7e9          # umT5-XXL encoder, held in bf16
@@ -244,86 +247,6 @@ def chords_core_experts(m: WanConfig, cores: int, steps: int) -> list[int]:
     return held
 
 
-def auto_sp(heads: int, n: int, max_ulysses: int | None = None) -> tuple[int, int]:
-    """Split n sequence-parallel ranks into (ulysses, ring), as much Ulysses as divides heads.
-
-    The largest U dividing both n and heads is gcd(heads, n): 40 heads on 16 -> U8 R2,
-    12 heads on 8 -> U4 R2, 3 heads on 2 -> U1 R2.
-    """
-    if n < 1 or heads < 1:
-        raise ValueError(f"need n >= 1 and heads >= 1, got n={n}, heads={heads}")
-    u = math.gcd(heads, n)
-    while max_ulysses and u > max_ulysses:
-        u = max(d for d in range(1, u) if u % d == 0)
-    return u, n // u
-
-
-# ---------------------------------------------------------------------------------------------
-# Layouts
-
-
-Stage = tuple[int, int, int]   # (ulysses, ring, cfg) of one expert stage
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Degrees of each parallel axis. Rank order, fastest first: ulysses, ring, cfg, chords,
-    stage, dp. With experts="split", `split` gives the (ulysses, ring, cfg) of the high-noise and
-    the low-noise stage, and the top-level ulysses, ring, cfg stay 1."""
-    ulysses: int = 1
-    ring: int = 1
-    cfg: int = 1
-    chords: int = 1
-    dp: int = 1
-    experts: str = "colocated"
-    split: tuple[Stage, Stage] | None = None
-
-    def __post_init__(self):
-        degrees = (self.ulysses, self.ring, self.cfg, self.chords, self.dp)
-        if any(not isinstance(x, int) or x < 1 for x in degrees):
-            raise ValueError(f"parallel degrees must be integers >= 1, got {self}")
-        if self.experts not in ("colocated", "split"):
-            raise ValueError(f"experts must be 'colocated' or 'split', got {self.experts!r}")
-        if (self.experts == "split") != (self.split is not None):
-            raise ValueError("experts='split' needs split=((u, r, cfg), (u, r, cfg)) and "
-                             "split is only allowed with experts='split'")
-        if self.split is not None:
-            object.__setattr__(self, "split", tuple(tuple(s) for s in self.split))
-            if (self.ulysses, self.ring, self.cfg, self.chords) != (1, 1, 1, 1):
-                raise ValueError("with experts='split' give each stage's degrees in split=...; "
-                                 "ulysses, ring, cfg, chords stay 1")
-
-    @property
-    def stages(self) -> tuple[Stage, ...]:
-        return self.split if self.split else ((self.ulysses, self.ring, self.cfg),)
-
-    @property
-    def group_size(self) -> int:
-        """GPUs of one replica (the dp axis excluded)."""
-        return sum(math.prod(s) for s in self.stages) * self.chords
-
-    @property
-    def world_size(self) -> int:
-        return self.group_size * self.dp
-
-    def label(self) -> str:
-        def stage(s: Stage) -> str:
-            u, r, c = s
-            return " ".join([f"U{u}"] + ([f"R{r}"] if r > 1 else []) + ([f"cfg{c}"] if c > 1 else []))
-        if self.split:
-            (hi, lo) = self.split
-            text = f"split {math.prod(hi)}+{math.prod(lo)} [{stage(hi)} | {stage(lo)}]"
-        else:
-            text = stage(self.stages[0]) + (f" chords{self.chords}" if self.chords > 1 else "")
-        return text + (f" dp{self.dp}" if self.dp > 1 else "")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["split"] = [list(s) for s in self.split] if self.split else None
-        d["world_size"] = self.world_size
-        return d
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluating one layout
 
@@ -352,7 +275,7 @@ class Problem:
 class Candidate:
     """One evaluated layout. Out-of-memory candidates keep their predicted times (what they would
     take if they fitted); other infeasible ones have NaN times."""
-    layout: Layout
+    layout: ParallelConfig
     step_s: float             # one step (CHORDS: one round; split: latency / steps)
     latency_s: float          # denoising time of one request (text encode and decode excluded)
     throughput_per_h: float   # requests per hour, all replicas
@@ -397,8 +320,6 @@ def _stage_check(p: Problem, stage: Stage) -> str:
     """Reason this (ulysses, ring, cfg) stage cannot run, or ''."""
     u, r, c = stage
     heads = p.model.num_heads
-    if c not in (1, 2):
-        return f"cfg must be 1 or 2, got {c}"
     if c == 2 and not p.guidance:
         return "cfg=2 needs classifier-free guidance"
     if u > heads:
@@ -522,25 +443,25 @@ def _oom_reason(p: Problem, mem: dict, experts: int) -> str:
             f"{mem['overhead']:.1f})")
 
 
-def _infeasible(layout: Layout, reason: str) -> Candidate:
+def _infeasible(layout: ParallelConfig, reason: str) -> Candidate:
     nan = float("nan")
     return Candidate(layout, nan, nan, 0.0, nan, False, reason)
 
 
-def evaluate(p: Problem, layout: Layout) -> Candidate:
+def evaluate(p: Problem, layout: ParallelConfig) -> Candidate:
     """Predicted time and memory of one layout, or why it cannot run."""
     if layout.world_size != p.gpus:
         return _infeasible(layout, f"world size {layout.world_size} != {p.gpus} GPUs")
-    for stage in layout.stages:
+    for stage in layout.stage_degrees:
         if reason := _stage_check(p, stage):
             return _infeasible(layout, reason)
-    if layout.split:
+    if layout.stages:
         return _evaluate_split(p, layout)
     return _evaluate_colocated(p, layout)
 
 
-def _evaluate_colocated(p: Problem, layout: Layout) -> Candidate:
-    m, stage, k = p.model, layout.stages[0], layout.chords
+def _evaluate_colocated(p: Problem, layout: ParallelConfig) -> Candidate:
+    m, stage, k = p.model, layout.stage_degrees[0], layout.chords
     rounds = chords_rounds(k, p.steps)
     if rounds is None:
         return _infeasible(layout, f"no CHORDS initialisation sequence for {k} cores at "
@@ -568,11 +489,11 @@ def _evaluate_colocated(p: Problem, layout: Layout) -> Candidate:
                      not reason, reason, _headroom(p, mem["total"], note), breakdown)
 
 
-def _evaluate_split(p: Problem, layout: Layout) -> Candidate:
+def _evaluate_split(p: Problem, layout: ParallelConfig) -> Candidate:
     m = p.model
     if m.num_experts < 2:
         return _infeasible(layout, f"{m.name} has one expert; nothing to split")
-    (hi, lo), n_hi = layout.split, high_noise_steps(m, p.steps)
+    (hi, lo), n_hi = layout.stages, high_noise_steps(m, p.steps)
     size_hi, replicas = math.prod(hi), [i * layout.group_size for i in range(layout.dp)]
     counts = (n_hi, p.steps - n_hi)
     mems = (_split_mem(p, hi, "high"), _split_mem(p, lo, "low"))
@@ -644,27 +565,27 @@ def _best_stage(p: Problem, size: int, offsets: list[int], role: str) -> Stage:
     return min(fits, key=lambda s: _stage_step(p, s, offsets)["step_s"])
 
 
-def candidates(p: Problem, max_chords: int = 1) -> list[Layout]:
+def candidates(p: Problem, max_chords: int = 1) -> list[ParallelConfig]:
     """Layouts to consider on p.gpus GPUs."""
     out = []
     for dp in _divisors(p.gpus):
         group = p.gpus // dp
         for k in (1, 4, 6, 8):
             if k <= max_chords and group % k == 0:
-                out += [Layout(u, r, c, chords=k, dp=dp) for u, r, c in _stages(group // k)]
+                out += [ParallelConfig(u, r, c, chords=k, dp=dp) for u, r, c in _stages(group // k)]
         if p.model.num_experts == 2:      # each split of the group, each stage at its best
             replicas = [i * group for i in range(dp)]
             for size_hi in range(1, group):
                 hi = _best_stage(p, size_hi, replicas, "high")
                 lo = _best_stage(p, group - size_hi, [r + size_hi for r in replicas], "low")
-                out.append(Layout(dp=dp, experts="split", split=(hi, lo)))
+                out.append(ParallelConfig(dp=dp, experts="split", stages=(hi, lo)))
     return out
 
 
-def _complexity(layout: Layout) -> int:
+def _complexity(layout: ParallelConfig) -> int:
     """Tie-break: fewer moving parts first."""
-    return sum(s[1] > 1 for s in layout.stages) + sum(s[2] > 1 for s in layout.stages) + \
-        (layout.chords > 1) + (layout.split is not None) + (layout.dp > 1)
+    return sum(s[1] > 1 for s in layout.stage_degrees) + sum(s[2] > 1 for s in layout.stage_degrees) + \
+        (layout.chords > 1) + (layout.stages is not None) + (layout.dp > 1)
 
 
 def rank(cands: list[Candidate], objective: str) -> list[Candidate]:
@@ -828,9 +749,9 @@ def _why_lost(choice: Candidate, other: Candidate, objective: str) -> str:
         return head + (": a tie; the choice has fewer parallel axes" if simpler else
                        ": a tie within 0.5%")
     layout = other.layout
-    if layout.split and objective == "latency":
+    if layout.stages and objective == "latency":
         return head + ": a request runs on one stage at a time, so each step uses part of the GPUs"
-    if layout.split:
+    if layout.stages:
         s = other.breakdown["stage_s"]
         return head + f": the slower stage bounds the pipeline ({max(s.values()):.4g} s per request)"
     if layout.dp > 1 and objective == "latency":

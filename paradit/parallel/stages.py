@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import _count, even_split, offsets
-from paradit.parallel.mesh import ParallelConfig
+from paradit.parallel.layout import ParallelConfig
 
 log = logging.getLogger("paradit")
 

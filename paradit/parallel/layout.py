@@ -1,0 +1,157 @@
+"""ParallelConfig: the degree of each parallel axis, one definition for the planner and the runtime.
+
+Pure Python, no torch: the planner and the CLI's checks use it before torch is imported. Rank order,
+fastest-varying first: ulysses, ring, cfg, chords, stage, dp (paradit.parallel.mesh builds the groups).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, fields
+
+AXES = ("dp", "stage", "chords", "cfg", "ring", "ulysses")  # slowest-varying first (DeviceMesh order)
+EXPERT_MODES = ("colocated", "split", "auto")
+Stage = tuple[int, int, int]   # (ulysses, ring, cfg) of one expert stage
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    ulysses: int = 1
+    ring: int = 1
+    cfg: int = 1
+    chords: int = 1
+    dp: int = 1
+    experts: str = "colocated"
+    # experts="split": (ulysses, ring, cfg) of the high-noise stage and of the low-noise stage
+    stages: tuple[Stage, Stage] | None = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name not in ("experts", "stages") and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"ParallelConfig.{f.name}={v!r}: every degree must be an integer >= 1")
+        if self.cfg not in (1, 2):
+            raise ValueError(f"cfg={self.cfg}: CFG parallelism splits cond and uncond, so its degree is 1 or 2")
+        if self.experts not in EXPERT_MODES:
+            raise ValueError(f"experts={self.experts!r}: choose one of {', '.join(EXPERT_MODES)}")
+        if (self.experts == "split") != (self.stages is not None):
+            raise ValueError("experts='split' needs stages=((ulysses, ring, cfg), (ulysses, ring, cfg)) "
+                             "for the high- and low-noise stages, and stages need experts='split'")
+        if self.stages is not None:
+            if self.sp * self.cfg * self.chords != 1:
+                raise ValueError("with split experts each stage carries its own layout: give ulysses, ring "
+                                 "and cfg per stage in `stages`; chords is not combined with split")
+            if len(self.stages) != 2 or any(len(st) != 3 or min(st) < 1 or st[2] > 2 for st in self.stages):
+                raise ValueError(f"stages={self.stages}: two (ulysses, ring, cfg) triples, degrees >= 1, cfg 1 or 2")
+            object.__setattr__(self, "stages", tuple(tuple(st) for st in self.stages))
+
+    def stage_config(self, stage: int) -> "ParallelConfig":
+        """The layout of one stage of a split config, as a colocated config of its own."""
+        u, r, c = self.stages[stage]
+        return ParallelConfig(ulysses=u, ring=r, cfg=c)
+
+    @property
+    def stage_degrees(self) -> tuple[Stage, ...]:
+        """(ulysses, ring, cfg) of each stage: one stage for colocated experts, two when split."""
+        return self.stages or ((self.ulysses, self.ring, self.cfg),)
+
+    @property
+    def stage_sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(st) for st in self.stage_degrees)
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def group_size(self) -> int:
+        """GPUs of one replica (the dp axis excluded)."""
+        return sum(self.stage_sizes) * self.chords
+
+    @property
+    def world_size(self) -> int:
+        return self.group_size * self.dp
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """A global rank's index along each axis (ulysses fastest), without building a mesh."""
+        if self.stages is not None:
+            stage = int(rank >= self.stage_sizes[0])
+            return self.stage_config(stage).coords(rank - stage * self.stage_sizes[0]) | {"stage": stage}
+        out = {}
+        for axis in reversed(AXES):
+            size = 1 if axis == "stage" else getattr(self, axis)
+            rank, out[axis] = divmod(rank, size)
+        return out
+
+    def describe(self) -> str:
+        if self.stages is not None:
+            return " | ".join(f"{name} stage: {self.stage_config(k).describe()} ({n} GPUs)" for k, (name, n)
+                              in enumerate(zip(("high-noise", "low-noise"), self.stage_sizes)))
+        parts = [f"{k}={getattr(self, k)}" for k in ("ulysses", "ring", "cfg", "chords", "dp") if getattr(self, k) > 1]
+        return " x ".join(parts) or "single device"
+
+    def label(self) -> str:
+        """The planner's short form: `U4 R2 cfg2`, `split 5+3 [U5 | U1 R3] dp2`."""
+        def stage(s: Stage) -> str:
+            u, r, c = s
+            return " ".join([f"U{u}"] + ([f"R{r}"] if r > 1 else []) + ([f"cfg{c}"] if c > 1 else []))
+        if self.stages:
+            (hi, lo) = self.stages
+            text = f"split {math.prod(hi)}+{math.prod(lo)} [{stage(hi)} | {stage(lo)}]"
+        else:
+            text = stage(self.stage_degrees[0]) + (f" chords{self.chords}" if self.chords > 1 else "")
+        return text + (f" dp{self.dp}" if self.dp > 1 else "")
+
+    def to_dict(self) -> dict:
+        """The planner's JSON form, where the stages are called `split`."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stages"}
+        d["split"] = [list(st) for st in self.stages] if self.stages else None
+        d["world_size"] = self.world_size
+        return d
+
+    def validate(self, world_size: int, num_heads: int | None = None) -> None:
+        """Raise ValueError naming the problem and what would fit."""
+        if self.stages is not None and self.dp > 1:
+            raise ValueError(f"dp={self.dp} with split experts: the runtime runs one replica of a split "
+                             f"layout; use dp=1, or colocated experts for data parallelism")
+        if self.world_size != world_size:
+            raise ValueError(
+                f"layout ulysses={self.ulysses} x ring={self.ring} x cfg={self.cfg} x chords={self.chords} "
+                f"x dp={self.dp} needs {self.world_size} processes, but the world has {world_size}. "
+                f"Layouts that fit {world_size}: {suggest_layouts(world_size, num_heads)}")
+        if self.stages is not None:
+            for k in range(2):
+                self.stage_config(k).validate(self.stage_config(k).world_size, num_heads)
+        elif num_heads is not None and self.ulysses > num_heads:
+            raise ValueError(f"ulysses={self.ulysses} is above the model's {num_heads} attention heads "
+                             f"(each Ulysses rank needs at least one head); use ring for the rest, e.g. "
+                             f"--ulysses {auto_sp(num_heads, self.sp)[0]} --ring {auto_sp(num_heads, self.sp)[1]}")
+
+
+def suggest_layouts(world: int, num_heads: int | None = None, limit: int = 4) -> str:
+    out = []
+    for cfg, dp in itertools.product((2, 1), (1, 2, 4, 8)):
+        if world % (cfg * dp):
+            continue
+        sp = world // (cfg * dp)
+        flags = [f"--sp {sp}"] if sp > 1 else []
+        flags += ["--cfg-par 2"] if cfg == 2 else []
+        flags += [f"--dp {dp}"] if dp > 1 else []
+        out.append(" ".join(flags) or "(no flags)")
+        if len(out) == limit:
+            break
+    return "; ".join(out)
+
+
+def auto_sp(heads: int, n: int, max_ulysses: int | None = None) -> tuple[int, int]:
+    """Split n sequence-parallel ranks into (ulysses, ring), as much Ulysses as divides heads.
+
+    The largest U dividing both n and heads is gcd(heads, n): 40 heads on 16 -> U8 R2,
+    12 heads on 8 -> U4 R2, 3 heads on 2 -> U1 R2.
+    """
+    if n < 1 or heads < 1:
+        raise ValueError(f"need n >= 1 and heads >= 1, got n={n}, heads={heads}")
+    u = math.gcd(heads, n)
+    while max_ulysses and u > max_ulysses:
+        u = max(d for d in range(1, u) if u % d == 0)
+    return u, n // u
