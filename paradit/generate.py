@@ -28,6 +28,7 @@ from paradit.models.loading import CheckpointError
 from paradit.outputs import write_json, write_tensor, write_video
 from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_init, parse_stop
 from paradit.parallel.layout import ParallelConfig, auto_sp
+from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")
 
@@ -170,9 +171,10 @@ def planned_layout(args, cfg, world: int, settings, kind: str | None, log_choice
 
 def split_layout(args, cfg, world: int, settings) -> ParallelConfig:
     """--experts split: stage sizes from --stages or the step split; each stage's sp from the heads."""
-    from paradit.parallel.stages import high_noise_steps, stage_sizes
-    from paradit.schedulers import wan_timesteps
-    n_high = high_noise_steps(wan_timesteps(settings.steps, settings.shift).tolist(), cfg.boundary)
+    from paradit.parallel.stages import stage_sizes
+    if cfg.boundary is None:
+        raise ValueError("experts='split' needs a two-expert model (Wan2.2 A14B); this one has one expert")
+    n_high = high_noise_steps(cfg.boundary, settings.steps, settings.shift)
     if args.stages:
         try:
             sizes = tuple(int(v) for v in args.stages.split(","))

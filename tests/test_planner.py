@@ -9,8 +9,7 @@ import pytest
 from paradit.config import WanConfig
 from paradit.parallel.layout import ParallelConfig
 from paradit.parallel.planner import (GPUS, auto_sp, chords_rounds, evaluate, forward_flops,
-                                      high_noise_steps, load_calibration, make_problem,
-                                      param_count, plan, split_sizes, timesteps)
+                                      load_calibration, make_problem, param_count, plan)
 from paradit.plan import main
 
 A14B = WanConfig.preset("wan2.2-t2v-a14b")
@@ -86,14 +85,6 @@ def test_wan21_1p3b_12_heads_on_8_gpus_uses_ring():
     sp_only = [c for c in p.feasible if c.layout.cfg == 1 and c.layout.dp == 1
                and c.layout.experts == "colocated"]
     assert sp_only[0].layout.stage_degrees == ((4, 2, 1),)
-
-
-def test_expert_step_split():
-    assert timesteps(40, 12.0)[0] == 999
-    assert high_noise_steps(A14B) == 26 and high_noise_steps(I2V) == 15
-    assert split_sizes(A14B, 40) == (26, 14) and split_sizes(I2V, 40) == (15, 25)
-    assert split_sizes(A14B, 8) == (5, 3) and split_sizes(I2V, 8) == (3, 5)
-    assert high_noise_steps(WanConfig.preset("wan2.1-t2v-14b")) == 50    # one expert: all steps
 
 
 def test_split_latency_sums_stages_and_throughput_takes_the_slower():
@@ -182,3 +173,11 @@ def test_cli_subprocess():
                           "--objective", "throughput"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "Choice:" in run.stdout
+
+
+def test_planning_imports_no_torch():
+    # the planner, the layout and the schedule are plain Python: the CLI checks stay fast
+    code = ("import sys, paradit.parallel.planner, paradit.settings; from paradit.parallel import ParallelConfig; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

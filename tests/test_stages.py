@@ -4,8 +4,9 @@ import pytest
 from paradit.config import WanConfig
 from paradit.launch import spawn
 from paradit.parallel import ParallelConfig
-from paradit.parallel.stages import Piece, high_noise_steps, stage_sizes, transfer_plan
-from paradit.schedulers import wan_timesteps
+from paradit.generate import parse_args, split_layout
+from paradit.parallel.stages import Piece, stage_sizes, transfer_plan
+from paradit.schedulers.schedule import high_noise_steps
 from workers import SPLIT_PROMPTS, pipeline_latent, split_run, tiny_config
 
 # (stages: (ulysses, ring, cfg) of the high and low stage, heads) — the shards line up only in the first
@@ -52,10 +53,12 @@ def test_transfer_plan_covers_every_token_once():
 
 def test_stage_sizes_follow_the_step_split():
     t2v, i2v = WanConfig.preset("wan2.2-t2v-a14b"), WanConfig.preset("wan2.2-i2v-a14b")
-    n_t2v = high_noise_steps(wan_timesteps(40, t2v.shift).tolist(), t2v.boundary)
-    n_i2v = high_noise_steps(wan_timesteps(40, i2v.shift).tolist(), i2v.boundary)
+    n_t2v = high_noise_steps(t2v.boundary, 40, t2v.shift)
+    n_i2v = high_noise_steps(i2v.boundary, 40, i2v.shift)
     assert (n_t2v, n_i2v) == (26, 15)
     assert stage_sizes(8, n_t2v, 40) == (5, 3) and stage_sizes(8, n_i2v, 40) == (3, 5)
+    assert stage_sizes(40, n_t2v, 40) == (26, 14) and stage_sizes(40, n_i2v, 40) == (15, 25)
+    assert high_noise_steps(None, 50, 5.0) == 50    # one expert: all steps
 
 
 def test_bad_split_layouts():
@@ -68,4 +71,4 @@ def test_bad_split_layouts():
     with pytest.raises(ValueError, match="dp=2 with split experts"):  # a layout the planner ranks, not run
         ParallelConfig(dp=2, experts="split", stages=((1, 1, 1), (1, 1, 1))).validate(4, 40)
     with pytest.raises(ValueError, match="one expert"):
-        high_noise_steps([999, 500], None)
+        split_layout(parse_args(["--experts", "split"]), WanConfig.preset("wan2.1-t2v-14b"), 2, None)

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from paradit.config import WanConfig
 from paradit.parallel.layout import ParallelConfig, Stage, auto_sp
+from paradit.schedulers.schedule import high_noise_steps
 
 Layout = ParallelConfig   # the planner's former name for it, still used by bench/ (see bench/README.md)
 
@@ -191,30 +192,6 @@ def text_encoder_gb(m: WanConfig) -> float:
     return TEXT_ENCODER_PARAMS * 2 / GB if m.text_dim == 4096 else 0.0
 
 
-def timesteps(steps: int, shift: float) -> list[int]:
-    """Original Wan FlowUniPC schedule: integer timesteps of the `steps` model calls."""
-    raw = [0.999 - 0.999 * i / steps for i in range(steps)]      # linspace(0.999, 0, N+1)[:-1]
-    return [int(1000 * shift * s / (1 + (shift - 1) * s)) for s in raw]
-
-
-def high_noise_steps(m: WanConfig, steps: int | None = None) -> int:
-    """Steps run by the high-noise expert (t >= boundary * 1000); all of them for one expert."""
-    steps = steps or m.steps
-    if m.boundary is None:
-        return steps
-    return sum(t >= m.boundary * 1000 for t in timesteps(steps, m.shift))
-
-
-def split_sizes(m: WanConfig, gpus: int, steps: int | None = None) -> tuple[int, int]:
-    """(high, low) stage sizes proportional to each expert's step count, so stages balance."""
-    if gpus < 2:
-        raise ValueError(f"split experts need at least 2 GPUs, got {gpus}")
-    steps = steps or m.steps
-    high = round(gpus * high_noise_steps(m, steps) / steps)
-    high = min(max(high, 1), gpus - 1)
-    return high, gpus - high
-
-
 def chords_init(cores: int, steps: int) -> tuple[int, ...] | None:
     """The runtime's default initialisation sequence (the paper's, rescaled; the rule otherwise);
     None when `cores` cannot fit `steps`. Imported here lazily: only CHORDS planning needs torch."""
@@ -238,8 +215,8 @@ def chords_core_experts(m: WanConfig, cores: int, steps: int) -> list[int]:
     """
     if m.num_experts == 1 or cores == 1:
         return [m.num_experts] * cores
-    init, rounds, n_high = chords_init(cores, steps), chords_rounds(cores, steps), \
-        high_noise_steps(m, steps)
+    init, rounds = chords_init(cores, steps), chords_rounds(cores, steps)
+    n_high = high_noise_steps(m.boundary, steps, m.shift)
     held = []
     for c, start in enumerate(init):
         last = min(steps - 1, start + rounds - 1 - c)
@@ -493,7 +470,7 @@ def _evaluate_split(p: Problem, layout: ParallelConfig) -> Candidate:
     m = p.model
     if m.num_experts < 2:
         return _infeasible(layout, f"{m.name} has one expert; nothing to split")
-    (hi, lo), n_hi = layout.stages, high_noise_steps(m, p.steps)
+    (hi, lo), n_hi = layout.stages, high_noise_steps(m.boundary, p.steps, m.shift)
     size_hi, replicas = math.prod(hi), [i * layout.group_size for i in range(layout.dp)]
     counts = (n_hi, p.steps - n_hi)
     mems = (_split_mem(p, hi, "high"), _split_mem(p, lo, "low"))

@@ -19,15 +19,9 @@ import torch.distributed as dist
 from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import _count, even_split, offsets
 from paradit.parallel.layout import ParallelConfig
+from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")
-
-
-def high_noise_steps(timesteps: list[int], boundary: float | None) -> int:
-    """How many leading steps run the high-noise expert (t >= boundary * 1000)."""
-    if boundary is None:
-        raise ValueError("experts='split' needs a two-expert model (Wan2.2 A14B); this one has one expert")
-    return sum(1 for t in timesteps if t >= boundary * 1000)
 
 
 def stage_sizes(world: int, high_steps: int, steps: int) -> tuple[int, int]:
@@ -107,7 +101,7 @@ def run_split(pipe, requests: list[tuple[str, str, object]], on_done=None, progr
     times, in_flight = StageTimes(), []
     for i, (prompt, negative, s) in enumerate(requests):
         sched = pipe.scheduler(s)
-        n_high = high_noise_steps(sched.timesteps.tolist(), pipe.cfg.boundary)
+        n_high = high_noise_steps(pipe.cfg.boundary, s.steps, s.shift)
         t0 = time.time()
         if stage == 0:
             cond, uncond = pipe.encode_prompts(prompt, negative, s.guidance)
