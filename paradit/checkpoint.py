@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import torch
 
 from paradit.config import WanConfig
 from paradit.models.loading import (CheckpointError, TensorIndex, config_from_checkpoint, index_checkpoint,
-                                    load_transformer)
+                                    load_transformer, to_diffusers_name)
 
 log = logging.getLogger("paradit")
 
@@ -249,34 +248,6 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
 
 
 # ----------------------------------------------------------------------------- writing
-# original Wan name -> diffusers name (the inverse of paradit.models.loading's map), in order.
-_ORIGINAL_TO_DIFFUSERS = [
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^head\.modulation$", "scale_shift_table"),
-    (r"^head\.head\.", "proj_out."),
-    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
-    (r"\.self_attn\.o\.", ".attn1.to_out.0."),
-    (r"\.cross_attn\.o\.", ".attn2.to_out.0."),
-    (r"\.self_attn\.([qkv])\.", r".attn1.to_\1."),
-    (r"\.cross_attn\.([qkv])\.", r".attn2.to_\1."),
-    (r"\.self_attn\.norm_", ".attn1.norm_"),
-    (r"\.cross_attn\.norm_", ".attn2.norm_"),
-    (r"^(blocks\.\d+)\.norm3\.", r"\1.norm2."),
-    (r"\.ffn\.0\.", ".ffn.net.0.proj."),
-    (r"\.ffn\.2\.", ".ffn.net.2."),
-]
-
-
-def to_diffusers_name(name: str) -> str:
-    for pattern, repl in _ORIGINAL_TO_DIFFUSERS:
-        name = re.sub(pattern, repl, name)
-    return name
-
-
 def save_diffusers_layout(model, folder: str | Path, max_shard_bytes: int | None = None) -> None:
     """Write a paradit WanTransformer as diffusers writes WanTransformer3DModel: config.json and
     safetensors with diffusers' names, sharded with an index when max_shard_bytes is given."""

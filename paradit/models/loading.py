@@ -21,25 +21,28 @@ from safetensors import safe_open
 from paradit.config import PRESETS, WanConfig
 from paradit.models.transformer import WanTransformer
 
-# diffusers name -> original Wan name (WAN_SPEC.md), applied in order.
-_DIFFUSERS_TO_ORIGINAL = [
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"\.scale_shift_table$", ".modulation"),
-    (r"\.attn1\.to_out\.0\.", ".self_attn.o."),
-    (r"\.attn2\.to_out\.0\.", ".cross_attn.o."),
-    (r"\.attn1\.to_([qkv])\.", r".self_attn.\1."),
-    (r"\.attn2\.to_([qkv])\.", r".cross_attn.\1."),
-    (r"\.attn1\.norm_", ".self_attn.norm_"),
-    (r"\.attn2\.norm_", ".cross_attn.norm_"),
-    (r"^(blocks\.\d+)\.norm2\.", r"\1.norm3."),  # diffusers' norm2 is the affine cross-attn norm
-    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
-    (r"\.ffn\.net\.2\.", ".ffn.2."),
+# (diffusers, original Wan) parameter-name prefixes (WAN_SPEC.md), one table read both ways: a name
+# is renamed by the first pair whose side is a prefix of it (inside a block: of what follows
+# `blocks.N.`), and left as it is when none is.
+_TOP_NAMES = [
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("scale_shift_table", "head.modulation"),
+    ("proj_out.", "head.head."),
+]
+_BLOCK_NAMES = [
+    ("scale_shift_table", "modulation"),
+    ("attn1.to_out.0.", "self_attn.o."),
+    ("attn2.to_out.0.", "cross_attn.o."),
+    *[(f"attn{i}.to_{p}.", f"{attn}.{p}.") for i, attn in ((1, "self_attn"), (2, "cross_attn")) for p in "qkv"],
+    ("attn1.norm_", "self_attn.norm_"),
+    ("attn2.norm_", "cross_attn.norm_"),
+    ("norm2.", "norm3."),  # diffusers' norm2 is the affine cross-attn norm
+    ("ffn.net.0.proj.", "ffn.0."),
+    ("ffn.net.2.", "ffn.2."),
 ]
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 # Parameters of the Wan2.1 I2V image branch, which paradit does not implement (WAN_SPEC.md).
@@ -50,14 +53,26 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, or not the model it claims to be."""
 
 
+def _rename(name: str, src: int) -> str:
+    """src 0: diffusers -> original Wan name; src 1: the other way."""
+    block = re.match(r"blocks\.\d+\.", name)
+    head = block.group() if block else ""
+    for pair in _BLOCK_NAMES if block else _TOP_NAMES:
+        if name.startswith(pair[src], len(head)):
+            return head + pair[1 - src] + name[len(head) + len(pair[src]):]
+    return name
+
+
 def to_original_name(name: str) -> str:
     for prefix in _PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix):]
             break
-    for pattern, repl in _DIFFUSERS_TO_ORIGINAL:
-        name = re.sub(pattern, repl, name)
-    return name
+    return _rename(name, 0)
+
+
+def to_diffusers_name(name: str) -> str:
+    return _rename(name, 1)
 
 
 @dataclass
