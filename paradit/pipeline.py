@@ -208,11 +208,14 @@ class Pipeline:
         shape = self.cfg.latent_shape(s.width, s.height, s.frames)
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
 
+    def token_space(self, s: VideoSettings) -> "TokenSpace":
+        """The token space of a video with settings s (no noise is drawn)."""
+        return TokenSpace(self, token_grid(self.cfg.latent_shape(s.width, s.height, s.frames), self.cfg.patch))
+
     def initial_tokens(self, s: VideoSettings) -> tuple[torch.Tensor, "TokenSpace"]:
         """This rank's shard of the patchified noise, and the token space it lives in."""
-        noise = self.initial_noise(s)
-        space = TokenSpace(self, token_grid(noise.shape, self.cfg.patch))
-        tokens = patchify(noise[None], self.cfg.patch)[0]                # (L, P*C)
+        space = self.token_space(s)
+        tokens = patchify(self.initial_noise(s)[None], self.cfg.patch)[0]   # (L, P*C)
         start, end = self.runtime.token_range(space.num_tokens)
         x = conditioning.after_step(tokens[start:end].to(self.mesh.device), self.condition)  # TI2V: frame 0
         return x, space

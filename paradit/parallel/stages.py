@@ -10,6 +10,7 @@ low stage finishes request i, the high stage already runs request i+1 (pipelinin
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -151,10 +152,10 @@ def _handoff_recv(pipe, s, sched, n_high, me, split):
     cond = meta[:emb].view(1, cfg.text_len, cfg.text_dim).to(device)
     uncond = meta[emb:2 * emb].view(1, cfg.text_len, cfg.text_dim).to(device)
     started = meta[2 * emb:].cpu().view(torch.float64).item()
-    x0, space = pipe.initial_tokens(s)  # shapes and the token space only; values come from the high stage
+    space = pipe.token_space(s)
     n_state = 1 + sched.num_state_tensors(n_high)
     shard = pipe.runtime.token_range(space.num_tokens)
-    state = recv_state((n_state, x0.shape[1]), shard, transfer_plan(space.num_tokens, split), me,
-                       torch.float32, device)
+    dim = math.prod(cfg.patch) * cfg.z_dim  # features per token (P*C)
+    state = recv_state((n_state, dim), shard, transfer_plan(space.num_tokens, split), me, torch.float32, device)
     sched.load_state_tensors(n_high, list(state[1:]))
     return state[0], space, sched, cond, uncond, started
