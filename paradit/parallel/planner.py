@@ -208,20 +208,14 @@ def chords_rounds(cores: int, steps: int) -> int | None:
 
 
 def chords_core_experts(m: WanConfig, cores: int, steps: int) -> list[int]:
-    """How many experts each CHORDS core must hold to reach the first hit.
-
-    Core c evaluates indices i_c .. i_c + rounds - 1 - c (it starts one round after core c-1);
-    an index < high_noise_steps needs the high-noise expert, the others the low-noise one.
-    """
+    """How many experts each CHORDS core must hold to reach the first hit: an index below
+    high_noise_steps needs the high-noise expert, the others the low-noise one."""
     if m.num_experts == 1 or cores == 1:
         return [m.num_experts] * cores
-    init, rounds = chords_init(cores, steps), chords_rounds(cores, steps)
+    from paradit.schedulers.chords import core_indices
     n_high = high_noise_steps(m.boundary, steps, m.shift)
-    held = []
-    for c, start in enumerate(init):
-        last = min(steps - 1, start + rounds - 1 - c)
-        held.append(int(start < n_high) + int(last >= n_high))
-    return held
+    visited = core_indices(chords_init(cores, steps), steps, chords_rounds(cores, steps))
+    return [len({i >= n_high for i in idx if i < steps}) for idx in visited]
 
 
 # ---------------------------------------------------------------------------------------------
