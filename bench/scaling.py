@@ -546,7 +546,7 @@ def predict(point: dict, cfg: WanConfig, opts: dict, spec: pl.GPUSpec, cal: pl.C
     c = point["config"]
     p = pl.make_problem(cfg, point["world"], spec, opts["width"], opts["height"], opts["frames"],
                         opts["sample_steps"], cal, guidance=point["measure"] == "step")
-    cand = pl.evaluate(p, pl.Layout(c["ulysses"], c["ring"], c["cfg"], c["chords"], c["dp"]))
+    cand = pl.evaluate(p, ParallelConfig(c["ulysses"], c["ring"], c["cfg"], c["chords"], c["dp"]))
     if not math.isfinite(cand.step_s):
         return dict(step_s=None, reason=cand.reason)
     s = cand.breakdown["step"]

@@ -53,7 +53,6 @@ from paradit.config import WanConfig
 from paradit.parallel.layout import ParallelConfig, Stage, auto_sp
 from paradit.schedulers.schedule import high_noise_steps
 
-Layout = ParallelConfig   # the planner's former name for it, still used by bench/ (see bench/README.md)
 
 GB = 1e9
 TEXT_ENCODER_PARAMS = 5.7e9          # umT5-XXL encoder, held in bf16
