@@ -33,8 +33,9 @@ timestep and text embeddings):
 Measures (--measure, default both):
   forward  one expert forward, batch 1: the full latent in, the full output on every rank. paradit:
            parallelize(model, mesh), which shards the tokens and all-gathers the output; xfuser: its
-           wrapper, which chunks the sequence (zero-padding it to a multiple of the sp degree) and
-           all-gathers the output; diffusers: the model.
+           wrapper, which chunks the sequence (zero-padding it to a multiple of the sp degree; the
+           padded keys then take part in attention, which the rel err column shows where the tokens do
+           not divide) and all-gathers the output; diffusers: the model.
   step     one guided velocity (cond + uncond, then the CFG combine) as each library runs it in its
            pipeline. paradit: bench/scaling.py's measure_point unchanged: Runtime.velocity on the rank's
            token shard, cond and uncond batched, plus the Euler update (so its comm share and bytes
@@ -82,8 +83,7 @@ from paradit.checkpoint import to_diffusers_name  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import patchify, unpatchify  # noqa: E402
 from paradit.parallel.collectives import TRAFFIC  # noqa: E402
-from paradit.parallel.mesh import ParallelConfig, init_parallel  # noqa: E402
-from paradit.parallel.runtime import Runtime, parallelize  # noqa: E402
+from paradit.parallel import ParallelConfig, Runtime, init_parallel, parallelize  # noqa: E402
 
 LIBRARIES = ("paradit", "diffusers", "xfuser")   # the order of rows in a world: paradit's single ones first
 DEFAULT_LAYOUTS = "U,R,U2R"
