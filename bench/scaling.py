@@ -557,7 +557,8 @@ def predict(point: dict, cfg: WanConfig, opts: dict, spec: pl.GPUSpec, cal: pl.C
 
 
 def fit_calibration(points: list[dict], base: pl.Calibration, fit_world_max: int) -> dict:
-    """Two factors, each the median over points of measured / predicted (base calibration):
+    """Two factors, each the median over points of measured / predicted; `base` must be the
+    calibration the predictions were made with, per-GPU entry applied (Calibration.for_gpu):
 
       compute  s = (predicted compute + LSE merges) / (measured compute-only - predicted launches);
                matmul, attention and elementwise efficiencies are multiplied by s.
@@ -878,8 +879,9 @@ def main(argv=None) -> int:
     for p in records:
         p["predicted"] = predict(p, cfg, opts, spec, base)
     attach_speedups(records, opts["sample_steps"])
-    fit = fit_calibration(records, base, cpu_cores() if device_type == "cpu" else 10**6)
-    fitted = dataclasses.replace(base.for_gpu(spec.name), **fit["factors"])
+    used = base.for_gpu(spec.name)      # the factors the predictions were made with (make_problem's)
+    fit = fit_calibration(records, used, cpu_cores() if device_type == "cpu" else 10**6)
+    fitted = dataclasses.replace(used, **fit["factors"])
     for p in records:
         p["predicted_fit"] = predict(p, cfg, opts, spec, fitted)
     extra = extrapolate(records, cfg, full_cfg, opts)
