@@ -2,6 +2,12 @@
 
     python bench/chords.py                        # demo model if its weights ship, else tiny
     python bench/chords.py --model tiny --steps 24 --cores 2,4,8
+    python bench/chords.py --model wan2.2-t2v-a14b --layers 2 --size 832x480 --frames 33   # GPU, full width
+
+Any other preset runs its full-width architecture with random bf16 weights (two experts of --layers
+blocks each, seeds 0 and 1; random text embeddings; no VAE, so PSNR is null and only the latent
+RMSE is reported), on CUDA when there is a GPU: the distances then show how CHORDS' hits agree
+with the sequential solve on that architecture's velocity field in bf16, not image quality.
 
 For K cores and each of a few initialisation sequences, the pure algorithm
 (paradit.schedulers.chords.Chords) runs with a velocity function built from the pipeline's
@@ -52,6 +58,21 @@ PROMPT, NEGATIVE = "a red circle moving right", ""
 TINY_VIDEO = ((128, 128), 17)   # tiny's own 64x64x9 is 48 tokens: NFEs too short to time against the controller
 
 
+def random_pipeline(name: str, layers: int, device: torch.device):
+    """A preset's architecture cut to `layers` blocks, random weights (bf16 on CUDA), no text encoder
+    or VAE: (pipeline, short note, full note)."""
+    from paradit.config import WanConfig
+    from paradit.parallel.mesh import single_device_mesh
+    from paradit.pipeline import Pipeline
+    from scaling import build_model
+    cfg = WanConfig.preset(name).replace(num_layers=layers)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    experts = [build_model(cfg, device, dtype, seed=k) for k in range(cfg.num_experts)]
+    pipe = Pipeline(cfg, experts, None, None, mesh=single_device_mesh(device))
+    short = f"{name} ({layers} blocks per expert), random {str(dtype).split('.')[-1]} weights"
+    return pipe, short, short + ": distances show solver agreement on this architecture, not image quality"
+
+
 def load_pipeline(name: str):
     """(pipeline, short note, full note): the demo model when asked and available, else tiny."""
     from paradit.pipeline import Pipeline
@@ -89,8 +110,13 @@ def make_problem(pipe, steps: int, seed: int, size: tuple[int, int] | None, fram
     cfg = pipe.cfg
     w, h = size or (None, None)
     s = VideoSettings.resolve(cfg, w, h, frames, steps, seed=seed, sampler="euler")
-    cond, uncond = pipe.encode_prompts(PROMPT, NEGATIVE, s.guidance)
-    noise = pipe.initial_noise(s)                                    # (C, F, H, W)
+    if pipe.text_encoder is None:                                    # random weights: random text too
+        g = torch.Generator().manual_seed(seed)
+        text = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g).to(pipe.mesh.device)
+        cond, uncond = text[:1], text[1:]
+    else:
+        cond, uncond = pipe.encode_prompts(PROMPT, NEGATIVE, s.guidance)
+    noise = pipe.initial_noise(s).to(pipe.mesh.device)               # (C, F, H, W)
     grid = token_grid(noise.shape, cfg.patch)
     x0 = patchify(noise[None], cfg.patch)[0]                         # (L, P*C)
     return Problem(pipe, x0, grid, cond, uncond, wan_sigmas(steps, s.shift),
@@ -98,12 +124,16 @@ def make_problem(pipe, steps: int, seed: int, size: tuple[int, int] | None, fram
 
 
 def nfe(prob: Problem, index: int, x: torch.Tensor) -> torch.Tensor:
-    """The guided velocity at grid index `index`, as the pipeline computes a step's."""
+    """The guided velocity at grid index `index`, as the pipeline computes a step's (finished on
+    return: on CUDA the host waits, so that wall clocks around it time the work)."""
     t = prob.timesteps[index]
     k = prob.pipe.expert_for(t)
     g = prob.guidance[k]
-    return prob.pipe.runtime.velocity(prob.pipe.experts[k], x, torch.tensor(float(t)), prob.cond,
-                                      prob.uncond if g != 1.0 else None, g, prob.grid)
+    v = prob.pipe.runtime.velocity(prob.pipe.experts[k], x, torch.tensor(float(t), device=x.device), prob.cond,
+                                   prob.uncond if g != 1.0 else None, g, prob.grid)
+    if v.is_cuda:
+        torch.cuda.synchronize(v.device)
+    return v
 
 
 def to_latent(prob: Problem, tokens: torch.Tensor) -> torch.Tensor:
@@ -170,7 +200,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
 
 def decode(prob: Problem, tokens: torch.Tensor) -> torch.Tensor | None:
     vae = prob.pipe.vae
-    return None if vae is None else vae.decode(to_latent(prob, tokens))
+    return None if vae is None else vae.decode(to_latent(prob, tokens).cpu())
 
 
 def measure(prob: Problem, cores: list[int], repeats: int) -> tuple[dict, list[dict]]:
@@ -190,6 +220,7 @@ def measure(prob: Problem, cores: list[int], repeats: int) -> tuple[dict, list[d
                                  emulated_s=statistics.median(run[j]["emulated_s"] for _, run in pairs),
                                  measured_speedup=statistics.median(t / run[j]["emulated_s"] for t, run in pairs),
                                  latent_rmse=(to_latent(prob, hit["x"]) - seq_latent).pow(2).mean().sqrt().item(),
+                                 decoded=frames is not None,
                                  psnr_db=None if frames is None else psnr(frames, seq_frames)))
     reference = dict(steps=prob.steps, nfe=prob.steps, seconds=statistics.median(seq_times),
                      min_s=min(seq_times), max_s=max(seq_times), runs=len(seq_times))
@@ -204,6 +235,7 @@ def table(rows: list[dict]) -> str:
         out.append((str(r["cores"]), f"{r['init_name']} {r['init']}",
                     "preview" if r["preview"] else f"core {r['core']}", str(r["round"]), str(r["nfe"]),
                     f"{r['ideal_speedup']:.2f}", f"{r['measured_speedup']:.2f}", f"{r['latent_rmse']:.3g}",
+                    "- (no VAE)" if not r.get("decoded", True) else
                     "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"))
     widths = [max(len(x[i]) for x in out) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in out)
@@ -234,7 +266,13 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
                 ylabel=f"RMSE (exact hits drawn at {floor:g})", yscale="log", xscale="log")
     ax_psnr.set(title=f"PSNR of decoded frames (identical frames drawn at {top:.0f} dB)",
                 xlabel="measured speedup (K devices emulated in one process)", ylabel="PSNR, dB", xscale="log")
-    for ax in (ax_rmse, ax_psnr):
+    decoded = any(r.get("decoded", True) for r in rows)
+    if not decoded:
+        ax_psnr.clear()
+        ax_psnr.set_axis_off()
+        ax_psnr.text(0.5, 0.5, "no VAE with these random weights:\nno frames decoded, latent RMSE only",
+                     ha="center", va="center", transform=ax_psnr.transAxes)
+    for ax in (ax_rmse, ax_psnr) if decoded else (ax_rmse,):
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
         ax.grid(True, which="both", alpha=0.3)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -252,7 +290,9 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="demo", help="demo (falls back to tiny if unavailable) or tiny")
+    ap.add_argument("--model", default="demo", help="demo (falls back to tiny if unavailable), tiny, or any "
+                                                    "preset (its architecture with random weights, see above)")
+    ap.add_argument("--layers", type=int, default=2, help="blocks per expert of a random-weight preset")
     ap.add_argument("--steps", type=int, default=24, help="grid steps N (Euler)")
     ap.add_argument("--cores", default="2,4,8", help="K values")
     ap.add_argument("--size", help="WIDTHxHEIGHT (default: the preset's)")
@@ -261,10 +301,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="results folder (default: bench/results)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     logging.getLogger("paradit").setLevel(logging.WARNING)
-
-    pipe, short, note = load_pipeline(args.model)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.model not in ("demo", "tiny") else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if args.model in ("demo", "tiny"):
+        pipe, short, note = load_pipeline(args.model)
+    else:
+        pipe, short, note = random_pipeline(args.model, args.layers, device)
     size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
     if pipe.cfg.name == "tiny":
         size, args.frames = size or TINY_VIDEO[0], args.frames or TINY_VIDEO[1]
@@ -282,16 +326,18 @@ def main(argv=None) -> int:
     print(f"sequential Euler: {reference['seconds'] * 1e3:.1f} ms ({prob.steps} NFEs); last hits vs it: "
           f"max latent RMSE {exact:.3g}")
     print(table(rows))
-    tag = machine_tag("cpu")
+    tag = machine_tag(device.type)
     result = dict(what="chords", date=time.strftime("%Y-%m-%d"), machine=tag, machine_description=
-                  machine_description("cpu"), environment=environment(), model=cfg.name, note=note,
+                  machine_description(device.type), environment=environment(), model=cfg.name, note=note,
                   settings=dict(steps=prob.steps, tokens=prob.x0.shape[0], shift=cfg.shift, guidance=prob.guidance,
-                                seed=args.seed, repeats=args.repeats, threads=1),
+                                seed=args.seed, repeats=args.repeats, device=device.type,
+                                threads=1 if device.type == "cpu" else None),
                   sequential=reference, last_hit_max_rmse_vs_sequential=exact, method=__doc__, hits=rows,
                   wall_s=time.time() - t0)
     json_path = write_json(results_path("chords", "json", args.out, tag), result)
     png_path = results_path("chords", "png", args.out, tag)
-    plot(rows, f"CHORDS on {machine_description('cpu')} [{tag}], one process, 1 thread\n{settings}", png_path)
+    where = "one process, 1 thread" if device.type == "cpu" else "one process, one GPU"
+    plot(rows, f"CHORDS on {machine_description(device.type)} [{tag}], {where}\n{settings}", png_path)
     print(f"wrote {json_path} and {png_path}")
     return 0
 
