@@ -75,7 +75,7 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
 from launcher import environment, has_cuda, machine_description, machine_tag, results_path, run_world, write_json  # noqa: E402
-from scaling import (_speed_check, build_model, drift_notes, extrapolate, make_inputs,  # noqa: E402
+from scaling import (_speed_check, add_run_args, build_model, drift_notes, extrapolate, make_inputs,  # noqa: E402
                      measure_point, merge_ranks, model_config, options, parse_layout, peak_memory_mb,
                      plan_points, reset_memory, timed)
 
@@ -437,23 +437,9 @@ def versions() -> dict:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--preset", help="model preset (default: tiny on CPU, wan2.2-t2v-a14b on GPU)")
-    ap.add_argument("--size", help="WIDTHxHEIGHT of the video (default: 256x256 CPU, 1280x720 GPU)")
-    ap.add_argument("--frames", type=int, help="video frames (default: 65 CPU, 81 GPU)")
-    ap.add_argument("--layers", type=int, help="shrink the model to this many blocks, times extrapolated per "
-                                               "layer; 0 = the preset's depth (default: 4 on GPU, 0 on CPU)")
+    add_run_args(ap)
     ap.add_argument("--layouts", help=f"comma-separated U / R / SP layouts, scaling.py's syntax (default {DEFAULT_LAYOUTS})")
-    ap.add_argument("--worlds", default="1,2,4,8", help="world sizes; those above the device count are skipped")
     ap.add_argument("--measure", default="forward,step", help="forward (one expert) and/or step (guided velocity)")
-    ap.add_argument("--steps", type=int, help="timed calls per row")
-    ap.add_argument("--warmup", type=int, help="untimed calls per row (the first is timed apart)")
-    ap.add_argument("--sample-steps", type=int, help="denoising steps of a request (default: the preset's)")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--stat", choices=("median", "min"), default="median",
-                    help="statistic of the timed calls behind every derived number; min suits a shared machine")
-    ap.add_argument("--out", help="results folder (default: bench/results)")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per world launch")
     return ap.parse_args(argv)
 
 

@@ -750,30 +750,35 @@ def plot_single_world(points: list[dict], title: str, path: Path) -> None:
 
 
 # ============================================================================ the command
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The knobs every model benchmark here shares (scaling.py, peers.py): model, video, worlds, timing."""
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--preset", help="model preset (default: tiny on CPU, wan2.2-t2v-a14b on GPU)")
     ap.add_argument("--size", help="WIDTHxHEIGHT of the video (default: 256x256 CPU, 1280x720 GPU)")
     ap.add_argument("--frames", type=int, help="video frames (default: 65 CPU, 81 GPU)")
     ap.add_argument("--layers", type=int, help="shrink the model to this many blocks, times extrapolated per "
                                                "layer; 0 = the preset's depth (default: 4 on GPU, 0 on CPU)")
-    ap.add_argument("--layouts", help="comma-separated layouts (see the module docstring)")
     ap.add_argument("--worlds", default="1,2,4,8", help="world sizes; those above the device count are skipped")
-    ap.add_argument("--backends", default="auto",
-                    help="attention backends, e.g. flash,sdpa (unavailable: skipped); a '+compile' suffix "
-                         "(sdpa+compile) times the same with every block torch.compile'd (paradit.compile)")
-    ap.add_argument("--measure", default="step", help="step (guided denoising step) and/or forward (one expert)")
-    ap.add_argument("--steps", type=int, help="timed steps per point")
-    ap.add_argument("--warmup", type=int, help="untimed steps per point")
+    ap.add_argument("--steps", type=int, help="timed steps (calls) per point")
+    ap.add_argument("--warmup", type=int, help="untimed steps per point (the first is timed apart)")
     ap.add_argument("--sample-steps", type=int, help="denoising steps of a request (default: the preset's)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="statistic of the timed steps behind every derived number; min suits a shared machine")
-    ap.add_argument("--calibration", help="calibration JSON for the planner (default: the shipped one)")
-    ap.add_argument("--write-calibration", metavar="PATH", help="write fitted factors for load_calibration")
     ap.add_argument("--out", help="results folder (default: bench/results)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per world launch")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_run_args(ap)
+    ap.add_argument("--layouts", help="comma-separated layouts (see the module docstring)")
+    ap.add_argument("--backends", default="auto",
+                    help="attention backends, e.g. flash,sdpa (unavailable: skipped); a '+compile' suffix "
+                         "(sdpa+compile) times the same with every block torch.compile'd (paradit.compile)")
+    ap.add_argument("--measure", default="step", help="step (guided denoising step) and/or forward (one expert)")
+    ap.add_argument("--calibration", help="calibration JSON for the planner (default: the shipped one)")
+    ap.add_argument("--write-calibration", metavar="PATH", help="write fitted factors for load_calibration")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results JSON (e.g. a GPU run's)")
     return ap.parse_args(argv)
 
