@@ -26,6 +26,7 @@ from paradit.parallel.mesh import Mesh, ParallelConfig, init_parallel
 from paradit.parallel.requests import decode_group, is_encoder_rank, request_group
 from paradit.parallel.runtime import Runtime
 from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler
+from paradit.schedulers.schedule import expert_at
 
 log = logging.getLogger("paradit")
 SAMPLERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler}
@@ -116,9 +117,7 @@ class Pipeline:
     # ------------------------------------------------------------------ generation
     def expert_for(self, t: int) -> int:
         """0 = high-noise expert (t >= boundary * 1000), 1 = low-noise expert."""
-        if self.cfg.boundary is None:
-            return 0
-        return 0 if t >= self.cfg.boundary * 1000 else 1
+        return expert_at(self.cfg.boundary, t)
 
     @torch.no_grad()
     def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,

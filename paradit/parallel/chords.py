@@ -18,6 +18,7 @@ from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import all_gather_equal
 from paradit.schedulers import wan_sigmas, wan_timesteps
 from paradit.schedulers.chords import Chords, Hit, core_indices, init_sequence, validate_init
+from paradit.schedulers.schedule import expert_at
 
 log = logging.getLogger("paradit")
 
@@ -75,8 +76,7 @@ def experts_per_core(boundary: float | None, steps: int, shift: float, init: lis
     ts = wan_timesteps(steps, shift).tolist()
     ch = Chords(wan_sigmas(steps, shift), init)
     rounds = ch.rounds_for(stop)  # None (residual rule): any round may run
-    expert = (lambda t: 0) if boundary is None else (lambda t: 0 if t >= boundary * 1000 else 1)
-    return [{expert(ts[i]) for i in idx if i < steps} for idx in core_indices(init, steps, rounds)]
+    return [{expert_at(boundary, ts[i]) for i in idx if i < steps} for idx in core_indices(init, steps, rounds)]
 
 
 @dataclass

@@ -53,9 +53,12 @@ def wan_timestep_list(steps: int, shift: float, num_train_timesteps: int = 1000)
     return [int(s * num_train_timesteps) for s in wan_sigma_list(steps, shift, num_train_timesteps)[:-1]]
 
 
+def expert_at(boundary: float | None, t: float) -> int:
+    """The expert that denoises timestep t: 0 = high noise (t >= boundary * 1000), 1 = low noise;
+    always 0 for a one-expert model (boundary None)."""
+    return 0 if boundary is None or t >= boundary * 1000 else 1
+
+
 def high_noise_steps(boundary: float | None, steps: int, shift: float) -> int:
-    """How many leading steps run the high-noise expert (t >= boundary * 1000): all of them when the
-    model has one expert (boundary None)."""
-    if boundary is None:
-        return steps
-    return sum(t >= boundary * 1000 for t in wan_timestep_list(steps, shift))
+    """How many leading steps run the high-noise expert: all of them for a one-expert model."""
+    return sum(expert_at(boundary, t) == 0 for t in wan_timestep_list(steps, shift))
