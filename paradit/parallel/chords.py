@@ -17,8 +17,8 @@ import torch
 from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import all_gather_equal
 from paradit.schedulers import wan_sigmas, wan_timesteps
-from paradit.schedulers.chords import Chords, Hit, core_indices, init_sequence, validate_init
-from paradit.schedulers.schedule import expert_at
+from paradit.schedulers.chords import Chords, Hit, core_experts, init_sequence, validate_init
+from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")
 
@@ -73,10 +73,8 @@ def parse_init(text: str | None) -> tuple[int, ...] | None:
 def experts_per_core(boundary: float | None, steps: int, shift: float, init: list[int],
                      stop) -> list[set[int]]:
     """Which experts (0 = high noise, 1 = low noise) each core ever evaluates, from the static schedule."""
-    ts = wan_timesteps(steps, shift).tolist()
-    ch = Chords(wan_sigmas(steps, shift), init)
-    rounds = ch.rounds_for(stop)  # None (residual rule): any round may run
-    return [{expert_at(boundary, ts[i]) for i in idx if i < steps} for idx in core_indices(init, steps, rounds)]
+    rounds = Chords(wan_sigmas(steps, shift), init).rounds_for(stop)  # None (residual rule): any round may run
+    return core_experts(init, steps, rounds, high_noise_steps(boundary, steps, shift))
 
 
 @dataclass
@@ -96,7 +94,7 @@ def chords_denoise(pipe, settings: ChordsSettings, s, x: torch.Tensor, cond, unc
 
     on_hit(hit, x_shard) is called for every hit (preview included) as it arrives.
     """
-    mesh, runtime = pipe.mesh, pipe.runtime
+    mesh = pipe.mesh
     init = settings.resolve_init(s.steps)
     sigmas, ts = wan_sigmas(s.steps, s.shift), wan_timesteps(s.steps, s.shift).tolist()
     ch = Chords(sigmas, init)

@@ -202,8 +202,9 @@ def chords_rounds(cores: int, steps: int) -> int | None:
     """Rounds to CHORDS' first hit: (K - 1) + (N - i_{K-1}); `steps` when cores == 1."""
     if cores == 1:
         return steps
+    from paradit.schedulers.chords import rounds_to_first_hit
     init = chords_init(cores, steps)
-    return None if init is None else (cores - 1) + (steps - init[-1])
+    return None if init is None else rounds_to_first_hit(init, steps)
 
 
 def chords_core_experts(m: WanConfig, cores: int, steps: int) -> list[int]:
@@ -211,10 +212,10 @@ def chords_core_experts(m: WanConfig, cores: int, steps: int) -> list[int]:
     high_noise_steps needs the high-noise expert, the others the low-noise one."""
     if m.num_experts == 1 or cores == 1:
         return [m.num_experts] * cores
-    from paradit.schedulers.chords import core_indices
-    n_high = high_noise_steps(m.boundary, steps, m.shift)
-    visited = core_indices(chords_init(cores, steps), steps, chords_rounds(cores, steps))
-    return [len({i >= n_high for i in idx if i < steps}) for idx in visited]
+    from paradit.schedulers.chords import core_experts
+    held = core_experts(chords_init(cores, steps), steps, chords_rounds(cores, steps),
+                        high_noise_steps(m.boundary, steps, m.shift))
+    return [len(e) for e in held]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,6 +181,12 @@ def core_indices(init: Sequence[int], num_steps: int, rounds: int | None = None)
     return out
 
 
+def core_experts(init: Sequence[int], num_steps: int, rounds: int | None, high_steps: int) -> list[set[int]]:
+    """The Wan2.2 experts each core evaluates: 0 (high noise) for grid indices below high_steps,
+    1 (low noise) for the rest; the timesteps fall monotonically, so the index decides."""
+    return [{int(i >= high_steps) for i in idx if i < num_steps} for idx in core_indices(init, num_steps, rounds)]
+
+
 def hit_rounds(init: Sequence[int], num_steps: int) -> list[tuple[int, int]]:
     """(core, round) of each real hit, in the order run() yields them: fastest core first."""
     return sorted(((c, c + num_steps - i) for c, i in enumerate(init)), key=lambda h: (h[1], -h[0]))
