@@ -20,7 +20,6 @@ Results: bench/results/<date>_<machine>_attention.json and the printed table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
 
-from paradit.models.attention import math_attention_lse  # noqa: E402
+from paradit.models.attention import (_flash_module, cudnn_attention_lse, efficient_attention_lse,  # noqa: E402
+                                      flash_attention_lse, math_attention_lse, sdpa_cpu_attention_lse)
 
 
 def _bhsd(*ts):
@@ -51,34 +51,10 @@ def _sdpa(q, k, v):
     return next(_bhsd(F.scaled_dot_product_attention(*_bhsd(q, k, v)))), None
 
 
-def _lse_efficient(q, k, v):
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(*_bhsd(q, k, v), None, True)[:2]
-    return next(_bhsd(out)), lse[..., : q.shape[1]]
-
-
 def _lse_flash(q, k, v):
+    """torch's own flash kernel (FA2) with LSE: not one paradit calls, measured for comparison."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(*_bhsd(q, k, v))[:2]
     return next(_bhsd(out)), lse
-
-
-def _lse_cudnn(q, k, v):
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(*_bhsd(q, k, v), None, True)[:2]
-    return next(_bhsd(out)), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
-
-
-def _lse_cpu_flash(q, k, v):
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_bhsd(q, k, v))[:2]
-    return next(_bhsd(out)), lse
-
-
-def _flash_attn(q, k, v):
-    if importlib.util.find_spec("flash_attn_interface"):
-        from flash_attn_interface import flash_attn_func
-        out, lse = flash_attn_func(q, k, v)[:2]
-        return out, lse
-    from flash_attn import flash_attn_func
-    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
-    return out, lse
 
 
 def candidates(device: torch.device) -> dict:
@@ -89,13 +65,13 @@ def candidates(device: torch.device) -> dict:
         out |= {"sdpa pinned flash": (_sdpa_pinned(SDPBackend.FLASH_ATTENTION), "plain"),
                 "sdpa pinned cudnn": (_sdpa_pinned(SDPBackend.CUDNN_ATTENTION), "plain"),
                 "sdpa pinned efficient": (_sdpa_pinned(SDPBackend.EFFICIENT_ATTENTION), "plain"),
-                "lse efficient (aten)": (_lse_efficient, "lse"),
+                "lse efficient (aten)": (efficient_attention_lse, "lse"),
                 "lse flash (aten)": (_lse_flash, "lse"),
-                "lse cudnn (aten)": (_lse_cudnn, "lse")}
-        if importlib.util.find_spec("flash_attn_interface") or importlib.util.find_spec("flash_attn"):
-            out["flash-attn package"] = (_flash_attn, "lse")
+                "lse cudnn (aten)": (cudnn_attention_lse, "lse")}
+        if _flash_module() is not None:
+            out["flash-attn package"] = (flash_attention_lse, "lse")
     else:
-        out["lse cpu flash (aten)"] = (_lse_cpu_flash, "lse")
+        out["lse cpu flash (aten)"] = (sdpa_cpu_attention_lse, "lse")
         out["math fp32 (reference)"] = (lambda q, k, v: math_attention_lse(q, k, v), "lse")
     return out
 

@@ -38,19 +38,30 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)  # (B, S, H, D)
 
 
+def cudnn_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """CUDA, bf16/fp16: cuDNN's attention kernel with LSE."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)[:2]
+    return out.transpose(1, 2), lse.reshape(q.shape[0], q.shape[2], q.shape[1]).float()
+
+
+def efficient_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """CUDA, any float dtype: the efficient-attention kernel with LSE (exact, head_dim <= 256)."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        qt, kt, vt, None, compute_log_sumexp=True)[:2]
+    return out.transpose(1, 2), lse[..., : q.shape[1]].float()  # lse may be padded to 32
+
+
 def sdpa_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """CUDA SDPA with LSE: cuDNN's kernel in bf16/fp16, the efficient-attention kernel in fp32.
 
     On an H100 at the A14B 720p shape (75,600 tokens, 40 heads) cuDNN ran at 565 TFLOP/s and the
     efficient kernel at 179 (bench/attention_kernels.py), so Ring attention uses cuDNN where it can.
     """
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
     if q.dtype in (torch.bfloat16, torch.float16):
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True)[:2]
-        return out.transpose(1, 2), lse.reshape(q.shape[0], q.shape[2], q.shape[1]).float()
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        qt, kt, vt, None, compute_log_sumexp=True)[:2]
-    return out.transpose(1, 2), lse[..., : q.shape[1]].float()  # lse may be padded to 32
+        return cudnn_attention_lse(q, k, v)
+    return efficient_attention_lse(q, k, v)
 
 
 def sdpa_cpu_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
