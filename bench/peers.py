@@ -76,13 +76,11 @@ import torch.distributed as dist
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
 from launcher import environment, has_cuda, machine_description, machine_tag, results_path, run_world, write_json  # noqa: E402
 from scaling import (_speed_check, add_run_args, build_model, drift_notes, extrapolate, make_inputs,  # noqa: E402
-                     measure_point, merge_ranks, model_config, options, parse_layout, peak_memory_mb,
-                     plan_points, reset_memory, timed)
+                     measure_point, merge_ranks, model_config, options, parse_layout, plan_points, timed_calls)
 
 from paradit.checkpoint import to_diffusers_name  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import patchify, unpatchify  # noqa: E402
-from paradit.parallel.collectives import TRAFFIC  # noqa: E402
 from paradit.parallel import ParallelConfig, Runtime, init_parallel, parallelize  # noqa: E402
 
 LIBRARIES = ("paradit", "diffusers", "xfuser")   # the order of rows in a world: paradit's single ones first
@@ -152,16 +150,13 @@ def xfuser_setup(ulysses: int, ring: int, model):
     """xfuser's groups and runtime state for one layout, as its runner sets them up; the backend is the
     one this world already runs on (NCCL on GPU)."""
     from xfuser.config import xFuserArgs
-    from xfuser.core.distributed import (init_distributed_environment, initialize_model_parallel,
-                                         initialize_runtime_state, model_parallel_is_initialized)
-    from xfuser.core.distributed.parallel_state import destroy_model_parallel
+    from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel, initialize_runtime_state
 
     device = next(model.parameters()).device
     backend = "nccl" if device.type == "cuda" else "gloo"
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     init_distributed_environment(rank=rank, world_size=world, backend=backend)   # world 1: its own group
-    if model_parallel_is_initialized():
-        destroy_model_parallel()
+    xfuser_teardown()                                                            # the previous layout's groups
     initialize_model_parallel(ulysses_degree=ulysses, ring_degree=ring, sequence_parallel_degree=ulysses * ring,
                               backend=backend)
     engine_config, _ = xFuserArgs(model="paradit-peers", ulysses_degree=ulysses, ring_degree=ring).create_config()
@@ -203,17 +198,7 @@ def latent_call(cfg: WanConfig, inputs: dict, device, dtype) -> dict:
 
 def measure_calls(fn, opts: dict, device, attention: str) -> dict:
     """One rank's numbers for a callable, in the shape scaling.merge_ranks reads."""
-    with torch.no_grad():
-        first = timed(fn, 1, device)[0]
-        for _ in range(opts["warmup"] - 1):
-            fn()
-        mem_kind = reset_memory(device)
-        TRAFFIC.clear()
-        times = timed(fn, opts["steps"], device)
-        traffic = {op: [b / opts["steps"], c / opts["steps"]] for op, (b, c) in TRAFFIC.items()}
-        mem = peak_memory_mb(device)
-    return dict(times=times, compute=None, traffic=traffic, mem_mb=mem, mem_kind=mem_kind, attention=attention,
-                repeats=opts["steps"], rounds_per_repeat=1, first_call_s=first)
+    return timed_calls(fn, opts["steps"], opts["warmup"], device) | dict(attention=attention)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

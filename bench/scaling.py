@@ -366,23 +366,29 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
     else:
         step = make_step(runtime, model, inputs, point["measure"], device)
         repeats, warmup = opts["steps"], opts["warmup"]
+    out = timed_calls(step, repeats, warmup, device, per)
+    if pc.world_size > 1 and pc.world_size != pc.dp:      # something communicates
+        with torch.no_grad(), collectives_replaced():
+            step()                                        # warm the stand-ins' shapes
+            out["compute"] = [t / per for t in timed(step, repeats, device)]
+    return out | dict(attention=runtime.describe() + (", blocks torch.compile'd" if compiled else ""))
+
+
+def timed_calls(fn, repeats: int, warmup: int, device, per: int = 1) -> dict:
+    """One rank's raw numbers for fn, in the shape merge_ranks reads: the first call timed apart
+    (with +compile it builds the graphs), warmup - 1 more, then `repeats` timed calls with peak
+    memory and bytes moved; times and traffic divided by `per` (CHORDS: rounds per request)."""
     with torch.no_grad():
-        first = timed(step, 1, device)[0]           # with +compile: builds the graphs of this shape
+        first = timed(fn, 1, device)[0]
         for _ in range(warmup - 1):
-            step()
+            fn()
         mem_kind = reset_memory(device)
         TRAFFIC.clear()
-        times = [t / per for t in timed(step, repeats, device)]
+        times = [t / per for t in timed(fn, repeats, device)]
         traffic = {op: [b / (repeats * per), c / (repeats * per)] for op, (b, c) in TRAFFIC.items()}
         mem = peak_memory_mb(device)
-        compute = None
-        if pc.world_size > 1 and pc.world_size != pc.dp:      # something communicates
-            with collectives_replaced():
-                step()                                        # warm the stand-ins' shapes
-                compute = [t / per for t in timed(step, repeats, device)]
-    return dict(times=times, compute=compute, traffic=traffic, mem_mb=mem, mem_kind=mem_kind,
-                attention=runtime.describe() + (", blocks torch.compile'd" if compiled else ""),
-                repeats=repeats, rounds_per_repeat=per, first_call_s=first)
+    return dict(times=times, compute=None, traffic=traffic, mem_mb=mem, mem_kind=mem_kind, repeats=repeats,
+                rounds_per_repeat=per, first_call_s=first)
 
 
 def world_main(points: list[dict], opts: dict) -> list[dict] | None:
