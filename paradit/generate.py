@@ -56,6 +56,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/video.mp4")
     p.add_argument("--save-latents", action="store_true", help="also write the final latent (.safetensors)")
+    add_layout_args(p)
+    p.add_argument("--chords", type=int, default=1, help="CHORDS cores (parallel-in-time); one core group "
+                   "per core when the world has room, else the cores run in turn")
+    p.add_argument("--chords-init", help="start step of each core, e.g. 0,8,16,32 (default: the rule)")
+    p.add_argument("--chords-stop", default="hit:1", help="hit:M | residual:TAU | none")
+    p.add_argument("--chords-stream", action="store_true", help="write every hit as it arrives (out.hitN.mp4)")
+    p.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds")
+    p.add_argument("--check-finite", action="store_true", help="stop at the first NaN/Inf velocity, naming the step")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    """The device and layout flags, shared with the server (python -m paradit.serve)."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--attention", default="auto", help="auto, flash, sdpa, math")
     p.add_argument("--sp", type=int, help="sequence-parallel degree; picks ulysses x ring from the head count")
@@ -69,15 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", default="manual", choices=["manual", "auto"], help="auto: the planner picks the layout")
     p.add_argument("--gpu", choices=["h100", "h200", "b200"], help="GPU kind for the planner (default: detected)")
     p.add_argument("--force", action="store_true", help="run a layout the planner predicts will not fit")
-    p.add_argument("--chords", type=int, default=1, help="CHORDS cores (parallel-in-time); one core group "
-                   "per core when the world has room, else the cores run in turn")
-    p.add_argument("--chords-init", help="start step of each core, e.g. 0,8,16,32 (default: the rule)")
-    p.add_argument("--chords-stop", default="hit:1", help="hit:M | residual:TAU | none")
-    p.add_argument("--chords-stream", action="store_true", help="write every hit as it arrives (out.hitN.mp4)")
-    p.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds")
-    p.add_argument("--check-finite", action="store_true", help="stop at the first NaN/Inf velocity, naming the step")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:

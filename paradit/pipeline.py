@@ -59,6 +59,7 @@ class Pipeline:
                 self.runtime.bind(m)
         self.record = RunRecord()
         self.check_finite = False  # the optional per-step NaN/Inf guard
+        self.on_step = None        # on_step(step index, seconds) after each sampler step (the server's progress)
         self.request_group = request_group(self.mesh)  # collective: every rank builds its pipeline together
         self.condition = None                          # the image condition of the running request
         self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, compile.py)
@@ -236,6 +237,8 @@ class Pipeline:
                            timesteps[i], x)
             x = conditioning.after_step(x, self.condition)               # TI2V: frame 0 stays the image
             self.startup.setdefault("first_step_s", time.perf_counter() - t0)
+            if self.on_step is not None:
+                self.on_step(i, time.perf_counter() - t0)
         return x
 
     def velocity(self, s: VideoSettings, x: torch.Tensor, t: int, cond, uncond, grid, where: str):

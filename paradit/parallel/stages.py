@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,9 +95,12 @@ class StageTimes:
     spans: list[tuple[int, int, float, float]] = field(default_factory=list)
 
 
-def run_split(pipe, requests: list[tuple[str, str, object]], on_done=None, progress: bool = True):
+def run_split(pipe, requests: Iterable[tuple[str, str, object]], on_done=None, progress: bool = True):
     """Generate every request through the two stages; on_done(i, latent, latency_s) on the low
-    stage's ranks as each request finishes. Returns StageTimes of this rank."""
+    stage's ranks as each request finishes. Returns StageTimes of this rank.
+
+    requests may be any iterable that yields the same requests on every rank: each stage takes the
+    next one when it is ready for it, so a server feeds them as they arrive (paradit.serve)."""
     mesh = pipe.mesh
     split, stage, me = mesh.split, mesh.coords["stage"], dist.get_rank()
     times, in_flight = StageTimes(), []

@@ -1,0 +1,5 @@
+import sys
+
+from paradit.serve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""The engine side of the service: what every rank runs, and how commands reach it.
+
+Rank 0's scheduler posts each lane's commands as numbered keys in the job's store (the TCPStore
+every rank already shares; an in-process HashStore in a world of one). A lane is the group of
+ranks that runs a job together: one data-parallel replica, or the whole two-stage pipeline with
+split experts. Idle ranks poll their lane's next key; they never wait inside a collective, so an
+idle service never reaches the collective timeout, however long it idles. Ranks report back
+through the same store: `progress/SEQ/STAGE` after each denoising step, `done/SEQ` when the video
+is written (or why it failed), `mem/RANK` after each job.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from paradit.outputs import write_json, write_tensor, write_video
+from paradit.serve.schema import settings_of
+
+log = logging.getLogger("paradit")
+POLL_S = 0.05
+
+
+class Channel:
+    """JSON values under paradit/serve/ in a store shared by every rank."""
+
+    def __init__(self, store=None):
+        base = store if store is not None else (
+            dist.distributed_c10d._get_default_store() if dist.is_initialized() else dist.HashStore())
+        self.store = dist.PrefixStore("paradit/serve/", base)
+
+    def set(self, key: str, value) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def set_once(self, key: str, value) -> bool:
+        """Set key unless it exists (the first report of a failure wins); True if this one was set."""
+        text = json.dumps(value)
+        return self.store.compare_set(key, "", text).decode() == text
+
+    def get(self, key: str):
+        """The value, or None if the key is not there."""
+        return json.loads(self.store.get(key)) if self.store.check([key]) else None
+
+    def delete(self, *keys: str) -> None:
+        for k in keys:
+            self.store.delete_key(k)
+
+    def commands(self, lane: int):
+        """The commands of a lane, in order, until a stop (polling; never a collective)."""
+        n = 0
+        while True:
+            key = command_key(lane, n)
+            while not self.store.check([key]):
+                time.sleep(POLL_S)
+            cmd = json.loads(self.store.get(key))
+            if cmd["op"] == "stop":
+                return
+            yield cmd
+            n += 1
+
+
+def command_key(lane: int, n: int) -> str:
+    return f"lane{lane}/cmd{n}"
+
+
+class Worker:
+    """One rank's part of the service: take the lane's jobs, run them through the pipeline, write
+    the videos atomically into the state directory (from the output rank), report to the store."""
+
+    def __init__(self, pipe, channel: Channel, state_dir: Path, save_latents: bool = False):
+        self.pipe, self.channel, self.dir, self.save_latents = pipe, channel, Path(state_dir), save_latents
+        mesh = pipe.mesh
+        self.split = mesh.split is not None
+        self.stage = mesh.coords["stage"]
+        self.lane = 0 if self.split else mesh.rank("dp")
+        # the first rank of each stage of the lane reports its steps; the output rank the result
+        self.reporter = all(mesh.coords[a] == 0 for a in ("ulysses", "ring", "cfg", "chords"))
+        self.current: dict | None = None   # the command this rank is working on
+        self.steps: list[float] = []
+        pipe.on_step = self.on_step
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def run(self) -> None:
+        """Serve until rank 0 posts a stop."""
+        if self.split:
+            from paradit.parallel.stages import run_split
+            run_split(self.pipe, self.requests(), on_done=lambda i, latent, _: self.finish(latent), progress=False)
+            return
+        for cmd in self.channel.commands(self.lane):
+            self.begin(cmd)
+            s = settings_of(cmd["request"])
+            latent = self.pipe(cmd["request"]["prompt"], negative_prompt=cmd["request"]["negative_prompt"],
+                               output="latent", progress=False, **asdict(s))
+            self.finish(latent)
+
+    def requests(self):
+        """Split experts: the lane's commands as run_split's requests, taken as each stage is ready."""
+        for cmd in self.channel.commands(self.lane):
+            self.begin(cmd)
+            yield cmd["request"]["prompt"], cmd["request"]["negative_prompt"], settings_of(cmd["request"])
+
+    def begin(self, cmd: dict) -> None:
+        self.report_memory()  # after the previous job
+        self.current, self.steps, self.first_step_at = cmd, [], None
+
+    def on_step(self, i: int, seconds: float) -> None:
+        if not (self.reporter and self.current):
+            return
+        now = time.time()
+        self.first_step_at = self.first_step_at or now - seconds
+        self.steps.append(seconds)
+        self.channel.set(f"progress/{self.current['seq']}/{self.stage}",
+                         {"step": i + 1, "start": self.first_step_at, "end": now, "step_s": self.steps})
+
+    def finish(self, latent: torch.Tensor) -> None:
+        """Decode (every rank of the decode group) and, on the output rank, write and report."""
+        cmd, t0 = self.current, time.time()
+        video = self.pipe.decode(latent)
+        if self.pipe.mesh.is_output_rank:
+            path = self.dir / cmd["file"]
+            write_video(path, video.numpy(), self.pipe.cfg.fps)
+            if self.save_latents:
+                write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
+            write_json(path.with_suffix(".json"), {"id": cmd["id"], "request": cmd["request"],
+                                                   "layout": self.pipe.runtime.describe()})
+            self.channel.set(f"done/{cmd['seq']}", {"ok": True, "decode_s": time.time() - t0, "rank": self.rank})
+        self.current = None
+
+    def report_memory(self) -> None:
+        dev = self.pipe.mesh.device
+        cuda = dev.type == "cuda"
+        self.channel.set(f"mem/{self.rank}", {"allocated": torch.cuda.memory_allocated(dev) if cuda else 0,
+                                              "peak": torch.cuda.max_memory_allocated(dev) if cuda else 0})
+
+    def report_failure(self, message: str) -> None:
+        """Mark the job this rank was running failed (first report wins), before the service ends."""
+        if self.current is not None:
+            self.channel.set_once(f"done/{self.current['seq']}", {"ok": False, "error": message, "rank": self.rank})

@@ -1,0 +1,186 @@
+"""Durable job state: one SQLite database under --state-dir, written by rank 0 only.
+
+Every accepted job is committed before the client hears about it. A job is `queued` until the
+scheduler hands it to the engine (`in_progress`, its attempt counted), then `completed` (its video
+written first, atomically) or `failed` with a message. After a crash, `recover()` puts the jobs
+that were running back in the queue, unless they were already interrupted MAX_ATTEMPTS times
+(then they fail with that reason, so that a job that kills the service cannot do so forever).
+
+Ids are opaque random strings, looked up as query parameters; file names come from the row's own
+integer key, never from an id.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STATUSES = ("queued", "in_progress", "completed", "failed")
+MAX_ATTEMPTS = 2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT UNIQUE NOT NULL,
+    status       TEXT NOT NULL,
+    model        TEXT NOT NULL,
+    request      TEXT NOT NULL,   -- JSON: prompt, negative_prompt and the resolved video settings
+    created_at   REAL NOT NULL,
+    started_at   REAL,
+    completed_at REAL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    error        TEXT,
+    file         TEXT,            -- the video, relative to the state directory, once completed
+    timings      TEXT             -- JSON: stage spans and step times of the finished run
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    seq: int
+    id: str
+    status: str
+    model: str
+    request: dict
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    attempts: int
+    error: str | None
+    file: str | None
+    timings: dict | None
+
+    @property
+    def video_file(self) -> str:
+        """Where this job's video goes, relative to the state directory (from the row key only)."""
+        return f"videos/{self.seq:08d}.mp4"
+
+
+def _job(row) -> Job:
+    d = dict(row)
+    d["request"] = json.loads(d["request"])
+    d["timings"] = json.loads(d["timings"]) if d["timings"] else None
+    return Job(**d)
+
+
+class JobStore:
+    """The jobs table; every method is one transaction, safe to call from any thread."""
+
+    def __init__(self, state_dir: Path):
+        self.dir = Path(state_dir)
+        (self.dir / "videos").mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut, not only a kill
+        self.db.executescript(SCHEMA)
+        self.lock = threading.Lock()
+
+    def _run(self, sql: str, args=()) -> sqlite3.Cursor:
+        with self.lock:
+            return self.db.execute(sql, args)
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self.db.execute(sql, args)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    # ------------------------------------------------------------------ the API's side
+    def add(self, model: str, request: dict) -> Job:
+        """Insert a queued job and commit it; returns it with its new id."""
+        job_id = "video_" + secrets.token_hex(16)
+        self._run("INSERT INTO jobs (id, status, model, request, created_at) VALUES (?, 'queued', ?, ?, ?)",
+                  (job_id, model, json.dumps(request), time.time()))
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._run("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def list(self, limit: int, order: str = "desc", after: Job | None = None) -> list[Job]:
+        assert order in ("asc", "desc")
+        where, args = ("", ())
+        if after is not None:
+            where, args = ("WHERE seq > ?" if order == "asc" else "WHERE seq < ?"), (after.seq,)
+        rows = self._run(f"SELECT * FROM jobs {where} ORDER BY seq {order.upper()} LIMIT ?", (*args, limit))
+        return [_job(r) for r in rows.fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._run("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {s: 0 for s in STATUSES} | {s: n for s, n in rows}
+
+    def delete(self, job: Job, allowed: tuple[str, ...]) -> bool:
+        """Delete the row if its status is still one of `allowed` (checked in the same statement)."""
+        marks = ",".join("?" * len(allowed))
+        cur = self._run(f"DELETE FROM jobs WHERE seq = ? AND status IN ({marks})", (job.seq, *allowed))
+        return cur.rowcount == 1
+
+    # ------------------------------------------------------------------ the scheduler's side
+    def next_queued(self) -> Job | None:
+        """Take the oldest queued job: in_progress now, its attempt counted (one transaction)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is not None:
+                self.db.execute("UPDATE jobs SET status = 'in_progress', started_at = ?, attempts = attempts + 1 "
+                                "WHERE seq = ?", (time.time(), row["seq"]))
+                row = self.db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
+            self.db.execute("COMMIT")
+        return None if row is None else _job(row)
+
+    def complete(self, seq: int, file: str, timings: dict) -> None:
+        self._run("UPDATE jobs SET status = 'completed', completed_at = ?, file = ?, timings = ?, error = NULL "
+                  "WHERE seq = ?", (time.time(), file, json.dumps(timings), seq))
+
+    def fail(self, seq: int, message: str) -> None:
+        self._run("UPDATE jobs SET status = 'failed', completed_at = ?, error = ? WHERE seq = ?",
+                  (time.time(), message, seq))
+
+    def requeue(self, seq: int) -> None:
+        """Back in the queue without counting the attempt (the service stopped, the job did not fail)."""
+        self._run("UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(0, attempts - 1) "
+                  "WHERE seq = ? AND status = 'in_progress'", (seq,))
+
+    def recover(self, model: str, check) -> dict[str, int]:
+        """At start-up: settle what a crash or kill left behind. check(request) -> error message or
+        None validates a stored request against the model this service now runs."""
+        out = {"requeued": 0, "failed": 0, "missing": 0}
+        statements = []
+        for job in map(_job, self._run("SELECT * FROM jobs WHERE status IN ('queued', 'in_progress')").fetchall()):
+            if job.model != model:
+                message = f"accepted for model {job.model!r}, but the service restarted with {model!r}"
+            elif job.status == "in_progress" and job.attempts >= MAX_ATTEMPTS:
+                message = (f"the service stopped while running this job {job.attempts} times (killed or "
+                           f"crashed); it is not retried again")
+            else:
+                message = check(job.request)
+            if message is not None:
+                statements.append(("UPDATE jobs SET status = 'failed', completed_at = ?, error = ? WHERE seq = ?",
+                                   (time.time(), message, job.seq)))
+                out["failed"] += 1
+            elif job.status == "in_progress":
+                statements.append(("UPDATE jobs SET status = 'queued', started_at = NULL WHERE seq = ?", (job.seq,)))
+                out["requeued"] += 1
+        for job in map(_job, self._run("SELECT * FROM jobs WHERE status = 'completed'").fetchall()):
+            if not (self.dir / job.file).is_file():
+                statements.append(("UPDATE jobs SET status = 'failed', error = ? WHERE seq = ?",
+                                   (f"its video {job.file} is missing from the state directory", job.seq)))
+                out["missing"] += 1
+        self._transaction(statements)
+        return out
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()

@@ -1,0 +1,115 @@
+"""Run the service in a subprocess (one process, or torchrun with N): for tests and benchmarks.
+
+    with ServerProcess(["--experts", "split"], nproc=2, state_dir=tmp) as server:
+        httpx.get(server.url + "/health")
+
+It listens on 127.0.0.1 at a free port (--port 0; the address is read from the server's output),
+is given a deadline to become ready, and is always killed at the end (its whole process group).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from paradit.launch import free_port
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], nproc: int = 1, state_dir: str | Path = "outputs/serve",
+                 env: dict | None = None, ready_timeout_s: float = 180.0):
+        self.args, self.nproc, self.state_dir = list(args), nproc, Path(state_dir)
+        self.env, self.ready_timeout_s = env or {}, ready_timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self._ready = threading.Event()
+
+    @property
+    def command(self) -> list[str]:
+        serve = ["-m", "paradit.serve", "--host", "127.0.0.1", "--port", "0", "--state-dir", str(self.state_dir)]
+        if self.nproc == 1:
+            return [sys.executable, *serve, *self.args]
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
+                f"--master-port={free_port()}", *serve, *self.args]
+
+    def start(self) -> "ServerProcess":
+        env = os.environ | {"OMP_NUM_THREADS": "1" if self.nproc > 1 else os.environ.get("OMP_NUM_THREADS", "")}
+        env = {k: v for k, v in (env | self.env).items() if v != ""}
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, start_new_session=True)  # its own group: killed whole
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(self.ready_timeout_s) or self.url is None:
+            self.kill()
+            raise RuntimeError(f"the server did not become ready in {self.ready_timeout_s:.0f} s:\n{self.output[-4000:]}")
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"paradit: serving \S+ on (http://[\d.]+:\d+)", line)
+            if m:
+                self.url = m[1]
+            if line.startswith("paradit: ready"):
+                self._ready.set()
+        self._ready.set()  # it exited: start() stops waiting
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout_s: float) -> int:
+        """The exit status once it ends by itself (killed, if it takes longer than timeout_s)."""
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, as a supervisor stops a service; SIGKILL if it takes longer than timeout_s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self._signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        """kill -9 of the whole process group (torchrun and every rank)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(10)
+        if self.proc is not None:  # ranks that outlived their launcher
+            self._signal(signal.SIGKILL)
+
+    def _signal(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.1, what: str = "the condition"):
+    """Poll predicate() until it returns a truthy value; TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout_s:.0f} s")
+        time.sleep(interval_s)

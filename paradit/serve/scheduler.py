@@ -1,0 +1,178 @@
+"""Rank 0's scheduler: hands queued jobs to free lanes in arrival order, collects their results.
+
+A thread that ticks every POLL_S (at once when a job arrives): it reads the reports of the jobs in
+flight (progress, done), commits finished ones to the job store, and posts the oldest queued jobs
+to lanes with room: one job at a time per data-parallel replica; with split experts, up to
+SPLIT_DEPTH jobs in the two-stage pipeline, so that the high-noise stage starts request N+1 while
+the low-noise stage finishes request N. It also watches the abort key of paradit.launch.faults: when
+another rank fails, the failing job is marked failed (with the failing rank's reason), the other
+jobs in flight go back to the queue, and this process exits non-zero like every other rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from paradit.launch.faults import (EXIT_PEER_FAILED, count_reported, peer_failure, report_failure, say_error,
+                                   wait_for_reports)
+from paradit.serve.engine import Channel, command_key
+from paradit.serve.jobs import Job, JobStore
+
+log = logging.getLogger("paradit")
+POLL_S = 0.05
+SPLIT_DEPTH = 3  # jobs in a split pipeline at once: one per stage, and the next one ready
+
+
+@dataclass
+class Flight:
+    job: Job
+    lane: int
+    n: int                                   # the command's number on its lane
+    progress: dict[int, dict] = field(default_factory=dict)   # stage -> its last progress report
+
+
+class Scheduler:
+    def __init__(self, jobs: JobStore, channel: Channel, lanes: int, split: bool, stages: int, world: int,
+                 metrics=None):
+        self.jobs, self.channel, self.metrics = jobs, channel, metrics
+        self.lanes, self.depth = lanes, (SPLIT_DEPTH if split else 1)
+        self.stages, self.world = stages, world
+        self.flights: dict[int, Flight] = {}     # seq -> the job in flight
+        self.next_n = [0] * lanes
+        self.wake = threading.Event()
+        self.lock = threading.Lock()             # flights, between this thread and the API's reads
+        self.exit_lock = threading.Lock()        # one of this thread and the main thread ends the process
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="paradit-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------ what the API reads
+    def progress(self, job: Job) -> int:
+        """0-99 from the denoising steps reported so far (100 is for completed jobs)."""
+        with self.lock:
+            flight = self.flights.get(job.seq)
+            reports = list(flight.progress.values()) if flight else []
+        steps = max((r["step"] for r in reports), default=0)
+        return min(99, int(100 * steps / max(1, job.request["steps"])))
+
+    def queue_depth(self) -> int:
+        return self.jobs.counts()["queued"]
+
+    # ------------------------------------------------------------------ the loop
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self.wake.wait(POLL_S)
+            self.wake.clear()
+            try:
+                self.tick()
+            except Exception as err:  # the store is gone (another rank took the job down) or a bug
+                if self.stopping:
+                    return
+                self.end_after_failure(f"the scheduler stopped ({type(err).__name__}: {err})", code=1)
+
+    def tick(self) -> None:
+        reason = peer_failure(wait_s=0) if self.world > 1 else None
+        if reason is not None:  # another rank failed: its job's report is in the store already
+            self.end_after_failure(f"stopping because {reason}", code=EXIT_PEER_FAILED)
+        for seq, flight in list(self.flights.items()):
+            self.collect(seq, flight)
+        self.dispatch()
+
+    def collect(self, seq: int, flight: Flight) -> None:
+        for stage in range(self.stages):
+            report = self.channel.get(f"progress/{seq}/{stage}")
+            if report is not None:
+                with self.lock:
+                    flight.progress[stage] = report
+        done = self.channel.get(f"done/{seq}")
+        if done is None:
+            return
+        if done["ok"]:
+            self.jobs.complete(seq, flight.job.video_file, self.timings(flight))
+            log.info("job %s completed", flight.job.id)
+        else:
+            self.jobs.fail(seq, done["error"])
+            log.warning("job %s failed: %s", flight.job.id, done["error"])
+        if self.metrics is not None:
+            self.metrics.finished(self.jobs.get(flight.job.id), flight, self.channel, self.world)
+        with self.lock:
+            del self.flights[seq]
+        self.channel.delete(command_key(flight.lane, flight.n), f"done/{seq}",
+                            *(f"progress/{seq}/{s}" for s in range(self.stages)))
+
+    def timings(self, flight: Flight) -> dict:
+        job = flight.job
+        spans = [{"stage": s, "start": r["start"], "end": r["end"], "steps": len(r["step_s"])}
+                 for s, r in sorted(flight.progress.items())]
+        return {"queued_s": job.started_at - job.created_at, "run_s": time.time() - job.started_at,
+                "stages": spans}
+
+    def dispatch(self) -> None:
+        while True:
+            lane = self.free_lane()
+            if lane is None:
+                return
+            job = self.jobs.next_queued()
+            if job is None:
+                return
+            n = self.next_n[lane]
+            self.next_n[lane] += 1
+            with self.lock:
+                self.flights[job.seq] = Flight(job, lane, n)
+            self.channel.set(command_key(lane, n), {"op": "run", "seq": job.seq, "id": job.id,
+                                                    "request": job.request, "file": job.video_file})
+            log.debug("job %s -> lane %d", job.id, lane)
+
+    def free_lane(self) -> int | None:
+        busy = [0] * self.lanes
+        for f in self.flights.values():
+            busy[f.lane] += 1
+        free = [lane for lane in range(self.lanes) if busy[lane] < self.depth]
+        return min(free, key=lambda lane: busy[lane]) if free else None
+
+    # ------------------------------------------------------------------ endings
+    def stop(self) -> None:
+        """A clean stop: the lanes get a stop command, the jobs in flight go back to the queue."""
+        with self.exit_lock:
+            self.stopping = True
+            self.thread.join(timeout=5)
+            for lane in range(self.lanes):
+                self.channel.set(command_key(lane, self.next_n[lane]), {"op": "stop"})
+            self.requeue_flights()
+
+    def requeue_flights(self) -> None:
+        for seq in list(self.flights):
+            self.jobs.requeue(seq)
+
+    def settle_after_failure(self) -> None:
+        """Record what the failing rank reported: its job failed, the other jobs in flight requeued."""
+        for seq, flight in list(self.flights.items()):
+            done = self.channel.get(f"done/{seq}")
+            if done is not None and done["ok"]:
+                self.jobs.complete(seq, flight.job.video_file, self.timings(flight))
+            elif done is not None:
+                self.jobs.fail(seq, done["error"])
+            else:
+                self.jobs.requeue(seq)
+
+    def end_after_failure(self, message: str, code: int) -> None:
+        """Settle the jobs, say why on this rank, wait for the others to say it too, exit non-zero."""
+        self.exit_lock.acquire()  # never released: this process ends here
+        self.stopping = True
+        try:
+            self.settle_after_failure()
+        except Exception as err:  # the store is gone: the jobs stay in_progress for recover() to settle
+            log.warning("could not read the failing job's report (%s); a restart settles it", err)
+        say_error(f"paradit: error (rank 0): {message}")
+        count_reported()
+        if code != EXIT_PEER_FAILED:  # only the root cause is posted
+            report_failure(message)
+        if self.world > 1:
+            wait_for_reports(self.world)
+        os._exit(code)
