@@ -39,8 +39,9 @@ class ServerProcess:
                 f"--master-port={free_port()}", *serve, *self.args]
 
     def start(self) -> "ServerProcess":
-        env = os.environ | {"OMP_NUM_THREADS": "1" if self.nproc > 1 else os.environ.get("OMP_NUM_THREADS", "")}
-        env = {k: v for k, v in (env | self.env).items() if v != ""}
+        # one thread per process: with more threads than free cores (a busy or small machine),
+        # torch's thread pool slows the tiny models' many small operations tenfold
+        env = os.environ | {"OMP_NUM_THREADS": "1"} | self.env
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, start_new_session=True)  # its own group: killed whole
         threading.Thread(target=self._read, daemon=True).start()

@@ -59,12 +59,12 @@ class ApiError(Exception):
 
 def validation_error(errors: list[dict], content_type: str = "application/json") -> ApiError:
     """pydantic's errors -> one 422 naming each field, with what would be valid."""
-    if "json" not in content_type:
+    if "json" not in content_type and any(e["loc"][:1] == ("body",) for e in errors):
         return ApiError(422, f"the body must be JSON, sent with the header Content-Type: application/json "
                              f"(this request said {content_type or 'no Content-Type'!r})", "body")
     lines, first = [], None
     for e in errors:
-        loc = [str(p) for p in e["loc"] if p != "body"]
+        loc = [str(p) for p in e["loc"][1:]] if e["loc"][:1] in (("body",), ("query",)) else [str(p) for p in e["loc"]]
         param = loc[0] if loc and e["type"] != "json_invalid" else "body"
         first = first or param
         if e["type"] == "extra_forbidden":

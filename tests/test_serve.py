@@ -1,0 +1,350 @@
+"""paradit serve over HTTP: every endpoint, status code and error, under one process and under
+torchrun with 2 and 4 gloo processes (split experts, data parallel, Ulysses x CFG-parallel); the
+videos equal paradit.generate's; a bounded load test; client disconnects. One server per layout
+(module-scoped), bound to 127.0.0.1 on a free port, always killed at the end."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from paradit.serve.jobs import JobStore
+from paradit.serve.process import ServerProcess, wait_for
+
+KEY = "test-key-7"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPT = "a blue square moving up"
+MAX_QUEUE = 6
+LAYOUTS = {  # name: (processes, flags)
+    "1proc": (1, []),
+    "split-2proc": (2, ["--experts", "split"]),
+    "dp-2proc": (2, ["--dp", "2"]),
+    "ulysses-cfg-4proc": (4, ["--ulysses", "2", "--cfg-par", "2"]),
+}
+JOB_TIMEOUT_S = 120
+
+
+@dataclass
+class Server:
+    name: str
+    proc: ServerProcess
+    client: httpx.Client
+    state_dir: Path
+
+    def submit(self, **body) -> dict:
+        r = self.client.post("/v1/videos", json={"prompt": PROMPT, "num_inference_steps": 2} | body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def finished(self, video_id: str, timeout_s: float = JOB_TIMEOUT_S) -> dict:
+        def done():
+            v = self.client.get(f"/v1/videos/{video_id}").json()
+            return v if v["status"] in ("completed", "failed") else None
+        return wait_for(done, timeout_s, what=f"job {video_id} finishing ({self.name})")
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request, tmp_path_factory):
+    nproc, flags = LAYOUTS[request.param]
+    state = tmp_path_factory.mktemp(f"state-{request.param}")
+    proc = ServerProcess([*flags, "--api-key", KEY, "--max-queue", str(MAX_QUEUE), "--save-latents"],
+                         nproc=nproc, state_dir=state)
+    with proc, httpx.Client(base_url=proc.url, headers=AUTH, timeout=30) as client:
+        yield Server(request.param, proc, client, state)
+        assert proc.proc.poll() is None, f"the server died:\n{proc.output[-3000:]}"
+
+
+def error_of(r: httpx.Response, status: int, param: str | None, *words: str) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    for w in words:
+        assert w in err["message"], (w, err["message"])
+    return err["message"]
+
+
+# ----------------------------------------------------------------------------- every endpoint
+def test_endpoints(server):
+    c = server.client
+    health = httpx.get(server.proc.url + "/health")           # no key needed
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["defaults"]["num_frames"] == 9
+    page = httpx.get(server.proc.url + "/")
+    assert page.status_code == 200 and "<form" in page.text and "/v1/videos" in page.text
+
+    # two long jobs (one per replica with --dp 2; its progress is watched), then short ones behind
+    # them: the last stays queued (lanes hold at most 3 jobs: split experts)
+    long = server.submit(num_inference_steps=40, seed=1)
+    assert long["object"] == "video" and long["id"].startswith("video_") and long["status"] in ("queued", "in_progress")
+    assert long["progress"] == 0 and long["completed_at"] is None and long["error"] is None
+    assert (long["model"], long["size"], long["num_frames"], long["seed"]) == ("demo", "16x16", 9, 1)
+    assert isinstance(long["created_at"], int)
+    long2 = server.submit(num_inference_steps=40, seed=6)
+    behind = [server.submit(seed=s) for s in range(2, 6)]
+    queued = behind[-1]
+    assert c.get(f"/v1/videos/{queued['id']}").json()["status"] == "queued"
+    assert c.get(f"/v1/videos/{queued['id']}/content").status_code == 409
+    r = c.delete(f"/v1/videos/{queued['id']}")                 # cancel a queued job
+    assert r.status_code == 200 and r.json() == {"id": queued["id"], "object": "video.deleted", "deleted": True}
+    assert c.get(f"/v1/videos/{queued['id']}").status_code == 404
+
+    seen = set()
+    def running():
+        v = c.get(f"/v1/videos/{long['id']}").json()
+        seen.add(v["progress"])
+        return v if v["status"] == "in_progress" and 0 < v["progress"] < 100 else None
+    wait_for(running, JOB_TIMEOUT_S, interval_s=0.02, what="progress of the long job")
+    error_of(c.delete(f"/v1/videos/{long['id']}"), 409, "video_id", "running")
+    error_of(c.get(f"/v1/videos/{long['id']}/content"), 409, "video_id", "in_progress")
+    done = server.finished(long["id"])
+    assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"] >= done["created_at"]
+    assert len(seen - {0, 100}) >= 1, seen                    # progress followed the steps
+
+    r = c.get(f"/v1/videos/{long['id']}/content")
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4" and r.content[4:8] == b"ftyp"
+    import imageio.v3 as iio
+    assert iio.imread(r.content, extension=".mp4").shape == (9, 128, 128, 3)  # 9 frames, 16 px shown at 128
+    assert c.get(f"/v1/videos/{long['id']}/content", params={"variant": "thumbnail"}).status_code == 400
+
+    for v in [long2] + behind[:-1]:
+        assert server.finished(v["id"])["status"] == "completed"
+    listed = c.get("/v1/videos").json()
+    assert listed["object"] == "list"
+    mine = [v["id"] for v in [long, long2] + behind[:-1]]
+    ids = [v["id"] for v in listed["data"]]
+    assert ids[ids.index(mine[-1]):][:5] == mine[::-1]  # newest first
+    asc = [v["id"] for v in c.get("/v1/videos", params={"limit": 100, "order": "asc"}).json()["data"]]
+    page1 = c.get("/v1/videos", params={"limit": 2, "order": "asc"}).json()
+    page2 = c.get("/v1/videos", params={"limit": 2, "order": "asc", "after": page1["last_id"]}).json()
+    assert page1["has_more"] and [v["id"] for v in page1["data"] + page2["data"]] == asc[:4]
+
+    metrics = httpx.get(server.proc.url + "/metrics")          # Prometheus text, no key needed
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert "paradit_queue_depth 0.0" in text and 'paradit_jobs{status="completed"}' in text
+    assert 'paradit_step_seconds_count{stage="0"}' in text and "paradit_request_seconds_count" in text
+    assert 'paradit_gpu_memory_bytes{kind="peak",rank="0"}' in text
+    step_count = sum(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("paradit_step_seconds_count"))
+    assert step_count >= 2 * 40 + 3 * 2  # the long jobs' steps and the short ones' (on the reporting ranks)
+
+    # delete a finished job: its row and its files go
+    video = next(server.state_dir.glob("videos/*.json"))
+    victim = json.loads(video.read_text())["id"]
+    assert c.delete(f"/v1/videos/{victim}").json()["deleted"] is True
+    assert not video.exists() and not video.with_suffix(".mp4").exists()
+    assert c.get(f"/v1/videos/{victim}/content").status_code == 404
+
+
+# ----------------------------------------------------------------------------- every error
+BAD_BODIES = [  # (body, status, param, words in the message)
+    ({"prompt": PROMPT, "foo": 1}, 422, "foo", "unknown field"),
+    ({"prompt": PROMPT, "input_reference": "x.png"}, 422, "input_reference", "unknown field"),
+    ({}, 422, "prompt", "required"),
+    ({"prompt": 3}, 422, "prompt", "valid string"),
+    ({"prompt": PROMPT, "num_frames": "9"}, 422, "num_frames", "valid integer"),
+    ({"prompt": PROMPT, "num_frames": 9.0}, 422, "num_frames", "valid integer"),
+    ({"prompt": PROMPT, "seed": -1}, 422, "seed", "greater than or equal to 0"),
+    ({"prompt": PROMPT, "seed": True}, 422, "seed", "valid integer"),
+    ({"prompt": PROMPT, "guidance_scale": [1.0]}, 422, "guidance_scale", "list of two"),
+    ({"prompt": PROMPT, "guidance_scale": "4"}, 422, "guidance_scale", "one number"),
+    ({"prompt": PROMPT, "sampler": "ddim"}, 422, "sampler", "unipc, euler"),
+    ({"prompt": PROMPT, "size": "17x16"}, 400, "size", "multiples of 2"),
+    ({"prompt": PROMPT, "size": "16 by 16"}, 400, "size", "WIDTHxHEIGHT"),
+    ({"prompt": PROMPT, "size": "64x64"}, 400, "size", "at most 512"),
+    ({"prompt": PROMPT, "num_frames": 8}, 400, "num_frames", "8k+1"),
+    ({"prompt": PROMPT, "num_frames": 1}, 400, "num_frames", "8k+1"),
+    ({"prompt": PROMPT, "num_frames": 9, "seconds": 1}, 400, "seconds", "not both"),
+    ({"prompt": PROMPT, "seconds": "soon"}, 400, "seconds", "number of seconds"),
+    ({"prompt": PROMPT, "seconds": -1}, 400, "seconds", "positive"),
+    ({"prompt": PROMPT, "num_inference_steps": 0}, 400, "num_inference_steps", "1 to 200"),
+    ({"prompt": PROMPT, "num_inference_steps": 201}, 400, "num_inference_steps", "1 to 200"),
+    ({"prompt": " ".join(["red"] * 16)}, 400, "prompt", "17 tokens", "at most 16"),
+    ({"prompt": PROMPT, "negative_prompt": " ".join(["red"] * 20)}, 400, "negative_prompt", "at most 16"),
+    ({"prompt": "   "}, 400, "prompt", "empty"),
+    ({"prompt": PROMPT, "guidance_scale": -1}, 400, "guidance_scale", ">= 0"),
+    ({"prompt": PROMPT, "model": "sora-2"}, 400, "model", "'demo'"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,words", [(b, s, p, w) for b, s, p, *w in BAD_BODIES],
+                         ids=[f"{p}-{s}-{i}" for i, (_, s, p, *_) in enumerate(BAD_BODIES)])
+def test_bad_bodies(server, body, status, param, words):
+    error_of(server.client.post("/v1/videos", json=body), status, param, *words)
+
+
+def test_errors(server):
+    url, c = server.proc.url, server.client
+    before = c.get("/v1/videos", params={"limit": 100}).json()["data"]
+    # 401 on every /v1 route without the key, or with a wrong one; even before the body is read
+    for method, path in [("POST", "/v1/videos"), ("GET", "/v1/videos"), ("GET", "/v1/videos/x"),
+                         ("GET", "/v1/videos/x/content"), ("DELETE", "/v1/videos/x")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.request(method, url + path, headers=headers, content=b"{not json")
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path, r.text)
+            assert "Authorization: Bearer" in r.json()["error"]["message"]
+    # opaque ids: unknown ones (paths included) are 404, never a file
+    for bad in ("video_0", "..", "..%2F..%2Fjobs.sqlite3", "%2Fetc%2Fpasswd", "1"):
+        for method, suffix in (("GET", ""), ("GET", "/content"), ("DELETE", "")):
+            r = c.request(method, f"/v1/videos/{bad}{suffix}")
+            assert r.status_code == 404 and r.headers["content-type"] == "application/json", (bad, suffix, r.text)
+    error_of(c.get("/v1/videos", params={"after": "video_nope"}), 404, "video_id", "no video")
+    error_of(c.get("/v1/videos", params={"limit": 0}), 422, "limit")
+    assert c.get("/v2/nothing").status_code == 404
+    # not JSON
+    error_of(c.post("/v1/videos", content=b"{", headers={"Content-Type": "application/json"}),
+             422, "body", "not valid JSON")
+    error_of(c.post("/v1/videos", content=b"prompt=x", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+             422, "body", "Content-Type: application/json")
+    error_of(c.post("/v1/videos", json=[PROMPT]), 422, "body", "JSON object")
+    # nothing above was accepted
+    assert c.get("/v1/videos", params={"limit": 100}).json()["data"] == before
+
+
+def test_full_queue_answers_429(server):
+    c = server.client
+    first = server.submit(num_inference_steps=40)
+    accepted, refused = [first], None
+    for _ in range(MAX_QUEUE + 8):  # at most the lanes' depth (3) can leave the queue meanwhile
+        r = c.post("/v1/videos", json={"prompt": PROMPT, "num_inference_steps": 2})
+        if r.status_code == 429:
+            refused = r
+            break
+        assert r.status_code == 200, r.text
+        accepted.append(r.json())
+    assert refused is not None, "the queue never filled"
+    error_of(refused, 429, None, "queue is full", f"--max-queue {MAX_QUEUE}")
+    assert int(refused.headers["retry-after"]) > 0
+    for v in accepted:
+        assert server.finished(v["id"])["status"] == "completed"
+
+
+# ----------------------------------------------------------------------------- the same video as generate
+SAME = [dict(seed=5, num_inference_steps=6), dict(seed=2, num_inference_steps=1, guidance_scale=1.0)]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """paradit.generate's latents for SAME, in this process (the CLI's own main)."""
+    from safetensors.torch import load_file
+
+    from paradit.generate import main
+    out = []
+    for i, s in enumerate(SAME):
+        path = tmp_path_factory.mktemp("generate") / f"ref{i}.mp4"
+        argv = ["--model", "demo", "--prompt", PROMPT, "--seed", str(s["seed"]), "--steps",
+                str(s["num_inference_steps"]), "--save-latents", "--no-progress", "--out", str(path)]
+        if "guidance_scale" in s:
+            argv += ["--guidance", str(s["guidance_scale"])]
+        assert main(argv) == 0
+        out.append(load_file(path.with_suffix(".latent.safetensors"))["latent"])
+    return out
+
+
+def test_same_latent_as_generate(server, generated):
+    for settings, ref in zip(SAME, generated):
+        v = server.finished(server.submit(**settings)["id"])
+        assert v["status"] == "completed", v
+        latent = latent_of(server.state_dir, v["id"])
+        if server.name == "1proc":
+            assert torch.equal(latent, ref)  # the same process layout: the same arithmetic, bit for bit
+        else:  # fp32, other reduction orders (split attention, CFG on two ranks, re-sharding): rounding only
+            torch.testing.assert_close(latent, ref, rtol=1e-5, atol=1e-5)
+
+
+def latent_of(state_dir: Path, video_id: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+    for sidecar in state_dir.glob("videos/*.json"):
+        if json.loads(sidecar.read_text())["id"] == video_id:
+            return load_file(sidecar.with_suffix(".latent.safetensors"))["latent"]
+    raise AssertionError(f"no latent for {video_id}")
+
+
+# ----------------------------------------------------------------------------- load
+CLIENTS, JOBS = 8, 32
+
+
+def test_load_every_job_completed_or_refused(server):
+    """8 clients on loopback send 32 jobs at once: each is accepted and completed, or refused with
+    429; none is lost. With split experts the stages overlap (request N+1's high-noise steps run
+    while request N's low-noise steps do); bench/serve_load.py measures the throughput."""
+    accepted, refused, lock = [], [], threading.Lock()
+
+    def client(k):
+        with httpx.Client(base_url=server.proc.url, headers=AUTH, timeout=30) as c:
+            for j in range(JOBS // CLIENTS):
+                r = c.post("/v1/videos", json={"prompt": PROMPT, "num_inference_steps": 4, "seed": 100 * k + j})
+                with lock:
+                    (accepted if r.status_code == 200 else refused).append(r)
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(accepted) + len(refused) == JOBS
+    assert all(r.status_code == 429 for r in refused), [r.text for r in refused if r.status_code != 429]
+    videos = [server.finished(r.json()["id"]) for r in accepted]
+    assert all(v["status"] == "completed" for v in videos), [v for v in videos if v["status"] != "completed"]
+    listed = {v["id"] for v in server.client.get("/v1/videos", params={"limit": 100}).json()["data"]}
+    assert {v["id"] for v in videos} <= listed
+    if server.name.startswith("split"):
+        spans = sorted(((v["timings"]["stages"][0], v["timings"]["stages"][1]) for v in videos),
+                       key=lambda s: s[0]["start"])
+        overlaps = sum(nxt[0]["start"] < cur[1]["end"] and cur[1]["start"] < nxt[0]["end"]
+                       for cur, nxt in zip(spans, spans[1:]))
+        assert overlaps >= 1, spans  # the high stage ran a later request while the low stage ran an earlier one
+
+
+# ----------------------------------------------------------------------------- disconnects
+def test_client_disconnects_never_stall_the_ranks(server):
+    host, port = server.proc.url.removeprefix("http://").split(":")
+    # a client that sends half a body and vanishes
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                  b"\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"prompt\": ")
+    # a client that submits a job, then drops a download half-way
+    v = server.finished(server.submit(num_inference_steps=4)["id"])
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(f"GET /v1/videos/{v['id']}/content HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode())
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+    # a client that submits and never comes back: its job still runs, and so do the next ones
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        body = json.dumps({"prompt": PROMPT, "num_inference_steps": 3}).encode()
+        s.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                  b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    after = [server.submit(num_inference_steps=2, seed=s) for s in range(2)]
+    assert all(server.finished(a["id"], timeout_s=60)["status"] == "completed" for a in after)
+    prompts3 = [x for x in server.client.get("/v1/videos", params={"limit": 100}).json()["data"]
+                if x["num_inference_steps"] == 3]
+    assert all(server.finished(x["id"])["status"] == "completed" for x in prompts3)  # if it was accepted
+
+
+# ----------------------------------------------------------------------------- the job store alone
+def test_recovery_rules(tmp_path):
+    store = JobStore(tmp_path)
+    req = {"prompt": PROMPT, "steps": 2}
+    queued, once, twice, done, other = (store.add("demo", req) for _ in range(5))
+    store._run("UPDATE jobs SET model = 'tiny' WHERE seq = ?", (other.seq,))
+    for job, attempts in ((once, 1), (twice, 2)):
+        store._run("UPDATE jobs SET status = 'in_progress', attempts = ? WHERE seq = ?", (attempts, job.seq))
+    store.complete(done.seq, done.video_file, {})          # its video never made it to disk
+    settled = store.recover("demo", lambda request: None)
+    assert settled == {"requeued": 1, "failed": 2, "missing": 1}
+    status = {j.id: (j.status, j.error) for j in store.list(10)}
+    assert status[queued.id] == ("queued", None) and status[once.id] == ("queued", None)
+    assert status[twice.id][0] == "failed" and "2 times" in status[twice.id][1]
+    assert status[other.id][0] == "failed" and "'tiny'" in status[other.id][1]
+    assert status[done.id][0] == "failed" and "missing" in status[done.id][1]
+    assert store.next_queued().id == queued.id and store.next_queued().id == once.id  # arrival order
+    assert store.next_queued() is None
+    store.requeue(once.seq)                                # a clean stop does not count the attempt
+    assert store.get(once.id).attempts == 1 and store.get(once.id).status == "queued"
+    # a request the model no longer takes fails at recovery, with the reason
+    assert store.recover("demo", lambda request: "too large now") == {"requeued": 0, "failed": 2, "missing": 0}
+    assert store.get(queued.id).error == "too large now"
