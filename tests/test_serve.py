@@ -348,3 +348,71 @@ def test_recovery_rules(tmp_path):
     # a request the model no longer takes fails at recovery, with the reason
     assert store.recover("demo", lambda request: "too large now") == {"requeued": 0, "failed": 2, "missing": 0}
     assert store.get(queued.id).error == "too large now"
+
+
+# ----------------------------------------------------------------------------- the page, in a browser
+PAGE_PROMPTS = ["a green circle moving right", "a red square moving down", "a cyan triangle moving left"]
+
+
+def browser():
+    """(chromium, chromedriver) from the system's packages, or None."""
+    import shutil
+    binary = next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    return (binary, driver) if binary and driver else None
+
+
+@pytest.mark.parametrize("server", ["1proc"], indirect=True)
+def test_page_submits_and_plays(server):
+    """Headless Chromium: type the key and prompts into the page, submit, watch the videos play.
+    PARADIT_SERVE_SCREENSHOT=docs/serve-page.png also saves a screenshot of the page."""
+    import os
+    found = browser()
+    if found is None:
+        message = "no chromium + chromedriver: apt-get install chromium chromium-driver (make test does, as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--mute-audio",
+                "--window-size=1000,760", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    drv = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=found[1]))
+    try:
+        drv.set_page_load_timeout(30)
+        drv.get(server.proc.url + "/")
+        WebDriverWait(drv, 30).until(lambda d: "model demo" in d.find_element(By.ID, "model").text)
+        drv.find_element(By.ID, "key").send_keys(KEY)
+        for k, prompt in enumerate(PAGE_PROMPTS):
+            for field, value in (("prompt", prompt), ("num_inference_steps", "12"), ("seed", str(k))):
+                box = drv.find_element(By.ID, field)
+                box.clear()
+                box.send_keys(value)
+            drv.find_element(By.ID, "submit").click()
+            WebDriverWait(drv, 10).until(lambda d, n=k + 1: len(d.find_elements(By.CSS_SELECTOR, ".job")) >= n)
+        assert drv.find_element(By.ID, "error").text == ""
+        playing = """
+            const cards = [...document.querySelectorAll('.job')].filter(c => arguments[0].includes(
+                c.querySelector('.prompt').textContent));
+            return cards.length === arguments[0].length && cards.every(c => {
+                const v = c.querySelector('video');
+                return v && v.readyState >= 2 && v.currentTime > 0 && v.played.length > 0 && !v.paused; });"""
+        WebDriverWait(drv, 90, poll_frequency=0.2).until(lambda d: d.execute_script(playing, PAGE_PROMPTS))
+        state = drv.execute_script("const v = document.querySelector('.job video');"
+                                   "return [v.videoWidth, v.videoHeight, v.duration];")
+        assert state[:2] == [128, 128] and state[2] > 0, state
+        if os.environ.get("PARADIT_SERVE_SCREENSHOT"):
+            drv.save_screenshot(os.environ["PARADIT_SERVE_SCREENSHOT"])
+        # a bad value comes back from the API into the page, named
+        box = drv.find_element(By.ID, "num_frames")
+        box.clear()
+        box.send_keys("8")
+        drv.find_element(By.ID, "submit").click()
+        WebDriverWait(drv, 10).until(lambda d: "8k+1" in d.find_element(By.ID, "error").text)
+    finally:
+        drv.quit()
