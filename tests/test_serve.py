@@ -380,7 +380,7 @@ def test_page_submits_and_plays(server):
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--mute-audio",
-                "--window-size=1000,760", "--autoplay-policy=no-user-gesture-required"):
+                "--window-size=1000,900", "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(arg)
     drv = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=found[1]))
     try:
