@@ -102,10 +102,20 @@ class Worker:
             self.finish(latent)
 
     def requests(self):
-        """Split experts: the lane's commands as run_split's requests, taken as each stage is ready."""
+        """Split experts: the lane's commands as run_split's requests, taken as each stage is ready.
+        The low stage takes a request only once the high stage has run its last high-noise step, so
+        that it never waits for the hand-off inside a receive (which has the collective timeout)
+        while the high stage works through this request and the one before it."""
+        from paradit.schedulers.schedule import high_noise_steps
         for cmd in self.channel.commands(self.lane):
+            s = settings_of(cmd["request"])
+            if self.stage == 1:
+                n_high = high_noise_steps(self.pipe.cfg.boundary, s.steps, s.shift)
+                key = f"progress/{cmd['seq']}/0"
+                while n_high and (self.channel.get(key) or {"step": 0})["step"] < n_high:
+                    time.sleep(POLL_S)
             self.begin(cmd)
-            yield cmd["request"]["prompt"], cmd["request"]["negative_prompt"], settings_of(cmd["request"])
+            yield cmd["request"]["prompt"], cmd["request"]["negative_prompt"], s
 
     def begin(self, cmd: dict) -> None:
         self.report_memory()  # after the previous job
