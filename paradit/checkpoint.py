@@ -242,9 +242,11 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
 
 
 # ----------------------------------------------------------------------------- writing
-def save_diffusers_layout(model, folder: str | Path, max_shard_bytes: int | None = None) -> None:
+def save_diffusers_layout(model, folder: str | Path, max_shard_bytes: int | None = None,
+                          config_only: bool = False) -> None:
     """Write a paradit WanTransformer as diffusers writes WanTransformer3DModel: config.json and
-    safetensors with diffusers' names, sharded with an index when max_shard_bytes is given."""
+    safetensors with diffusers' names, sharded with an index when max_shard_bytes is given
+    (config_only: config.json alone, e.g. for a model on the meta device)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -257,6 +259,8 @@ def save_diffusers_layout(model, folder: str | Path, max_shard_bytes: int | None
         "num_layers": c.num_layers, "out_channels": c.out_channels, "patch_size": list(c.patch),
         "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
         "text_dim": c.text_dim}, indent=1))
+    if config_only:
+        return
     state = {to_diffusers_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     shards, size = [{}], 0
     for name, t in state.items():

@@ -280,16 +280,20 @@ def run(args) -> list[Path]:
         """Decode (spread over the output rank's sp group) and write request i on the output rank."""
         t1 = time.perf_counter()
         video = pipe.decode(latent)
+        memory = gpu_memory(pipe)  # collective over the request's ranks
         if not mesh.is_output_rank:
             return
         path = paths[i]
         pipe.record.timings["vae_decode_s"] = time.perf_counter() - t1
         startup.update({k: v for k, v in pipe.startup.items() if k not in startup})  # first_step_s
+        t1 = time.perf_counter()
         write_video(path, video.numpy(), cfg.fps)
+        pipe.record.timings["write_video_s"] = time.perf_counter() - t1
         if args.save_latents:
             write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
         write_json(path.with_suffix(".json"), sidecar(args, cfg, settings, layout, pipe, prompts[i], startup,
-                                                     elapsed))
+                                                     elapsed) | {"gpu_memory_gb": memory,
+                                                                 "time_to_video_s": since_process_start()})
         if pipe.record.chords:
             log.info("%s", chords_summary(pipe.record.chords, settings.steps))
         log.info("wrote %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1],
@@ -320,6 +324,33 @@ def run(args) -> list[Path]:
                       **settings_kwargs(args, settings))
         finish(i, latent, time.perf_counter() - t0)
     return written
+
+
+def gpu_memory(pipe) -> dict[str, dict[str, float]] | None:
+    """Peak GPU memory (GB, allocated and reserved by torch's allocator) of every rank of this
+    request's group (its replica; its stage with split experts), keyed by global rank; None on CPU."""
+    import torch.distributed as dist
+    mine = None
+    if pipe.mesh.device.type == "cuda":
+        d = pipe.mesh.device
+        mine = {"allocated": torch.cuda.max_memory_allocated(d) / 1e9, "reserved": torch.cuda.max_memory_reserved(d) / 1e9}
+    group = pipe.request_group
+    if group is None:
+        return None if mine is None else {"0": mine}
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, (dist.get_rank(), mine), group=group)
+    return None if mine is None else {str(r): m for r, m in every}
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (the interpreter's start, imports included), from /proc."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux
+        return None
+    return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def settings_kwargs(args, settings) -> dict:
@@ -359,7 +390,7 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
         "settings": settings.__dict__, "layout": layout.__dict__ | {"world_size": layout.world_size},
         "attention": pipe.runtime.backend, "device": str(pipe.mesh.device),
         "experts_per_step": [{"t": t, "expert": ["high", "low"][k], "guidance": g} for t, k, g in rec.trace],
-        "timings_s": {"startup": startup, **rec.timings, "total": elapsed},
+        "timings_s": {"startup": startup, **rec.timings, "step_s": rec.step_s, "total": elapsed},
         "collectives_per_step": {op: {"bytes": b / steps, "count": c / steps} for op, (b, c) in rec.traffic.items()},
         "chords": rec.chords.as_dict(settings.steps) if rec.chords else None,
         "torch": torch.__version__,

@@ -38,6 +38,7 @@ class RunRecord:
     """What one call did: the expert and guidance of every step, phase timings, traffic."""
     trace: list[tuple[int, int, float]] = field(default_factory=list)  # (timestep, expert, guidance)
     timings: dict[str, float] = field(default_factory=dict)
+    step_s: list[float] = field(default_factory=list)  # each sequential denoising step (device-synchronised)
     traffic: dict[str, list[int]] = field(default_factory=dict)
     chords: object = None  # a ChordsReport when CHORDS ran
 
@@ -235,7 +236,10 @@ class Pipeline:
             x = sched.step(self.velocity(s, x, timesteps[i], cond, uncond, space.grid, f"step {i}"),
                            timesteps[i], x)
             x = conditioning.after_step(x, self.condition)               # TI2V: frame 0 stays the image
-            self.startup.setdefault("first_step_s", time.perf_counter() - t0)
+            if x.is_cuda:  # the step's kernels, not just their launch, belong to its time
+                torch.cuda.synchronize(x.device)
+            self.record.step_s.append(time.perf_counter() - t0)
+            self.startup.setdefault("first_step_s", self.record.step_s[-1])
         return x
 
     def velocity(self, s: VideoSettings, x: torch.Tensor, t: int, cond, uncond, grid, where: str):
