@@ -18,9 +18,11 @@ Loading is per rank and lean: a rank reads only the experts it runs (`experts_ne
 0 = high-noise or only expert, 1 = low-noise), straight from the safetensors mmap to its device in
 the target dtype; only the first rank of a request loads the text encoder (it encodes and
 broadcasts), and only ranks that encode images or decode videos load the VAE. The experts, the
-text encoder and the VAE load concurrently in threads. LoRAs (`loras=`, paradit/models/lora.py)
-are checked from their headers with the configs, and merged into each expert as it loads. Phase
-timings land in `pipe.startup`, bytes read per component in `pipe.load_stats`.
+text encoder and the VAE are read concurrently in threads, each built on the meta device and
+assigned under paradit.models.loading.BUILD_LOCK (no library's process-wide construction patch can
+reach a module another thread builds). LoRAs (`loras=`, paradit/models/lora.py) are checked from
+their headers with the configs, and merged into each expert as it loads. Phase timings land in
+`pipe.startup`, bytes read per component in `pipe.load_stats`.
 """
 from __future__ import annotations
 
@@ -190,11 +192,6 @@ def _normalise_needed(needed, num_experts: int) -> list[int]:
     return out
 
 
-def _folder_bytes(folder: Path) -> dict:
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    return {"bytes": sum(f.stat().st_size for f in files), "files": [f.name for f in files]}
-
-
 def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str = "auto", experts_needed=None,
                              components=None, loras=()):
     """Build a Pipeline from a checkpoint folder: configs and LoRA headers first (every error before
@@ -233,10 +230,10 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
                                loras=for_expert(lora_files, k, cfg.num_experts),
                                expert=("high", "low")[k] if cfg.num_experts == 2 else None) for k in needed}
         text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
-                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=info.device) \
-            if "text_encoder" in parts else None
-        vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device) \
-            if "vae" in parts else None
+                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=info.device,
+                               stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None
+        vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device,
+                              stats=stats.setdefault("vae", {})) if "vae" in parts else None
         for k, job in jobs.items():
             experts[k], _ = job.result()
         startup["weights_s"] = time.perf_counter() - t1  # the experts, loaded side by side
@@ -245,9 +242,6 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
     if lora_files:  # merged inside each expert's load (part of weights_s), summed over this rank's experts
         startup["lora_merge_s"] = sum(s["lora"]["seconds"] for s in stats.values() if "lora" in s)
-    for name, part in (("text_encoder", text), ("vae", vae)):
-        if part is not None:
-            stats[name] = _folder_bytes(ck.component(name))
     pipe = cls(cfg, experts, text, vae, mesh=mesh, backend=backend)
     pipe.startup.update(startup)
     pipe.load_stats = stats

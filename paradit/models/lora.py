@@ -114,9 +114,9 @@ class LoraFile:
 @lru_cache(maxsize=8)
 def model_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the architecture by its original Wan name, built on the meta device."""
+    from paradit.models.loading import build_on_meta
     from paradit.models.transformer import WanTransformer
-    with torch.device("meta"):
-        model = WanTransformer(cfg)
+    model = build_on_meta(lambda: WanTransformer(cfg))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
