@@ -50,7 +50,7 @@ def lora_tensors(cfg: WanConfig, rank: int, alpha: float, dtype: torch.dtype, se
             key = "diffusion_model." + name
             out[key + ".lora_down.weight"] = (torch.randn(rank, n_in, generator=g) / n_in ** 0.5).to(dtype)
             out[key + ".lora_up.weight"] = (torch.randn(n_out, rank, generator=g) * 1e-3).to(dtype)
-            out[key + ".alpha"] = torch.tensor(float(rank), dtype=dtype)
+            out[key + ".alpha"] = torch.tensor(alpha, dtype=dtype)
             out[key + ".diff_b"] = (torch.randn(n_out, generator=g) * 1e-3).to(dtype)
     return out
 
