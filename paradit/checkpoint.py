@@ -20,8 +20,9 @@ the target dtype; only the first rank of a request loads the text encoder (it en
 broadcasts), and only ranks that encode images or decode videos load the VAE. The experts, the
 text encoder and the VAE are read concurrently in threads, each built on the meta device and
 assigned under paradit.models.loading.BUILD_LOCK (no library's process-wide construction patch can
-reach a module another thread builds). Phase timings land in `pipe.startup`, bytes read per
-component in `pipe.load_stats`.
+reach a module another thread builds). LoRAs (`loras=`, paradit/models/lora.py) are checked from
+their headers with the configs, and merged into each expert as it loads. Phase timings land in
+`pipe.startup`, bytes read per component in `pipe.load_stats`.
 """
 from __future__ import annotations
 
@@ -192,9 +193,10 @@ def _normalise_needed(needed, num_experts: int) -> list[int]:
 
 
 def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str = "auto", experts_needed=None,
-                             components=None):
-    """Build a Pipeline from a checkpoint folder: configs first (every error before any weight is
-    read), then this rank's share of the weights, concurrently."""
+                             components=None, loras=()):
+    """Build a Pipeline from a checkpoint folder: configs and LoRA headers first (every error before
+    any weight is read), then this rank's share of the weights, concurrently, LoRAs merged as they load."""
+    from paradit.models.lora import check_loras, for_expert
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
     from paradit.parallel.mesh import init_parallel
@@ -204,10 +206,15 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     ck = locate(path, components)
     cfg = model_config(ck)
     needed = _normalise_needed(experts_needed, cfg.num_experts)
+    t_lora = time.perf_counter()
+    lora_files = check_loras(loras, cfg)        # every expert's, on every rank: the same errors everywhere
+    t_lora = time.perf_counter() - t_lora
     mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
     parts = components_needed(mesh)
     dtype = dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    startup = {"config_s": time.perf_counter() - t0}
+    startup = {"config_s": time.perf_counter() - t0 - t_lora}
+    if lora_files:
+        startup["lora_check_s"] = t_lora        # LoRA headers against the model's shapes
     stats: dict[str, dict] = {}
 
     def timed(fn, *args, **kw):
@@ -219,7 +226,9 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     t1 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(needed) + 2) as pool:
         jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
-                               config=cfg, stats=stats.setdefault(ck.experts[k].name, {})) for k in needed}
+                               config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
+                               loras=for_expert(lora_files, k, cfg.num_experts),
+                               expert=("high", "low")[k] if cfg.num_experts == 2 else None) for k in needed}
         text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
                                ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=info.device,
                                stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None
@@ -231,6 +240,8 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
         text, startup["text_encoder_s"] = text_job.result() if text_job else (None, 0.0)
         vae, startup["vae_s"] = vae_job.result() if vae_job else (None, 0.0)
     startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
+    if lora_files:  # merged inside each expert's load (part of weights_s), summed over this rank's experts
+        startup["lora_merge_s"] = sum(s["lora"]["seconds"] for s in stats.values() if "lora" in s)
     pipe = cls(cfg, experts, text, vae, mesh=mesh, backend=backend)
     pipe.startup.update(startup)
     pipe.load_stats = stats
@@ -238,6 +249,9 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
              "concurrently; read %.1f MB on this rank", startup["config_s"], startup["weights_s"],
              ", ".join(ck.experts[k].name for k in needed), startup["text_encoder_s"], startup["vae_s"],
              startup["load_s"], sum(s.get("bytes", 0) for s in stats.values()) / 1e6)
+    if lora_files:
+        log.info("LoRAs: %d file(s) checked in %.2f s, merged into %s in %.2f s", len(lora_files),
+                 startup["lora_check_s"], ", ".join(ck.experts[k].name for k in needed), startup["lora_merge_s"])
     return pipe
 
 

@@ -25,6 +25,7 @@ from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reporte
                                    say_error, wait_for_reports)
 from paradit.models.attention import pick_backend
 from paradit.models.loading import CheckpointError
+from paradit.models.lora import check_loras, lora_specs
 from paradit.outputs import write_json, write_tensor, write_video
 from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_init, parse_stop
 from paradit.parallel.layout import ParallelConfig, auto_sp
@@ -45,6 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "takes the image's shape at the preset's area")
     p.add_argument("--components", help="diffusers-layout folder whose text_encoder/, tokenizer/ and vae/ "
                                         "an original-layout --model uses (overrides a diffusers folder's own)")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA (.safetensors) merged into every expert at load time, strength SCALE (1); repeatable")
+    p.add_argument("--lora-high", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA for the high-noise expert of a Wan2.2 A14B model only; repeatable")
+    p.add_argument("--lora-low", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA for the low-noise expert of a Wan2.2 A14B model only; repeatable")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block, then warm "
                                                           "up one step per expert before the timed run")
     p.add_argument("--size", help="WxH, e.g. 1280x720 (default: the preset's)")
@@ -263,12 +270,15 @@ def run(args) -> list[Path]:
         raise ValueError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
     prompts = read_prompts(args)
     paths = [output_path(args.out, i, len(prompts)) for i in range(len(prompts))]
+    loras = lora_specs(args.lora, args.lora_high, args.lora_low)
+    check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); from_pretrained warns and merges
 
     # 2. build
     from paradit.pipeline import Pipeline  # diffusers and transformers: only once the input is valid
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention,
-                                    experts_needed=needed, components=args.components, compile=args.compile)
+                                    experts_needed=needed, components=args.components, compile=args.compile,
+                                    loras=loras)
     startup = {"validate_s": t0 - t_start, **pipe.startup, "build_s": time.perf_counter() - t0}
     if args.compile:
         startup["compile_s"] = pipe.warmup(image=args.image is not None, **settings.__dict__)
@@ -386,6 +396,8 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
     steps = max(1, len(rec.trace))
     return {
         "prompt": prompt, "model": args.model, "preset": cfg.name, "image": args.image,
+        "loras": [dict(path=str(s.path), scale=s.scale, target=s.target)
+                  for s in lora_specs(args.lora, args.lora_high, args.lora_low)],
         "negative_prompt": cfg.negative_prompt if args.negative_prompt is None else args.negative_prompt,
         "settings": settings.__dict__, "layout": layout.__dict__ | {"world_size": layout.world_size},
         "attention": pipe.runtime.backend, "device": str(pipe.mesh.device),

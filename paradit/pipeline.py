@@ -18,6 +18,7 @@ from paradit.config import WanConfig
 from paradit.settings import SAMPLER_NAMES, VideoSettings
 from paradit.launch import init_distributed
 from paradit.launch.faults import maybe_fail
+from paradit.models.lora import apply_loras, check_loras, for_expert
 from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer, patchify, token_grid, unpatchify
 from paradit.models.vae import VideoVAE
@@ -71,15 +72,18 @@ class Pipeline:
     def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, device=None,
                         dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0,
                         experts_needed: set[int] | None = None, components=None,
-                        compile: bool = False) -> "Pipeline":
+                        compile: bool = False, loras=()) -> "Pipeline":
         """'tiny' (random weights, built locally) or a checkpoint folder. The layout is validated
         against the world before any weights are built or read.
 
         experts_needed: the experts this rank runs (0 = high-noise or only, 1 = low-noise); others
         are never read. components: a diffusers-layout folder for the text encoder, tokenizer and
         VAE (needed by original-layout checkpoints; see paradit/checkpoint.py). compile: regional
-        torch.compile of the transformer blocks (paradit/compile.py); then warm up with pipe.warmup."""
-        pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components)
+        torch.compile of the transformer blocks (paradit/compile.py); then warm up with pipe.warmup.
+        loras: LoraSpec(path, scale, target="all"|"high"|"low") entries (paradit/models/lora.py),
+        checked before any weight is read and merged into the weights of the experts this rank loads."""
+        pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components,
+                          loras)
         if compile:
             from paradit.compile import compile_blocks
             compile_blocks(pipe.experts)
@@ -98,22 +102,32 @@ class Pipeline:
         return self.startup["compile_s"]
 
     @classmethod
-    def _build(cls, name_or_path, parallel, device, dtype, backend, seed, experts_needed, components):
+    def _build(cls, name_or_path, parallel, device, dtype, backend, seed, experts_needed, components, loras):
         info = init_distributed(device)
         parallel = parallel or ParallelConfig()
-        if name_or_path == "tiny":
-            cfg = WanConfig.preset("tiny")
+        if name_or_path in ("tiny", "demo"):  # built locally: random weights, or the shipped demo model
+            cfg = WanConfig.preset(name_or_path)
+            t0 = time.perf_counter()
+            lora_files = check_loras(loras, cfg)
+            checked = time.perf_counter() - t0
             mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
-            return cls(cfg, *tiny_components(cfg, info.device, dtype or torch.float32, seed, experts_needed),
-                       mesh=mesh, backend=backend)
-        if name_or_path == "demo":  # the trained tiny text-to-video model shipped in the package
-            from paradit.demo import demo_components
-            cfg = WanConfig.preset("demo")
-            mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
-            return cls(cfg, *demo_components(cfg, info.device), mesh=mesh, backend=backend)
+            if name_or_path == "tiny":
+                parts = tiny_components(cfg, info.device, dtype or torch.float32, seed, experts_needed)
+            else:
+                from paradit.demo import demo_components
+                parts = demo_components(cfg, info.device)
+            t1 = time.perf_counter()
+            for k, expert in enumerate(parts[0]):
+                if expert is not None:
+                    apply_loras(expert, for_expert(lora_files, k, cfg.num_experts))
+            merged = time.perf_counter() - t1
+            pipe = cls(cfg, *parts, mesh=mesh, backend=backend)
+            if lora_files:
+                pipe.startup.update(lora_check_s=checked, lora_merge_s=merged)
+            return pipe
         from paradit.checkpoint import load_pipeline_components  # real checkpoints (folders)
         return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend, experts_needed,
-                                        components)
+                                        components, loras)
 
     # ------------------------------------------------------------------ generation
     def expert_for(self, t: int) -> int:

@@ -276,8 +276,14 @@ def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, devic
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                     config: WanConfig | None = None, stats: dict | None = None) -> WanTransformer:
-    """Load a Wan transformer from a diffusers-layout or original-layout checkpoint."""
+                     config: WanConfig | None = None, stats: dict | None = None, loras=(),
+                     expert: str | None = None) -> WanTransformer:
+    """Load a Wan transformer from a diffusers-layout or original-layout checkpoint.
+
+    loras: LoraSpec entries (paradit.models.lora), merged into the weights as they load; each is
+    checked against the checkpoint's shapes before any weight is read. expert: "high" or "low" when
+    this is one expert of a Wan2.2 pair, so that specs with target="high" / "low" pick theirs."""
+    loras = _loras_for(loras, expert)
     index = index_checkpoint(path)
     cfg = config_from_checkpoint(index, config)
     model = build_on_meta(lambda: WanTransformer(cfg))
@@ -289,9 +295,44 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
         raise CheckpointError(f"{path} does not match the {cfg.name} architecture: "
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} (original Wan names) "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    _check_shapes(index, {n: tuple(p.shape) for n, p in expected.items()}, cfg.name)
+    shapes = {n: tuple(p.shape) for n, p in expected.items()}
+    _check_shapes(index, shapes, cfg.name)
+    lora_files = _read_loras(loras, shapes, cfg.name)
     tensors = read_tensors(index, list(expected), dtype, device, stats=stats)
+    if lora_files:
+        from paradit.models.lora import merge_loras
+        merge_loras(tensors, lora_files, None if stats is None else stats.setdefault("lora", {}))
     return assign_weights(model, tensors, str(path))
+
+
+def _loras_for(loras, expert: str | None) -> list:
+    """The LoRAs (LoraSpec, or LoraFile from paradit.models.lora.check_loras) this transformer gets."""
+    from paradit.models.lora import LoraError, LoraFile, LoraSpec
+    if expert not in (None, "high", "low"):
+        raise ValueError(f"load_transformer(expert={expert!r}): give 'high', 'low' or None")
+    out = []
+    for item in loras or ():
+        spec = item.spec if isinstance(item, LoraFile) else item
+        if not isinstance(spec, LoraSpec):
+            raise LoraError(f"loras=[...] takes LoraSpec(path, scale, target) entries, not {item!r}")
+        if spec.target != "all" and expert is None:
+            raise LoraError(f"{spec}: load_transformer loads one transformer; pass expert='high' or 'low' to say "
+                            f"which one it is, or give the LoRA target='all'")
+        if spec.target in ("all", expert):
+            out.append(item)
+    return out
+
+
+def _read_loras(loras: list, shapes: dict, arch: str) -> list:
+    """Each LoRA checked against the model's shapes (headers only); LoraFile entries are checked already."""
+    from paradit.models.lora import LoraFile, read_lora, warn_skipped
+    out = []
+    for item in loras:
+        if not isinstance(item, LoraFile):
+            item = read_lora(item, shapes, arch)
+            warn_skipped(item, arch)
+        out.append(item)
+    return out
 
 
 def _check_shapes(index: TensorIndex, expected: dict[str, tuple[int, ...]], arch: str) -> None:
