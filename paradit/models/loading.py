@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -201,35 +199,22 @@ def _shape_reader(index: TensorIndex) -> Callable[[str], tuple[int, ...]]:
 
 
 def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, device, threads: int = 8,
-                 stats: dict | None = None) -> dict[str, torch.Tensor]:
-    """Read `names` from the mmap, converted to dtype on device; one thread per shard file."""
-    by_file: dict[Path, list[str]] = {}
-    lock = threading.Lock()  # stats is shared by the reader threads
-    for name in names:
-        by_file.setdefault(index.files[name][0], []).append(name)
-
-    def read_file(file: Path) -> dict[str, torch.Tensor]:
-        out = {}
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in by_file[file]:
-                t = f.get_tensor(index.files[name][1])      # a view of the mmap where possible
-                out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                if stats is not None:
-                    with lock:
-                        stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
-                        stats.setdefault("names", []).append(name)
-        return out
-
-    tensors: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_file)))) as pool:
-        for part in pool.map(read_file, by_file):
-            tensors.update(part)
-    return tensors
+                 stats: dict | None = None, group=None) -> dict[str, torch.Tensor]:
+    """Read `names` from the mmap onto device, floating ones converted to dtype (paradit.models.reader:
+    several threads; on CUDA pinned staging and the cast on the device). group: the ranks of one node
+    that all need these tensors; each reads a share, the rest arrives by broadcast."""
+    from paradit.models.reader import header, read_entries, read_shared
+    headers = {file: header(file) for file in {index.files[n][0] for n in names}}
+    entries = {n: headers[index.files[n][0]][index.files[n][1]] for n in names}
+    if group is not None:
+        return read_shared(entries, dtype, device, group, threads, stats)
+    return read_entries(entries, dtype, device, threads, stats)
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                     config: WanConfig | None = None, stats: dict | None = None) -> WanTransformer:
-    """Load a Wan transformer from a diffusers-layout or original-layout checkpoint."""
+                     config: WanConfig | None = None, stats: dict | None = None, group=None) -> WanTransformer:
+    """Load a Wan transformer from a diffusers-layout or original-layout checkpoint. group: the
+    ranks of one node loading the same transformer, which then read its files once between them."""
     index = index_checkpoint(path)
     cfg = config_from_checkpoint(index, config)
     with torch.device("meta"):
@@ -243,7 +228,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} (original Wan names) "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     _check_shapes(index, {n: tuple(p.shape) for n, p in expected.items()}, cfg.name)
-    tensors = read_tensors(index, list(expected), dtype, device, stats=stats)
+    tensors = read_tensors(index, list(expected), dtype, device, stats=stats, group=group)
     model.load_state_dict(tensors, assign=True)
     return model.eval().requires_grad_(False)
 
