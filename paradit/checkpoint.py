@@ -18,8 +18,10 @@ Loading is per rank and lean: a rank reads only the experts it runs (`experts_ne
 0 = high-noise or only expert, 1 = low-noise), straight from the safetensors mmap to its device in
 the target dtype; only the first rank of a request loads the text encoder (it encodes and
 broadcasts), and only ranks that encode images or decode videos load the VAE. The experts, the
-text encoder and the VAE load concurrently in threads. Phase timings land in `pipe.startup`,
-bytes read per component in `pipe.load_stats`.
+text encoder and the VAE are read concurrently in threads, each built on the meta device and
+assigned under paradit.models.loading.BUILD_LOCK (no library's process-wide construction patch can
+reach a module another thread builds). Phase timings land in `pipe.startup`, bytes read per
+component in `pipe.load_stats`.
 """
 from __future__ import annotations
 
@@ -189,11 +191,6 @@ def _normalise_needed(needed, num_experts: int) -> list[int]:
     return out
 
 
-def _folder_bytes(folder: Path) -> dict:
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    return {"bytes": sum(f.stat().st_size for f in files), "files": [f.name for f in files]}
-
-
 def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str = "auto", experts_needed=None,
                              components=None):
     """Build a Pipeline from a checkpoint folder: configs first (every error before any weight is
@@ -224,19 +221,16 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
         jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
                                config=cfg, stats=stats.setdefault(ck.experts[k].name, {})) for k in needed}
         text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
-                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=info.device) \
-            if "text_encoder" in parts else None
-        vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device) \
-            if "vae" in parts else None
+                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=info.device,
+                               stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None
+        vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device,
+                              stats=stats.setdefault("vae", {})) if "vae" in parts else None
         for k, job in jobs.items():
             experts[k], _ = job.result()
         startup["weights_s"] = time.perf_counter() - t1  # the experts, loaded side by side
         text, startup["text_encoder_s"] = text_job.result() if text_job else (None, 0.0)
         vae, startup["vae_s"] = vae_job.result() if vae_job else (None, 0.0)
     startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
-    for name, part in (("text_encoder", text), ("vae", vae)):
-        if part is not None:
-            stats[name] = _folder_bytes(ck.component(name))
     pipe = cls(cfg, experts, text, vae, mesh=mesh, backend=backend)
     pipe.startup.update(startup)
     pipe.load_stats = stats

@@ -80,18 +80,12 @@ class _Files:
             m.close()
 
 
-def target_dtype(stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
-    """Floating tensors take the load's dtype; integer ones keep theirs."""
-    return dtype if stored.is_floating_point else stored
-
-
-def read_entries(entries: dict[str, Entry], dtype: torch.dtype, device, threads: int = 8,
+def read_entries(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], device, threads: int = 8,
                  stats: dict | None = None) -> dict[str, torch.Tensor]:
-    """Read every entry onto `device`, floating ones as `dtype`."""
+    """Read every entry onto `device` as dtypes[name]."""
     device = torch.device(device)
     names = sorted(entries, key=lambda n: -entries[n].nbytes)        # largest first: balanced threads
-    out = {n: torch.empty(entries[n].shape, dtype=target_dtype(entries[n].dtype, dtype), device=device)
-           for n in names}
+    out = {n: torch.empty(entries[n].shape, dtype=dtypes[n], device=device) for n in names}
     files, errors = _Files(), []
     work = iter(names)
     take = threading.Lock()
@@ -185,13 +179,13 @@ def shares(entries: dict[str, Entry], ranks: int) -> list[list[str]]:
     return out
 
 
-def read_shared(entries: dict[str, Entry], dtype: torch.dtype, device, group, threads: int = 8,
+def read_shared(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], device, group, threads: int = 8,
                 stats: dict | None = None) -> dict[str, torch.Tensor]:
     """Every entry on every rank of `group`, each read from the files by one rank only."""
     import torch.distributed as dist
     me, size = dist.get_rank(group), dist.get_world_size(group)
     parts = shares(entries, size)
-    mine = read_entries({n: entries[n] for n in parts[me]}, dtype, device, threads, stats)
+    mine = read_entries({n: entries[n] for n in parts[me]}, dtypes, device, threads, stats)
     device = torch.device(device)
     out = {}
     received = 0
@@ -200,7 +194,7 @@ def read_shared(entries: dict[str, Entry], dtype: torch.dtype, device, group, th
             if owner == me:
                 t = mine[name]
             else:
-                t = torch.empty(entries[name].shape, dtype=target_dtype(entries[name].dtype, dtype), device=device)
+                t = torch.empty(entries[name].shape, dtype=dtypes[name], device=device)
                 received += t.numel() * t.element_size()
             dist.broadcast(t, src=dist.get_global_rank(group, owner), group=group)
             out[name] = t
