@@ -93,7 +93,7 @@ def timed(fn, device):
 
 def components_alone(folder: Path, device: torch.device, dtype: torch.dtype) -> dict:
     """Each component onto the device from a warm page cache, one after the other."""
-    from paradit.checkpoint import _folder_bytes, locate, model_config
+    from paradit.checkpoint import locate, model_config
     from paradit.models.loading import load_transformer
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
@@ -112,13 +112,15 @@ def components_alone(folder: Path, device: torch.device, dtype: torch.dtype) -> 
     out["experts"] = {"s": seconds, "bytes": sum(s.get("bytes", 0) for s in stats), **memory(device)}
     del models
     free(device)
+    read = {"text_encoder": {}, "vae": {}}
     te, seconds = timed(lambda: TextEncoder.from_pretrained(ck.component("text_encoder"), ck.component("tokenizer"),
-                                                             cfg.text_len, dtype=dtype, device=device), device)
-    out["text_encoder"] = {"s": seconds, "bytes": _folder_bytes(ck.component("text_encoder"))["bytes"]}
+                                                             cfg.text_len, dtype=dtype, device=device,
+                                                             stats=read["text_encoder"]), device)
+    out["text_encoder"] = {"s": seconds, "bytes": read["text_encoder"].get("bytes", 0)}
     del te
     free(device)
-    vae, seconds = timed(lambda: VideoVAE.from_pretrained(ck.component("vae"), device), device)
-    out["vae"] = {"s": seconds, "bytes": _folder_bytes(ck.component("vae"))["bytes"]}
+    vae, seconds = timed(lambda: VideoVAE.from_pretrained(ck.component("vae"), device, stats=read["vae"]), device)
+    out["vae"] = {"s": seconds, "bytes": read["vae"].get("bytes", 0)}
     del vae
     free(device)
     for part in out.values():

@@ -101,8 +101,11 @@ class Pipeline:
         offload: "none" | "text-encoder" | "experts" | "all" | "auto" (paradit/residency.py): which
         components live in host memory and are copied to the GPU when used."""
         check_offload(offload)
-        pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components)
+        pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components,
+                          offload)
+        t0 = time.perf_counter()
         pipe.apply_offload(offload)
+        pipe.startup["offload_s"] = time.perf_counter() - t0     # pinning the host copies
         if compile:
             from paradit.compile import compile_blocks
             compile_blocks(pipe.experts)
@@ -121,7 +124,8 @@ class Pipeline:
         return self.startup["compile_s"]
 
     @classmethod
-    def _build(cls, name_or_path, parallel, device, dtype, backend, seed, experts_needed, components):
+    def _build(cls, name_or_path, parallel, device, dtype, backend, seed, experts_needed, components,
+               offload: str = "none"):
         info = init_distributed(device)
         parallel = parallel or ParallelConfig()
         if name_or_path == "tiny":
@@ -136,7 +140,7 @@ class Pipeline:
             return cls(cfg, *demo_components(cfg, info.device), mesh=mesh, backend=backend)
         from paradit.checkpoint import load_pipeline_components  # real checkpoints (folders)
         return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend, experts_needed,
-                                        components)
+                                        components, offload)
 
     # ------------------------------------------------------------------ generation
     def expert_for(self, t: int) -> int:
