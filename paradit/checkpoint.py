@@ -193,10 +193,14 @@ def _normalise_needed(needed, num_experts: int) -> list[int]:
 
 
 def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str = "auto", experts_needed=None,
-                             components=None, loras=()):
+                             components=None, loras=(), offload: str = "none"):
     """Build a Pipeline from a checkpoint folder: configs and LoRA headers first (every error before
-    any weight is read), then this rank's share of the weights, concurrently, LoRAs merged as they load."""
+    any weight is read), then this rank's share of the weights, concurrently, LoRAs merged as they load.
+    Components that `offload` keeps in host memory (paradit.residency) are read into host memory, not
+    onto the device."""
     from paradit.models.lora import check_loras, for_expert
+    from paradit.offload import resolve_offload
+    from paradit.residency import offloads_experts, offloads_text_encoder
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
     from paradit.parallel.mesh import init_parallel
@@ -212,6 +216,9 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
     parts = components_needed(mesh)
     dtype = dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    mode = resolve_offload(offload, cfg, mesh)
+    expert_device = "cpu" if offloads_experts(mode) and len(needed) > 1 else info.device
+    text_device = "cpu" if offloads_text_encoder(mode) else info.device
     startup = {"config_s": time.perf_counter() - t0 - t_lora}
     if lora_files:
         startup["lora_check_s"] = t_lora        # LoRA headers against the model's shapes
@@ -225,12 +232,12 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     experts: list = [None] * cfg.num_experts
     t1 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(needed) + 2) as pool:
-        jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
+        jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=expert_device,
                                config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
                                loras=for_expert(lora_files, k, cfg.num_experts),
                                expert=("high", "low")[k] if cfg.num_experts == 2 else None) for k in needed}
         text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
-                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=info.device,
+                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=text_device,
                                stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None
         vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device,
                               stats=stats.setdefault("vae", {})) if "vae" in parts else None

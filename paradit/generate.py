@@ -29,6 +29,7 @@ from paradit.models.lora import check_loras, lora_specs
 from paradit.outputs import write_json, write_tensor, write_video
 from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_init, parse_stop
 from paradit.parallel.layout import ParallelConfig, auto_sp
+from paradit.residency import OFFLOAD_MODES
 from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", default="manual", choices=["manual", "auto"], help="auto: the planner picks the layout")
     p.add_argument("--gpu", choices=["h100", "h200", "b200"], help="GPU kind for the planner (default: detected)")
     p.add_argument("--force", action="store_true", help="run a layout the planner predicts will not fit")
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_MODES,
+                   help="keep the text encoder and/or the idle expert in host memory, copied to the GPU when "
+                        "used; auto: the planner's fastest mode that fits (none on a CPU)")
     p.add_argument("--chords", type=int, default=1, help="CHORDS cores (parallel-in-time); one core group "
                    "per core when the world has room, else the cores run in turn")
     p.add_argument("--chords-init", help="start step of each core, e.g. 0,8,16,32 (default: the rule)")
@@ -167,7 +171,8 @@ def planned_layout(args, cfg, world: int, settings, kind: str | None, log_choice
     if kind is None:
         raise ValueError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
                          "pass --gpu h100|h200|b200")
-    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
+    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
+             offload=args.offload)
     if p.choice is None:
         raise ValueError(f"the planner finds no layout of {world} x {kind} that fits "
                          f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
@@ -218,22 +223,37 @@ def resolve_layout(args, cfg, info, settings, chords: ChordsSettings | None = No
         chords.validate(settings.steps, layout.chords)
     layout.validate(info.world_size, cfg.num_heads)
     if kind is not None and not args.force:
-        check_memory(cfg, layout, kind, settings, info.world_size)
+        check_memory(cfg, layout, kind, settings, info.world_size, args.offload)
     return layout
 
 
-def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int) -> None:
+def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
     from paradit.parallel.planner import evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
-    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
+    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
+                           offload=offload)
     cand = evaluate(problem, layout)
     if not cand.feasible and "memory" in cand.reason:
         best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
-        hint = f"; the planner suggests {best.layout.label()} ({best.mem_gb:.1f} GB per GPU)" if best else ""
-        raise ValueError(f"layout {layout.describe()} is predicted not to fit on {kind}: {cand.reason}"
-                         f"{hint}. Pass --force to run it anyway")
+        hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} "
+                f"({best.mem_gb:.1f} GB per GPU)" if best else "")
+        raise ValueError(f"layout {layout.describe()} with --offload {offload} is predicted not to fit on {kind}: "
+                         f"{cand.reason}{hint}. Pass --force to run it anyway")
+
+
+def offload_mode(args, cfg, layout: ParallelConfig, settings, device) -> str:
+    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind; none on a CPU."""
+    from paradit.parallel.planner import evaluate, make_problem
+    kind = gpu_kind(args)
+    if args.offload != "auto":
+        return args.offload
+    if device.type != "cuda" or kind is None or cfg.name not in PRESETS:
+        return "none"
+    problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
+                           settings.steps)
+    return evaluate(problem, layout).offload
 
 
 def run(args) -> list[Path]:
@@ -278,7 +298,8 @@ def run(args) -> list[Path]:
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention,
                                     experts_needed=needed, components=args.components, compile=args.compile,
-                                    loras=loras)
+                                    loras=loras,
+                                    offload=offload_mode(args, cfg, layout, settings, info.device))
     startup = {"validate_s": t0 - t_start, **pipe.startup, "build_s": time.perf_counter() - t0}
     if args.compile:
         startup["compile_s"] = pipe.warmup(image=args.image is not None, **settings.__dict__)
@@ -400,7 +421,7 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
                   for s in lora_specs(args.lora, args.lora_high, args.lora_low)],
         "negative_prompt": cfg.negative_prompt if args.negative_prompt is None else args.negative_prompt,
         "settings": settings.__dict__, "layout": layout.__dict__ | {"world_size": layout.world_size},
-        "attention": pipe.runtime.backend, "device": str(pipe.mesh.device),
+        "attention": pipe.runtime.backend, "device": str(pipe.mesh.device), "offload": pipe.offload,
         "experts_per_step": [{"t": t, "expert": ["high", "low"][k], "guidance": g} for t, k, g in rec.trace],
         "timings_s": {"startup": startup, **rec.timings, "step_s": rec.step_s, "total": elapsed},
         "collectives_per_step": {op: {"bytes": b / steps, "count": c / steps} for op, (b, c) in rec.traffic.items()},
