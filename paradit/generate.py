@@ -25,9 +25,11 @@ from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reporte
                                    say_error, wait_for_reports)
 from paradit.models.attention import pick_backend
 from paradit.models.loading import CheckpointError
+from paradit.models.lora import check_loras, lora_specs
 from paradit.outputs import write_json, write_tensor, write_video
 from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_init, parse_stop
 from paradit.parallel.layout import ParallelConfig, auto_sp
+from paradit.residency import OFFLOAD_MODES
 from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")
@@ -45,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "takes the image's shape at the preset's area")
     p.add_argument("--components", help="diffusers-layout folder whose text_encoder/, tokenizer/ and vae/ "
                                         "an original-layout --model uses (overrides a diffusers folder's own)")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA (.safetensors) merged into every expert at load time, strength SCALE (1); repeatable")
+    p.add_argument("--lora-high", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA for the high-noise expert of a Wan2.2 A14B model only; repeatable")
+    p.add_argument("--lora-low", action="append", metavar="PATH[:SCALE]",
+                   help="a LoRA for the low-noise expert of a Wan2.2 A14B model only; repeatable")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block, then warm "
                                                           "up one step per expert before the timed run")
     p.add_argument("--size", help="WxH, e.g. 1280x720 (default: the preset's)")
@@ -69,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:
-    """The device and layout flags, shared with the server (python -m paradit.serve)."""
+    """The device, layout and offload flags, shared with the server (python -m paradit.serve)."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--attention", default="auto", help="auto, flash, sdpa, math")
     p.add_argument("--sp", type=int, help="sequence-parallel degree; picks ulysses x ring from the head count")
@@ -83,6 +91,9 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default="manual", choices=["manual", "auto"], help="auto: the planner picks the layout")
     p.add_argument("--gpu", choices=["h100", "h200", "b200"], help="GPU kind for the planner (default: detected)")
     p.add_argument("--force", action="store_true", help="run a layout the planner predicts will not fit")
+    p.add_argument("--offload", default="auto", choices=OFFLOAD_MODES,
+                   help="keep the text encoder and/or the idle expert in host memory, copied to the GPU when "
+                        "used; auto: the planner's fastest mode that fits (none on a CPU)")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -165,7 +176,8 @@ def planned_layout(args, cfg, world: int, settings, kind: str | None, log_choice
     if kind is None:
         raise ValueError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
                          "pass --gpu h100|h200|b200")
-    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
+    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
+             offload=args.offload)
     if p.choice is None:
         raise ValueError(f"the planner finds no layout of {world} x {kind} that fits "
                          f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
@@ -216,22 +228,37 @@ def resolve_layout(args, cfg, info, settings, chords: ChordsSettings | None = No
         chords.validate(settings.steps, layout.chords)
     layout.validate(info.world_size, cfg.num_heads)
     if kind is not None and not args.force:
-        check_memory(cfg, layout, kind, settings, info.world_size)
+        check_memory(cfg, layout, kind, settings, info.world_size, args.offload)
     return layout
 
 
-def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int) -> None:
+def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
     from paradit.parallel.planner import evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
-    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
+    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
+                           offload=offload)
     cand = evaluate(problem, layout)
     if not cand.feasible and "memory" in cand.reason:
         best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
-        hint = f"; the planner suggests {best.layout.label()} ({best.mem_gb:.1f} GB per GPU)" if best else ""
-        raise ValueError(f"layout {layout.describe()} is predicted not to fit on {kind}: {cand.reason}"
-                         f"{hint}. Pass --force to run it anyway")
+        hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} "
+                f"({best.mem_gb:.1f} GB per GPU)" if best else "")
+        raise ValueError(f"layout {layout.describe()} with --offload {offload} is predicted not to fit on {kind}: "
+                         f"{cand.reason}{hint}. Pass --force to run it anyway")
+
+
+def offload_mode(args, cfg, layout: ParallelConfig, settings, device) -> str:
+    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind; none on a CPU."""
+    from paradit.parallel.planner import evaluate, make_problem
+    kind = gpu_kind(args)
+    if args.offload != "auto":
+        return args.offload
+    if device.type != "cuda" or kind is None or cfg.name not in PRESETS:
+        return "none"
+    problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
+                           settings.steps)
+    return evaluate(problem, layout).offload
 
 
 def run(args) -> list[Path]:
@@ -268,12 +295,16 @@ def run(args) -> list[Path]:
         raise ValueError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
     prompts = read_prompts(args)
     paths = [output_path(args.out, i, len(prompts)) for i in range(len(prompts))]
+    loras = lora_specs(args.lora, args.lora_high, args.lora_low)
+    check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); from_pretrained warns and merges
 
     # 2. build
     from paradit.pipeline import Pipeline  # diffusers and transformers: only once the input is valid
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention,
-                                    experts_needed=needed, components=args.components, compile=args.compile)
+                                    experts_needed=needed, components=args.components, compile=args.compile,
+                                    loras=loras,
+                                    offload=offload_mode(args, cfg, layout, settings, info.device))
     startup = {"validate_s": t0 - t_start, **pipe.startup, "build_s": time.perf_counter() - t0}
     if args.compile:
         startup["compile_s"] = pipe.warmup(image=args.image is not None, **settings.__dict__)
@@ -285,16 +316,20 @@ def run(args) -> list[Path]:
         """Decode (spread over the output rank's sp group) and write request i on the output rank."""
         t1 = time.perf_counter()
         video = pipe.decode(latent)
+        memory = gpu_memory(pipe)  # collective over the request's ranks
         if not mesh.is_output_rank:
             return
         path = paths[i]
         pipe.record.timings["vae_decode_s"] = time.perf_counter() - t1
         startup.update({k: v for k, v in pipe.startup.items() if k not in startup})  # first_step_s
+        t1 = time.perf_counter()
         write_video(path, video.numpy(), cfg.fps)
+        pipe.record.timings["write_video_s"] = time.perf_counter() - t1
         if args.save_latents:
             write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
         write_json(path.with_suffix(".json"), sidecar(args, cfg, settings, layout, pipe, prompts[i], startup,
-                                                     elapsed))
+                                                     elapsed) | {"gpu_memory_gb": memory,
+                                                                 "time_to_video_s": since_process_start()})
         if pipe.record.chords:
             log.info("%s", chords_summary(pipe.record.chords, settings.steps))
         log.info("wrote %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1],
@@ -325,6 +360,33 @@ def run(args) -> list[Path]:
                       **settings_kwargs(args, settings))
         finish(i, latent, time.perf_counter() - t0)
     return written
+
+
+def gpu_memory(pipe) -> dict[str, dict[str, float]] | None:
+    """Peak GPU memory (GB, allocated and reserved by torch's allocator) of every rank of this
+    request's group (its replica; its stage with split experts), keyed by global rank; None on CPU."""
+    import torch.distributed as dist
+    mine = None
+    if pipe.mesh.device.type == "cuda":
+        d = pipe.mesh.device
+        mine = {"allocated": torch.cuda.max_memory_allocated(d) / 1e9, "reserved": torch.cuda.max_memory_reserved(d) / 1e9}
+    group = pipe.request_group
+    if group is None:
+        return None if mine is None else {"0": mine}
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, (dist.get_rank(), mine), group=group)
+    return None if mine is None else {str(r): m for r, m in every}
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (the interpreter's start, imports included), from /proc."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux
+        return None
+    return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def settings_kwargs(args, settings) -> dict:
@@ -360,11 +422,13 @@ def sidecar(args, cfg, settings, layout, pipe, prompt, startup, elapsed) -> dict
     steps = max(1, len(rec.trace))
     return {
         "prompt": prompt, "model": args.model, "preset": cfg.name, "image": args.image,
+        "loras": [dict(path=str(s.path), scale=s.scale, target=s.target)
+                  for s in lora_specs(args.lora, args.lora_high, args.lora_low)],
         "negative_prompt": cfg.negative_prompt if args.negative_prompt is None else args.negative_prompt,
         "settings": settings.__dict__, "layout": layout.__dict__ | {"world_size": layout.world_size},
-        "attention": pipe.runtime.backend, "device": str(pipe.mesh.device),
+        "attention": pipe.runtime.backend, "device": str(pipe.mesh.device), "offload": pipe.offload,
         "experts_per_step": [{"t": t, "expert": ["high", "low"][k], "guidance": g} for t, k, g in rec.trace],
-        "timings_s": {"startup": startup, **rec.timings, "total": elapsed},
+        "timings_s": {"startup": startup, **rec.timings, "step_s": rec.step_s, "total": elapsed},
         "collectives_per_step": {op: {"bytes": b / steps, "count": c / steps} for op, (b, c) in rec.traffic.items()},
         "chords": rec.chords.as_dict(settings.steps) if rec.chords else None,
         "torch": torch.__version__,

@@ -14,6 +14,7 @@ import sys
 
 from paradit.config import WanConfig
 from paradit.parallel.planner import GPUS, Plan, load_calibration, plan
+from paradit.residency import OFFLOAD_MODES
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -36,8 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calibration", default=None, help="calibration JSON (default: shipped one)")
     ap.add_argument("--max-chords", type=int, default=1,
                     help="consider CHORDS with up to this many cores (4, 6, 8); default off")
-    ap.add_argument("--offload-text-encoder", action="store_true",
-                    help="do not count the umT5 encoder in GPU memory")
+    ap.add_argument("--offload", default="auto", choices=OFFLOAD_MODES,
+                    help="what lives in host memory: auto (the fastest mode that fits each layout), none, "
+                         "text-encoder, experts, all")
     ap.add_argument("--no-ring", action="store_true", help="no Ring attention: uneven Ulysses allowed")
     ap.add_argument("--hbm-gb", type=float, help="override the GPU's memory, GB")
     ap.add_argument("--tflops", type=float, help="override the GPU's bf16 matmul rate, TFLOP/s")
@@ -56,7 +58,7 @@ def table(p: Plan, top: int) -> str:
     rows = [("#", "layout", "GPUs/req", "step s", "latency s", "videos/h", "mem GB", "comm %",
              "note")]
     for i, c in enumerate(p.feasible[:top], 1):
-        rows.append((str(i), c.layout.label(), str(c.layout.group_size), _fmt(c.step_s),
+        rows.append((str(i), c.label(), str(c.layout.group_size), _fmt(c.step_s),
                      _fmt(c.latency_s), _fmt(c.throughput_per_h), f"{c.mem_gb:.1f}",
                      f"{100 * c.comm_share:.1f}", c.note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = plan(args.model, args.gpus, gpu, width, height, args.frames, args.steps,
                       args.objective, load_calibration(args.calibration), args.max_chords,
-                      offload_text_encoder=args.offload_text_encoder, allow_ring=not args.no_ring)
+                      offload=args.offload, allow_ring=not args.no_ring)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

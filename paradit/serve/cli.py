@@ -127,7 +127,7 @@ class Parts:
 def run(args, info, parts: Parts) -> None:
     import torch
 
-    from paradit.generate import model_config, resolve_layout
+    from paradit.generate import model_config, offload_mode, resolve_layout
     from paradit.models.attention import pick_backend
     from paradit.serve.schema import Limits
     from paradit.settings import VideoSettings
@@ -135,7 +135,8 @@ def run(args, info, parts: Parts) -> None:
     # 1. validate everything before any weights exist (every rank)
     check_args(args)
     cfg = model_config(args.model, args.components)
-    layout = resolve_layout(args, cfg, info, VideoSettings.resolve(cfg))
+    defaults = VideoSettings.resolve(cfg)  # the layout and offload are planned for the model's default video
+    layout = resolve_layout(args, cfg, info, defaults)
     pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, args.attention)
     if cfg.task != "t2v":
         raise ValueError(f"--model {args.model} is an image-to-video model ({cfg.task}); the service takes text "
@@ -150,9 +151,9 @@ def run(args, info, parts: Parts) -> None:
         from paradit.serve.api import Service, create_app
         from paradit.serve.jobs import JobStore
         parts.lock = lock_state_dir(state_dir)
-        defaults = {"size": f"{cfg.size[0]}x{cfg.size[1]}", "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
-                    "guidance_scale": list(cfg.guidance)}
-        service = Service(args.model, JobStore(state_dir), args.api_key, args.max_queue, layout.describe(), defaults)
+        shown = {"size": f"{cfg.size[0]}x{cfg.size[1]}", "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
+                 "guidance_scale": list(cfg.guidance)}
+        service = Service(args.model, JobStore(state_dir), args.api_key, args.max_queue, layout.describe(), shown)
         parts.http, port = start_http(create_app(service), args.host, args.port)
         print(f"paradit: serving {args.model} on http://{args.host}:{port} (loading the models)", flush=True)
 
@@ -161,7 +162,8 @@ def run(args, info, parts: Parts) -> None:
     from paradit.serve.engine import Channel, Worker
     needed = {layout.coords(info.rank)["stage"]} if layout.stages else None
     pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention,
-                                    experts_needed=needed, components=args.components)
+                                    experts_needed=needed, components=args.components,
+                                    offload=offload_mode(args, cfg, layout, defaults, info.device))
     channel = Channel()
     parts.worker = Worker(pipe, channel, state_dir, args.save_latents)
     if info.rank == 0:

@@ -118,8 +118,10 @@ class Worker:
             yield cmd["request"]["prompt"], cmd["request"]["negative_prompt"], s
 
     def begin(self, cmd: dict) -> None:
+        from paradit.pipeline import RunRecord
         self.report_memory()  # after the previous job
         self.current, self.steps, self.first_step_at = cmd, [], None
+        self.pipe.record = RunRecord()  # run_split does not reset it: per job, not per service lifetime
 
     def on_step(self, i: int, seconds: float) -> None:
         if not (self.reporter and self.current):
