@@ -78,7 +78,16 @@ def test_failure_kill_and_restarts_lose_no_job(tmp_path):
         for q in queued:
             assert finished(c, q)["status"] == "completed"
         listed = c.get("/v1/videos", params={"limit": 100}).json()["data"]
+        # 5. SIGTERM, as a supervisor stops a service: exit 0, the running job back in the queue
+        last = submit(c, 60, seed=10)
+        wait_for(lambda: c.get(f"/v1/videos/{last}").json()["progress"] > 0, 60, interval_s=0.02,
+                 what="the last job running")
+        assert s.stop() == 0, s.output[-2000:]
     accepted = {ok, doomed, *behind, running, *queued}
     assert {v["id"] for v in listed} == accepted
     for v in listed:
         assert v["status"] == "completed" or (v["status"] == "failed" and v["error"]["message"]), v
+    store = JobStore(state)
+    stopped = store.get(last)
+    assert (stopped.status, stopped.attempts) == ("queued", 0)  # a clean stop costs the job no attempt
+    store.close()

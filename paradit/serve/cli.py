@@ -141,8 +141,7 @@ def run(args, info, parts: Parts) -> None:
     if cfg.task != "t2v":
         raise ValueError(f"--model {args.model} is an image-to-video model ({cfg.task}); the service takes text "
                          f"prompts only so far: serve a text-to-video model")
-    limits = Limits.default(cfg)
-    limits = Limits(args.max_steps, args.max_video_tokens or limits.max_video_tokens)
+    limits = Limits(args.max_steps, args.max_video_tokens or Limits.default_video_tokens(cfg))
     state_dir = Path(args.state_dir)
 
     # 2. rank 0: the state directory and the HTTP front, answering 503 until the models are loaded

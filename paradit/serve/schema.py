@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import threading
 from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
@@ -84,21 +85,23 @@ def validation_error(errors: list[dict], content_type: str = "application/json")
 
 @dataclass(frozen=True)
 class Limits:
+    """The largest request the service takes (--max-steps, --max-video-tokens)."""
     max_steps: int
     max_video_tokens: int
 
     @staticmethod
-    def default(cfg: WanConfig) -> "Limits":
-        """At most 4x the preset's default video (in tokens) and 200 steps."""
-        return Limits(200, 4 * cfg.num_tokens(*cfg.size, cfg.frames))
+    def default_video_tokens(cfg: WanConfig) -> int:
+        """4x the model's default video, in transformer tokens."""
+        return 4 * cfg.num_tokens(*cfg.size, cfg.frames)
 
 
 class Checker:
-    """Checks requests against the served model; `tokenizer` counts prompt tokens (a private copy:
-    fast tokenizers must not be shared across threads)."""
+    """Checks requests against the served model. `tokenizer` counts prompt tokens: a copy of the
+    engine's, used under a lock (a fast tokenizer must not be used by two threads at once)."""
 
     def __init__(self, cfg: WanConfig, model: str, tokenizer, limits: Limits):
         self.cfg, self.model, self.tokenizer, self.limits = cfg, model, tokenizer, limits
+        self.lock = threading.Lock()
 
     def resolve(self, body: VideoRequest) -> dict:
         """The job's stored request: prompts and the resolved settings; ApiError(400) if invalid."""
@@ -127,7 +130,8 @@ class Checker:
         cleaned = clean_prompt(text)
         if not cleaned and not empty_ok:
             raise ApiError(400, f"{param}: empty after removing whitespace; describe the video", param)
-        n = len(self.tokenizer(cleaned, add_special_tokens=True).input_ids)
+        with self.lock:
+            n = len(self.tokenizer(cleaned, add_special_tokens=True).input_ids)
         if n > self.cfg.text_len:
             raise ApiError(400, f"{param} is {n} tokens long; the text encoder takes at most {self.cfg.text_len} "
                                 f"(end-of-text included): shorten it", param)
