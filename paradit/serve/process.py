@@ -39,13 +39,23 @@ class ServerProcess:
                 f"--master-port={free_port()}", *serve, *self.args]
 
     def start(self) -> "ServerProcess":
+        return self.launch().wait_ready()
+
+    def launch(self) -> "ServerProcess":
+        """Start the process and return at once (wait_ready waits for it)."""
         # one thread per process: with more threads than free cores (a busy or small machine),
         # torch's thread pool slows the tiny models' many small operations tenfold
         env = os.environ | {"OMP_NUM_THREADS": "1"} | self.env
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, start_new_session=True)  # its own group: killed whole
+        self._started_at = time.monotonic()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(self.ready_timeout_s) or self.url is None:
+        return self
+
+    def wait_ready(self) -> "ServerProcess":
+        """Until the server says it is ready (killed, and RuntimeError, after ready_timeout_s from launch)."""
+        left = self.ready_timeout_s - (time.monotonic() - self._started_at)
+        if not self._ready.wait(max(0.0, left)) or self.url is None:
             self.kill()
             raise RuntimeError(f"the server did not become ready in {self.ready_timeout_s:.0f} s:\n{self.output[-4000:]}")
         return self
@@ -98,7 +108,7 @@ class ServerProcess:
             pass
 
     def __enter__(self) -> "ServerProcess":
-        return self.start()
+        return self.wait_ready() if self.proc is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.kill()
