@@ -5,6 +5,7 @@ videos equal paradit.generate's; a bounded load test; client disconnects. One se
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -228,6 +229,7 @@ def test_errors(server):
     error_of(c.post("/v1/videos", content=b"prompt=x", headers={"Content-Type": "application/x-www-form-urlencoded"}),
              422, "body", "Content-Type: application/json")
     error_of(c.post("/v1/videos", json=[PROMPT]), 422, "body", "JSON object")
+    error_of(c.post("/v1/videos", json={"prompt": "red " * 40_000}), 413, "body", "at most 65536")
     # nothing above was accepted
     assert c.get("/v1/videos", params={"limit": 100}).json()["data"] == before
 
@@ -360,6 +362,42 @@ def test_client_disconnects_never_stall_the_ranks(server):
     prompts3 = [x for x in server.client.get("/v1/videos", params={"limit": 100}).json()["data"]
                 if x["num_inference_steps"] == 3]
     assert all(server.finished(x["id"])["status"] == "completed" for x in prompts3)  # if it was accepted
+
+
+# ----------------------------------------------------------------------------- flags and start-up
+def test_bad_flags_are_named():
+    from paradit.serve.cli import check_args, parse_args
+    cases = [(["--host", "0.0.0.0"], "--api-key KEY"), (["--port", "70000"], "0-65535"),
+             (["--max-queue", "0"], "--max-queue 0"), (["--max-video-tokens", "-5"], ">= 1")]
+    for argv, words in cases:
+        with pytest.raises(ValueError, match=words):
+            check_args(parse_args(argv))
+    check_args(parse_args(["--host", "0.0.0.0", "--api-key", "k"]))      # with a key it may listen widely
+    check_args(parse_args(["--host", "0.0.0.0", "--insecure"]))
+
+
+def test_one_service_per_state_dir(tmp_path):
+    from paradit.serve.cli import lock_state_dir
+    held = lock_state_dir(tmp_path)
+    with pytest.raises(ValueError, match=f"in use by another paradit serve \\(pid {os.getpid()}\\)"):
+        lock_state_dir(tmp_path)
+    held.close()
+    lock_state_dir(tmp_path).close()  # free again once the holder is gone
+
+
+def test_a_taken_port_stops_the_cli_with_the_reason(tmp_path):
+    """The CLI's error path, as a user meets it: exit 2, the reason on stderr, before any model loads."""
+    import subprocess
+    import sys
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "paradit.serve", "--port", str(port), "--state-dir",
+                               str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"paradit: error (rank 0): --host 127.0.0.1 --port {port}: cannot listen there" in proc.stderr
+    assert "loading the models" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------- the job store alone

@@ -22,6 +22,7 @@ from paradit.serve.metrics import Metrics
 from paradit.serve.schema import ApiError, VideoRequest, validation_error, video_object
 
 STATIC = Path(__file__).resolve().parent / "static"
+MAX_BODY = 64 * 1024  # bytes: a request is a prompt and a few numbers
 
 
 @dataclass
@@ -71,13 +72,18 @@ def create_app(service: Service) -> FastAPI:
     @app.middleware("http")
     async def require_key(request: Request, call_next):
         """Every /v1 request needs `Authorization: Bearer KEY` when the service has a key; before
-        the body is even read, so a wrong key never learns whether its body was valid."""
+        the body is even read, so a wrong key never learns whether its body was valid. Bodies
+        larger than MAX_BODY are refused before they are read."""
         if service.api_key and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {service.api_key}".encode()):
                 err = error(401, "missing or wrong API key: send the header `Authorization: Bearer KEY`",
                             kind="authentication_error")
                 return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY:
+            err = error(413, f"the body is {length} bytes; at most {MAX_BODY} are taken", "body")
+            return JSONResponse(err.body(), status_code=413)
         return await call_next(request)
 
     def ready() -> None:
