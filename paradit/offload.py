@@ -49,6 +49,7 @@ class HostWeights:
                         self.host.append(host.pin_memory() if self.cuda else host)
                         self.refs.append([])
                     i = found[id(t)]
+                    found[id(self.host[i])] = i      # a buffer is replaced by its host copy below
                     self.refs[i].append((owner, kind, key))
                     # Pointed at its host copy at once, so that the tensor it held (a host copy that is
                     # not pinned, say) is freed now: pinning an expert needs its bytes once, not twice.
