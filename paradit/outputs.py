@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -114,10 +115,16 @@ class Outputs:
             staged, self._staged = self._staged, []
         done, backups = [], {}
         try:
+            for _, path in staged:
+                if path.is_dir():
+                    raise IsADirectoryError(f"{path} is a directory")
             for tmp, path in staged:
                 if path.exists():                       # keep the earlier file until the set is in place
                     backups[path] = temp_path(path, "old")
-                    os.link(path, backups[path])
+                    try:
+                        os.link(path, backups[path])
+                    except OSError:                     # a file system without hard links
+                        shutil.copy2(path, backups[path])
                 os.replace(tmp, path)
                 done.append(path)
         except BaseException:
