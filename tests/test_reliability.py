@@ -355,6 +355,21 @@ def test_a_failed_run_keeps_the_earlier_good_output_set(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_split_expert_sidecars_describe_their_own_request(tmp_path):
+    """Item 4: with several prompts each sidecar of split experts lists every step once (high and
+    low), has the encode and denoise times, a total above the decode time, and the hand-off traffic."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    proc, _ = torchrun(2, ["--experts", "split", "--prompts-file", str(prompts), "--out", str(tmp_path / "x.mp4")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("x_000.json", "x_001.json"):
+        side = json.loads((tmp_path / name).read_text())
+        assert [e["expert"] for e in side["experts_per_step"]] == ["high"] * 6 + ["low"] * 2  # tiny: 8 steps, 6 high
+        t = side["timings_s"]
+        assert {"text_encoder_s", "denoise_s", "vae_decode_s"} <= set(t) and t["total"] >= t["vae_decode_s"]
+        assert side["collectives_per_step"]["handoff_p2p_recv"]["bytes"] > 0
+
+
 def test_commit_puts_back_the_earlier_files_when_a_rename_fails(tmp_path, monkeypatch):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text("old a")
