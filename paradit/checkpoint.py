@@ -18,8 +18,11 @@ Loading is per rank and lean: a rank reads only the experts it runs (`experts_ne
 0 = high-noise or only expert, 1 = low-noise), straight from the safetensors mmap to its device in
 the target dtype; only the first rank of a request loads the text encoder (it encodes and
 broadcasts), and only ranks that encode images or decode videos load the VAE. The experts, the
-text encoder and the VAE load concurrently in threads. Phase timings land in `pipe.startup`,
-bytes read per component in `pipe.load_stats`.
+text encoder and the VAE are read concurrently in threads, each built on the meta device and
+assigned under paradit.models.loading.BUILD_LOCK (no library's process-wide construction patch can
+reach a module another thread builds). LoRAs (`loras=`, paradit/models/lora.py) are checked from
+their headers with the configs, and merged into each expert as it loads. Phase timings land in
+`pipe.startup`, bytes read per component in `pipe.load_stats`.
 """
 from __future__ import annotations
 
@@ -189,15 +192,15 @@ def _normalise_needed(needed, num_experts: int) -> list[int]:
     return out
 
 
-def _folder_bytes(folder: Path) -> dict:
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    return {"bytes": sum(f.stat().st_size for f in files), "files": [f.name for f in files]}
-
-
 def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str = "auto", experts_needed=None,
-                             components=None):
-    """Build a Pipeline from a checkpoint folder: configs first (every error before any weight is
-    read), then this rank's share of the weights, concurrently."""
+                             components=None, loras=(), offload: str = "none"):
+    """Build a Pipeline from a checkpoint folder: configs and LoRA headers first (every error before
+    any weight is read), then this rank's share of the weights, concurrently, LoRAs merged as they load.
+    Components that `offload` keeps in host memory (paradit.residency) are read into host memory, not
+    onto the device."""
+    from paradit.models.lora import check_loras, for_expert
+    from paradit.offload import resolve_offload
+    from paradit.residency import offloads_experts, offloads_text_encoder
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
     from paradit.parallel.mesh import init_parallel
@@ -207,10 +210,18 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     ck = locate(path, components)
     cfg = model_config(ck)
     needed = _normalise_needed(experts_needed, cfg.num_experts)
+    t_lora = time.perf_counter()
+    lora_files = check_loras(loras, cfg)        # every expert's, on every rank: the same errors everywhere
+    t_lora = time.perf_counter() - t_lora
     mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
     parts = components_needed(mesh)
     dtype = dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    startup = {"config_s": time.perf_counter() - t0}
+    mode = resolve_offload(offload, cfg, mesh)
+    expert_device = "cpu" if offloads_experts(mode) and len(needed) > 1 else info.device
+    text_device = "cpu" if offloads_text_encoder(mode) else info.device
+    startup = {"config_s": time.perf_counter() - t0 - t_lora}
+    if lora_files:
+        startup["lora_check_s"] = t_lora        # LoRA headers against the model's shapes
     stats: dict[str, dict] = {}
 
     def timed(fn, *args, **kw):
@@ -221,22 +232,23 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     experts: list = [None] * cfg.num_experts
     t1 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(needed) + 2) as pool:
-        jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
-                               config=cfg, stats=stats.setdefault(ck.experts[k].name, {})) for k in needed}
+        jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=expert_device,
+                               config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
+                               loras=for_expert(lora_files, k, cfg.num_experts),
+                               expert=("high", "low")[k] if cfg.num_experts == 2 else None) for k in needed}
         text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
-                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=info.device) \
-            if "text_encoder" in parts else None
-        vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device) \
-            if "vae" in parts else None
+                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=text_device,
+                               stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None
+        vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device,
+                              stats=stats.setdefault("vae", {})) if "vae" in parts else None
         for k, job in jobs.items():
             experts[k], _ = job.result()
         startup["weights_s"] = time.perf_counter() - t1  # the experts, loaded side by side
         text, startup["text_encoder_s"] = text_job.result() if text_job else (None, 0.0)
         vae, startup["vae_s"] = vae_job.result() if vae_job else (None, 0.0)
     startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
-    for name, part in (("text_encoder", text), ("vae", vae)):
-        if part is not None:
-            stats[name] = _folder_bytes(ck.component(name))
+    if lora_files:  # merged inside each expert's load (part of weights_s), summed over this rank's experts
+        startup["lora_merge_s"] = sum(s["lora"]["seconds"] for s in stats.values() if "lora" in s)
     pipe = cls(cfg, experts, text, vae, mesh=mesh, backend=backend)
     pipe.startup.update(startup)
     pipe.load_stats = stats
@@ -244,13 +256,18 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
              "concurrently; read %.1f MB on this rank", startup["config_s"], startup["weights_s"],
              ", ".join(ck.experts[k].name for k in needed), startup["text_encoder_s"], startup["vae_s"],
              startup["load_s"], sum(s.get("bytes", 0) for s in stats.values()) / 1e6)
+    if lora_files:
+        log.info("LoRAs: %d file(s) checked in %.2f s, merged into %s in %.2f s", len(lora_files),
+                 startup["lora_check_s"], ", ".join(ck.experts[k].name for k in needed), startup["lora_merge_s"])
     return pipe
 
 
 # ----------------------------------------------------------------------------- writing
-def save_diffusers_layout(model, folder: str | Path, max_shard_bytes: int | None = None) -> None:
+def save_diffusers_layout(model, folder: str | Path, max_shard_bytes: int | None = None,
+                          config_only: bool = False) -> None:
     """Write a paradit WanTransformer as diffusers writes WanTransformer3DModel: config.json and
-    safetensors with diffusers' names, sharded with an index when max_shard_bytes is given."""
+    safetensors with diffusers' names, sharded with an index when max_shard_bytes is given
+    (config_only: config.json alone, e.g. for a model on the meta device)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -263,6 +280,8 @@ def save_diffusers_layout(model, folder: str | Path, max_shard_bytes: int | None
         "num_layers": c.num_layers, "out_channels": c.out_channels, "patch_size": list(c.patch),
         "pos_embed_seq_len": None, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
         "text_dim": c.text_dim}, indent=1))
+    if config_only:
+        return
     state = {to_diffusers_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     shards, size = [{}], 0
     for name, t in state.items():

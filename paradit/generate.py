@@ -37,7 +37,8 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(flags.model, parallel=layout, device=flags.device, backend=flags.attention,
                                     experts_needed=None if spec.experts_needed is None else set(spec.experts_needed),
-                                    components=flags.components, compile=flags.compile)
+                                    components=flags.components, compile=flags.compile, loras=list(spec.loras),
+                                    offload=spec.offload)
     startup = {"validate_s": validate_s, **pipe.startup, "build_s": time.perf_counter() - t0}
     if flags.compile:
         startup["compile_s"] = pipe.warmup(image=spec.image is not None, **settings.__dict__)
@@ -49,15 +50,19 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
         """Decode (spread over the output rank's sp group) and stage request i on the output rank."""
         t1 = time.perf_counter()
         video = pipe.decode(latent)
+        memory = gpu_memory(pipe)  # collective over the request's ranks
         if not mesh.is_output_rank:
             return
         path = spec.outputs[i]
         pipe.record.timings["vae_decode_s"] = decode_s = time.perf_counter() - t1
         startup.update({k: v for k, v in pipe.startup.items() if k not in startup})  # first_step_s
+        t1 = time.perf_counter()
         outputs.video(path, video.numpy(), cfg.fps)
+        pipe.record.timings["write_video_s"] = time.perf_counter() - t1
         if flags.save_latents:
             outputs.tensors(files_of(path, flags)[2], {"latent": latent})
-        outputs.json(path.with_suffix(".json"), sidecar(spec, pipe, spec.prompts[i], startup, elapsed + decode_s))
+        outputs.json(path.with_suffix(".json"), sidecar(spec, pipe, spec.prompts[i], startup, elapsed + decode_s)
+                     | {"gpu_memory_gb": memory, "time_to_video_s": since_process_start()})
         if pipe.record.chords:
             log.info("%s", chords_summary(pipe.record.chords, settings.steps))
         log.info("staged %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1],
@@ -87,6 +92,33 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
                       else None, progress=not flags.no_progress, **settings_kwargs(spec))
         finish(i, latent, time.perf_counter() - t0)
     return staged
+
+
+def gpu_memory(pipe) -> dict[str, dict[str, float]] | None:
+    """Peak GPU memory (GB, allocated and reserved by torch's allocator) of every rank of this
+    request's group (its replica; its stage with split experts), keyed by global rank; None on CPU."""
+    import torch.distributed as dist
+    mine = None
+    if pipe.mesh.device.type == "cuda":
+        d = pipe.mesh.device
+        mine = {"allocated": torch.cuda.max_memory_allocated(d) / 1e9, "reserved": torch.cuda.max_memory_reserved(d) / 1e9}
+    group = pipe.request_group
+    if group is None:
+        return None if mine is None else {"0": mine}
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, (dist.get_rank(), mine), group=group)
+    return None if mine is None else {str(r): m for r, m in every}
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (the interpreter's start, imports included), from /proc."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux
+        return None
+    return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def settings_kwargs(spec: RunSpec) -> dict:
@@ -123,13 +155,14 @@ def sidecar(spec: RunSpec, pipe, prompt: str, startup: dict, total_s: float) -> 
     steps = max(1, len(rec.trace))
     return {
         "prompt": prompt, "model": flags.model, "preset": cfg.name, "image": flags.image,
+        "loras": [dict(path=str(lo.path), scale=lo.scale, target=lo.target) for lo in spec.loras],
         "negative_prompt": cfg.negative_prompt if flags.negative_prompt is None else flags.negative_prompt,
         "settings": s.__dict__ | {"sampler": spec.sampler_label},
         "size": {"generated": [s.width, s.height], "written": list(written_size(s.width, s.height))},
         "layout": layout.__dict__ | {"world_size": layout.world_size},
-        "attention": pipe.runtime.backend, "device": str(pipe.mesh.device),
+        "attention": pipe.runtime.backend, "device": str(pipe.mesh.device), "offload": pipe.offload,
         "experts_per_step": [{"t": t, "expert": ["high", "low"][k], "guidance": g} for t, k, g in rec.trace],
-        "timings_s": {"startup": startup, **rec.timings, "total": total_s},
+        "timings_s": {"startup": startup, **rec.timings, "step_s": rec.step_s, "total": total_s},
         "collectives_per_step": {op: {"bytes": b / steps, "count": c / steps} for op, (b, c) in rec.traffic.items()},
         "chords": rec.chords.as_dict(s.steps) if rec.chords else None,
         "torch": torch.__version__,

@@ -6,6 +6,7 @@ is gathered for the decode. On one process the shard is the whole sequence.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from paradit.config import WanConfig
 from paradit.settings import SAMPLER_NAMES, VideoSettings
 from paradit.launch import init_distributed
 from paradit.launch.faults import maybe_fail
+from paradit.models.lora import apply_loras, check_loras, for_expert
 from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer, patchify, token_grid, unpatchify
 from paradit.models.vae import VideoVAE
@@ -26,7 +28,8 @@ from paradit.parallel.mesh import Mesh, ParallelConfig, init_parallel
 from paradit.parallel.requests import decode_group, is_encoder_rank, request_group
 from paradit.parallel.runtime import Runtime
 from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler
-from paradit.schedulers.schedule import expert_at
+from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
+from paradit.schedulers.schedule import expert_at, wan_timestep_list
 
 log = logging.getLogger("paradit")
 SAMPLERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler}
@@ -38,7 +41,9 @@ class RunRecord:
     """What one call did: the expert and guidance of every step, phase timings, traffic."""
     trace: list[tuple[int, int, float]] = field(default_factory=list)  # (timestep, expert, guidance)
     timings: dict[str, float] = field(default_factory=dict)
+    step_s: list[float] = field(default_factory=list)  # each sequential denoising step (device-synchronised)
     traffic: dict[str, list[int]] = field(default_factory=dict)
+    residency: list[tuple[int, ...]] = field(default_factory=list)  # experts on the GPU at each evaluation
     chords: object = None  # a ChordsReport when CHORDS ran
 
 
@@ -63,22 +68,48 @@ class Pipeline:
         self.condition = None                          # the image condition of the running request
         self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, compile.py)
         self.load_stats: dict[str, dict] = {}          # bytes read per component on this rank
+        self.offload, self.residency, self.text_residency = "none", None, None
         log.info("layout: %s", self.runtime.describe())
+
+    def apply_offload(self, mode: str, settings: VideoSettings | None = None) -> str:
+        """Keep components in host memory per `mode` (paradit.residency); 'auto' asks the planner,
+        for `settings` (default: the preset's video). Returns the mode applied. Once per pipeline."""
+        from paradit.offload import ExpertResidency, TextEncoderResidency, resolve_offload
+        assert self.offload == "none" and self.residency is None, "offload is applied once"
+        mode = resolve_offload(mode, self.cfg, self.mesh, settings)
+        if offloads_experts(mode):
+            self.residency = ExpertResidency(self.experts, self.mesh.device)
+            if not self.residency.active:
+                log.info("offload: this rank holds one expert; it stays on the %s", self.mesh.device.type)
+        if offloads_text_encoder(mode) and self.text_encoder is not None:
+            self.text_residency = TextEncoderResidency(self.text_encoder, self.mesh.device)
+        self.offload = mode
+        log.info("offload: %s", mode)
+        return mode
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, device=None,
                         dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0,
                         experts_needed: set[int] | None = None, components=None,
-                        compile: bool = False) -> "Pipeline":
+                        compile: bool = False, loras=(), offload: str = "none") -> "Pipeline":
         """'tiny' (random weights, built locally) or a checkpoint folder. The layout is validated
         against the world before any weights are built or read.
 
         experts_needed: the experts this rank runs (0 = high-noise or only, 1 = low-noise); others
         are never read. components: a diffusers-layout folder for the text encoder, tokenizer and
         VAE (needed by original-layout checkpoints; see paradit/checkpoint.py). compile: regional
-        torch.compile of the transformer blocks (paradit/compile.py); then warm up with pipe.warmup."""
-        pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components)
+        torch.compile of the transformer blocks (paradit/compile.py); then warm up with pipe.warmup.
+        loras: LoraSpec(path, scale, target="all"|"high"|"low") entries (paradit/models/lora.py),
+        checked before any weight is read and merged into the weights of the experts this rank loads.
+        offload: "none" | "text-encoder" | "experts" | "all" | "auto" (paradit/residency.py): which
+        components live in host memory and are copied to the GPU when used."""
+        check_offload(offload)
+        pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components,
+                          loras, offload)
+        t0 = time.perf_counter()
+        pipe.apply_offload(offload)
+        pipe.startup["offload_s"] = time.perf_counter() - t0     # pinning the host copies
         if compile:
             from paradit.compile import compile_blocks
             compile_blocks(pipe.experts)
@@ -97,22 +128,33 @@ class Pipeline:
         return self.startup["compile_s"]
 
     @classmethod
-    def _build(cls, name_or_path, parallel, device, dtype, backend, seed, experts_needed, components):
+    def _build(cls, name_or_path, parallel, device, dtype, backend, seed, experts_needed, components, loras,
+               offload: str = "none"):
         info = init_distributed(device)
         parallel = parallel or ParallelConfig()
-        if name_or_path == "tiny":
-            cfg = WanConfig.preset("tiny")
+        if name_or_path in ("tiny", "demo"):  # built locally: random weights, or the shipped demo model
+            cfg = WanConfig.preset(name_or_path)
+            t0 = time.perf_counter()
+            lora_files = check_loras(loras, cfg)
+            checked = time.perf_counter() - t0
             mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
-            return cls(cfg, *tiny_components(cfg, info.device, dtype or torch.float32, seed, experts_needed),
-                       mesh=mesh, backend=backend)
-        if name_or_path == "demo":  # the trained tiny text-to-video model shipped in the package
-            from paradit.demo import demo_components
-            cfg = WanConfig.preset("demo")
-            mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
-            return cls(cfg, *demo_components(cfg, info.device), mesh=mesh, backend=backend)
+            if name_or_path == "tiny":
+                parts = tiny_components(cfg, info.device, dtype or torch.float32, seed, experts_needed)
+            else:
+                from paradit.demo import demo_components
+                parts = demo_components(cfg, info.device)
+            t1 = time.perf_counter()
+            for k, expert in enumerate(parts[0]):
+                if expert is not None:
+                    apply_loras(expert, for_expert(lora_files, k, cfg.num_experts))
+            merged = time.perf_counter() - t1
+            pipe = cls(cfg, *parts, mesh=mesh, backend=backend)
+            if lora_files:
+                pipe.startup.update(lora_check_s=checked, lora_merge_s=merged)
+            return pipe
         from paradit.checkpoint import load_pipeline_components  # real checkpoints (folders)
         return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend, experts_needed,
-                                        components)
+                                        components, loras, offload)
 
     # ------------------------------------------------------------------ generation
     def expert_for(self, t: int) -> int:
@@ -142,16 +184,22 @@ class Pipeline:
         s = VideoSettings.resolve(self.cfg, width, height, frames, steps, shift, guidance, seed, sampler)
         self.record = rec = RunRecord()
         TRAFFIC.clear()
-        t0 = time.perf_counter()
-        cond, uncond = self.encode_prompts(prompt, negative_prompt, s.guidance)
-        rec.timings["text_encoder_s"] = time.perf_counter() - t0
+        if self.residency is not None:  # checked, and the first expert's copy started, before the encode
+            self.residency.begin(self.evaluation_experts(s, chords))
+        try:
+            t0 = time.perf_counter()
+            cond, uncond = self.encode_prompts(prompt, negative_prompt, s.guidance)
+            rec.timings["text_encoder_s"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        condition = self.prepare_condition(image, s) if image is not None else None
-        rec.timings["image_encode_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        latent = self.denoise(s, cond, uncond, progress, chords, on_hit, condition)
-        rec.timings["denoise_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            condition = self.prepare_condition(image, s) if image is not None else None
+            rec.timings["image_encode_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            latent = self.denoise(s, cond, uncond, progress, chords, on_hit, condition)
+            rec.timings["denoise_s"] = time.perf_counter() - t0
+        finally:
+            if self.residency is not None:
+                self.residency.end()
         rec.traffic = {k: list(v) for k, v in TRAFFIC.items()}
         if output == "latent":
             return latent
@@ -170,7 +218,8 @@ class Pipeline:
         if is_encoder_rank(self.mesh):
             if self.text_encoder is None:
                 raise ValueError("this rank encodes the prompts but has no text encoder")
-            emb = self.text_encoder.encode(prompts)                       # (1 or 2, text_len, text_dim)
+            with self.text_residency.on_device() if self.text_residency else contextlib.nullcontext():
+                emb = self.text_encoder.encode(prompts)                   # (1 or 2, text_len, text_dim)
         emb = broadcast_from_first(emb, (len(prompts), self.cfg.text_len, self.cfg.text_dim), torch.float32,
                                    self.mesh.device, self.request_group).to(self.mesh.device)
         return emb[:1], (emb[1:] if need_uncond else None)
@@ -235,8 +284,25 @@ class Pipeline:
             x = sched.step(self.velocity(s, x, timesteps[i], cond, uncond, space.grid, f"step {i}"),
                            timesteps[i], x)
             x = conditioning.after_step(x, self.condition)               # TI2V: frame 0 stays the image
-            self.startup.setdefault("first_step_s", time.perf_counter() - t0)
+            if x.is_cuda:  # the step's kernels, not just their launch, belong to its time
+                torch.cuda.synchronize(x.device)
+            self.record.step_s.append(time.perf_counter() - t0)
+            self.startup.setdefault("first_step_s", self.record.step_s[-1])
         return x
+
+    def evaluation_experts(self, s: VideoSettings, chords=None) -> list[int]:
+        """The expert of each evaluation this rank makes for one request, in order: from the
+        timesteps, or with CHORDS from the static schedule of this rank's core (every core in
+        turn when the cores share the ranks)."""
+        if chords is None:
+            return [self.expert_for(t) for t in self.scheduler(s).timesteps.tolist()]
+        ts = wan_timestep_list(s.steps, s.shift)
+        from paradit.schedulers.chords import Chords
+        from paradit.schedulers.sigmas import wan_sigmas
+        ch = Chords(wan_sigmas(s.steps, s.shift), chords.resolve_init(s.steps))
+        me = self.mesh.rank("chords") if self.mesh.size("chords") > 1 else None
+        return [self.expert_for(ts[i]) for pairs in ch.schedule(ch.rounds_for(chords.stop))
+                for core, i in pairs if me is None or core == me]
 
     def velocity(self, s: VideoSettings, x: torch.Tensor, t: int, cond, uncond, grid, where: str):
         """The guided velocity at timestep t with the expert and guidance t belongs to."""
@@ -244,8 +310,15 @@ class Pipeline:
         g = s.guidance[k]
         self.record.trace.append((int(t), k, g))
         tt = conditioning.timesteps(torch.tensor(float(t), device=x.device), self.condition)
-        v = self.runtime.velocity(self.experts[k], conditioning.model_input(x, self.condition), tt,
-                                  cond, uncond if g != 1.0 else None, g, grid)
+        if self.residency is not None:   # the plan's prefetches and releases around this evaluation
+            self.residency.before(k)
+            self.record.residency.append(tuple(sorted(self.residency.resident)))
+        try:
+            v = self.runtime.velocity(self.experts[k], conditioning.model_input(x, self.condition), tt,
+                                      cond, uncond if g != 1.0 else None, g, grid)
+        finally:
+            if self.residency is not None:
+                self.residency.after(k)
         if self.check_finite and not torch.isfinite(v).all():
             expert = ["high-noise", "low-noise"][k] if self.cfg.num_experts == 2 else "the"
             raise FloatingPointError(f"non-finite velocity at {where} (t={t}) from {expert} expert")

@@ -15,6 +15,7 @@ from paradit.cli.flags import FLOAT, INT, SIZE, Flag, Flags, UsageError, build_p
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
 from paradit.parallel.planner import GPUS, MAX_GPUS, Plan, load_calibration, plan
+from paradit.residency import OFFLOAD_MODES
 
 FLAGS = (
     Flag("--model", str, "wan2.2-t2v-a14b", "the architecture", "wan2.2-t2v-a14b", choices=tuple(WanConfig.names())),
@@ -27,7 +28,8 @@ FLAGS = (
     Flag("--calibration", str, None, "calibration JSON", "the shipped paradit/parallel/calibration.json",
          metavar="FILE"),
     Flag("--max-chords", INT, 1, "consider CHORDS with up to this many cores (4, 6, 8)", "1: off", metavar="K"),
-    Flag("--offload-text-encoder", help="do not count the umT5 encoder in GPU memory"),
+    Flag("--offload", str, "auto", "what lives in host memory: auto (the fastest mode that fits each layout), none, "
+         "text-encoder, experts, all", "auto", choices=OFFLOAD_MODES),
     Flag("--no-ring", help="no Ring attention: uneven Ulysses allowed"),
     Flag("--hbm-gb", FLOAT, None, "override the GPU's memory, GB (> 0)", "the preset's", metavar="GB"),
     Flag("--tflops", FLOAT, None, "override the GPU's bf16 matmul rate, TFLOP/s (> 0)", "the preset's",
@@ -62,7 +64,7 @@ def table(p: Plan, top: int) -> str:
     rows = [("#", "layout", "GPUs/req", "step s", "latency s", "videos/h", "mem GB", "comm %",
              "note")]
     for i, c in enumerate(p.feasible[:top], 1):
-        rows.append((str(i), c.layout.label(), str(c.layout.group_size), _fmt(c.step_s),
+        rows.append((str(i), c.label(), str(c.layout.group_size), _fmt(c.step_s),
                      _fmt(c.latency_s), _fmt(c.throughput_per_h), f"{c.mem_gb:.1f}",
                      f"{100 * c.comm_share:.1f}", c.note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -85,7 +87,7 @@ def make_plan(args: Flags) -> Plan:
         width, height = args.size or (None, None)
         return plan(args.model, args.gpus, gpu, width, height, args.frames, args.steps,
                     args.objective, load_calibration(args.calibration), args.max_chords,
-                    offload_text_encoder=args.offload_text_encoder, allow_ring=not args.no_ring)
+                    offload=args.offload, allow_ring=not args.no_ring)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import pytest
 from paradit.config import WanConfig
 from paradit.parallel.layout import ParallelConfig
 from paradit.parallel.planner import (GPUS, auto_sp, chords_rounds, evaluate, forward_flops,
-                                      load_calibration, make_problem, param_count, plan)
+                                      load_calibration, make_problem, param_count, param_parts, plan)
 from paradit.plan import main
 
 A14B = WanConfig.preset("wan2.2-t2v-a14b")
@@ -37,14 +37,76 @@ def test_a14b_expert_weights():
 
 
 def test_both_experts_do_not_fit_48gb():
-    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48))
+    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48), offload="none")
     colocated = [c for c in p.candidates if c.layout.experts == "colocated"]
     assert colocated and not any(c.feasible for c in colocated)
     for c in colocated:
         assert c.reason.startswith("out of memory") and "weights 57.2 [2 experts]" in c.reason
     # one expert per GPU fits, once the text encoder is off the GPU
-    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48), offload_text_encoder=True)
+    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48), offload="text-encoder")
     assert p.choice is not None and p.choice.layout.experts == "split"
+    # or, colocated, with one expert on the GPU at a time: latency beats the split stages
+    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48))
+    assert p.choice.layout.experts == "colocated" and p.choice.offload in ("experts", "all")
+    assert p.choice.breakdown["mem_gb"]["experts_on_gpu"] == 1
+
+
+def test_one_80gb_gpu_runs_a14b_with_offload():
+    # the case: 89.7 GB without offload (2 experts 57.2, text encoder 11.4, activations
+    # 17.7, overhead 3.5) against 77.6 GB usable
+    none = evaluate(make_problem(A14B, 1, "h100", 1280, 720, 81, offload="none"), ParallelConfig())
+    assert not none.feasible and none.mem_gb == pytest.approx(89.7, abs=0.05)
+    p = plan(A14B, 1, "h100", 1280, 720, 81)
+    c = p.choice
+    assert c is not None and c.offload == "experts" and c.layout == ParallelConfig()
+    # one expert resident: 89.7 - 28.6 (text encoder kept: copying it costs time, not needed to fit)
+    assert c.mem_gb == pytest.approx(89.7 - 28.6, abs=0.1)
+    # two switches per request, each waiting for the embeddings and one block over the host link
+    bw = GPUS["h100"].host_link_gbps * 1e9 * p.problem.calibration.host_link_efficiency
+    parts = param_parts(A14B)
+    wait = 2 * (parts["embed"] + parts["block"]) * 2 / bw
+    assert c.breakdown["parts_s"]["host copies (offload)"] == pytest.approx(wait)
+    assert c.latency_s == pytest.approx(40 * c.step_s + wait)
+    assert wait < 0.001 * c.latency_s
+    assert "one expert on the GPU at a time" in c.note and "57.2 GB pinned host memory" in c.note
+
+
+def test_offload_modes_memory_and_copies():
+    p = make_problem(A14B, 1, "h200", 1280, 720, 81)
+    by = {m: evaluate(p, ParallelConfig(), m) for m in ("none", "text-encoder", "experts", "all")}
+    mem = {m: c.breakdown["mem_gb"] for m, c in by.items()}
+    assert mem["none"]["total"] - mem["text-encoder"]["total"] == pytest.approx(11.4, abs=0.05)
+    assert mem["none"]["total"] - mem["experts"]["total"] == pytest.approx(28.6, abs=0.05)
+    assert mem["all"]["total"] == pytest.approx(mem["none"]["total"] - 40.0, abs=0.1)
+    # the encode phase holds the text encoder even when it is offloaded
+    assert mem["all"]["phases"]["encode"] == pytest.approx(mem["all"]["phases"]["denoise"]
+                                                          - mem["all"]["activations"] + 11.4, abs=0.05)
+    copies = {m: c.breakdown["parts_s"]["host copies (offload)"] for m, c in by.items()}
+    bw = 64e9 * p.calibration.host_link_efficiency
+    assert copies["none"] == 0.0
+    assert copies["text-encoder"] == pytest.approx(5.7e9 * 2 / bw)
+    assert copies["all"] == pytest.approx(copies["text-encoder"] + copies["experts"])
+    # everything fits on an H200: auto keeps everything resident (no copies)
+    assert evaluate(p, ParallelConfig()).offload == "none"
+
+
+def test_expert_offload_changes_nothing_where_a_gpu_holds_one_expert():
+    p = make_problem(A14B, 2, "h100", 1280, 720, 81)
+    split = ParallelConfig(experts="split", stages=((1, 1, 1), (1, 1, 1)))
+    none, experts = evaluate(p, split, "none"), evaluate(p, split, "experts")
+    assert none.mem_gb == experts.mem_gb and none.latency_s == experts.latency_s
+    assert evaluate(p, split).offload in ("none", "text-encoder")   # auto: never a useless mode
+
+
+def test_plan_never_suggests_what_paradit_lacks():
+    p = plan(A14B, 1, "h100", 1280, 720, 81, offload="none")
+    text = p.explain()
+    assert "No layout runs" in text and "--offload experts" in text
+    for lacking in ("CPU offload", "sequential CFG", "quantiz", "fp8"):
+        assert lacking not in text
+    # nothing fits even with every offload: only hardware and size remain as hints
+    text = plan(A14B, 1, GPUS["h100"].replace(hbm_gb=24), 1280, 720, 81).explain()
+    assert "No layout runs" in text and "--offload" not in text and "offload=" not in text
 
 
 @pytest.mark.parametrize("objective", ["latency", "throughput"])
@@ -163,8 +225,11 @@ def test_cli_prints_table_and_explanation(capsys):
     assert "layout" in out and "latency s" in out and "Choice:" in out and "Why not" in out
     assert main(["--gpus", "4", "--gpu", "h100", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["choice"]["feasible"]
-    assert main(["--gpus", "1", "--gpu", "h100"]) == 1                  # nothing fits
+    assert main(["--gpus", "1", "--gpu", "h100", "--offload", "none"]) == 1   # nothing fits
     assert "out of memory" in capsys.readouterr().out
+    assert main(["--model", "wan2.2-t2v-a14b", "--gpus", "1", "--gpu", "h100", "--size", "1280x720",
+                 "--frames", "81"]) == 0                                   # offload=auto: it runs
+    assert "Choice: U1 offload experts" in capsys.readouterr().out
 
 
 def test_cli_subprocess():

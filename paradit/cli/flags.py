@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from paradit.errors import ParameterError
+from paradit.residency import OFFLOAD_MODES
 from paradit.settings import SAMPLER_NAMES
 
 DEFAULT_PROMPT = "a red circle moving right"
@@ -122,6 +123,7 @@ class Flag:
     shown: str | None = None                    # the default as --help shows it (None: not shown)
     choices: tuple | None = None
     metavar: str | None = None
+    repeat: bool = False                        # may be given several times: a list of values
 
     @property
     def dest(self) -> str:
@@ -132,8 +134,8 @@ class Flag:
         if self.parse is None:
             parser.add_argument(self.name, action="store_true", help=text)
         else:
-            parser.add_argument(self.name, type=self.parse, default=self.default, help=text,
-                                choices=self.choices, metavar=self.metavar)
+            parser.add_argument(self.name, type=self.parse, default=self.default, help=text, choices=self.choices,
+                                metavar=self.metavar, action="append" if self.repeat else "store")
 
 
 def _timeout_shown() -> str:
@@ -154,6 +156,12 @@ FLAGS: tuple[Flag, ...] = (
          "the image's shape at the preset's area", metavar="FILE"),
     Flag("--components", str, None, "diffusers-layout folder whose text_encoder/, tokenizer/ and vae/ an "
          "original-layout checkpoint --model uses (overrides a diffusers folder's own)", metavar="FOLDER"),
+    Flag("--lora", str, None, "a LoRA (.safetensors) merged into every expert at load time, strength SCALE "
+         "(1); repeatable", metavar="PATH[:SCALE]", repeat=True),
+    Flag("--lora-high", str, None, "a LoRA for the high-noise expert of a Wan2.2 A14B model only; repeatable",
+         metavar="PATH[:SCALE]", repeat=True),
+    Flag("--lora-low", str, None, "a LoRA for the low-noise expert of a Wan2.2 A14B model only; repeatable",
+         metavar="PATH[:SCALE]", repeat=True),
     # the video
     Flag("--size", SIZE, None, "WIDTHxHEIGHT, e.g. 1280x720. Videos with a side under 128 pixels (the demo's "
          "16x16) are written enlarged by an integer factor, nearest-neighbour; the sidecar records both sizes",
@@ -194,6 +202,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--gpu", str, None, "GPU kind for the planner", "detected from the CUDA device",
          choices=("h100", "h200", "b200")),
     Flag("--force", help="run a layout the planner predicts will not fit in GPU memory"),
+    Flag("--offload", str, "auto", "keep the text encoder and/or the idle expert in host memory, copied to the GPU "
+         "when used; auto: the planner's fastest mode that fits", "auto; none on a CPU", choices=OFFLOAD_MODES),
     # CHORDS
     Flag("--chords", INT, 1, "CHORDS cores (parallel-in-time, Euler steps); one core group per core when the "
          "world has room, else the cores run in turn; 1 is off", "1", metavar="K"),
@@ -212,7 +222,7 @@ PARAM_FLAGS = {"width": "--size", "height": "--size", "frames": "--frames", "ste
                "shift": "--shift", "guidance": "--guidance", "seed": "--seed", "sampler": "--sampler",
                "ulysses": "--ulysses", "ring": "--ring", "sp": "--sp", "cfg": "--cfg-par", "dp": "--dp",
                "chords": "--chords", "experts": "--experts", "stages": "--stages", "timeout_s": "--timeout",
-               "device": "--device", "gpu": "--gpu"}
+               "device": "--device", "gpu": "--gpu", "offload": "--offload"}
 
 
 class Parser(argparse.ArgumentParser):

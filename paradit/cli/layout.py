@@ -40,13 +40,13 @@ def gpu_kind(flags: Flags) -> str | None:
     return next((k for k in ("b200", "h200", "h100") if k in name), "h100")
 
 
-def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool) -> ParallelConfig:
+def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, offload: str = "auto") -> ParallelConfig:
     """--plan auto / --experts auto: the planner's choice for this world and GPU kind."""
     from paradit.parallel.planner import plan
     if kind is None:
         raise UsageError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
                          "pass --gpu h100|h200|b200")
-    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
+    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps, offload=offload)
     if p.choice is None:
         raise UsageError(f"the planner finds no layout of {world} x {kind} that fits "
                          f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
@@ -80,11 +80,11 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
     from paradit.parallel.chords import chords_layout
     kind = gpu_kind(flags)
     if flags.plan == "auto":
-        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0)
+        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, flags.offload)
     elif flags.experts == "split":
         layout = split_layout(flags, cfg, info.world_size, settings)
     elif flags.experts == "auto" and kind is not None:
-        chosen = planned_layout(cfg, info.world_size, settings, kind, False)
+        chosen = planned_layout(cfg, info.world_size, settings, kind, False, flags.offload)
         layout = (split_layout(flags, cfg, info.world_size, settings) if chosen.experts == "split"
                   else layout_from_flags(flags, cfg.num_heads))
     else:  # colocated, or auto with no GPU to plan for (CPU): both experts on every rank
@@ -96,22 +96,37 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
         chords.validate(settings.steps, layout.chords)
     layout.validate(info.world_size, cfg.num_heads)
     if kind is not None and not flags.force:
-        check_memory(cfg, layout, kind, settings, info.world_size)
+        check_memory(cfg, layout, kind, settings, info.world_size, flags.offload)
     return layout
 
 
-def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int) -> None:
+def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
     from paradit.parallel.planner import evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
-    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps)
+    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
+                           offload=offload)
     cand = evaluate(problem, layout)
     if not cand.feasible and "memory" in cand.reason:
         best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
-        hint = f"; the planner suggests {best.layout.label()} ({best.mem_gb:.1f} GB per GPU)" if best else ""
-        raise UsageError(f"layout {layout.describe()} is predicted not to fit on {kind}: {cand.reason}"
-                         f"{hint}. Pass --force to run it anyway")
+        hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} "
+                f"({best.mem_gb:.1f} GB per GPU)" if best else "")
+        raise UsageError(f"layout {layout.describe()} with --offload {offload} is predicted not to fit on {kind}: "
+                         f"{cand.reason}{hint}. Pass --force to run it anyway")
+
+
+def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) -> str:
+    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind; none on a CPU."""
+    from paradit.parallel.planner import evaluate, make_problem
+    if flags.offload != "auto":
+        return flags.offload
+    kind = gpu_kind(flags)
+    if device.type != "cuda" or kind is None or cfg.name not in PRESETS:
+        return "none"
+    problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
+                           settings.steps)
+    return evaluate(problem, layout).offload
 
 
 def experts_needed(cfg, layout: ParallelConfig, settings, chords, rank: int) -> frozenset | None:

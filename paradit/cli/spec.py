@@ -15,7 +15,7 @@ from pathlib import Path
 
 from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, flag_terms,  # noqa: F401
                                parse_args)
-from paradit.cli.layout import experts_needed, resolve_layout
+from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
 from paradit.config import PRESETS, WanConfig
 from paradit.parallel.layout import ParallelConfig
 from paradit.settings import VideoSettings
@@ -35,6 +35,8 @@ class RunSpec:
     chords: object                      # ChordsSettings or None
     experts_needed: frozenset | None    # the experts this rank loads (None: all)
     outputs: tuple[Path, ...]           # the video of each prompt; sidecars and latents beside them
+    loras: tuple = ()                   # paradit.models.lora.LoraSpec of --lora, --lora-high, --lora-low
+    offload: str = "none"               # the residency mode (--offload auto resolved)
     image: object = field(default=None, compare=False)  # the PIL image, loaded once
 
     @property
@@ -166,7 +168,11 @@ def resolve(flags: Flags, info) -> RunSpec:
         if is_output_rank(layout, info.rank):
             check_outputs(paths, flags)
         needed = experts_needed(cfg, layout, settings, chords, info.rank)
-    return RunSpec(flags, cfg, prompts, settings, layout, chords, needed, paths, image)
+        from paradit.models.lora import check_loras, lora_specs
+        loras = tuple(lora_specs(flags.lora, flags.lora_high, flags.lora_low))
+        check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); from_pretrained warns and merges
+        offload = offload_mode(flags, cfg, layout, settings, info.device)
+    return RunSpec(flags, cfg, prompts, settings, layout, chords, needed, paths, loras, offload, image)
 
 
 def _check_attention(flags: Flags, info) -> None:

@@ -10,6 +10,7 @@ import datetime
 import logging
 import math
 import os
+import pickle
 import re
 import socket
 import sys
@@ -127,7 +128,9 @@ def _worker(rank, world, port, fn, args, queue, timeout_s, device):
         torch.set_num_threads(1)  # N processes share the machine's cores
     try:
         init_distributed(device, timeout_s=timeout_s)  # gloo on CPU; NCCL on cuda:LOCAL_RANK
-        queue.put((rank, True, fn(*args)))
+        # Pickled here, by value: a tensor put on the queue as it is travels as a shared-memory handle
+        # that the parent can only open while this process lives, and it may have exited by then.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException as err:  # report everything, including SystemExit, to the parent
         queue.put((rank, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
     finally:
@@ -160,7 +163,7 @@ def spawn(fn, nprocs: int, *args, timeout_s: float = 300.0, device: str = "cpu")
     try:
         for _ in range(nprocs):
             rank, ok, value = queue.get(timeout=timeout_s)
-            (results if ok else errors)[rank] = value
+            (results if ok else errors)[rank] = pickle.loads(value) if ok else value
             if errors:
                 break
     except Exception as err:  # queue.Empty: a rank hung or died without reporting

@@ -3,6 +3,14 @@
 The model is built on the meta device (no allocation), each tensor is read from the safetensors
 mmap, converted to the target dtype on the target device, and assigned. A missing, unexpected or
 wrongly shaped tensor is an error naming it (and the file it came from).
+
+Building a module and assigning its parameters run under one process-wide lock (`BUILD_LOCK`),
+while the reads of the weights run outside it, concurrently. Libraries patch module construction
+for the whole process while they build: diffusers' from_pretrained, with accelerate installed,
+builds under accelerate's `init_empty_weights`, which replaces nn.Module.register_parameter for
+every thread, so a module another thread builds or assigns meanwhile gets meta parameters that
+nothing fills. paradit builds all its components itself (`build_on_meta`, `assign_weights`), and any
+other code that builds models beside a paradit load should hold the lock too.
 """
 from __future__ import annotations
 
@@ -10,7 +18,6 @@ import json
 import math
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -53,6 +60,33 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, or not the model it claims to be."""
 
 
+# Held while any module is built or has parameters assigned; never while weights are read.
+BUILD_LOCK = threading.RLock()
+
+
+def build_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """factory() on the meta device (no allocation), under BUILD_LOCK."""
+    with BUILD_LOCK, torch.device("meta"):
+        return factory()
+
+
+def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
+    """Assign `tensors` to a model built on the meta device (under BUILD_LOCK); missing entries may only
+    be tied weights, which model.tie_weights() (transformers' models) then ties. Nothing may stay on
+    the meta device."""
+    with BUILD_LOCK:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+        if result.missing_keys and hasattr(model, "tie_weights"):
+            model.tie_weights()
+    if result.unexpected_keys:
+        raise CheckpointError(f"{where} holds tensors the model does not have: {result.unexpected_keys[:5]}")
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise CheckpointError(f"{where} lacks tensors the model needs: {meta[:5]}"
+                              f"{' ...' if len(meta) > 5 else ''}")
+    return model.eval().requires_grad_(False)
+
+
 def _rename(name: str, src: int) -> str:
     """src 0: diffusers -> original Wan name; src 1: the other way."""
     block = re.match(r"blocks\.\d+\.", name)
@@ -77,10 +111,11 @@ def to_diffusers_name(name: str) -> str:
 
 @dataclass
 class TensorIndex:
-    """Where each tensor (by its original-layout name) lives: file and stored name."""
+    """Where each tensor lives: file and stored name, by its original-layout name (index_checkpoint)
+    or by the stored name itself (index_folder, layout "stored")."""
     files: dict[str, tuple[Path, str]] = field(default_factory=dict)
     config: dict | None = None
-    layout: str = "original"  # "diffusers" | "original"
+    layout: str = "original"  # "diffusers" | "original" | "stored"
 
     @property
     def names(self) -> list[str]:
@@ -104,6 +139,15 @@ def _weight_files(path: Path) -> list[Path]:
         raise CheckpointError(f"{path} is not a checkpoint: it has no *.safetensors files "
                               f"(expected config.json + safetensors, sharded with an index or single)")
     return files
+
+
+def index_folder(path: str | Path) -> TensorIndex:
+    """Every tensor of a safetensors folder (sharded with an index, or not) under its stored name."""
+    index = TensorIndex(layout="stored")
+    for file in _weight_files(Path(path)):
+        with safe_open(file, framework="pt") as f:
+            index.files.update({key: (file, key) for key in f.keys()})
+    return index
 
 
 def index_checkpoint(path: str | Path) -> TensorIndex:
@@ -201,39 +245,36 @@ def _shape_reader(index: TensorIndex) -> Callable[[str], tuple[int, ...]]:
 
 
 def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, device, threads: int = 8,
-                 stats: dict | None = None) -> dict[str, torch.Tensor]:
-    """Read `names` from the mmap, converted to dtype on device; one thread per shard file."""
-    by_file: dict[Path, list[str]] = {}
-    lock = threading.Lock()  # stats is shared by the reader threads
-    for name in names:
-        by_file.setdefault(index.files[name][0], []).append(name)
-
-    def read_file(file: Path) -> dict[str, torch.Tensor]:
-        out = {}
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in by_file[file]:
-                t = f.get_tensor(index.files[name][1])      # a view of the mmap where possible
-                out[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                if stats is not None:
-                    with lock:
-                        stats["bytes"] = stats.get("bytes", 0) + t.numel() * t.element_size()
-                        stats.setdefault("names", []).append(name)
-        return out
-
-    tensors: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_file)))) as pool:
-        for part in pool.map(read_file, by_file):
-            tensors.update(part)
-    return tensors
+                 stats: dict | None = None, keep_fp32: Callable[[str], bool] | None = None,
+                 group=None) -> dict[str, torch.Tensor]:
+    """Read `names` from the mmap onto device, floating ones converted to dtype (paradit.models.reader:
+    several threads; on CUDA pinned staging and the cast on the device). keep_fp32(name): floating
+    tensors that stay fp32 whatever dtype is. group: the ranks of one node that all need these
+    tensors; each reads a share, the rest arrives by broadcast."""
+    from paradit.models.reader import header, read_entries, read_shared
+    headers = {file: header(file) for file in {index.files[n][0] for n in names}}
+    entries = {n: headers[index.files[n][0]][index.files[n][1]] for n in names}
+    dtypes = {n: (torch.float32 if keep_fp32 and keep_fp32(n) else dtype) if e.dtype.is_floating_point
+              else e.dtype for n, e in entries.items()}
+    if group is not None:
+        return read_shared(entries, dtypes, device, group, threads, stats)
+    return read_entries(entries, dtypes, device, threads, stats)
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                     config: WanConfig | None = None, stats: dict | None = None) -> WanTransformer:
-    """Load a Wan transformer from a diffusers-layout or original-layout checkpoint."""
+                     config: WanConfig | None = None, stats: dict | None = None, loras=(),
+                     expert: str | None = None, group=None) -> WanTransformer:
+    """Load a Wan transformer from a diffusers-layout or original-layout checkpoint.
+
+    loras: LoraSpec entries (paradit.models.lora), merged into the weights as they load; each is
+    checked against the checkpoint's shapes before any weight is read. expert: "high" or "low" when
+    this is one expert of a Wan2.2 pair, so that specs with target="high" / "low" pick theirs.
+    group: the ranks of one node loading the same transformer, which then read its files once
+    between them."""
+    loras = _loras_for(loras, expert)
     index = index_checkpoint(path)
     cfg = config_from_checkpoint(index, config)
-    with torch.device("meta"):
-        model = WanTransformer(cfg)
+    model = build_on_meta(lambda: WanTransformer(cfg))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(index.files))
     unexpected = sorted(set(index.files) - set(expected))
@@ -242,10 +283,44 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
         raise CheckpointError(f"{path} does not match the {cfg.name} architecture: "
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} (original Wan names) "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    _check_shapes(index, {n: tuple(p.shape) for n, p in expected.items()}, cfg.name)
-    tensors = read_tensors(index, list(expected), dtype, device, stats=stats)
-    model.load_state_dict(tensors, assign=True)
-    return model.eval().requires_grad_(False)
+    shapes = {n: tuple(p.shape) for n, p in expected.items()}
+    _check_shapes(index, shapes, cfg.name)
+    lora_files = _read_loras(loras, shapes, cfg.name)
+    tensors = read_tensors(index, list(expected), dtype, device, stats=stats, group=group)
+    if lora_files:
+        from paradit.models.lora import merge_loras
+        merge_loras(tensors, lora_files, None if stats is None else stats.setdefault("lora", {}))
+    return assign_weights(model, tensors, str(path))
+
+
+def _loras_for(loras, expert: str | None) -> list:
+    """The LoRAs (LoraSpec, or LoraFile from paradit.models.lora.check_loras) this transformer gets."""
+    from paradit.models.lora import LoraError, LoraFile, LoraSpec
+    if expert not in (None, "high", "low"):
+        raise ValueError(f"load_transformer(expert={expert!r}): give 'high', 'low' or None")
+    out = []
+    for item in loras or ():
+        spec = item.spec if isinstance(item, LoraFile) else item
+        if not isinstance(spec, LoraSpec):
+            raise LoraError(f"loras=[...] takes LoraSpec(path, scale, target) entries, not {item!r}")
+        if spec.target != "all" and expert is None:
+            raise LoraError(f"{spec}: load_transformer loads one transformer; pass expert='high' or 'low' to say "
+                            f"which one it is, or give the LoRA target='all'")
+        if spec.target in ("all", expert):
+            out.append(item)
+    return out
+
+
+def _read_loras(loras: list, shapes: dict, arch: str) -> list:
+    """Each LoRA checked against the model's shapes (headers only); LoraFile entries are checked already."""
+    from paradit.models.lora import LoraFile, read_lora, warn_skipped
+    out = []
+    for item in loras:
+        if not isinstance(item, LoraFile):
+            item = read_lora(item, shapes, arch)
+            warn_skipped(item, arch)
+        out.append(item)
+    return out
 
 
 def _check_shapes(index: TensorIndex, expected: dict[str, tuple[int, ...]], arch: str) -> None:

@@ -73,7 +73,20 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, folder, tokenizer_folder, text_len: int = 512, dtype=torch.bfloat16,
-                        device="cpu") -> "TextEncoder":
+                        device="cpu", stats: dict | None = None) -> "TextEncoder":
+        """transformers' save_pretrained folder, loaded as its from_pretrained would (the same tensors
+        and dtypes, tied embeddings, the fp32 modules it keeps under fp16), but built on the meta device
+        under paradit's BUILD_LOCK and read by paradit's reader, straight to `device`."""
         from transformers import AutoTokenizer
-        model = UMT5EncoderModel.from_pretrained(folder, dtype=dtype)
+
+        from paradit.models.loading import assign_weights, build_on_meta, index_folder, read_tensors
+        config = UMT5Config.from_pretrained(folder)
+        model = build_on_meta(lambda: UMT5EncoderModel(config))
+        keep = set(model._keep_in_fp32_modules or []) if dtype == torch.float16 else set()
+        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype in (
+            torch.float16, torch.bfloat16) else set()
+        index = index_folder(folder)
+        tensors = read_tensors(index, index.names, dtype, device, stats=stats,
+                               keep_fp32=lambda name: bool(keep.intersection(name.split("."))))
+        model = assign_weights(model, tensors, str(folder))
         return cls(model, AutoTokenizer.from_pretrained(tokenizer_folder), text_len, device)

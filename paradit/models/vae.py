@@ -156,8 +156,16 @@ class VideoVAE:
         return self.encode_pixels(frames.permute(3, 0, 1, 2).float() / 127.5 - 1)
 
     @classmethod
-    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, **kw) -> "VideoVAE":
-        return cls(AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype), device, dtype, **kw)
+    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, stats: dict | None = None,
+                        **kw) -> "VideoVAE":
+        """diffusers' save_pretrained folder, as its from_pretrained would load it, but built on the
+        meta device under paradit's BUILD_LOCK and read by paradit's reader, straight to `device`."""
+        from paradit.models.loading import assign_weights, build_on_meta, index_folder, read_tensors
+        config = AutoencoderKLWan.load_config(folder)
+        vae = build_on_meta(lambda: AutoencoderKLWan.from_config(config))
+        index = index_folder(folder)
+        vae = assign_weights(vae, read_tensors(index, index.names, dtype, device, stats=stats), str(folder))
+        return cls(vae, device, dtype, **kw)
 
     @classmethod
     def tiny(cls, z_dim: int = 16, seed: int = 0, device="cpu", **kw) -> "VideoVAE":

@@ -6,6 +6,7 @@ consecutive ranks (one NVLink island); ring groups stride over them. The sequenc
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,12 @@ def single_device_mesh(device: torch.device | str = "cpu") -> Mesh:
 
 def init_parallel(config: ParallelConfig, device: torch.device | str | None = None,
                   num_heads: int | None = None) -> Mesh:
-    """Build the mesh for `config` inside an initialised process group (or a world of one)."""
+    """Build the mesh for `config`. Under torchrun with no process group yet, the group is first
+    initialised from torchrun's environment (paradit.launch.init_distributed: NCCL with one GPU per
+    local rank, gloo on CPU); a world of one needs no group."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from paradit.launch import init_distributed
+        device = init_distributed(None if device is None else str(device)).device
     world = dist.get_world_size() if dist.is_initialized() else 1
     config.validate(world, num_heads)
     device = torch.device(device) if device is not None else (

@@ -33,11 +33,24 @@ Latency of one request: steps x step (colocated); CHORDS: rounds to the first hi
 stage step + low steps x low stage step + one hand-off. Throughput: dp x 3600 / latency,
 for split experts dp x 3600 / (time of the slower stage), since requests pipeline.
 
-Memory per GPU = bf16 weights of the experts it holds + text encoder (umT5-XXL, 5.7e9
-params, 11.4 GB, unless offloaded) + overhead (CUDA context, NCCL, workspaces) + VAE weights
-+ max(activations, VAE decode working set): the decode runs after denoising has freed its
-activations. Activations of one block per token: 4 D (fp32 residual) + max(attention phase
-16 D [+ 12 D ring buffers], FFN phase 8 D + 4 F) bytes, times b l.
+Memory per GPU, the largest of three phases (paradit.residency names the offload modes):
+    resident = bf16 weights of the experts on the GPU (those the rank holds; one of two when
+               the experts are offloaded) + overhead (CUDA context, NCCL, workspaces; + VAE weights
+               on ranks that decode) + the text encoder (umT5-XXL, 5.7e9 params, 11.4 GB) where
+               this rank encodes and it is not offloaded
+    denoise  = resident + activations
+    encode   = resident + the text encoder (copied in for the encode when offloaded)
+    decode   = resident + VAE decode working set (after denoising has freed its activations)
+Activations of one block per token: 4 D (fp32 residual) + max(attention phase 16 D [+ 12 D
+ring buffers], FFN phase 8 D + 4 F) bytes, times b l.
+
+Host-link copies per request (offload), over the GPU's host link (PCIe) at its efficiency:
+    text encoder  its bytes / bw, before the encode (the request waits for all of it)
+    experts       two switches (high -> low at the boundary, low -> high for the next request);
+                  each streams the expert block by block behind compute, so a switch waits for
+                  the embeddings and one block, plus whatever of the copy one step cannot hide:
+                  (embed + block) / bw + max(0, expert / bw - step)
+`offload="auto"` evaluates every mode for each layout and keeps the fastest one that fits.
 
 Efficiency factors come from calibration.json (uncalibrated defaults until bench/ measures them).
 """
@@ -52,6 +65,7 @@ from dataclasses import dataclass, field
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
 from paradit.parallel.layout import ParallelConfig, Stage, auto_sp
+from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
 from paradit.settings import MAX_STEPS, check_frames, check_int, check_number, check_size
 from paradit.schedulers.schedule import high_noise_steps
 
@@ -76,6 +90,7 @@ class GPUSpec:
     usable_fraction: float = 0.97  # what a process may fill (allocator fragmentation)
     gpus_per_node: int = 8         # one NVLink island
     internode_gbps: float = 50.0   # per GPU across nodes: one 400 Gb/s NIC
+    host_link_gbps: float = 64.0   # GPU <-> host (PCIe Gen5 x16), one direction, raw
 
     @property
     def usable_gb(self) -> float:
@@ -96,6 +111,9 @@ class GPUSpec:
 # HBM and NVLink: NVIDIA datasheets (NVLink 4: 900 GB/s bidirectional per GPU, NVLink 5:
 # 1.8 TB/s). HBM sizes are the vendor figures (really GiB, so reading them as 1e9-byte GB
 # leaves ~7% more margin). Inter-node: ConnectX-7 400 Gb/s per GPU in DGX H100/H200/B200.
+# Host link: the H100 SXM, H200 and HGX B200 datasheets give "PCIe Gen5: 128 GB/s"
+# (bidirectional), i.e. 64 GB/s per direction (32 GT/s x 16 lanes, 128b/130b); pinned
+# cudaMemcpyAsync reaches ~80% of it (Calibration.host_link_efficiency; bench/startup.py measures).
 GPUS: dict[str, GPUSpec] = {
     "h100": GPUSpec("h100", matmul_tflops=790.0, hbm_gb=80.0, hbm_tbps=3.35, nvlink_gbps=450.0),
     "h200": GPUSpec("h200", matmul_tflops=790.0, hbm_gb=141.0, hbm_tbps=4.8, nvlink_gbps=450.0),
@@ -117,6 +135,7 @@ class Calibration:
     overhead_gb: float = 3.0               # CUDA context, NCCL buffers, cuBLAS workspaces
     min_tokens_per_rank: int = 256         # below this a rank's kernels are launch-bound
     ring_overlap: float = 0.7              # share of ring transfer time attention can hide
+    host_link_efficiency: float = 0.8      # pinned host -> GPU copies, share of host_link_gbps
     per_gpu: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -174,6 +193,12 @@ def load_calibration(path: str | None = None) -> Calibration:
 
 def param_count(m: WanConfig) -> int:
     """Parameters of one expert (blocks, embeddings, head), from the architecture."""
+    parts = param_parts(m)
+    return m.num_layers * parts["block"] + parts["embed"] + parts["head"]
+
+
+def param_parts(m: WanConfig) -> dict[str, int]:
+    """Parameters of one block, of the embeddings (patch, text, time) and of the head."""
     d, f, p = m.dim, m.ffn_dim, math.prod(m.patch)
     attn = 4 * (d * d + d) + 2 * d                   # q, k, v, o with bias; RMSNorm q, k
     block = 2 * attn + 2 * f * d + f + d + 6 * d     # self + cross attn, FFN, modulation
@@ -183,7 +208,7 @@ def param_count(m: WanConfig) -> int:
              + m.freq_dim * d + d + d * d + d         # time embedding
              + 6 * d * d + 6 * d)                     # time projection
     head = 2 * d + d * m.out_channels * p + m.out_channels * p
-    return m.num_layers * block + embed + head
+    return {"block": block, "embed": embed, "head": head}
 
 
 def forward_flops(m: WanConfig, tokens: int) -> dict[str, float]:
@@ -267,7 +292,7 @@ class Problem:
     steps: int
     calibration: Calibration
     guidance: bool = True                 # CFG on: two forwards' worth of work per step
-    offload_text_encoder: bool = False
+    offload: str = "auto"                 # a mode of paradit.residency; auto: the best per layout
     allow_ring: bool = True
 
     @property
@@ -288,6 +313,11 @@ class Candidate:
     reason: str               # why infeasible ("" when feasible)
     note: str = ""            # caveats of a feasible layout
     breakdown: dict = field(default_factory=dict, compare=False, hash=False)
+    offload: str = "none"     # the offload mode these figures are for (paradit.residency)
+
+    def label(self) -> str:
+        """The layout's short form, with the offload mode when there is one."""
+        return self.layout.label() + (f" offload {self.offload}" if self.offload != "none" else "")
 
     @property
     def comm_share(self) -> float:
@@ -299,7 +329,7 @@ class Candidate:
         return max(0.0, 1 - busy / self.latency_s)
 
     def to_dict(self) -> dict:
-        return {"layout": self.layout.to_dict(), "step_s": self.step_s,
+        return {"layout": self.layout.to_dict(), "offload": self.offload, "step_s": self.step_s,
                 "latency_s": self.latency_s, "throughput_per_h": self.throughput_per_h,
                 "mem_gb": self.mem_gb, "feasible": self.feasible, "reason": self.reason,
                 "note": self.note, "comm_share": self.comm_share, "breakdown": self.breakdown}
@@ -422,29 +452,50 @@ def _ring(p: Problem, stage: Stage, batch: int, t_self: float, bw: float) -> dic
             "bytes_ring": sends * 2 * block_numel * 2}
 
 
-def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool) -> dict:
-    """Per-GPU memory (GB) of a rank of this stage, by part."""
+def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool,
+               mode: str = "none") -> dict:
+    """Per-GPU memory (GB) of a rank of this stage under an offload mode: the parts of its
+    fullest phase (denoise, encode, decode), and every phase's total."""
     u, r, c = stage
     batch = 2 if (p.guidance and c == 1) else 1
     vae_weights, vae_work = vae_decode_gb(p.model, p.width, p.height, p.frames) if decode \
         else (0.0, 0.0)
     acts = activation_gb(p.model, math.ceil(p.tokens / (u * r)), batch, r > 1)
-    parts = {"weights": experts * param_count(p.model) * 2 / GB,
-             "text_encoder": text_encoder_gb(p.model) if text and not p.offload_text_encoder
-             else 0.0,
-             "overhead": p.calibration.overhead_gb + vae_weights,
-             "activations": max(acts, vae_work)}
-    parts["total"] = sum(parts.values())
-    return parts
+    text_gb = text_encoder_gb(p.model) if text else 0.0
+    on_gpu = 1 if offloads_experts(mode) and experts > 1 else experts
+    parts = {"weights": on_gpu * param_count(p.model) * 2 / GB,
+             "text_encoder": 0.0 if offloads_text_encoder(mode) else text_gb,
+             "overhead": p.calibration.overhead_gb + vae_weights}
+    resident = sum(parts.values())
+    phases = {"denoise": resident + acts, "encode": resident + text_gb - parts["text_encoder"],
+              "decode": resident + vae_work}
+    phase = max(phases, key=phases.get)
+    parts["activations"] = {"denoise": acts, "encode": 0.0, "decode": vae_work}[phase]
+    if phase == "encode":
+        parts["text_encoder"] = text_gb      # copied in for the encode
+    return parts | {"total": phases[phase], "phase": phase, "phases": phases, "experts_on_gpu": on_gpu}
+
+
+def _host_copy_s(p: Problem, mode: str, experts: int, text: bool, step_s: float) -> float:
+    """Seconds per request a rank waits for host-link copies under an offload mode (module docstring)."""
+    bw = p.gpu.host_link_gbps * 1e9 * p.calibration.host_link_efficiency
+    seconds = text_encoder_gb(p.model) * GB / bw if text and offloads_text_encoder(mode) else 0.0
+    if offloads_experts(mode) and experts > 1:
+        parts = param_parts(p.model)
+        first = (parts["embed"] + parts["block"]) * 2 / bw
+        seconds += 2 * (first + max(0.0, param_count(p.model) * 2 / bw - step_s))
+    return seconds
 
 
 def _oom_reason(p: Problem, mem: dict, experts: int) -> str:
     if mem["total"] <= p.gpu.usable_gb:
         return ""
+    held = f"{experts} expert{'s' * (experts > 1)}"
+    if mem["experts_on_gpu"] < experts:
+        held = f"{mem['experts_on_gpu']} of {held} on the GPU"
     return (f"out of memory: {mem['total']:.1f} GB > {p.gpu.usable_gb:.1f} GB usable (weights "
-            f"{mem['weights']:.1f} [{experts} expert{'s' * (experts > 1)}], text encoder "
-            f"{mem['text_encoder']:.1f}, activations {mem['activations']:.1f}, overhead "
-            f"{mem['overhead']:.1f})")
+            f"{mem['weights']:.1f} [{held}], text encoder {mem['text_encoder']:.1f}, activations "
+            f"{mem['activations']:.1f}, overhead {mem['overhead']:.1f}; at the {mem['phase']})")
 
 
 def _infeasible(layout: ParallelConfig, reason: str) -> Candidate:
@@ -452,19 +503,47 @@ def _infeasible(layout: ParallelConfig, reason: str) -> Candidate:
     return Candidate(layout, nan, nan, 0.0, nan, False, reason)
 
 
-def evaluate(p: Problem, layout: ParallelConfig) -> Candidate:
-    """Predicted time and memory of one layout, or why it cannot run."""
+OFFLOAD_ORDER = ("none", "text-encoder", "experts", "all")   # fewest copies first: the tie-break
+
+
+def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> Candidate:
+    """Predicted time and memory of one layout under an offload mode (default p.offload), or why
+    it cannot run. "auto": the fastest mode that fits, else the one that needs least memory."""
+    mode = check_offload(offload or p.offload)
     if layout.world_size != p.gpus:
         return _infeasible(layout, f"world size {layout.world_size} != {p.gpus} GPUs")
     for stage in layout.stage_degrees:
         if reason := _stage_check(p, stage):
             return _infeasible(layout, reason)
-    if layout.stages:
-        return _evaluate_split(p, layout)
-    return _evaluate_colocated(p, layout)
+    if mode == "auto":
+        tried = [evaluate(p, layout, m) for m in OFFLOAD_ORDER]
+        fits = [c for c in tried if c.feasible]
+        if fits:
+            return min(fits, key=lambda c: round(c.latency_s, 6))   # min keeps the first of a tie
+        return min(tried, key=lambda c: c.mem_gb)
+    cand = _evaluate_split(p, layout, mode) if layout.stages else _evaluate_colocated(p, layout, mode)
+    return dataclasses.replace(cand, offload=mode)
 
 
-def _evaluate_colocated(p: Problem, layout: ParallelConfig) -> Candidate:
+def _offload_note(p: Problem, mode: str, experts: int, text: bool) -> str:
+    """What an offload mode does on this layout, with the host memory it pins."""
+    pinned, what = 0.0, []
+    if offloads_text_encoder(mode) and text:
+        pinned += text_encoder_gb(p.model)
+        what.append("text encoder on the GPU only to encode")
+    if offloads_experts(mode) and experts > 1:
+        pinned += experts * param_count(p.model) * 2 / GB
+        what.append("one expert on the GPU at a time")
+    if not what:
+        return ""
+    return f"offload {mode}: {', '.join(what)}; {pinned:.1f} GB pinned host memory"
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") -> Candidate:
     m, stage, k = p.model, layout.stage_degrees[0], layout.chords
     rounds = chords_rounds(k, p.steps)
     if rounds is None:
@@ -472,7 +551,7 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig) -> Candidate:
                                    f"{p.steps} steps (paper's: 4, 6, 8 cores)")
     core = math.prod(stage)
     held = max(chords_core_experts(m, k, p.steps))
-    mem = _stage_mem(p, stage, held, text=True, decode=True)
+    mem = _stage_mem(p, stage, held, text=True, decode=True, mode=mode)
     replicas = [i * layout.group_size for i in range(layout.dp)]
     step = _stage_step(p, stage, [rep + c * core for rep in replicas for c in range(k)])
     breakdown = {"step": step, "mem_gb": mem, "experts_per_gpu": held, "rounds": rounds}
@@ -482,25 +561,27 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig) -> Candidate:
         exchange = p.calibration.collective_latency_us * 1e-6 + \
             2 * shard * (k - 1) / _bandwidth(p, replicas, core, k, core * k)
     round_s = step["step_s"] + exchange
-    latency = rounds * round_s
-    breakdown["parts_s"] = _parts(step, rounds) | {"CHORDS exchange": rounds * exchange}
+    copies = _host_copy_s(p, mode, held, True, round_s)
+    latency = rounds * round_s + copies
+    breakdown["parts_s"] = _parts(step, rounds) | {"CHORDS exchange": rounds * exchange,
+                                                   "host copies (offload)": copies}
     note = "uneven heads, padded" if m.num_heads % stage[0] else ""
     if k > 1:
-        note = (note + "; " if note else "") + \
-            f"CHORDS: first hit after {rounds} rounds, approximate"
+        note = _join(note, f"CHORDS: first hit after {rounds} rounds, approximate")
+    note = _join(note, _offload_note(p, mode, held, True))
     reason = _oom_reason(p, mem, held)
     return Candidate(layout, round_s, latency, layout.dp * 3600 / latency, mem["total"],
                      not reason, reason, _headroom(p, mem["total"], note), breakdown)
 
 
-def _evaluate_split(p: Problem, layout: ParallelConfig) -> Candidate:
+def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> Candidate:
     m = p.model
     if m.num_experts < 2:
         return _infeasible(layout, f"{m.name} has one expert; nothing to split")
     (hi, lo), n_hi = layout.stages, high_noise_steps(m.boundary, p.steps, m.shift)
     size_hi, replicas = math.prod(hi), [i * layout.group_size for i in range(layout.dp)]
     counts = (n_hi, p.steps - n_hi)
-    mems = (_split_mem(p, hi, "high"), _split_mem(p, lo, "low"))
+    mems = (_split_mem(p, hi, "high", mode), _split_mem(p, lo, "low", mode))
     steps = (_stage_step(p, hi, replicas), _stage_step(p, lo, [r + size_hi for r in replicas]))
     breakdown = {"high": steps[0], "low": steps[1], "mem_gb": {"high": mems[0], "low": mems[1]},
                  "steps": {"high": counts[0], "low": counts[1]}}
@@ -512,14 +593,17 @@ def _evaluate_split(p: Problem, layout: ParallelConfig) -> Candidate:
     handoff_bytes = 4 * c * f * h * w * 4 + 2 * m.text_len * m.text_dim * 2
     handoff = p.calibration.collective_latency_us * 1e-6 + \
         handoff_bytes / _bandwidth(p, replicas, size_hi, 2, layout.group_size)
-    stage_s = [n * s["step_s"] for n, s in zip(counts, steps)]
+    copies = _host_copy_s(p, mode, 1, True, steps[0]["step_s"])   # the high stage encodes
+    stage_s = [counts[0] * steps[0]["step_s"] + copies, counts[1] * steps[1]["step_s"]]
     latency = sum(stage_s) + handoff
     breakdown["parts_s"] = _sum_parts(_parts(steps[0], counts[0]), _parts(steps[1], counts[1]))
     breakdown["parts_s"]["expert hand-off"] = handoff
+    breakdown["parts_s"]["host copies (offload)"] = copies
     breakdown["stage_s"] = {"high": stage_s[0], "low": stage_s[1]}
     throughput = layout.dp * 3600 / (max(stage_s) + handoff)
+    note = _join("requests pipeline through the stages", _offload_note(p, mode, 1, True))
     return Candidate(layout, latency / p.steps, latency, throughput, peak, not reason, reason,
-                     _headroom(p, peak, "requests pipeline through the stages"), breakdown)
+                     _headroom(p, peak, note), breakdown)
 
 
 def _headroom(p: Problem, mem_gb: float, note: str) -> str:
@@ -530,9 +614,9 @@ def _headroom(p: Problem, mem_gb: float, note: str) -> str:
     return note
 
 
-def _split_mem(p: Problem, stage: Stage, role: str) -> dict:
+def _split_mem(p: Problem, stage: Stage, role: str, mode: str = "none") -> dict:
     """One expert per GPU; the high stage encodes the prompt, the low stage decodes the video."""
-    return _stage_mem(p, stage, 1, text=role == "high", decode=role == "low")
+    return _stage_mem(p, stage, 1, text=role == "high", decode=role == "low", mode=mode)
 
 
 def _parts(step: dict, n: int) -> dict:
@@ -565,7 +649,8 @@ def _best_stage(p: Problem, size: int, offsets: list[int], role: str) -> Stage:
     """The fastest runnable (ulysses, ring, cfg) of a split stage on `size` GPUs, preferring
     ones that fit in memory (if none does, the layout is reported out of memory)."""
     stages = [s for s in _stages(size) if not _stage_check(p, s)] or _stages(size)
-    fits = [s for s in stages if _split_mem(p, s, role)["total"] <= p.gpu.usable_gb] or stages
+    least = "all" if p.offload == "auto" else p.offload          # the least memory allowed
+    fits = [s for s in stages if _split_mem(p, s, role, least)["total"] <= p.gpu.usable_gb] or stages
     return min(fits, key=lambda s: _stage_step(p, s, offsets)["step_s"])
 
 
@@ -652,7 +737,7 @@ def _finite(x):
 def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
                  width: int | None = None, height: int | None = None, frames: int | None = None,
                  steps: int | None = None, calibration: Calibration | str | None = None,
-                 offload_text_encoder: bool = False, guidance: bool = True,
+                 offload: str = "auto", guidance: bool = True,
                  allow_ring: bool = True) -> Problem:
     """A Problem from names and defaults (the model's size, frames and steps when None)."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
@@ -664,7 +749,7 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     frames = check_frames(m, pick(frames, m.frames))
     steps = check_int("steps", pick(steps, m.steps), 1, MAX_STEPS)
     return Problem(m, gpus, spec, width, height, frames, steps,
-                   cal.for_gpu(spec.name), guidance, offload_text_encoder, allow_ring)
+                   cal.for_gpu(spec.name), guidance, check_offload(offload), allow_ring)
 
 
 def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
@@ -676,7 +761,8 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
 
     max_chords: the most CHORDS cores to consider. Default 1 (off): CHORDS' first hit only
     approximates the sequential solve, so the planner offers it only when asked.
-    options: offload_text_encoder, guidance, allow_ring (see Problem).
+    options: offload (a mode of paradit.residency; default "auto", the fastest that fits each
+    layout), guidance, allow_ring (see Problem).
     """
     if objective not in ("latency", "throughput"):
         raise ParameterError("objective", objective, "choose 'latency' or 'throughput'")
@@ -705,7 +791,7 @@ def explain(plan: Plan, losers: int = 3) -> str:
              f"calibration: {p.calibration.source}"]
     if choice is None:
         return "\n".join(lines + _no_choice(plan) + _infeasible_summary(plan))
-    lines.append(f"Choice: {choice.layout.label()}: {choice.latency_s:.4g} s per video, "
+    lines.append(f"Choice: {choice.label()}: {choice.latency_s:.4g} s per video, "
                  f"{choice.throughput_per_h:.4g} videos/h, {choice.mem_gb:.1f} GB per GPU.")
     lines += ["  " + s for s in _step_text(choice, p.steps)]
     if choice.note:
@@ -713,7 +799,7 @@ def explain(plan: Plan, losers: int = 3) -> str:
     others = plan.feasible[1:1 + losers]
     if others:
         lines.append("Why not the next best:")
-        lines += [f"  {o.layout.label()}: {_why_lost(choice, o, plan.objective)}" for o in others]
+        lines += [f"  {o.label()}: {_why_lost(choice, o, plan.objective)}" for o in others]
     return "\n".join(lines + _infeasible_summary(plan))
 
 
@@ -733,6 +819,9 @@ def _step_text(c: Candidate, steps: int) -> list[str]:
         if s["cfg_s"]:
             text += f" + CFG exchange {s['cfg_s']:.2g}"
         out.append(text + f" + launches {s['launch_s']:.4g}")
+    copies = b.get("parts_s", {}).get("host copies (offload)", 0.0)
+    if copies:
+        out.append(f"offload: {copies:.3g} s per request waiting on host-link copies")
     if "rounds" in b and c.layout.chords > 1:
         out.append(f"CHORDS: {b['rounds']} rounds to the first hit instead of {steps} steps")
     if "stage_s" in b:
@@ -791,7 +880,7 @@ def _infeasible_summary(plan: Plan) -> list[str]:
     lines = [f"Ruled out ({len(plan.infeasible)}):"]
     for cat, cs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         example = cs[0]
-        lines.append(f"  {cat} ({len(cs)}), e.g. {example.layout.label()}: {example.reason}")
+        lines.append(f"  {cat} ({len(cs)}), e.g. {example.label()}: {example.reason}")
     return lines
 
 
@@ -801,10 +890,13 @@ def _no_choice(plan: Plan) -> list[str]:
     oom = [c for c in plan.infeasible if c.reason.startswith("out of memory")]
     if oom:
         least = min(oom, key=lambda c: c.mem_gb)
-        lines.append(f"  Least memory: {least.layout.label()} needs {least.mem_gb:.1f} GB per GPU, "
+        lines.append(f"  Least memory: {least.label()} needs {least.mem_gb:.1f} GB per GPU, "
                      f"{p.gpu.usable_gb:.1f} GB usable (it would take {least.latency_s:.4g} s).")
-        hints = ["more GPUs (split experts hold one expert per GPU)", "a GPU with more memory"]
-        if not p.offload_text_encoder:
-            hints.insert(0, f"offloading the text encoder (saves {text_encoder_gb(p.model):.1f} GB)")
+        hints = ["more GPUs (split experts hold one expert per GPU)", "a GPU with more memory",
+                 "a smaller video"]
+        auto = evaluate(p, least.layout, "auto") if p.offload != "auto" else None
+        if auto is not None and auto.feasible:
+            hints.insert(0, f"offload={auto.offload!r} (--offload {auto.offload}), with which "
+                            f"{least.layout.label()} needs {auto.mem_gb:.1f} GB")
         lines.append("  Try " + ", ".join(hints) + ".")
     return lines

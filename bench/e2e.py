@@ -1,0 +1,284 @@
+"""End to end, as a user runs it: a full-size random-weight checkpoint, then the real CLI.
+
+    python bench/e2e.py --preset wan2.2-t2v-a14b --folder /dev/shm/a14b \\
+        --run 1280x720x81:3 --run 832x480x81:3 --run 1280x720x81:3:compile
+    python bench/e2e.py --preset wan2.2-ti2v-5b --folder /dev/shm/ti2v --run 1280x704x121:3
+    python bench/e2e.py --preset tiny --folder /tmp/tiny --run 64x48x5:2     # CPU: the whole path, small
+
+1. Writes the preset's checkpoint in diffusers layout into --folder (skipped when a complete one is
+   there): model_index.json, transformer/ (and transformer_2/ for two experts) in 5 GB shards with
+   an index, an umT5-XXL-shaped text_encoder/ (the tiny presets: a tiny umT5), a word-level
+   tokenizer/, the model kind's VAE (Wan2.1's for 16 latent channels, Wan2.2's for TI2V) and a
+   scheduler/. Weights are random (bf16 for the transformers and the text encoder, fp32 for the
+   VAE), drawn on --device (a GPU writes a full A14B folder, about 66 GB, in a minute or two; put it
+   on tmpfs: /dev/shm) and scaled as a default init would (unit-scale activations), so that a
+   random-weight run does the same work as a trained one.
+2. Runs `python -m paradit.generate --model FOLDER --size WxH --frames F --steps N [--compile]`
+   in a subprocess for every --run (SIZExFRAMES:STEPS[:compile][:flag=value...]), timing the
+   process from its start to the mp4, and reads the run's JSON sidecar: start-up per component,
+   text encoding, every denoising step, the VAE decode, writing the mp4, peak GPU memory
+   (allocated and reserved) per rank.
+3. Prints one table and writes bench/results/<date>_<machine>_e2e.json (--out to choose).
+
+Extra generate flags go after `--`: `python bench/e2e.py ... -- --attention sdpa`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from paradit.checkpoint import to_diffusers_name  # noqa: E402
+from paradit.config import WanConfig  # noqa: E402
+from paradit.models.transformer import WanTransformer  # noqa: E402
+
+SHARD_BYTES = 5 * 2**30
+# umT5-XXL as Wan ships it (google/umt5-xxl's encoder): 5.7B parameters
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False, layer_norm_epsilon=1e-6)
+# diffusers' AutoencoderKLWan configs: Wan2.1 (z 16) is the class default; Wan2.2's (z 48, TI2V-5B):
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 attn_scales=[], temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                 out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                 latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+def random_like(name: str, shape: tuple[int, ...], dtype, device, gen) -> torch.Tensor:
+    """A default init's scale: weights ~ U(-1, 1)/sqrt(fan_in) in std, norms 1, biases 0; embeddings
+    and modulation tables N(0, 1)/sqrt(dim)."""
+    if len(shape) == 1:
+        return (torch.ones if name.endswith("weight") and "norm" in name else torch.zeros)(
+            shape, dtype=dtype, device=device)
+    fan_in = math.prod(shape[1:]) if "shared" not in name and "embed_tokens" not in name else 1
+    if "scale_shift_table" in name or "relative_attention_bias" in name:
+        fan_in = shape[-1]
+    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(1 / math.sqrt(3 * fan_in))
+    return t.to(dtype)
+
+
+def write_shards(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], folder: Path, prefix: str, device,
+                 seed: int) -> int:
+    """Random tensors of the given shapes, drawn on device, written as safetensors shards with an index."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device).manual_seed(seed)
+    groups, size = [[]], 0
+    for name, (shape, dtype) in tensors.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, names in enumerate(groups):
+        file = (f"{prefix}.safetensors" if len(groups) == 1
+                else f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors")
+        shard = {n: random_like(n, *tensors[n], device, gen).cpu() for n in names}
+        save_file(shard, folder / file)
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        weight_map.update(dict.fromkeys(names, file))
+        del shard
+    if len(groups) > 1:
+        (folder / f"{prefix}.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return total
+
+
+def write_transformer(cfg: WanConfig, folder: Path, device, seed: int) -> int:
+    from paradit.checkpoint import save_diffusers_layout
+
+    with torch.device("meta"):
+        model = WanTransformer(cfg)
+    save_diffusers_layout(model, folder, config_only=True)
+    shapes = {to_diffusers_name(n): (tuple(p.shape), torch.bfloat16) for n, p in model.state_dict().items()}
+    return write_shards(shapes, folder, "diffusion_pytorch_model", device, seed)
+
+
+def write_text_encoder(cfg: WanConfig, root: Path, device, seed: int) -> int:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from paradit.models.text_encoder import word_tokenizer
+
+    tokenizer = word_tokenizer()
+    kw = UMT5_XXL if cfg.text_dim == UMT5_XXL["d_model"] else dict(
+        vocab_size=len(tokenizer), d_model=cfg.text_dim, d_kv=8, d_ff=2 * cfg.text_dim, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu")
+    config = UMT5Config(**kw, dropout_rate=0.0)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    config.save_pretrained(root / "text_encoder")
+    tokenizer.save_pretrained(root / "tokenizer")
+    shapes = {n: (tuple(p.shape), torch.bfloat16) for n, p in model.state_dict().items()
+              if n != "encoder.embed_tokens.weight" or not config.tie_word_embeddings}
+    return write_shards(shapes, root / "text_encoder", "model", device, seed)
+
+
+def write_vae(cfg: WanConfig, folder: Path) -> int:
+    from diffusers import AutoencoderKLWan
+
+    from paradit.models.vae import VideoVAE
+
+    if cfg.vae == "wan2.1":
+        vae = AutoencoderKLWan()
+    elif cfg.vae == "wan2.2":
+        vae = AutoencoderKLWan(**WAN22_VAE)
+    else:  # the tiny presets' VAE
+        vae = VideoVAE.tiny(cfg.z_dim).vae
+    vae.save_pretrained(folder)
+    return sum(p.numel() * p.element_size() for p in vae.parameters())
+
+
+def write_checkpoint(preset: str, root: Path, device, seed: int = 0) -> dict:
+    """The preset's full-size pipeline folder, diffusers layout; returns bytes and seconds per part."""
+    from diffusers import UniPCMultistepScheduler
+
+    cfg = WanConfig.preset(preset)
+    done = root / "model_index.json"
+    if done.exists():
+        return {"reused": True}
+    root.mkdir(parents=True, exist_ok=True)
+    report = {}
+    experts = ("transformer", "transformer_2")[:cfg.num_experts]
+    for k, name in enumerate(experts):
+        t0 = time.perf_counter()
+        report[name] = {"bytes": write_transformer(cfg, root / name, device, seed + k), "s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    report["text_encoder"] = {"bytes": write_text_encoder(cfg, root, device, seed + 7), "s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    report["vae"] = {"bytes": write_vae(cfg, root / "vae"), "s": time.perf_counter() - t0}
+    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                            flow_shift=cfg.shift).save_pretrained(root / "scheduler")
+    pipeline = "WanImageToVideoPipeline" if cfg.task == "i2v" else "WanPipeline"
+    index = {"_class_name": pipeline, "_diffusers_version": "0.35.0", "boundary_ratio": cfg.boundary,
+             "expand_timesteps": cfg.task == "ti2v", "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+             "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "WanTransformer3DModel"],
+             "transformer_2": ["diffusers", "WanTransformer3DModel"] if cfg.num_experts == 2 else [None, None],
+             "vae": ["diffusers", "AutoencoderKLWan"]}
+    done.write_text(json.dumps(index, indent=1))  # last: its presence means the folder is complete
+    return report
+
+
+# ----------------------------------------------------------------------------- the runs
+def parse_run(text: str) -> dict:
+    """SIZExFRAMES:STEPS[:compile][:flag=value ...], e.g. 1280x720x81:3:compile or 832x480x81:2:offload=experts."""
+    head, steps, *opts = text.split(":")
+    w, h, f = (int(v) for v in head.lower().split("x"))
+    flags = []
+    for o in opts:
+        name, _, value = o.partition("=")
+        flags += [f"--{name}"] + ([value] if value else [])
+    return dict(label=text, width=w, height=h, frames=f, steps=int(steps), flags=flags)
+
+
+def run_cli(folder: Path, run: dict, out_dir: Path, extra: list[str], image: Path | None) -> dict:
+    out = out_dir / f"{run['width']}x{run['height']}x{run['frames']}_{len(list(out_dir.glob('*.mp4')))}.mp4"
+    argv = [sys.executable, "-m", "paradit.generate", "--model", str(folder), "--size", f"{run['width']}x{run['height']}",
+            "--frames", str(run["frames"]), "--steps", str(run["steps"]), "--prompt", "a red circle moving left",
+            "--out", str(out), "--no-progress", *run["flags"], *extra]
+    if image is not None:
+        argv += ["--image", str(image)]
+    t0 = time.perf_counter()
+    res = subprocess.run(argv, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    row = dict(run=run["label"], argv=argv[1:], returncode=res.returncode, process_s=wall)
+    if res.returncode != 0:
+        row["error"] = (res.stderr or res.stdout)[-3000:]
+        return row
+    side = json.loads(out.with_suffix(".json").read_text())
+    t = side["timings_s"]
+    row.update(startup=t["startup"], text_encoder_s=t.get("text_encoder_s"), image_encode_s=t.get("image_encode_s"),
+               step_s=t.get("step_s"), denoise_s=t.get("denoise_s"), vae_decode_s=t.get("vae_decode_s"),
+               write_video_s=t.get("write_video_s"), gpu_memory_gb=side.get("gpu_memory_gb"),
+               time_to_video_s=side.get("time_to_video_s"), attention=side.get("attention"),
+               device=side.get("device"), mp4_bytes=out.stat().st_size)
+    out.unlink()  # a random-weight video is noise; keep the numbers only
+    return row
+
+
+def test_image(folder: Path, width: int, height: int) -> Path:
+    from PIL import Image
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    rgb = (torch.stack([x, y, 1 - x * y], -1) * 255).round().to(torch.uint8).numpy()
+    path = folder / "first_frame.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def table(rows: list[dict]) -> str:
+    head = ("run", "startup", "weights", "text enc", "vae load", "encode", "step (median)", "decode", "write",
+            "to video", "peak alloc/resv GB")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        if r["returncode"] != 0:
+            lines.append(f"{r['run']} | failed: {r['error'].strip().splitlines()[-1][:120]}")
+            continue
+        s = r["startup"]
+        steps = sorted(r["step_s"] or [float("nan")])
+        mem = (r["gpu_memory_gb"] or {}).get("0")
+        lines.append(" | ".join([
+            r["run"], f"{s.get('build_s', 0):.1f}", f"{s.get('weights_s', 0):.1f}", f"{s.get('text_encoder_s', 0):.1f}",
+            f"{s.get('vae_s', 0):.1f}", f"{r['text_encoder_s']:.2f}",
+            f"{steps[len(steps) // 2]:.2f} ({len(steps)} steps)", f"{r['vae_decode_s']:.1f}", f"{r['write_video_s']:.2f}",
+            f"{r['time_to_video_s'] or r['process_s']:.1f}",
+            f"{mem['allocated']:.1f} / {mem['reserved']:.1f}" if mem else "-"]))
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower()
+        kind = next((k for k in ("b200", "h200", "h100", "a100") if k in name), "gpu")
+        return f"{kind}x{torch.cuda.device_count()}"
+    import os
+    return f"cpu{os.cpu_count()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", required=True, help="the architecture to write, e.g. wan2.2-t2v-a14b")
+    p.add_argument("--folder", required=True, type=Path, help="where the checkpoint goes (reused if complete)")
+    p.add_argument("--run", action="append", default=[], type=parse_run,
+                   help="SIZExFRAMES:STEPS[:compile][:flag=value]; repeatable (none: only write the folder)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the random weights are drawn")
+    p.add_argument("--out", type=Path, help="the results JSON (default bench/results/<date>_<machine>_e2e.json)")
+    args, extra = p.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    t0 = time.perf_counter()
+    written = write_checkpoint(args.preset, args.folder, torch.device(args.device))
+    print(f"checkpoint {args.folder}: {json.dumps(written)} in {time.perf_counter() - t0:.1f} s", flush=True)
+    cfg = WanConfig.preset(args.preset)
+    out = args.out or ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}_{machine()}_e2e_{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in args.run:
+        image = test_image(args.folder, run["width"], run["height"]) if cfg.task == "i2v" else None
+        rows.append(run_cli(args.folder, run, args.folder, extra, image))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "argv"}), flush=True)
+        out.write_text(json.dumps(dict(method=__doc__, preset=args.preset, machine=machine(), torch=torch.__version__,
+                                       gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                                       checkpoint=written, runs=rows), indent=1))  # after every run
+    if not rows:
+        return 0
+    print(table(rows))
+    print(f"wrote {out}")
+    return 0 if all(r["returncode"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

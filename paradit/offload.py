@@ -1,0 +1,238 @@
+"""Offload mechanics: a module's weights kept in pinned host memory, copied to the GPU when used.
+
+HostWeights holds one module's parameters and buffers in host memory (pinned on CUDA) and points
+the module at device copies while it is resident. ExpertResidency executes the schedule of
+paradit.residency for the experts a rank holds; TextEncoderResidency puts umT5 on the GPU for
+the prompt encode only. Both are driven explicitly by the pipeline (Pipeline.velocity,
+Pipeline.encode_prompts); the model code knows nothing of them.
+
+How a prefetch runs on CUDA: the device buffers are allocated on the compute (current) stream,
+so that memory freed by the outgoing expert is reused at once; a side stream waits for the compute
+stream, then copies chunk by chunk (the embeddings, each block, the head), recording one event per
+chunk. The first evaluation after a prefetch waits for the embeddings' event, and each block and
+the head wait for their own event through a forward pre-hook installed for that one evaluation:
+the waits are on the GPU (the host keeps launching), and a block's copy (~0.7 GB for A14B, ~14 ms
+over PCIe Gen5) hides behind the previous block's compute. On the CPU the "device copy" is a plain
+tensor copy and there are no streams or events: the same schedule runs, synchronously.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from paradit.residency import Action, residency_plan
+
+log = logging.getLogger("paradit")
+
+
+class HostWeights:
+    """The tensors of `module` in host memory. chunks: submodules copied (and waited for) one by
+    one, in this order, after the tensors outside them."""
+
+    def __init__(self, module: nn.Module, device, chunks: list[nn.Module] = ()):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.refs: list[list[tuple[nn.Module, str, str]]] = []   # per tensor: where the module holds it
+        self.host: list[torch.Tensor] = []
+        found: dict[int, int] = {}
+        for owner in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                for key, t in getattr(owner, kind).items():
+                    if t is None:
+                        continue
+                    if id(t) not in found:  # tied weights are one tensor, copied once
+                        found[id(t)] = len(self.host)
+                        host = t.detach().to("cpu")
+                        self.host.append(host.pin_memory() if self.cuda else host)
+                        self.refs.append([])
+                    self.refs[found[id(t)]].append((owner, kind, key))
+        claimed: set[int] = set()
+        self.chunks: list[list[int]] = []                         # tensor indices per chunk; rest first
+        for chunk in chunks:
+            ids = [found[id(t)] for t in _tensors(chunk) if found[id(t)] not in claimed]
+            claimed |= set(ids)
+            self.chunks.append(ids)
+        self.chunks.insert(0, [i for i in range(len(self.host)) if i not in claimed])
+        self.chunk_modules = [None, *chunks]
+        self.bytes = sum(t.numel() * t.element_size() for t in self.host)
+        self.resident = False
+        self._point(self.host)                                    # on the host only
+
+    def _point(self, tensors: list[torch.Tensor]) -> None:
+        """Make the module use `tensors` (same order as self.host)."""
+        for refs, t in zip(self.refs, tensors):
+            for owner, kind, key in refs:
+                held = getattr(owner, kind)[key]
+                if kind == "_parameters":
+                    held.data = t
+                else:
+                    owner._buffers[key] = t
+
+    def to_device(self, stream=None) -> list:
+        """Device copies of every tensor, the module pointed at them; returns one CUDA event per
+        chunk (empty on the CPU, where the copy is done when this returns)."""
+        dst = [torch.empty_like(h, device=self.device) for h in self.host]   # on the compute stream
+        events = []
+        if self.cuda and stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for ids in self.chunks:
+                for i in ids:
+                    dst[i].copy_(self.host[i], non_blocking=self.cuda)
+                if self.cuda and stream is not None:
+                    events.append(torch.cuda.Event())
+                    events[-1].record(stream)
+        self._point(dst)
+        self.resident = True
+        return events
+
+    def release(self) -> None:
+        """Point the module back at the host copies; the device copies are freed."""
+        self._point(self.host)
+        self.resident = False
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters()) + list(module.buffers())
+
+
+class ExpertResidency:
+    """The experts of one rank, at most one on the GPU at a time (with lead 0), following
+    paradit.residency.residency_plan. A rank holding one expert keeps it where it is (inactive)."""
+
+    def __init__(self, experts: list, device, lead: int = 0):
+        self.held = [k for k, m in enumerate(experts) if m is not None]
+        self.active = len(self.held) > 1
+        self.device, self.lead = torch.device(device), lead
+        self.weights = {k: HostWeights(experts[k], device, [*experts[k].blocks, experts[k].head])
+                        for k in self.held} if self.active else {}
+        cuda = self.device.type == "cuda" and self.active
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.resident: set[int] = set(self.held) if not self.active else set()
+        self.pending: dict[int, list] = {}     # prefetched experts whose copy nobody has waited for
+        self.hooks: list = []
+        self.plan: list[Action] | None = None
+        self.sequence: list[int] = []
+        self.index = 0
+        self.log: list[tuple[int, str, int]] = []   # (evaluation index, op, expert), as they ran
+
+    def host_bytes(self) -> int:
+        return sum(w.bytes for w in self.weights.values())
+
+    # ---------------------------------------------------------------- one request
+    def begin(self, sequence: list[int]) -> None:
+        """A request whose evaluations use experts `sequence`, in order; checked before any runs."""
+        if not self.active:
+            return
+        missing = sorted(set(sequence) - set(self.held))
+        assert not missing, f"the schedule needs expert(s) {missing}, not held on this rank"
+        self.plan, self.sequence, self.index = residency_plan(sequence, self.lead), list(sequence), 0
+
+    def end(self) -> None:
+        self._unhook()
+        self.plan, self.sequence, self.index = None, [], 0
+
+    def before(self, k: int) -> None:
+        """Before an evaluation with expert k: the plan's prefetches, then the waits for k's copy."""
+        if not self.active:
+            return
+        if self.plan is None or self.index >= len(self.sequence):   # outside a request (warm-up)
+            for other in sorted(self.resident - {k}):
+                self._release(other)
+            self._prefetch(k)
+        else:
+            assert self.sequence[self.index] == k, (self.index, k, self.sequence)
+            self._run("before")
+        assert k in self.resident, f"expert {k} is not resident at evaluation {self.index}"
+        self._wait(k)
+
+    def after(self, k: int) -> None:
+        if not self.active:
+            return
+        self._unhook()
+        if self.plan is not None and self.index < len(self.sequence):
+            self._run("after")
+            self.index += 1
+
+    # ---------------------------------------------------------------- mechanics
+    def _run(self, when: str) -> None:
+        for a in self.plan:
+            if a.index == self.index and a.when == when:
+                (self._prefetch if a.op == "prefetch" else self._release)(a.expert)
+
+    def _prefetch(self, k: int) -> None:
+        if k in self.resident:
+            return
+        self.pending[k] = self.weights[k].to_device(self.stream)
+        self.resident.add(k)
+        self.log.append((self.index, "prefetch", k))
+
+    def _release(self, k: int) -> None:
+        if k not in self.resident:
+            return
+        if k in self.pending:   # copied but never used: the compute stream must not reuse the
+            for ev in self.pending.pop(k):   # memory while the side stream still writes it
+                torch.cuda.current_stream(self.device).wait_event(ev)
+        self.weights[k].release()
+        self.resident.discard(k)
+        self.log.append((self.index, "release", k))
+
+    def _wait(self, k: int) -> None:
+        events = self.pending.pop(k, None)
+        if not events:
+            return
+        torch.cuda.current_stream(self.device).wait_event(events[0])   # embeddings, used first
+        for module, ev in zip(self.weights[k].chunk_modules[1:], events[1:]):
+            self.hooks.append(module.register_forward_pre_hook(_waiter(ev)))
+
+    def _unhook(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def _waiter(event):
+    @torch.compiler.disable
+    def wait(module, args):
+        torch.cuda.current_stream().wait_event(event)
+    return wait
+
+
+class TextEncoderResidency:
+    """umT5 in host memory, on the GPU only inside `on_device()` (the prompt encode)."""
+
+    def __init__(self, text_encoder, device):
+        self.weights = HostWeights(text_encoder.model, device)
+        text_encoder.device = torch.device(device)      # where the token ids and the output go
+        self.copies = 0
+
+    @contextlib.contextmanager
+    def on_device(self):
+        self.weights.to_device()          # on the compute stream: the encode needs all of it now
+        self.copies += 1
+        try:
+            yield
+        finally:
+            self.weights.release()
+
+
+def resolve_offload(mode: str, cfg, mesh, settings=None) -> str:
+    """A concrete offload mode: `mode` itself, or for "auto" the planner's fastest mode that fits
+    this rank's layout on this GPU kind at `settings` (default: the preset's video); "none" on a
+    CPU, whose memory the planner does not model."""
+    from paradit.residency import check_offload
+    if check_offload(mode) != "auto":
+        return mode
+    if mesh.device.type != "cuda":
+        return "none"
+    from paradit.parallel.planner import GPUS, evaluate, make_problem
+    name = torch.cuda.get_device_name(mesh.device).lower()
+    kind = next((k for k in GPUS if k in name), "h100")
+    w, h, f, steps = ((settings.width, settings.height, settings.frames, settings.steps) if settings
+                      else (*cfg.size, cfg.frames, cfg.steps))
+    layout = getattr(mesh, "split", None) or mesh.config
+    problem = make_problem(cfg, layout.world_size, kind, w, h, f, steps, offload="auto")
+    return evaluate(problem, layout).offload

@@ -1,0 +1,158 @@
+"""Offload: the residency schedule, the host copies' mechanics on the CPU, and the pipeline's
+results with and without offload (equal bit for bit: offload moves weights, it computes nothing)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from paradit.generate import failure, parse_args
+from paradit.offload import ExpertResidency, HostWeights
+from paradit.parallel.chords import ChordsSettings
+from paradit.pipeline import Pipeline
+from paradit.residency import Action, residency_at, residency_plan
+from paradit.schedulers.schedule import high_noise_steps
+
+KW = dict(negative_prompt="blurry", steps=8, seed=3, progress=False, output="latent")
+PROMPT = "a red circle moving left"
+
+
+# ------------------------------------------------------------------ the schedule (pure)
+def test_plan_releases_then_streams_at_the_switch():
+    seq = [0] * 26 + [1] * 14                    # T2V-A14B, 40 steps: 26 high-noise steps
+    plan = residency_plan(seq)
+    assert plan == [Action("before", 0, "prefetch", 0), Action("after", 25, "release", 0),
+                    Action("before", 26, "prefetch", 1), Action("after", 39, "release", 1),
+                    Action("after", 39, "prefetch", 0)]
+    assert residency_at(plan, 40) == [{0}] * 26 + [{1}] * 14     # never both on the GPU
+
+
+@pytest.mark.parametrize("lead", [1, 3])
+def test_plan_prefetches_lead_evaluations_ahead(lead):
+    seq = [0] * 6 + [1] * 4
+    plan = residency_plan(seq, lead)
+    assert Action("before", 6 - lead, "prefetch", 1) in plan
+    assert Action("after", 5, "release", 0) in plan               # after its last step, not before
+    assert residency_at(plan, 10) == [{0}] * (6 - lead) + [{0, 1}] * lead + [{1}] * 4
+
+
+def test_plan_of_one_expert_keeps_it():
+    assert residency_plan([0, 0, 0]) == [Action("before", 0, "prefetch", 0)]
+    assert residency_plan([]) == []
+
+
+def test_plan_refuses_alternating_experts():
+    with pytest.raises(ValueError, match="switch expert at most once.*3 times"):
+        residency_plan([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="lead"):
+        residency_plan([0, 1], lead=-1)
+
+
+# ------------------------------------------------------------------ the mechanics on the CPU
+def test_host_weights_copy_and_release_keep_tied_tensors_tied():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4)).eval()
+    model[2].weight = model[0].weight                              # tied: one tensor, two names
+    x = torch.randn(3, 4)
+    ref = model(x)
+    unique = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    w = HostWeights(model, "cpu", chunks=[model[2]])
+    assert len(w.host) == len(unique) == 8 and len(w.chunks) == 2
+    on_host = {h.data_ptr() for h in w.host}
+    ptrs = lambda: [t.data_ptr() for t in [*model.parameters(), *model.buffers()]]  # noqa: E731
+    assert set(ptrs()) == on_host and not w.resident
+    assert w.to_device() == [] and w.resident                      # the CPU: no stream, no events
+    assert not set(ptrs()) & on_host                               # every tensor is a fresh copy
+    assert model[2].weight.data_ptr() == model[0].weight.data_ptr()
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)      # a copy: the same numbers
+    w.release()
+    assert set(ptrs()) == on_host and not w.resident
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+
+
+def test_residency_outside_a_request_swaps_on_demand():
+    pipe = Pipeline.from_pretrained("tiny")
+    r = ExpertResidency(pipe.experts, "cpu")
+    assert r.active and r.resident == set()
+    r.before(1)
+    r.after(1)
+    assert r.resident == {1}
+    r.before(0)
+    assert r.resident == {0} and r.log == [(0, "prefetch", 1), (0, "release", 1), (0, "prefetch", 0)]
+
+
+# ------------------------------------------------------------------ the pipeline
+@pytest.fixture(scope="module")
+def reference():
+    return Pipeline.from_pretrained("tiny")(PROMPT, **KW)
+
+
+def test_offload_all_same_latent_and_residency_per_step(reference):
+    pipe = Pipeline.from_pretrained("tiny", offload="all")
+    n_high = high_noise_steps(pipe.cfg.boundary, 8, pipe.cfg.shift)
+    assert 0 < n_high < 8
+    for _ in range(2):                                             # the second request starts warm
+        latent = pipe(PROMPT, **KW)
+        assert torch.equal(latent, reference)
+        assert pipe.record.residency == [(0,)] * n_high + [(1,)] * (8 - n_high)
+    # between requests: the low expert released, the high one already back for the next request
+    assert pipe.residency.resident == {0}
+    assert not pipe.residency.weights[1].resident and pipe.residency.weights[0].resident
+    log = pipe.residency.log
+    assert log[:5] == [(0, "prefetch", 0), (n_high - 1, "release", 0), (n_high, "prefetch", 1),
+                       (7, "release", 1), (7, "prefetch", 0)]
+    assert log[5:] == log[1:5]                                     # request 2: no copy at its start
+    te = pipe.text_residency                                       # copied in once per request, back out
+    assert te.copies == 2 and not te.weights.resident
+    held = {p.data_ptr() for p in pipe.text_encoder.model.parameters()}
+    assert held <= {h.data_ptr() for h in te.weights.host}
+
+
+def test_chords_cores_in_turn_refuse_expert_offload_before_any_step(reference):
+    pipe = Pipeline.from_pretrained("tiny", offload="experts")
+    assert pipe.text_residency is None
+    with pytest.raises(ValueError, match="at most once"):
+        pipe(PROMPT, chords=ChordsSettings(4), **KW)
+    assert pipe.record.trace == []                                 # nothing ran
+    assert torch.equal(pipe(PROMPT, **KW), reference)              # and the pipeline still works
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="offload='gpu'.*auto, none, text-encoder, experts, all"):
+        Pipeline.from_pretrained("tiny", offload="gpu")
+
+
+def test_auto_is_none_on_the_cpu():
+    assert Pipeline.from_pretrained("tiny", offload="auto").offload == "none"
+
+
+def test_cli_offload_all(tmp_path):
+    out = tmp_path / "v.mp4"
+    run = subprocess.run([sys.executable, "-m", "paradit.generate", "--model", "tiny", "--offload", "all",
+                          "--steps", "2", "--size", "64x64", "--frames", "5", "--no-progress", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["offload"] == "all"
+    with pytest.raises(ValueError, match=r"--offload invalid choice: 'gpu' \(choose from") as err:
+        parse_args(["--offload", "gpu"])                           # exit 2, the choices named
+    assert failure(err.value)[0] == 2
+
+
+def test_startup_bench_at_the_tiny_preset(tmp_path):
+    # bench/startup.py end to end on the CPU: a tiny checkpoint, each component, the start-up, steps
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import startup
+    assert startup.main(["tiny", "--device", "cpu", "--steps", "3", "--size", "64x64", "--frames", "5",
+                         "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*_startup.json")
+    data = json.loads(path.read_text())
+    assert set(data["alone"]) == {"experts", "text_encoder", "vae"}
+    assert all(part["s"] > 0 and part["bytes"] > 0 for part in data["alone"].values())
+    assert data["startup"]["bytes"] > 0 and data["startup"]["phases_s"]["weights_s"] > 0
+    none, experts = data["steps"]
+    assert (none["offload"], experts["offload"]) == ("none", "experts")
+    assert len(none["steps_s"]) == len(experts["steps_s"]) == 3
+    assert none["experts"] == experts["experts"] and experts["switch_index"] is not None

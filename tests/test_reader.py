@@ -1,0 +1,64 @@
+"""The weight reader: several threads from the mmap equal a plain safetensors load; on 4 gloo
+ranks of one node each rank reads a quarter of the bytes and every rank ends with all weights."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from paradit.checkpoint import save_diffusers_layout
+from paradit.launch import spawn
+from paradit.models.loading import index_checkpoint, load_transformer, read_tensors
+from paradit.models.reader import header, shares
+from paradit.pipeline import tiny_components
+from reader_workers import shared_load
+from workers import tiny_config
+
+
+def write_expert(folder: Path) -> Path:
+    cfg = tiny_config(heads=4)
+    (expert, _), _, _ = tiny_components(cfg.replace(boundary=0.875), "cpu", torch.float32)
+    save_diffusers_layout(expert, folder, max_shard_bytes=20_000)     # several shards
+    return folder
+
+
+def stored_bytes(folder: Path) -> int:
+    return sum(e.nbytes for f in folder.glob("*.safetensors") for e in header(f).values())
+
+
+@pytest.fixture(scope="module")
+def expert(tmp_path_factory):
+    return write_expert(tmp_path_factory.mktemp("expert"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_equal_a_plain_load(expert, dtype):
+    index = index_checkpoint(expert)
+    names = sorted(index.files)
+    stats = {}
+    got = read_tensors(index, names, dtype, "cpu", threads=3, stats=stats)
+    plain = {}
+    for f in expert.glob("*.safetensors"):
+        plain |= load_file(f)
+    assert len(plain) == len(names) and stats["bytes"] == stored_bytes(expert)
+    for name in names:
+        ref = plain[index.files[name][1]]
+        assert got[name].dtype == dtype and torch.equal(got[name], ref.to(dtype)), name
+
+
+def test_shares_balance_bytes(expert):
+    entries = {k: e for f in expert.glob("*.safetensors") for k, e in header(f).items()}
+    parts = shares(entries, 4)
+    assert sorted(n for p in parts for n in p) == sorted(entries)      # each tensor read exactly once
+    loads = [sum(entries[n].nbytes for n in p) for p in parts]
+    assert max(loads) - min(loads) <= max(e.nbytes for e in entries.values())
+
+
+def test_four_ranks_read_the_files_once_between_them(expert):
+    total = stored_bytes(expert)
+    results = spawn(shared_load, 4, str(expert))
+    assert all(r["same"] and r["keys"] for r in results)             # every rank: the plain load's weights
+    assert sum(r["bytes"] for r in results) == total                  # the node read each byte once
+    for r in results:
+        assert r["bytes"] + r["received"] == total
+        assert r["bytes"] < 0.35 * total                              # about a quarter each
