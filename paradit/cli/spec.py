@@ -68,17 +68,21 @@ def check_combinations(flags: Flags) -> None:
 
 def model_config(flags: Flags) -> WanConfig:
     name = flags.model
-    if name in PRESETS:
-        if name not in RUNNABLE_PRESETS:
-            raise UsageError(f"--model {name} is an architecture without weights (the planner's name for it): "
-                             f"pass the checkpoint folder, e.g. --model /ckpt/Wan2.2-T2V-A14B-Diffusers; the "
-                             f"presets that run as they are: {', '.join(RUNNABLE_PRESETS)}")
+    if name in PRESETS:  # one without weights is refused last (check_weights): its other flags are checked
         return WanConfig.preset(name)
     if not Path(name).exists():
         raise UsageError(f"--model {name!r} is neither a preset ({', '.join(RUNNABLE_PRESETS)}) nor an existing "
                          f"checkpoint folder")
     from paradit.checkpoint import model_config as checkpoint_config
     return checkpoint_config(name, flags.components)
+
+
+def check_weights(flags: Flags) -> None:
+    name = flags.model
+    if name in PRESETS and name not in RUNNABLE_PRESETS:
+        raise UsageError(f"--model {name} is an architecture without weights (the planner's name for it): "
+                         f"pass the checkpoint folder, e.g. --model /ckpt/Wan2.2-T2V-A14B-Diffusers; the "
+                         f"presets that run as they are: {', '.join(RUNNABLE_PRESETS)}")
 
 
 def read_prompts(flags: Flags) -> tuple[str, ...]:
@@ -172,6 +176,7 @@ def resolve(flags: Flags, info) -> RunSpec:
         loras = tuple(lora_specs(flags.lora, flags.lora_high, flags.lora_low))
         check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); from_pretrained warns and merges
         offload = offload_mode(flags, cfg, layout, settings, info.device)
+        check_weights(flags)
     return RunSpec(flags, cfg, prompts, settings, layout, chords, needed, paths, loras, offload, image)
 
 
