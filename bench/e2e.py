@@ -21,6 +21,9 @@
 3. Prints one table and writes bench/results/<date>_<machine>_e2e.json (--out to choose).
 
 Extra generate flags go after `--`: `python bench/e2e.py ... -- --attention sdpa`.
+--memory-cap-gb G runs the CLI with its CUDA memory capped at G GB (1e9 bytes;
+torch.cuda.set_per_process_memory_fraction before anything is allocated), so that a larger GPU
+stands in for an 80 GB one: `--memory-cap-gb 80 --run 1280x720x81:3:offload=experts`.
 """
 from __future__ import annotations
 
@@ -42,6 +45,11 @@ from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import WanTransformer  # noqa: E402
 
 SHARD_BYTES = 5 * 2**30
+# The CLI under a CUDA memory cap: the cap (GB) is the first argument, the generate flags follow.
+CAPPED_CLI = ("import runpy, sys, torch; cap = float(sys.argv.pop(1)) * 1e9; "
+              "torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0)"
+              ".total_memory)); sys.argv[0] = 'paradit.generate'; "
+              "runpy.run_module('paradit.generate', run_name='__main__', alter_sys=True)")
 # umT5-XXL as Wan ships it (google/umt5-xxl's encoder): 5.7B parameters
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -184,9 +192,11 @@ def parse_run(text: str) -> dict:
     return dict(label=text, width=w, height=h, frames=f, steps=int(steps), flags=flags)
 
 
-def run_cli(folder: Path, run: dict, out_dir: Path, extra: list[str], image: Path | None) -> dict:
+def run_cli(folder: Path, run: dict, out_dir: Path, extra: list[str], image: Path | None,
+            memory_cap_gb: float | None = None) -> dict:
     out = out_dir / f"{run['width']}x{run['height']}x{run['frames']}_{len(list(out_dir.glob('*.mp4')))}.mp4"
-    argv = [sys.executable, "-m", "paradit.generate", "--model", str(folder), "--size", f"{run['width']}x{run['height']}",
+    cli = ["-m", "paradit.generate"] if memory_cap_gb is None else ["-c", CAPPED_CLI, str(memory_cap_gb)]
+    argv = [sys.executable, *cli, "--model", str(folder), "--size", f"{run['width']}x{run['height']}",
             "--frames", str(run["frames"]), "--steps", str(run["steps"]), "--prompt", "a red circle moving left",
             "--out", str(out), "--no-progress", *run["flags"], *extra]
     if image is not None:
@@ -194,7 +204,8 @@ def run_cli(folder: Path, run: dict, out_dir: Path, extra: list[str], image: Pat
     t0 = time.perf_counter()
     res = subprocess.run(argv, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    row = dict(run=run["label"], argv=argv[1:], returncode=res.returncode, process_s=wall)
+    row = dict(run=run["label"], argv=argv[1:], returncode=res.returncode, process_s=wall,
+               memory_cap_gb=memory_cap_gb)
     if res.returncode != 0:
         row["error"] = (res.stderr or res.stdout)[-3000:]
         return row
@@ -203,6 +214,7 @@ def run_cli(folder: Path, run: dict, out_dir: Path, extra: list[str], image: Pat
     row.update(startup=t["startup"], text_encoder_s=t.get("text_encoder_s"), image_encode_s=t.get("image_encode_s"),
                step_s=t.get("step_s"), denoise_s=t.get("denoise_s"), vae_decode_s=t.get("vae_decode_s"),
                write_video_s=t.get("write_video_s"), gpu_memory_gb=side.get("gpu_memory_gb"),
+               offload=side.get("offload"), loras=side.get("loras"),
                time_to_video_s=side.get("time_to_video_s"), attention=side.get("attention"),
                device=side.get("device"), mp4_bytes=out.stat().st_size)
     out.unlink()  # a random-weight video is noise; keep the numbers only
@@ -256,6 +268,7 @@ def main(argv=None) -> int:
                    help="SIZExFRAMES:STEPS[:compile][:flag=value]; repeatable (none: only write the folder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the random weights are drawn")
+    p.add_argument("--memory-cap-gb", type=float, help="cap the CLI's CUDA memory at this many GB (1e9 bytes)")
     p.add_argument("--out", type=Path, help="the results JSON (default bench/results/<date>_<machine>_e2e.json)")
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -268,7 +281,7 @@ def main(argv=None) -> int:
     rows = []
     for run in args.run:
         image = test_image(args.folder, run["width"], run["height"]) if cfg.task == "i2v" else None
-        rows.append(run_cli(args.folder, run, args.folder, extra, image))
+        rows.append(run_cli(args.folder, run, args.folder, extra, image, args.memory_cap_gb))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "argv"}), flush=True)
         out.write_text(json.dumps(dict(method=__doc__, preset=args.preset, machine=machine(), torch=torch.__version__,
                                        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
