@@ -40,7 +40,7 @@ class HostWeights:
         found: dict[int, int] = {}
         for owner in module.modules():
             for kind in ("_parameters", "_buffers"):
-                for key, t in getattr(owner, kind).items():
+                for key, t in list(getattr(owner, kind).items()):
                     if t is None:
                         continue
                     if id(t) not in found:  # tied weights are one tensor, copied once
@@ -48,7 +48,12 @@ class HostWeights:
                         host = t.detach().to("cpu")
                         self.host.append(host.pin_memory() if self.cuda else host)
                         self.refs.append([])
-                    self.refs[found[id(t)]].append((owner, kind, key))
+                    i = found[id(t)]
+                    found[id(self.host[i])] = i      # a buffer is replaced by its host copy below
+                    self.refs[i].append((owner, kind, key))
+                    # Pointed at its host copy at once, so that the tensor it held (a host copy that is
+                    # not pinned, say) is freed now: pinning an expert needs its bytes once, not twice.
+                    self._point_one(owner, kind, key, self.host[i])
         claimed: set[int] = set()
         self.chunks: list[list[int]] = []                         # tensor indices per chunk; rest first
         for chunk in chunks:
@@ -59,17 +64,19 @@ class HostWeights:
         self.chunk_modules = [None, *chunks]
         self.bytes = sum(t.numel() * t.element_size() for t in self.host)
         self.resident = False
-        self._point(self.host)                                    # on the host only
 
     def _point(self, tensors: list[torch.Tensor]) -> None:
         """Make the module use `tensors` (same order as self.host)."""
         for refs, t in zip(self.refs, tensors):
             for owner, kind, key in refs:
-                held = getattr(owner, kind)[key]
-                if kind == "_parameters":
-                    held.data = t
-                else:
-                    owner._buffers[key] = t
+                self._point_one(owner, kind, key, t)
+
+    @staticmethod
+    def _point_one(owner: nn.Module, kind: str, key: str, t: torch.Tensor) -> None:
+        if kind == "_parameters":
+            owner._parameters[key].data = t
+        else:
+            owner._buffers[key] = t
 
     def to_device(self, stream=None) -> list:
         """Device copies of every tensor, the module pointed at them; returns one CUDA event per

@@ -1,59 +1,218 @@
-"""Outputs written atomically: a temporary file in the target folder, then a rename.
+"""A run's outputs, written as one set: all of them or none, never a half-written file.
 
-A failed run leaves no partial file and never replaces an earlier good output.
+`Outputs` stages every file (video, latent, sidecar) as a temporary beside its target and, once the
+whole run has succeeded, renames them over their targets together; if any rename fails, the
+targets renamed so far get their earlier contents back. `discard()` (every failure path calls it,
+from any thread) stops a running encoder and removes every temporary. Temporaries are named
+`.NAME.tmpPID.SUFFIX`; a run removes those of dead processes (a SIGKILLed run) beside its targets.
+
+The video encoder is ffmpeg (imageio-ffmpeg's binary) in a process of its own, fed raw RGB frames on
+its stdin and bounded in time. Not imageio's writer: that starts ffmpeg with a Python preexec_fn,
+which forks without exec in a process full of threads (gloo's, the failure watcher's), and the child
+can then block forever on a lock another thread held at the fork, with the run stuck in the write.
 """
 from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+import shutil
+import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
 
+MIN_SIDE = 128  # videos smaller than this are written enlarged, so that a player shows them
 
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path` (same suffix); rename it over `path` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+def temp_path(path: Path, tag: str = "tmp") -> Path:
+    return path.with_name(f".{path.stem}.{tag}{os.getpid()}{path.suffix}")
+
+
+def enlarge(frames: np.ndarray, min_side: int = MIN_SIDE) -> tuple[np.ndarray, int]:
+    """Frames (F, H, W, 3) enlarged by the smallest integer factor k that makes both sides >= min_side
+    (nearest-neighbour, so the pixels themselves are unchanged); returns (frames, k)."""
+    k = max(1, -(-min_side // min(frames.shape[1:3])))
+    return (frames.repeat(k, axis=1).repeat(k, axis=2) if k > 1 else frames), k
+
+
+def written_size(width: int, height: int, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    k = max(1, -(-min_side // min(width, height)))
+    return width * k, height * k
+
+
+def encode_timeout_s(frames: np.ndarray) -> float:
+    """Generous bound on one encode: ffmpeg's libx264 does tens of megapixels a second on one core."""
+    return 120.0 + 2.0 * frames.size / 3 / 1e6
+
+
+class EncodeError(OSError):
+    pass
+
+
+class Outputs:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._staged: list[tuple[Path, Path]] = []   # (temporary, target), in commit order
+        self._encoders: set[subprocess.Popen] = set()
+        self._discarded = False
+
+    # ------------------------------------------------------------------ staging
+    def _temp(self, path: Path) -> Path:
+        path = Path(path)
+        with self._lock:
+            if self._discarded:
+                raise EncodeError(f"{path}: the run's outputs were discarded")
+            tmp = temp_path(path)
+            self._staged.append((tmp, path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tmp
+
+    def video(self, path, frames, fps: int) -> int:
+        """Stage uint8 frames (F, H, W, 3) as an H.264 mp4; returns the enlargement factor."""
+        frames, k = enlarge(np.ascontiguousarray(frames, dtype=np.uint8))
+        self._encode(self._temp(path), frames, fps)
+        return k
+
+    def json(self, path, data: dict) -> None:
+        self._temp(path).write_text(json.dumps(data, indent=1, default=str))
+
+    def tensors(self, path, tensors: dict) -> None:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self._temp(path)))
+
+    def _encode(self, tmp: Path, frames: np.ndarray, fps: int) -> None:
+        from imageio_ffmpeg import get_ffmpeg_exe
+        _, h, w, _ = frames.shape
+        cmd = [get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+               "-crf", "10", "-f", "mp4", str(tmp)]
+        # process_group=0: ffmpeg leaves our process group, so a Ctrl-C reaches paradit, which stops
+        # it; set in C between fork and exec, no Python code runs in the child
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                process_group=0)
+        with self._lock:
+            self._encoders.add(proc)
+        try:
+            _, err = proc.communicate(frames.tobytes(), timeout=encode_timeout_s(frames))
+        except subprocess.TimeoutExpired:
+            raise EncodeError(f"ffmpeg did not finish encoding {tmp.name} within "
+                              f"{encode_timeout_s(frames):.0f} s") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            with self._lock:
+                self._encoders.discard(proc)
+        if proc.returncode != 0:
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise EncodeError(f"ffmpeg failed writing {tmp} (exit {proc.returncode}): {tail[0]}")
+
+    # ------------------------------------------------------------------ commit or discard
+    def commit(self) -> list[Path]:
+        """Rename every staged file over its target, all or none; returns the targets."""
+        with self._lock:
+            staged, self._staged = self._staged, []
+        done, backups = [], {}
+        try:
+            for _, path in staged:
+                if path.is_dir():
+                    raise IsADirectoryError(f"{path} is a directory")
+            for tmp, path in staged:
+                if path.exists():                       # keep the earlier file until the set is in place
+                    backups[path] = temp_path(path, "old")
+                    try:
+                        os.link(path, backups[path])
+                    except OSError:                     # a file system without hard links
+                        shutil.copy2(path, backups[path])
+                os.replace(tmp, path)
+                done.append(path)
+        except BaseException:
+            for path in reversed(done):
+                if path in backups:
+                    os.replace(backups.pop(path), path)
+                else:
+                    path.unlink(missing_ok=True)
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            for b in backups.values():
+                b.unlink(missing_ok=True)
+        return [path for _, path in staged]
+
+    def discard(self) -> None:
+        """Stop any running encoder and remove every temporary; safe from any thread, more than once."""
+        with self._lock:
+            self._discarded = True
+            encoders, staged, self._staged = list(self._encoders), self._staged, []
+        for proc in encoders:
+            proc.kill()
+            proc.wait()
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def write_now(path, write, *args) -> Path:
+    """One file written atomically on its own (CHORDS' streamed hits): stage it, commit it."""
+    out = Outputs()
     try:
-        yield tmp
-        os.replace(tmp, path)
+        getattr(out, write)(path, *args)
+        out.commit()
     finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_video(path: str | Path, frames, fps: int, min_side: int = 128) -> Path:
-    """uint8 frames (F, H, W, 3) -> H.264 mp4 (imageio-ffmpeg).
-
-    Frames smaller than min_side pixels (the demo model's 16x16) are enlarged by an integer factor
-    with nearest-neighbour pixels, so that a player shows them; the pixels themselves are unchanged.
-    """
-    import imageio.v2 as imageio
-
-    frames = np.asarray(frames)
-    k = -(-min_side // min(frames.shape[1:3]))
-    if k > 1:
-        frames = frames.repeat(k, axis=1).repeat(k, axis=2)
-    with atomic_path(path) as tmp:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                pixelformat="yuv420p", format="FFMPEG") as w:
-            for f in frames:
-                w.append_data(f)
+        out.discard()
     return Path(path)
 
 
-def write_json(path: str | Path, data: dict) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-    return Path(path)
+def write_video(path, frames, fps: int) -> Path:
+    return write_now(path, "video", frames, fps)
 
 
-def write_tensor(path: str | Path, tensors: dict) -> Path:
-    from safetensors.torch import save_file
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    return Path(path)
+def write_json(path, data: dict) -> Path:
+    return write_now(path, "json", data)
+
+
+def write_tensor(path, tensors: dict) -> Path:
+    return write_now(path, "tensors", tensors)
+
+
+# ---------------------------------------------------------------------- checks before the run
+def check_writable(path: Path) -> str | None:
+    """Why `path` cannot be written (None if it can): a directory in its place, a parent that is a
+    file, a folder where no file can be created. Probes with a file it removes at once; creates no
+    folder. Also removes temporaries of dead processes beside `path`."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory; name a file"
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    probe = folder / f".paradit-probe{os.getpid()}"
+    try:
+        probe.touch()
+    except OSError as err:
+        return f"cannot create files in {folder} ({err.strerror})"
+    finally:
+        probe.unlink(missing_ok=True)
+    if path.parent.is_dir():
+        remove_stale_temps(path)
+    return None
+
+
+def remove_stale_temps(path: Path) -> None:
+    for tmp in path.parent.glob(f".{path.stem}.tmp*{path.suffix}"):
+        pid = tmp.name[len(path.stem) + 5:len(tmp.name) - len(path.suffix)]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -8,45 +8,51 @@ communication share), a summary of what was ruled out and why, and the planner's
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
+from paradit.cli.flags import FLOAT, INT, SIZE, Flag, Flags, UsageError, build_parser, flag_terms, raw_values
 from paradit.config import WanConfig
-from paradit.parallel.planner import GPUS, Plan, load_calibration, plan
+from paradit.errors import ParameterError
+from paradit.parallel.planner import GPUS, MAX_GPUS, Plan, load_calibration, plan
 from paradit.residency import OFFLOAD_MODES
 
+FLAGS = (
+    Flag("--model", str, "wan2.2-t2v-a14b", "the architecture", "wan2.2-t2v-a14b", choices=tuple(WanConfig.names())),
+    Flag("--gpus", INT, None, f"number of GPUs, 1 to {MAX_GPUS} (required)", metavar="N"),
+    Flag("--gpu", str, "h200", "GPU preset", "h200", choices=tuple(sorted(GPUS))),
+    Flag("--size", SIZE, None, "WIDTHxHEIGHT", "the model's", metavar="WxH"),
+    Flag("--frames", INT, None, "frames (4k+1)", "the model's", metavar="N"),
+    Flag("--steps", INT, None, "denoising steps", "the model's", metavar="N"),
+    Flag("--objective", str, "latency", "what to minimise", "latency", choices=("latency", "throughput")),
+    Flag("--calibration", str, None, "calibration JSON", "the shipped paradit/parallel/calibration.json",
+         metavar="FILE"),
+    Flag("--max-chords", INT, 1, "consider CHORDS with up to this many cores (4, 6, 8)", "1: off", metavar="K"),
+    Flag("--offload", str, "auto", "what lives in host memory: auto (the fastest mode that fits each layout), none, "
+         "text-encoder, experts, all", "auto", choices=OFFLOAD_MODES),
+    Flag("--no-ring", help="no Ring attention: uneven Ulysses allowed"),
+    Flag("--hbm-gb", FLOAT, None, "override the GPU's memory, GB (> 0)", "the preset's", metavar="GB"),
+    Flag("--tflops", FLOAT, None, "override the GPU's bf16 matmul rate, TFLOP/s (> 0)", "the preset's",
+         metavar="TFLOPS"),
+    Flag("--nvlink-gbps", FLOAT, None, "override NVLink GB/s, unidirectional (> 0)", "the preset's", metavar="GBPS"),
+    Flag("--top", INT, 15, "feasible layouts to list (>= 1)", "15", metavar="N"),
+    Flag("--json", help="print the plan as JSON"),
+)
+# the planner's parameters -> this CLI's flags
+PARAM_FLAGS = {"gpus": "--gpus", "width": "--size", "height": "--size", "frames": "--frames", "steps": "--steps",
+               "calibration": "--calibration", "max_chords": "--max-chords", "hbm_gb": "--hbm-gb",
+               "matmul_tflops": "--tflops", "nvlink_gbps": "--nvlink-gbps", "objective": "--objective"}
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1280x720; got {text!r}")
-    return w, h
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m paradit.plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="wan2.2-t2v-a14b", choices=WanConfig.names())
-    ap.add_argument("--gpus", type=int, required=True, help="number of GPUs")
-    ap.add_argument("--gpu", default="h200", choices=sorted(GPUS), help="GPU preset")
-    ap.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the model's)")
-    ap.add_argument("--frames", type=int, default=None, help="frames (default: the model's)")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    ap.add_argument("--objective", choices=("latency", "throughput"), default="latency")
-    ap.add_argument("--calibration", default=None, help="calibration JSON (default: shipped one)")
-    ap.add_argument("--max-chords", type=int, default=1,
-                    help="consider CHORDS with up to this many cores (4, 6, 8); default off")
-    ap.add_argument("--offload", default="auto", choices=OFFLOAD_MODES,
-                    help="what lives in host memory: auto (the fastest mode that fits each layout), none, "
-                         "text-encoder, experts, all")
-    ap.add_argument("--no-ring", action="store_true", help="no Ring attention: uneven Ulysses allowed")
-    ap.add_argument("--hbm-gb", type=float, help="override the GPU's memory, GB")
-    ap.add_argument("--tflops", type=float, help="override the GPU's bf16 matmul rate, TFLOP/s")
-    ap.add_argument("--nvlink-gbps", type=float, help="override NVLink GB/s (unidirectional)")
-    ap.add_argument("--top", type=int, default=15, help="feasible layouts to list")
-    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return ap.parse_args(argv)
+def parse_args(argv: list[str] | None) -> Flags:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = build_parser("python -m paradit.plan", __doc__.split("\n")[0], FLAGS).parse_args(argv)
+    flags = Flags(vars(ns), raw_values(argv))
+    if flags.gpus is None:
+        raise UsageError("--gpus N is required: the number of GPUs to plan for")
+    if flags.top < 1:
+        raise UsageError(f"--top {flags.top}: list at least 1 layout")
+    return flags
 
 
 def _fmt(x: float, digits: int = 4) -> str:
@@ -70,20 +76,26 @@ def table(p: Plan, top: int) -> str:
     return "\n".join(lines)
 
 
+def make_plan(args: Flags) -> Plan:
+    """The plan the flags ask for; a UsageError naming the flag otherwise."""
+    with flag_terms(args, PARAM_FLAGS):
+        gpu = GPUS[args.gpu]
+        overrides = {k: v for k, v in (("hbm_gb", args.hbm_gb), ("matmul_tflops", args.tflops),
+                                       ("nvlink_gbps", args.nvlink_gbps)) if v is not None}
+        if overrides:
+            gpu = gpu.replace(**overrides)
+        width, height = args.size or (None, None)
+        return plan(args.model, args.gpus, gpu, width, height, args.frames, args.steps,
+                    args.objective, load_calibration(args.calibration), args.max_chords,
+                    offload=args.offload, allow_ring=not args.no_ring)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    gpu = GPUS[args.gpu]
-    overrides = {k: v for k, v in (("hbm_gb", args.hbm_gb), ("matmul_tflops", args.tflops),
-                                   ("nvlink_gbps", args.nvlink_gbps)) if v is not None}
-    if overrides:
-        gpu = gpu.replace(**overrides)
-    width, height = args.size or (None, None)
     try:
-        result = plan(args.model, args.gpus, gpu, width, height, args.frames, args.steps,
-                      args.objective, load_calibration(args.calibration), args.max_chords,
-                      offload=args.offload, allow_ring=not args.no_ring)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        args = parse_args(argv)
+        result = make_plan(args)
+    except (UsageError, ParameterError) as e:
+        print(f"paradit.plan: error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(result.to_json())

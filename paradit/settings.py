@@ -1,15 +1,77 @@
-"""The settings of one video (size, frames, steps, schedule, guidance), validated against a model.
+"""The settings of one video (size, frames, steps, schedule, guidance, seed), validated against a model.
 
 Kept free of heavy imports so that every rank can validate what the user typed in milliseconds,
-before torch.distributed work, checkpoints, diffusers or transformers are touched.
+before torch.distributed work, checkpoints, diffusers or transformers are touched. Every value is
+checked for its type, its range and finiteness; a refusal is a ParameterError naming the parameter
+(the CLI names the flag instead).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from paradit.config import WanConfig
+from paradit.errors import ParameterError
 
 SAMPLER_NAMES = ("unipc", "euler")
+MAX_SIDE = 4096          # pixels; Wan is trained up to 1280x720, the VAE tiles far beyond that
+MAX_FRAMES = 1001        # 62 s at 16 fps; Wan is trained on 81 (121 for TI2V-5B)
+MAX_STEPS = 1000         # the schedule's own resolution (timesteps 0..999)
+MAX_SHIFT = 100.0        # Wan uses 5 and 12; far above ~50 every sigma rounds to 1
+MAX_GUIDANCE = 100.0     # Wan uses 3-5; beyond ~100 the guided velocity overflows bf16
+MAX_SEED = 2 ** 64 - 1   # torch.Generator's range
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_number(param: str, value, low: float, high: float, low_open: bool = False) -> float:
+    """A finite real number in [low, high] ((low, high] with low_open), else ParameterError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParameterError(param, value, "must be a number")
+    if not math.isfinite(value):
+        raise ParameterError(param, value, f"must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}]")
+    if value > high or value < low or (low_open and value == low):
+        raise ParameterError(param, value, f"must be in {'(' if low_open else '['}{low:g}, {high:g}]")
+    return float(value)
+
+
+def check_int(param: str, value, low: int, high: int) -> int:
+    if not is_int(value) or not low <= value <= high:
+        raise ParameterError(param, value, f"must be an integer from {low} to {high}")
+    return value
+
+
+def min_frames(cfg: WanConfig) -> int:
+    """The fewest frames the model's codec takes: the demo codec needs one full window (8k+1, k >= 1)."""
+    return cfg.vae_stride[0] + 1 if cfg.vae == "demo" else 1
+
+
+def check_frames(cfg: WanConfig, frames) -> int:
+    st, lo = cfg.vae_stride[0], min_frames(cfg)
+    if is_int(frames) and lo <= frames <= MAX_FRAMES and (frames - 1) % st == 0:
+        return frames
+    if not is_int(frames):
+        raise ParameterError("frames", frames, "must be an integer")
+    below = max(lo, min(MAX_FRAMES, (frames - 1) // st * st + 1))
+    above = min((MAX_FRAMES - 1) // st * st + 1, max(lo, -(-(frames - 1) // st) * st + 1))
+    near = sorted({below, above})
+    raise ParameterError("frames", frames, f"{cfg.name} takes frames of the form {st}k+1, from {lo} to "
+                         f"{(MAX_FRAMES - 1) // st * st + 1}", f"nearest allowed: {' or '.join(map(str, near))}")
+
+
+def check_size(cfg: WanConfig, width, height) -> tuple[int, int]:
+    m = cfg.size_multiple
+    for param, v, other in (("width", width, height), ("height", height, width)):
+        if not is_int(v):
+            raise ParameterError(param, v, "must be an integer number of pixels")
+        if v % m or not m <= v <= MAX_SIDE:
+            near = sorted({min(MAX_SIDE // m * m, max(m, v // m * m)), min(MAX_SIDE // m * m, max(m, -(-v // m) * m))})
+            raise ParameterError(param, v, f"{cfg.name} takes width and height as multiples of {m} (VAE stride "
+                                 f"x patch) from {m} to {MAX_SIDE // m * m}",
+                                 f"nearest allowed: {' or '.join(map(str, near))}")
+    return width, height
 
 
 @dataclass(frozen=True)
@@ -28,19 +90,17 @@ class VideoSettings:
                 guidance=None, seed=0, sampler="unipc") -> "VideoSettings":
         """Fill defaults from the preset and reject what the model cannot take, with the fix."""
         pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is an error, not "default")
-        width, height = pick(width, cfg.size[0]), pick(height, cfg.size[1])
-        frames, steps = pick(frames, cfg.frames), pick(steps, cfg.steps)
-        shift, guidance = pick(shift, cfg.shift), pick(guidance, cfg.guidance)
+        width, height = check_size(cfg, pick(width, cfg.size[0]), pick(height, cfg.size[1]))
+        frames = check_frames(cfg, pick(frames, cfg.frames))
+        steps = check_int("steps", pick(steps, cfg.steps), 1, MAX_STEPS)
+        shift = check_number("shift", pick(shift, cfg.shift), 0.0, MAX_SHIFT, low_open=True)
+        guidance = pick(guidance, cfg.guidance)
         if isinstance(guidance, (int, float)):
-            guidance = (float(guidance), float(guidance))
-        guidance = tuple(float(g) for g in guidance)
-        cfg.check_video(width, height, frames)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps={steps}: the number of denoising steps must be an integer >= 1")
-        if not shift > 0:
-            raise ValueError(f"shift={shift}: the schedule shift must be > 0 (Wan uses 5.0 or 12.0)")
-        if len(guidance) != 2 or any(g < 0 or g != g for g in guidance):
-            raise ValueError(f"guidance={guidance}: give one scale >= 0, or two (high-noise, low-noise)")
+            guidance = (guidance, guidance)
+        if not isinstance(guidance, (tuple, list)) or len(guidance) != 2:
+            raise ParameterError("guidance", guidance, "give one scale, or two (high-noise, low-noise)")
+        guidance = tuple(check_number("guidance", g, 0.0, MAX_GUIDANCE) for g in guidance)
+        seed = check_int("seed", seed, 0, MAX_SEED)
         if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"sampler={sampler!r}: choose one of {', '.join(SAMPLER_NAMES)}")
-        return VideoSettings(width, height, frames, steps, float(shift), guidance, int(seed), sampler)
+            raise ParameterError("sampler", sampler, f"choose one of {', '.join(SAMPLER_NAMES)}")
+        return VideoSettings(width, height, frames, steps, shift, guidance, seed, sampler)

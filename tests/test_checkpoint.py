@@ -155,12 +155,13 @@ def test_truncated_shard_names_file(broken):
 
 def test_image_for_a_text_to_video_checkpoint(ckpt, tmp_path):
     from ckpt_workers import sample_image
-    from paradit.generate import parse_args, run
+    from paradit.cli.spec import parse_args, resolve
+    from paradit.launch import init_distributed
 
     sample_image().save(tmp_path / "image.png")
     args = parse_args(["--model", str(ckpt), "--image", str(tmp_path / "image.png"), "--out", str(tmp_path / "v.mp4")])
     with pytest.raises(ValueError, match=r"text-to-video.*transformer/config.json: in_channels 16"):
-        run(args)  # refused while validating, before any weight is read
+        resolve(args, init_distributed())  # refused while validating, before any weight is read
     pipe = Pipeline(TINY_T2V, *components(TINY_T2V))
     with pytest.raises(ValueError, match="text-to-video"):
         pipe(PROMPT, image=tmp_path / "image.png", **RUN)

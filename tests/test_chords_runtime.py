@@ -4,7 +4,8 @@ import torch
 
 from paradit.config import WanConfig
 from paradit.launch import spawn
-from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core, parse_stop
+from paradit.cli.flags import parse_stop
+from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core
 from workers import PIPE_KW, chords_hits, pipeline_latent, tiny_config
 
 # (world, layout, cores, heads): each core group is the layout without its chords axis

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paradit.generate import parse_args
+from paradit.generate import failure, parse_args
 from paradit.offload import ExpertResidency, HostWeights
 from paradit.parallel.chords import ChordsSettings
 from paradit.pipeline import Pipeline
@@ -136,9 +136,9 @@ def test_cli_offload_all(tmp_path):
     assert run.returncode == 0, run.stderr
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["offload"] == "all"
-    with pytest.raises(SystemExit) as err:                         # argparse: exit 2, the choices named
-        parse_args(["--offload", "gpu"])
-    assert err.value.code == 2
+    with pytest.raises(ValueError, match=r"--offload invalid choice: 'gpu' \(choose from") as err:
+        parse_args(["--offload", "gpu"])                           # exit 2, the choices named
+    assert failure(err.value)[0] == 2
 
 
 def test_startup_bench_at_the_tiny_preset(tmp_path):

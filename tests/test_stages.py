@@ -4,7 +4,8 @@ import pytest
 from paradit.config import WanConfig
 from paradit.launch import spawn
 from paradit.parallel import ParallelConfig
-from paradit.generate import parse_args, split_layout
+from paradit.cli.layout import split_layout
+from paradit.cli.spec import parse_args
 from paradit.parallel.stages import Piece, stage_sizes, transfer_plan
 from paradit.schedulers.schedule import high_noise_steps
 from workers import SPLIT_PROMPTS, pipeline_latent, split_run, tiny_config
@@ -68,7 +69,7 @@ def test_bad_split_layouts():
         ParallelConfig(ulysses=2, experts="split", stages=((1, 1, 1), (1, 1, 1)))
     with pytest.raises(ValueError, match="needs 3 processes"):
         ParallelConfig(experts="split", stages=((2, 1, 1), (1, 1, 1))).validate(4, 40)
-    with pytest.raises(ValueError, match="dp=2 with split experts"):  # a layout the planner ranks, not run
+    with pytest.raises(ValueError, match="dp=2: with split experts"):  # a layout the planner ranks, not run
         ParallelConfig(dp=2, experts="split", stages=((1, 1, 1), (1, 1, 1))).validate(4, 40)
     with pytest.raises(ValueError, match="one expert"):
         split_layout(parse_args(["--experts", "split"]), WanConfig.preset("wan2.1-t2v-14b"), 2, None)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import pickle
+import re
 import socket
 import sys
 import traceback
@@ -18,9 +20,32 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from paradit.errors import ParameterError
+
 log = logging.getLogger("paradit")
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("PARADIT_TIMEOUT_S", 600))
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def check_timeout(timeout_s, param: str = "timeout_s") -> float:
+    """A collective timeout: a finite number of seconds in (0, one week]."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
+            or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ParameterError(param, timeout_s, f"the collective timeout must be a finite number of seconds "
+                             f"in (0, {MAX_TIMEOUT_S:g}]")
+    return float(timeout_s)
+
+
+def default_timeout_s() -> float:
+    """PARADIT_TIMEOUT_S if set (checked like timeout_s), else 600 s."""
+    env = os.environ.get("PARADIT_TIMEOUT_S")
+    if env is None:
+        return 600.0
+    try:
+        value = float(env)
+    except ValueError:
+        value = env
+    return check_timeout(value, "PARADIT_TIMEOUT_S")
 
 
 @dataclass(frozen=True)
@@ -33,18 +58,26 @@ class DistInfo:
 
 
 def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
-    if requested and requested != "auto":
-        dev = torch.device(requested)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
-        if dev.type == "cuda" and dev.index is None:
+    """auto (cuda:local_rank if CUDA is available, else cpu), cpu, cuda or cuda:N."""
+    if requested is None or requested == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if not isinstance(requested, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", requested):
+        raise ParameterError("device", requested, "choose auto, cpu, cuda or cuda:N")
+    dev = torch.device(requested)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParameterError("device", requested, "CUDA is not available on this machine", "use cpu")
+        if dev.index is None:
             dev = torch.device("cuda", local_rank)
-        return dev
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if dev.index >= torch.cuda.device_count():
+            raise ParameterError("device", requested, f"this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
 
 
 def init_distributed(device: str | None = None, timeout_s: float | None = None) -> DistInfo:
-    """Join the torchrun world if there is one (idempotent)."""
+    """Join the torchrun world if there is one (idempotent). timeout_s: the collective timeout
+    (default: default_timeout_s())."""
+    timeout_s = default_timeout_s() if timeout_s is None else check_timeout(timeout_s)
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -57,7 +90,7 @@ def init_distributed(device: str | None = None, timeout_s: float | None = None) 
         return DistInfo(0, 1, 0, dev, None)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+        timeout = datetime.timedelta(seconds=timeout_s)
         kwargs = dict(device_id=dev) if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timeout, **kwargs)
     setup_logging(dist.get_rank())

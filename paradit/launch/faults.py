@@ -4,12 +4,21 @@ A failing rank posts "rank R: reason" under one key of the process group's TCPSt
 runs a small watcher thread that polls that key and, when it appears, prints the reason and exits
 non-zero (os._exit: a rank blocked inside a collective cannot be unwound politely). If the store
 itself disappears (its host, rank 0, died), the watcher exits too. Collective timeouts remain the
-last resort. The test hook PARADIT_FAIL_AT="RANK:POINT" (POINT: stepN, roundN, handoff) raises
+last resort.
+
+The watcher also reports SIGINT and SIGTERM: Python runs signal handlers only in the main thread
+and only between bytecodes, so a rank blocked in a collective would never say why it stopped. The
+signal's byte arrives on a wakeup pipe the watcher waits on; it prints `interrupted (SIGINT)` or
+`terminated (SIGTERM)` and exits 130 or 143, on every rank that got the signal (torchrun sends
+SIGTERM to every worker after a Ctrl-C). The watcher is stopped and joined before the process group
+is torn down: a thread still inside a store call at interpreter exit aborts the process. The test hook PARADIT_FAIL_AT="RANK:POINT" (POINT: stepN, roundN, handoff) raises
 an injected failure at that point, so tests can prove all of this.
 """
 from __future__ import annotations
 
 import os
+import select
+import signal
 import sys
 import threading
 import time
@@ -19,6 +28,7 @@ import torch.distributed as dist
 ABORT_KEY = "paradit/abort"
 REPORTED_KEY = "paradit/reported"  # how many ranks have printed their error
 EXIT_PEER_FAILED = 3
+SIGNAL_EXITS = {signal.SIGINT: (130, "interrupted (SIGINT)"), signal.SIGTERM: (143, "terminated (SIGTERM)")}
 
 
 class InjectedFailure(RuntimeError):
@@ -102,23 +112,67 @@ def peer_failure(wait_s: float = 1.0) -> str | None:
 
 
 class AbortWatcher:
-    """Polls the abort key; exits this process when another rank has failed."""
+    """Watches the abort key (world > 1) and this process's SIGINT / SIGTERM; on either, prints why,
+    runs `cleanup` (the run's outputs: no temporary survives) and exits this process.
 
-    def __init__(self, interval_s: float = 0.2):
-        self.interval_s, self._stop = interval_s, threading.Event()
-        self.me = dist.get_rank()
-        self.store = _store()
+    Start it from the main thread (it installs the signal handlers) and always stop() it, which
+    joins the thread and restores the handlers. store: the default group's store (injectable so
+    that tests can hold the thread inside a store call)."""
+
+    def __init__(self, interval_s: float = 0.2, cleanup=None, store=None):
+        self.interval_s, self.cleanup = interval_s, cleanup or (lambda: None)
+        self.distributed = dist.is_initialized()
+        self.me = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.store = store if store is not None else (_store() if self.distributed else None)
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()       # signal bytes and stop() both wake the thread
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._saved = None
+        self._reporter = threading.Lock()            # one report per process: the watcher's or main's
         self.thread = threading.Thread(target=self._run, name="paradit-abort-watch", daemon=True)
 
     def start(self) -> "AbortWatcher":
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, _ignore_here) for s in SIGNAL_EXITS}
+            self._saved = (handlers, signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False))
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def claim(self) -> bool:
+        """True for the first thread to report this process's failure; the other one must not."""
+        return self._reporter.acquire(blocking=False)
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop and join the thread (it finishes the store call it may be in); restore the signal
+        handlers. Returns False if the thread did not end within timeout_s (a store that stopped
+        answering): the caller must then leave with os._exit, not through interpreter shutdown."""
         self._stop.set()
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
+        if self._saved is not None:
+            handlers, fd = self._saved
+            signal.set_wakeup_fd(fd)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self._saved = None
+        return not self.thread.is_alive()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._wake_r], [], [], self.interval_s)
+            if ready:
+                for byte in os.read(self._wake_r, 64):
+                    if byte in SIGNAL_EXITS and not self._stop.is_set():
+                        self._exit_on_signal(signal.Signals(byte))
+                continue
+            if self.store is None:
+                continue
             try:
                 if not self.store.check([ABORT_KEY]):
                     continue
@@ -129,7 +183,26 @@ class AbortWatcher:
                 reason = f"lost contact with the job's store on rank 0 ({type(err).__name__})"
             if reason.startswith(f"rank {self.me}:") or self._stop.is_set():
                 return  # our own failure: the main thread is already exiting
-            say_error(f"paradit: error (rank {self.me}): stopping because {reason}")
-            count_reported()
-            wait_for_reports(dist.get_world_size())  # rank 0 hosts the store: it must outlive the others' reports
-            os._exit(EXIT_PEER_FAILED)
+            self._exit(EXIT_PEER_FAILED, f"stopping because {reason}")
+
+    def _exit_on_signal(self, sig: signal.Signals) -> None:
+        code, message = SIGNAL_EXITS[sig]
+        self._exit(code, message, post=True)  # posted: a peer that did not get the signal stops too
+
+    def _exit(self, code: int, message: str, post: bool = False) -> None:
+        if not self.claim():
+            return  # the main thread reports (and exits) already
+        say_error(f"paradit: error (rank {self.me}): {message}")
+        if post:
+            report_failure(message)
+        self.cleanup()
+        count_reported()
+        if self.world > 1:
+            wait_for_reports(self.world)  # rank 0 hosts the store: it must outlive the others' reports
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _ignore_here(signum, frame) -> None:
+    """The Python-level handler does nothing: the watcher thread reports the signal (its byte
+    arrives on the wakeup pipe even while the main thread is blocked in a collective)."""

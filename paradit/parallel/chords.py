@@ -45,31 +45,6 @@ class ChordsSettings:
         Chords(wan_sigmas(steps, 5.0), self.resolve_init(steps)).rounds_for(self.stop)  # checks stop
 
 
-def parse_stop(text: str) -> int | float | None:
-    """'hit:M' | 'residual:TAU' | 'none' -> the controller's stop rule."""
-    kind, _, value = text.partition(":")
-    try:
-        if kind == "none" and not value:
-            return None
-        if kind == "hit":
-            return int(value)
-        if kind == "residual":
-            return float(value)
-    except ValueError:
-        pass
-    raise ValueError(f"--chords-stop {text!r}: use hit:M (stop after the M-th hit), residual:TAU "
-                     f"(consecutive hits closer than TAU), or none (run to the exact result)")
-
-
-def parse_init(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--chords-init {text!r}: give comma-separated step indices, e.g. 0,8,16,32") from None
-
-
 def experts_per_core(boundary: float | None, steps: int, shift: float, init: list[int],
                      stop) -> list[set[int]]:
     """Which experts (0 = high noise, 1 = low noise) each core ever evaluates, from the static schedule."""
@@ -154,4 +129,4 @@ def hit_distances(hits: list[torch.Tensor]) -> list[float]:
     return [((h.double() - ref).pow(2).mean().sqrt()).item() for h in hits]
 
 
-__all__ = ["ChordsSettings", "parse_stop", "parse_init", "experts_per_core", "chords_denoise", "hit_distances", "Hit"]
+__all__ = ["ChordsSettings", "experts_per_core", "chords_denoise", "hit_distances", "Hit"]

@@ -9,6 +9,8 @@ import itertools
 import math
 from dataclasses import dataclass, fields
 
+from paradit.errors import ParameterError
+
 AXES = ("dp", "stage", "chords", "cfg", "ring", "ulysses")  # slowest-varying first (DeviceMesh order)
 EXPERT_MODES = ("colocated", "split", "auto")
 Stage = tuple[int, int, int]   # (ulysses, ring, cfg) of one expert stage
@@ -28,21 +30,26 @@ class ParallelConfig:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name not in ("experts", "stages") and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"ParallelConfig.{f.name}={v!r}: every degree must be an integer >= 1")
+            if f.name not in ("experts", "stages") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ParameterError(f.name, v, "every degree must be an integer >= 1")
         if self.cfg not in (1, 2):
-            raise ValueError(f"cfg={self.cfg}: CFG parallelism splits cond and uncond, so its degree is 1 or 2")
+            raise ParameterError("cfg", self.cfg, "CFG parallelism splits cond and uncond, so its degree is 1 or 2")
         if self.experts not in EXPERT_MODES:
-            raise ValueError(f"experts={self.experts!r}: choose one of {', '.join(EXPERT_MODES)}")
+            raise ParameterError("experts", self.experts, f"choose one of {', '.join(EXPERT_MODES)}")
         if (self.experts == "split") != (self.stages is not None):
-            raise ValueError("experts='split' needs stages=((ulysses, ring, cfg), (ulysses, ring, cfg)) "
-                             "for the high- and low-noise stages, and stages need experts='split'")
+            raise ParameterError("stages", self.stages, "experts='split' needs stages=((ulysses, ring, cfg), "
+                                 "(ulysses, ring, cfg)) for the high- and low-noise stages, and stages need "
+                                 "experts='split'")
         if self.stages is not None:
             if self.sp * self.cfg * self.chords != 1:
-                raise ValueError("with split experts each stage carries its own layout: give ulysses, ring "
-                                 "and cfg per stage in `stages`; chords is not combined with split")
-            if len(self.stages) != 2 or any(len(st) != 3 or min(st) < 1 or st[2] > 2 for st in self.stages):
-                raise ValueError(f"stages={self.stages}: two (ulysses, ring, cfg) triples, degrees >= 1, cfg 1 or 2")
+                raise ParameterError("experts", self.experts, "with split experts each stage carries its own "
+                                     "layout: give ulysses, ring and cfg per stage in `stages`; chords is not "
+                                     "combined with split")
+            if len(self.stages) != 2 or any(len(st) != 3 or any(isinstance(d, bool) or not isinstance(d, int)
+                                                                for d in st) or min(st) < 1 or st[2] > 2
+                                            for st in self.stages):
+                raise ParameterError("stages", self.stages, "two (ulysses, ring, cfg) triples of integers, "
+                                     "degrees >= 1, cfg 1 or 2")
             object.__setattr__(self, "stages", tuple(tuple(st) for st in self.stages))
 
     def stage_config(self, stage: int) -> "ParallelConfig":
@@ -112,35 +119,39 @@ class ParallelConfig:
     def validate(self, world_size: int, num_heads: int | None = None) -> None:
         """Raise ValueError naming the problem and what would fit."""
         if self.stages is not None and self.dp > 1:
-            raise ValueError(f"dp={self.dp} with split experts: the runtime runs one replica of a split "
-                             f"layout; use dp=1, or colocated experts for data parallelism")
+            raise ParameterError("dp", self.dp, "with split experts the runtime runs one replica of a split "
+                                 "layout", "use dp=1, or colocated experts for data parallelism")
         if self.world_size != world_size:
-            raise ValueError(
-                f"layout ulysses={self.ulysses} x ring={self.ring} x cfg={self.cfg} x chords={self.chords} "
-                f"x dp={self.dp} needs {self.world_size} processes, but the world has {world_size}. "
-                f"Layouts that fit {world_size}: {suggest_layouts(world_size, num_heads)}")
+            raise ParameterError("layout", self.describe(), f"needs {self.world_size} processes, but the world "
+                                 f"has {world_size}", f"layouts that fit {world_size}",
+                                 suggest_layouts(world_size, num_heads, split=self.stages is not None))
         if self.stages is not None:
             for k in range(2):
                 self.stage_config(k).validate(self.stage_config(k).world_size, num_heads)
         elif num_heads is not None and self.ulysses > num_heads:
-            raise ValueError(f"ulysses={self.ulysses} is above the model's {num_heads} attention heads "
-                             f"(each Ulysses rank needs at least one head); use ring for the rest, e.g. "
-                             f"--ulysses {auto_sp(num_heads, self.sp)[0]} --ring {auto_sp(num_heads, self.sp)[1]}")
+            u, r = auto_sp(num_heads, self.sp)
+            raise ParameterError("ulysses", self.ulysses, f"is above the model's {num_heads} attention heads "
+                                 f"(each Ulysses rank needs at least one head)", "use ring for the rest",
+                                 ({"ulysses": u, "ring": r},))
 
 
-def suggest_layouts(world: int, num_heads: int | None = None, limit: int = 4) -> str:
+def suggest_layouts(world: int, num_heads: int | None = None, limit: int = 4, split: bool = False) -> list[dict]:
+    """Up to `limit` layouts of `world` processes, as ParallelConfig keyword arguments (degrees > 1);
+    split: split-expert stage pairs (one rank per stage, the rest as sequence parallelism)."""
+    if split:
+        if world < 2:
+            return []
+        halves = sorted({(world // 2, world - world // 2), (1, world - 1), (world - 1, 1)})
+        return [{"stages": tuple((*auto_sp(num_heads or n, n), 1) for n in pair)} for pair in halves][:limit]
     out = []
     for cfg, dp in itertools.product((2, 1), (1, 2, 4, 8)):
         if world % (cfg * dp):
             continue
-        sp = world // (cfg * dp)
-        flags = [f"--sp {sp}"] if sp > 1 else []
-        flags += ["--cfg-par 2"] if cfg == 2 else []
-        flags += [f"--dp {dp}"] if dp > 1 else []
-        out.append(" ".join(flags) or "(no flags)")
+        u, r = auto_sp(num_heads or world, world // (cfg * dp))
+        out.append({k: v for k, v in dict(ulysses=u, ring=r, cfg=cfg, dp=dp).items() if v > 1})
         if len(out) == limit:
             break
-    return "; ".join(out)
+    return out
 
 
 def auto_sp(heads: int, n: int, max_ulysses: int | None = None) -> tuple[int, int]:
@@ -149,8 +160,10 @@ def auto_sp(heads: int, n: int, max_ulysses: int | None = None) -> tuple[int, in
     The largest U dividing both n and heads is gcd(heads, n): 40 heads on 16 -> U8 R2,
     12 heads on 8 -> U4 R2, 3 heads on 2 -> U1 R2.
     """
-    if n < 1 or heads < 1:
-        raise ValueError(f"need n >= 1 and heads >= 1, got n={n}, heads={heads}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ParameterError("sp", n, "the sequence-parallel degree must be an integer >= 1")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ParameterError("heads", heads, "the model's head count must be an integer >= 1")
     u = math.gcd(heads, n)
     while max_ulysses and u > max_ulysses:
         u = max(d for d in range(1, u) if u % d == 0)

@@ -63,12 +63,15 @@ import os
 from dataclasses import dataclass, field
 
 from paradit.config import WanConfig
+from paradit.errors import ParameterError
 from paradit.parallel.layout import ParallelConfig, Stage, auto_sp
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
+from paradit.settings import MAX_STEPS, check_frames, check_int, check_number, check_size
 from paradit.schedulers.schedule import high_noise_steps
 
 
 GB = 1e9
+MAX_GPUS = 512                       # the most GPUs one plan considers: the split search grows as gpus^2 (512: ~3 s)
 TEXT_ENCODER_PARAMS = 5.7e9          # umT5-XXL encoder, held in bf16
 
 
@@ -92,6 +95,12 @@ class GPUSpec:
     @property
     def usable_gb(self) -> float:
         return self.hbm_gb * self.usable_fraction
+
+    def __post_init__(self):
+        for name in ("matmul_tflops", "hbm_gb", "hbm_tbps", "nvlink_gbps", "internode_gbps"):
+            check_number(name, getattr(self, name), 0.0, 1e9, low_open=True)
+        check_number("usable_fraction", self.usable_fraction, 0.0, 1.0, low_open=True)
+        check_int("gpus_per_node", self.gpus_per_node, 1, MAX_GPUS)
 
     def replace(self, **changes) -> "GPUSpec":
         return dataclasses.replace(self, **changes)
@@ -129,6 +138,18 @@ class Calibration:
     host_link_efficiency: float = 0.8      # pinned host -> GPU copies, share of host_link_gbps
     per_gpu: dict = field(default_factory=dict, compare=False, hash=False)
 
+    def __post_init__(self):
+        """Efficiencies and shares are fractions in (0, 1]; costs finite and >= 0 (the source names
+        where the values came from, e.g. the calibration file)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith(("_efficiency", "_overlap")):
+                check_number(f.name, v, 0.0, 1.0, low_open=f.name.endswith("_efficiency"))
+            elif f.name not in ("source", "per_gpu"):
+                check_number(f.name, v, 0.0, 1e9)
+        for gpu, overrides in self.per_gpu.items():
+            dataclasses.replace(self, **overrides, per_gpu={})  # the same checks, per GPU kind
+
     def for_gpu(self, name: str) -> "Calibration":
         """These factors with the overrides measured on GPU `name` applied."""
         return dataclasses.replace(self, **self.per_gpu.get(name, {}), per_gpu={})
@@ -144,14 +165,26 @@ def load_calibration(path: str | None = None) -> Calibration:
     measured per GPU kind.
     """
     path = path or DEFAULT_CALIBRATION
-    with open(path) as f:
-        raw = json.load(f)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ParameterError("calibration", path, "no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ParameterError("calibration", path, f"not a readable JSON file ({err})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("gpus", {}), dict) or not all(
+            isinstance(v, dict) for v in raw.get("gpus", {}).values()):
+        raise ParameterError("calibration", path, 'expected a JSON object of factors, with an optional '
+                             '"gpus": {"h100": {...}} of per-GPU objects')
     names = {f.name for f in dataclasses.fields(Calibration)} - {"per_gpu"}
     per_gpu = raw.pop("gpus", {})
     unknown = set(raw) - names | {k for v in per_gpu.values() for k in v} - names
     if unknown:
-        raise ValueError(f"{path}: unknown calibration keys {sorted(unknown)}; known: {sorted(names)}")
-    return Calibration(**raw, per_gpu=per_gpu)
+        raise ParameterError("calibration", path, f"unknown calibration keys {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return Calibration(**{"source": path, **raw}, per_gpu=per_gpu)
+    except ParameterError as err:
+        raise ParameterError("calibration", path, f"bad value {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,12 +742,13 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     """A Problem from names and defaults (the model's size, frames and steps when None)."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
     spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
-    if gpus < 1:
-        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    check_int("gpus", gpus, 1, MAX_GPUS)
     cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
-    width, height, frames = width or m.size[0], height or m.size[1], frames or m.frames
-    m.check_video(width, height, frames)
-    return Problem(m, gpus, spec, width, height, frames, steps or m.steps,
+    pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is an error, not "default")
+    width, height = check_size(m, pick(width, m.size[0]), pick(height, m.size[1]))
+    frames = check_frames(m, pick(frames, m.frames))
+    steps = check_int("steps", pick(steps, m.steps), 1, MAX_STEPS)
+    return Problem(m, gpus, spec, width, height, frames, steps,
                    cal.for_gpu(spec.name), guidance, check_offload(offload), allow_ring)
 
 
@@ -731,7 +765,8 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     layout), guidance, allow_ring (see Problem).
     """
     if objective not in ("latency", "throughput"):
-        raise ValueError(f"objective must be 'latency' or 'throughput', got {objective!r}")
+        raise ParameterError("objective", objective, "choose 'latency' or 'throughput'")
+    check_int("max_chords", max_chords, 1, MAX_GPUS)
     p = make_problem(model, gpus, gpu, width, height, frames, steps, calibration, **options)
     return Plan(p, objective, rank([evaluate(p, lay) for lay in candidates(p, max_chords)], objective))
 
@@ -740,8 +775,7 @@ def _gpu(name: str) -> GPUSpec:
     try:
         return GPUS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown GPU {name!r}; known: {', '.join(GPUS)} "
-                         f"(or pass a GPUSpec)") from None
+        raise ParameterError("gpu", name, f"unknown GPU; known: {', '.join(GPUS)} (or pass a GPUSpec)") from None
 
 
 # ---------------------------------------------------------------------------------------------

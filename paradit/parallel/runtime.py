@@ -1,7 +1,7 @@
 """The runtime that applies a layout to the model: token shards, the attention seam, CFG.
 
 `parallelize(model, mesh)` returns a module with the model's own call signature whose output is
-the full tensor on every rank. The pipeline uses the token-space path instead: `velocity()` takes
+the full tensor on every rank; it binds `model`'s attention in place (see its docstring). The pipeline uses the token-space path instead: `velocity()` takes
 and returns this rank's shard of the patchified latent, so that a denoising step gathers nothing.
 """
 from __future__ import annotations
@@ -106,6 +106,10 @@ class ParallelWan(nn.Module):
 
 
 def parallelize(model: WanTransformer, mesh: Mesh, backend: str = "auto") -> ParallelWan:
+    """The model under the mesh's layout. In place: `model` itself is rebound to the sequence-parallel
+    attention (the weights are shared, not copied: a 14B model is not duplicated), so afterwards
+    `model` runs collectives too. Call the returned module, on every rank of the mesh together;
+    calling `model` directly on some ranks only waits in (or fails inside) the process group."""
     dtype = next(model.parameters()).dtype
     runtime = Runtime(mesh, backend, dtype)
     return ParallelWan(model, runtime)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from paradit.launch.faults import maybe_fail
-from paradit.parallel.collectives import _count, even_split, offsets
+from paradit.parallel.collectives import TRAFFIC, _count, even_split, offsets
 from paradit.parallel.layout import ParallelConfig
 from paradit.schedulers.schedule import high_noise_steps
 
@@ -82,6 +82,7 @@ def recv_state(shape_td: tuple[int, int], shard: tuple[int, int], pieces: list[P
         if p.dst == me:
             buf = torch.empty(t, p.end - p.start, d, dtype=dtype, device=device)
             pending.append((dist.irecv(buf, p.src), buf, p))
+            _count("handoff_p2p_recv", buf.numel() * buf.element_size())
     for work, buf, p in pending:
         work.wait()
         out[:, p.start - shard[0]:p.end - shard[0]] = buf
@@ -107,21 +108,32 @@ def run_split(pipe, requests: Iterable[tuple[str, str, object]], on_done=None, p
     for i, (prompt, negative, s) in enumerate(requests):
         sched = pipe.scheduler(s)
         n_high = high_noise_steps(pipe.cfg.boundary, s.steps, s.shift)
+        pipe.record = rec = type(pipe.record)()  # one record per request, as Pipeline.__call__ keeps
+        TRAFFIC.clear()
         t0 = time.time()
         if stage == 0:
             cond, uncond = pipe.encode_prompts(prompt, negative, s.guidance)
             uncond = torch.zeros_like(cond) if uncond is None else uncond
+            t_enc = time.time()
             x, space = pipe.initial_tokens(s)
             x = pipe.run_steps(s, x, sched, space, cond, uncond, range(n_high), progress)
             for work, _ in in_flight:  # the previous request's hand-off must be out before reuse
                 work.wait()
-            in_flight = _handoff_send(pipe, s, space, sched, x, cond, uncond, t0, me, split)
+            in_flight = _handoff_send(pipe, s, space, sched, x, cond, uncond, (t0, t_enc - t0, time.time() - t_enc),
+                                      me, split)
             times.spans.append((i, 0, t0, time.time()))
         else:
-            x, space, sched, cond, uncond, started = _handoff_recv(pipe, s, sched, n_high, me, split)
+            x, space, sched, cond, uncond, (started, enc_s, high_s) = _handoff_recv(pipe, s, sched, n_high, me, split)
+            # the high stage's steps, as it ran them (it has no sidecar of its own)
+            rec.trace = [(int(t), pipe.expert_for(t), s.guidance[pipe.expert_for(t)])
+                         for t in sched.timesteps.tolist()[:n_high]]
             t1 = time.time()
             x = pipe.run_steps(s, x, sched, space, cond, uncond, range(n_high, s.steps), progress)
             latent = space.to_latent(x)
+            low_s = time.time() - t1
+            rec.timings.update(text_encoder_s=enc_s, denoise_high_s=high_s, handoff_s=t1 - started - enc_s - high_s,
+                               denoise_low_s=low_s, denoise_s=high_s + low_s)
+            rec.traffic = {k: list(v) for k, v in TRAFFIC.items()}
             times.spans.append((i, 1, t1, time.time()))
             if on_done is not None:
                 on_done(i, latent, time.time() - started)
@@ -130,14 +142,14 @@ def run_split(pipe, requests: Iterable[tuple[str, str, object]], on_done=None, p
     return times
 
 
-def _handoff_send(pipe, s, space, sched, x, cond, uncond, t0, me, split):
+def _handoff_send(pipe, s, space, sched, x, cond, uncond, times, me, split):
     """From a high-stage rank: the state to the low stage; its first rank also sends the prompt.
     Per pair of ranks, messages are matched in order (NCCL has no tags): metadata first, then state."""
     maybe_fail("handoff")
     works = []
-    if me == 0:  # text embeddings and the request's start time, to every low-stage rank
+    if me == 0:  # text embeddings, the request's start time, encode and high-stage seconds, to the low stage
         meta = torch.cat([cond.float().flatten(), uncond.float().flatten(),
-                          torch.tensor([t0], dtype=torch.float64).view(torch.float32)]).to(pipe.mesh.device)
+                          torch.tensor(times, dtype=torch.float64).view(torch.float32)]).to(pipe.mesh.device)
         for dst in range(split.stage_sizes[0], split.world_size):
             works.append((dist.isend(meta, dst), meta))
     if pipe.mesh.rank("cfg") == 0:
@@ -151,15 +163,16 @@ def _handoff_recv(pipe, s, sched, n_high, me, split):
     maybe_fail("handoff")
     cfg, device = pipe.cfg, pipe.mesh.device
     emb = cfg.text_len * cfg.text_dim
-    meta = torch.empty(2 * emb + 2, dtype=torch.float32, device=device)
+    meta = torch.empty(2 * emb + 6, dtype=torch.float32, device=device)
     dist.recv(meta, 0)
+    _count("handoff_p2p_recv", meta.numel() * meta.element_size())
     cond = meta[:emb].view(1, cfg.text_len, cfg.text_dim).to(device)
     uncond = meta[emb:2 * emb].view(1, cfg.text_len, cfg.text_dim).to(device)
-    started = meta[2 * emb:].cpu().view(torch.float64).item()
+    times = tuple(meta[2 * emb:].cpu().view(torch.float64).tolist())  # (start, encode s, high-stage s)
     space = pipe.token_space(s)
     n_state = 1 + sched.num_state_tensors(n_high)
     shard = pipe.runtime.token_range(space.num_tokens)
     dim = math.prod(cfg.patch) * cfg.z_dim  # features per token (P*C)
     state = recv_state((n_state, dim), shard, transfer_plan(space.num_tokens, split), me, torch.float32, device)
     sched.load_state_tensors(n_high, list(state[1:]))
-    return state[0], space, sched, cond, uncond, started
+    return state[0], space, sched, cond, uncond, times

@@ -10,7 +10,6 @@ status is non-zero so that a supervisor restarts it, and the restart resumes the
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import fcntl
 import ipaddress
@@ -28,44 +27,51 @@ from pathlib import Path
 log = logging.getLogger("paradit")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from paradit.config import PRESETS
-    from paradit.generate import add_layout_args
-    p = argparse.ArgumentParser(prog="python -m paradit.serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="demo", help=f"preset ({', '.join(sorted(PRESETS))}) or checkpoint folder")
-    p.add_argument("--components", help="diffusers-layout folder with text_encoder/, tokenizer/, vae/ for an "
-                                        "original-layout --model")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; other than loopback it needs "
-                                                      "--api-key (or --insecure)")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port (the address is printed)")
-    p.add_argument("--api-key", default=None, help="clients must send `Authorization: Bearer KEY` to /v1 "
-                                                  "(default: the environment variable PARADIT_API_KEY)")
-    p.add_argument("--insecure", action="store_true", help="listen beyond loopback without an API key")
-    p.add_argument("--state-dir", default="outputs/serve", help="jobs (SQLite) and videos; a restart resumes them")
-    p.add_argument("--max-queue", type=int, default=64, help="queued jobs beyond which POST answers 429")
-    p.add_argument("--max-steps", type=int, default=200, help="largest num_inference_steps a request may ask")
-    p.add_argument("--max-video-tokens", type=int, help="largest video a request may ask, in transformer "
-                                                        "tokens (default: 4x the model's default video)")
-    p.add_argument("--save-latents", action="store_true", help="also write each final latent (.safetensors)")
-    p.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds (idle time "
-                                                               "never counts: idle ranks wait outside collectives)")
-    add_layout_args(p)
-    args = p.parse_args(argv)
-    args.api_key = args.api_key or os.environ.get("PARADIT_API_KEY") or None
-    return args
+# generate's flags that mean the same here: the model, the machine and the layout
+SHARED = ("--model", "--components", "--save-latents", "--device", "--attention", "--timeout", "--sp", "--ulysses",
+          "--ring", "--cfg-par", "--dp", "--experts", "--stages", "--plan", "--gpu", "--force", "--offload")
 
 
-def check_args(args) -> None:
+def serve_flags():
+    from paradit.cli.flags import INT, Flag
+    return (
+        Flag("--host", str, "127.0.0.1", "address to listen on; another than loopback needs --api-key (or "
+             "--insecure)", "127.0.0.1", metavar="ADDR"),
+        Flag("--port", INT, 8000, "0: any free port (the address is printed)", "8000", metavar="N"),
+        Flag("--api-key", str, None, "clients must send `Authorization: Bearer KEY` to /v1",
+             "the environment variable PARADIT_API_KEY", metavar="KEY"),
+        Flag("--insecure", help="listen beyond loopback without an API key"),
+        Flag("--state-dir", str, "outputs/serve", "jobs (SQLite) and videos; a restart resumes them",
+             "outputs/serve", metavar="DIR"),
+        Flag("--max-queue", INT, 64, "queued jobs beyond which POST /v1/videos answers 429", "64", metavar="N"),
+        Flag("--max-steps", INT, 200, "the most num_inference_steps a request may ask", "200", metavar="N"),
+        Flag("--max-video-tokens", INT, None, "the largest video a request may ask, in transformer tokens",
+             "4x the model's default video", metavar="N"),
+    )
+
+
+def parse_args(argv=None):
+    """-> paradit.cli.flags.Flags: the shared flags as generate parses them, and the server's own.
+    generate's other flags are there at their defaults, so that its combination rules apply."""
+    from paradit.cli.flags import FLAGS, Flags, build_parser, raw_values
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = tuple(f for f in FLAGS if f.name in SHARED) + serve_flags()
+    ns = build_parser("python -m paradit.serve", __doc__, flags).parse_args(argv)
+    values = {f.dest: f.default for f in FLAGS} | vars(ns)
+    values["api_key"] = values["api_key"] or os.environ.get("PARADIT_API_KEY") or None
+    return Flags(values, raw_values(argv))
+
+
+def check_args(flags) -> None:
     """The server's own flags, on every rank, before any weights exist; ValueError with the fix."""
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port}: give 0-65535 (0: any free port)")
-    for flag in ("max_queue", "max_steps", "max_video_tokens"):
-        value = getattr(args, flag)
+    if not 0 <= flags.port <= 65535:
+        raise ValueError(f"--port {flags.port}: give 0-65535 (0: any free port)")
+    for name in ("max_queue", "max_steps", "max_video_tokens"):
+        value = getattr(flags, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {value}: give a number >= 1")
-    if not (args.api_key or args.insecure or is_loopback(args.host)):
-        raise ValueError(f"--host {args.host} accepts connections from other machines: set --api-key KEY (or "
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give a number >= 1")
+    if not (flags.api_key or flags.insecure or is_loopback(flags.host)):
+        raise ValueError(f"--host {flags.host} accepts connections from other machines: set --api-key KEY (or "
                          f"PARADIT_API_KEY) so that only clients with the key can use /v1, or pass --insecure")
 
 
@@ -124,25 +130,31 @@ class Parts:
     lock: object = None   # the state directory's lock file, held for the life of the process
 
 
-def run(args, info, parts: Parts) -> None:
+def run(flags, info, parts: Parts) -> None:
     import torch
 
-    from paradit.generate import model_config, offload_mode, resolve_layout
+    from paradit.cli.flags import flag_terms
+    from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
+    from paradit.cli.spec import check_combinations, check_weights, model_config
     from paradit.models.attention import pick_backend
     from paradit.serve.schema import Limits
     from paradit.settings import VideoSettings
 
-    # 1. validate everything before any weights exist (every rank)
-    check_args(args)
-    cfg = model_config(args.model, args.components)
-    defaults = VideoSettings.resolve(cfg)  # the layout and offload are planned for the model's default video
-    layout = resolve_layout(args, cfg, info, defaults)
-    pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, args.attention)
+    # 1. validate everything before any weights exist (every rank), in generate's terms
+    check_combinations(flags)
+    check_args(flags)
+    with flag_terms(flags):
+        cfg = model_config(flags)
+        defaults = VideoSettings.resolve(cfg)  # the layout and offload are planned for the model's default video
+        layout = resolve_layout(flags, cfg, info, defaults)
+        pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, flags.attention)
+        offload = offload_mode(flags, cfg, layout, defaults, info.device)
+        check_weights(flags)
     if cfg.task != "t2v":
-        raise ValueError(f"--model {args.model} is an image-to-video model ({cfg.task}); the service takes text "
+        raise ValueError(f"--model {flags.model} is an image-to-video model ({cfg.task}); the service takes text "
                          f"prompts only so far: serve a text-to-video model")
-    limits = Limits(args.max_steps, args.max_video_tokens or Limits.default_video_tokens(cfg))
-    state_dir = Path(args.state_dir)
+    limits = Limits(flags.max_steps, flags.max_video_tokens or Limits.default_video_tokens(cfg))
+    state_dir = Path(flags.state_dir)
 
     # 2. rank 0: the state directory and the HTTP front, answering 503 until the models are loaded
     service = None
@@ -152,24 +164,24 @@ def run(args, info, parts: Parts) -> None:
         parts.lock = lock_state_dir(state_dir)
         shown = {"size": f"{cfg.size[0]}x{cfg.size[1]}", "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
                  "guidance_scale": list(cfg.guidance)}
-        service = Service(args.model, JobStore(state_dir), args.api_key, args.max_queue, layout.describe(), shown)
-        parts.http, port = start_http(create_app(service), args.host, args.port)
-        print(f"paradit: serving {args.model} on http://{args.host}:{port} (loading the models)", flush=True)
+        service = Service(flags.model, JobStore(state_dir), flags.api_key, flags.max_queue, layout.describe(), shown)
+        parts.http, port = start_http(create_app(service), flags.host, flags.port)
+        print(f"paradit: serving {flags.model} on http://{flags.host}:{port} (loading the models)", flush=True)
 
     # 3. build (every rank its part), then settle what an earlier run left in the state directory
     from paradit.pipeline import Pipeline
     from paradit.serve.engine import Channel, Worker
-    needed = {layout.coords(info.rank)["stage"]} if layout.stages else None
-    pipe = Pipeline.from_pretrained(args.model, parallel=layout, device=args.device, backend=args.attention,
-                                    experts_needed=needed, components=args.components,
-                                    offload=offload_mode(args, cfg, layout, defaults, info.device))
+    needed = experts_needed(cfg, layout, defaults, None, info.rank)
+    pipe = Pipeline.from_pretrained(flags.model, parallel=layout, device=flags.device, backend=flags.attention,
+                                    experts_needed=None if needed is None else set(needed),
+                                    components=flags.components, offload=offload)
     channel = Channel()
-    parts.worker = Worker(pipe, channel, state_dir, args.save_latents)
+    parts.worker = Worker(pipe, channel, state_dir, flags.save_latents)
     if info.rank == 0:
         from paradit.serve.scheduler import Scheduler
         from paradit.serve.schema import Checker
-        service.checker = Checker(cfg, args.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits)
-        settled = service.jobs.recover(args.model, service.checker.recheck)
+        service.checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits)
+        settled = service.jobs.recover(flags.model, service.checker.recheck)
         if any(settled.values()):
             log.info("state directory: %(requeued)d interrupted jobs back in the queue, %(failed)d failed, "
                      "%(missing)d completed jobs without their video", settled)
@@ -191,57 +203,39 @@ def stop_on_sigterm() -> None:
 
 
 def main(argv=None) -> int:
+    """Serve; on any rank's failure every rank exits non-zero with the reason (paradit.generate's
+    classification and report), rank 0 after settling the jobs in the state directory."""
+    from paradit.cli.flags import flag_terms
+    from paradit.generate import failure, report
     from paradit.launch import init_distributed, setup_logging, shutdown
-    from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reported, peer_failure,
-                                       report_failure, say_error, wait_for_reports)
-    from paradit.models.loading import CheckpointError
+    from paradit.launch.faults import EXIT_PEER_FAILED, AbortWatcher
 
-    args = parse_args(argv)
-    parts, watcher, code = Parts(), None, 0
-    rank = int(os.environ.get("RANK", 0))
+    parts, watcher = Parts(), None
     try:
-        info = init_distributed(args.device, args.timeout)
+        flags = parse_args(argv)
+        with flag_terms(flags):
+            info = init_distributed(flags.device, flags.timeout)
         setup_logging(info.rank)
-        if rank == 0:
-            stop_on_sigterm()
-        elif info.world_size > 1:  # rank 0's scheduler watches the abort key itself (it settles the jobs first)
+        if info.rank == 0:
+            stop_on_sigterm()  # rank 0's scheduler watches the abort key itself: it settles the jobs first
+        else:
             watcher = AbortWatcher().start()
-        run(args, info, parts)
-    except (ValueError, CheckpointError) as err:      # the user's flags: a clear message, exit 2
-        code, message = 2, str(err)
-    except KeyboardInterrupt:
+        run(flags, info, parts)
+    except KeyboardInterrupt:  # rank 0: SIGINT or SIGTERM
         if parts.scheduler is not None:
             parts.scheduler.stop()
             print("paradit: stopped; jobs that were running are back in the queue", flush=True)
-        os._exit(0)  # a clean stop; the lanes got their stop command
-    except Exception as err:                          # a bug, a broken machine, or a failed peer
-        peer = peer_failure()
-        if peer is None:
+        os._exit(0)
+    except Exception as err:
+        code, message, show = failure(err)
+        if show:
             traceback.print_exc()
-        code, message = (EXIT_PEER_FAILED, f"stopping because {peer}") if peer else (1, f"{type(err).__name__}: {err}")
-        if parts.worker is not None and peer is None:
+        if parts.worker is not None and code != EXIT_PEER_FAILED:
             parts.worker.report_failure(message)      # the job this rank ran is marked failed first
-    if code:
-        if watcher is not None:
-            watcher.stop()
-        if parts.scheduler is not None:               # rank 0: settle the jobs, then end like the others
+        if parts.scheduler is not None:               # rank 0: settle the jobs, then report like every rank
             parts.scheduler.end_after_failure(message, code)
-        say_error(f"paradit: error (rank {rank}): {message}")
-        count_reported()
-        if code != EXIT_PEER_FAILED:
-            report_failure(message)
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if world > 1 and not dist_ready():
-            time.sleep(3.0)  # failed before the process group existed: no store to wait on
-        wait_for_reports(world)
-        sys.stderr.flush()
-        os._exit(code)
-    if watcher is not None:
-        watcher.stop()
+        report(code, message, watcher)
+    if watcher is not None and not watcher.stop():
+        os._exit(0)  # a store call that never returns: leave without the interpreter's teardown
     shutdown()
     return 0
-
-
-def dist_ready() -> bool:
-    import torch.distributed as dist
-    return dist.is_initialized()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from paradit.outputs import write_json, write_tensor, write_video
+from paradit.outputs import Outputs
 from paradit.serve.schema import settings_of
 
 log = logging.getLogger("paradit")
@@ -137,12 +137,16 @@ class Worker:
         cmd, t0 = self.current, time.time()
         video = self.pipe.decode(latent)
         if self.pipe.mesh.is_output_rank:
-            path = self.dir / cmd["file"]
-            write_video(path, video.numpy(), self.pipe.cfg.fps)
-            if self.save_latents:
-                write_tensor(path.with_suffix(".latent.safetensors"), {"latent": latent})
-            write_json(path.with_suffix(".json"), {"id": cmd["id"], "request": cmd["request"],
-                                                   "layout": self.pipe.runtime.describe()})
+            path, out = self.dir / cmd["file"], Outputs()
+            try:  # the video, its sidecar and its latent: all of them or none
+                out.video(path, video.numpy(), self.pipe.cfg.fps)
+                if self.save_latents:
+                    out.tensors(path.with_suffix(".latent.safetensors"), {"latent": latent})
+                out.json(path.with_suffix(".json"), {"id": cmd["id"], "request": cmd["request"],
+                                                     "layout": self.pipe.runtime.describe()})
+                out.commit()
+            finally:
+                out.discard()
             self.channel.set(f"done/{cmd['seq']}", {"ok": True, "decode_s": time.time() - t0, "rank": self.rank})
         self.current = None
 

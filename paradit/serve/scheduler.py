@@ -16,8 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from paradit.launch.faults import (EXIT_PEER_FAILED, count_reported, peer_failure, report_failure, say_error,
-                                   wait_for_reports)
+from paradit.launch.faults import EXIT_PEER_FAILED, peer_failure
 from paradit.serve.engine import Channel, command_key
 from paradit.serve.jobs import Job, JobStore
 
@@ -162,17 +161,13 @@ class Scheduler:
                 self.jobs.requeue(seq)
 
     def end_after_failure(self, message: str, code: int) -> None:
-        """Settle the jobs, say why on this rank, wait for the others to say it too, exit non-zero."""
+        """Settle the jobs, then end like every rank (paradit.generate.report): say why, post it if
+        this is the root cause, wait for the others to say it too, exit non-zero."""
+        from paradit.generate import report
         self.exit_lock.acquire()  # never released: this process ends here
         self.stopping = True
         try:
             self.settle_after_failure()
         except Exception as err:  # the store is gone: the jobs stay in_progress for recover() to settle
             log.warning("could not read the failing job's report (%s); a restart settles it", err)
-        say_error(f"paradit: error (rank 0): {message}")
-        count_reported()
-        if code != EXIT_PEER_FAILED:  # only the root cause is posted
-            report_failure(message)
-        if self.world > 1:
-            wait_for_reports(self.world)
-        os._exit(code)
+        report(code, message, None)

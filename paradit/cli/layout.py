@@ -1,0 +1,143 @@
+"""The layout a command line asks for: from the layout flags, the split stages, or the planner.
+
+Each function raises the library's ParameterError (paradit.cli.flags.flag_terms names the flag) or
+a UsageError already in flag terms. Nothing here builds a process group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from paradit.cli.flags import Flags, UsageError
+from paradit.config import PRESETS
+from paradit.parallel.layout import ParallelConfig, auto_sp
+from paradit.schedulers.schedule import high_noise_steps
+
+log = logging.getLogger("paradit")
+
+
+def layout_from_flags(flags: Flags, num_heads: int) -> ParallelConfig:
+    u, r, sp = flags.ulysses, flags.ring, flags.sp
+    if sp is not None:
+        if u is None and r is None:
+            u, r = auto_sp(num_heads, sp)
+        elif (u or 1) * (r or 1) != sp:
+            raise UsageError(f"--sp {sp} disagrees with --ulysses {u} x --ring {r}; give --sp alone or "
+                             f"--ulysses and --ring whose product is {sp}")
+        else:
+            u, r = u or sp // (r or 1), r or sp // (u or 1)
+    return ParallelConfig(ulysses=1 if u is None else u, ring=1 if r is None else r, cfg=flags.cfg_par, dp=flags.dp)
+
+
+def gpu_kind(flags: Flags) -> str | None:
+    """The planner's GPU preset: --gpu, else read from the CUDA device name; None on CPU."""
+    if flags.gpu:
+        return flags.gpu
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower()
+    return next((k for k in ("b200", "h200", "h100") if k in name), "h100")
+
+
+def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, offload: str = "auto") -> ParallelConfig:
+    """--plan auto / --experts auto: the planner's choice for this world and GPU kind."""
+    from paradit.parallel.planner import plan
+    if kind is None:
+        raise UsageError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
+                         "pass --gpu h100|h200|b200")
+    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps, offload=offload)
+    if p.choice is None:
+        raise UsageError(f"the planner finds no layout of {world} x {kind} that fits "
+                         f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
+    if log_choice:
+        log.info("planner: %s", p.explain())
+    return p.choice.layout
+
+
+def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
+    """--experts split: stage sizes from --stages or the step split; each stage's sp from the heads."""
+    from paradit.parallel.stages import stage_sizes
+    if cfg.boundary is None:
+        raise UsageError("--experts split needs a two-expert model (Wan2.2 A14B); this one has one expert")
+    if flags.stages is not None:
+        sizes = flags.stages
+        if len(sizes) != 2 or min(sizes) < 1:
+            raise UsageError(f"--stages {flags.typed.get('--stages')}: give two GPU counts >= 1, high,low "
+                             f"(e.g. 5,3), that add up to the world ({world})")
+    else:
+        sizes = stage_sizes(world, high_noise_steps(cfg.boundary, settings.steps, settings.shift), settings.steps)
+    stages = []
+    for n in sizes:
+        if n % flags.cfg_par:
+            raise UsageError(f"--stages {','.join(map(str, sizes))}: a stage of {n} GPUs cannot hold "
+                             f"--cfg-par {flags.cfg_par}")
+        stages.append((*auto_sp(cfg.num_heads, n // flags.cfg_par), flags.cfg_par))
+    return ParallelConfig(experts="split", stages=tuple(stages))
+
+
+def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelConfig:
+    from paradit.parallel.chords import chords_layout
+    kind = gpu_kind(flags)
+    if flags.plan == "auto":
+        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, flags.offload)
+    elif flags.experts == "split":
+        layout = split_layout(flags, cfg, info.world_size, settings)
+    elif flags.experts == "auto" and kind is not None:
+        chosen = planned_layout(cfg, info.world_size, settings, kind, False, flags.offload)
+        layout = (split_layout(flags, cfg, info.world_size, settings) if chosen.experts == "split"
+                  else layout_from_flags(flags, cfg.num_heads))
+    else:  # colocated, or auto with no GPU to plan for (CPU): both experts on every rank
+        layout = layout_from_flags(flags, cfg.num_heads)
+    if chords is not None:
+        if layout.stages:
+            raise UsageError("--chords cannot be combined with --experts split yet; use colocated experts")
+        layout = dataclasses.replace(layout, chords=chords_layout(chords, info.world_size, layout.world_size))
+        chords.validate(settings.steps, layout.chords)
+    layout.validate(info.world_size, cfg.num_heads)
+    if kind is not None and not flags.force:
+        check_memory(cfg, layout, kind, settings, info.world_size, flags.offload)
+    return layout
+
+
+def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
+    """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
+    from paradit.parallel.planner import evaluate, make_problem, plan
+    if cfg.name not in PRESETS:
+        return
+    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
+                           offload=offload)
+    cand = evaluate(problem, layout)
+    if not cand.feasible and "memory" in cand.reason:
+        best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
+        hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} "
+                f"({best.mem_gb:.1f} GB per GPU)" if best else "")
+        raise UsageError(f"layout {layout.describe()} with --offload {offload} is predicted not to fit on {kind}: "
+                         f"{cand.reason}{hint}. Pass --force to run it anyway")
+
+
+def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) -> str:
+    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind; none on a CPU."""
+    from paradit.parallel.planner import evaluate, make_problem
+    if flags.offload != "auto":
+        return flags.offload
+    kind = gpu_kind(flags)
+    if device.type != "cuda" or kind is None or cfg.name not in PRESETS:
+        return "none"
+    problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
+                           settings.steps)
+    return evaluate(problem, layout).offload
+
+
+def experts_needed(cfg, layout: ParallelConfig, settings, chords, rank: int) -> frozenset | None:
+    """The experts this rank runs (0 = high noise, 1 = low noise); None: all of them."""
+    if layout.stages:
+        return frozenset({layout.coords(rank)["stage"]})
+    if chords is None:
+        return None
+    from paradit.parallel.chords import experts_per_core
+    init = chords.resolve_init(settings.steps)
+    per_core = experts_per_core(cfg.boundary, settings.steps, settings.shift, init, chords.stop)
+    log.info("CHORDS: %d cores, init %s, stop %s; experts per core: %s", chords.cores, init, chords.stop,
+             [sorted(["high", "low"][k] for k in e) for e in per_core])
+    return frozenset(per_core[layout.coords(rank)["chords"]] if layout.chords > 1 else set().union(*per_core))

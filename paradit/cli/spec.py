@@ -1,0 +1,186 @@
+"""argv -> one validated, frozen RunSpec: what paradit.generate executes.
+
+    flags = parse_args(argv)        every flag's type (paradit.cli.flags)
+    spec = resolve(flags, info)     ranges, combinations, model, prompts, image, video, layout, outputs
+
+Everything is checked here, on every rank, before any weights are built or read: the values by
+the library's own checks (VideoSettings, ParallelConfig, the planner, ChordsSettings), whose
+ParameterErrors speak of parameters and come out naming flags; combinations of flags, files and
+output paths by the rules below. A refusal is a UsageError (a ValueError) worded in flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, flag_terms,  # noqa: F401
+                               parse_args)
+from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
+from paradit.config import PRESETS, WanConfig
+from paradit.parallel.layout import ParallelConfig
+from paradit.settings import VideoSettings
+
+RUNNABLE_PRESETS = ("tiny", "demo")  # presets that bring their weights; the Wan ones are architectures
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one rank needs to run, validated. flags: the parsed command line, for what the run
+    only passes on (and for flags added later)."""
+    flags: Flags
+    cfg: WanConfig
+    prompts: tuple[str, ...]
+    settings: VideoSettings
+    layout: ParallelConfig
+    chords: object                      # ChordsSettings or None
+    experts_needed: frozenset | None    # the experts this rank loads (None: all)
+    outputs: tuple[Path, ...]           # the video of each prompt; sidecars and latents beside them
+    loras: tuple = ()                   # paradit.models.lora.LoraSpec of --lora, --lora-high, --lora-low
+    offload: str = "none"               # the residency mode (--offload auto resolved)
+    image: object = field(default=None, compare=False)  # the PIL image, loaded once
+
+    @property
+    def sampler_label(self) -> str:
+        return "euler (CHORDS)" if self.chords is not None else self.settings.sampler
+
+
+def check_combinations(flags: Flags) -> None:
+    """Flags that mean nothing, or something else, together."""
+    g = flags.given
+
+    def refuse(cond: bool, text: str) -> None:
+        if cond:
+            raise UsageError(text)
+    refuse(g("--prompt") and g("--prompts-file"), "--prompt and --prompts-file: give one of them")
+    chords = flags.chords
+    refuse(chords < 1, f"--chords {flags.typed.get('--chords')}: the number of CHORDS cores must be >= 1 "
+                       f"(1 is off)")
+    for f in ("--chords-init", "--chords-stop", "--chords-stream"):
+        refuse(g(f) and chords == 1, f"{f} needs --chords K with K >= 2 cores")
+    refuse(chords > 1 and flags.sampler == "unipc", "--sampler unipc with --chords: CHORDS solves with Euler "
+                                                     "steps; drop --sampler (or give --sampler euler)")
+    refuse(g("--stages") and flags.experts != "split", "--stages needs --experts split")
+    refuse(flags.plan == "auto" and any(g(f) for f in LAYOUT_FLAGS),
+           "--plan auto chooses the layout itself: drop " + ", ".join(f for f in LAYOUT_FLAGS if g(f)))
+    refuse(g("--components") and flags.model in PRESETS, f"--components is for checkpoint folders; the preset "
+                                                          f"{flags.model} brings its own components")
+
+
+def model_config(flags: Flags) -> WanConfig:
+    name = flags.model
+    if name in PRESETS:  # one without weights is refused last (check_weights): its other flags are checked
+        return WanConfig.preset(name)
+    if not Path(name).exists():
+        raise UsageError(f"--model {name!r} is neither a preset ({', '.join(RUNNABLE_PRESETS)}) nor an existing "
+                         f"checkpoint folder")
+    from paradit.checkpoint import model_config as checkpoint_config
+    return checkpoint_config(name, flags.components)
+
+
+def check_weights(flags: Flags) -> None:
+    name = flags.model
+    if name in PRESETS and name not in RUNNABLE_PRESETS:
+        raise UsageError(f"--model {name} is an architecture without weights (the planner's name for it): "
+                         f"pass the checkpoint folder, e.g. --model /ckpt/Wan2.2-T2V-A14B-Diffusers; the "
+                         f"presets that run as they are: {', '.join(RUNNABLE_PRESETS)}")
+
+
+def read_prompts(flags: Flags) -> tuple[str, ...]:
+    if flags.prompts_file is None:
+        return (DEFAULT_PROMPT if flags.prompt is None else flags.prompt,)
+    path = Path(flags.prompts_file)
+    if not path.is_file():
+        raise UsageError(f"--prompts-file {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--prompts-file {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                         f"offset {err.start}); save it as UTF-8, one prompt a line") from None
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not prompts:
+        raise UsageError(f"--prompts-file {path} has no prompts (one prompt a line)")
+    return prompts
+
+
+def output_paths(flags: Flags, count: int) -> tuple[Path, ...]:
+    out = Path(flags.out)
+    if out.suffix.lower() != ".mp4":
+        raise UsageError(f"--out {out}: the video is written as H.264 mp4; give a path ending in .mp4")
+    return (out,) if count == 1 else tuple(out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(count))
+
+
+def files_of(path: Path, flags: Flags) -> list[Path]:
+    """Every file a video's output set holds."""
+    files = [path, path.with_suffix(".json")]
+    return files + ([path.with_suffix(".latent.safetensors")] if flags.save_latents else [])
+
+
+def check_outputs(paths: tuple[Path, ...], flags: Flags) -> None:
+    from paradit.outputs import check_writable
+    for path in paths:
+        for file in files_of(path, flags):
+            why = check_writable(file)
+            if why:
+                raise UsageError(f"--out {flags.out}: cannot write {file}: {why}")
+
+
+def is_output_rank(layout: ParallelConfig, rank: int) -> bool:
+    """The rank that writes its replica's videos (paradit.parallel.mesh.Mesh.is_output_rank, from the
+    layout alone): the first of its sp, cfg and chords groups, in the stage that finishes the video."""
+    c = layout.coords(rank)
+    return c.get("stage", 0) == (1 if layout.stages else 0) and all(
+        c.get(a, 0) == 0 for a in ("ulysses", "ring", "cfg", "chords"))
+
+
+def load_image(flags: Flags, cfg: WanConfig):
+    from paradit import conditioning
+    conditioning.check_task(cfg, flags.image)
+    return conditioning.load_image(flags.image) if flags.image else None
+
+
+def video_settings(flags: Flags, cfg: WanConfig, image) -> VideoSettings:
+    width, height = flags.size or (None, None)
+    if image is not None and flags.size is None:
+        from paradit import conditioning
+        width, height = conditioning.size_for_image(cfg, image.width, image.height)
+    return VideoSettings.resolve(cfg, width, height, flags.frames, flags.steps, flags.shift, flags.guidance,
+                                 flags.seed, flags.sampler or "unipc")
+
+
+def chords_settings(flags: Flags):
+    if flags.chords == 1:
+        return None
+    from paradit.parallel.chords import ChordsSettings
+    return ChordsSettings(flags.chords, flags.chords_init, 1 if flags.chords_stop is None and not
+                          flags.given("--chords-stop") else flags.chords_stop)
+
+
+def resolve(flags: Flags, info) -> RunSpec:
+    """The validated spec of this rank (info: paradit.launch.DistInfo); UsageError otherwise."""
+    check_combinations(flags)
+    with flag_terms(flags):
+        cfg = model_config(flags)
+        prompts = read_prompts(flags)
+        image = load_image(flags, cfg)
+        settings = video_settings(flags, cfg, image)
+        chords = chords_settings(flags)
+        layout = resolve_layout(flags, cfg, info, settings, chords)
+        _check_attention(flags, info)
+        if image is not None and (layout.stages or (chords and cfg.task == "ti2v")):
+            raise UsageError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
+        paths = output_paths(flags, len(prompts))
+        if is_output_rank(layout, info.rank):
+            check_outputs(paths, flags)
+        needed = experts_needed(cfg, layout, settings, chords, info.rank)
+        from paradit.models.lora import check_loras, lora_specs
+        loras = tuple(lora_specs(flags.lora, flags.lora_high, flags.lora_low))
+        check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); from_pretrained warns and merges
+        offload = offload_mode(flags, cfg, layout, settings, info.device)
+        check_weights(flags)
+    return RunSpec(flags, cfg, prompts, settings, layout, chords, needed, paths, loras, offload, image)
+
+
+def _check_attention(flags: Flags, info) -> None:
+    import torch
+    from paradit.models.attention import pick_backend
+    pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, flags.attention)
