@@ -71,12 +71,10 @@ class WanConfig:
             raise ValueError(
                 f"size {width}x{height} is not allowed for {self.name}: width and height must be "
                 f"positive multiples of {m} (VAE stride x patch); nearest below is {lo_w}x{lo_h}")
-        first = st + 1 if self.vae == "demo" else 1  # the demo codec folds whole windows of st frames
-        if frames < first or (frames - 1) % st:
-            lo = max(first, (frames - 1) // st * st + 1)
-            forms = ", ".join(str(k * st + 1) for k in range(first // st, first // st + 3))
+        if frames < 1 or (frames - 1) % st:
+            lo = max(1, (frames - 1) // st * st + 1)
             raise ValueError(f"frames={frames} is not allowed for {self.name}: frames must be of the "
-                             f"form {st}k+1 ({forms}, ...); nearest {'below' if frames > lo else 'above'} is {lo}")
+                             f"form {st}k+1 ({1}, {st + 1}, {2 * st + 1}, ...); nearest below is {lo}")
 
     def replace(self, **changes) -> "WanConfig":
         return dataclasses.replace(self, **changes)

@@ -17,10 +17,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from paradit.config import WanConfig
-from paradit.settings import SAMPLER_NAMES, VideoSettings
+from paradit.errors import ParameterError
+from paradit.settings import MAX_SEED, SAMPLER_NAMES, VideoSettings
 
 Guidance = Annotated[list[float], Field(min_length=2, max_length=2)]
-SEED_MAX = 2**63 - 1
+# the library's parameter -> the request field that sets it (ParameterErrors come out naming the field)
+PARAM_FIELDS = {"width": "size", "height": "size", "frames": "num_frames", "steps": "num_inference_steps",
+                "guidance": "guidance_scale", "seed": "seed", "sampler": "sampler"}
 
 
 class VideoRequest(BaseModel):
@@ -33,7 +36,7 @@ class VideoRequest(BaseModel):
     size: str | None = None                       # "WxH"
     num_frames: int | None = None
     seconds: float | str | None = None            # at the model's fps; OpenAI clients send "4"
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = None
     guidance_scale: float | Guidance | None = None
     sampler: Literal[SAMPLER_NAMES] | None = None
@@ -113,16 +116,22 @@ class Checker:
         if body.negative_prompt is not None:
             self.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
         width, height = self.size(body.size)
-        frames = self.frames(body.num_frames, body.seconds, width, height)
+        frames = self.frames(body.num_frames, body.seconds)
         steps = cfg.steps if body.num_inference_steps is None else body.num_inference_steps
         if not 1 <= steps <= self.limits.max_steps:
-            raise ApiError(400, f"num_inference_steps={steps} is out of range: give 1 to {self.limits.max_steps}",
-                           "num_inference_steps")
-        guidance = body.guidance_scale
-        if guidance is not None and any(not math.isfinite(g) or g < 0 for g in _as_list(guidance)):
-            raise ApiError(400, f"guidance_scale={guidance}: {HINTS['guidance_scale']}", "guidance_scale")
+            raise ApiError(400, f"num_inference_steps {steps} is out of range: give 1 to {self.limits.max_steps} "
+                                f"(this service's --max-steps)", "num_inference_steps")
         seed = secrets.randbelow(2**31) if body.seed is None else body.seed
-        s = VideoSettings.resolve(cfg, width, height, frames, steps, None, guidance, seed, body.sampler or "unipc")
+        try:
+            s = VideoSettings.resolve(cfg, width, height, frames, steps, None, body.guidance_scale, seed,
+                                      body.sampler or "unipc")
+        except ParameterError as err:
+            raise ApiError(400, in_field_terms(err, width, height), PARAM_FIELDS.get(err.param)) from None
+        tokens, limit = cfg.num_tokens(s.width, s.height, s.frames), self.limits.max_video_tokens
+        if tokens > limit:
+            raise ApiError(400, f"a {s.width}x{s.height} video of {s.frames} frames is {tokens} tokens; this service "
+                                f"takes at most {limit} (--max-video-tokens): make it smaller or shorter",
+                           "num_frames" if body.size is None else "size")
         return {"prompt": body.prompt, "negative_prompt": body.negative_prompt, **asdict(s)}
 
     def check_prompt(self, text: str, param: str, empty_ok: bool = False) -> None:
@@ -137,64 +146,56 @@ class Checker:
                                 f"(end-of-text included): shorten it", param)
 
     def size(self, size: str | None) -> tuple[int, int]:
+        """The text "WxH" as two integers (their values are the library's to check)."""
         if size is None:
             return self.cfg.size
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
         if not m:
             raise ApiError(400, f"size {size!r}: write it as WIDTHxHEIGHT, e.g. "
                                 f"\"{self.cfg.size[0]}x{self.cfg.size[1]}\"", "size")
-        width, height = int(m[1]), int(m[2])
-        try:
-            self.cfg.check_video(width, height, self.cfg.frames)
-        except ValueError as err:
-            raise ApiError(400, str(err), "size") from None
-        return width, height
+        return int(m[1]), int(m[2])
 
-    def frames(self, num_frames: int | None, seconds, width: int, height: int) -> int:
-        cfg, param = self.cfg, "num_frames"
+    def frames(self, num_frames: int | None, seconds) -> int | None:
+        """num_frames, or the frames of `seconds` at the model's fps (the nearest stride*k+1)."""
         if num_frames is not None and seconds is not None:
             raise ApiError(400, "give num_frames or seconds, not both", "seconds")
-        if seconds is not None:
-            param = "seconds"
-            try:
-                value = float(seconds)
-            except ValueError:
-                raise ApiError(400, f"seconds={seconds!r}: {HINTS['seconds']}", param) from None
-            if not (math.isfinite(value) and value > 0):
-                raise ApiError(400, f"seconds={seconds!r}: give a positive number", param)
-            stride = cfg.vae_stride[0]
-            num_frames = stride * max(1, round(value * cfg.fps / stride)) + 1  # the nearest stride*k+1
-        frames = cfg.frames if num_frames is None else num_frames
+        if seconds is None:
+            return num_frames
         try:
-            cfg.check_video(width, height, frames)
-        except ValueError as err:
-            raise ApiError(400, str(err), param) from None
-        tokens, limit = cfg.num_tokens(width, height, frames), self.limits.max_video_tokens
-        if tokens > limit:
-            raise ApiError(400, f"a {width}x{height} video of {frames} frames is {tokens} tokens; this service "
-                                f"takes at most {limit} (--max-video-tokens): make it smaller or shorter",
-                           "size" if param == "num_frames" and num_frames is None else param)
-        return frames
+            value = float(seconds)
+        except ValueError:
+            raise ApiError(400, f"seconds={seconds!r}: {HINTS['seconds']}", "seconds") from None
+        if not (math.isfinite(value) and value > 0):
+            raise ApiError(400, f"seconds={seconds!r}: give a positive number", "seconds")
+        stride = self.cfg.vae_stride[0]
+        return stride * max(1, round(value * self.cfg.fps / stride)) + 1
 
     def recheck(self, request: dict) -> str | None:
-        """A stored request against the model of this start (after a restart): the problem, or None."""
+        """A stored request against the model and limits of this start (after a restart): the
+        problem, or None."""
         try:
             fields = {k: request[k] for k in ("width", "height", "frames", "steps", "shift", "guidance",
                                               "seed", "sampler")}
             VideoSettings.resolve(self.cfg, **fields)
             self.check_prompt(request["prompt"], "prompt")
-            if self.cfg.num_tokens(request["width"], request["height"], request["frames"]) > \
-                    self.limits.max_video_tokens or request["steps"] > self.limits.max_steps:
-                return "larger than this service's limits (--max-video-tokens, --max-steps) after a restart"
+            if request["steps"] > self.limits.max_steps or \
+                    self.cfg.num_tokens(request["width"], request["height"], request["frames"]) > \
+                    self.limits.max_video_tokens:
+                return "larger than this service's limits (--max-steps, --max-video-tokens) after a restart"
         except (KeyError, TypeError) as err:
             return f"its stored request is unreadable ({type(err).__name__}: {err})"
-        except (ValueError, ApiError) as err:
+        except (ValueError, ApiError) as err:  # ParameterError is a ValueError
             return f"no longer valid for this service: {err}"
         return None
 
 
-def _as_list(g) -> list[float]:
-    return list(g) if isinstance(g, list) else [g]
+def in_field_terms(err: ParameterError, width: int, height: int) -> str:
+    """A library ParameterError worded in request fields (`num_frames 8: ...`, `size 17x16: ...`)."""
+    def name(param, value):
+        if param in ("width", "height"):
+            return f"size {width}x{height} ({param} {value})"
+        return f"{PARAM_FIELDS.get(param, param)} {value}"
+    return err.render(name, lambda alt: ", ".join(f"{PARAM_FIELDS.get(k, k)} {v}" for k, v in alt.items()))
 
 
 def settings_of(request: dict) -> VideoSettings:
