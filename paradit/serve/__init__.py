@@ -5,6 +5,6 @@
 
 Parts: cli (flags, start-up, failure handling), api (HTTP on rank 0), schema (request checks and
 the video object), jobs (SQLite state), scheduler (rank 0: jobs to lanes), engine (every rank: the
-command channel and the worker), metrics (Prometheus). Nothing is imported here: the heavy parts
-load on first use.
+command channel and the worker), metrics (Prometheus), process (a server in a subprocess, for tests
+and benchmarks). Nothing is imported here: the heavy parts load on first use.
 """
