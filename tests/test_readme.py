@@ -3,10 +3,13 @@ process count its first line names, gloo on CPU) and every command line of an in
 (`python -m paradit...`, `torchrun ... -m paradit...`), each in a fresh folder, in a subprocess, as
 a user would type it. Commands that need what CI lacks are listed in NOT_HERE with the reason, and
 still have to parse; a snippet that is neither run nor listed fails the test."""
+import json
 import re
 import shlex
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,14 @@ def command_lines(text: str) -> list[str]:
     text = re.sub(r"```.*?```", "", text, flags=re.S).replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines() if line.startswith("    ")]
     return [re.sub(r"\s+#.*$", "", line) for line in lines
-            if re.match(r"(\S*python\S* -m paradit|torchrun .*-m paradit)", line)]
+            if re.match(r"(\S*python\S* -m paradit|torchrun .*-m paradit)", line) and "paradit.serve" not in line]
+
+
+def service_session(text: str) -> list[str]:
+    """The service's quick start: the server command and the client lines of its indented block."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    block = next(b for b in re.split(r"\n\s*\n", text) if "-m paradit.serve" in b)
+    return [re.sub(r"\s+#.*$", "", line.strip()) for line in block.splitlines() if line.startswith("    ")]
 
 
 def as_argv(command: str) -> list[str]:
@@ -75,3 +85,42 @@ def test_command_runs_as_written(command, tmp_path):
     assert res.returncode == 0, f"{command}\nfailed:\n{res.stdout}\n{res.stderr}"
     for out in re.findall(r"--out (\S+)", command):
         assert (tmp_path / out).stat().st_size > 0, f"{command} wrote no {out}"
+
+
+def test_service_quick_start_runs_as_written(tmp_path):
+    """The server line as written, then its curl lines: a job posted, waited for, its mp4 fetched."""
+    server, post, fetch = service_session(README.read_text())
+    port = int(re.search(r"--port (\d+)", server).group(1))
+    proc = subprocess.Popen(as_argv(server), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not health(port):
+            assert proc.poll() is None and time.monotonic() < deadline, f"{server} did not come up:\n" + (
+                proc.stdout.read() if proc.poll() is not None else "still starting")
+            time.sleep(0.5)
+        job = json.loads(subprocess.run(post, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                                        timeout=60, check=True).stdout)
+        while (state := get_json(port, f"/v1/videos/{job['id']}"))["status"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, f"job still {state['status']}"
+            time.sleep(0.5)
+        assert state["status"] == "completed", state
+        subprocess.run(fetch.replace("VIDEO_ID", job["id"]), shell=True, cwd=tmp_path, timeout=60, check=True)
+        assert (tmp_path / "video.mp4").read_bytes()[4:8] == b"ftyp"  # an mp4
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def health(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def get_json(port: int, path: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read())
