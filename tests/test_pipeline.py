@@ -103,3 +103,25 @@ def test_unknown_preset_and_non_checkpoint(tmp_path):
         Pipeline.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(CheckpointError, match="not a Wan checkpoint"):
         Pipeline.from_pretrained(str(tmp_path))
+
+
+def test_a_prompt_longer_than_the_text_length_is_cut_with_a_warning():
+    import logging
+
+    from paradit.models.text_encoder import TextEncoder
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("paradit")
+    logger.addHandler(handler)
+    try:
+        enc = TextEncoder.tiny(32, text_len=6)
+        short = enc.encode(["a red circle"])                                  # 3 words + EOS: fits
+        assert records == []
+        long = enc.encode(["a red circle moving left slowly over the plain background"])
+    finally:
+        logger.removeHandler(handler)
+    (rec,) = records
+    assert rec.levelno == logging.WARNING and "11 tokens" in rec.getMessage() and "last 5 are cut" in rec.getMessage()
+    assert short.shape == long.shape == (1, 6, 32)

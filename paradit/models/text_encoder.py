@@ -8,11 +8,14 @@ trimmed to its real length and zero-padded back to text_len: the original Wan co
 from __future__ import annotations
 
 import html
+import logging
 import re
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+log = logging.getLogger("paradit")
 
 # Words of the synthetic shape videos (colours, shapes, motions); enough for tiny and demo prompts.
 WORDS = ("a an the of on in and with moving move moves going left right up down towards to slowly quickly "
@@ -53,8 +56,15 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(B, text_len, d_model) fp32, zero past each prompt's real length."""
-        tok = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=self.text_len,
+        """(B, text_len, d_model) fp32, zero past each prompt's real length. A prompt longer than
+        text_len tokens is cut to it, as the original Wan code does, with a warning that says so."""
+        prompts = [clean_prompt(p) for p in prompts]
+        for p, ids in zip(prompts, self.tokenizer(prompts, add_special_tokens=True).input_ids):
+            if len(ids) > self.text_len:
+                log.warning("the prompt %r has %d tokens and the text encoder takes %d: the last %d are cut "
+                            "(shorten the prompt to keep them)", p[:60] + ("..." if len(p) > 60 else ""), len(ids),
+                            self.text_len, len(ids) - self.text_len)
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.text_len,
                              truncation=True, add_special_tokens=True, return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
