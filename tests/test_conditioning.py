@@ -2,6 +2,9 @@
 decode, and regional compile: each against the reference behaviour it reproduces."""
 import json
 import math
+import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -198,3 +201,21 @@ def test_generate_cli_image_to_video(tmp_path):
     assert side["preset"] == "wan2.2-i2v-a14b" and side["image"].endswith("first.png")
     assert side["timings_s"]["startup"]["compile_s"] > 0 and out.stat().st_size > 0
     assert [e["expert"] for e in side["experts_per_step"]] == ["high", "low"]
+
+
+@pytest.mark.parametrize("image", ["missing.png", "not_an_image.png"])
+def test_a_bad_image_is_refused_before_any_weight_loads(tmp_path, image):
+    """With --size given too, the image is still opened and checked up front (it was found only after
+    every weight had loaded): exit 2, one line naming --image, no start-up, nothing written."""
+    from ckpt_workers import write_checkpoint
+
+    root = write_checkpoint(tmp_path / "i2v", TINY_I2V)
+    (tmp_path / "not_an_image.png").write_text("plain text")
+    out = tmp_path / "out" / "video.mp4"
+    res = subprocess.run([sys.executable, "-m", "paradit.generate", "--model", str(root), "--image",
+                          str(tmp_path / image), "--size", "80x48", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert re.search(r"paradit: error \(rank 0\): --image .*(no such file|not a readable image)", res.stderr)
+    assert "Traceback" not in res.stderr and "start-up:" not in res.stderr   # no weight was read
+    assert not out.parent.exists() or not any(out.parent.iterdir())
