@@ -526,7 +526,7 @@ def gpu_spec(device_type: str, tag: str, probe: dict) -> tuple[pl.GPUSpec, str]:
     mem_gb = _total_ram_gb()
     link = probe.get("all_gather", {}).get("gbps")
     spec = pl.GPUSpec("cpu", matmul_tflops=probe["matmul"]["tflops"], hbm_gb=mem_gb,
-                      hbm_tbps=probe["copy_gbps"] / 1e3, nvlink_gbps=link or 1.0, gpus_per_node=1024,
+                      hbm_tbps=probe["copy_gbps"] / 1e3, nvlink_gbps=link or 1.0, gpus_per_node=pl.MAX_GPUS,  # one node
                       internode_gbps=link or 1.0)
     return spec, ("measured on the spot: fp32 1024^3 matmul and 128 MiB copy in one single-threaded rank"
                   + (", gloo all_gather of 8 MiB per rank between 2 ranks" if link else
