@@ -42,7 +42,7 @@ from paradit.config import WanConfig  # noqa: E402
 from paradit.parallel.layout import ParallelConfig  # noqa: E402
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
-VIDEO = dict(width=80, height=48, frames=9, steps=6, seed=11, progress=False, negative_prompt="blurry")
+VIDEO = dict(width=80, height=48, frames=9, steps=4, seed=11, progress=False, negative_prompt="blurry")
 TOL = {"fp32": 1e-5, "bf16": 3e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {  # world -> (name, ParallelConfig fields)
