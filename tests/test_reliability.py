@@ -194,7 +194,6 @@ def test_bad_cli_input(args, message, world, where, files, tmp_path):
 BAD_CLI_TORCHRUN = [
     (2, ["--guidance", "inf"], r"--guidance inf: must be a finite number"),
     (2, ["--sp", "4"], r"needs 4 processes, but the world has 2"),
-    (4, ["--ulysses", "4"], r"above the model's 2 attention heads"),
     (2, ["--device", "bogus"], r"--device bogus"),
     (2, ["--prompt", b"caf\xe9"], r"not valid UTF-8"),
     (2, ["--out", "/proc/paradit-test/x.mp4"], r"cannot create files in /proc"),  # rank 0 checks; rank 1 hears it
@@ -534,10 +533,11 @@ def test_a_signal_exits_with_its_code_and_a_line(sig, code, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The two intermittent cases, a few times each (bench/stress.py runs them 50 times)
+# The two intermittent cases, once each here (bench/stress.py runs them 50 times; the deterministic
+# repros above catch their causes every time)
 def test_stress_hang_and_abort_cases_briefly(tmp_path):
     result = tmp_path / "stress.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stress.py"), "--reps", "2", "--max-minutes", "4",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stress.py"), "--reps", "1", "--max-minutes", "4",
                            "--run-timeout", "90", "--json", str(result)], capture_output=True, text=True,
                           timeout=600)
     summary = json.loads(result.read_text())["summary"]
