@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
+from launcher import machine_tag  # noqa: E402
 from paradit.checkpoint import to_diffusers_name  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import WanTransformer  # noqa: E402
@@ -250,15 +251,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower()
-        kind = next((k for k in ("b200", "h200", "h100", "a100") if k in name), "gpu")
-        return f"{kind}x{torch.cuda.device_count()}"
-    import os
-    return f"cpu{os.cpu_count()}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -276,14 +268,14 @@ def main(argv=None) -> int:
     written = write_checkpoint(args.preset, args.folder, torch.device(args.device))
     print(f"checkpoint {args.folder}: {json.dumps(written)} in {time.perf_counter() - t0:.1f} s", flush=True)
     cfg = WanConfig.preset(args.preset)
-    out = args.out or ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}_{machine()}_e2e_{args.preset}.json"
+    out = args.out or ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}_{machine_tag()}_e2e_{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for run in args.run:
         image = test_image(args.folder, run["width"], run["height"]) if cfg.task == "i2v" else None
         rows.append(run_cli(args.folder, run, args.folder, extra, image, args.memory_cap_gb))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "argv"}), flush=True)
-        out.write_text(json.dumps(dict(method=__doc__, preset=args.preset, machine=machine(), torch=torch.__version__,
+        out.write_text(json.dumps(dict(method=__doc__, preset=args.preset, machine=machine_tag(), torch=torch.__version__,
                                        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                                        checkpoint=written, runs=rows), indent=1))  # after every run
     if not rows:
