@@ -18,6 +18,7 @@ Prints a table and writes bench/results/<date>_<machine>_startup.json.
 from __future__ import annotations
 
 import argparse
+import json
 import gc
 import statistics
 import sys
@@ -207,6 +208,7 @@ def main(argv=None) -> int:
                   "machine": machine_description(device.type), "environment": environment(),
                   "threads": threading.active_count()}
         result["alone"] = components_alone(folder, device, dtype)
+        print("alone:", json.dumps(result["alone"]), flush=True)   # each phase as it ends: a killed run keeps them
         settings = {"steps": args.steps, "frames": args.frames}
         if args.size:
             settings["width"], settings["height"] = (int(v) for v in args.size.lower().split("x"))
@@ -218,6 +220,7 @@ def main(argv=None) -> int:
                 result["startup"] = startup
             result.setdefault("startups", []).append(startup)
             result["steps"].append(step_times(pipe, settings, device))
+            print(f"offload {mode}: start-up", json.dumps(startup), "steps", json.dumps(result["steps"][-1]), flush=True)
             del pipe
             free(device)
     finally:

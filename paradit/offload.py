@@ -1,6 +1,6 @@
 """Offload mechanics: a module's weights kept in pinned host memory, copied to the GPU when used.
 
-HostWeights holds one module's parameters and buffers in host memory (pinned on CUDA) and points
+HostWeights holds one module's parameters and buffers in one host buffer (pinned on CUDA) and points
 the module at device copies while it is resident. ExpertResidency executes the schedule of
 paradit.residency for the experts a rank holds; TextEncoderResidency puts umT5 on the GPU for
 the prompt encode only. Both are driven explicitly by the pipeline (Pipeline.velocity,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -29,77 +30,171 @@ log = logging.getLogger("paradit")
 
 
 class HostWeights:
-    """The tensors of `module` in host memory. chunks: submodules copied (and waited for) one by
-    one, in this order, after the tensors outside them."""
+    """The tensors of `module` in host memory (pinned on CUDA), one flat buffer per chunk. chunks:
+    submodules copied (and waited for) one by one, in this order, after the tensors outside them.
+
+    A buffer per chunk, not one pinned tensor per weight: torch's pinned allocator rounds every
+    request up to a power of two (a 141.6 MB A14B FFN weight takes 256 MB), which made an A14B
+    expert need ~42 GB of pinned memory instead of 28.6. Each chunk goes to the GPU as one transfer
+    into one device allocation."""
 
     def __init__(self, module: nn.Module, device, chunks: list[nn.Module] = ()):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.refs: list[list[tuple[nn.Module, str, str]]] = []   # per tensor: where the module holds it
-        self.host: list[torch.Tensor] = []
-        found: dict[int, int] = {}
-        for owner in module.modules():
-            for kind in ("_parameters", "_buffers"):
-                for key, t in list(getattr(owner, kind).items()):
-                    if t is None:
-                        continue
-                    if id(t) not in found:  # tied weights are one tensor, copied once
-                        found[id(t)] = len(self.host)
-                        host = t.detach().to("cpu")
-                        self.host.append(host.pin_memory() if self.cuda else host)
-                        self.refs.append([])
-                    i = found[id(t)]
-                    found[id(self.host[i])] = i      # a buffer is replaced by its host copy below
-                    self.refs[i].append((owner, kind, key))
-                    # Pointed at its host copy at once, so that the tensor it held (a host copy that is
-                    # not pinned, say) is freed now: pinning an expert needs its bytes once, not twice.
-                    self._point_one(owner, kind, key, self.host[i])
+        tensors, self.refs = _unique_tensors(module)               # per tensor: where the module holds it
+        index = {id(t): i for i, t in enumerate(tensors)}
         claimed: set[int] = set()
-        self.chunks: list[list[int]] = []                         # tensor indices per chunk; rest first
+        self.chunks: list[list[int]] = []                           # tensor indices per chunk; rest first
         for chunk in chunks:
-            ids = [found[id(t)] for t in _tensors(chunk) if found[id(t)] not in claimed]
+            ids = [index[id(t)] for t in _tensors(chunk) if index[id(t)] not in claimed]
             claimed |= set(ids)
             self.chunks.append(ids)
-        self.chunks.insert(0, [i for i in range(len(self.host)) if i not in claimed])
+        self.chunks.insert(0, [i for i in range(len(tensors)) if i not in claimed])
         self.chunk_modules = [None, *chunks]
-        self.bytes = sum(t.numel() * t.element_size() for t in self.host)
+        # the byte range of every tensor in its chunk's buffer; 256-byte aligned for any dtype's view
+        self.ranges: list[tuple[int, int]] = [(0, 0)] * len(tensors)
+        sizes = []
+        for ids in self.chunks:
+            end = 0
+            for i in ids:
+                n = tensors[i].numel() * tensors[i].element_size()
+                self.ranges[i] = (end, end + n)
+                end = _align(end + n, 256)
+            sizes.append(end)
+        self.bytes = sum(sizes)
+        self.host: list[torch.Tensor | None] = [None] * len(tensors)
+        if self.cuda:
+            check_host_memory(sum(t.numel() * t.element_size() for t in tensors if t.device.type != "cpu"))
+        # chunk by chunk (a few at once), so that the tensors a chunk held are freed as its buffer
+        # fills: moving an expert into pinned memory needs one chunk's bytes beyond the expert's
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            self.buffers = list(pool.map(lambda c: self._fill(c, sizes[c], tensors), range(len(self.chunks))))
         self.resident = False
 
-    def _point(self, tensors: list[torch.Tensor]) -> None:
-        """Make the module use `tensors` (same order as self.host)."""
-        for refs, t in zip(self.refs, tensors):
-            for owner, kind, key in refs:
-                self._point_one(owner, kind, key, t)
+    def _fill(self, c: int, nbytes: int, tensors: list[torch.Tensor]):
+        buffer = PinnedBuffer(nbytes) if self.cuda else _Buffer(nbytes)
+        for i in self.chunks[c]:
+            host = self._view(buffer.tensor, i, tensors[i])
+            host.copy_(tensors[i].detach())
+            self.host[i] = host
+            # Pointed at its host copy at once, so that the tensor it held (a host copy that is not
+            # pinned, say) is freed now
+            self._point_one(i, host)
+            tensors[i] = None
+        return buffer
 
-    @staticmethod
-    def _point_one(owner: nn.Module, kind: str, key: str, t: torch.Tensor) -> None:
-        if kind == "_parameters":
-            owner._parameters[key].data = t
-        else:
-            owner._buffers[key] = t
+    def _view(self, flat: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
+        start, end = self.ranges[i]
+        return flat[start:end].view(like.dtype).view(like.shape)
+
+    def _point_one(self, i: int, t: torch.Tensor) -> None:
+        for owner, kind, key in self.refs[i]:
+            if kind == "_parameters":
+                owner._parameters[key].data = t
+            else:
+                owner._buffers[key] = t
 
     def to_device(self, stream=None) -> list:
         """Device copies of every tensor, the module pointed at them; returns one CUDA event per
         chunk (empty on the CPU, where the copy is done when this returns)."""
-        dst = [torch.empty_like(h, device=self.device) for h in self.host]   # on the compute stream
+        flats = [torch.empty(b.tensor.numel(), dtype=torch.uint8, device=self.device)  # on the compute stream
+                 for b in self.buffers]
         events = []
         if self.cuda and stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for ids in self.chunks:
-                for i in ids:
-                    dst[i].copy_(self.host[i], non_blocking=self.cuda)
+            for flat, buffer in zip(flats, self.buffers):
+                flat.copy_(buffer.tensor, non_blocking=self.cuda)        # one transfer per chunk
                 if self.cuda and stream is not None:
                     events.append(torch.cuda.Event())
                     events[-1].record(stream)
-        self._point(dst)
+        for flat, ids in zip(flats, self.chunks):
+            for i in ids:
+                self._point_one(i, self._view(flat, i, self.host[i]))
         self.resident = True
         return events
 
     def release(self) -> None:
         """Point the module back at the host copies; the device copies are freed."""
-        self._point(self.host)
+        for i, h in enumerate(self.host):
+            self._point_one(i, h)
         self.resident = False
+
+
+def _align(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _unique_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[list[tuple[nn.Module, str, str]]]]:
+    """Every parameter and buffer of `module` once (tied weights are one tensor), with the
+    (owner, kind, name) places that hold it."""
+    tensors, refs, found = [], [], {}
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            for key, t in getattr(owner, kind).items():
+                if t is None:
+                    continue
+                if id(t) not in found:
+                    found[id(t)] = len(tensors)
+                    tensors.append(t)
+                    refs.append([])
+                refs[found[id(t)]].append((owner, kind, key))
+    return tensors, refs
+
+
+def check_host_memory(nbytes: int, margin: float = 2e9) -> None:
+    """Refuse, before any copy, to page-lock more host memory than the machine has available
+    (the kernel would kill the process part-way, with no message). Tensors already in host memory
+    are not counted: they move into the pinned buffers chunk by chunk, freeing their own bytes."""
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):   # not Linux: nothing to ask
+        return
+    if nbytes > available - margin:
+        raise MemoryError(f"offload needs {nbytes / 1e9:.1f} GB of page-locked host memory and the machine "
+                          f"has {available / 1e9:.1f} GB available: free host memory (a checkpoint on tmpfs "
+                          f"counts), or offload fewer components (offload='text-encoder' or 'none')")
+
+
+class _Buffer:
+    """Plain host memory (the CPU: no page locking)."""
+
+    def __init__(self, nbytes: int):
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+
+
+class PinnedBuffer:
+    """`nbytes` of page-locked host memory: an ordinary allocation registered with the CUDA driver
+    (cudaHostRegister, which faults the pages in and locks them), in page-aligned pieces from a few
+    threads when it is large. Unregistered when this object goes."""
+    PIECE = 1 << 30
+
+    def __init__(self, nbytes: int):
+        self._registered: list[tuple[int, int]] = []
+        self._cudart = torch.cuda.cudart()
+        page = 4096
+        self._raw = torch.empty(nbytes + page, dtype=torch.uint8)
+        offset = (-self._raw.data_ptr()) % page
+        self.tensor = self._raw[offset:offset + nbytes]
+        base = self.tensor.data_ptr()
+        self._pieces = [(base + a, min(self.PIECE, nbytes - a)) for a in range(0, nbytes, self.PIECE)]
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(self._pieces)))) as pool:
+            errors = list(pool.map(lambda p: self._cudart.cudaHostRegister(p[0], p[1], 0), self._pieces))
+        self._registered = [p for p, e in zip(self._pieces, errors) if int(e) == 0]
+        if len(self._registered) != len(self._pieces):
+            self.close()
+            bad = next(e for e in errors if int(e) != 0)
+            raise RuntimeError(f"could not page-lock {nbytes / 1e9:.1f} GB of host memory for offload "
+                               f"(cudaHostRegister: {bad}); free host memory, or offload fewer components")
+
+    def close(self) -> None:
+        for ptr, _ in self._registered:
+            self._cudart.cudaHostUnregister(ptr)
+        self._registered = []
+
+    def __del__(self):
+        self.close()
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -156,3 +156,26 @@ def test_startup_bench_at_the_tiny_preset(tmp_path):
     assert (none["offload"], experts["offload"]) == ("none", "experts")
     assert len(none["steps_s"]) == len(experts["steps_s"]) == 3
     assert none["experts"] == experts["experts"] and experts["switch_index"] is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked host memory needs CUDA")
+def test_pinned_host_weights_on_cuda_round_trip():
+    from paradit.offload import PinnedBuffer
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 700), torch.nn.Linear(700, 5)).to(torch.bfloat16).cuda()
+    x = torch.randn(4, 300, dtype=torch.bfloat16, device="cuda")
+    ref = model(x)
+    w = HostWeights(model, "cuda", chunks=[model[1]])
+    # registered with the driver piece by piece (torch's is_pinned() knows only its own allocator's blocks)
+    assert len(w.buffers) == 2 and all(isinstance(b, PinnedBuffer) and b._registered == b._pieces for b in w.buffers)
+    assert all(not p.is_cuda for p in model.parameters())
+    stream = torch.cuda.Stream()
+    events = w.to_device(stream)
+    assert len(events) == 2
+    for ev in events:
+        torch.cuda.current_stream().wait_event(ev)
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)      # a copy: the same numbers
+    w.release()
+    assert all(not p.is_cuda for p in model.parameters())
+    w.buffers[0].close()
+    assert w.buffers[0]._registered == []
