@@ -73,8 +73,9 @@ from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import WanTransformer, patchify, token_grid  # noqa: E402
 from paradit.parallel import planner as pl  # noqa: E402
 from paradit.parallel.collectives import TRAFFIC  # noqa: E402
-from paradit.parallel.mesh import ParallelConfig, auto_sp, init_parallel  # noqa: E402
+from paradit.parallel.mesh import init_parallel  # noqa: E402
 from paradit.parallel.runtime import Runtime  # noqa: E402
+from paradit.plan.layout import ParallelConfig, auto_sp  # noqa: E402
 from paradit.schedulers import wan_sigmas  # noqa: E402
 from paradit.schedulers.chords import init_sequence, rounds_to_first_hit  # noqa: E402
 

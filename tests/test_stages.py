@@ -3,7 +3,7 @@ import pytest
 
 from paradit.config import WanConfig
 from paradit.launch import spawn
-from paradit.parallel import ParallelConfig
+from paradit.plan import ParallelConfig
 from paradit.cli.layout import split_layout
 from paradit.cli.spec import parse_args
 from paradit.parallel.stages import Piece, stage_sizes, transfer_plan

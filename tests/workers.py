@@ -5,8 +5,9 @@ import torch
 
 from paradit.config import WanConfig
 from paradit.models import WanTransformer
-from paradit.parallel import ParallelConfig, init_parallel, parallelize
+from paradit.parallel import init_parallel, parallelize
 from paradit.pipeline import Pipeline, tiny_components
+from paradit.plan import ParallelConfig
 
 PROMPT, NEGATIVE = "a red circle moving left", "blurry"
 

@@ -10,7 +10,7 @@ import logging
 
 from paradit.cli.flags import Flags, UsageError
 from paradit.config import PRESETS
-from paradit.parallel.layout import ParallelConfig, auto_sp
+from paradit.plan.layout import ParallelConfig, auto_sp
 from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")

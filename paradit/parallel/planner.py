@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
-from paradit.parallel.layout import ParallelConfig, Stage, auto_sp
+from paradit.plan.layout import ParallelConfig, Stage, auto_sp
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
 from paradit.settings import MAX_STEPS, check_frames, check_int, check_number, check_size
 from paradit.schedulers.schedule import high_noise_steps

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import TRAFFIC, _count, even_split, offsets
-from paradit.parallel.layout import ParallelConfig
+from paradit.plan.layout import ParallelConfig
 from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")
