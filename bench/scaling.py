@@ -41,7 +41,7 @@ What is measured, per point (every rank runs it; the slowest rank of each step c
             more than 25% off the run's median rate marks the point suspect (warning, notes, "?").
   speedup   dp x latency(world 1) / latency(point): a dp replica serves its own request, so for
             dp > 1 this is a throughput speedup. efficiency = speedup / world.
-  planner   paradit.parallel.planner.evaluate for the same layout. GPU: the GPU's preset (h100,
+  planner   paradit.plan.evaluate for the same layout. GPU: the GPU's preset (h100,
             h200, b200) with the shipped calibration. CPU: a "cpu" GPUSpec measured on the spot
             (fp32 matmul rate and copy bandwidth of one single-threaded rank, gloo all_gather
             bandwidth between two ranks). --write-calibration fits two factors to the measurements
@@ -71,7 +71,7 @@ from launcher import (environment, has_cuda, machine_description, machine_tag, p
 
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import WanTransformer, patchify, token_grid  # noqa: E402
-from paradit.parallel import planner as pl  # noqa: E402
+import paradit.plan as pl  # noqa: E402
 from paradit.parallel.collectives import TRAFFIC  # noqa: E402
 from paradit.parallel.mesh import init_parallel  # noqa: E402
 from paradit.parallel.runtime import Runtime  # noqa: E402

@@ -8,8 +8,9 @@ import pytest
 
 from paradit.config import WanConfig
 from paradit.plan.layout import ParallelConfig
-from paradit.parallel.planner import (GPUS, auto_sp, chords_rounds, evaluate, forward_flops,
-                                      load_calibration, make_problem, param_count, param_parts, plan)
+from paradit.plan import (GPUS, auto_sp, evaluate, forward_flops, load_calibration, make_problem, param_count,
+                          param_parts, plan)
+from paradit.plan.model import chords_rounds
 from paradit.plan.cli import main
 
 A14B = WanConfig.preset("wan2.2-t2v-a14b")
@@ -242,7 +243,7 @@ def test_cli_subprocess():
 
 def test_planning_imports_no_torch():
     # the planner, the layout and the schedule are plain Python: the CLI checks stay fast
-    code = ("import sys, paradit.parallel.planner, paradit.settings; from paradit.plan import ParallelConfig; "
+    code = ("import sys, paradit.plan, paradit.settings; from paradit.plan import ParallelConfig; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

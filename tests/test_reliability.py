@@ -24,7 +24,7 @@ from paradit.generate import failure
 from paradit.launch import DistInfo, free_port, init_distributed, spawn
 from paradit.launch.faults import SIGNAL_EXITS
 from paradit.plan import ParallelConfig
-from paradit.parallel.planner import GPUS, load_calibration, plan
+from paradit.plan import GPUS, load_calibration, plan
 from paradit.pipeline import Pipeline
 from paradit.settings import VideoSettings
 from workers import bad_layout_on_every_rank

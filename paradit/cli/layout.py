@@ -42,7 +42,7 @@ def gpu_kind(flags: Flags) -> str | None:
 
 def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, offload: str = "auto") -> ParallelConfig:
     """--plan auto / --experts auto: the planner's choice for this world and GPU kind."""
-    from paradit.parallel.planner import plan
+    from paradit.plan import plan
     if kind is None:
         raise UsageError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
                          "pass --gpu h100|h200|b200")
@@ -102,7 +102,7 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
 
 def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
-    from paradit.parallel.planner import evaluate, make_problem, plan
+    from paradit.plan import evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
     problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
@@ -118,7 +118,7 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, o
 
 def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) -> str:
     """--offload auto: the planner's fastest mode that fits this layout on this GPU kind; none on a CPU."""
-    from paradit.parallel.planner import evaluate, make_problem
+    from paradit.plan import evaluate, make_problem
     if flags.offload != "auto":
         return flags.offload
     kind = gpu_kind(flags)
