@@ -556,10 +556,10 @@ def predict(point: dict, cfg: WanConfig, opts: dict, spec: pl.GPUSpec, cal: pl.C
     cand = pl.evaluate(p, ParallelConfig(c["ulysses"], c["ring"], c["cfg"], c["chords"], c["dp"]))
     if not math.isfinite(cand.step_s):
         return dict(step_s=None, reason=cand.reason)
-    s = cand.breakdown["step"]
-    busy = s["compute_s"] + s["launch_s"] + s["ring_merge_s"]   # what the compute-only run also does
-    return dict(step_s=cand.step_s, busy_s=busy, comm_s=cand.step_s - busy, compute_s=s["compute_s"],
-                launch_s=s["launch_s"], ring_merge_s=s["ring_merge_s"], comm_share=1 - busy / cand.step_s,
+    s = cand.breakdown.step
+    busy = s.compute_s + s.launch_s + s.ring_merge_s   # what the compute-only run also does
+    return dict(step_s=cand.step_s, busy_s=busy, comm_s=cand.step_s - busy, compute_s=s.compute_s,
+                launch_s=s.launch_s, ring_merge_s=s.ring_merge_s, comm_share=1 - busy / cand.step_s,
                 mem_gb=cand.mem_gb, feasible=cand.feasible, reason=cand.reason)
 
 

@@ -102,13 +102,13 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
 
 def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
-    from paradit.plan import evaluate, make_problem, plan
+    from paradit.plan import Infeasibility, evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
     problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
                            offload=offload)
     cand = evaluate(problem, layout)
-    if not cand.feasible and "memory" in cand.reason:
+    if cand.why is Infeasibility.OUT_OF_MEMORY:
         best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
         hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} "
                 f"({best.mem_gb:.1f} GB per GPU)" if best else "")

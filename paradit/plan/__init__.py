@@ -4,20 +4,24 @@
     hardware   GPU specs and the calibrated efficiency factors (calibration.json)
     model      one Wan expert in numbers: parameters, FLOPs, working sets
     costs      the time and memory of one layout: evaluate -> Candidate
-    ranking    the order of candidates
+    results    Candidate, its typed breakdowns, Infeasibility (why a layout cannot run)
+    ranking    the order of candidates, and why one ranks below the choice (Defeat)
     search     every layout of a machine, evaluated and ranked: plan -> Plan
     explain    a plan in words
     cli        `python -m paradit.plan`
 """
-from paradit.plan.costs import Candidate, Problem, evaluate
+from paradit.plan.costs import Problem, evaluate
 from paradit.plan.explain import explain
 from paradit.plan.hardware import DEFAULT_CALIBRATION, GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
 from paradit.plan.layout import AXES, EXPERT_MODES, ParallelConfig, Stage, auto_sp, suggest_layouts
 from paradit.plan.model import forward_flops, param_count, param_parts
-from paradit.plan.ranking import rank
+from paradit.plan.ranking import Defeat, defeat, rank
+from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, Phases,
+                                  RequestParts, SplitBreakdown, StepCost)
 from paradit.plan.search import Plan, candidates, make_problem, plan
 
 __all__ = ["AXES", "EXPERT_MODES", "ParallelConfig", "Stage", "auto_sp", "suggest_layouts",
            "GPUSpec", "GPUS", "MAX_GPUS", "Calibration", "DEFAULT_CALIBRATION", "load_calibration",
-           "forward_flops", "param_count", "param_parts", "Problem", "Candidate", "evaluate",
-           "rank", "Plan", "candidates", "make_problem", "plan", "explain"]
+           "forward_flops", "param_count", "param_parts", "Problem", "evaluate", "Candidate", "Infeasibility",
+           "StepCost", "MemoryCost", "Phases", "RequestParts", "ColocatedBreakdown", "SplitBreakdown", "HighLow",
+           "rank", "defeat", "Defeat", "Plan", "candidates", "make_problem", "plan", "explain"]

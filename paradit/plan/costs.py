@@ -58,13 +58,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from paradit.config import WanConfig
 from paradit.plan.hardware import GB, Calibration, GPUSpec
 from paradit.plan.layout import ParallelConfig, Stage, auto_sp
 from paradit.plan.model import (activation_gb, chords_core_experts, chords_rounds, forward_flops, param_count,
                                 param_parts, text_encoder_gb, vae_decode_gb)
+from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, Phases,
+                                  RequestParts, SplitBreakdown, StepCost)
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
 from paradit.schedulers.schedule import high_noise_steps
 
@@ -89,41 +91,6 @@ class Problem:
         return self.model.num_tokens(self.width, self.height, self.frames)
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One evaluated layout. Out-of-memory candidates keep their predicted times (what they would
-    take if they fitted); other infeasible ones have NaN times."""
-    layout: ParallelConfig
-    step_s: float             # one step (CHORDS: one round; split: latency / steps)
-    latency_s: float          # denoising time of one request (text encode and decode excluded)
-    throughput_per_h: float   # requests per hour, all replicas
-    mem_gb: float             # peak per GPU, the fullest GPU
-    feasible: bool
-    reason: str               # why infeasible ("" when feasible)
-    note: str = ""            # caveats of a feasible layout
-    breakdown: dict = field(default_factory=dict, compare=False, hash=False)
-    offload: str = "none"     # the offload mode these figures are for (paradit.residency)
-
-    def label(self) -> str:
-        """The layout's short form, with the offload mode when there is one."""
-        return self.layout.label() + (f" offload {self.offload}" if self.offload != "none" else "")
-
-    @property
-    def comm_share(self) -> float:
-        """Share of the latency spent in communication that compute does not hide."""
-        parts = self.breakdown.get("parts_s")
-        if not parts or not self.latency_s:
-            return float("nan")
-        busy = parts["compute"] + parts["launch overhead"]
-        return max(0.0, 1 - busy / self.latency_s)
-
-    def to_dict(self) -> dict:
-        return {"layout": self.layout.to_dict(), "offload": self.offload, "step_s": self.step_s,
-                "latency_s": self.latency_s, "throughput_per_h": self.throughput_per_h,
-                "mem_gb": self.mem_gb, "feasible": self.feasible, "reason": self.reason,
-                "note": self.note, "comm_share": self.comm_share, "breakdown": self.breakdown}
-
-
 def _intra_node(gpu: GPUSpec, offsets: list[int], stride: int, size: int, span: int) -> bool:
     """Whether every group of a mesh axis (stride, size) stays inside one node, in each copy
     of a sub-mesh of `span` ranks starting at one of `offsets`."""
@@ -139,24 +106,25 @@ def _bandwidth(p: Problem, offsets: list[int], stride: int, size: int, span: int
     return (p.gpu.nvlink_gbps if inside else p.gpu.internode_gbps) * 1e9 * p.calibration.comm_efficiency
 
 
-def stage_check(p: Problem, stage: Stage) -> str:
-    """Reason this (ulysses, ring, cfg) stage cannot run, or ''."""
+def stage_check(p: Problem, stage: Stage) -> tuple[Infeasibility, str] | None:
+    """Why this (ulysses, ring, cfg) stage cannot run, in kind and in words; None if it can."""
     u, r, c = stage
     heads = p.model.num_heads
     if c == 2 and not p.guidance:
-        return "cfg=2 needs classifier-free guidance"
+        return Infeasibility.NO_GUIDANCE, "cfg=2 needs classifier-free guidance"
     if u > heads:
-        return f"ulysses {u} > {heads} heads"
+        return Infeasibility.TOO_MANY_ULYSSES, f"ulysses {u} > {heads} heads"
     if heads % u and p.allow_ring:
         eu, er = auto_sp(heads, u * r)
-        return f"uneven heads: {heads} over ulysses {u}; ring balances it (U{eu} R{er})"
+        return (Infeasibility.UNEVEN_HEADS,
+                f"uneven heads: {heads} over ulysses {u}; ring balances it (U{eu} R{er})")
     if u * r > 1 and math.ceil(p.tokens / (u * r)) < p.calibration.min_tokens_per_rank:
-        return (f"{math.ceil(p.tokens / (u * r))} tokens per rank < "
-                f"{p.calibration.min_tokens_per_rank}")
-    return ""
+        return (Infeasibility.FEW_TOKENS, f"{math.ceil(p.tokens / (u * r))} tokens per rank < "
+                                          f"{p.calibration.min_tokens_per_rank}")
+    return None
 
 
-def stage_step(p: Problem, stage: Stage, offsets: list[int]) -> dict:
+def stage_step(p: Problem, stage: Stage, offsets: list[int]) -> StepCost:
     """Seconds, FLOPs and bytes of one denoising step of one stage, per rank.
 
     Copies of the stage start at ranks `offsets` (replicas, CHORDS cores); where they sit
@@ -175,11 +143,11 @@ def stage_step(p: Problem, stage: Stage, offsets: list[int]) -> dict:
     out["launch_s"] = m.num_layers * p.calibration.layer_overhead_us * 1e-6
     out["step_s"] = sum(out[k] for k in ("compute_s", "ulysses_s", "ring_exposed_s",
                                          "ring_merge_s", "cfg_s", "launch_s"))
-    return out
+    return StepCost(**out)
 
 
 def _compute(p: Problem, stage: Stage) -> dict:
-    """GEMMs, attention and memory-bound elementwise work of one step on one rank."""
+    """GEMMs, attention and memory-bound elementwise work of one step on one rank (StepCost fields)."""
     m, gpu, cal = p.model, p.gpu, p.calibration
     u, r, c = stage
     n, d, heads, L = m.num_layers, m.dim, m.num_heads, p.tokens
@@ -242,7 +210,7 @@ def _ring(p: Problem, stage: Stage, batch: int, t_self: float, bw: float) -> dic
 
 
 def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool,
-               mode: str = "none") -> dict:
+               mode: str = "none") -> MemoryCost:
     """Per-GPU memory (GB) of a rank of this stage under an offload mode: the parts of its
     fullest phase (denoise, encode, decode), and every phase's total."""
     u, r, c = stage
@@ -252,17 +220,15 @@ def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool,
     acts = activation_gb(p.model, math.ceil(p.tokens / (u * r)), batch, r > 1)
     text_gb = text_encoder_gb(p.model) if text else 0.0
     on_gpu = 1 if offloads_experts(mode) and experts > 1 else experts
-    parts = {"weights": on_gpu * param_count(p.model) * 2 / GB,
-             "text_encoder": 0.0 if offloads_text_encoder(mode) else text_gb,
-             "overhead": p.calibration.overhead_gb + vae_weights}
-    resident = sum(parts.values())
-    phases = {"denoise": resident + acts, "encode": resident + text_gb - parts["text_encoder"],
-              "decode": resident + vae_work}
-    phase = max(phases, key=phases.get)
-    parts["activations"] = {"denoise": acts, "encode": 0.0, "decode": vae_work}[phase]
-    if phase == "encode":
-        parts["text_encoder"] = text_gb      # copied in for the encode
-    return parts | {"total": phases[phase], "phase": phase, "phases": phases, "experts_on_gpu": on_gpu}
+    weights = on_gpu * param_count(p.model) * 2 / GB
+    text_resident = 0.0 if offloads_text_encoder(mode) else text_gb
+    overhead = p.calibration.overhead_gb + vae_weights
+    resident = weights + text_resident + overhead
+    phases = Phases(denoise=resident + acts, encode=resident + text_gb - text_resident, decode=resident + vae_work)
+    phase = max(("denoise", "encode", "decode"), key=lambda name: getattr(phases, name))
+    activations = {"denoise": acts, "encode": 0.0, "decode": vae_work}[phase]
+    text_held = text_gb if phase == "encode" else text_resident      # copied in for the encode
+    return MemoryCost(weights, text_held, overhead, activations, getattr(phases, phase), phase, phases, on_gpu)
 
 
 def _host_copy_s(p: Problem, mode: str, experts: int, text: bool, step_s: float) -> float:
@@ -276,20 +242,25 @@ def _host_copy_s(p: Problem, mode: str, experts: int, text: bool, step_s: float)
     return seconds
 
 
-def _oom_reason(p: Problem, mem: dict, experts: int) -> str:
-    if mem["total"] <= p.gpu.usable_gb:
+def _oom_reason(p: Problem, mem: MemoryCost, experts: int) -> str:
+    if mem.total <= p.gpu.usable_gb:
         return ""
     held = f"{experts} expert{'s' * (experts > 1)}"
-    if mem["experts_on_gpu"] < experts:
-        held = f"{mem['experts_on_gpu']} of {held} on the GPU"
-    return (f"out of memory: {mem['total']:.1f} GB > {p.gpu.usable_gb:.1f} GB usable (weights "
-            f"{mem['weights']:.1f} [{held}], text encoder {mem['text_encoder']:.1f}, activations "
-            f"{mem['activations']:.1f}, overhead {mem['overhead']:.1f}; at the {mem['phase']})")
+    if mem.experts_on_gpu < experts:
+        held = f"{mem.experts_on_gpu} of {held} on the GPU"
+    return (f"out of memory: {mem.total:.1f} GB > {p.gpu.usable_gb:.1f} GB usable (weights "
+            f"{mem.weights:.1f} [{held}], text encoder {mem.text_encoder:.1f}, activations "
+            f"{mem.activations:.1f}, overhead {mem.overhead:.1f}; at the {mem.phase})")
 
 
-def _infeasible(layout: ParallelConfig, reason: str) -> Candidate:
+def _infeasible(layout: ParallelConfig, why: Infeasibility, reason: str) -> Candidate:
     nan = float("nan")
-    return Candidate(layout, nan, nan, 0.0, nan, False, reason)
+    return Candidate(layout, nan, nan, 0.0, nan, why, reason)
+
+
+def _fits(reason: str) -> Infeasibility | None:
+    """A memory verdict: an out-of-memory reason makes the layout infeasible."""
+    return Infeasibility.OUT_OF_MEMORY if reason else None
 
 
 OFFLOAD_ORDER = ("none", "text-encoder", "experts", "all")   # fewest copies first: the tie-break
@@ -300,10 +271,10 @@ def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> 
     it cannot run. "auto": the fastest mode that fits, else the one that needs least memory."""
     mode = check_offload(offload or p.offload)
     if layout.world_size != p.gpus:
-        return _infeasible(layout, f"world size {layout.world_size} != {p.gpus} GPUs")
+        return _infeasible(layout, Infeasibility.WORLD_SIZE, f"world size {layout.world_size} != {p.gpus} GPUs")
     for stage in layout.stage_degrees:
-        if reason := stage_check(p, stage):
-            return _infeasible(layout, reason)
+        if problem := stage_check(p, stage):
+            return _infeasible(layout, *problem)
     if mode == "auto":
         tried = [evaluate(p, layout, m) for m in OFFLOAD_ORDER]
         fits = [c for c in tried if c.feasible]
@@ -336,62 +307,57 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
     m, stage, k = p.model, layout.stage_degrees[0], layout.chords
     rounds = chords_rounds(k, p.steps)
     if rounds is None:
-        return _infeasible(layout, f"no CHORDS initialisation sequence for {k} cores at "
-                                   f"{p.steps} steps (paper's: 4, 6, 8 cores)")
+        return _infeasible(layout, Infeasibility.NO_CHORDS_INIT, f"no CHORDS initialisation sequence for {k} "
+                                                                 f"cores at {p.steps} steps (paper's: 4, 6, 8 cores)")
     core = math.prod(stage)
     held = max(chords_core_experts(m, k, p.steps))
     mem = _stage_mem(p, stage, held, text=True, decode=True, mode=mode)
     replicas = [i * layout.group_size for i in range(layout.dp)]
     step = stage_step(p, stage, [rep + c * core for rep in replicas for c in range(k)])
-    breakdown = {"step": step, "mem_gb": mem, "experts_per_gpu": held, "rounds": rounds}
     exchange = 0.0
     if k > 1:   # all-gather of (x, v) over the chords axis, fp32 token-space shards
-        shard = step["local_tokens"] * m.out_channels * math.prod(m.patch) * 4
+        shard = step.local_tokens * m.out_channels * math.prod(m.patch) * 4
         exchange = p.calibration.collective_latency_us * 1e-6 + \
             2 * shard * (k - 1) / _bandwidth(p, replicas, core, k, core * k)
-    round_s = step["step_s"] + exchange
+    round_s = step.step_s + exchange
     copies = _host_copy_s(p, mode, held, True, round_s)
     latency = rounds * round_s + copies
-    breakdown["parts_s"] = _parts(step, rounds) | {"CHORDS exchange": rounds * exchange,
-                                                   "host copies (offload)": copies}
+    parts = RequestParts.of_steps(step, rounds, chords_exchange=rounds * exchange, host_copies=copies)
     note = "uneven heads, padded" if m.num_heads % stage[0] else ""
     if k > 1:
         note = _join(note, f"CHORDS: first hit after {rounds} rounds, approximate")
     note = _join(note, _offload_note(p, mode, held, True))
     reason = _oom_reason(p, mem, held)
-    return Candidate(layout, round_s, latency, layout.dp * 3600 / latency, mem["total"],
-                     not reason, reason, _headroom(p, mem["total"], note), breakdown)
+    return Candidate(layout, round_s, latency, layout.dp * 3600 / latency, mem.total, _fits(reason), reason,
+                     _headroom(p, mem.total, note), ColocatedBreakdown(step, mem, held, rounds, parts))
 
 
 def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> Candidate:
     m = p.model
     if m.num_experts < 2:
-        return _infeasible(layout, f"{m.name} has one expert; nothing to split")
+        return _infeasible(layout, Infeasibility.ONE_EXPERT, f"{m.name} has one expert; nothing to split")
     (hi, lo), n_hi = layout.stages, high_noise_steps(m.boundary, p.steps, m.shift)
     size_hi, replicas = math.prod(hi), [i * layout.group_size for i in range(layout.dp)]
-    counts = (n_hi, p.steps - n_hi)
-    mems = (split_memory(p, hi, "high", mode), split_memory(p, lo, "low", mode))
-    steps = (stage_step(p, hi, replicas), stage_step(p, lo, [r + size_hi for r in replicas]))
-    breakdown = {"high": steps[0], "low": steps[1], "mem_gb": {"high": mems[0], "low": mems[1]},
-                 "steps": {"high": counts[0], "low": counts[1]}}
-    peak = max(mm["total"] for mm in mems)
-    reason = next((r for r in (_oom_reason(p, mm, 1) for mm in mems) if r), "")
+    counts = HighLow(n_hi, p.steps - n_hi)
+    mems = HighLow(split_memory(p, hi, "high", mode), split_memory(p, lo, "low", mode))
+    steps = HighLow(stage_step(p, hi, replicas), stage_step(p, lo, [r + size_hi for r in replicas]))
+    peak = max(mems.high.total, mems.low.total)
+    reason = _oom_reason(p, mems.high, 1) or _oom_reason(p, mems.low, 1)
     # hand-off: latent, UniPC state (x, two model outputs, last sample) in fp32, and the text
     # embeddings (cond + uncond, bf16), once per request across the stage boundary
     c, f, h, w = m.latent_shape(p.width, p.height, p.frames)
     handoff_bytes = 4 * c * f * h * w * 4 + 2 * m.text_len * m.text_dim * 2
     handoff = p.calibration.collective_latency_us * 1e-6 + \
         handoff_bytes / _bandwidth(p, replicas, size_hi, 2, layout.group_size)
-    copies = _host_copy_s(p, mode, 1, True, steps[0]["step_s"])   # the high stage encodes
-    stage_s = [counts[0] * steps[0]["step_s"] + copies, counts[1] * steps[1]["step_s"]]
-    latency = sum(stage_s) + handoff
-    breakdown["parts_s"] = _sum_parts(_parts(steps[0], counts[0]), _parts(steps[1], counts[1]))
-    breakdown["parts_s"]["expert hand-off"] = handoff
-    breakdown["parts_s"]["host copies (offload)"] = copies
-    breakdown["stage_s"] = {"high": stage_s[0], "low": stage_s[1]}
-    throughput = layout.dp * 3600 / (max(stage_s) + handoff)
+    copies = _host_copy_s(p, mode, 1, True, steps.high.step_s)   # the high stage encodes
+    stage_s = HighLow(counts.high * steps.high.step_s + copies, counts.low * steps.low.step_s)
+    latency = stage_s.high + stage_s.low + handoff
+    parts = RequestParts.of_steps(steps.high, counts.high) + RequestParts.of_steps(steps.low, counts.low)
+    parts = dataclasses.replace(parts, handoff=handoff, host_copies=copies)
+    throughput = layout.dp * 3600 / (max(stage_s.high, stage_s.low) + handoff)
     note = _join("requests pipeline through the stages", _offload_note(p, mode, 1, True))
-    return Candidate(layout, latency / p.steps, latency, throughput, peak, not reason, reason,
+    breakdown = SplitBreakdown(steps.high, steps.low, mems, counts, parts, stage_s)
+    return Candidate(layout, latency / p.steps, latency, throughput, peak, _fits(reason), reason,
                      _headroom(p, peak, note), breakdown)
 
 
@@ -403,18 +369,6 @@ def _headroom(p: Problem, mem_gb: float, note: str) -> str:
     return note
 
 
-def split_memory(p: Problem, stage: Stage, role: str, mode: str = "none") -> dict:
+def split_memory(p: Problem, stage: Stage, role: str, mode: str = "none") -> MemoryCost:
     """One expert per GPU; the high stage encodes the prompt, the low stage decodes the video."""
     return _stage_mem(p, stage, 1, text=role == "high", decode=role == "low", mode=mode)
-
-
-def _parts(step: dict, n: int) -> dict:
-    """Seconds per request by cost, for explanations."""
-    return {"compute": n * step["compute_s"], "Ulysses all-to-all": n * step["ulysses_s"],
-            "ring transfer (exposed)": n * step["ring_exposed_s"],
-            "ring LSE merges": n * step["ring_merge_s"], "CFG exchange": n * step["cfg_s"],
-            "launch overhead": n * step["launch_s"]}
-
-
-def _sum_parts(a: dict, b: dict) -> dict:
-    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in a | b}

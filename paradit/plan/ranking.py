@@ -1,10 +1,24 @@
-"""Ranking evaluated layouts: by the objective, then by how many moving parts they have."""
+"""Ranking evaluated layouts: by the objective, then by how many moving parts they have; and why
+a layout ranks below the choice."""
 from __future__ import annotations
 
+import enum
 import math
 
-from paradit.plan.costs import Candidate
 from paradit.plan.layout import ParallelConfig
+from paradit.plan.results import Candidate
+
+TIE = 0.005     # relative difference below which two layouts tie on the objective
+
+
+class Defeat(enum.Enum):
+    """Why a runnable layout ranks below the choice."""
+    MORE_COMPLEX = "a tie, and the choice has fewer parallel axes"
+    TIE = "a tie, decided by the secondary objective"
+    ONE_STAGE_AT_A_TIME = "split experts: a request uses one stage's GPUs at a time (latency)"
+    SLOWER_STAGE = "split experts: the slower stage bounds the pipeline (throughput)"
+    SMALLER_REPLICAS = "data parallelism leaves each request fewer GPUs (latency)"
+    COSTLIER = "more of one cost (compute, a collective, copies) per request"
 
 
 def complexity(layout: ParallelConfig) -> int:
@@ -22,3 +36,15 @@ def rank(cands: list[Candidate], objective: str) -> list[Candidate]:
         secondary = -c.throughput_per_h if objective == "latency" else c.latency_s
         return (0, round(primary, 6), round(secondary, 6), complexity(c.layout))
     return sorted(cands, key=key)
+
+
+def defeat(choice: Candidate, other: Candidate, objective: str) -> Defeat:
+    """Why `other` (runnable) ranks below `choice` under the objective."""
+    metric = "latency_s" if objective == "latency" else "throughput_per_h"
+    if abs(getattr(other, metric) / getattr(choice, metric) - 1) < TIE:
+        return Defeat.MORE_COMPLEX if complexity(choice.layout) < complexity(other.layout) else Defeat.TIE
+    if other.layout.stages:
+        return Defeat.ONE_STAGE_AT_A_TIME if objective == "latency" else Defeat.SLOWER_STAGE
+    if other.layout.dp > 1 and objective == "latency":
+        return Defeat.SMALLER_REPLICAS
+    return Defeat.COSTLIER

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
-from paradit.plan.costs import Candidate, Problem, evaluate, split_memory, stage_check, stage_step
+from paradit.plan.costs import Problem, evaluate, split_memory, stage_check, stage_step
 from paradit.plan.explain import explain
 from paradit.plan.hardware import GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
 from paradit.plan.layout import ParallelConfig, Stage
 from paradit.plan.ranking import rank
+from paradit.plan.results import Candidate
 from paradit.residency import check_offload
 from paradit.settings import MAX_STEPS, check_frames, check_int, check_size
 
@@ -32,8 +33,8 @@ def _best_stage(p: Problem, size: int, offsets: list[int], role: str) -> Stage:
     ones that fit in memory (if none does, the layout is reported out of memory)."""
     stages = [s for s in _stages(size) if not stage_check(p, s)] or _stages(size)
     least = "all" if p.offload == "auto" else p.offload          # the least memory allowed
-    fits = [s for s in stages if split_memory(p, s, role, least)["total"] <= p.gpu.usable_gb] or stages
-    return min(fits, key=lambda s: stage_step(p, s, offsets)["step_s"])
+    fits = [s for s in stages if split_memory(p, s, role, least).total <= p.gpu.usable_gb] or stages
+    return min(fits, key=lambda s: stage_step(p, s, offsets).step_s)
 
 
 def candidates(p: Problem, max_chords: int = 1) -> list[ParallelConfig]:
@@ -53,8 +54,9 @@ def candidates(p: Problem, max_chords: int = 1) -> list[ParallelConfig]:
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """The candidates of one problem, ranked by the objective."""
     problem: Problem
     objective: str
     candidates: list[Candidate]      # ranked
