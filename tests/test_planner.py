@@ -10,7 +10,7 @@ from paradit.config import WanConfig
 from paradit.plan.layout import ParallelConfig
 from paradit.plan import (GPUS, Infeasibility, auto_sp, evaluate, forward_flops, load_calibration, make_problem, param_count,
                           param_parts, plan)
-from paradit.plan.model import chords_rounds
+from paradit.plan.placement import chords_rounds
 from paradit.plan.cli import main
 
 A14B = WanConfig.preset("wan2.2-t2v-a14b")

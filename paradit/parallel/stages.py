@@ -26,14 +26,6 @@ from paradit.schedulers.schedule import high_noise_steps
 log = logging.getLogger("paradit")
 
 
-def stage_sizes(world: int, high_steps: int, steps: int) -> tuple[int, int]:
-    """GPUs per stage in proportion to each stage's steps (T2V-A14B 26:14 -> 5 + 3 of 8)."""
-    if world < 2:
-        raise ValueError("split experts need at least 2 processes (one per stage)")
-    high = min(world - 1, max(1, round(world * high_steps / steps)))
-    return high, world - high
-
-
 @dataclass(frozen=True)
 class Piece:
     src: int    # global rank that sends

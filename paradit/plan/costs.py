@@ -63,8 +63,8 @@ from dataclasses import dataclass
 from paradit.config import WanConfig
 from paradit.plan.hardware import GB, Calibration, GPUSpec
 from paradit.plan.layout import ParallelConfig, Stage, auto_sp
-from paradit.plan.model import (activation_gb, chords_core_experts, chords_rounds, forward_flops, param_count,
-                                param_parts, text_encoder_gb, vae_decode_gb)
+from paradit.plan.model import activation_gb, forward_flops, param_count, param_parts, text_encoder_gb, vae_decode_gb
+from paradit.plan.placement import chords_experts, chords_init, chords_rounds
 from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, Phases,
                                   RequestParts, SplitBreakdown, StepCost)
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
@@ -310,7 +310,7 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
         return _infeasible(layout, Infeasibility.NO_CHORDS_INIT, f"no CHORDS initialisation sequence for {k} "
                                                                  f"cores at {p.steps} steps (paper's: 4, 6, 8 cores)")
     core = math.prod(stage)
-    held = max(chords_core_experts(m, k, p.steps))
+    held = _experts_per_core(m, k, p.steps)
     mem = _stage_mem(p, stage, held, text=True, decode=True, mode=mode)
     replicas = [i * layout.group_size for i in range(layout.dp)]
     step = stage_step(p, stage, [rep + c * core for rep in replicas for c in range(k)])
@@ -330,6 +330,14 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
     reason = _oom_reason(p, mem, held)
     return Candidate(layout, round_s, latency, layout.dp * 3600 / latency, mem.total, _fits(reason), reason,
                      _headroom(p, mem.total, note), ColocatedBreakdown(step, mem, held, rounds, parts))
+
+
+def _experts_per_core(m: WanConfig, cores: int, steps: int) -> int:
+    """The most experts one CHORDS core holds to reach the first hit (all of them without CHORDS)."""
+    if m.num_experts == 1 or cores == 1:
+        return m.num_experts
+    high = high_noise_steps(m.boundary, steps, m.shift)
+    return max(len(e) for e in chords_experts(chords_init(cores, steps), steps, high, stop=1))
 
 
 def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> Candidate:

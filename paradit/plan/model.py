@@ -1,4 +1,4 @@
-"""One Wan expert in numbers: parameters, FLOPs of a forward, working sets; CHORDS' rounds.
+"""One Wan expert in numbers: parameters, FLOPs of a forward, working sets.
 
 Pure Python, no torch; the formulas are those of paradit.plan.costs' docstring.
 """
@@ -8,7 +8,6 @@ import math
 
 from paradit.config import WanConfig
 from paradit.plan.hardware import GB
-from paradit.schedulers.schedule import high_noise_steps
 
 TEXT_ENCODER_PARAMS = 5.7e9          # umT5-XXL encoder, held in bf16
 
@@ -70,30 +69,3 @@ def vae_decode_gb(m: WanConfig, width: int, height: int, frames: int) -> tuple[f
 def text_encoder_gb(m: WanConfig) -> float:
     """umT5-XXL encoder in bf16 for the real models (text_dim 4096); the tiny one is negligible."""
     return TEXT_ENCODER_PARAMS * 2 / GB if m.text_dim == 4096 else 0.0
-
-
-def chords_init(cores: int, steps: int) -> tuple[int, ...] | None:
-    """The runtime's default initialisation sequence (the paper's, rescaled; the rule otherwise);
-    None when `cores` cannot fit `steps`. Imported here lazily: only CHORDS planning needs torch."""
-    from paradit.schedulers.chords import init_sequence
-    return tuple(init_sequence(cores, steps)) if 1 <= cores <= steps else None
-
-
-def chords_rounds(cores: int, steps: int) -> int | None:
-    """Rounds to CHORDS' first hit: (K - 1) + (N - i_{K-1}); `steps` when cores == 1."""
-    if cores == 1:
-        return steps
-    from paradit.schedulers.chords import rounds_to_first_hit
-    init = chords_init(cores, steps)
-    return None if init is None else rounds_to_first_hit(init, steps)
-
-
-def chords_core_experts(m: WanConfig, cores: int, steps: int) -> list[int]:
-    """How many experts each CHORDS core must hold to reach the first hit: an index below
-    high_noise_steps needs the high-noise expert, the others the low-noise one."""
-    if m.num_experts == 1 or cores == 1:
-        return [m.num_experts] * cores
-    from paradit.schedulers.chords import core_experts
-    held = core_experts(chords_init(cores, steps), steps, chords_rounds(cores, steps),
-                        high_noise_steps(m.boundary, steps, m.shift))
-    return [len(e) for e in held]
