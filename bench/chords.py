@@ -47,7 +47,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
 
 from paradit.models.transformer import patchify, token_grid, unpatchify  # noqa: E402
-from paradit.parallel.planner import chords_init  # noqa: E402
+from paradit.plan.placement import chords_init  # noqa: E402
 from paradit.schedulers import wan_sigmas, wan_timesteps  # noqa: E402
 from paradit.schedulers.chords import Chords, init_sequence  # noqa: E402
 

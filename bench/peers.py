@@ -81,7 +81,8 @@ from scaling import (_speed_check, add_run_args, build_model, drift_notes, extra
 from paradit.checkpoint import to_diffusers_name  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import patchify, unpatchify  # noqa: E402
-from paradit.parallel import ParallelConfig, Runtime, init_parallel, parallelize  # noqa: E402
+from paradit.parallel import Runtime, init_parallel, parallelize  # noqa: E402
+from paradit.plan import ParallelConfig  # noqa: E402
 
 LIBRARIES = ("paradit", "diffusers", "xfuser")   # the order of rows in a world: paradit's single ones first
 DEFAULT_LAYOUTS = "U,R,U2R"

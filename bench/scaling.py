@@ -41,7 +41,7 @@ What is measured, per point (every rank runs it; the slowest rank of each step c
             more than 25% off the run's median rate marks the point suspect (warning, notes, "?").
   speedup   dp x latency(world 1) / latency(point): a dp replica serves its own request, so for
             dp > 1 this is a throughput speedup. efficiency = speedup / world.
-  planner   paradit.parallel.planner.evaluate for the same layout. GPU: the GPU's preset (h100,
+  planner   paradit.plan.evaluate for the same layout. GPU: the GPU's preset (h100,
             h200, b200) with the shipped calibration. CPU: a "cpu" GPUSpec measured on the spot
             (fp32 matmul rate and copy bandwidth of one single-threaded rank, gloo all_gather
             bandwidth between two ranks). --write-calibration fits two factors to the measurements
@@ -71,10 +71,11 @@ from launcher import (environment, has_cuda, machine_description, machine_tag, p
 
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import WanTransformer, patchify, token_grid  # noqa: E402
-from paradit.parallel import planner as pl  # noqa: E402
+import paradit.plan as pl  # noqa: E402
 from paradit.parallel.collectives import TRAFFIC  # noqa: E402
-from paradit.parallel.mesh import ParallelConfig, auto_sp, init_parallel  # noqa: E402
+from paradit.parallel.mesh import init_parallel  # noqa: E402
 from paradit.parallel.runtime import Runtime  # noqa: E402
+from paradit.plan.layout import ParallelConfig, auto_sp  # noqa: E402
 from paradit.schedulers import wan_sigmas  # noqa: E402
 from paradit.schedulers.chords import init_sequence, rounds_to_first_hit  # noqa: E402
 
@@ -555,10 +556,10 @@ def predict(point: dict, cfg: WanConfig, opts: dict, spec: pl.GPUSpec, cal: pl.C
     cand = pl.evaluate(p, ParallelConfig(c["ulysses"], c["ring"], c["cfg"], c["chords"], c["dp"]))
     if not math.isfinite(cand.step_s):
         return dict(step_s=None, reason=cand.reason)
-    s = cand.breakdown["step"]
-    busy = s["compute_s"] + s["launch_s"] + s["ring_merge_s"]   # what the compute-only run also does
-    return dict(step_s=cand.step_s, busy_s=busy, comm_s=cand.step_s - busy, compute_s=s["compute_s"],
-                launch_s=s["launch_s"], ring_merge_s=s["ring_merge_s"], comm_share=1 - busy / cand.step_s,
+    s = cand.breakdown.step
+    busy = s.compute_s + s.launch_s + s.ring_merge_s   # what the compute-only run also does
+    return dict(step_s=cand.step_s, busy_s=busy, comm_s=cand.step_s - busy, compute_s=s.compute_s,
+                launch_s=s.launch_s, ring_merge_s=s.ring_merge_s, comm_share=1 - busy / cand.step_s,
                 mem_gb=cand.mem_gb, feasible=cand.feasible, reason=cand.reason)
 
 

@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from paradit.config import WanConfig  # noqa: E402
-from paradit.parallel.layout import ParallelConfig  # noqa: E402
+from paradit.plan.layout import ParallelConfig  # noqa: E402
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
 VIDEO = dict(width=80, height=48, frames=9, steps=4, seed=11, progress=False, negative_prompt="blurry")

@@ -330,7 +330,7 @@ def resolve_offload(mode: str, cfg, mesh, settings=None) -> str:
         return mode
     if mesh.device.type != "cuda":
         return "none"
-    from paradit.parallel.planner import GPUS, evaluate, make_problem
+    from paradit.plan import GPUS, evaluate, make_problem
     name = torch.cuda.get_device_name(mesh.device).lower()
     kind = next((k for k in GPUS if k in name), "h100")
     w, h, f, steps = ((settings.width, settings.height, settings.frames, settings.steps) if settings

@@ -24,9 +24,10 @@ from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer, patchify, token_grid, unpatchify
 from paradit.models.vae import VideoVAE
 from paradit.parallel.collectives import TRAFFIC, broadcast_from_first
-from paradit.parallel.mesh import Mesh, ParallelConfig, init_parallel
+from paradit.parallel.mesh import Mesh, init_parallel
 from paradit.parallel.requests import decode_group, is_encoder_rank, request_group
 from paradit.parallel.runtime import Runtime
+from paradit.plan.layout import ParallelConfig
 from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
 from paradit.schedulers.schedule import expert_at, wan_timestep_list

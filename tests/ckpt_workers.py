@@ -16,8 +16,9 @@ import torch
 from paradit.checkpoint import save_diffusers_layout
 from paradit.config import WanConfig
 from paradit.models.loading import save_original_layout
-from paradit.parallel import ParallelConfig, init_parallel
+from paradit.parallel import init_parallel
 from paradit.pipeline import Pipeline, tiny_components
+from paradit.plan import ParallelConfig
 
 PROMPT, NEGATIVE = "a red circle moving left", "blurry"
 # Checkpoints carry no text_len: Wan's 512 is what from_pretrained uses, so the tiny T2V model has it too.

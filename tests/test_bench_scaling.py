@@ -14,7 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def test_scaling_run_and_calibration_refit(tmp_path):
     sys.path.insert(0, str(BENCH))
     import scaling
-    from paradit.parallel.planner import DEFAULT_CALIBRATION
+    from paradit.plan import DEFAULT_CALIBRATION
 
     base = json.loads(Path(DEFAULT_CALIBRATION).read_text())
     base["gpus"] = {"cpu": {"matmul_efficiency": 0.2, "attention_efficiency": 0.2, "elementwise_efficiency": 0.1}}

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from paradit.schedulers.chords_schedule import PAPER_INIT, PAPER_STEPS
 from paradit.schedulers.chords import (
-    PAPER_INIT,
-    PAPER_STEPS,
     Chords,
     init_sequence,
     rectify,

@@ -5,7 +5,9 @@ import torch
 from paradit.config import WanConfig
 from paradit.launch import spawn
 from paradit.cli.flags import parse_stop
-from paradit.parallel.chords import ChordsSettings, chords_layout, experts_per_core
+from paradit.parallel.chords import ChordsSettings, chords_layout
+from paradit.plan.placement import chords_experts
+from paradit.schedulers.schedule import high_noise_steps
 from workers import PIPE_KW, chords_hits, pipeline_latent, tiny_config
 
 # (world, layout, cores, heads): each core group is the layout without its chords axis
@@ -52,8 +54,8 @@ def test_last_hit_is_the_sequential_euler_result(emulated):
 
 def test_a_core_below_the_boundary_never_loads_the_high_noise_expert():
     cfg = WanConfig.preset("tiny")  # 8 steps at shift 12: t = 999 .. 877 high-noise, 799, 631 low
-    needed = experts_per_core(cfg.boundary, 8, cfg.shift, [0, 6], None)
-    assert needed == [{0, 1}, {1}]
+    needed = chords_experts([0, 6], 8, high_noise_steps(cfg.boundary, 8, cfg.shift), None)
+    assert list(needed) == [{0, 1}, {1}]
     results = spawn(chords_hits, 2, dict(heads=2), dict(chords=2), 2, None, needed, (0, 6), timeout_s=120)
     (hits0, loaded0), (hits1, loaded1) = results
     assert loaded0 == [True, True] and loaded1 == [False, True]

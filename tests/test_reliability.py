@@ -23,8 +23,8 @@ from paradit.config import WanConfig
 from paradit.generate import failure
 from paradit.launch import DistInfo, free_port, init_distributed, spawn
 from paradit.launch.faults import SIGNAL_EXITS
-from paradit.parallel import ParallelConfig
-from paradit.parallel.planner import GPUS, load_calibration, plan
+from paradit.plan import ParallelConfig
+from paradit.plan import GPUS, load_calibration, plan
 from paradit.pipeline import Pipeline
 from paradit.settings import VideoSettings
 from workers import bad_layout_on_every_rank
@@ -286,7 +286,7 @@ BAD_PLAN = [
 
 @pytest.mark.parametrize("args,message", BAD_PLAN, ids=[" ".join(a) for a, _ in BAD_PLAN])
 def test_bad_planner_input(args, message, capsys):
-    from paradit.plan import main
+    from paradit.plan.cli import main
     t0 = time.monotonic()
     assert main(args) == 2
     err = capsys.readouterr().err.strip()

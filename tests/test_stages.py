@@ -3,10 +3,11 @@ import pytest
 
 from paradit.config import WanConfig
 from paradit.launch import spawn
-from paradit.parallel import ParallelConfig
+from paradit.plan import ParallelConfig
 from paradit.cli.layout import split_layout
 from paradit.cli.spec import parse_args
-from paradit.parallel.stages import Piece, stage_sizes, transfer_plan
+from paradit.parallel.stages import Piece, transfer_plan
+from paradit.plan.placement import stage_sizes
 from paradit.schedulers.schedule import high_noise_steps
 from workers import SPLIT_PROMPTS, pipeline_latent, split_run, tiny_config
 

@@ -5,8 +5,9 @@ import torch
 
 from paradit.config import WanConfig
 from paradit.models import WanTransformer
-from paradit.parallel import ParallelConfig, init_parallel, parallelize
+from paradit.parallel import init_parallel, parallelize
 from paradit.pipeline import Pipeline, tiny_components
+from paradit.plan import ParallelConfig
 
 PROMPT, NEGATIVE = "a red circle moving left", "blurry"
 
@@ -172,3 +173,14 @@ def compiled_against_eager(layout: dict, heads: int = 4):
     graphs = counters["stats"]["unique_graphs"]
     out = pipe(PROMPT, negative_prompt=NEGATIVE, output="latent", **kw)
     return eager, out, counters["stats"]["unique_graphs"] - graphs
+
+
+def mesh_roles(layouts: list[dict]) -> list[tuple[bool, bool, bool]]:
+    """(encodes, decodes, writes) of this rank under each layout, as the built mesh defines them."""
+    from paradit.parallel.requests import decode_group, is_encoder_rank, request_group
+    out = []
+    for layout in layouts:
+        mesh = init_parallel(ParallelConfig(**layout))
+        request_group(mesh)  # collective on first use: every rank, before is_encoder_rank's short circuit
+        out.append((is_encoder_rank(mesh), decode_group(mesh)[0], mesh.is_output_rank))
+    return out

@@ -10,7 +10,8 @@ import logging
 
 from paradit.cli.flags import Flags, UsageError
 from paradit.config import PRESETS
-from paradit.parallel.layout import ParallelConfig, auto_sp
+from paradit.plan import placement
+from paradit.plan.layout import ParallelConfig, auto_sp
 from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")
@@ -42,7 +43,7 @@ def gpu_kind(flags: Flags) -> str | None:
 
 def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, offload: str = "auto") -> ParallelConfig:
     """--plan auto / --experts auto: the planner's choice for this world and GPU kind."""
-    from paradit.parallel.planner import plan
+    from paradit.plan import plan
     if kind is None:
         raise UsageError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
                          "pass --gpu h100|h200|b200")
@@ -57,7 +58,6 @@ def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool
 
 def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
     """--experts split: stage sizes from --stages or the step split; each stage's sp from the heads."""
-    from paradit.parallel.stages import stage_sizes
     if cfg.boundary is None:
         raise UsageError("--experts split needs a two-expert model (Wan2.2 A14B); this one has one expert")
     if flags.stages is not None:
@@ -66,7 +66,7 @@ def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
             raise UsageError(f"--stages {flags.typed.get('--stages')}: give two GPU counts >= 1, high,low "
                              f"(e.g. 5,3), that add up to the world ({world})")
     else:
-        sizes = stage_sizes(world, high_noise_steps(cfg.boundary, settings.steps, settings.shift), settings.steps)
+        sizes = placement.stage_sizes(world, high_noise_steps(cfg.boundary, settings.steps, settings.shift), settings.steps)
     stages = []
     for n in sizes:
         if n % flags.cfg_par:
@@ -102,13 +102,13 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
 
 def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
-    from paradit.parallel.planner import evaluate, make_problem, plan
+    from paradit.plan import Infeasibility, evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
     problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
                            offload=offload)
     cand = evaluate(problem, layout)
-    if not cand.feasible and "memory" in cand.reason:
+    if cand.why is Infeasibility.OUT_OF_MEMORY:
         best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
         hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} "
                 f"({best.mem_gb:.1f} GB per GPU)" if best else "")
@@ -118,7 +118,7 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, o
 
 def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) -> str:
     """--offload auto: the planner's fastest mode that fits this layout on this GPU kind; none on a CPU."""
-    from paradit.parallel.planner import evaluate, make_problem
+    from paradit.plan import evaluate, make_problem
     if flags.offload != "auto":
         return flags.offload
     kind = gpu_kind(flags)
@@ -130,14 +130,12 @@ def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) ->
 
 
 def experts_needed(cfg, layout: ParallelConfig, settings, chords, rank: int) -> frozenset | None:
-    """The experts this rank runs (0 = high noise, 1 = low noise); None: all of them."""
-    if layout.stages:
-        return frozenset({layout.coords(rank)["stage"]})
-    if chords is None:
-        return None
-    from paradit.parallel.chords import experts_per_core
+    """The experts this rank runs (0 = high noise, 1 = low noise); None: all of them (paradit.plan.placement)."""
+    high = high_noise_steps(cfg.boundary, settings.steps, settings.shift)
+    if layout.stages or chords is None:
+        return placement.experts_needed(layout, rank, settings.steps, high)
     init = chords.resolve_init(settings.steps)
-    per_core = experts_per_core(cfg.boundary, settings.steps, settings.shift, init, chords.stop)
+    per_core = placement.chords_experts(init, settings.steps, high, chords.stop)
     log.info("CHORDS: %d cores, init %s, stop %s; experts per core: %s", chords.cores, init, chords.stop,
              [sorted(["high", "low"][k] for k in e) for e in per_core])
-    return frozenset(per_core[layout.coords(rank)["chords"]] if layout.chords > 1 else set().union(*per_core))
+    return placement.experts_needed(layout, rank, settings.steps, high, init, chords.stop)

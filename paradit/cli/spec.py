@@ -17,7 +17,7 @@ from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, 
                                parse_args)
 from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
 from paradit.config import PRESETS, WanConfig
-from paradit.parallel.layout import ParallelConfig
+from paradit.plan.layout import ParallelConfig
 from paradit.settings import VideoSettings
 
 RUNNABLE_PRESETS = ("tiny", "demo")  # presets that bring their weights; the Wan ones are architectures

@@ -1,9 +1,9 @@
-"""Parallel machinery: the mesh, sequence-parallel attention, CFG, CHORDS, expert stages, planner.
+"""Parallel machinery: the mesh, sequence-parallel attention, CFG, CHORDS, expert stages.
 
-Names are imported on first use (ParallelConfig and the planner need no torch)."""
-__all__ = ["ParallelConfig", "Mesh", "init_parallel", "parallelize", "ParallelWan", "Runtime", "auto_sp"]
-_LAZY = {"ParallelConfig": "layout", "Mesh": "mesh", "init_parallel": "mesh", "auto_sp": "layout",
-         "parallelize": "runtime", "ParallelWan": "runtime", "Runtime": "runtime"}
+Names are imported on first use. The layout (ParallelConfig) and the planner are paradit.plan."""
+__all__ = ["Mesh", "init_parallel", "parallelize", "ParallelWan", "Runtime"]
+_LAZY = {"Mesh": "mesh", "init_parallel": "mesh", "parallelize": "runtime", "ParallelWan": "runtime",
+         "Runtime": "runtime"}
 
 
 def __getattr__(name):

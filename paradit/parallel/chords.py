@@ -17,8 +17,7 @@ import torch
 from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import all_gather_equal
 from paradit.schedulers import wan_sigmas, wan_timesteps
-from paradit.schedulers.chords import Chords, Hit, core_experts, init_sequence, validate_init
-from paradit.schedulers.schedule import high_noise_steps
+from paradit.schedulers.chords import Chords, Hit, init_sequence, validate_init
 
 log = logging.getLogger("paradit")
 
@@ -43,13 +42,6 @@ class ChordsSettings:
                              f"on one group with --chords {self.cores} and no chords axis)")
         self.resolve_init(steps)
         Chords(wan_sigmas(steps, 5.0), self.resolve_init(steps)).rounds_for(self.stop)  # checks stop
-
-
-def experts_per_core(boundary: float | None, steps: int, shift: float, init: list[int],
-                     stop) -> list[set[int]]:
-    """Which experts (0 = high noise, 1 = low noise) each core ever evaluates, from the static schedule."""
-    rounds = Chords(wan_sigmas(steps, shift), init).rounds_for(stop)  # None (residual rule): any round may run
-    return core_experts(init, steps, rounds, high_noise_steps(boundary, steps, shift))
 
 
 @dataclass
@@ -129,4 +121,4 @@ def hit_distances(hits: list[torch.Tensor]) -> list[float]:
     return [((h.double() - ref).pow(2).mean().sqrt()).item() for h in hits]
 
 
-__all__ = ["ChordsSettings", "experts_per_core", "chords_denoise", "hit_distances", "Hit"]
+__all__ = ["ChordsSettings", "chords_denoise", "hit_distances", "Hit"]

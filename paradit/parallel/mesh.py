@@ -1,4 +1,4 @@
-"""The mesh built from a ParallelConfig (paradit.parallel.layout): one process's groups.
+"""The mesh built from a ParallelConfig (paradit.plan.layout): one process's groups.
 
 Rank order, fastest-varying first: ulysses, ring, cfg, chords, stage, dp. Ulysses groups are
 consecutive ranks (one NVLink island); ring groups stride over them. The sequence-parallel group
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from paradit.parallel.layout import AXES, ParallelConfig, auto_sp  # noqa: F401  (auto_sp re-exported)
+from paradit.plan.layout import AXES, ParallelConfig
 
 
 @dataclass

@@ -20,18 +20,10 @@ import torch.distributed as dist
 
 from paradit.launch.faults import maybe_fail
 from paradit.parallel.collectives import TRAFFIC, _count, even_split, offsets
-from paradit.parallel.layout import ParallelConfig
+from paradit.plan.layout import ParallelConfig
 from paradit.schedulers.schedule import high_noise_steps
 
 log = logging.getLogger("paradit")
-
-
-def stage_sizes(world: int, high_steps: int, steps: int) -> tuple[int, int]:
-    """GPUs per stage in proportion to each stage's steps (T2V-A14B 26:14 -> 5 + 3 of 8)."""
-    if world < 2:
-        raise ValueError("split experts need at least 2 processes (one per stage)")
-    high = min(world - 1, max(1, round(world * high_steps / steps)))
-    return high, world - high
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 
 Prints a ranked table (predicted step time, latency, throughput, per-GPU memory, exposed
 communication share), a summary of what was ruled out and why, and the planner's explanation.
-`--json` prints the plan as JSON instead. The cost model is described in paradit/parallel/planner.py.
+`--json` prints the plan as JSON instead. The cost model is described in paradit/plan/costs.py.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from paradit.cli.flags import FLOAT, INT, SIZE, Flag, Flags, UsageError, build_parser, flag_terms, raw_values
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
-from paradit.parallel.planner import GPUS, MAX_GPUS, Plan, load_calibration, plan
+from paradit.plan import GPUS, MAX_GPUS, Plan, load_calibration, plan
 from paradit.residency import OFFLOAD_MODES
 
 FLAGS = (
@@ -25,7 +25,7 @@ FLAGS = (
     Flag("--frames", INT, None, "frames (4k+1)", "the model's", metavar="N"),
     Flag("--steps", INT, None, "denoising steps", "the model's", metavar="N"),
     Flag("--objective", str, "latency", "what to minimise", "latency", choices=("latency", "throughput")),
-    Flag("--calibration", str, None, "calibration JSON", "the shipped paradit/parallel/calibration.json",
+    Flag("--calibration", str, None, "calibration JSON", "the shipped paradit/plan/calibration.json",
          metavar="FILE"),
     Flag("--max-chords", INT, 1, "consider CHORDS with up to this many cores (4, 6, 8)", "1: off", metavar="K"),
     Flag("--offload", str, "auto", "what lives in host memory: auto (the fastest mode that fits each layout), none, "

@@ -1,0 +1,382 @@
+"""The planner's cost model: the time and memory of one layout on one machine.
+
+Pure Python, no torch: planning a machine takes milliseconds.
+
+Notation: L video tokens, T = text_len (512), D = dim, F = ffn_dim, H heads, N layers,
+b = batch of one forward (2 with batched CFG on one group, 1 with CFG-parallel), U x R the
+Ulysses x Ring degrees, l = ceil(L / (U R)) the tokens each rank holds.
+
+FLOPs of one forward of one expert (a multiply-add counts 2):
+    linear    = N L 2 (4 D^2 + 2 D F)      self-attn q, k, v, o and the FFN
+              + N L 2 (2 D^2)              cross-attn q, o on the video tokens
+              + N T 2 (2 D^2)              cross-attn k, v of the text
+              + patch embedding, head, text and time embeddings (small)
+    attention = N 4 L^2 D                  self-attn QK^T and PV
+              + N 4 L T D                  cross-attn
+    Wan2.2 A14B at 720p x 81 (L = 75,600): 1.81e15 linear + 4.71e15 attention = 6.52e15.
+Per rank and step each term is divided by U R (tokens are split); with an uneven head split
+the self-attention and the all-to-alls are multiplied by ceil(H/U) / (H/U) (padded heads).
+
+Time of one step on one rank:
+    compute   = linear / (rate * e_mm * M / (M + m0))    M = b l rows; small GEMMs run slower
+              + attention / (rate * e_attn)
+              + elementwise bytes (40 D + 4 F per token and layer) / (HBM * e_elem)
+    ulysses   = N [2 alpha + 4 b l D 2 (U-1)/U / (bw e_comm)]   q,k,v packed + output; not overlapped
+    ring      = N (R-1) t_send - overlap * min(that, self-attention time)
+                with t_send = alpha + b 2 (L/R)(D/U) 2 / (bw e_comm) (K and V after the all-to-all);
+                plus the LSE merges, N (R-1) b (L/R)(D/U) 4 * 3 bytes of fp32 passes, as elementwise
+    cfg       = alpha + l c_out p 4 / bw           velocity exchange once per step (cfg = 2)
+    launch    = N * layer overhead
+bw is NVLink inside a node, the NIC across nodes (a mesh axis whose groups leave a node).
+Latency of one request: steps x step (colocated); CHORDS: rounds to the first hit,
+(K-1) + (N_steps - i_{K-1}), x (step + (x, v) exchange); split experts: high steps x high
+stage step + low steps x low stage step + one hand-off. Throughput: dp x 3600 / latency,
+for split experts dp x 3600 / (time of the slower stage), since requests pipeline.
+
+Memory per GPU, the largest of three phases (paradit.residency names the offload modes):
+    resident = bf16 weights of the experts on the GPU (those the rank holds; one of two when
+               the experts are offloaded) + overhead (CUDA context, NCCL, workspaces; + VAE weights
+               on ranks that decode) + the text encoder (umT5-XXL, 5.7e9 params, 11.4 GB) where
+               this rank encodes and it is not offloaded
+    denoise  = resident + activations
+    encode   = resident + the text encoder (copied in for the encode when offloaded)
+    decode   = resident + VAE decode working set (after denoising has freed its activations)
+Activations of one block per token: 4 D (fp32 residual) + max(attention phase 16 D [+ 12 D
+ring buffers], FFN phase 8 D + 4 F) bytes, times b l.
+
+Host-link copies per request (offload), over the GPU's host link (PCIe) at its efficiency:
+    text encoder  its bytes / bw, before the encode (the request waits for all of it)
+    experts       two switches (high -> low at the boundary, low -> high for the next request);
+                  each streams the expert block by block behind compute, so a switch waits for
+                  the embeddings and one block, plus whatever of the copy one step cannot hide:
+                  (embed + block) / bw + max(0, expert / bw - step)
+`offload="auto"` evaluates every mode for each layout and keeps the fastest one that fits.
+
+Efficiency factors come from calibration.json (uncalibrated defaults until bench/ measures them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from paradit.config import WanConfig
+from paradit.plan.hardware import GB, Calibration, GPUSpec
+from paradit.plan.layout import ParallelConfig, Stage, auto_sp
+from paradit.plan.model import activation_gb, forward_flops, param_count, param_parts, text_encoder_gb, vae_decode_gb
+from paradit.plan.placement import chords_experts, chords_init, chords_rounds
+from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, Phases,
+                                  RequestParts, SplitBreakdown, StepCost)
+from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
+from paradit.schedulers.schedule import high_noise_steps
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is being planned: a model, a video, a machine."""
+    model: WanConfig
+    gpus: int
+    gpu: GPUSpec
+    width: int
+    height: int
+    frames: int
+    steps: int
+    calibration: Calibration
+    guidance: bool = True                 # CFG on: two forwards' worth of work per step
+    offload: str = "auto"                 # a mode of paradit.residency; auto: the best per layout
+    allow_ring: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.model.num_tokens(self.width, self.height, self.frames)
+
+
+def _intra_node(gpu: GPUSpec, offsets: list[int], stride: int, size: int, span: int) -> bool:
+    """Whether every group of a mesh axis (stride, size) stays inside one node, in each copy
+    of a sub-mesh of `span` ranks starting at one of `offsets`."""
+    node = gpu.gpus_per_node
+    return all(first // node == (first + stride * (size - 1)) // node
+               for offset in offsets for first in range(offset, offset + span)
+               if ((first - offset) // stride) % size == 0)
+
+
+def _bandwidth(p: Problem, offsets: list[int], stride: int, size: int, span: int) -> float:
+    """Bytes/s one rank moves on a mesh axis: NVLink inside a node, the NIC across nodes."""
+    inside = _intra_node(p.gpu, offsets, stride, size, span)
+    return (p.gpu.nvlink_gbps if inside else p.gpu.internode_gbps) * 1e9 * p.calibration.comm_efficiency
+
+
+def stage_check(p: Problem, stage: Stage) -> tuple[Infeasibility, str] | None:
+    """Why this (ulysses, ring, cfg) stage cannot run, in kind and in words; None if it can."""
+    u, r, c = stage
+    heads = p.model.num_heads
+    if c == 2 and not p.guidance:
+        return Infeasibility.NO_GUIDANCE, "cfg=2 needs classifier-free guidance"
+    if u > heads:
+        return Infeasibility.TOO_MANY_ULYSSES, f"ulysses {u} > {heads} heads"
+    if heads % u and p.allow_ring:
+        eu, er = auto_sp(heads, u * r)
+        return (Infeasibility.UNEVEN_HEADS,
+                f"uneven heads: {heads} over ulysses {u}; ring balances it (U{eu} R{er})")
+    if u * r > 1 and math.ceil(p.tokens / (u * r)) < p.calibration.min_tokens_per_rank:
+        return (Infeasibility.FEW_TOKENS, f"{math.ceil(p.tokens / (u * r))} tokens per rank < "
+                                          f"{p.calibration.min_tokens_per_rank}")
+    return None
+
+
+def stage_step(p: Problem, stage: Stage, offsets: list[int]) -> StepCost:
+    """Seconds, FLOPs and bytes of one denoising step of one stage, per rank.
+
+    Copies of the stage start at ranks `offsets` (replicas, CHORDS cores); where they sit
+    decides which links their mesh axes use.
+    """
+    u, r, c = stage
+    span = math.prod(stage)
+    out = _compute(p, stage)
+    out |= _ulysses(p, stage, out["batch"], _bandwidth(p, offsets, 1, u, span))
+    out |= _ring(p, stage, out["batch"], out["self_attention_s"],
+                 _bandwidth(p, offsets, u, r, span))
+    # CFG-parallel: the two groups swap their velocity shards (fp32, token space) once a step
+    m, alpha = p.model, p.calibration.collective_latency_us * 1e-6
+    out["bytes_cfg"] = out["local_tokens"] * m.out_channels * math.prod(m.patch) * 4 if c == 2 else 0
+    out["cfg_s"] = alpha + out["bytes_cfg"] / _bandwidth(p, offsets, u * r, 2, span) if c == 2 else 0.0
+    out["launch_s"] = m.num_layers * p.calibration.layer_overhead_us * 1e-6
+    out["step_s"] = sum(out[k] for k in ("compute_s", "ulysses_s", "ring_exposed_s",
+                                         "ring_merge_s", "cfg_s", "launch_s"))
+    return StepCost(**out)
+
+
+def _compute(p: Problem, stage: Stage) -> dict:
+    """GEMMs, attention and memory-bound elementwise work of one step on one rank (StepCost fields)."""
+    m, gpu, cal = p.model, p.gpu, p.calibration
+    u, r, c = stage
+    n, d, heads, L = m.num_layers, m.dim, m.num_heads, p.tokens
+    local = math.ceil(L / (u * r))
+    batch = 2 if (p.guidance and c == 1) else 1          # batched CFG when not CFG-parallel
+    pad = math.ceil(heads / u) / (heads / u)              # padded heads of an uneven split
+    rate = gpu.matmul_tflops * 1e12
+
+    whole = forward_flops(m, L)
+    self_attn = n * 4 * L * L * d * pad
+    cross_attn = whole["attention"] - n * 4 * L * L * d
+    flops_linear = batch * whole["linear"] * local / L
+    rows = batch * local
+    t_linear = flops_linear / (rate * cal.matmul_efficiency * rows / (rows + cal.gemm_half_rows))
+    t_self = batch * self_attn * local / L / (rate * cal.attention_efficiency)
+    t_cross = batch * cross_attn * local / L / (rate * cal.attention_efficiency)
+    t_elem = batch * n * local * (40 * d + 4 * m.ffn_dim) / _hbm(p)
+    return {"compute_s": t_linear + t_self + t_cross + t_elem, "linear_s": t_linear,
+            "attention_s": t_self + t_cross, "self_attention_s": t_self, "elementwise_s": t_elem,
+            "flops_linear": flops_linear,
+            "flops_attention": batch * (self_attn + cross_attn) * local / L,
+            "local_tokens": local, "batch": batch, "head_padding": pad}
+
+
+def _hbm(p: Problem) -> float:
+    return p.gpu.hbm_tbps * 1e12 * p.calibration.elementwise_efficiency
+
+
+def _ulysses(p: Problem, stage: Stage, batch: int, bw: float) -> dict:
+    """Per layer: one all-to-all of packed q, k, v and one of the output; nothing hides them."""
+    u, r, _ = stage
+    m, heads = p.model, p.model.num_heads
+    if u == 1:
+        return {"ulysses_s": 0.0, "bytes_ulysses": 0.0}
+    local = math.ceil(p.tokens / (u * r))
+    pad = math.ceil(heads / u) / (heads / u)
+    sent = m.num_layers * 4 * batch * local * m.dim * 2 * (u - 1) / u * pad
+    alpha = p.calibration.collective_latency_us * 1e-6
+    return {"ulysses_s": 2 * m.num_layers * alpha + sent / bw, "bytes_ulysses": sent}
+
+
+def _ring(p: Problem, stage: Stage, batch: int, t_self: float, bw: float) -> dict:
+    """Per layer: R-1 sends of the post-all-to-all K and V block ((L/R) tokens x D/U dims).
+
+    Attention on the block in hand hides the sends, but only partly (ring_overlap): NCCL
+    kernels contend for SMs and HBM. Each received block's partial output is merged into the
+    fp32 accumulator through its log-sum-exp: ~3 fp32 passes over the output, memory-bound.
+    """
+    u, r, _ = stage
+    m, heads = p.model, p.model.num_heads
+    if r == 1:
+        return {"ring_exposed_s": 0.0, "ring_total_s": 0.0, "ring_merge_s": 0.0, "bytes_ring": 0.0}
+    pad = math.ceil(heads / u) / (heads / u)
+    block_numel = batch * math.ceil(p.tokens / r) * (m.dim / u) * pad     # one of K, V, out
+    sends = m.num_layers * (r - 1)
+    total = sends * (p.calibration.collective_latency_us * 1e-6 + 2 * block_numel * 2 / bw)
+    return {"ring_exposed_s": total - p.calibration.ring_overlap * min(total, t_self),
+            "ring_total_s": total, "ring_merge_s": sends * block_numel * 4 * 3 / _hbm(p),
+            "bytes_ring": sends * 2 * block_numel * 2}
+
+
+def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool,
+               mode: str = "none") -> MemoryCost:
+    """Per-GPU memory (GB) of a rank of this stage under an offload mode: the parts of its
+    fullest phase (denoise, encode, decode), and every phase's total."""
+    u, r, c = stage
+    batch = 2 if (p.guidance and c == 1) else 1
+    vae_weights, vae_work = vae_decode_gb(p.model, p.width, p.height, p.frames) if decode \
+        else (0.0, 0.0)
+    acts = activation_gb(p.model, math.ceil(p.tokens / (u * r)), batch, r > 1)
+    text_gb = text_encoder_gb(p.model) if text else 0.0
+    on_gpu = 1 if offloads_experts(mode) and experts > 1 else experts
+    weights = on_gpu * param_count(p.model) * 2 / GB
+    text_resident = 0.0 if offloads_text_encoder(mode) else text_gb
+    overhead = p.calibration.overhead_gb + vae_weights
+    resident = weights + text_resident + overhead
+    phases = Phases(denoise=resident + acts, encode=resident + text_gb - text_resident, decode=resident + vae_work)
+    phase = max(("denoise", "encode", "decode"), key=lambda name: getattr(phases, name))
+    activations = {"denoise": acts, "encode": 0.0, "decode": vae_work}[phase]
+    text_held = text_gb if phase == "encode" else text_resident      # copied in for the encode
+    return MemoryCost(weights, text_held, overhead, activations, getattr(phases, phase), phase, phases, on_gpu)
+
+
+def _host_copy_s(p: Problem, mode: str, experts: int, text: bool, step_s: float) -> float:
+    """Seconds per request a rank waits for host-link copies under an offload mode (module docstring)."""
+    bw = p.gpu.host_link_gbps * 1e9 * p.calibration.host_link_efficiency
+    seconds = text_encoder_gb(p.model) * GB / bw if text and offloads_text_encoder(mode) else 0.0
+    if offloads_experts(mode) and experts > 1:
+        parts = param_parts(p.model)
+        first = (parts["embed"] + parts["block"]) * 2 / bw
+        seconds += 2 * (first + max(0.0, param_count(p.model) * 2 / bw - step_s))
+    return seconds
+
+
+def _oom_reason(p: Problem, mem: MemoryCost, experts: int) -> str:
+    if mem.total <= p.gpu.usable_gb:
+        return ""
+    held = f"{experts} expert{'s' * (experts > 1)}"
+    if mem.experts_on_gpu < experts:
+        held = f"{mem.experts_on_gpu} of {held} on the GPU"
+    return (f"out of memory: {mem.total:.1f} GB > {p.gpu.usable_gb:.1f} GB usable (weights "
+            f"{mem.weights:.1f} [{held}], text encoder {mem.text_encoder:.1f}, activations "
+            f"{mem.activations:.1f}, overhead {mem.overhead:.1f}; at the {mem.phase})")
+
+
+def _infeasible(layout: ParallelConfig, why: Infeasibility, reason: str) -> Candidate:
+    nan = float("nan")
+    return Candidate(layout, nan, nan, 0.0, nan, why, reason)
+
+
+def _fits(reason: str) -> Infeasibility | None:
+    """A memory verdict: an out-of-memory reason makes the layout infeasible."""
+    return Infeasibility.OUT_OF_MEMORY if reason else None
+
+
+OFFLOAD_ORDER = ("none", "text-encoder", "experts", "all")   # fewest copies first: the tie-break
+
+
+def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> Candidate:
+    """Predicted time and memory of one layout under an offload mode (default p.offload), or why
+    it cannot run. "auto": the fastest mode that fits, else the one that needs least memory."""
+    mode = check_offload(offload or p.offload)
+    if layout.world_size != p.gpus:
+        return _infeasible(layout, Infeasibility.WORLD_SIZE, f"world size {layout.world_size} != {p.gpus} GPUs")
+    for stage in layout.stage_degrees:
+        if problem := stage_check(p, stage):
+            return _infeasible(layout, *problem)
+    if mode == "auto":
+        tried = [evaluate(p, layout, m) for m in OFFLOAD_ORDER]
+        fits = [c for c in tried if c.feasible]
+        if fits:
+            return min(fits, key=lambda c: round(c.latency_s, 6))   # min keeps the first of a tie
+        return min(tried, key=lambda c: c.mem_gb)
+    cand = _evaluate_split(p, layout, mode) if layout.stages else _evaluate_colocated(p, layout, mode)
+    return dataclasses.replace(cand, offload=mode)
+
+
+def _offload_note(p: Problem, mode: str, experts: int, text: bool) -> str:
+    """What an offload mode does on this layout, with the host memory it pins."""
+    pinned, what = 0.0, []
+    if offloads_text_encoder(mode) and text:
+        pinned += text_encoder_gb(p.model)
+        what.append("text encoder on the GPU only to encode")
+    if offloads_experts(mode) and experts > 1:
+        pinned += experts * param_count(p.model) * 2 / GB
+        what.append("one expert on the GPU at a time")
+    if not what:
+        return ""
+    return f"offload {mode}: {', '.join(what)}; {pinned:.1f} GB pinned host memory"
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") -> Candidate:
+    m, stage, k = p.model, layout.stage_degrees[0], layout.chords
+    rounds = chords_rounds(k, p.steps)
+    if rounds is None:
+        return _infeasible(layout, Infeasibility.NO_CHORDS_INIT, f"no CHORDS initialisation sequence for {k} "
+                                                                 f"cores at {p.steps} steps (paper's: 4, 6, 8 cores)")
+    core = math.prod(stage)
+    held = _experts_per_core(m, k, p.steps)
+    mem = _stage_mem(p, stage, held, text=True, decode=True, mode=mode)
+    replicas = [i * layout.group_size for i in range(layout.dp)]
+    step = stage_step(p, stage, [rep + c * core for rep in replicas for c in range(k)])
+    exchange = 0.0
+    if k > 1:   # all-gather of (x, v) over the chords axis, fp32 token-space shards
+        shard = step.local_tokens * m.out_channels * math.prod(m.patch) * 4
+        exchange = p.calibration.collective_latency_us * 1e-6 + \
+            2 * shard * (k - 1) / _bandwidth(p, replicas, core, k, core * k)
+    round_s = step.step_s + exchange
+    copies = _host_copy_s(p, mode, held, True, round_s)
+    latency = rounds * round_s + copies
+    parts = RequestParts.of_steps(step, rounds, chords_exchange=rounds * exchange, host_copies=copies)
+    note = "uneven heads, padded" if m.num_heads % stage[0] else ""
+    if k > 1:
+        note = _join(note, f"CHORDS: first hit after {rounds} rounds, approximate")
+    note = _join(note, _offload_note(p, mode, held, True))
+    reason = _oom_reason(p, mem, held)
+    return Candidate(layout, round_s, latency, layout.dp * 3600 / latency, mem.total, _fits(reason), reason,
+                     _headroom(p, mem.total, note), ColocatedBreakdown(step, mem, held, rounds, parts))
+
+
+def _experts_per_core(m: WanConfig, cores: int, steps: int) -> int:
+    """The most experts one CHORDS core holds to reach the first hit (all of them without CHORDS)."""
+    if m.num_experts == 1 or cores == 1:
+        return m.num_experts
+    high = high_noise_steps(m.boundary, steps, m.shift)
+    return max(len(e) for e in chords_experts(chords_init(cores, steps), steps, high, stop=1))
+
+
+def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> Candidate:
+    m = p.model
+    if m.num_experts < 2:
+        return _infeasible(layout, Infeasibility.ONE_EXPERT, f"{m.name} has one expert; nothing to split")
+    (hi, lo), n_hi = layout.stages, high_noise_steps(m.boundary, p.steps, m.shift)
+    size_hi, replicas = math.prod(hi), [i * layout.group_size for i in range(layout.dp)]
+    counts = HighLow(n_hi, p.steps - n_hi)
+    mems = HighLow(split_memory(p, hi, "high", mode), split_memory(p, lo, "low", mode))
+    steps = HighLow(stage_step(p, hi, replicas), stage_step(p, lo, [r + size_hi for r in replicas]))
+    peak = max(mems.high.total, mems.low.total)
+    reason = _oom_reason(p, mems.high, 1) or _oom_reason(p, mems.low, 1)
+    # hand-off: latent, UniPC state (x, two model outputs, last sample) in fp32, and the text
+    # embeddings (cond + uncond, bf16), once per request across the stage boundary
+    c, f, h, w = m.latent_shape(p.width, p.height, p.frames)
+    handoff_bytes = 4 * c * f * h * w * 4 + 2 * m.text_len * m.text_dim * 2
+    handoff = p.calibration.collective_latency_us * 1e-6 + \
+        handoff_bytes / _bandwidth(p, replicas, size_hi, 2, layout.group_size)
+    copies = _host_copy_s(p, mode, 1, True, steps.high.step_s)   # the high stage encodes
+    stage_s = HighLow(counts.high * steps.high.step_s + copies, counts.low * steps.low.step_s)
+    latency = stage_s.high + stage_s.low + handoff
+    parts = RequestParts.of_steps(steps.high, counts.high) + RequestParts.of_steps(steps.low, counts.low)
+    parts = dataclasses.replace(parts, handoff=handoff, host_copies=copies)
+    throughput = layout.dp * 3600 / (max(stage_s.high, stage_s.low) + handoff)
+    note = _join("requests pipeline through the stages", _offload_note(p, mode, 1, True))
+    breakdown = SplitBreakdown(steps.high, steps.low, mems, counts, parts, stage_s)
+    return Candidate(layout, latency / p.steps, latency, throughput, peak, _fits(reason), reason,
+                     _headroom(p, peak, note), breakdown)
+
+
+def _headroom(p: Problem, mem_gb: float, note: str) -> str:
+    """Flag layouts within 5% of the memory limit: the memory model is an estimate."""
+    spare = p.gpu.usable_gb - mem_gb
+    if 0 <= spare < 0.05 * p.gpu.usable_gb:
+        note = (note + "; " if note else "") + f"tight: {spare:.1f} GB spare"
+    return note
+
+
+def split_memory(p: Problem, stage: Stage, role: str, mode: str = "none") -> MemoryCost:
+    """One expert per GPU; the high stage encodes the prompt, the low stage decodes the video."""
+    return _stage_mem(p, stage, 1, text=role == "high", decode=role == "low", mode=mode)

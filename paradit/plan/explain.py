@@ -1,0 +1,128 @@
+"""Explaining a plan in words: why the choice won, why the next best lost, what could not run."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from paradit.plan.costs import evaluate
+from paradit.plan.ranking import Defeat, defeat
+from paradit.plan.results import Candidate, ColocatedBreakdown, Infeasibility, SplitBreakdown, StepCost
+
+if TYPE_CHECKING:
+    from paradit.plan.search import Plan
+
+
+def explain(plan: Plan, losers: int = 3) -> str:
+    """Why the choice won, why the best few others lost, and what could not run."""
+    p, choice = plan.problem, plan.choice
+    lines = [f"{p.model.name}: {p.width}x{p.height}x{p.frames} ({p.tokens:,} tokens), "
+             f"{p.steps} steps, {p.gpus} x {p.gpu.name} ({p.gpu.matmul_tflops:g} TFLOP/s, "
+             f"{p.gpu.usable_gb:.0f} GB usable); objective: {plan.objective}",
+             f"calibration: {p.calibration.source}"]
+    if choice is None:
+        return "\n".join(lines + _no_choice(plan) + _infeasible_summary(plan))
+    lines.append(f"Choice: {choice.label()}: {choice.latency_s:.4g} s per video, "
+                 f"{choice.throughput_per_h:.4g} videos/h, {choice.mem_gb:.1f} GB per GPU.")
+    lines += ["  " + s for s in _step_text(choice, p.steps)]
+    if choice.note:
+        lines.append(f"  note: {choice.note}")
+    others = plan.feasible[1:1 + losers]
+    if others:
+        lines.append("Why not the next best:")
+        lines += [f"  {o.label()}: {_why_lost(choice, o, plan.objective)}" for o in others]
+    return "\n".join(lines + _infeasible_summary(plan))
+
+
+def _step_text(c: Candidate, steps: int) -> list[str]:
+    b = c.breakdown
+    stages = [("", b.step)] if isinstance(b, ColocatedBreakdown) else [("high stage ", b.high), ("low stage ", b.low)]
+    out = [_one_step_text(name, s) for name, s in stages]
+    if b.parts_s.host_copies:
+        out.append(f"offload: {b.parts_s.host_copies:.3g} s per request waiting on host-link copies")
+    if isinstance(b, ColocatedBreakdown) and c.layout.chords > 1:
+        out.append(f"CHORDS: {b.rounds} rounds to the first hit instead of {steps} steps")
+    if isinstance(b, SplitBreakdown):
+        out.append(f"stages: {b.steps.high} high-noise steps take {b.stage_s.high:.4g} s, "
+                   f"{b.steps.low} low-noise steps {b.stage_s.low:.4g} s")
+    return out
+
+
+def _one_step_text(name: str, s: StepCost) -> str:
+    text = (f"{name}step {s.step_s:.4g} s = compute {s.compute_s:.4g} (linear {s.linear_s:.4g}, "
+            f"attention {s.attention_s:.4g}, elementwise {s.elementwise_s:.4g})")
+    if s.ulysses_s:
+        text += f" + all-to-all {s.ulysses_s:.4g}"
+    if s.ring_total_s:
+        text += (f" + ring {s.ring_exposed_s:.4g} exposed (of {s.ring_total_s:.4g}, "
+                 f"the rest hidden behind attention) + LSE merges {s.ring_merge_s:.4g}")
+    if s.cfg_s:
+        text += f" + CFG exchange {s.cfg_s:.2g}"
+    return text + f" + launches {s.launch_s:.4g}"
+
+
+def _why_lost(choice: Candidate, other: Candidate, objective: str) -> str:
+    if objective == "latency":
+        head = (f"{100 * (other.latency_s / choice.latency_s - 1):.1f}% slower "
+                f"({other.latency_s:.4g} s vs {choice.latency_s:.4g} s)")
+    else:
+        head = (f"{100 * (1 - other.throughput_per_h / choice.throughput_per_h):.1f}% fewer videos "
+                f"per hour ({other.throughput_per_h:.4g} vs {choice.throughput_per_h:.4g})")
+    return head + ": " + _defeat_text(defeat(choice, other, objective), choice, other, objective)
+
+
+def _defeat_text(why: Defeat, choice: Candidate, other: Candidate, objective: str) -> str:
+    layout = other.layout
+    if why is Defeat.MORE_COMPLEX:
+        return "a tie; the choice has fewer parallel axes"
+    if why is Defeat.TIE:
+        return "a tie within 0.5%"
+    if why is Defeat.ONE_STAGE_AT_A_TIME:
+        return "a request runs on one stage at a time, so each step uses part of the GPUs"
+    if why is Defeat.SLOWER_STAGE:
+        s = other.breakdown.stage_s
+        return f"the slower stage bounds the pipeline ({max(s.high, s.low):.4g} s per request)"
+    if why is Defeat.SMALLER_REPLICAS:
+        return f"dp{layout.dp} leaves each request {layout.group_size} GPUs"
+    # latency: seconds per request; throughput: GPU-seconds per request (replicas differ)
+    unit = "s" if objective == "latency" else "GPU-s"
+    mine, theirs = _cost(choice, objective), _cost(other, objective)
+    part = max(theirs, key=lambda k: theirs[k] - mine.get(k, 0.0))
+    why = f"more {part} ({theirs[part]:.4g} {unit} vs {mine.get(part, 0.0):.4g} {unit} per request"
+    if part == "compute" and other.breakdown.step.head_padding > 1:
+        why += ", padded heads"
+    return why + ")"
+
+
+def _cost(c: Candidate, objective: str) -> dict[str, float]:
+    scale = 1 if objective == "latency" else c.layout.group_size
+    return {k: v * scale for k, v in c.breakdown.parts_s.named().items()}
+
+
+def _infeasible_summary(plan: Plan) -> list[str]:
+    groups: dict[Infeasibility, list[Candidate]] = {}
+    for c in plan.infeasible:
+        groups.setdefault(c.why, []).append(c)
+    if not groups:
+        return []
+    lines = [f"Ruled out ({len(plan.infeasible)}):"]
+    for why, cs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        example = cs[0]
+        lines.append(f"  {why.value} ({len(cs)}), e.g. {example.label()}: {example.reason}")
+    return lines
+
+
+def _no_choice(plan: Plan) -> list[str]:
+    p = plan.problem
+    lines = ["No layout runs."]
+    oom = [c for c in plan.infeasible if c.why is Infeasibility.OUT_OF_MEMORY]
+    if oom:
+        least = min(oom, key=lambda c: c.mem_gb)
+        lines.append(f"  Least memory: {least.label()} needs {least.mem_gb:.1f} GB per GPU, "
+                     f"{p.gpu.usable_gb:.1f} GB usable (it would take {least.latency_s:.4g} s).")
+        hints = ["more GPUs (split experts hold one expert per GPU)", "a GPU with more memory",
+                 "a smaller video"]
+        auto = evaluate(p, least.layout, "auto") if p.offload != "auto" else None
+        if auto is not None and auto.feasible:
+            hints.insert(0, f"offload={auto.offload!r} (--offload {auto.offload}), with which "
+                            f"{least.layout.label()} needs {auto.mem_gb:.1f} GB")
+        lines.append("  Try " + ", ".join(hints) + ".")
+    return lines

@@ -1,0 +1,126 @@
+"""The machines the planner knows: GPU specs, and the efficiency factors measured on them.
+
+Pure Python, no torch. calibration.json, next to this file, holds the factors bench/scaling.py fits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from paradit.errors import ParameterError
+from paradit.settings import check_int, check_number
+
+GB = 1e9
+MAX_GPUS = 512                       # the most GPUs one plan considers: the split search grows as gpus^2 (512: ~3 s)
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    """One GPU kind. Override any field with `GPUS["h100"].replace(hbm_gb=48)`."""
+    name: str
+    matmul_tflops: float           # measured-style dense bf16 GEMM rate, TFLOP/s
+    hbm_gb: float                  # capacity as the vendor names it, read as 1e9-byte GB
+    hbm_tbps: float                # HBM bandwidth, TB/s
+    nvlink_gbps: float             # NVLink, unidirectional, per GPU, GB/s
+    usable_fraction: float = 0.97  # what a process may fill (allocator fragmentation)
+    gpus_per_node: int = 8         # one NVLink island
+    internode_gbps: float = 50.0   # per GPU across nodes: one 400 Gb/s NIC
+    host_link_gbps: float = 64.0   # GPU <-> host (PCIe Gen5 x16), one direction, raw
+
+    @property
+    def usable_gb(self) -> float:
+        return self.hbm_gb * self.usable_fraction
+
+    def __post_init__(self):
+        for name in ("matmul_tflops", "hbm_gb", "hbm_tbps", "nvlink_gbps", "internode_gbps"):
+            check_number(name, getattr(self, name), 0.0, 1e9, low_open=True)
+        check_number("usable_fraction", self.usable_fraction, 0.0, 1.0, low_open=True)
+        check_int("gpus_per_node", self.gpus_per_node, 1, MAX_GPUS)
+
+    def replace(self, **changes) -> "GPUSpec":
+        return dataclasses.replace(self, **changes)
+
+
+# Sources. matmul: PEERS.md's measured 790 TFLOP/s for H100/H200 (datasheet dense bf16 peak
+# 989); B200 datasheet dense bf16 2250 (HGX, 1000 W), taken at the same ~80% -> 1800.
+# HBM and NVLink: NVIDIA datasheets (NVLink 4: 900 GB/s bidirectional per GPU, NVLink 5:
+# 1.8 TB/s). HBM sizes are the vendor figures (really GiB, so reading them as 1e9-byte GB
+# leaves ~7% more margin). Inter-node: ConnectX-7 400 Gb/s per GPU in DGX H100/H200/B200.
+# Host link: the H100 SXM, H200 and HGX B200 datasheets give "PCIe Gen5: 128 GB/s"
+# (bidirectional), i.e. 64 GB/s per direction (32 GT/s x 16 lanes, 128b/130b); pinned
+# cudaMemcpyAsync reaches ~80% of it (Calibration.host_link_efficiency; bench/startup.py measures).
+GPUS: Mapping[str, GPUSpec] = MappingProxyType({
+    "h100": GPUSpec("h100", matmul_tflops=790.0, hbm_gb=80.0, hbm_tbps=3.35, nvlink_gbps=450.0),
+    "h200": GPUSpec("h200", matmul_tflops=790.0, hbm_gb=141.0, hbm_tbps=4.8, nvlink_gbps=450.0),
+    "b200": GPUSpec("b200", matmul_tflops=1800.0, hbm_gb=180.0, hbm_tbps=8.0, nvlink_gbps=900.0),
+})
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Efficiency factors (fractions of the GPUSpec rates) and small fixed costs."""
+    source: str = "built-in defaults"
+    matmul_efficiency: float = 0.65
+    attention_efficiency: float = 0.65
+    elementwise_efficiency: float = 0.5
+    comm_efficiency: float = 0.7
+    collective_latency_us: float = 20.0    # alpha of one collective or ring send
+    gemm_half_rows: int = 256              # GEMM rows at which efficiency halves
+    layer_overhead_us: float = 50.0        # launches and syncs per block and forward
+    overhead_gb: float = 3.0               # CUDA context, NCCL buffers, cuBLAS workspaces
+    min_tokens_per_rank: int = 256         # below this a rank's kernels are launch-bound
+    ring_overlap: float = 0.7              # share of ring transfer time attention can hide
+    host_link_efficiency: float = 0.8      # pinned host -> GPU copies, share of host_link_gbps
+    per_gpu: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        """Efficiencies and shares are fractions in (0, 1]; costs finite and >= 0 (the source names
+        where the values came from, e.g. the calibration file)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith(("_efficiency", "_overlap")):
+                check_number(f.name, v, 0.0, 1.0, low_open=f.name.endswith("_efficiency"))
+            elif f.name not in ("source", "per_gpu"):
+                check_number(f.name, v, 0.0, 1e9)
+        for gpu, overrides in self.per_gpu.items():
+            dataclasses.replace(self, **overrides, per_gpu={})  # the same checks, per GPU kind
+
+    def for_gpu(self, name: str) -> "Calibration":
+        """These factors with the overrides measured on GPU `name` applied."""
+        return dataclasses.replace(self, **self.per_gpu.get(name, {}), per_gpu={})
+
+
+DEFAULT_CALIBRATION = os.path.join(os.path.dirname(__file__), "calibration.json")
+
+
+def load_calibration(path: str | None = None) -> Calibration:
+    """Read a calibration JSON (default: the one shipped next to this file).
+
+    Keys are Calibration's fields; an optional "gpus": {"h100": {...}, ...} holds overrides
+    measured per GPU kind.
+    """
+    path = path or DEFAULT_CALIBRATION
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ParameterError("calibration", path, "no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ParameterError("calibration", path, f"not a readable JSON file ({err})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("gpus", {}), dict) or not all(
+            isinstance(v, dict) for v in raw.get("gpus", {}).values()):
+        raise ParameterError("calibration", path, 'expected a JSON object of factors, with an optional '
+                             '"gpus": {"h100": {...}} of per-GPU objects')
+    names = {f.name for f in dataclasses.fields(Calibration)} - {"per_gpu"}
+    per_gpu = raw.pop("gpus", {})
+    unknown = set(raw) - names | {k for v in per_gpu.values() for k in v} - names
+    if unknown:
+        raise ParameterError("calibration", path, f"unknown calibration keys {sorted(unknown)}; known: {sorted(names)}")
+    try:
+        return Calibration(**{"source": path, **raw}, per_gpu=per_gpu)
+    except ParameterError as err:
+        raise ParameterError("calibration", path, f"bad value {err}") from None

@@ -1,0 +1,145 @@
+"""The search: every layout of a machine, each evaluated, ranked into a Plan."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+from paradit.config import WanConfig
+from paradit.errors import ParameterError
+from paradit.plan.costs import Problem, evaluate, split_memory, stage_check, stage_step
+from paradit.plan.explain import explain
+from paradit.plan.hardware import GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
+from paradit.plan.layout import ParallelConfig, Stage
+from paradit.plan.ranking import rank
+from paradit.plan.results import Candidate
+from paradit.residency import check_offload
+from paradit.settings import MAX_STEPS, check_frames, check_int, check_size
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _stages(n: int) -> list[Stage]:
+    """Every (ulysses, ring, cfg) with product n."""
+    return [(u, n // c // u, c) for c in (1, 2) if n % c == 0
+            for u in _divisors(n // c)]
+
+
+def _best_stage(p: Problem, size: int, offsets: list[int], role: str) -> Stage:
+    """The fastest runnable (ulysses, ring, cfg) of a split stage on `size` GPUs, preferring
+    ones that fit in memory (if none does, the layout is reported out of memory)."""
+    stages = [s for s in _stages(size) if not stage_check(p, s)] or _stages(size)
+    least = "all" if p.offload == "auto" else p.offload          # the least memory allowed
+    fits = [s for s in stages if split_memory(p, s, role, least).total <= p.gpu.usable_gb] or stages
+    return min(fits, key=lambda s: stage_step(p, s, offsets).step_s)
+
+
+def candidates(p: Problem, max_chords: int = 1) -> list[ParallelConfig]:
+    """Layouts to consider on p.gpus GPUs."""
+    out = []
+    for dp in _divisors(p.gpus):
+        group = p.gpus // dp
+        for k in (1, 4, 6, 8):
+            if k <= max_chords and group % k == 0:
+                out += [ParallelConfig(u, r, c, chords=k, dp=dp) for u, r, c in _stages(group // k)]
+        if p.model.num_experts == 2:      # each split of the group, each stage at its best
+            replicas = [i * group for i in range(dp)]
+            for size_hi in range(1, group):
+                hi = _best_stage(p, size_hi, replicas, "high")
+                lo = _best_stage(p, group - size_hi, [r + size_hi for r in replicas], "low")
+                out.append(ParallelConfig(dp=dp, experts="split", stages=(hi, lo)))
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The candidates of one problem, ranked by the objective."""
+    problem: Problem
+    objective: str
+    candidates: list[Candidate]      # ranked
+
+    @property
+    def choice(self) -> Candidate | None:
+        best = self.candidates[0] if self.candidates else None
+        return best if best is not None and best.feasible else None
+
+    @property
+    def feasible(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.feasible]
+
+    @property
+    def infeasible(self) -> list[Candidate]:
+        return [c for c in self.candidates if not c.feasible]
+
+    def to_dict(self) -> dict:
+        p = self.problem
+        return {"model": p.model.name, "gpus": p.gpus, "gpu": dataclasses.asdict(p.gpu),
+                "video": {"width": p.width, "height": p.height, "frames": p.frames,
+                          "tokens": p.tokens}, "steps": p.steps, "objective": self.objective,
+                "calibration": p.calibration.source,
+                "choice": self.choice.to_dict() if self.choice else None,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=indent)
+
+    def explain(self, losers: int = 3) -> str:
+        return explain(self, losers)
+
+
+def _finite(x):
+    """JSON has no NaN: infeasible candidates' times become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
+                 width: int | None = None, height: int | None = None, frames: int | None = None,
+                 steps: int | None = None, calibration: Calibration | str | None = None,
+                 offload: str = "auto", guidance: bool = True,
+                 allow_ring: bool = True) -> Problem:
+    """A Problem from names and defaults (the model's size, frames and steps when None)."""
+    m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
+    spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
+    check_int("gpus", gpus, 1, MAX_GPUS)
+    cal = calibration if isinstance(calibration, Calibration) else load_calibration(calibration)
+    pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is an error, not "default")
+    width, height = check_size(m, pick(width, m.size[0]), pick(height, m.size[1]))
+    frames = check_frames(m, pick(frames, m.frames))
+    steps = check_int("steps", pick(steps, m.steps), 1, MAX_STEPS)
+    return Problem(m, gpus, spec, width, height, frames, steps,
+                   cal.for_gpu(spec.name), guidance, check_offload(offload), allow_ring)
+
+
+def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
+         width: int | None = None, height: int | None = None, frames: int | None = None,
+         steps: int | None = None, objective: str = "latency",
+         calibration: Calibration | str | None = None, max_chords: int = 1,
+         **options) -> Plan:
+    """Rank every layout of `gpus` GPUs for one video size.
+
+    max_chords: the most CHORDS cores to consider. Default 1 (off): CHORDS' first hit only
+    approximates the sequential solve, so the planner offers it only when asked.
+    options: offload (a mode of paradit.residency; default "auto", the fastest that fits each
+    layout), guidance, allow_ring (see Problem).
+    """
+    if objective not in ("latency", "throughput"):
+        raise ParameterError("objective", objective, "choose 'latency' or 'throughput'")
+    check_int("max_chords", max_chords, 1, MAX_GPUS)
+    p = make_problem(model, gpus, gpu, width, height, frames, steps, calibration, **options)
+    return Plan(p, objective, rank([evaluate(p, lay) for lay in candidates(p, max_chords)], objective))
+
+
+def _gpu(name: str) -> GPUSpec:
+    try:
+        return GPUS[name.lower()]
+    except KeyError:
+        raise ParameterError("gpu", name, f"unknown GPU; known: {', '.join(GPUS)} (or pass a GPUSpec)") from None
