@@ -18,8 +18,8 @@ Prints a table and writes bench/results/<date>_<machine>_startup.json.
 from __future__ import annotations
 
 import argparse
-import json
 import gc
+import json
 import statistics
 import sys
 import tempfile

@@ -1,6 +1,6 @@
 """Offload mechanics: a module's weights kept in pinned host memory, copied to the GPU when used.
 
-HostWeights holds one module's parameters and buffers in one host buffer (pinned on CUDA) and points
+HostWeights holds one module's parameters and buffers in host buffers, one per chunk (pinned on CUDA), and points
 the module at device copies while it is resident. ExpertResidency executes the schedule of
 paradit.residency for the experts a rank holds; TextEncoderResidency puts umT5 on the GPU for
 the prompt encode only. Both are driven explicitly by the pipeline (Pipeline.velocity,
