@@ -116,7 +116,7 @@ def make_problem(pipe, steps: int, seed: int, size: tuple[int, int] | None, fram
         cond, uncond = text[:1], text[1:]
     else:
         cond, uncond = pipe.encode_prompts(PROMPT, NEGATIVE, s.guidance)
-    noise = pipe.initial_noise(s).to(pipe.mesh.device)               # (C, F, H, W)
+    noise = pipe.denoiser.initial_noise(s).to(pipe.mesh.device)               # (C, F, H, W)
     grid = token_grid(noise.shape, cfg.patch)
     x0 = patchify(noise[None], cfg.patch)[0]                         # (L, P*C)
     return Problem(pipe, x0, grid, cond, uncond, wan_sigmas(steps, s.shift),

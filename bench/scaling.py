@@ -36,7 +36,8 @@ What is measured, per point (every rank runs it; the slowest rank of each step c
             for slower ranks. comm share = comm / step.
   memory    GPU: torch.cuda.max_memory_allocated, reset per point. CPU: getrusage ru_maxrss after
             resetting the high-water mark (/proc/self/clear_refs), i.e. the whole process's RSS.
-  traffic   paradit.parallel.collectives.TRAFFIC over the timed steps, divided by their number.
+  traffic   the runtime's Traffic counter (paradit.parallel.collectives) over the timed steps, divided
+            by their number.
   drift     rank 0 times the probe's matmul (the others wait) before and after every point; a rate
             more than 25% off the run's median rate marks the point suspect (warning, notes, "?").
   speedup   dp x latency(world 1) / latency(point): a dp replica serves its own request, so for
@@ -72,7 +73,6 @@ from launcher import (environment, has_cuda, machine_description, machine_tag, p
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import WanTransformer, patchify, token_grid  # noqa: E402
 import paradit.plan as pl  # noqa: E402
-from paradit.parallel.collectives import TRAFFIC  # noqa: E402
 from paradit.parallel.mesh import init_parallel  # noqa: E402
 from paradit.parallel.runtime import Runtime  # noqa: E402
 from paradit.plan.layout import ParallelConfig, auto_sp  # noqa: E402
@@ -179,7 +179,7 @@ def plan_points(specs: list[LayoutSpec], worlds: list[int], heads: int, backends
 
 def _chords_runtime() -> tuple[bool, str]:
     try:
-        importlib.import_module("paradit.parallel.chords")
+        importlib.import_module("paradit.engine.chords")
         return True, ""
     except ImportError as err:
         return False, str(err)
@@ -267,18 +267,18 @@ def timed(fn, n: int, device: torch.device, together: bool = True) -> list[float
 
 
 # Local stand-ins of the collectives: the real output shapes, zeros, no communication.
-def _local_seq_to_heads(x, group, seq_sizes, head_sizes):
+def _local_seq_to_heads(x, group, seq_sizes, head_sizes, traffic=None):
     p, b, _, _, d = x.shape                                        # (P, B, S_me, H, D)
     return x.new_zeros(p, b, sum(seq_sizes), head_sizes[dist.get_rank(group)], d)
 
 
-def _local_heads_to_seq(x, group, seq_sizes, head_sizes):
+def _local_heads_to_seq(x, group, seq_sizes, head_sizes, traffic=None):
     b, _, _, d = x.shape                                           # (B, S_block, H_me, D)
     return x.new_zeros(b, seq_sizes[dist.get_rank(group)], sum(head_sizes), d)
 
 
 class _LocalRing:
-    def __init__(self, group):
+    def __init__(self, group, traffic=None):
         self._buf = None
 
     def send_recv(self, t, recv_shape):
@@ -289,7 +289,7 @@ class _LocalRing:
         return buf
 
 
-def _local_all_gather(x, group):
+def _local_all_gather(x, group, traffic=None):
     return [x] * dist.get_world_size(group)
 
 
@@ -300,8 +300,8 @@ def collectives_replaced():
     import paradit.parallel.runtime as pr
     swaps = [(pa, "seq_to_heads", _local_seq_to_heads), (pa, "heads_to_seq", _local_heads_to_seq),
              (pa, "RingComm", _LocalRing), (pr, "all_gather_equal", _local_all_gather)]
-    if "paradit.parallel.chords" in sys.modules:      # the CHORDS runtime's velocity exchange
-        swaps.append((sys.modules["paradit.parallel.chords"], "all_gather_equal", _local_all_gather))
+    if "paradit.engine.chords" in sys.modules:        # the CHORDS driver's velocity exchange
+        swaps.append((sys.modules["paradit.engine.chords"], "all_gather_equal", _local_all_gather))
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in swaps]
     for mod, name, fn in swaps:
         setattr(mod, name, fn)
@@ -326,10 +326,11 @@ def peak_memory_mb(device) -> float:
 
 def make_chords_request(runtime: Runtime, model: WanTransformer, cfg: WanConfig, inputs: dict, opts: dict,
                         backend: str):
-    """A closure running one CHORDS request to its first hit through paradit.parallel.chords
-    (the pipeline's denoise with chords=...); both expert slots hold the one random expert."""
-    from paradit.parallel.chords import ChordsSettings
-    from paradit.pipeline import Pipeline, VideoSettings
+    """A closure running one CHORDS request to its first hit through paradit.engine.chords
+    (the pipeline's denoise with chords=...), and the traffic counter it counts on; both expert
+    slots hold the one random expert."""
+    from paradit.pipeline import Pipeline
+    from paradit.settings import ChordsSettings, VideoSettings
 
     pipe = Pipeline(cfg, [model] * cfg.num_experts, None, None, mesh=runtime.mesh, backend=backend)
     s = VideoSettings.resolve(cfg, opts["width"], opts["height"], opts["frames"], opts["sample_steps"],
@@ -337,9 +338,8 @@ def make_chords_request(runtime: Runtime, model: WanTransformer, cfg: WanConfig,
     settings = ChordsSettings(cores=runtime.mesh.size("chords"), stop=1)
 
     def request() -> None:
-        pipe.record.trace.clear()
         pipe.denoise(s, inputs["cond"], inputs["uncond"], progress=False, chords=settings)
-    return request
+    return request, pipe.runtime.traffic
 
 
 def split_backend(backend: str) -> tuple[str, bool]:
@@ -362,12 +362,12 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
     per = 1   # a CHORDS point times whole requests to the first hit; per-round = request / rounds
     if pc.chords > 1:
         per = rounds_to_first_hit(init_sequence(pc.chords, opts["sample_steps"]), opts["sample_steps"])
-        step = make_chords_request(runtime, model, cfg, inputs, opts, attention)
+        step, traffic = make_chords_request(runtime, model, cfg, inputs, opts, attention)
         repeats, warmup = max(2, opts["steps"] // per), 1
     else:
-        step = make_step(runtime, model, inputs, point["measure"], device)
+        step, traffic = make_step(runtime, model, inputs, point["measure"], device), runtime.traffic
         repeats, warmup = opts["steps"], opts["warmup"]
-    out = timed_calls(step, repeats, warmup, device, per)
+    out = timed_calls(step, repeats, warmup, device, traffic, per)
     if pc.world_size > 1 and pc.world_size != pc.dp:      # something communicates
         with torch.no_grad(), collectives_replaced():
             step()                                        # warm the stand-ins' shapes
@@ -375,7 +375,7 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
     return out | dict(attention=runtime.describe() + (", blocks torch.compile'd" if compiled else ""))
 
 
-def timed_calls(fn, repeats: int, warmup: int, device, per: int = 1) -> dict:
+def timed_calls(fn, repeats: int, warmup: int, device, traffic, per: int = 1) -> dict:
     """One rank's raw numbers for fn, in the shape merge_ranks reads: the first call timed apart
     (with +compile it builds the graphs), warmup - 1 more, then `repeats` timed calls with peak
     memory and bytes moved; times and traffic divided by `per` (CHORDS: rounds per request)."""
@@ -384,11 +384,11 @@ def timed_calls(fn, repeats: int, warmup: int, device, per: int = 1) -> dict:
         for _ in range(warmup - 1):
             fn()
         mem_kind = reset_memory(device)
-        TRAFFIC.clear()
+        traffic.clear()
         times = [t / per for t in timed(fn, repeats, device)]
-        traffic = {op: [b / (repeats * per), c / (repeats * per)] for op, (b, c) in TRAFFIC.items()}
+        moved = {op: [b / (repeats * per), c / (repeats * per)] for op, (b, c) in traffic.snapshot().items()}
         mem = peak_memory_mb(device)
-    return dict(times=times, compute=None, traffic=traffic, mem_mb=mem, mem_kind=mem_kind, repeats=repeats,
+    return dict(times=times, compute=None, traffic=moved, mem_mb=mem, mem_kind=mem_kind, repeats=repeats,
                 rounds_per_repeat=per, first_call_s=first)
 
 

@@ -140,7 +140,7 @@ def whole_startup(folder: Path, device: torch.device, offload: str) -> tuple[obj
 
 def step_times(pipe, settings: dict, device: torch.device) -> dict:
     """One request; every evaluation timed with the device synchronised before and after it."""
-    times, velocity = [], pipe.velocity
+    times, velocity = [], pipe.denoiser.velocity
 
     def timed_velocity(*args, **kw):
         sync(device)
@@ -149,11 +149,11 @@ def step_times(pipe, settings: dict, device: torch.device) -> dict:
         sync(device)
         times.append(time.perf_counter() - t0)
         return v
-    pipe.velocity = timed_velocity
+    pipe.denoiser.velocity = timed_velocity
     try:
         pipe(PROMPT, output="latent", progress=False, **settings)
     finally:
-        del pipe.velocity                 # back to the method
+        del pipe.denoiser.velocity        # back to the method
     experts = [k for _, k, _ in pipe.record.trace]
     switch = next((i for i in range(1, len(experts)) if experts[i] != experts[i - 1]), None)
     return {"offload": pipe.offload, "steps_s": times, "median_s": statistics.median(times), "max_s": max(times),

@@ -14,7 +14,7 @@
    each rank builds the same weights, and for each layout of that world (LAYOUTS: Ulysses, Ring,
    both, CFG-parallel, data parallel, CHORDS cores, split expert stages, and products of them)
    computes the model output (parallelize, full output on every rank) and the final latent
-   (Pipeline.__call__; split stages through paradit.parallel.stages.run_split, as the CLI does;
+   (Pipeline.__call__; split stages through Pipeline.stream, as the CLI does;
    data-parallel replicas each take one prompt), then compares them with the reference:
    relative error ||x - ref|| / ||ref|| on every rank that holds the result.
 3. Prints one table (worst rank per row) and writes bench/results/<date>_<machine>_layouts.json.
@@ -80,7 +80,7 @@ def model_inputs(cfg: WanConfig, device, dtype):
 
 
 def chords_settings():
-    from paradit.parallel.chords import ChordsSettings
+    from paradit.settings import ChordsSettings
     return ChordsSettings(2, None, None)
 
 
@@ -111,7 +111,6 @@ def run_layout(cfg: WanConfig, fields: dict, ref: dict, device, dtype) -> dict:
     mesh = init_parallel(pc, device, num_heads=cfg.num_heads)
     row = {"rank": dist.get_rank()}
     if pc.experts == "split":
-        from paradit.parallel.stages import run_split
         from paradit.settings import VideoSettings
         stage = mesh.coords["stage"]
         experts, text = components(cfg, device, dtype, needed={stage})
@@ -119,8 +118,8 @@ def run_layout(cfg: WanConfig, fields: dict, ref: dict, device, dtype) -> dict:
         s = VideoSettings.resolve(cfg, VIDEO["width"], VIDEO["height"], VIDEO["frames"], VIDEO["steps"],
                                   None, None, VIDEO["seed"], "unipc")
         done = {}
-        run_split(pipe, [(p, VIDEO["negative_prompt"], s) for p in PROMPTS],
-                  on_done=lambda i, lat, _: done.__setitem__(i, lat), progress=False)
+        pipe.stream([(p, VIDEO["negative_prompt"], s) for p in PROMPTS],
+                    on_done=lambda i, lat, _: done.__setitem__(i, lat), progress=False)
         if mesh.is_output_rank:
             row["latent"] = max(rel_err(done[i], ref["latents"][i]) for i in range(len(PROMPTS)))
         return row

@@ -69,14 +69,13 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
                  elapsed + decode_s)
         staged.append(path)
 
-    # generate: through the two expert stages, or this replica's share of the prompts
+    # generate: this replica's share of the prompts, or all of them through the two expert stages
     if layout.stages:
-        from paradit.parallel.stages import run_split
         t0 = time.perf_counter()
         latencies = []
-        run_split(pipe, [(p, flags.negative_prompt, settings) for p in spec.prompts],
-                  on_done=lambda i, latent, latency: (latencies.append(latency), finish(i, latent, latency)),
-                  progress=not flags.no_progress)
+        pipe.stream([(p, flags.negative_prompt, settings) for p in spec.prompts],
+                    on_done=lambda i, latent, latency: (latencies.append(latency), finish(i, latent, latency)),
+                    progress=not flags.no_progress)
         if mesh.is_output_rank:
             total = time.perf_counter() - t0
             print(f"paradit: split experts: {len(spec.prompts)} requests in {total:.2f} s "
@@ -87,9 +86,9 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
         if i % layout.dp != mesh.rank("dp"):
             continue
         t0 = time.perf_counter()
-        stream = spec.chords is not None and flags.chords_stream and mesh.is_output_rank
-        latent = pipe(prompt, output="latent", chords=spec.chords, on_hit=stream_hits(pipe, path, cfg.fps) if stream
-                      else None, progress=not flags.no_progress, **settings_kwargs(spec))
+        on_hit = stream_hits(pipe, path, cfg.fps) if spec.chords is not None and flags.chords_stream else None
+        latent = pipe.run(prompt, settings, flags.negative_prompt, image=spec.image, chords=spec.chords,
+                          on_hit=on_hit, progress=not flags.no_progress)
         finish(i, latent, time.perf_counter() - t0)
     return staged
 
@@ -121,18 +120,15 @@ def since_process_start() -> float | None:
     return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
-def settings_kwargs(spec: RunSpec) -> dict:
-    s = spec.settings
-    return dict(negative_prompt=spec.flags.negative_prompt, image=spec.image, width=s.width, height=s.height,
-                frames=s.frames, steps=s.steps, shift=s.shift, guidance=s.guidance, seed=s.seed, sampler=s.sampler)
-
-
 def stream_hits(pipe, path: Path, fps: int):
     """Decode and write every CHORDS hit as it arrives: out.hit0.mp4 (preview), out.hit1.mp4, ...
-    Previews, written at once each on its own (atomically), not part of the run's output set."""
+    Previews, written at once each on its own (atomically), not part of the run's output set.
+    Every rank gets the hits (their latents are gathered together); the output rank writes them."""
     count = [0]
 
     def on_hit(hit, latent):
+        if not pipe.mesh.is_output_rank:
+            return
         out = path.with_name(f"{path.stem}.hit{count[0]}{path.suffix}")
         write_video(out, pipe.vae.decode(latent).numpy(), fps)
         print(f"paradit: CHORDS hit {count[0]} (core {hit.core}, round {hit.round}"

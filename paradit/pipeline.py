@@ -1,57 +1,54 @@
-"""prompt -> text embeddings -> seeded noise -> denoising loop -> VAE decode -> uint8 frames.
+"""The facade: build once, then for each request encode -> engine -> decode.
 
-The loop runs in token space: the patchified latent is sharded along the sequence exactly like
-the transformer's tokens (Runtime.token_range), so a step gathers nothing; only the final latent
-is gathered for the decode. On one process the shard is the whole sequence.
+    pipe = Pipeline.from_pretrained("tiny" | folder, parallel=ParallelConfig(...))
+    video = pipe(prompt, ...)                      # one request, every placement alike
+    pipe.stream([(prompt, negative, settings), ...], on_done)   # many; pipelined through split stages
+
+The Pipeline owns the components and the once-per-request work around the denoising: the prompt
+encode (one rank encodes, the request group receives), the image condition, the VAE decode spread
+over the output rank's group. The denoising itself is paradit.engine's: a driver (sequential,
+CHORDS, split stages) runs an explicit Request on the Denoiser, which never sees the Pipeline.
+The latent lives in token space, sharded along the sequence exactly like the transformer's tokens,
+so a step gathers nothing; only the final latent is gathered for the decode.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from paradit import conditioning
 from paradit.config import WanConfig
-from paradit.settings import SAMPLER_NAMES, VideoSettings
+from paradit.engine import Denoiser, Request, RunRecord
+from paradit.errors import ParameterError
 from paradit.launch import init_distributed
-from paradit.launch.faults import maybe_fail
 from paradit.models.lora import apply_loras, check_loras, for_expert
 from paradit.models.text_encoder import TextEncoder
-from paradit.models.transformer import WanTransformer, patchify, token_grid, unpatchify
+from paradit.models.transformer import WanTransformer
 from paradit.models.vae import VideoVAE
-from paradit.parallel.collectives import TRAFFIC, broadcast_from_first
+from paradit.parallel.collectives import broadcast_from_first
 from paradit.parallel.mesh import Mesh, init_parallel
-from paradit.parallel.requests import decode_group, is_encoder_rank, request_group
+from paradit.parallel.requests import decode_group, is_encoder_rank
 from paradit.parallel.runtime import Runtime
+from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig
-from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
-from paradit.schedulers.schedule import expert_at, wan_timestep_list
+from paradit.schedulers.schedule import high_noise_steps
+from paradit.settings import ChordsSettings, VideoSettings
 
 log = logging.getLogger("paradit")
-SAMPLERS = {"unipc": FlowUniPCScheduler, "euler": FlowEulerScheduler}
-assert tuple(SAMPLERS) == SAMPLER_NAMES
-
-
-@dataclass
-class RunRecord:
-    """What one call did: the expert and guidance of every step, phase timings, traffic."""
-    trace: list[tuple[int, int, float]] = field(default_factory=list)  # (timestep, expert, guidance)
-    timings: dict[str, float] = field(default_factory=dict)
-    step_s: list[float] = field(default_factory=list)  # each sequential denoising step (device-synchronised)
-    traffic: dict[str, list[int]] = field(default_factory=dict)
-    residency: list[tuple[int, ...]] = field(default_factory=list)  # experts on the GPU at each evaluation
-    chords: object = None  # a ChordsReport when CHORDS ran
+__all__ = ["Pipeline", "RunRecord", "VideoSettings", "tiny_components"]
 
 
 class Pipeline:
     def __init__(self, cfg: WanConfig, experts: list[WanTransformer], text_encoder: TextEncoder,
                  vae: VideoVAE | None, parallel: ParallelConfig | None = None, mesh: Mesh | None = None,
                  backend: str = "auto"):
+        """The components of this rank (an expert it never runs is None; so are a text encoder and
+        a VAE it needs for nothing) under `mesh` (built from `parallel` when not given)."""
         if len(experts) != cfg.num_experts:
             raise ValueError(f"{cfg.name} needs {cfg.num_experts} expert(s), got {len(experts)}")
         if all(m is None for m in experts):
@@ -63,15 +60,25 @@ class Pipeline:
         for m in experts:
             if m is not None:  # None: an expert this rank never runs (CHORDS cores, split stages)
                 self.runtime.bind(m)
-        self.record = RunRecord()
-        self.check_finite = False  # the optional per-step NaN/Inf guard
-        self.on_step = None        # on_step(step index, seconds) after each sampler step (the server's progress)
-        self.request_group = request_group(self.mesh)  # collective: every rank builds its pipeline together
-        self.condition = None                          # the image condition of the running request
-        self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, compile.py)
+        self.denoiser = Denoiser(cfg, self.runtime, experts)
+        self.record = RunRecord()                      # the current (or last) request's
+        self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, warmup)
         self.load_stats: dict[str, dict] = {}          # bytes read per component on this rank
-        self.offload, self.residency, self.text_residency = "none", None, None
+        self.offload, self.text_residency = "none", None
         log.info("layout: %s", self.runtime.describe())
+
+    # the denoiser's switches, settable on the pipeline
+    check_finite = property(lambda self: self.denoiser.check_finite,
+                            lambda self, v: setattr(self.denoiser, "check_finite", v),
+                            doc="stop with FloatingPointError at a non-finite velocity")
+    on_step = property(lambda self: self.denoiser.on_step, lambda self, v: setattr(self.denoiser, "on_step", v),
+                       doc="on_step(step index, seconds) after each sequential step (the server's progress)")
+    residency = property(lambda self: self.denoiser.residency, doc="the ExpertResidency, with offloaded experts")
+
+    @property
+    def request_group(self):
+        """The ranks that serve this rank's requests together (paradit.parallel.requests)."""
+        return self.mesh.group("request")
 
     def apply_offload(self, mode: str, settings: VideoSettings | None = None) -> str:
         """Keep components in host memory per `mode` (paradit.residency); 'auto' asks the planner,
@@ -80,7 +87,7 @@ class Pipeline:
         assert self.offload == "none" and self.residency is None, "offload is applied once"
         mode = resolve_offload(mode, self.cfg, self.mesh, settings)
         if offloads_experts(mode):
-            self.residency = ExpertResidency(self.experts, self.mesh.device)
+            self.denoiser.residency = ExpertResidency(self.experts, self.mesh.device)
             if not self.residency.active:
                 log.info("offload: this rank holds one expert; it stays on the %s", self.mesh.device.type)
         if offloads_text_encoder(mode) and self.text_encoder is not None:
@@ -95,19 +102,27 @@ class Pipeline:
                         dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0,
                         experts_needed: set[int] | None = None, components=None,
                         compile: bool = False, loras=(), offload: str = "none") -> "Pipeline":
-        """'tiny' (random weights, built locally) or a checkpoint folder. The layout is validated
-        against the world before any weights are built or read.
+        """'tiny' (random weights, built locally), 'demo' (the shipped demo model) or a checkpoint
+        folder. The layout is validated against the world before any weights are built or read.
 
-        experts_needed: the experts this rank runs (0 = high-noise or only, 1 = low-noise); others
-        are never read. components: a diffusers-layout folder for the text encoder, tokenizer and
-        VAE (needed by original-layout checkpoints; see paradit/checkpoint.py). compile: regional
-        torch.compile of the transformer blocks (paradit/compile.py); then warm up with pipe.warmup.
-        loras: LoraSpec(path, scale, target="all"|"high"|"low") entries (paradit/models/lora.py),
-        checked before any weight is read and merged into the weights of the experts this rank loads.
-        offload: "none" | "text-encoder" | "experts" | "all" | "auto" (paradit/residency.py): which
-        components live in host memory and are copied to the GPU when used."""
+        parallel: the layout; ParallelConfig(experts="split") without stages takes the stage sizes
+        from the step split of the preset's schedule. experts_needed: the experts this rank runs
+        (0 = high-noise or only, 1 = low-noise); others are never read (default: all, or this rank's
+        stage's with split experts). components: a diffusers-layout folder for the text encoder,
+        tokenizer and VAE (needed by original-layout checkpoints; see paradit/checkpoint.py).
+        compile: regional torch.compile of the transformer blocks (paradit/compile.py); then warm up
+        with pipe.warmup. loras: LoraSpec(path, scale, target="all"|"high"|"low") entries
+        (paradit/models/lora.py), checked before any weight is read and merged into the weights of
+        the experts this rank loads. offload: "none" | "text-encoder" | "experts" | "all" | "auto"
+        (paradit/residency.py): which components live in host memory and are copied to the GPU when used."""
         check_offload(offload)
-        pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components,
+        info = init_distributed(device)
+        parallel = parallel or ParallelConfig()
+        if parallel.stages_pending:
+            parallel = resolve_stages(parallel, model_config(name_or_path, components), info.world_size)
+        if experts_needed is None and parallel.stages is not None:  # each stage reads its own expert
+            experts_needed = set(placement.experts_needed(parallel, info.rank, 1, 1))
+        pipe = cls._build(name_or_path, parallel, info, dtype, backend, seed, experts_needed, components,
                           loras, offload)
         t0 = time.perf_counter()
         pipe.apply_offload(offload)
@@ -117,23 +132,9 @@ class Pipeline:
             compile_blocks(pipe.experts)
         return pipe
 
-    def warmup(self, image: bool = False, **settings) -> float:
-        """Build every compiled graph (one step per expert) at the shapes of a call with `settings`
-        (width, height, frames, steps, shift, guidance, sampler); every rank calls it together."""
-        from paradit.compile import warmup
-        keys = ("width", "height", "frames", "steps", "shift", "guidance")
-        s = VideoSettings.resolve(self.cfg, **{k: settings.get(k) for k in keys},
-                                  sampler=settings.get("sampler", "unipc"))
-        self.startup["compile_s"] = warmup(self, s, image)
-        log.info("warm-up: one step per expert at %dx%dx%d in %.2f s", s.width, s.height, s.frames,
-                 self.startup["compile_s"])
-        return self.startup["compile_s"]
-
     @classmethod
-    def _build(cls, name_or_path, parallel, device, dtype, backend, seed, experts_needed, components, loras,
+    def _build(cls, name_or_path, parallel, info, dtype, backend, seed, experts_needed, components, loras,
                offload: str = "none"):
-        info = init_distributed(device)
-        parallel = parallel or ParallelConfig()
         if name_or_path in ("tiny", "demo"):  # built locally: random weights, or the shipped demo model
             cfg = WanConfig.preset(name_or_path)
             t0 = time.perf_counter()
@@ -158,57 +159,146 @@ class Pipeline:
         return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend, experts_needed,
                                         components, loras, offload)
 
+    def warmup(self, image: bool = False, **settings) -> float:
+        """Build every compiled graph (one step per expert) at the shapes of a call with `settings`
+        (width, height, frames, steps, shift, guidance, sampler); every rank calls it together."""
+        from paradit.engine.warmup import warmup
+        keys = ("width", "height", "frames", "steps", "shift", "guidance")
+        s = VideoSettings.resolve(self.cfg, **{k: settings.get(k) for k in keys},
+                                  sampler=settings.get("sampler", "unipc"))
+        self.startup["compile_s"] = warmup(self.denoiser, s, image)
+        log.info("warm-up: one step per expert at %dx%dx%d in %.2f s", s.width, s.height, s.frames,
+                 self.startup["compile_s"])
+        return self.startup["compile_s"]
+
     # ------------------------------------------------------------------ generation
     def expert_for(self, t: int) -> int:
         """0 = high-noise expert (t >= boundary * 1000), 1 = low-noise expert."""
-        return expert_at(self.cfg.boundary, t)
+        return self.denoiser.expert_for(t)
 
     @torch.no_grad()
     def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  shift: float | None = None, guidance=None, seed: int = 0, output: str = "video",
-                 sampler: str = "unipc", progress: bool = True, chords=None, on_hit=None, image=None):
-        """Generate one video. chords: a ChordsSettings to solve with CHORDS (Euler steps) instead of
-        the sequential sampler; on_hit(hit, latent) then sees every CHORDS hit as it arrives.
+                 sampler: str = "unipc", progress: bool = True, chords: ChordsSettings | None = None,
+                 on_hit=None, image=None):
+        """Generate one video: uint8 frames (F, H, W, 3) on the output rank (None on the others), or
+        with output="latent" the final latent [C, F, H, W] fp32 on every rank that finishes the
+        request (all of its replica; the low-noise stage with split experts, None on the high one).
+
+        chords: a ChordsSettings to solve with CHORDS (Euler steps) instead of the sequential
+        sampler; on_hit(hit, latent) then sees every CHORDS hit as it arrives, on every rank.
         image: the first frame (a path or a PIL image) for I2V-A14B and TI2V-5B; without a size the
         video takes the image's shape at the preset's area, as the original code does.
         negative_prompt: None takes the model's default (the original Wan's for Wan checkpoints)."""
         if output not in ("video", "latent"):
-            raise ValueError(f"output={output!r}: choose 'video' or 'latent'")
+            raise ParameterError("output", output, "choose 'video' or 'latent'")
         conditioning.check_task(self.cfg, image)
         if image is not None:
             image = conditioning.load_image(image) if not hasattr(image, "convert") else image.convert("RGB")
-            if chords is not None and self.cfg.task == "ti2v":
-                raise ValueError("CHORDS with a TI2V image is not supported (its first frame is reset after "
-                                 "every sequential step); run TI2V image-to-video without --chords")
             if width is None and height is None:
                 width, height = conditioning.size_for_image(self.cfg, image.width, image.height)
         s = VideoSettings.resolve(self.cfg, width, height, frames, steps, shift, guidance, seed, sampler)
-        self.record = rec = RunRecord()
-        TRAFFIC.clear()
-        if self.residency is not None:  # checked, and the first expert's copy started, before the encode
-            self.residency.begin(self.evaluation_experts(s, chords))
-        try:
-            t0 = time.perf_counter()
-            cond, uncond = self.encode_prompts(prompt, negative_prompt, s.guidance)
-            rec.timings["text_encoder_s"] = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            condition = self.prepare_condition(image, s) if image is not None else None
-            rec.timings["image_encode_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            latent = self.denoise(s, cond, uncond, progress, chords, on_hit, condition)
-            rec.timings["denoise_s"] = time.perf_counter() - t0
-        finally:
-            if self.residency is not None:
-                self.residency.end()
-        rec.traffic = {k: list(v) for k, v in TRAFFIC.items()}
+        latent = self.run(prompt, s, negative_prompt, image=image, chords=chords, on_hit=on_hit, progress=progress)
         if output == "latent":
             return latent
         t0 = time.perf_counter()
         video = self.decode(latent)
-        rec.timings["vae_decode_s"] = time.perf_counter() - t0
+        self.record.timings["vae_decode_s"] = time.perf_counter() - t0
         return video
+
+    def run(self, prompt: str, s: VideoSettings, negative_prompt: str | None = None, image=None,
+            chords: ChordsSettings | None = None, on_hit=None, progress: bool = True) -> torch.Tensor | None:
+        """One request with validated settings `s` (and a loaded PIL image): its final latent where
+        the request finishes (see __call__), None elsewhere. The record is left in self.record."""
+        self.check_request(s, image, chords)
+        if self.mesh.split is not None:
+            done = []
+            self.stream([(prompt, negative_prompt, s)], lambda i, latent, _: done.append(latent), progress)
+            return done[0] if done else None
+        req = self.request(prompt, negative_prompt, s, image)
+        residency = self.residency
+        if residency is not None:  # checked, and the first expert's copy started, before the denoising
+            residency.begin(self.denoiser.evaluation_experts(s, chords))
+        try:
+            t0 = time.perf_counter()
+            if chords is not None:
+                from paradit.engine.chords import chords_denoise
+                latent = chords_denoise(self.denoiser, req, chords, on_hit)
+            else:
+                from paradit.engine.sequential import denoise
+                latent = denoise(self.denoiser, req, progress)
+            req.record.timings["denoise_s"] = time.perf_counter() - t0
+        finally:
+            if residency is not None:
+                residency.end()
+        self.finish_record(req)
+        return latent
+
+    def stream(self, prompts: Iterable[tuple[str, str | None, VideoSettings]],
+               on_done: Callable[[int, torch.Tensor, float], None] | None = None, progress: bool = True):
+        """Generate every (prompt, negative_prompt, settings) of `prompts`, in order, the same on every
+        rank; on_done(i, latent, seconds) where request i finishes (self.record is then its record).
+        With split experts the requests pipeline through the two stages (paradit.engine.split):
+        `prompts` may be a generator fed as requests arrive. Returns this rank's StageTimes."""
+        from paradit.engine.split import StageTimes, run_split
+        if self.mesh.split is None:
+            times = StageTimes()
+            for i, (prompt, negative, s) in enumerate(prompts):
+                t0 = time.time()
+                latent = self.run(prompt, s, negative, progress=progress)
+                times.spans.append((i, 0, t0, time.time()))
+                if on_done is not None:
+                    on_done(i, latent, time.time() - t0)
+            return times
+
+        def requests():
+            for prompt, negative, s in prompts:
+                self.check_request(s, None, None)
+                yield self.request(prompt, negative, s) if self.mesh.coords["stage"] == 0 else self.new_request(s)
+
+        def finished(i, req, latent, seconds):
+            self.finish_record(req)
+            if on_done is not None:
+                on_done(i, latent, seconds)
+        return run_split(self.denoiser, requests(), finished, progress)
+
+    def check_request(self, s: VideoSettings, image, chords) -> None:
+        """What this pipeline cannot run, refused before any work (the same on every rank)."""
+        if self.mesh.split is not None and (image is not None or chords is not None):
+            raise ParameterError("image" if image is not None else "chords", "given", "split experts run "
+                                 "text-to-video requests with the sequential sampler only, for now",
+                                 "use colocated experts (experts='colocated')")
+        if image is not None and chords is not None and self.cfg.task == "ti2v":
+            raise ParameterError("chords", chords.cores, "CHORDS with a TI2V image is not supported (its first "
+                                 "frame is reset after every sequential step)", "run TI2V image-to-video "
+                                 "without CHORDS")
+        if chords is not None:
+            chords.validate(s.steps, self.mesh.size("chords"))
+
+    def new_request(self, s: VideoSettings) -> Request:
+        """An empty request for settings s; it becomes the pipeline's current record."""
+        req = Request(s)
+        self.record = req.record
+        self.runtime.traffic.clear()
+        return req
+
+    def request(self, prompt: str, negative_prompt: str | None, s: VideoSettings, image=None) -> Request:
+        """The request of one prompt: its embeddings and image condition, encoded once on the
+        request's first rank and broadcast over its group."""
+        req = self.new_request(s)
+        t0 = time.perf_counter()
+        req.cond, req.uncond = self.encode_prompts(prompt, negative_prompt, s.guidance)
+        req.record.timings["text_encoder_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        req.condition = self.prepare_condition(image, s) if image is not None else None
+        req.record.timings["image_encode_s"] = time.perf_counter() - t0
+        return req
+
+    def finish_record(self, req: Request) -> None:
+        req.record.traffic = self.runtime.traffic.snapshot()
+        if req.record.step_s:
+            self.startup.setdefault("first_step_s", req.record.step_s[0])
 
     def encode_prompts(self, prompt: str, negative_prompt: str | None, guidance: tuple[float, float]):
         """(cond, uncond or None), each (1, text_len, text_dim): encoded once, on the request's first
@@ -223,7 +313,7 @@ class Pipeline:
             with self.text_residency.on_device() if self.text_residency else contextlib.nullcontext():
                 emb = self.text_encoder.encode(prompts)                   # (1 or 2, text_len, text_dim)
         emb = broadcast_from_first(emb, (len(prompts), self.cfg.text_len, self.cfg.text_dim), torch.float32,
-                                   self.mesh.device, self.request_group).to(self.mesh.device)
+                                   self.mesh.device, self.request_group, self.runtime.traffic).to(self.mesh.device)
         return emb[:1], (emb[1:] if need_uncond else None)
 
     def prepare_condition(self, image, s: VideoSettings) -> conditioning.Condition:
@@ -235,12 +325,13 @@ class Pipeline:
             if self.vae is None:
                 raise ValueError("this rank encodes the image but has no VAE")
             y = conditioning.encode_condition(self.cfg, self.vae, image, s.width, s.height, s.frames)
-        y = broadcast_from_first(y, shape, torch.float32, self.mesh.device, self.request_group).cpu()
+        y = broadcast_from_first(y, shape, torch.float32, self.mesh.device, self.request_group,
+                                 self.runtime.traffic).cpu()
         latent_shape = self.cfg.latent_shape(s.width, s.height, s.frames)
         start, end = self.runtime.token_range(self.cfg.num_tokens(s.width, s.height, s.frames))
         return conditioning.shard_condition(self.cfg, y, latent_shape, start, end, self.mesh.device)
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor | None:
+    def decode(self, latent: torch.Tensor | None) -> torch.Tensor | None:
         """uint8 frames (F, H, W, 3) on the output rank, None elsewhere. Every rank calls it: the
         VAE's tiles are spread over the output rank's sequence-parallel group."""
         member, group = decode_group(self.mesh)
@@ -253,117 +344,35 @@ class Pipeline:
             video = self.vae.decode(latent) if self.mesh.is_output_rank else None
         return video if self.mesh.is_output_rank else None
 
-    def initial_noise(self, s: VideoSettings) -> torch.Tensor:
-        """[C, F, H, W] fp32 from a seeded CPU generator: the same on every rank and layout."""
-        shape = self.cfg.latent_shape(s.width, s.height, s.frames)
-        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
-
-    def token_space(self, s: VideoSettings) -> "TokenSpace":
-        """The token space of a video with settings s (no noise is drawn)."""
-        return TokenSpace(self, token_grid(self.cfg.latent_shape(s.width, s.height, s.frames), self.cfg.patch))
-
-    def initial_tokens(self, s: VideoSettings) -> tuple[torch.Tensor, "TokenSpace"]:
-        """This rank's shard of the patchified noise, and the token space it lives in."""
-        space = self.token_space(s)
-        tokens = patchify(self.initial_noise(s)[None], self.cfg.patch)[0]   # (L, P*C)
-        start, end = self.runtime.token_range(space.num_tokens)
-        x = conditioning.after_step(tokens[start:end].to(self.mesh.device), self.condition)  # TI2V: frame 0
-        return x, space
-
-    def scheduler(self, s: VideoSettings):
-        sched = SAMPLERS[s.sampler](shift=s.shift)
-        sched.set_timesteps(s.steps)
-        return sched
-
-    def run_steps(self, s: VideoSettings, x: torch.Tensor, sched, space: "TokenSpace", cond, uncond,
-                  steps: range, progress: bool = True) -> torch.Tensor:
-        """Sampler steps `steps` (indices into the schedule) on this rank's token shard x."""
-        timesteps = sched.timesteps.tolist()
-        bar = tqdm(steps, desc="denoise", unit="step", disable=not (progress and self.mesh.is_output_rank))
-        for i in bar:
-            maybe_fail(f"step{i}")
-            t0 = time.perf_counter()
-            x = sched.step(self.velocity(s, x, timesteps[i], cond, uncond, space.grid, f"step {i}"),
-                           timesteps[i], x)
-            x = conditioning.after_step(x, self.condition)               # TI2V: frame 0 stays the image
-            if x.is_cuda:  # the step's kernels, not just their launch, belong to its time
-                torch.cuda.synchronize(x.device)
-            self.record.step_s.append(time.perf_counter() - t0)
-            self.startup.setdefault("first_step_s", self.record.step_s[-1])
-            if self.on_step is not None:
-                self.on_step(i, self.record.step_s[-1])
-        return x
-
-    def evaluation_experts(self, s: VideoSettings, chords=None) -> list[int]:
-        """The expert of each evaluation this rank makes for one request, in order: from the
-        timesteps, or with CHORDS from the static schedule of this rank's core (every core in
-        turn when the cores share the ranks)."""
-        if chords is None:
-            return [self.expert_for(t) for t in self.scheduler(s).timesteps.tolist()]
-        ts = wan_timestep_list(s.steps, s.shift)
-        from paradit.schedulers.chords import Chords
-        from paradit.schedulers.sigmas import wan_sigmas
-        ch = Chords(wan_sigmas(s.steps, s.shift), chords.resolve_init(s.steps))
-        me = self.mesh.rank("chords") if self.mesh.size("chords") > 1 else None
-        return [self.expert_for(ts[i]) for pairs in ch.schedule(ch.rounds_for(chords.stop))
-                for core, i in pairs if me is None or core == me]
-
-    def velocity(self, s: VideoSettings, x: torch.Tensor, t: int, cond, uncond, grid, where: str):
-        """The guided velocity at timestep t with the expert and guidance t belongs to."""
-        k = self.expert_for(t)
-        g = s.guidance[k]
-        self.record.trace.append((int(t), k, g))
-        tt = conditioning.timesteps(torch.tensor(float(t), device=x.device), self.condition)
-        if self.residency is not None:   # the plan's prefetches and releases around this evaluation
-            self.residency.before(k)
-            self.record.residency.append(tuple(sorted(self.residency.resident)))
-        try:
-            v = self.runtime.velocity(self.experts[k], conditioning.model_input(x, self.condition), tt,
-                                      cond, uncond if g != 1.0 else None, g, grid)
-        finally:
-            if self.residency is not None:
-                self.residency.after(k)
-        if self.check_finite and not torch.isfinite(v).all():
-            expert = ["high-noise", "low-noise"][k] if self.cfg.num_experts == 2 else "the"
-            raise FloatingPointError(f"non-finite velocity at {where} (t={t}) from {expert} expert")
-        return v
-
-    def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True, chords=None,
-                on_hit=None, condition: conditioning.Condition | None = None) -> torch.Tensor:
-        """The sampler loop on this rank's token shard; returns the full latent [C, F, H, W] fp32.
-        condition: this rank's shard of an image condition (prepare_condition)."""
-        self.condition = condition
-        try:
-            return self._denoise(s, cond, uncond, progress, chords, on_hit)
-        finally:
-            self.condition = None
-
-    def _denoise(self, s: VideoSettings, cond, uncond, progress: bool, chords, on_hit) -> torch.Tensor:
-        x, space = self.initial_tokens(s)
+    def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True, chords=None) -> torch.Tensor:
+        """The denoising of one request from given prompt embeddings (benchmarks): its latent."""
+        req = self.new_request(s)
+        req.cond, req.uncond = cond, uncond
         if chords is not None:
-            from paradit.parallel.chords import chords_denoise
-            hook = None if on_hit is None else (lambda hit, shard: on_hit(hit, space.to_latent(shard)))
-            x, self.record.chords = chords_denoise(self, chords, s, x, cond, uncond, space.grid, hook)
-            return space.to_latent(x)
-        sched = self.scheduler(s)
-        x = self.run_steps(s, x, sched, space, cond, uncond, range(s.steps), progress)
-        return space.to_latent(x)
+            from paradit.engine.chords import chords_denoise
+            return chords_denoise(self.denoiser, req, chords)
+        from paradit.engine.sequential import denoise
+        return denoise(self.denoiser, req, progress)
 
 
-@dataclass(frozen=True)
-class TokenSpace:
-    """The patch grid of one video and the way back from token shards to the latent."""
-    pipe: Pipeline
-    grid: tuple[int, int, int]
+def model_config(name_or_path: str, components=None) -> WanConfig:
+    """The model's config: a preset's ('tiny', 'demo'), or read from a checkpoint folder."""
+    if name_or_path in ("tiny", "demo"):
+        return WanConfig.preset(name_or_path)
+    from paradit.checkpoint import model_config as checkpoint_config
+    return checkpoint_config(name_or_path, components)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1] * self.grid[2]
 
-    def to_latent(self, shard: torch.Tensor) -> torch.Tensor:
-        """Gather the sp shards of a token-space tensor -> latent [C, F, H, W] fp32 on the CPU."""
-        full = self.pipe.runtime.gather_tokens(shard, self.num_tokens)   # (L, P*C)
-        return unpatchify(full[None].cpu().float(), self.grid, self.pipe.cfg.patch)[0]
+def resolve_stages(parallel: ParallelConfig, cfg: WanConfig, world: int) -> ParallelConfig:
+    """experts='split' without stages: the stage sizes from the step split of the preset's
+    schedule (paradit.plan.placement), each stage's sp from the head count."""
+    if not parallel.stages_pending:
+        return parallel
+    if cfg.boundary is None:
+        raise ParameterError("experts", "split", f"{cfg.name} has one expert; split experts need two (Wan2.2 A14B)")
+    s = VideoSettings.resolve(cfg)
+    high = high_noise_steps(cfg.boundary, s.steps, s.shift)
+    return placement.split_layout(cfg.num_heads, placement.stage_sizes(world, high, s.steps), parallel.cfg)
 
 
 def tiny_components(cfg: WanConfig, device, dtype, seed: int = 0, needed: set[int] | None = None):

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
+from paradit.schedulers import chords_schedule
+from paradit.schedulers.registry import SAMPLER_NAMES
 
-SAMPLER_NAMES = ("unipc", "euler")
 MAX_SIDE = 4096          # pixels; Wan is trained up to 1280x720, the VAE tiles far beyond that
 MAX_FRAMES = 1001        # 62 s at 16 fps; Wan is trained on 81 (121 for TI2V-5B)
 MAX_STEPS = 1000         # the schedule's own resolution (timesteps 0..999)
@@ -104,3 +105,46 @@ class VideoSettings:
         if sampler not in SAMPLER_NAMES:
             raise ParameterError("sampler", sampler, f"choose one of {', '.join(SAMPLER_NAMES)}")
         return VideoSettings(width, height, frames, steps, shift, guidance, seed, sampler)
+
+
+@dataclass(frozen=True)
+class ChordsSettings:
+    """CHORDS for one run: `cores` cores starting at grid indices `init` (None: the default rule
+    for (cores, steps)), stopping after the m-th real hit (stop=m), once consecutive hits differ
+    by less than a residual (stop=tau, a float), or at the exact result (None)."""
+    cores: int
+    init: tuple[int, ...] | None = None
+    stop: int | float | None = 1
+
+    def resolve_init(self, steps: int) -> list[int]:
+        if self.cores > steps:
+            raise ParameterError("cores", self.cores, f"CHORDS needs at least as many steps as cores (steps={steps})",
+                                 "use fewer cores or more steps")
+        if self.init is None:
+            return chords_schedule.init_sequence(self.cores, steps)
+        try:
+            return chords_schedule.validate_init(self.init, steps, self.cores)
+        except ValueError as err:
+            raise ParameterError("init", self.init, str(err)) from None
+
+    def validate(self, steps: int, mesh_cores: int) -> None:
+        """Everything checkable before weights load, against a mesh of `mesh_cores` core groups."""
+        if mesh_cores not in (1, self.cores):
+            raise ParameterError("cores", self.cores, f"the mesh has chords={mesh_cores} core groups, not one per "
+                                 f"core", f"give the mesh chords={self.cores}, or chords=1 to run the cores in "
+                                 f"turn on one group")
+        init = self.resolve_init(steps)
+        try:
+            chords_schedule.rounds_for(init, steps, self.stop)
+        except ValueError as err:
+            raise ParameterError("stop", self.stop, str(err)) from None
+
+
+def chords_layout(settings: ChordsSettings | None, world: int, inner: int) -> int:
+    """The mesh's chords degree: one core group per core if the world has room, else 1 (in turn)."""
+    if settings is None or settings.cores == 1 or world == inner:
+        return 1
+    if world == inner * settings.cores:
+        return settings.cores
+    raise ParameterError("cores", settings.cores, f"with a core group of {inner} GPUs, CHORDS needs {inner} processes "
+                         f"(cores in turn) or {inner * settings.cores} (one group per core); the world has {world}")

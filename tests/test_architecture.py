@@ -1,6 +1,8 @@
 """How the package hangs together: the planner and the layout are plain Python, runnable on their own."""
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 # planning a machine, CHORDS and split experts included, and every pure placement question
 NO_TORCH = """
@@ -25,3 +27,157 @@ def test_planner_module_runs():
                           "--size", "1280x720", "--frames", "81"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "Choice:" in run.stdout and "Why not the next best:" in run.stdout
+
+
+# ----------------------------------------------------------------------------- the layers, read from the source
+PACKAGE = Path(__file__).resolve().parent.parent / "paradit"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports, at module level or inside a function (a lazy import still makes
+    a cycle: it only moves the failure to the first call); not those for type annotations only."""
+    out, tree = set(), ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in
+                   ast.unparse(node.test) for n in ast.walk(node)}  # annotations only: never run
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}  # `from paradit.x import module`
+    return out
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {m: {d for d in imports(p) if d in MODULES and d != m} for m, p in MODULES.items()}
+
+
+def test_no_import_cycles():
+    # a package's __init__ re-exporting its modules is not a cycle of the modules themselves
+    graph = {m: {d for d in deps if not (MODULES[m].name == "__init__" and d.startswith(m + "."))}
+             for m, deps in GRAPH.items()}
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(path[path.index(d):] + [d] if d in path else [m, d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_layers_import_downwards():
+    def deps(prefix):
+        return {(m, d) for m, ds in GRAPH.items() if m.startswith(prefix) for d in ds}
+    # models and schedulers are single-device math: no process groups
+    for prefix in ("paradit.models", "paradit.schedulers"):
+        assert not {m for m, p in MODULES.items() if m.startswith(prefix) and "torch.distributed" in
+                    " ".join(imports(p))}, f"{prefix} imports torch.distributed"
+    # the parallel machinery talks to process groups; it never reaches up into the engine or the facade
+    up = {(m, d) for m, d in deps("paradit.parallel") if d.startswith(("paradit.engine", "paradit.pipeline",
+                                                                         "paradit.generate", "paradit.serve",
+                                                                         "paradit.cli"))}
+    assert not up, f"parallel/ reaches up: {sorted(up)}"
+    # the drivers know the runtime and the request, never the Pipeline
+    up = {(m, d) for m, d in deps("paradit.engine") if d.startswith(("paradit.pipeline", "paradit.generate",
+                                                                       "paradit.serve", "paradit.cli"))}
+    assert not up, f"engine/ reaches up: {sorted(up)}"
+    # and no function below the facade takes the pipeline as an argument
+    for m, p in MODULES.items():
+        if m.startswith(("paradit.parallel", "paradit.engine", "paradit.models", "paradit.schedulers")):
+            args = {a.arg for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.arguments)
+                    for a in node.args + node.kwonlyargs}
+            assert "pipe" not in args and "pipeline" not in args, f"{m} takes the pipeline"
+
+
+MUTABLE = (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)
+MUTABLE_CALLS = {"dict", "list", "set", "defaultdict", "OrderedDict", "Counter", "deque"}
+MUTATORS = {"append", "extend", "insert", "remove", "pop", "popitem", "clear", "update", "setdefault", "add",
+            "discard", "sort", "reverse", "appendleft"}
+
+
+def module_tables(tree: ast.Module) -> set[str]:
+    """Module-level names bound to a mutable container (a dict, a list, a set...)."""
+    out = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) and node.value is not None else []
+        value = getattr(node, "value", None)
+        if isinstance(value, MUTABLE) or (isinstance(value, ast.Call) and getattr(
+                value.func, "id", getattr(value.func, "attr", None)) in MUTABLE_CALLS):
+            out |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return out
+
+
+def base_name(node) -> str | None:
+    """`TABLE` of TABLE[k][j], TABLE.attr, mod.TABLE (the last attribute of a module path)."""
+    while isinstance(node, ast.Subscript):
+        node = node.value
+    if isinstance(node, ast.Attribute):
+        return node.attr if isinstance(node.value, ast.Name) and node.value.id not in ("self", "cls") else None
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def writes_to_tables(sources: dict[str, str]) -> list[str]:
+    """Where a function writes to a module-level container, of its own module or another's (by
+    name), or declares a global: state kept in modules. Import-time construction is not counted."""
+    trees = {m: ast.parse(text) for m, text in sources.items()}
+    tables = {name: m for m, tree in trees.items() for name in module_tables(tree)}
+    found = []
+    for m, tree in trees.items():
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            local = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            local |= {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Global):
+                    found.append(f"{m}: global {', '.join(node.names)} (line {node.lineno})")
+                targets = []
+                if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                    targets = [t for t in getattr(node, "targets", [getattr(node, "target", None)])
+                               if isinstance(t, ast.Subscript)]
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                        node.func.attr in MUTATORS:
+                    targets = [node.func.value]
+                for t in targets:
+                    name = base_name(t)
+                    if name in tables and name not in local:
+                        found.append(f"{m} writes {tables[name]}.{name} (line {node.lineno})")
+    return found
+
+
+def test_the_state_check_finds_a_global_counter():
+    # the counter paradit had: a module-global dict, written by the collectives, cleared by the pipeline
+    sources = {"a": "from collections import defaultdict\nTRAFFIC = defaultdict(lambda: [0, 0])\n"
+                    "def count(op, n):\n    TRAFFIC[op][0] += n\n",
+               "b": "from a import TRAFFIC\ndef call():\n    TRAFFIC.clear()\n",
+               "c": "TABLE = {'x': 1}\nTABLE.update(y=2)\ndef read():\n    return TABLE['x']\n"}
+    assert writes_to_tables(sources) == ["a writes a.TRAFFIC (line 4)", "b writes a.TRAFFIC (line 3)"]
+
+
+def test_no_module_level_mutable_state():
+    # module globals are constants: a table may be a dict, but no function writes to it; state lives
+    # in objects that are passed in (the mesh, the runtime's traffic counter, a request's record)
+    found = writes_to_tables({m: p.read_text() for m, p in MODULES.items()})
+    assert not found, "module-level mutable state: " + "; ".join(found)
+
+
+def test_the_design_contract_names_import():
+    # DESIGN.md's public API: the names users and tests rely on
+    from paradit import Pipeline, WanConfig, WanTransformer, load_transformer  # noqa: F401
+    from paradit.parallel import ParallelConfig, init_parallel, parallelize  # noqa: F401
+    from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler, make_scheduler  # noqa: F401
+    from paradit.schedulers.chords import Chords  # noqa: F401
+    assert ParallelConfig(experts="split").stages_pending

@@ -5,7 +5,7 @@ import torch
 from paradit.config import WanConfig
 from paradit.launch import spawn
 from paradit.cli.flags import parse_stop
-from paradit.parallel.chords import ChordsSettings, chords_layout
+from paradit.settings import ChordsSettings, chords_layout
 from paradit.plan.placement import chords_experts
 from paradit.schedulers.schedule import high_noise_steps
 from workers import PIPE_KW, chords_hits, pipeline_latent, tiny_config

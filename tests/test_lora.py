@@ -19,6 +19,7 @@ from paradit.launch import free_port
 from paradit.models.loading import load_transformer, to_diffusers_name
 from paradit.models.lora import LoraError, LoraSpec, check_loras, lora_specs, model_shapes, parse_lora
 from paradit.pipeline import Pipeline
+from paradit.schedulers.registry import make_scheduler
 from paradit.settings import VideoSettings
 
 RANK = 3
@@ -126,8 +127,8 @@ def base(ckpt):
     s = VideoSettings.resolve(pipe.cfg, RUN["width"], RUN["height"], RUN["frames"], RUN["steps"], RUN["shift"],
                               None, RUN["seed"], "unipc")
     cond, uncond = pipe.encode_prompts(PROMPT, NEGATIVE, s.guidance)
-    return dict(latent=latent, cond=cond, uncond=uncond, sigmas=pipe.scheduler(s).sigmas,
-                noise=pipe.initial_noise(s))
+    return dict(latent=latent, cond=cond, uncond=uncond, sigmas=make_scheduler("unipc", s.shift, s.steps).sigmas,
+                noise=pipe.denoiser.initial_noise(s))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

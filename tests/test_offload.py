@@ -10,7 +10,7 @@ import torch
 
 from paradit.generate import failure, parse_args
 from paradit.offload import ExpertResidency, HostWeights
-from paradit.parallel.chords import ChordsSettings
+from paradit.settings import ChordsSettings
 from paradit.pipeline import Pipeline
 from paradit.residency import Action, residency_at, residency_plan
 from paradit.schedulers.schedule import high_noise_steps

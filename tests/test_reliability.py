@@ -233,7 +233,7 @@ BAD_LIBRARY = [
     (lambda: ParallelConfig(cfg=3), r"degree is 1 or 2"),
     (lambda: ParallelConfig(ulysses=0), r">= 1"),
     (lambda: ParallelConfig(experts="both"), r"choose one of"),
-    (lambda: ParallelConfig(experts="split"), r"stages"),
+    (lambda: ParallelConfig(experts="split").validate(2), r"stages"),
     (lambda: ParallelConfig(ulysses=4).validate(4, 2), r"ulysses=4: is above .*: ulysses=2, ring=2"),
     (lambda: ParallelConfig(ulysses=2).validate(4, 2), r"needs 2 processes, but the world has 4"),
     (lambda: init_distributed("cpu", 0), r"timeout_s=0"),

@@ -64,8 +64,10 @@ def test_stage_sizes_follow_the_step_split():
 
 
 def test_bad_split_layouts():
-    with pytest.raises(ValueError, match="stages"):
-        ParallelConfig(experts="split")
+    with pytest.raises(ValueError, match="stages"):        # stage sizes come from the step split, at build
+        ParallelConfig(experts="split").validate(2, 40)
+    with pytest.raises(ValueError, match="need experts='split'"):
+        ParallelConfig(stages=((1, 1, 1), (1, 1, 1)))
     with pytest.raises(ValueError, match="per stage"):
         ParallelConfig(ulysses=2, experts="split", stages=((1, 1, 1), (1, 1, 1)))
     with pytest.raises(ValueError, match="needs 3 processes"):

@@ -84,7 +84,7 @@ def collectives_checks():
 
 def chords_hits(cfg_kw: dict, layout: dict | None, cores: int, stop, needed_per_core=None, init=None):
     """Every CHORDS hit (core, round, preview, latent) of the tiny pipeline under a layout."""
-    from paradit.parallel.chords import ChordsSettings
+    from paradit.settings import ChordsSettings
     cfg = tiny_config(**cfg_kw)
     pc = ParallelConfig(**(layout or {}))
     mesh = init_parallel(pc, num_heads=cfg.num_heads) if layout else None
@@ -107,7 +107,6 @@ def split_run(heads: int, stages, steps: int = 12):
     """Three prompts through split expert stages: (latents by request, loaded experts, spans)."""
     import torch.distributed as dist
 
-    from paradit.parallel.stages import run_split
     from paradit.pipeline import VideoSettings
     cfg = tiny_config(heads)
     pc = ParallelConfig(experts="split", stages=stages)
@@ -118,8 +117,8 @@ def split_run(heads: int, stages, steps: int = 12):
     kw = {k: v for k, v in (PIPE_KW | dict(steps=steps)).items() if k != "progress"}
     s = VideoSettings.resolve(cfg, **kw)
     done = {}
-    spans = run_split(pipe, [(p, NEGATIVE, s) for p in SPLIT_PROMPTS],
-                      on_done=lambda i, lat, latency: done.__setitem__(i, lat), progress=False)
+    spans = pipe.stream([(p, NEGATIVE, s) for p in SPLIT_PROMPTS],
+                        on_done=lambda i, lat, latency: done.__setitem__(i, lat), progress=False)
     return dict(rank=dist.get_rank(), stage=stage, latents=done, loaded=[m is not None for m in experts],
                 spans=spans.spans)
 
@@ -137,7 +136,7 @@ def demo_judged(layout: dict, prompts: list[str], chords_cores: int | None = Non
     """Judge the demo model's videos under a layout: {prompt: {"final": (colour_ok, motion_ok),
     "first_hit": ... (CHORDS only)}} on the output rank, None elsewhere."""
     from paradit.demo.judge import judge
-    from paradit.parallel.chords import ChordsSettings
+    from paradit.settings import ChordsSettings
     pipe = Pipeline.from_pretrained("demo", parallel=ParallelConfig(**layout))
     out = {}
     for i, p in enumerate(prompts):
@@ -177,10 +176,9 @@ def compiled_against_eager(layout: dict, heads: int = 4):
 
 def mesh_roles(layouts: list[dict]) -> list[tuple[bool, bool, bool]]:
     """(encodes, decodes, writes) of this rank under each layout, as the built mesh defines them."""
-    from paradit.parallel.requests import decode_group, is_encoder_rank, request_group
+    from paradit.parallel.requests import decode_group, is_encoder_rank
     out = []
     for layout in layouts:
         mesh = init_parallel(ParallelConfig(**layout))
-        request_group(mesh)  # collective on first use: every rank, before is_encoder_rank's short circuit
         out.append((is_encoder_rank(mesh), decode_group(mesh)[0], mesh.is_output_rank))
     return out

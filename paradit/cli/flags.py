@@ -222,7 +222,8 @@ PARAM_FLAGS = {"width": "--size", "height": "--size", "frames": "--frames", "ste
                "shift": "--shift", "guidance": "--guidance", "seed": "--seed", "sampler": "--sampler",
                "ulysses": "--ulysses", "ring": "--ring", "sp": "--sp", "cfg": "--cfg-par", "dp": "--dp",
                "chords": "--chords", "experts": "--experts", "stages": "--stages", "timeout_s": "--timeout",
-               "device": "--device", "gpu": "--gpu", "offload": "--offload"}
+               "device": "--device", "gpu": "--gpu", "offload": "--offload",
+               "cores": "--chords", "init": "--chords-init", "stop": "--chords-stop"}  # ChordsSettings
 
 
 class Parser(argparse.ArgumentParser):

@@ -13,6 +13,7 @@ from paradit.config import PRESETS
 from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig, auto_sp
 from paradit.schedulers.schedule import high_noise_steps
+from paradit.settings import chords_layout
 
 log = logging.getLogger("paradit")
 
@@ -66,18 +67,16 @@ def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
             raise UsageError(f"--stages {flags.typed.get('--stages')}: give two GPU counts >= 1, high,low "
                              f"(e.g. 5,3), that add up to the world ({world})")
     else:
-        sizes = placement.stage_sizes(world, high_noise_steps(cfg.boundary, settings.steps, settings.shift), settings.steps)
-    stages = []
+        sizes = placement.stage_sizes(world, high_noise_steps(cfg.boundary, settings.steps, settings.shift),
+                                      settings.steps)
     for n in sizes:
         if n % flags.cfg_par:
             raise UsageError(f"--stages {','.join(map(str, sizes))}: a stage of {n} GPUs cannot hold "
                              f"--cfg-par {flags.cfg_par}")
-        stages.append((*auto_sp(cfg.num_heads, n // flags.cfg_par), flags.cfg_par))
-    return ParallelConfig(experts="split", stages=tuple(stages))
+    return placement.split_layout(cfg.num_heads, sizes, flags.cfg_par)
 
 
 def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelConfig:
-    from paradit.parallel.chords import chords_layout
     kind = gpu_kind(flags)
     if flags.plan == "auto":
         layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, flags.offload)

@@ -18,7 +18,7 @@ from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, 
 from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
 from paradit.config import PRESETS, WanConfig
 from paradit.plan.layout import ParallelConfig
-from paradit.settings import VideoSettings
+from paradit.settings import ChordsSettings, VideoSettings
 
 RUNNABLE_PRESETS = ("tiny", "demo")  # presets that bring their weights; the Wan ones are architectures
 
@@ -32,7 +32,7 @@ class RunSpec:
     prompts: tuple[str, ...]
     settings: VideoSettings
     layout: ParallelConfig
-    chords: object                      # ChordsSettings or None
+    chords: ChordsSettings | None
     experts_needed: frozenset | None    # the experts this rank loads (None: all)
     outputs: tuple[Path, ...]           # the video of each prompt; sidecars and latents beside them
     loras: tuple = ()                   # paradit.models.lora.LoraSpec of --lora, --lora-high, --lora-low
@@ -150,7 +150,6 @@ def video_settings(flags: Flags, cfg: WanConfig, image) -> VideoSettings:
 def chords_settings(flags: Flags):
     if flags.chords == 1:
         return None
-    from paradit.parallel.chords import ChordsSettings
     return ChordsSettings(flags.chords, flags.chords_init, 1 if flags.chords_stop is None and not
                           flags.given("--chords-stop") else flags.chords_stop)
 

@@ -1,7 +1,11 @@
-"""Parallel machinery: the mesh, sequence-parallel attention, CFG, CHORDS, expert stages.
+"""Parallel machinery, the code that talks to process groups: the mesh, the collectives,
+sequence-parallel attention, the runtime (token shards, CFG), the stage hand-off, the spread decode.
 
-Names are imported on first use. The layout (ParallelConfig) and the planner are paradit.plan."""
-__all__ = ["Mesh", "init_parallel", "parallelize", "ParallelWan", "Runtime"]
+Names are imported on first use. The layout (ParallelConfig, re-exported here) and the planner are
+paradit.plan; the denoising drivers that use this machinery are paradit.engine."""
+from paradit.plan.layout import ParallelConfig  # plain Python
+
+__all__ = ["Mesh", "ParallelConfig", "init_parallel", "parallelize", "ParallelWan", "Runtime"]
 _LAZY = {"Mesh": "mesh", "init_parallel": "mesh", "parallelize": "runtime", "ParallelWan": "runtime",
          "Runtime": "runtime"}
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from paradit.parallel.collectives import RingComm, even_split, heads_to_seq, lse_merge, seq_to_heads
+from paradit.parallel.collectives import RingComm, Traffic, even_split, heads_to_seq, lse_merge, seq_to_heads
 from paradit.parallel.mesh import Mesh
 
 Tensor = torch.Tensor
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, group, block_sizes: list[int], attn_lse) -> Tensor:
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, group, block_sizes: list[int], attn_lse,
+                   traffic: Traffic | None = None) -> Tensor:
     """q, k, v: (B, S_r, h, D), this rank's block r of block_sizes; returns (B, S_r, h, D)."""
-    comm = RingComm(group)
+    comm = RingComm(group, traffic)
     n, me = len(block_sizes), torch.distributed.get_rank(group)
     kv = torch.stack([k, v])                                   # (2, B, S_r, h, D): one message
     out = lse = None
@@ -39,8 +40,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group, block_sizes: list[int
 class SequenceParallelAttention:
     """The attention seam for a mesh: callable (q, k, v) -> out, all (B, S_me, H, D)."""
 
-    def __init__(self, mesh: Mesh, attn, attn_lse):
-        self.mesh = mesh
+    def __init__(self, mesh: Mesh, attn, attn_lse, traffic: Traffic | None = None):
+        self.mesh, self.traffic = mesh, traffic
         self.u, self.r = mesh.size("ulysses"), mesh.size("ring")
         self.attn, self.attn_lse = attn, attn_lse
         self.shard_sizes: list[int] | None = None
@@ -58,12 +59,12 @@ class SequenceParallelAttention:
         blocks = [sum(self.shard_sizes[i * u:(i + 1) * u]) for i in range(r)]  # ring block per ring rank
         if u > 1:
             heads = even_split(q.shape[2], u)
-            qkv = seq_to_heads(torch.stack([q, k, v]), self.mesh.group("ulysses"), u_sizes, heads)
+            qkv = seq_to_heads(torch.stack([q, k, v]), self.mesh.group("ulysses"), u_sizes, heads, self.traffic)
             q, k, v = qkv.unbind(0)                               # (B, S_block, H_me, D) each
         if r > 1:
-            out = ring_attention(q, k, v, self.mesh.group("ring"), blocks, self.attn_lse)
+            out = ring_attention(q, k, v, self.mesh.group("ring"), blocks, self.attn_lse, self.traffic)
         else:
             out = self.attn(q, k, v)
         if u > 1:
-            out = heads_to_seq(out.contiguous(), self.mesh.group("ulysses"), u_sizes, heads)
+            out = heads_to_seq(out.contiguous(), self.mesh.group("ulysses"), u_sizes, heads, self.traffic)
         return out

@@ -2,7 +2,8 @@
 
 Uneven splits are first class: a token count or head count that the degree does not divide is
 split as evenly as possible (the first n % parts ranks get one more), never padded into the math.
-Every call records what it moved in `TRAFFIC` (bytes sent by this rank, count), for the sidecar.
+Every call that is given a `Traffic` counter (the runtime owns one, paradit.parallel.runtime) records
+what it moved there (bytes sent by this rank, and the call count), for the sidecar.
 
 The functions that talk to the process group are `torch.compiler.disable`d: inside compiled blocks
 (--compile) they run eagerly between the compiled regions. Traced, the traffic counter (Python state
@@ -11,20 +12,32 @@ that changes on every call) would fail dynamo's guards and rebuild the graph at 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-
 import torch
 import torch.distributed as dist
 
 Tensor = torch.Tensor
 
-# op name -> [bytes sent by this rank, number of calls]; reset per step by the runtime.
-TRAFFIC: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+class Traffic:
+    """What this rank sent through collectives: op name -> [bytes, number of calls]."""
+
+    def __init__(self):
+        self.ops: dict[str, list[int]] = {}
+
+    def count(self, op: str, nbytes: int) -> None:
+        entry = self.ops.setdefault(op, [0, 0])
+        entry[0] += int(nbytes)
+        entry[1] += 1
+
+    def clear(self) -> None:
+        self.ops.clear()
+
+    def snapshot(self) -> dict[str, list[int]]:
+        return {op: list(v) for op, v in self.ops.items()}
 
 
-def _count(op: str, nbytes: int) -> None:
-    TRAFFIC[op][0] += int(nbytes)
-    TRAFFIC[op][1] += 1
+def _count(traffic: Traffic | None, op: str, nbytes: int) -> None:
+    if traffic is not None:
+        traffic.count(op, nbytes)
 
 
 def even_split(n: int, parts: int) -> list[int]:
@@ -41,17 +54,19 @@ def offsets(sizes: list[int]) -> list[int]:
 
 
 @torch.compiler.disable
-def all_to_all_uneven(chunks: list[Tensor], recv_numel: list[int], group) -> list[Tensor]:
+def all_to_all_uneven(chunks: list[Tensor], recv_numel: list[int], group,
+                      traffic: Traffic | None = None) -> list[Tensor]:
     """Send chunks[j] to group rank j; receive recv_numel[j] elements from rank j (flat, 1-D)."""
     send = torch.cat([c.reshape(-1) for c in chunks])
     recv = send.new_empty(sum(recv_numel))
     dist.all_to_all_single(recv, send, output_split_sizes=recv_numel,
                            input_split_sizes=[c.numel() for c in chunks], group=group)
-    _count("all_to_all", (send.numel() - chunks[dist.get_rank(group)].numel()) * send.element_size())
+    _count(traffic, "all_to_all", (send.numel() - chunks[dist.get_rank(group)].numel()) * send.element_size())
     return list(recv.split(recv_numel))
 
 
-def seq_to_heads(x: Tensor, group, seq_sizes: list[int], head_sizes: list[int]) -> Tensor:
+def seq_to_heads(x: Tensor, group, seq_sizes: list[int], head_sizes: list[int],
+                 traffic: Traffic | None = None) -> Tensor:
     """Ulysses forward: scatter heads, gather tokens, in ONE all-to-all.
 
     x: (P, B, S_me, H, D), P packed tensors (q, k, v) -> (P, B, sum(seq_sizes), H_me, D)
@@ -60,21 +75,22 @@ def seq_to_heads(x: Tensor, group, seq_sizes: list[int], head_sizes: list[int]) 
     p, b, _, _, d = x.shape
     h_off = offsets(head_sizes)
     chunks = [x[:, :, :, h_off[j]:h_off[j] + head_sizes[j]] for j in range(len(head_sizes))]
-    recv = all_to_all_uneven(chunks, [p * b * s * head_sizes[me] * d for s in seq_sizes], group)
+    recv = all_to_all_uneven(chunks, [p * b * s * head_sizes[me] * d for s in seq_sizes], group, traffic)
     return torch.cat([r.view(p, b, s, head_sizes[me], d) for r, s in zip(recv, seq_sizes)], dim=2)
 
 
-def heads_to_seq(x: Tensor, group, seq_sizes: list[int], head_sizes: list[int]) -> Tensor:
+def heads_to_seq(x: Tensor, group, seq_sizes: list[int], head_sizes: list[int],
+                 traffic: Traffic | None = None) -> Tensor:
     """Ulysses inverse: (B, sum(seq_sizes), H_me, D) -> (B, S_me, H, D)."""
     me = dist.get_rank(group)
     b, _, h_me, d = x.shape
     chunks = list(x.split(seq_sizes, dim=1))  # chunk j: the tokens rank j owns, my heads
-    recv = all_to_all_uneven(chunks, [b * seq_sizes[me] * h * d for h in head_sizes], group)
+    recv = all_to_all_uneven(chunks, [b * seq_sizes[me] * h * d for h in head_sizes], group, traffic)
     return torch.cat([r.view(b, seq_sizes[me], h, d) for r, h in zip(recv, head_sizes)], dim=2)
 
 
 @torch.compiler.disable
-def all_gather_uneven(x: Tensor, group, sizes: list[int], dim: int = 0) -> Tensor:
+def all_gather_uneven(x: Tensor, group, sizes: list[int], dim: int = 0, traffic: Traffic | None = None) -> Tensor:
     """Concatenate every rank's x along `dim`, where rank j holds sizes[j] entries of that dim."""
     if group is None:
         return x
@@ -83,15 +99,15 @@ def all_gather_uneven(x: Tensor, group, sizes: list[int], dim: int = 0) -> Tenso
     xp = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
     bufs = [torch.empty_like(xp) for _ in sizes]
     dist.all_gather(bufs, xp, group=group)
-    _count("all_gather", xp.numel() * xp.element_size() * (len(sizes) - 1))
+    _count(traffic, "all_gather", xp.numel() * xp.element_size() * (len(sizes) - 1))
     return torch.cat([b[:s] for b, s in zip(bufs, sizes)]).movedim(0, dim)
 
 
 @torch.compiler.disable
-def all_gather_equal(x: Tensor, group) -> list[Tensor]:
+def all_gather_equal(x: Tensor, group, traffic: Traffic | None = None) -> list[Tensor]:
     bufs = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(bufs, x.contiguous(), group=group)
-    _count("all_gather", x.numel() * x.element_size() * (len(bufs) - 1))
+    _count(traffic, "all_gather", x.numel() * x.element_size() * (len(bufs) - 1))
     return bufs
 
 
@@ -102,8 +118,8 @@ class RingComm:
     Misuse (a second send before waiting, waiting with nothing in flight) raises.
     """
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, traffic: Traffic | None = None):
+        self.group, self.traffic = group, traffic
         me, n = dist.get_rank(group), dist.get_world_size(group)
         self.next = dist.get_global_rank(group, (me + 1) % n)
         self.prev = dist.get_global_rank(group, (me - 1) % n)
@@ -118,7 +134,7 @@ class RingComm:
         ops = [dist.P2POp(dist.isend, t, self.next, self.group),
                dist.P2POp(dist.irecv, self._buf, self.prev, self.group)]
         self._reqs = dist.batch_isend_irecv(ops)
-        _count("ring_p2p", t.numel() * t.element_size())
+        _count(self.traffic, "ring_p2p", t.numel() * t.element_size())
 
     @torch.compiler.disable
     def wait(self) -> Tensor:
@@ -151,7 +167,8 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, guidance: float) -> Tensor:
     return vu + guidance * (vc - vu)
 
 
-def broadcast_from_first(x: Tensor | None, shape, dtype: torch.dtype, device, group) -> Tensor:
+def broadcast_from_first(x: Tensor | None, shape, dtype: torch.dtype, device, group,
+                         traffic: Traffic | None = None) -> Tensor:
     """Group rank 0's x on every rank of `group` (the others pass None); x itself without a group.
 
     Used for what one rank computes once per request (text embeddings, the image condition).
@@ -161,14 +178,15 @@ def broadcast_from_first(x: Tensor | None, shape, dtype: torch.dtype, device, gr
     if dist.get_rank(group) == 0:
         assert x is not None and tuple(x.shape) == tuple(shape), (None if x is None else x.shape, shape)
         x = x.to(device=device, dtype=dtype).contiguous()
-        _count("broadcast", x.numel() * x.element_size() * (dist.get_world_size(group) - 1))
+        _count(traffic, "broadcast", x.numel() * x.element_size() * (dist.get_world_size(group) - 1))
     else:
         x = torch.empty(shape, dtype=dtype, device=device)
     dist.broadcast(x, group=group, group_src=0)
     return x
 
 
-def gather_tensors(tensors: list[Tensor], group, like: Tensor) -> list[list[Tensor]] | None:
+def gather_tensors(tensors: list[Tensor], group, like: Tensor,
+                   traffic: Traffic | None = None) -> list[list[Tensor]] | None:
     """Every rank's list of tensors (any count and shapes; like's dtype and device) on group rank 0.
 
     Returns, on rank 0, one list per rank in rank order; None on the other ranks. The shapes travel
@@ -183,7 +201,7 @@ def gather_tensors(tensors: list[Tensor], group, like: Tensor) -> list[list[Tens
     bufs = [torch.empty_like(flat) for _ in range(n)] if me == 0 else None
     dist.gather(flat, bufs, group=group, group_dst=0)
     if me != 0:
-        _count("gather", flat.numel() * flat.element_size())
+        _count(traffic, "gather", flat.numel() * flat.element_size())
         return None
     out = []
     for buf, per_rank in zip(bufs, shapes):

@@ -7,7 +7,9 @@ consecutive ranks (one NVLink island); ring groups stride over them. The sequenc
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
@@ -16,15 +18,22 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from paradit.plan.layout import AXES, ParallelConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class Mesh:
-    """The groups of one process's layout. Groups are None where the degree is 1 (or world is 1)."""
+    """The groups of one process's layout, every one built by init_parallel (no group is created
+    later, so no later call is collective by surprise). Groups are None where the degree is 1 (or
+    world is 1). "request": the ranks that serve this rank's request together (its dp replica; its
+    stage with split experts), over which the prompt embeddings and the image condition travel."""
     config: ParallelConfig
     device: torch.device
     device_mesh: DeviceMesh | None
-    coords: dict[str, int]           # this rank's index along each axis
-    groups: dict[str, object | None]  # axis name (and "sp") -> ProcessGroup or None
+    coords: Mapping[str, int]            # this rank's index along each axis
+    groups: Mapping[str, object | None]  # axis name, "sp" and "request" -> ProcessGroup or None
     split: ParallelConfig | None = None  # the whole split layout, when this mesh is one stage of it
+
+    def __post_init__(self):
+        object.__setattr__(self, "coords", MappingProxyType(dict(self.coords)))
+        object.__setattr__(self, "groups", MappingProxyType(dict(self.groups)))
 
     def size(self, axis: str) -> int:
         return self.config.sp if axis == "sp" else getattr(self.config, axis, 1)
@@ -53,9 +62,10 @@ def single_device_mesh(device: torch.device | str = "cpu") -> Mesh:
 
 def init_parallel(config: ParallelConfig, device: torch.device | str | None = None,
                   num_heads: int | None = None) -> Mesh:
-    """Build the mesh for `config`. Under torchrun with no process group yet, the group is first
-    initialised from torchrun's environment (paradit.launch.init_distributed: NCCL with one GPU per
-    local rank, gloo on CPU); a world of one needs no group."""
+    """Build the mesh for `config`, every group of it (collective: every rank calls it together).
+    Under torchrun with no process group yet, the group is first initialised from torchrun's
+    environment (paradit.launch.init_distributed: NCCL with one GPU per local rank, gloo on CPU);
+    a world of one needs no group."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         from paradit.launch import init_distributed
         device = init_distributed(None if device is None else str(device)).device
@@ -70,32 +80,34 @@ def init_parallel(config: ParallelConfig, device: torch.device | str | None = No
     shape = dict(dp=config.dp, stage=1, chords=config.chords, cfg=config.cfg, ring=config.ring,
                  ulysses=config.ulysses)
     dm = init_device_mesh(device.type, tuple(shape[a] for a in AXES), mesh_dim_names=AXES)
-    return _mesh_from(config, device, dm, shape)
+    request = dist.group.WORLD if config.dp == 1 else dm[AXES[1:]]._flatten("request").get_group()
+    return _mesh_from(config, device, dm, shape, request)
 
 
 def _stage_mesh(config: ParallelConfig, device: torch.device) -> Mesh:
     """Split experts: ranks [0, n_high) form the high-noise stage, the rest the low-noise stage,
-    each with a DeviceMesh of its own layout (every rank builds both, in the same order)."""
+    each with a DeviceMesh of its own layout and a request group of its own (every rank builds
+    both stages' groups, in the same order)."""
     meshes, first = [], 0
     for k in range(2):
         sc = config.stage_config(k)
         shape = dict(dp=1, stage=1, chords=1, cfg=sc.cfg, ring=sc.ring, ulysses=sc.ulysses)
         ranks = torch.arange(first, first + sc.world_size).reshape(tuple(shape[a] for a in AXES))
-        meshes.append((sc, DeviceMesh(device.type, ranks, mesh_dim_names=AXES), shape))
+        dm = DeviceMesh(device.type, ranks, mesh_dim_names=AXES)
+        meshes.append((sc, dm, shape, dist.new_group(list(range(first, first + sc.world_size)))))
         first += sc.world_size
     stage = int(dist.get_rank() >= config.stage_sizes[0])
-    sc, dm, shape = meshes[stage]
-    mesh = _mesh_from(sc, device, dm, shape)
-    mesh.coords["stage"] = stage
-    mesh.split = config
-    return mesh
+    sc, dm, shape, request = meshes[stage]
+    return _mesh_from(sc, device, dm, shape, request, stage=stage, split=config)
 
 
-def _mesh_from(config: ParallelConfig, device, dm: DeviceMesh, shape: dict) -> Mesh:
-    coords = dict(zip(AXES, dm.get_coordinate()))
+def _mesh_from(config: ParallelConfig, device, dm: DeviceMesh, shape: dict, request, stage: int = 0,
+               split: ParallelConfig | None = None) -> Mesh:
+    coords = dict(zip(AXES, dm.get_coordinate())) | {"stage": stage}
     groups = {a: dm.get_group(a) for a in AXES if shape[a] > 1}
     if config.ring > 1 and config.ulysses > 1:
         groups["sp"] = dm["ring", "ulysses"]._flatten("sp").get_group()
     else:
         groups["sp"] = groups.get("ring") or groups.get("ulysses")
-    return Mesh(config, device, dm, coords, groups)
+    groups["request"] = request
+    return Mesh(config, device, dm, coords, groups, split)

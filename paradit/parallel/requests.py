@@ -10,34 +10,21 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from paradit.parallel.mesh import AXES, Mesh
+from paradit.parallel.mesh import Mesh
 
 
 def request_group(mesh: Mesh):
     """The process group of the ranks that encode this rank's request together: its data-parallel
     replica, or with split experts its stage (the high stage encodes, then hands the embeddings on).
-    None in a world of one. Collective on first use: every rank must call it at the same point."""
-    if mesh.device_mesh is None:
-        return None
-    if "request" not in mesh.groups:
-        split = getattr(mesh, "split", None)
-        if split is not None:  # one group per stage, each created by every rank, in the same order
-            n_high, n_low = split.stage_sizes
-            groups = [dist.new_group(list(range(n_high))), dist.new_group(list(range(n_high, n_high + n_low)))]
-            mesh.groups["request"] = groups[mesh.coords["stage"]]
-        elif mesh.config.dp == 1:
-            mesh.groups["request"] = dist.group.WORLD
-        else:
-            mesh.groups["request"] = mesh.device_mesh[AXES[1:]]._flatten("request").get_group()
-    return mesh.groups["request"]
+    None in a world of one. Built with the mesh (paradit.parallel.mesh.init_parallel)."""
+    return mesh.group("request")
 
 
 def is_encoder_rank(mesh: Mesh) -> bool:
     """The rank that encodes the prompt and the image for its request: the request group's first
     (of the high-noise stage, with split experts)."""
-    if mesh.device_mesh is None:
-        return True
-    return mesh.coords["stage"] == 0 and dist.get_rank(request_group(mesh)) == 0
+    group = request_group(mesh)
+    return group is None or (mesh.coords["stage"] == 0 and dist.get_rank(group) == 0)
 
 
 def decode_group(mesh: Mesh) -> tuple[bool, object | None]:

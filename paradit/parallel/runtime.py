@@ -14,7 +14,7 @@ from torch import nn
 from paradit.models.attention import describe_backend, kernels, pick_backend
 from paradit.models.transformer import WanTransformer, patchify, token_grid, unpatchify
 from paradit.parallel.attention import SequenceParallelAttention
-from paradit.parallel.collectives import all_gather_equal, all_gather_uneven, cfg_combine, even_split, offsets
+from paradit.parallel.collectives import Traffic, all_gather_equal, all_gather_uneven, cfg_combine, even_split, offsets
 from paradit.parallel.mesh import Mesh
 
 log = logging.getLogger("paradit")
@@ -24,10 +24,11 @@ Tensor = torch.Tensor
 class Runtime:
     def __init__(self, mesh: Mesh, backend: str = "auto", dtype: torch.dtype = torch.float32):
         self.mesh = mesh
+        self.traffic = Traffic()  # what this rank's collectives moved; the engine clears it per request
         self.backend = pick_backend(mesh.device, dtype, backend)
         plain, with_lse = kernels(self.backend, mesh.device)
         self.sp = mesh.size("sp")
-        self.attention = SequenceParallelAttention(mesh, plain, with_lse) if self.sp > 1 else plain
+        self.attention = SequenceParallelAttention(mesh, plain, with_lse, self.traffic) if self.sp > 1 else plain
 
     def describe(self) -> str:
         layout = (self.mesh.split or self.mesh.config).describe()
@@ -49,7 +50,7 @@ class Runtime:
 
     def gather_tokens(self, x: Tensor, num_tokens: int, dim: int = 0) -> Tensor:
         """Concatenate the sp shards of a token-space tensor along `dim`."""
-        return all_gather_uneven(x, self.mesh.group("sp"), self.shard_sizes(num_tokens), dim)
+        return all_gather_uneven(x, self.mesh.group("sp"), self.shard_sizes(num_tokens), dim, self.traffic)
 
     def forward_tokens(self, model: WanTransformer, patches: Tensor, t: Tensor, context: Tensor,
                        grid: tuple[int, int, int]) -> Tensor:
@@ -79,7 +80,7 @@ class Runtime:
         if cfg_group is not None:
             mine = cond if self.mesh.rank("cfg") == 0 else uncond
             v = self.forward_tokens(model, xb, tb, mine, grid)[0]
-            v_cond, v_uncond = all_gather_equal(v, cfg_group)
+            v_cond, v_uncond = all_gather_equal(v, cfg_group, self.traffic)
         else:
             both = self.forward_tokens(model, xb.expand(2, -1, -1), tb.expand(2, -1),
                                        torch.cat([cond, uncond]), grid)

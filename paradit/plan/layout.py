@@ -36,10 +36,13 @@ class ParallelConfig:
             raise ParameterError("cfg", self.cfg, "CFG parallelism splits cond and uncond, so its degree is 1 or 2")
         if self.experts not in EXPERT_MODES:
             raise ParameterError("experts", self.experts, f"choose one of {', '.join(EXPERT_MODES)}")
-        if (self.experts == "split") != (self.stages is not None):
-            raise ParameterError("stages", self.stages, "experts='split' needs stages=((ulysses, ring, cfg), "
-                                 "(ulysses, ring, cfg)) for the high- and low-noise stages, and stages need "
-                                 "experts='split'")
+        if self.stages is not None and self.experts != "split":
+            raise ParameterError("stages", self.stages, "stages (the layouts of the high- and low-noise "
+                                 "stages) need experts='split'")
+        if self.experts == "split" and self.stages is None and self.sp * self.chords != 1:
+            raise ParameterError("experts", self.experts, "split experts without stages take the stage sizes "
+                                 "from the step split and each stage's ulysses and ring from the head count; "
+                                 "give cfg alone, or the stages as ((ulysses, ring, cfg), (ulysses, ring, cfg))")
         if self.stages is not None:
             if self.sp * self.cfg * self.chords != 1:
                 raise ParameterError("experts", self.experts, "with split experts each stage carries its own "
@@ -58,8 +61,17 @@ class ParallelConfig:
         return ParallelConfig(ulysses=u, ring=r, cfg=c)
 
     @property
+    def stages_pending(self) -> bool:
+        """experts='split' whose stage sizes are still to come from the step split
+        (paradit.plan.placement.split_layout; Pipeline.from_pretrained resolves them)."""
+        return self.experts == "split" and self.stages is None
+
+    @property
     def stage_degrees(self) -> tuple[Stage, ...]:
         """(ulysses, ring, cfg) of each stage: one stage for colocated experts, two when split."""
+        if self.stages_pending:
+            raise ParameterError("stages", None, "experts='split' has no stage sizes yet: they come from the "
+                                 "step split of the run (paradit.plan.placement.split_layout)")
         return self.stages or ((self.ulysses, self.ring, self.cfg),)
 
     @property
@@ -118,6 +130,7 @@ class ParallelConfig:
 
     def validate(self, world_size: int, num_heads: int | None = None) -> None:
         """Raise ValueError naming the problem and what would fit."""
+        self.stage_degrees  # noqa: B018 (refuses split experts whose stages are still pending)
         if self.stages is not None and self.dp > 1:
             raise ParameterError("dp", self.dp, "with split experts the runtime runs one replica of a split "
                                  "layout", "use dp=1, or colocated experts for data parallelism")

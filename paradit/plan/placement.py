@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from paradit.plan.layout import ParallelConfig
+from paradit.errors import ParameterError
+from paradit.plan.layout import ParallelConfig, auto_sp
 from paradit.schedulers.chords_schedule import core_experts, init_sequence, rounds_for, rounds_to_first_hit
 
 
@@ -20,6 +21,17 @@ def stage_sizes(world: int, high_steps: int, steps: int) -> tuple[int, int]:
         raise ValueError("split experts need at least 2 processes (one per stage)")
     high = min(world - 1, max(1, round(world * high_steps / steps)))
     return high, world - high
+
+
+def split_layout(num_heads: int, sizes: tuple[int, int], cfg: int = 1) -> ParallelConfig:
+    """Split experts with `sizes` GPUs per stage (e.g. stage_sizes' step split), each stage
+    cfg-parallel by `cfg` and sequence-parallel over the rest (as much Ulysses as the heads allow)."""
+    sizes = tuple(sizes)
+    for n in sizes:
+        if n % cfg:
+            raise ParameterError("stages", sizes, f"a stage of {n} GPUs cannot hold cfg={cfg}",
+                                 f"give stage sizes divisible by {cfg}")
+    return ParallelConfig(experts="split", stages=tuple((*auto_sp(num_heads, n // cfg), cfg) for n in sizes))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -90,26 +89,17 @@ class Worker:
 
     def run(self) -> None:
         """Serve until rank 0 posts a stop."""
-        if self.split:
-            from paradit.parallel.stages import run_split
-            run_split(self.pipe, self.requests(), on_done=lambda i, latent, _: self.finish(latent), progress=False)
-            return
-        for cmd in self.channel.commands(self.lane):
-            self.begin(cmd)
-            s = settings_of(cmd["request"])
-            latent = self.pipe(cmd["request"]["prompt"], negative_prompt=cmd["request"]["negative_prompt"],
-                               output="latent", progress=False, **asdict(s))
-            self.finish(latent)
+        self.pipe.stream(self.requests(), on_done=lambda i, latent, _: self.finish(latent), progress=False)
 
     def requests(self):
-        """Split experts: the lane's commands as run_split's requests, taken as each stage is ready.
-        The low stage takes a request only once the high stage has run its last high-noise step, so
-        that it never waits for the hand-off inside a receive (which has the collective timeout)
-        while the high stage works through this request and the one before it."""
+        """The lane's commands as the pipeline's requests, taken as this rank is ready for the next.
+        Split experts: the low stage takes a request only once the high stage has run its last
+        high-noise step, so that it never waits for the hand-off inside a receive (which has the
+        collective timeout) while the high stage works through this request and the one before it."""
         from paradit.schedulers.schedule import high_noise_steps
         for cmd in self.channel.commands(self.lane):
             s = settings_of(cmd["request"])
-            if self.stage == 1:
+            if self.split and self.stage == 1:
                 n_high = high_noise_steps(self.pipe.cfg.boundary, s.steps, s.shift)
                 key = f"progress/{cmd['seq']}/0"
                 while n_high and (self.channel.get(key) or {"step": 0})["step"] < n_high:
@@ -118,10 +108,8 @@ class Worker:
             yield cmd["request"]["prompt"], cmd["request"]["negative_prompt"], s
 
     def begin(self, cmd: dict) -> None:
-        from paradit.pipeline import RunRecord
         self.report_memory()  # after the previous job
         self.current, self.steps, self.first_step_at = cmd, [], None
-        self.pipe.record = RunRecord()  # run_split does not reset it: per job, not per service lifetime
 
     def on_step(self, i: int, seconds: float) -> None:
         if not (self.reporter and self.current):

@@ -1,0 +1,87 @@
+"""The CHORDS driver: K cores, each core a whole (cfg x ring x ulysses) group of the mesh.
+
+Every rank runs the same pure controller (paradit.schedulers.chords.Chords) on its own token
+shard; there is no master. In a round, the core groups active in that round evaluate their points
+in parallel and the velocities are exchanged over the chords axis (each rank only with the ranks
+holding the same token shard). The controller is deterministic, so every rank already holds every
+core's x: only v travels. With a chords degree of 1 the K cores are evaluated in turn on the same
+ranks (the single-process emulation), which computes the same hits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from paradit.engine.denoiser import Denoiser
+from paradit.engine.request import Request
+from paradit.launch.faults import maybe_fail
+from paradit.parallel.collectives import all_gather_equal
+from paradit.schedulers import wan_sigmas, wan_timesteps
+from paradit.schedulers.chords import Chords
+from paradit.settings import ChordsSettings
+
+
+@dataclass
+class ChordsReport:
+    init: list[int]
+    rounds: int = 0
+    nfe: int = 0
+    hits: list[dict] = field(default_factory=list)
+
+    def as_dict(self, steps: int) -> dict:
+        return {"init": self.init, "rounds": self.rounds, "nfe": self.nfe, "sequential_nfe": steps,
+                "ideal_speedup": steps / max(1, self.rounds), "hits": self.hits}
+
+
+def chords_denoise(den: Denoiser, req: Request, settings: ChordsSettings, on_hit=None) -> torch.Tensor:
+    """Solve req with CHORDS; returns the last hit's full latent [C, F, H, W] fp32 and leaves a
+    ChordsReport in req.record.chords. on_hit(hit, latent) sees every hit (preview included) as it
+    arrives; every rank calls it together (the latent is gathered over the sp group)."""
+    s, mesh = req.settings, den.mesh
+    x, space = den.initial_tokens(req)
+    init = settings.resolve_init(s.steps)
+    ch = Chords(wan_sigmas(s.steps, s.shift), init)
+    plan, ts = ch.schedule(), wan_timesteps(s.steps, s.shift).tolist()
+    my_core = mesh.rank("chords") if mesh.size("chords") > 1 else None
+    group, traffic = mesh.group("chords"), den.runtime.traffic
+    state = {"round": 0}
+
+    def evaluate(index: int, xi: torch.Tensor) -> torch.Tensor:
+        t = ts[index]
+        assert den.experts[den.expert_for(t)] is not None, f"core needs the expert of t={t}, not loaded here"
+        return den.velocity(req, xi, t, space.grid, f"CHORDS round {state['round']} step {index}")
+
+    def velocity(points):
+        pairs = plan[state["round"]]                           # [(core, index)] of this round
+        state["round"] += 1
+        maybe_fail(f"round{state['round']}")
+        assert [i for _, i in pairs] == [i for i, _ in points], "controller left the static schedule"
+        if my_core is None:                                    # emulation: every core in turn
+            return [evaluate(i, xi) for i, xi in points]
+        active = {core: pos for pos, (core, _) in enumerate(pairs)}
+        if my_core in active:
+            v = evaluate(*points[active[my_core]])
+        else:                                                  # not spawned yet, or retired
+            v = torch.zeros_like(points[0][1], dtype=torch.float32)
+        vs = all_gather_equal(v.float(), group, traffic)       # one v per core group
+        return [vs[core] for core, _ in pairs]
+
+    report = req.record.chords = ChordsReport(init=init)
+    hits = []
+    for hit in ch.run(velocity, x, stop=settings.stop):
+        report.rounds, report.nfe = hit.round, hit.nfe
+        report.hits.append({"core": hit.core, "round": hit.round, "nfe": hit.nfe, "preview": hit.preview,
+                            "ideal_speedup": s.steps / hit.round})
+        hits.append(hit.x)
+        if on_hit is not None:
+            on_hit(hit, space.to_latent(hit.x))
+    for entry, dist in zip(report.hits, hit_distances(hits)):
+        entry["rms_from_last"] = dist  # of this rank's shard; the shards are equal-sized samples
+    return space.to_latent(hits[-1])
+
+
+def hit_distances(hits: list[torch.Tensor]) -> list[float]:
+    """RMS distance of every hit's latent from the last one."""
+    ref = hits[-1].double()
+    return [((h.double() - ref).pow(2).mean().sqrt()).item() for h in hits]

@@ -1,0 +1,110 @@
+"""The split-experts driver: the high-noise expert on one GPU group, the low-noise expert on another.
+
+A request runs its high-noise steps on the high stage, then its latent shard, its complete sampler
+state (UniPC history included) and its prompt embeddings move to the low stage
+(paradit.parallel.stages), which finishes it; the low stage needs no text encoder. While the low
+stage finishes request i, the high stage already runs request i+1 (pipelining).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from paradit.engine.denoiser import Denoiser
+from paradit.engine.request import Request
+from paradit.launch.faults import maybe_fail
+from paradit.parallel.stages import recv_meta, recv_state, send_meta, send_state, transfer_plan
+from paradit.schedulers.registry import make_scheduler
+from paradit.schedulers.schedule import high_noise_steps
+
+
+@dataclass
+class StageTimes:
+    """(request, stage, start, end) wall-clock intervals, for latency and overlap reports."""
+    spans: list[tuple[int, int, float, float]] = field(default_factory=list)
+
+
+def run_split(den: Denoiser, requests: Iterable[Request], on_done: Callable | None = None,
+              progress: bool = True) -> StageTimes:
+    """Run every request through the two stages; on_done(i, request, latent, latency_s) on the low
+    stage's ranks as each request finishes. Returns this rank's StageTimes.
+
+    requests: the same requests on every rank, in the same order, taken one at a time as this rank's
+    stage is ready for the next (so a server can feed them as they arrive). On the high stage each
+    carries its prompt embeddings; on the low stage they arrive with the hand-off."""
+    mesh = den.mesh
+    split, stage, me = mesh.split, mesh.coords["stage"], dist.get_rank()
+    traffic = den.runtime.traffic
+    times, in_flight = StageTimes(), []
+    for i, req in enumerate(requests):
+        s, rec = req.settings, req.record
+        sched = make_scheduler(s.sampler, s.shift, s.steps)
+        n_high = high_noise_steps(den.cfg.boundary, s.steps, s.shift)
+        traffic.clear()
+        t0 = time.time()
+        if stage == 0:
+            enc_s = rec.timings.get("text_encoder_s", 0.0)
+            x, space = den.initial_tokens(req)
+            x = den.run_steps(req, x, sched, space, range(n_high), progress)
+            for work, _ in in_flight:  # the previous request's hand-off must be out before reuse
+                work.wait()
+            in_flight = _handoff_send(den, req, space, sched, x, (t0 - enc_s, enc_s, time.time() - t0), me)
+            times.spans.append((i, 0, t0, time.time()))
+        else:
+            x, space, (started, enc_s, high_s) = _handoff_recv(den, req, sched, n_high, me)
+            # the high stage's steps, as it ran them (it has no sidecar of its own)
+            rec.trace = [(int(t), den.expert_for(t), s.guidance[den.expert_for(t)])
+                         for t in sched.timesteps.tolist()[:n_high]]
+            t1 = time.time()
+            x = den.run_steps(req, x, sched, space, range(n_high, s.steps), progress)
+            latent = space.to_latent(x)
+            low_s = time.time() - t1
+            rec.timings.update(text_encoder_s=enc_s, denoise_high_s=high_s, handoff_s=t1 - started - enc_s - high_s,
+                               denoise_low_s=low_s, denoise_s=high_s + low_s)
+            rec.traffic = traffic.snapshot()
+            times.spans.append((i, 1, t1, time.time()))
+            if on_done is not None:
+                on_done(i, req, latent, time.time() - started)
+    for work, _ in in_flight:
+        work.wait()
+    return times
+
+
+def _handoff_send(den: Denoiser, req: Request, space, sched, x, times, me: int) -> list:
+    """From a high-stage rank: the state to the low stage; its first rank also sends the prompt.
+    Per pair of ranks, messages are matched in order (NCCL has no tags): metadata first, then state."""
+    maybe_fail("handoff")
+    split, traffic, works = den.mesh.split, den.runtime.traffic, []
+    if me == 0:  # text embeddings, the request's start time, encode and high-stage seconds, to the low stage
+        uncond = torch.zeros_like(req.cond) if req.uncond is None else req.uncond
+        meta = torch.cat([req.cond.float().flatten(), uncond.float().flatten(),
+                          torch.tensor(times, dtype=torch.float64).view(torch.float32)]).to(den.mesh.device)
+        works += send_meta(meta, range(split.stage_sizes[0], split.world_size), traffic)
+    if den.mesh.rank("cfg") == 0:
+        state = torch.stack([x.float(), *[t.float() for t in sched.state_tensors()]])  # (T, L_me, D)
+        works += send_state(state, space.shard()[0], transfer_plan(space.num_tokens, split), me, traffic)
+    return works
+
+
+def _handoff_recv(den: Denoiser, req: Request, sched, n_high: int, me: int):
+    """On a low-stage rank: the prompt embeddings (into req), the sampler state (into sched) and
+    this rank's latent shard; returns (x, token space, (start time, encode s, high-stage s))."""
+    maybe_fail("handoff")
+    cfg, device, traffic = den.cfg, den.mesh.device, den.runtime.traffic
+    emb = cfg.text_len * cfg.text_dim
+    meta = recv_meta(2 * emb + 6, 0, device, traffic)
+    req.cond = meta[:emb].view(1, cfg.text_len, cfg.text_dim)
+    req.uncond = meta[emb:2 * emb].view(1, cfg.text_len, cfg.text_dim)
+    times = tuple(meta[2 * emb:].cpu().view(torch.float64).tolist())  # (start, encode s, high-stage s)
+    space = den.token_space(req.settings)
+    n_state = 1 + sched.num_state_tensors(n_high)
+    dim = math.prod(cfg.patch) * cfg.z_dim  # features per token (P*C)
+    state = recv_state((n_state, dim), space.shard(), transfer_plan(space.num_tokens, den.mesh.split), me,
+                       torch.float32, device, traffic)
+    sched.load_state_tensors(n_high, list(state[1:]))
+    return state[0], space, times
