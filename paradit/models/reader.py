@@ -251,6 +251,8 @@ class Reader:
         def worker():
             stager = self.slots.get()
             try:
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)     # a new thread's current device is cuda:0
                 while not errors:
                     with take:
                         name = next(work, None)
