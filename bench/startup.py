@@ -1,16 +1,23 @@
 """Start-up and offload: how fast a checkpoint becomes resident, and what offload costs a step.
 
     python bench/startup.py /path/to/Wan2.2-T2V-A14B-Diffusers --memory-cap-gb 80 --size 1280x720 --frames 81
+    python bench/startup.py /dev/shm/a14b --offload-modes none --steps 0    # start-up only
     python bench/startup.py tiny          # the tiny model written to a temp folder (CI)
 
 Every weight file is read once first, so each timing starts from a warm page cache. Then:
-  1. each component alone, onto the device: the experts side by side (load_transformer, as the
-     pipeline loads them), the text encoder, the VAE; seconds and GB/s of what was read;
-  2. the whole start-up, Pipeline.from_pretrained, with its own phase timings;
-  3. a few denoising steps with offload none and with offload experts (and any others given with
-     --offload-modes), each step timed with the device synchronised around it, so that a step
-     which waits for a copy shows it; the step after the expert switch is reported apart;
-     peak memory allocated and reserved per mode on CUDA.
+  0. the two halves of the reader apart, for the experts' files: the page cache into pinned
+     staging slots by the reader's threads (no device copy), for each --sources entry ("pread",
+     "mmap"); pinned memory to the device (one stream; CUDA only); GB/s each;
+  1. each component alone, onto the device: the experts side by side through one shared Reader
+     (load_transformer, as the pipeline loads them), the text encoder, the VAE; seconds and GB/s
+     of what was read, and the pinning of the staging slots; then the experts again once per
+     --sources entry;
+  2. the whole start-up, Pipeline.from_pretrained, with its own phase timings and each phase's
+     GB/s (the experts' bytes over weights_s, the text encoder's over text_encoder_s, ...);
+  3. a few denoising steps (none with --steps 0) with offload none and with offload experts (and
+     any others given with --offload-modes), each step timed with the device synchronised around
+     it, so that a step which waits for a copy shows it; the step after the expert switch is
+     reported apart; peak memory allocated and reserved per mode on CUDA.
 --memory-cap-gb caps this process's CUDA memory (torch.cuda.set_per_process_memory_fraction; GB
 are 1e9 bytes: an H100 80GB has 85.0e9), so that a larger GPU stands in for a smaller one.
 Prints a table and writes bench/results/<date>_<machine>_startup.json.
@@ -92,27 +99,107 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def components_alone(folder: Path, device: torch.device, dtype: torch.dtype) -> dict:
-    """Each component onto the device from a warm page cache, one after the other."""
+def expert_entries(folder: Path) -> dict:
+    """Every tensor of the checkpoint's experts, where it is in its file."""
+    from paradit.checkpoint import locate
+    from paradit.models.reader import header
+    out = {}
+    for k, expert in enumerate(locate(folder).experts):
+        for file in sorted(expert.glob("*.safetensors")):
+            out.update({(k, file.name, name): e for name, e in header(file).items()})
+    return out
+
+
+def host_read(entries: dict, source: str, threads: int, device: torch.device) -> dict:
+    """The reader's first half alone: every byte from the page cache into a thread's staging slot
+    (pinned on CUDA), as Reader does it, with no device copy."""
+    from paradit.models.reader import STAGE_BYTES, PinnedBuffer, _Files
+    pinned = PinnedBuffer(threads * STAGE_BYTES) if device.type == "cuda" else None
+    flat = pinned.tensor if pinned else torch.empty(threads * STAGE_BYTES, dtype=torch.uint8)
+    work = iter([(e, start) for e in sorted(entries.values(), key=lambda e: -e.nbytes)
+                 for start in range(0, e.nbytes, STAGE_BYTES)])
+    take, files = threading.Lock(), _Files()
+
+    def worker(i):
+        slot = flat[i * STAGE_BYTES:(i + 1) * STAGE_BYTES]
+        while True:
+            with take:
+                item = next(work, None)
+            if item is None:
+                return
+            e, start = item
+            files.fill(source, e, start, slot[:min(STAGE_BYTES, e.nbytes - start)])
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(worker, range(threads)))
+    files.close()                                 # unmapping is part of the mmap source's cost
+    seconds = time.perf_counter() - t0
+    if pinned:
+        pinned.close()
+    nbytes = sum(e.nbytes for e in entries.values())
+    return {"source": source, "threads": threads, "s": seconds, "bytes": nbytes, "gb_per_s": nbytes / 1e9 / seconds}
+
+
+def host_to_device(device: torch.device, nbytes: int = 4 << 30) -> dict:
+    """The reader's second half alone: pinned memory to the device, 64 MB copies on one stream."""
+    from paradit.models.reader import PinnedBuffer
+    host = PinnedBuffer(nbytes)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    piece = 64 << 20
+    for _ in range(2):                            # the first pass warms the copy path
+        sync(device)
+        t0 = time.perf_counter()
+        for start in range(0, nbytes, piece):
+            dev[start:start + piece].copy_(host.tensor[start:start + piece], non_blocking=True)
+        sync(device)
+        seconds = time.perf_counter() - t0
+    host.close()
+    del dev
+    free(device)
+    return {"s": seconds, "bytes": nbytes, "gb_per_s": nbytes / 1e9 / seconds}
+
+
+def reader_halves(folder: Path, device: torch.device, sources: list[str], threads: int) -> dict:
+    entries = expert_entries(folder)
+    out = {f"host_read_{s}": host_read(entries, s, threads, device) for s in sources}
+    if device.type == "cuda":
+        out["host_to_device"] = host_to_device(device)
+    return out
+
+
+def experts_alone(folder: Path, device: torch.device, dtype: torch.dtype, source: str, threads: int) -> dict:
+    """Every expert onto the device, side by side through one Reader, as load_pipeline_components does."""
     from paradit.checkpoint import locate, model_config
     from paradit.models.loading import load_transformer
+    from paradit.models.reader import Reader
+
+    ck = locate(folder)
+    cfg = model_config(ck)
+    stats = [{} for _ in ck.experts]
+
+    def experts():
+        with Reader(device, threads=threads, source=source) as reader, ThreadPoolExecutor(len(ck.experts)) as pool:
+            models = list(pool.map(lambda k: load_transformer(ck.experts[k], dtype=dtype, device=device, config=cfg,
+                                                              stats=stats[k], reader=reader), range(len(ck.experts))))
+            return models, dict(reader.stats)
+    free(device)
+    (models, reader_stats), seconds = timed(experts, device)
+    out = {"s": seconds, "bytes": sum(s.get("bytes", 0) for s in stats), "source": source, "threads": threads,
+           "staging_s": reader_stats["staging_s"], "staging_gb": reader_stats["staging_bytes"] / 1e9, **memory(device)}
+    del models
+    free(device)
+    return out
+
+
+def components_alone(folder: Path, device: torch.device, dtype: torch.dtype, threads: int) -> dict:
+    """Each component onto the device from a warm page cache, one after the other."""
+    from paradit.checkpoint import locate, model_config
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
 
     ck = locate(folder)
     cfg = model_config(ck)
-    out = {}
-    stats = [{} for _ in ck.experts]
-
-    def experts():
-        with ThreadPoolExecutor(len(ck.experts)) as pool:
-            return list(pool.map(lambda k: load_transformer(ck.experts[k], dtype=dtype, device=device, config=cfg,
-                                                            stats=stats[k]), range(len(ck.experts))))
-    free(device)
-    models, seconds = timed(experts, device)
-    out["experts"] = {"s": seconds, "bytes": sum(s.get("bytes", 0) for s in stats), **memory(device)}
-    del models
-    free(device)
+    out = {"experts": experts_alone(folder, device, dtype, "pread", threads)}   # the loader's source
     read = {"text_encoder": {}, "vae": {}}
     te, seconds = timed(lambda: TextEncoder.from_pretrained(ck.component("text_encoder"), ck.component("tokenizer"),
                                                              cfg.text_len, dtype=dtype, device=device,
@@ -135,7 +222,21 @@ def whole_startup(folder: Path, device: torch.device, offload: str) -> tuple[obj
     pipe, seconds = timed(lambda: Pipeline.from_pretrained(str(folder), device=str(device), offload=offload), device)
     read = sum(s.get("bytes", 0) for s in pipe.load_stats.values())
     return pipe, {"offload": offload, "s": seconds, "bytes": read, "gb_per_s": read / 1e9 / seconds,
-                  "phases_s": dict(pipe.startup), **memory(device)}
+                  "phases_s": dict(pipe.startup), "phases_gb_per_s": phase_rates(pipe), **memory(device)}
+
+
+def phase_rates(pipe) -> dict:
+    """GB/s of each loading phase: the bytes it read over its seconds (the phases overlap: each
+    one's rate is what it got while sharing the host with the others)."""
+    t = pipe.startup
+    parts = {"weights_s": [k for k in pipe.load_stats if k not in ("text_encoder", "vae")],
+             "text_encoder_s": ["text_encoder"], "vae_s": ["vae"]}
+    out = {}
+    for phase, names in parts.items():
+        nbytes = sum(pipe.load_stats[n].get("bytes", 0) for n in names if n in pipe.load_stats)
+        if nbytes and t.get(phase):
+            out[phase.replace("_s", "")] = nbytes / 1e9 / t[phase]
+    return out
 
 
 def step_times(pipe, settings: dict, device: torch.device) -> dict:
@@ -164,13 +265,23 @@ def step_times(pipe, settings: dict, device: torch.device) -> dict:
 # ----------------------------------------------------------------------------- the report
 def table(result: dict) -> str:
     rows = [("what", "seconds", "GB", "GB/s", "peak alloc GB")]
-    for name, part in result["alone"].items():
+    for name, part in result.get("reader", {}).items():
+        what = f"{name} ({part['threads']} threads)" if "threads" in part else name
+        rows.append((what, f"{part['s']:.3f}", f"{part['bytes'] / 1e9:.2f}", f"{part['gb_per_s']:.2f}", "-"))
+    alone = dict(result["alone"])
+    for source, part in result.get("experts_by_source", {}).items():
+        alone[f"experts, {source},"] = part
+    for name, part in alone.items():
+        if "source" in part:
+            name = f"{name} {part['threads']} threads (pinning {part['staging_s']:.2f} s)"
         rows.append((f"{name} alone", f"{part['s']:.3f}", f"{part['bytes'] / 1e9:.2f}",
                      f"{part['gb_per_s']:.2f}" if part["gb_per_s"] else "-",
                      f"{part.get('peak_allocated_gb', float('nan')):.1f}" if "peak_allocated_gb" in part else "-"))
     s = result["startup"]
     rows.append((f"start-up (offload {s['offload']})", f"{s['s']:.3f}", f"{s['bytes'] / 1e9:.2f}",
                  f"{s['gb_per_s']:.2f}", f"{s['peak_allocated_gb']:.1f}" if "peak_allocated_gb" in s else "-"))
+    for phase, rate in s.get("phases_gb_per_s", {}).items():
+        rows.append((f"  {phase} (inside the start-up)", f"{s['phases_s'][phase + '_s']:.3f}", "", f"{rate:.2f}", ""))
     for st in result["steps"]:
         after = f", after the switch {st['after_switch_s']:.3f}" if st["after_switch_s"] is not None else ""
         rows.append((f"step, offload {st['offload']}", f"{st['median_s']:.3f} (max {st['max_s']:.3f}{after})", "",
@@ -186,8 +297,11 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-cap-gb", type=float, help="cap this process's CUDA memory at this many GB (1e9 bytes)")
     ap.add_argument("--size", default=None, help="WxH of the timed steps (default: the model's)")
     ap.add_argument("--frames", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=4, help="sampler steps of the timed request (both experts run)")
+    ap.add_argument("--steps", type=int, default=4, help="sampler steps of the timed request (both experts run; "
+                    "0: no steps)")
     ap.add_argument("--offload-modes", default="none,experts", help="comma-separated modes to time steps under")
+    ap.add_argument("--sources", default="pread,mmap", help="comma-separated reader sources to time the experts with")
+    ap.add_argument("--threads", type=int, default=None, help="reader threads (default: what the loader uses)")
     ap.add_argument("--out", help="results folder (default: bench/results)")
     args = ap.parse_args(argv)
 
@@ -207,8 +321,18 @@ def main(argv=None) -> int:
                   "memory_cap_gb": args.memory_cap_gb, "page_cache_warmed_gb": warm_gb,
                   "machine": machine_description(device.type), "environment": environment(),
                   "threads": threading.active_count()}
-        result["alone"] = components_alone(folder, device, dtype)
-        print("alone:", json.dumps(result["alone"]), flush=True)   # each phase as it ends: a killed run keeps them
+        from paradit.checkpoint import reader_threads
+        sources, threads = args.sources.split(","), args.threads or reader_threads(1)
+        result["reader"] = reader_halves(folder, device, sources, threads)
+        print("reader:", json.dumps(result["reader"]), flush=True)
+        result["alone"] = components_alone(folder, device, dtype, threads)
+        print("alone:", json.dumps(result["alone"]), flush=True)
+        result["experts_by_source"] = {}
+        for source in sources:
+            part = experts_alone(folder, device, dtype, source, threads)
+            part["gb_per_s"] = part["bytes"] / 1e9 / part["s"]
+            result["experts_by_source"][source] = part
+            print(f"experts ({source}):", json.dumps(part), flush=True)
         settings = {"steps": args.steps, "frames": args.frames}
         if args.size:
             settings["width"], settings["height"] = (int(v) for v in args.size.lower().split("x"))
@@ -219,8 +343,10 @@ def main(argv=None) -> int:
             if i == 0:
                 result["startup"] = startup
             result.setdefault("startups", []).append(startup)
-            result["steps"].append(step_times(pipe, settings, device))
-            print(f"offload {mode}: start-up", json.dumps(startup), "steps", json.dumps(result["steps"][-1]), flush=True)
+            if args.steps:
+                result["steps"].append(step_times(pipe, settings, device))
+            print(f"offload {mode}: start-up", json.dumps(startup), "steps",
+                  json.dumps(result["steps"][-1] if args.steps else None), flush=True)
             del pipe
             free(device)
     finally:

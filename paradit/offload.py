@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from paradit.models.reader import PinnedBuffer  # noqa: F401 (offload's host buffers too)
 from paradit.residency import Action, residency_plan
 
 log = logging.getLogger("paradit")
@@ -162,39 +163,6 @@ class _Buffer:
 
     def __init__(self, nbytes: int):
         self.tensor = torch.empty(nbytes, dtype=torch.uint8)
-
-
-class PinnedBuffer:
-    """`nbytes` of page-locked host memory: an ordinary allocation registered with the CUDA driver
-    (cudaHostRegister, which faults the pages in and locks them), in page-aligned pieces from a few
-    threads when it is large. Unregistered when this object goes."""
-    PIECE = 1 << 30
-
-    def __init__(self, nbytes: int):
-        self._registered: list[tuple[int, int]] = []
-        self._cudart = torch.cuda.cudart()
-        page = 4096
-        self._raw = torch.empty(nbytes + page, dtype=torch.uint8)
-        offset = (-self._raw.data_ptr()) % page
-        self.tensor = self._raw[offset:offset + nbytes]
-        base = self.tensor.data_ptr()
-        self._pieces = [(base + a, min(self.PIECE, nbytes - a)) for a in range(0, nbytes, self.PIECE)]
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(self._pieces)))) as pool:
-            errors = list(pool.map(lambda p: self._cudart.cudaHostRegister(p[0], p[1], 0), self._pieces))
-        self._registered = [p for p, e in zip(self._pieces, errors) if int(e) == 0]
-        if len(self._registered) != len(self._pieces):
-            self.close()
-            bad = next(e for e in errors if int(e) != 0)
-            raise RuntimeError(f"could not page-lock {nbytes / 1e9:.1f} GB of host memory for offload "
-                               f"(cudaHostRegister: {bad}); free host memory, or offload fewer components")
-
-    def close(self) -> None:
-        for ptr, _ in self._registered:
-            self._cudart.cudaHostUnregister(ptr)
-        self._registered = []
-
-    def __del__(self):
-        self.close()
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -143,3 +143,33 @@ def spread_decodes():
                       frames=spread_decode(vae, latent, dist.group.WORLD),
                       ref=tiled_decode(vae.vae, raw) if dist.get_rank() == 0 else None)
     return res
+
+
+def read_once_ranks(root: str):
+    """Loads of the checkpoint with the once-per-node read: every expert on every rank (ulysses 2 x cfg 2,
+    read_once=True), and one expert per rank (PARADIT_READ_ONCE=1, through from_pretrained); each
+    rank's experts compared with a plain load, and its bytes read and received."""
+    import os
+
+    import torch.distributed as dist
+
+    from paradit.checkpoint import load_pipeline_components, locate
+    from paradit.launch import init_distributed
+    from paradit.models.loading import load_transformer
+
+    rank, layout = dist.get_rank(), ParallelConfig(ulysses=2, cfg=2)
+    plain = [load_transformer(folder) for folder in locate(root).experts]
+    pipes = {"all": load_pipeline_components(Pipeline, root, layout, init_distributed(), read_once=True)}
+    os.environ["PARADIT_READ_ONCE"] = "1"
+    try:
+        pipes["split"] = Pipeline.from_pretrained(root, parallel=layout, experts_needed={rank % 2})
+    finally:
+        del os.environ["PARADIT_READ_ONCE"]
+    out = {}
+    for case, pipe in pipes.items():
+        same = [all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+                and list(m.state_dict()) == list(ref.state_dict()) for m, ref in zip(pipe.experts, plain) if m]
+        out[case] = dict(same=same, loaded=[m is not None for m in pipe.experts],
+                         stats={k: (v["bytes"], v.get("received_bytes", 0)) for k, v in pipe.load_stats.items()
+                                if k.startswith("transformer")})
+    return out

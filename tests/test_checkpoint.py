@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckpt_workers import (NEGATIVE, PROMPT, RUN, SIZE, TINY_T2V, checkpoint_ranks, components, small_tiles,
-                          write_checkpoint)
+from ckpt_workers import (NEGATIVE, PROMPT, RUN, SIZE, TINY_T2V, checkpoint_ranks, components, read_once_ranks,
+                          small_tiles, write_checkpoint)
 from paradit.checkpoint import model_config, to_diffusers_name
 from paradit.launch import spawn
 from paradit.models.loading import CheckpointError, to_original_name
@@ -117,6 +117,32 @@ def test_each_rank_reads_only_what_it_needs(four_ranks, ckpt):
         assert ("vae" in out["stats"]) == (rank in (0, 1))
         assert out["has"] == dict(text_encoder=rank == 0, vae=rank in (0, 1))
         assert set(out["startup"]) >= {"config_s", "weights_s", "load_s"}
+
+
+def expert_bytes(ckpt) -> dict[str, int]:
+    return {name: sum(t.numel() * t.element_size() for f in (ckpt / name).glob("*.safetensors")
+                      for t in load_file(f).values()) for name in ("transformer", "transformer_2")}
+
+
+def test_read_once_per_node(ckpt):
+    """4 gloo ranks of one node: each expert's files are read once between the ranks that load it
+    (a share each, balanced by bytes; the tiny model's largest tensor is ~6% of an expert), and every
+    rank ends with the plain load's weights."""
+    total = expert_bytes(ckpt)
+    results = spawn(read_once_ranks, 4, str(ckpt), timeout_s=280)
+    for rank, out in enumerate(results):
+        for case in ("all", "split"):
+            assert out[case]["same"] and all(out[case]["same"]), f"rank {rank}, {case}"
+        assert out["all"]["loaded"] == [True, True] and out["split"]["loaded"] == [rank % 2 == 0, rank % 2 == 1]
+    for name, size in total.items():
+        # every rank loads both experts: a quarter each
+        got = [out["all"]["stats"][name] for out in results]
+        assert sum(read for read, _ in got) == size                          # the node read each byte once
+        assert all(read + received == size and 0.15 * size < read < 0.35 * size for read, received in got)
+        # one expert per rank (ranks 0, 2 the high-noise one, 1, 3 the low-noise one): a half each
+        got = [out["split"]["stats"][name] for out in results if name in out["split"]["stats"]]
+        assert len(got) == 2 and sum(read for read, _ in got) == size
+        assert all(read + received == size and 0.4 * size < read < 0.6 * size for read, received in got)
 
 
 # ----------------------------------------------------------------------------- broken checkpoints

@@ -1,15 +1,16 @@
-"""The weight reader: several threads from the mmap equal a plain safetensors load; on 4 gloo
-ranks of one node each rank reads a quarter of the bytes and every rank ends with all weights."""
+"""The weight reader: several threads, either source (pread, mmap), direct or through the staging
+slots piece by piece with the cast after the copy, equal a plain safetensors load; on 4 gloo ranks
+of one node each rank reads a quarter of the bytes and every rank ends with all weights."""
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from paradit.checkpoint import save_diffusers_layout
 from paradit.launch import spawn
 from paradit.models.loading import index_checkpoint, load_transformer, read_tensors
-from paradit.models.reader import header, shares
+from paradit.models.reader import Reader, header, shares
 from paradit.pipeline import tiny_components
 from reader_workers import shared_load
 from workers import tiny_config
@@ -44,6 +45,27 @@ def test_threads_equal_a_plain_load(expert, dtype):
     for name in names:
         ref = plain[index.files[name][1]]
         assert got[name].dtype == dtype and torch.equal(got[name], ref.to(dtype)), name
+
+
+@pytest.mark.parametrize("source", ["pread", "mmap"])
+@pytest.mark.parametrize("staged", [False, True])
+def test_sources_and_staging_equal_a_plain_load(expert, tmp_path, source, staged):
+    """staged: the CUDA path's piece loop on the CPU, with 4 kB slots so that tensors span several
+    pieces and the bf16 / fp16 casts run piece by piece after the copy."""
+    odd = {"bf16": torch.randn(3, 1000).bfloat16(), "i64": torch.arange(7), "empty": torch.empty(0, 5),
+           "scalar": torch.tensor(2.5), "mask": torch.tensor([True, False, True])}
+    save_file(odd, tmp_path / "odd.safetensors")
+    files = [*expert.glob("*.safetensors"), tmp_path / "odd.safetensors"]
+    entries = {k: e for f in files for k, e in header(f).items()}
+    plain = {k: t for f in files for k, t in load_file(f).items()}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        dtypes = {k: dtype if e.dtype.is_floating_point else e.dtype for k, e in entries.items()}
+        stats = {}
+        with Reader("cpu", threads=2, source=source, staged=staged, stage_bytes=4096) as reader:
+            got = reader.read(entries, dtypes, stats)
+        assert stats["bytes"] == sum(e.nbytes for e in entries.values())
+        for k, ref in plain.items():
+            assert got[k].dtype == dtypes[k] and torch.equal(got[k], ref.to(dtypes[k])), (k, dtype)
 
 
 def test_shares_balance_bytes(expert):

@@ -246,31 +246,34 @@ def _shape_reader(index: TensorIndex) -> Callable[[str], tuple[int, ...]]:
 
 def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, device, threads: int = 8,
                  stats: dict | None = None, keep_fp32: Callable[[str], bool] | None = None,
-                 group=None) -> dict[str, torch.Tensor]:
-    """Read `names` from the mmap onto device, floating ones converted to dtype (paradit.models.reader:
-    several threads; on CUDA pinned staging and the cast on the device). keep_fp32(name): floating
-    tensors that stay fp32 whatever dtype is. group: the ranks of one node that all need these
-    tensors; each reads a share, the rest arrives by broadcast."""
+                 group=None, reader=None, turn=None) -> dict[str, torch.Tensor]:
+    """Read `names` from the page cache onto device, floating ones converted to dtype
+    (paradit.models.reader: several threads; on CUDA pinned staging and the cast on the device).
+    keep_fp32(name): floating tensors that stay fp32 whatever dtype is. group: the ranks of one node
+    that all need these tensors; each reads a share, the rest arrives by broadcast (turn: held around
+    the broadcasts). reader: a paradit.models.reader.Reader whose threads and staging serve this
+    read (default: one of `threads` threads for this read alone)."""
     from paradit.models.reader import header, read_entries, read_shared
     headers = {file: header(file) for file in {index.files[n][0] for n in names}}
     entries = {n: headers[index.files[n][0]][index.files[n][1]] for n in names}
     dtypes = {n: (torch.float32 if keep_fp32 and keep_fp32(n) else dtype) if e.dtype.is_floating_point
               else e.dtype for n, e in entries.items()}
     if group is not None:
-        return read_shared(entries, dtypes, device, group, threads, stats)
-    return read_entries(entries, dtypes, device, threads, stats)
+        return read_shared(entries, dtypes, device, group, threads, stats, reader, turn)
+    return read_entries(entries, dtypes, device, threads, stats, reader)
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                      config: WanConfig | None = None, stats: dict | None = None, loras=(),
-                     expert: str | None = None, group=None) -> WanTransformer:
+                     expert: str | None = None, group=None, reader=None, turn=None) -> WanTransformer:
     """Load a Wan transformer from a diffusers-layout or original-layout checkpoint.
 
     loras: LoraSpec entries (paradit.models.lora), merged into the weights as they load; each is
     checked against the checkpoint's shapes before any weight is read. expert: "high" or "low" when
     this is one expert of a Wan2.2 pair, so that specs with target="high" / "low" pick theirs.
     group: the ranks of one node loading the same transformer, which then read its files once
-    between them."""
+    between them (turn: held around the broadcasts). reader: the Reader (threads, pinned staging)
+    shared by the loads running beside this one."""
     loras = _loras_for(loras, expert)
     index = index_checkpoint(path)
     cfg = config_from_checkpoint(index, config)
@@ -286,7 +289,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     shapes = {n: tuple(p.shape) for n, p in expected.items()}
     _check_shapes(index, shapes, cfg.name)
     lora_files = _read_loras(loras, shapes, cfg.name)
-    tensors = read_tensors(index, list(expected), dtype, device, stats=stats, group=group)
+    tensors = read_tensors(index, list(expected), dtype, device, stats=stats, group=group, reader=reader, turn=turn)
     if lora_files:
         from paradit.models.lora import merge_loras
         merge_loras(tensors, lora_files, None if stats is None else stats.setdefault("lora", {}))

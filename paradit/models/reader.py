@@ -1,36 +1,53 @@
 """The weight reader: safetensors files straight from the page cache to the device, several threads.
 
 Each tensor's bytes are located from the file's header (8-byte length, JSON header, then the data
-at the header's offsets) and viewed in place in the file's mmap, so nothing is decoded or copied
-before the one copy that matters:
-  * CUDA: each thread memcpys a piece (<= STAGE_BYTES) of the mmap into one of its two pinned
-    staging buffers and sends it with a non-blocking host-to-device copy on its own stream, while
-    it fills the other buffer; the bytes land raw in a device buffer of the stored dtype, and the
-    cast to the target dtype runs on the device (a bf16 checkpoint read as bf16 is not cast at
-    all). Destination tensors are allocated on the compute stream and the threads' streams are
-    synchronised before returning, so callers use the weights on any stream without more care.
-  * CPU: a copy (and cast) of the mmap view: the plain load.
-Several threads keep the host link busy: one thread's memcpy into pinned memory, not the link,
-is the bottleneck (~5-10 GB/s a thread).
+at the header's offsets), and the one copy out of the page cache lands where the bytes go next:
+  * CUDA: each thread reads a piece (<= stage_bytes) of a tensor into one of its two pinned
+    staging slots and sends it with a non-blocking host-to-device copy on its own stream, while
+    it reads the next piece into the other slot (double buffering: the host read of piece i+1
+    overlaps the copy of piece i). The bytes land in the destination tensor itself when the
+    stored dtype is the target dtype; otherwise in a device slot of the stored dtype, which the
+    same stream casts into the destination piece by piece (the cast fused into the transfer: no
+    host-side cast, no full-size temporary). Destinations are allocated on the caller's stream
+    and the threads' streams are synchronised before a read returns, so callers use the weights
+    on any stream without more care.
+  * CPU: a read straight into the destination tensor (a cast from the mmap where dtypes differ):
+    the plain load. `staged=True` runs the CUDA path's piece loop on the CPU instead (tests).
+`source` says how a piece leaves the page cache: "pread" (default; os.preadv into the slot, the
+kernel's copy: no page-table work, nothing to unmap) or "mmap" (memmove from the file's mmap;
+every first touch of a page is a fault, and unmapping a 28 GB expert's mapping costs a fraction of
+a second). Neither makes a private host copy first, and neither runs torch's intra-op thread pool
+from the reading threads (torch's copy_ would start an OpenMP team per thread: 16 readers x 16
+cores). One `Reader` (threads and staging slots, pinned once) serves several reads at once:
+the experts of a load side by side.
 
 `group` (torch.distributed, the ranks of one node that all need these tensors): each rank reads a
 share of the tensors (balanced by bytes), then every tensor is broadcast from the rank that read
 it, so the node reads the files once, not once per rank; the interconnect (NVLink under NCCL)
-carries the rest. Byte counts land in `stats`: "bytes" read from files by this rank,
-"received_bytes" from its peers.
+carries the rest. `turn`: a context manager held around the broadcasts, so that a rank taking part
+in several shared reads (one per expert) issues their collectives in one order on every rank.
+Byte counts land in `stats`: "bytes" read from files by this rank, "received_bytes" from its peers.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import mmap
+import os
+import queue
 import struct
 import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-STAGE_BYTES = 64 << 20          # one pinned staging buffer; two per thread
+STAGE_BYTES = 16 << 20          # one staging slot; two per thread (16 MB keeps the host link busy)
+SOURCES = ("pread", "mmap")
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -62,110 +79,242 @@ def header(file: Path) -> dict[str, Entry]:
 
 
 class _Files:
-    """One read-only mmap per file, shared by the threads."""
+    """One descriptor (and, when asked for, one read-only mmap) per file, shared by the threads."""
 
     def __init__(self):
-        self.maps: dict[Path, mmap.mmap] = {}
+        self.fds: dict[Path, int] = {}
+        self.maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
         self.lock = threading.Lock()
 
-    def view(self, e: Entry) -> memoryview:
+    def fd(self, file: Path) -> int:
         with self.lock:
-            if e.file not in self.maps:
-                with open(e.file, "rb") as f:
-                    self.maps[e.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return memoryview(self.maps[e.file])[e.offset:e.offset + e.nbytes]
+            if file not in self.fds:
+                self.fds[file] = os.open(file, os.O_RDONLY)
+            return self.fds[file]
+
+    def mapped(self, file: Path) -> torch.Tensor:
+        """The whole file as a read-only uint8 tensor over its mmap (never written)."""
+        fd = self.fd(file)
+        with self.lock:
+            if file not in self.maps:
+                m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                with warnings.catch_warnings():   # read-only memory: torch warns, the tensor is only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.maps[file] = (m, torch.frombuffer(m, dtype=torch.uint8))
+            return self.maps[file][1]
+
+    def fill(self, source: str, e: Entry, start: int, dst: torch.Tensor) -> None:
+        """dst (contiguous host memory) <- bytes [start, start + dst.nbytes) of entry e, in this
+        thread alone (the GIL is released for the copy)."""
+        n = dst.numel() * dst.element_size()
+        if source == "mmap":
+            ctypes.memmove(dst.data_ptr(), self.mapped(e.file).data_ptr() + e.offset + start, n)
+            return
+        view = memoryview((ctypes.c_char * n).from_address(dst.data_ptr())).cast("B")
+        fd, at, done = self.fd(e.file), e.offset + start, 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], at + done)
+            if got <= 0:
+                raise OSError(f"{e.file}: {n - done} bytes short at offset {at + done} (truncated file?)")
+            done += got
 
     def close(self):
-        for m in self.maps.values():
+        for m, t in self.maps.values():
+            del t
             m.close()
-
-
-def read_entries(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], device, threads: int = 8,
-                 stats: dict | None = None) -> dict[str, torch.Tensor]:
-    """Read every entry onto `device` as dtypes[name]."""
-    device = torch.device(device)
-    names = sorted(entries, key=lambda n: -entries[n].nbytes)        # largest first: balanced threads
-    out = {n: torch.empty(entries[n].shape, dtype=dtypes[n], device=device) for n in names}
-    files, errors = _Files(), []
-    work = iter(names)
-    take = threading.Lock()
-
-    def worker():
-        stager = _Stager(device) if device.type == "cuda" else None
-        try:
-            while True:
-                with take:
-                    name = next(work, None)
-                if name is None:
-                    break
-                view = files.view(entries[name])
-                if stager is None:
-                    out[name].copy_(_as_tensor(view, entries[name]))
-                else:
-                    stager.copy(view, entries[name], out[name])
-        except BaseException as err:   # noqa: BLE001 (re-raised in the calling thread)
-            errors.append(err)
-        finally:
-            if stager is not None:
-                stager.finish()
-
-    pool = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(threads, len(names))))]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    files.close()
-    if errors:
-        raise errors[0]
-    if stats is not None:
-        stats["bytes"] = stats.get("bytes", 0) + sum(entries[n].nbytes for n in names)
-        stats.setdefault("names", []).extend(names)
-    return out
-
-
-def _as_tensor(view: memoryview, e: Entry) -> torch.Tensor:
-    """The bytes as a tensor of the stored dtype and shape (a view of the mmap: read-only, not to
-    be written)."""
-    if e.nbytes == 0:
-        return torch.empty(e.shape, dtype=e.dtype)
-    import warnings
-    with warnings.catch_warnings():   # the mmap is read-only; the tensor is only ever read
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(view, dtype=torch.uint8)
-    return raw.view(e.dtype).reshape(e.shape)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.maps, self.fds = {}, {}
 
 
 class _Stager:
-    """One thread's two pinned buffers and its stream: host memcpy of piece i+1 overlaps the
-    host-to-device copy of piece i."""
+    """One thread's two staging slots (pinned on CUDA), two device slots for casts, and its stream."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self.buffers = [torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    def __init__(self, host: torch.Tensor, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+        half = host.numel() // 2
+        self.host = [host[:half], host[half:]]
+        self.dev: list[torch.Tensor | None] = [None, None]
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.events = [None, None]
         self.turn = 0
 
-    def copy(self, view: memoryview, e: Entry, dst: torch.Tensor) -> None:
-        src = _as_tensor(view, e).reshape(-1).view(torch.uint8)
-        with torch.cuda.stream(self.stream):
-            raw = dst if dst.dtype == e.dtype else torch.empty(e.shape, dtype=e.dtype, device=self.device)
-            flat = raw.reshape(-1).view(torch.uint8)
-            for start in range(0, e.nbytes, STAGE_BYTES):
-                n = min(STAGE_BYTES, e.nbytes - start)
-                buf = self.buffers[self.turn]
-                if self.events[self.turn] is not None:
-                    self.events[self.turn].synchronize()          # that buffer's last copy is done
-                buf[:n].copy_(src[start:start + n])               # page cache -> pinned (this thread)
-                flat[start:start + n].copy_(buf[:n], non_blocking=True)   # pinned -> device
-                self.events[self.turn] = torch.cuda.Event()
-                self.events[self.turn].record(self.stream)
+    def send(self, files: _Files, source: str, e: Entry, dst: torch.Tensor) -> None:
+        """dst <- entry e, piece by piece through the slots; cast on the device when dtypes differ."""
+        out = dst.reshape(-1)
+        raw = out.view(torch.uint8) if dst.dtype == e.dtype else None
+        step = self.host[0].numel()
+        size = e.dtype.itemsize
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        if self.cuda:   # dst was allocated on the caller's stream: write it after that stream's work
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with ctx:
+            for start in range(0, e.nbytes, step):
+                n, s = min(step, e.nbytes - start), self.turn
+                if self.events[s] is not None:
+                    self.events[s].synchronize()          # that slot's last copy is done
+                files.fill(source, e, start, self.host[s][:n])             # page cache -> slot
+                if raw is not None:
+                    raw[start:start + n].copy_(self.host[s][:n], non_blocking=self.cuda)  # -> device
+                else:
+                    if self.dev[s] is None:
+                        self.dev[s] = torch.empty(step, dtype=torch.uint8, device=self.device)
+                    self.dev[s][:n].copy_(self.host[s][:n], non_blocking=self.cuda)
+                    out[start // size:(start + n) // size].copy_(self.dev[s][:n].view(e.dtype))  # the cast
+                if self.cuda:
+                    self.events[s] = torch.cuda.Event()
+                    self.events[s].record(self.stream)
                 self.turn ^= 1
-            if raw is not dst:
-                dst.copy_(raw)                                    # the cast, on the device
 
     def finish(self) -> None:
-        self.stream.synchronize()
+        if self.cuda:
+            self.stream.synchronize()
+
+
+class PinnedBuffer:
+    """`nbytes` of page-locked host memory: an ordinary allocation registered with the CUDA driver
+    (cudaHostRegister, which faults the pages in and locks them), in page-aligned pieces from a few
+    threads when it is large. Unregistered when this object goes (torch's pinned allocator would
+    keep its blocks, rounded up to a power of two, for the life of the process)."""
+    PIECE = 1 << 30
+
+    def __init__(self, nbytes: int):
+        self._registered: list[tuple[int, int]] = []
+        self._cudart = torch.cuda.cudart()
+        page = 4096
+        self._raw = torch.empty(nbytes + page, dtype=torch.uint8)
+        offset = (-self._raw.data_ptr()) % page
+        self.tensor = self._raw[offset:offset + nbytes]
+        base = self.tensor.data_ptr()
+        self._pieces = [(base + a, min(self.PIECE, nbytes - a)) for a in range(0, nbytes, self.PIECE)]
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(self._pieces)))) as pool:
+            errors = list(pool.map(lambda p: self._cudart.cudaHostRegister(p[0], p[1], 0), self._pieces))
+        self._registered = [p for p, e in zip(self._pieces, errors) if int(e) == 0]
+        if len(self._registered) != len(self._pieces):
+            self.close()
+            bad = next(e for e in errors if int(e) != 0)
+            raise RuntimeError(f"could not page-lock {nbytes / 1e9:.1f} GB of host memory (cudaHostRegister: "
+                               f"{bad}); free host memory, or offload fewer components")
+
+    def close(self) -> None:
+        for ptr, _ in self._registered:
+            self._cudart.cudaHostUnregister(ptr)
+        self._registered = []
+
+    def __del__(self):
+        self.close()
+
+
+class Reader:
+    """Reading threads and their staging slots, for every read of one load (several at once share
+    the slots: at most `threads` copies run, whichever read they serve). Pinned once, on CUDA."""
+
+    def __init__(self, device, threads: int = 8, source: str = "pread", staged: bool | None = None,
+                 stage_bytes: int = STAGE_BYTES):
+        if source not in SOURCES:
+            raise ValueError(f"source={source!r}: choose {' or '.join(SOURCES)}")
+        self.device, self.threads, self.source = torch.device(device), max(1, threads), source
+        self.staged = self.device.type == "cuda" if staged is None else staged
+        self.stats = {"staging_s": 0.0, "staging_bytes": 0}
+        self.slots: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.threads):
+            self.slots.put(None)
+        self._stage_bytes, self._pool = stage_bytes - stage_bytes % 64, None   # 64: any dtype's pieces
+        self._lock = threading.Lock()
+
+    def _stagers(self) -> None:
+        """The staging slots, allocated on first use: one pinned allocation for all threads."""
+        with self._lock:
+            if self._pool is not None:
+                return
+            t = time.perf_counter()
+            n = 2 * self._stage_bytes
+            cuda = self.device.type == "cuda"
+            self._pool = PinnedBuffer(self.threads * n) if cuda else None
+            flat = self._pool.tensor if cuda else torch.empty(self.threads * n, dtype=torch.uint8)
+            for i in range(self.threads):
+                self.slots.get()
+                self.slots.put(_Stager(flat[i * n:(i + 1) * n], self.device))
+            self.stats["staging_s"] += time.perf_counter() - t
+            self.stats["staging_bytes"] = flat.numel()
+
+    def read(self, entries: dict[str, Entry], dtypes: dict[str, torch.dtype],
+             stats: dict | None = None) -> dict[str, torch.Tensor]:
+        """Every entry onto the device as dtypes[name]."""
+        t0 = time.perf_counter()
+        names = sorted(entries, key=lambda n: -entries[n].nbytes)        # largest first: balanced threads
+        out = {n: torch.empty(entries[n].shape, dtype=dtypes[n], device=self.device) for n in names}
+        if self.staged:
+            self._stagers()
+        files, errors, work, take = _Files(), [], iter(names), threading.Lock()
+
+        def worker():
+            stager = self.slots.get()
+            try:
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)     # a new thread's current device is cuda:0
+                while not errors:
+                    with take:
+                        name = next(work, None)
+                    if name is None:
+                        break
+                    if entries[name].nbytes:
+                        self._one(files, stager, entries[name], out[name])
+            except BaseException as err:   # noqa: BLE001 (re-raised in the calling thread)
+                errors.append(err)
+            finally:
+                if stager is not None:
+                    stager.finish()
+                self.slots.put(stager)
+
+        pool = [threading.Thread(target=worker, daemon=True) for _ in range(min(self.threads, len(names)))]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        files.close()
+        if errors:
+            raise errors[0]
+        if stats is not None:
+            stats["bytes"] = stats.get("bytes", 0) + sum(entries[n].nbytes for n in names)
+            stats["read_s"] = stats.get("read_s", 0.0) + time.perf_counter() - t0
+            stats.setdefault("names", []).extend(names)
+        return out
+
+    def _one(self, files: _Files, stager: _Stager | None, e: Entry, dst: torch.Tensor) -> None:
+        if stager is not None:
+            stager.send(files, self.source, e, dst)
+        elif dst.dtype == e.dtype:
+            files.fill(self.source, e, 0, dst.reshape(-1).view(torch.uint8))     # straight into dst
+        else:
+            src = files.mapped(e.file)[e.offset:e.offset + e.nbytes]
+            dst.copy_(src.view(e.dtype).reshape(e.shape))                       # the cast, on the host
+
+    def close(self) -> None:
+        """Give the staging memory back (call once no read is running)."""
+        for _ in range(self.threads):
+            self.slots.get()
+        for _ in range(self.threads):
+            self.slots.put(None)
+        if self._pool is not None:
+            self._pool.close()
+        self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_entries(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], device, threads: int = 8,
+                 stats: dict | None = None, reader: Reader | None = None) -> dict[str, torch.Tensor]:
+    """Read every entry onto `device` as dtypes[name] (with `reader`'s threads and slots, if given)."""
+    if reader is not None:
+        assert reader.device == torch.device(device), (reader.device, device)
+        return reader.read(entries, dtypes, stats)
+    with Reader(device, threads) as own:
+        return own.read(entries, dtypes, stats)
 
 
 # ----------------------------------------------------------------------------- once per node
@@ -180,24 +329,27 @@ def shares(entries: dict[str, Entry], ranks: int) -> list[list[str]]:
 
 
 def read_shared(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], device, group, threads: int = 8,
-                stats: dict | None = None) -> dict[str, torch.Tensor]:
-    """Every entry on every rank of `group`, each read from the files by one rank only."""
+                stats: dict | None = None, reader: Reader | None = None, turn=None) -> dict[str, torch.Tensor]:
+    """Every entry on every rank of `group`, each read from the files by one rank only. turn: a
+    context manager held around the broadcasts (see the module docstring)."""
     import torch.distributed as dist
     me, size = dist.get_rank(group), dist.get_world_size(group)
     parts = shares(entries, size)
-    mine = read_entries({n: entries[n] for n in parts[me]}, dtypes, device, threads, stats)
+    mine = read_entries({n: entries[n] for n in parts[me]}, dtypes, device, threads, stats, reader)
     device = torch.device(device)
-    out = {}
-    received = 0
-    for owner, names in enumerate(parts):
-        for name in sorted(names):   # the same order on every rank
-            if owner == me:
-                t = mine[name]
-            else:
-                t = torch.empty(entries[name].shape, dtype=dtypes[name], device=device)
-                received += t.numel() * t.element_size()
-            dist.broadcast(t, src=dist.get_global_rank(group, owner), group=group)
-            out[name] = t
+    out, received = {}, 0
+    with turn if turn is not None else contextlib.nullcontext():
+        for owner, names in enumerate(parts):
+            for name in sorted(names):   # the same order on every rank
+                if owner == me:
+                    t = mine[name]
+                else:
+                    t = torch.empty(entries[name].shape, dtype=dtypes[name], device=device)
+                    received += t.numel() * t.element_size()
+                dist.broadcast(t, src=dist.get_global_rank(group, owner), group=group)
+                out[name] = t
+        if device.type == "cuda":    # the broadcasts are queued on NCCL's stream: done before the turn passes
+            torch.cuda.current_stream(device).synchronize()
     if stats is not None:
         stats["received_bytes"] = stats.get("received_bytes", 0) + received
     return out
