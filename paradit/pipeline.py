@@ -20,6 +20,7 @@ from paradit.settings import SAMPLER_NAMES, VideoSettings
 from paradit.launch import init_distributed
 from paradit.launch.faults import maybe_fail
 from paradit.models.lora import apply_loras, check_loras, for_expert
+from paradit.models.quant import check_quant, fp8_attention, quantize_experts
 from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer, patchify, token_grid, unpatchify
 from paradit.models.vae import VideoVAE
@@ -71,6 +72,7 @@ class Pipeline:
         self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, compile.py)
         self.load_stats: dict[str, dict] = {}          # bytes read per component on this rank
         self.offload, self.residency, self.text_residency = "none", None, None
+        self.quant = {"mode": "none", "linears": None, "attention": None, "kept": None}  # what FP8 quantised (from_pretrained)
         log.info("layout: %s", self.runtime.describe())
 
     def apply_offload(self, mode: str, settings: VideoSettings | None = None) -> str:
@@ -94,7 +96,7 @@ class Pipeline:
     def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, device=None,
                         dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0,
                         experts_needed: set[int] | None = None, components=None,
-                        compile: bool = False, loras=(), offload: str = "none") -> "Pipeline":
+                        compile: bool = False, loras=(), offload: str = "none", quant: str = "none") -> "Pipeline":
         """'tiny' (random weights, built locally) or a checkpoint folder. The layout is validated
         against the world before any weights are built or read.
 
@@ -105,10 +107,16 @@ class Pipeline:
         loras: LoraSpec(path, scale, target="all"|"high"|"low") entries (paradit/models/lora.py),
         checked before any weight is read and merged into the weights of the experts this rank loads.
         offload: "none" | "text-encoder" | "experts" | "all" | "auto" (paradit/residency.py): which
-        components live in host memory and are copied to the GPU when used."""
+        components live in host memory and are copied to the GPU when used.
+        quant: "none" | "fp8" | "fp8-attention" | "fp8-all" (paradit/models/quant.py), refused before
+        any weight is read where FP8 cannot run."""
         check_offload(offload)
+        check_quant(quant, init_distributed(device).device, offload, parallel)
         pipe = cls._build(name_or_path, parallel, device, dtype, backend, seed, experts_needed, components,
                           loras, offload)
+        pipe.quant = quantize_experts(pipe.experts, quant)  # after the LoRA merge, before compile
+        if pipe.quant["attention"]:
+            pipe.runtime.use_attention(fp8_attention(), pipe.quant["attention"], pipe.experts)
         t0 = time.perf_counter()
         pipe.apply_offload(offload)
         pipe.startup["offload_s"] = time.perf_counter() - t0     # pinning the host copies
