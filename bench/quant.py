@@ -32,6 +32,7 @@ import logging
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from unittest import mock
 
@@ -93,6 +94,17 @@ def forward_outputs(model, runtime: Runtime, inputs: dict, device) -> dict:
     return {"out": out.float(), "v": v.float()}
 
 
+def attempt(what: str, fn, *a):
+    """fn(*a), or {"error": ...} with the traceback printed: one stage failing on the GPU (a compile,
+    a kernel) leaves the others' numbers in the JSON."""
+    try:
+        return fn(*a)
+    except Exception as err:  # noqa: BLE001 - recorded, not hidden
+        traceback.print_exc()
+        print(f"  {what} failed: {type(err).__name__}: {err}", flush=True)
+        return {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+
+
 def step_times(model, runtime, inputs, device, args, compiled: bool) -> dict:
     if compiled:
         torch._dynamo.reset()
@@ -123,8 +135,10 @@ def measure_model(cfg, mode: str | None, args, device, inputs, emulate: bool) ->
             if report["attention"]:
                 runtime.use_attention(quant.fp8_attention(), report["attention"], [model])
     outs = forward_outputs(model, runtime, inputs, device)
-    eager = step_times(model, runtime, inputs, device, args, compiled=False)
-    compiled = None if args.no_compile else step_times(model, runtime, inputs, device, args, compiled=True)
+    eager = attempt("eager step", step_times, model, runtime, inputs, device, args, False)
+    compiled = None if args.no_compile else attempt("compiled step", step_times, model, runtime, inputs, device,
+                                                    args, True)
+    torch._dynamo.reset()
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -132,14 +146,20 @@ def measure_model(cfg, mode: str | None, args, device, inputs, emulate: bool) ->
 
 
 def fp32_reference(cfg, device, inputs) -> dict:
-    """The bf16 model's weights in fp32 (same seed), same inputs: what bf16 alone is off by."""
+    """The bf16 model's weights in fp32 (same seed), same inputs, TF32 off: what bf16 alone is off by."""
     model = build_model(cfg, device, torch.bfloat16).float()
     mesh = init_parallel(ParallelConfig(), device, num_heads=cfg.num_heads)
     runtime = Runtime(mesh, "auto", torch.float32)
     runtime.bind(model)
-    outs = forward_outputs(model, runtime, inputs, device)
-    del model
-    return outs
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return forward_outputs(model, runtime, inputs, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def demo_latents(device, mode: str, emulate: bool, steps: int | None) -> dict:
@@ -178,7 +198,7 @@ def plot(result: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    kinds = [k for k in ("eager", "compiled") if result["step_s"][k]]
+    kinds = [k for k in ("eager", "compiled") if result["step_s"][k] and None not in result["step_s"][k].values()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, prec in enumerate(("bf16", "fp8")):
         vals = [result["step_s"][k][prec] for k in kinds]
@@ -246,15 +266,15 @@ def main(argv=None) -> Path:
         forward={"fp8": {"rel_err": rel(fp8["out"], bf16["out"]), "velocity_rel_err": rel(fp8["v"], bf16["v"])},
                  "bf16_vs_fp32": None if ref32 is None else {"rel_err": rel(bf16["out"], ref32["out"]),
                                                               "velocity_rel_err": rel(bf16["v"], ref32["v"])}},
-        step_s={"eager": {"bf16": bf16_eager["median_s"], "fp8": fp8_eager["median_s"]},
-                "compiled": None if args.no_compile else {"bf16": bf16_compiled["median_s"],
-                                                          "fp8": fp8_compiled["median_s"]}},
+        step_s={"eager": {"bf16": bf16_eager.get("median_s"), "fp8": fp8_eager.get("median_s")},
+                "compiled": None if args.no_compile else {"bf16": bf16_compiled.get("median_s"),
+                                                          "fp8": fp8_compiled.get("median_s")}},
         steps={"bf16": {"eager": bf16_eager, "compiled": bf16_compiled},
                "fp8": {"eager": fp8_eager, "compiled": fp8_compiled}},
-        demo=None if args.no_demo else demo_latents(device, args.mode, emulate, args.demo_steps))
+        demo=None if args.no_demo else attempt("demo", demo_latents, device, args.mode, emulate, args.demo_steps))
     full = WanConfig.preset(args.preset).num_layers
     for kind, s in result["step_s"].items():
-        if s:
+        if s and s["bf16"] and s["fp8"]:
             s["speedup"] = s["bf16"] / s["fp8"]
             print(f"  {kind:8s} step: bf16 {s['bf16']:.3f} s, {args.mode} {s['fp8']:.3f} s ({s['speedup']:.2f}x); "
                   f"at the full {full} blocks: {s['bf16'] * full / args.layers:.2f} s vs "
@@ -262,7 +282,7 @@ def main(argv=None) -> Path:
     print(f"  forward rel. error {args.mode} vs bf16: {result['forward']['fp8']['rel_err']:.3e} (velocity "
           f"{result['forward']['fp8']['velocity_rel_err']:.3e})"
           + (f"; bf16 vs fp32: {result['forward']['bf16_vs_fp32']['rel_err']:.3e}" if ref32 else ""), flush=True)
-    if result["demo"]:
+    if result["demo"] and "error" not in result["demo"]:
         print(f"  demo latent after {result['demo']['steps']} steps: {args.mode} vs bf16 "
               f"{result['demo']['fp8_vs_bf16']['rel_err']:.3e}, bf16 vs fp32 "
               f"{result['demo']['bf16_vs_fp32']['rel_err']:.3e}", flush=True)

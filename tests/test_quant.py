@@ -192,3 +192,18 @@ def test_bench_smoke_on_cpu(torchao_on_cpu, tmp_path):
     assert result["step_s"]["eager"]["bf16"] > 0 and result["step_s"]["eager"]["fp8"] > 0
     assert result["quantised"]["linears"]["layers_per_expert"] == [20]
     assert result["demo"]["steps"] == 2 and 0 < result["demo"]["fp8_vs_bf16"]["rel_err"] < 0.5
+
+
+def test_from_pretrained_quantises_after_loading(torchao_on_cpu, monkeypatch):
+    """The pipeline's wiring: the report on the pipeline, the experts' linears in float8, a denoise
+    that runs (tiny's layout at dim 64, in bf16)."""
+    from torchao.quantization import Float8Tensor
+
+    from paradit import config
+    from paradit.pipeline import Pipeline
+    monkeypatch.setitem(config.PRESETS, "tiny", SMALL)
+    pipe = Pipeline.from_pretrained("tiny", device="cpu", dtype=torch.bfloat16, quant="fp8")
+    assert pipe.quant["mode"] == "fp8" and pipe.quant["linears"]["layers_per_expert"] == [20, 20]
+    assert all(isinstance(m.blocks[1].ffn[2].weight, Float8Tensor) for m in pipe.experts)
+    latent = pipe("a red circle", steps=2, output="latent", progress=False)
+    assert torch.isfinite(latent).all()
