@@ -139,29 +139,35 @@ def quantize_experts(experts: list, mode: str) -> dict:
     report = {"mode": mode, "linears": None, "attention": None, "kept": KEPT if parts else None}
     loaded = [m for m in experts if m is not None]
     if "linears" in parts and loaded:
-        device = next(loaded[0].parameters()).device
-        if fp8_linears_missing(device):
-            raise _cannot_run(mode, fp8_linears_missing(device))
-        import torchao
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-        # set_inductor_config=False: torchao would otherwise change inductor's global options for the
-        # whole process (bf16 graphs compiled later included).
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-        counts = []
-        for model in loaded:
-            names = fp8_linear_names(model)
-            check_shapes(model, names, mode)
-            chosen = set(names)
-            quantize_(model, config, filter_fn=lambda m, fqn: fqn in chosen)
-            counts.append(len(names))
-        report["linears"] = {"recipe": LINEAR_RECIPE, "torchao": torchao.__version__, "layers_per_expert": counts,
-                             "which": "blocks.*.self_attn.{q,k,v,o}, blocks.*.cross_attn.{q,k,v,o}, blocks.*.ffn.{0,2}"}
-        log.info("quant %s: FP8 linear layers, %s per expert (attention q/k/v/o and FFN of every block; %s); "
-                 "kept as loaded: %s", mode, "/".join(map(str, counts)), LINEAR_RECIPE, KEPT)
+        report["linears"] = _quantize_linears(loaded, mode)
+        log.info("quant %s: FP8 linear layers, %s per expert (attention q/k/v/o and FFN of every block; %s, "
+                 "%s); kept as loaded: %s", mode, "/".join(map(str, report["linears"]["layers_per_expert"])),
+                 LINEAR_RECIPE, report["linears"]["kernel"], KEPT)
     if "attention" in parts:
         report["attention"] = ATTENTION_RECIPE
         log.info("quant %s: self-attention in FP8 (%s)", mode, ATTENTION_RECIPE)
     return report
+
+
+def _quantize_linears(models: list[nn.Module], mode: str) -> dict:
+    device = next(models[0].parameters()).device
+    if fp8_linears_missing(device):
+        raise _cannot_run(mode, fp8_linears_missing(device))
+    chosen = [fp8_linear_names(m) for m in models]
+    for model, names in zip(models, chosen):   # every expert checked before any is changed
+        check_shapes(model, names, mode)
+    import torchao
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.utils import _is_mslk_available
+    # set_inductor_config=False: torchao would otherwise change inductor's global options for the
+    # whole process (bf16 graphs compiled later included).
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    for model, names in zip(models, chosen):
+        quantize_(model, config, filter_fn=lambda m, fqn, names=frozenset(names): fqn in names)
+    kernel = "mslk" if _is_mslk_available() and device.type == "cuda" else "torch._scaled_mm"  # torchao's AUTO rule
+    return {"recipe": LINEAR_RECIPE, "torchao": torchao.__version__, "kernel": kernel,
+            "layers_per_expert": [len(n) for n in chosen],
+            "which": "blocks.*.self_attn.{q,k,v,o}, blocks.*.cross_attn.{q,k,v,o}, blocks.*.ffn.{0,2}"}
 
 
 def fp8_attention() -> AttentionFn:
