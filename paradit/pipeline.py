@@ -72,7 +72,7 @@ class Pipeline:
         self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, compile.py)
         self.load_stats: dict[str, dict] = {}          # bytes read per component on this rank
         self.offload, self.residency, self.text_residency = "none", None, None
-        self.quant = {"mode": "none", "linears": None, "attention": None, "kept": None}  # what FP8 quantised (from_pretrained)
+        self.quant = {"mode": "none", "linears": None, "attention": None, "kept": None}  # from_pretrained's FP8
         log.info("layout: %s", self.runtime.describe())
 
     def apply_offload(self, mode: str, settings: VideoSettings | None = None) -> str:
