@@ -38,7 +38,7 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
     pipe = Pipeline.from_pretrained(flags.model, parallel=layout, device=flags.device, backend=flags.attention,
                                     experts_needed=None if spec.experts_needed is None else set(spec.experts_needed),
                                     components=flags.components, compile=flags.compile, loras=list(spec.loras),
-                                    offload=spec.offload)
+                                    offload=spec.offload, quant=flags.quant)
     startup = {"validate_s": validate_s, **pipe.startup, "build_s": time.perf_counter() - t0}
     if flags.compile:
         startup["compile_s"] = pipe.warmup(image=spec.image is not None, **settings.__dict__)
@@ -157,6 +157,7 @@ def sidecar(spec: RunSpec, pipe, prompt: str, startup: dict, total_s: float) -> 
         "size": {"generated": [s.width, s.height], "written": list(written_size(s.width, s.height))},
         "layout": layout.__dict__ | {"world_size": layout.world_size},
         "attention": pipe.runtime.backend, "device": str(pipe.mesh.device), "offload": pipe.offload,
+        "quant": pipe.quant,
         "experts_per_step": [{"t": t, "expert": ["high", "low"][k], "guidance": g} for t, k, g in rec.trace],
         "timings_s": {"startup": startup, **rec.timings, "step_s": rec.step_s, "total": total_s},
         "collectives_per_step": {op: {"bytes": b / steps, "count": c / steps} for op, (b, c) in rec.traffic.items()},

@@ -26,6 +26,7 @@ from paradit.engine import Denoiser, Request, RunRecord
 from paradit.errors import ParameterError
 from paradit.launch import init_distributed
 from paradit.models.lora import apply_loras, check_loras, for_expert
+from paradit.models.quant import check_quant, fp8_attention, quantize_experts
 from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer
 from paradit.models.vae import VideoVAE
@@ -65,6 +66,7 @@ class Pipeline:
         self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, warmup)
         self.load_stats: dict[str, dict] = {}          # bytes read per component on this rank
         self.offload, self.text_residency = "none", None
+        self.quant = {"mode": "none", "linears": None, "attention": None, "kept": None}  # from_pretrained's FP8
         log.info("layout: %s", self.runtime.describe())
 
     # the denoiser's switches, settable on the pipeline
@@ -101,7 +103,8 @@ class Pipeline:
     def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, device=None,
                         dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0,
                         experts_needed: set[int] | None = None, components=None,
-                        compile: bool = False, loras=(), offload: str = "none") -> "Pipeline":
+                        compile: bool = False, loras=(), offload: str = "none", quant: str = "none",
+                        read_once: bool | None = None) -> "Pipeline":
         """'tiny' (random weights, built locally), 'demo' (the shipped demo model) or a checkpoint
         folder. The layout is validated against the world before any weights are built or read.
 
@@ -114,16 +117,24 @@ class Pipeline:
         with pipe.warmup. loras: LoraSpec(path, scale, target="all"|"high"|"low") entries
         (paradit/models/lora.py), checked before any weight is read and merged into the weights of
         the experts this rank loads. offload: "none" | "text-encoder" | "experts" | "all" | "auto"
-        (paradit/residency.py): which components live in host memory and are copied to the GPU when used."""
+        (paradit/residency.py): which components live in host memory and are copied to the GPU when
+        used. quant: "none" | "fp8" | "fp8-attention" | "fp8-all" (paradit/models/quant.py), refused
+        before any weight is read where FP8 cannot run. read_once: checkpoints only; the ranks of one
+        node that load the same expert read its files once between them (None: on where the experts
+        go to GPUs; see paradit/checkpoint.py)."""
         check_offload(offload)
         info = init_distributed(device)
+        check_quant(quant, info.device, offload, parallel)
         parallel = parallel or ParallelConfig()
         if parallel.stages_pending:
             parallel = resolve_stages(parallel, model_config(name_or_path, components), info.world_size)
         if experts_needed is None and parallel.stages is not None:  # each stage reads its own expert
             experts_needed = set(placement.experts_needed(parallel, info.rank, 1, 1))
         pipe = cls._build(name_or_path, parallel, info, dtype, backend, seed, experts_needed, components,
-                          loras, offload)
+                          loras, offload, read_once)
+        pipe.quant = quantize_experts(pipe.experts, quant)  # after the LoRA merge, before compile
+        if pipe.quant["attention"]:
+            pipe.runtime.use_attention(fp8_attention(), pipe.quant["attention"], pipe.experts)
         t0 = time.perf_counter()
         pipe.apply_offload(offload)
         pipe.startup["offload_s"] = time.perf_counter() - t0     # pinning the host copies
@@ -134,7 +145,7 @@ class Pipeline:
 
     @classmethod
     def _build(cls, name_or_path, parallel, info, dtype, backend, seed, experts_needed, components, loras,
-               offload: str = "none"):
+               offload: str = "none", read_once: bool | None = None):
         if name_or_path in ("tiny", "demo"):  # built locally: random weights, or the shipped demo model
             cfg = WanConfig.preset(name_or_path)
             t0 = time.perf_counter()
@@ -157,7 +168,7 @@ class Pipeline:
             return pipe
         from paradit.checkpoint import load_pipeline_components  # real checkpoints (folders)
         return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend, experts_needed,
-                                        components, loras, offload)
+                                        components, loras, offload, read_once)
 
     def warmup(self, image: bool = False, **settings) -> float:
         """Build every compiled graph (one step per expert) at the shapes of a call with `settings`

@@ -22,6 +22,21 @@ MAX_SHIFT = 100.0        # Wan uses 5 and 12; far above ~50 every sigma rounds t
 MAX_GUIDANCE = 100.0     # Wan uses 3-5; beyond ~100 the guided velocity overflows bf16
 MAX_SEED = 2 ** 64 - 1   # torch.Generator's range
 
+# FP8 (`quant=` in the library, `--quant` on the command line; paradit/models/quant.py runs it):
+# the parts each mode quantises. "linears": the blocks' attention projections and FFN; "attention":
+# self-attention's kernel. Everything else (embeddings, modulation, norms, gates, the residual stream,
+# the head) stays as loaded.
+QUANT_PARTS = {"none": (), "fp8": ("linears",), "fp8-attention": ("attention",), "fp8-all": ("linears", "attention")}
+QUANT_MODES = tuple(QUANT_PARTS)
+
+
+def quant_parts(mode: str) -> tuple[str, ...]:
+    """The parts a quant mode quantises; ParameterError for an unknown mode."""
+    if mode not in QUANT_PARTS:
+        raise ParameterError("quant", mode, f"choose one of {', '.join(QUANT_MODES)}",
+                             "fp8: the linear layers; fp8-attention: self-attention; fp8-all: both")
+    return QUANT_PARTS[mode]
+
 
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

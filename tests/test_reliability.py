@@ -146,6 +146,10 @@ BAD_CLI = [
     (["--timeout", "-5"], r"--timeout -5: the collective timeout", 2, "all"),
     (["--timeout", "nan"], r"--timeout nan: the collective timeout", 2, "all"),
     (["--attention", "flash"], r"needs CUDA", 2, "all"),
+    (["--quant", "fp8"], r"--quant fp8: FP8 cannot run on this machine; it needs an NVIDIA GPU of compute "
+                         r"capability 8.9 or higher .* on cpu, where torchao refuses", 2, "all"),
+    (["--quant", "fp8-attention"], r"--quant fp8-attention: .*a Hopper GPU", 2, "all"),
+    (["--quant", "int8"], r"--quant invalid choice: 'int8'", 2, "all"),
     # outputs, before any weights load
     (["--out", "{out}.avi"], r"mp4", 2, "all"),
     (["--out", "{tmp}/adir.mp4"], r"adir.mp4 is a directory", 2, "output"),
@@ -195,6 +199,7 @@ BAD_CLI_TORCHRUN = [
     (2, ["--guidance", "inf"], r"--guidance inf: must be a finite number"),
     (2, ["--sp", "4"], r"needs 4 processes, but the world has 2"),
     (2, ["--device", "bogus"], r"--device bogus"),
+    (2, ["--quant", "fp8", "--device", "cpu"], r"--quant fp8: FP8 cannot run on this machine"),
     (2, ["--prompt", b"caf\xe9"], r"not valid UTF-8"),
     (2, ["--out", "/proc/paradit-test/x.mp4"], r"cannot create files in /proc"),  # rank 0 checks; rank 1 hears it
 ]
@@ -246,6 +251,9 @@ BAD_LIBRARY = [
     (lambda: plan("tiny", 2, GPUS["h100"].replace(nvlink_gbps=float("nan"))), r"nvlink_gbps=nan"),
     (lambda: plan("tiny", 2, objective="speed"), r"objective='speed'"),
     (lambda: load_calibration("/missing.json"), r"calibration='/missing.json': no such file"),
+    (lambda: Pipeline.from_pretrained("tiny", device="cpu", quant="fp8"),
+     r"^quant='fp8': FP8 cannot run on this machine; it needs an NVIDIA GPU of compute capability 8.9"),
+    (lambda: Pipeline.from_pretrained("tiny", quant="int8"), r"^quant='int8': choose one of none, fp8, "),
 ]
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 from paradit.errors import ParameterError
 from paradit.residency import OFFLOAD_MODES
-from paradit.settings import SAMPLER_NAMES
+from paradit.settings import QUANT_MODES, SAMPLER_NAMES
 
 DEFAULT_PROMPT = "a red circle moving right"
 
@@ -182,6 +182,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--device", str, "auto", "auto, cpu, cuda or cuda:N", "auto: cuda:LOCAL_RANK if CUDA is available, "
          "else cpu", metavar="DEVICE"),
     Flag("--attention", str, "auto", "attention kernels", "auto", choices=("auto", "flash", "sdpa", "math")),
+    Flag("--quant", str, "none", "FP8 (GPUs of compute capability 8.9+, torchao): fp8 the blocks' linear layers, "
+         "fp8-attention self-attention (FlashAttention-3, Hopper), fp8-all both; norms, modulation, gates and the "
+         "residual stream stay as loaded; refused where it cannot run", "none", choices=QUANT_MODES),
     Flag("--compile", help="torch.compile each transformer block, then warm up one step per expert before the "
          "timed run"),
     Flag("--timeout", FLOAT, None, "collective timeout in seconds (> 0): how long a rank waits for a peer "
@@ -223,7 +226,8 @@ PARAM_FLAGS = {"width": "--size", "height": "--size", "frames": "--frames", "ste
                "ulysses": "--ulysses", "ring": "--ring", "sp": "--sp", "cfg": "--cfg-par", "dp": "--dp",
                "chords": "--chords", "experts": "--experts", "stages": "--stages", "timeout_s": "--timeout",
                "device": "--device", "gpu": "--gpu", "offload": "--offload",
-               "cores": "--chords", "init": "--chords-init", "stop": "--chords-stop"}  # ChordsSettings
+               "quant": "--quant", "cores": "--chords", "init": "--chords-init",
+               "stop": "--chords-stop"}  # cores, init, stop: ChordsSettings
 
 
 class Parser(argparse.ArgumentParser):

@@ -175,6 +175,7 @@ def resolve(flags: Flags, info) -> RunSpec:
         loras = tuple(lora_specs(flags.lora, flags.lora_high, flags.lora_low))
         check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); from_pretrained warns and merges
         offload = offload_mode(flags, cfg, layout, settings, info.device)
+        _check_quant(flags, info, offload, layout)
         check_weights(flags)
     return RunSpec(flags, cfg, prompts, settings, layout, chords, needed, paths, loras, offload, image)
 
@@ -183,3 +184,17 @@ def _check_attention(flags: Flags, info) -> None:
     import torch
     from paradit.models.attention import pick_backend
     pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, flags.attention)
+
+
+def _check_quant(flags: Flags, info, offload: str, layout: ParallelConfig) -> None:
+    if flags.quant == "none":
+        return
+    if flags.offload == "auto" and offload in ("experts", "all"):
+        raise UsageError(f"--quant {flags.quant}: --offload auto chose {offload}, and the expert offload does not "
+                         f"move FP8 weights; give --offload none or --offload text-encoder")
+    from paradit.models.quant import check_quant
+    parts = check_quant(flags.quant, info.device, offload, layout)   # the machine first: its error is the one to fix
+    if flags.model in RUNNABLE_PRESETS and parts:
+        raise UsageError(f"--quant {flags.quant}: the {flags.model} preset runs in fp32, and FP8 takes "
+                         f"bf16 models (the Wan checkpoints); bench/quant.py measures FP8 on the demo model "
+                         f"cast to bf16")

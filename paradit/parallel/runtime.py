@@ -26,13 +26,25 @@ class Runtime:
         self.mesh = mesh
         self.traffic = Traffic()  # what this rank's collectives moved; the engine clears it per request
         self.backend = pick_backend(mesh.device, dtype, backend)
-        plain, with_lse = kernels(self.backend, mesh.device)
+        plain, self._with_lse = kernels(self.backend, mesh.device)
         self.sp = mesh.size("sp")
-        self.attention = SequenceParallelAttention(mesh, plain, with_lse, self.traffic) if self.sp > 1 else plain
+        self.attention = SequenceParallelAttention(mesh, plain, self._with_lse, self.traffic) if self.sp > 1 else plain
+        self.kernel = describe_backend(self.backend, mesh.device)
 
     def describe(self) -> str:
         layout = (self.mesh.split or self.mesh.config).describe()
-        return f"{layout}; attention: {describe_backend(self.backend, self.mesh.device)}"
+        return f"{layout}; attention: {self.kernel}"
+
+    def use_attention(self, plain, label: str, experts) -> None:
+        """Replace the local self-attention kernel (FP8: paradit/models/quant.py) and rebind `experts`.
+        Ring attention needs the kernel's log-sum-exp, which a plain kernel lacks: refused there."""
+        assert self.mesh.size("ring") == 1, "a plain kernel cannot serve Ring attention (no log-sum-exp)"
+        self.attention = (SequenceParallelAttention(self.mesh, plain, self._with_lse, self.traffic) if self.sp > 1
+                          else plain)
+        self.kernel = label
+        for m in experts:
+            if m is not None:
+                self.bind(m)
 
     def bind(self, model: WanTransformer) -> WanTransformer:
         model.set_attention(self.attention)
