@@ -19,7 +19,7 @@ What is measured, per point (every rank runs it; the slowest rank of each step c
             CFG (batched at cfg=1, split over the cfg groups at cfg=2), plus its Euler update.
             CHORDS (CH<n>): whole requests to the first hit through the CHORDS runtime
             (Pipeline.denoise(chords=ChordsSettings(n, stop=1)), Euler); reported per round
-            (request / rounds), so latency = rounds x round. Skipped if paradit.parallel.chords
+            (request / rounds), so latency = rounds x round. Skipped if paradit.engine.chords
             does not import.
   forward   (--measure forward) one expert forward, no guidance; cfg=1 layouts only.
   compile   a backend named with "+compile" (sdpa+compile) runs after the eager points of its world,

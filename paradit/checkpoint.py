@@ -26,26 +26,18 @@ the GPU, casting there. LoRAs (`loras=`, paradit/models/lora.py) are checked fro
 with the configs, and merged into each expert as it loads. Phase timings land in `pipe.startup`,
 bytes read per component in `pipe.load_stats` ("bytes" from the files, "received_bytes" from peers).
 
-Once per node (`read_once`): the ranks of one node that load the same expert read its files once
-between them: each reads a share of its tensors (balanced by bytes) and broadcasts it to the others
-over a process group of those ranks (NCCL on the GPU: NVLink carries the rest; gloo on the CPU).
-Who shares what follows from each rank's experts_needed, gathered over the world (expert
-placement, paradit/plan/placement.py: split-expert stages and CHORDS cores hold different
-experts), so with 8 ranks of ulysses each rank reads 1/8 of both experts, with two stages of 4 each
-reads 1/4 of its stage's expert. A rank in two such groups issues the first expert's broadcasts
-before the second's, the same order on every rank. Default (None): on where the experts go to a GPU
-and at least two ranks of a node load the same expert; the environment's PARADIT_READ_ONCE=0 / 1
-turns it off / on (e.g. through Pipeline.from_pretrained, which has no argument for it). Off on the
-CPU by default: gloo moves bytes over loopback TCP, slower than each rank reading the page cache.
+Once per node (`read_once`, paradit.parallel.weights): the ranks of one node that load the same
+expert read its files once between them, each a share, the rest by broadcast. Who shares what
+follows from each rank's experts_needed, gathered over the world. Default (None): on where the
+experts go to a GPU and at least two ranks of a node load the same expert; PARADIT_READ_ONCE=0 / 1
+in the environment turns it off / on; off on the CPU (gloo over loopback TCP is slower than each
+rank reading the page cache). Pipeline.from_pretrained(read_once=...) passes it on.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -210,74 +202,6 @@ def _normalise_needed(needed, num_experts: int) -> list[int]:
     return out
 
 
-def _read_once(read_once: bool | None, device: torch.device) -> bool:
-    if read_once is not None:
-        return bool(read_once)
-    env = os.environ.get("PARADIT_READ_ONCE")
-    if env is not None:
-        if env not in ("0", "1"):
-            raise ValueError(f"PARADIT_READ_ONCE={env!r}: set 0 (each rank reads its experts itself) or 1 "
-                             f"(the ranks of a node that load the same expert read it once between them)")
-        return env == "1"
-    return device.type == "cuda"
-
-
-def node_read_groups(needed: list[int], device: torch.device, read_once: bool | None = None) -> tuple[dict, int]:
-    """For each expert this rank loads, the process group of the ranks of its node that load it too
-    (only where there are at least two), and how many ranks share this rank's node. Collective: every
-    rank of the world calls it; the groups are built in one order everywhere."""
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return {}, 1
-    ranks = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, (socket.gethostname(), tuple(needed)))
-    me = dist.get_rank()
-    node_size = sum(host == ranks[me][0] for host, _ in ranks)
-    if not _read_once(read_once, device):
-        return {}, node_size
-    sharing = {}                                  # (host, expert) -> ranks loading it there
-    for rank, (host, experts) in enumerate(ranks):
-        for k in experts:
-            sharing.setdefault((host, k), []).append(rank)
-    backend = "gloo" if device.type == "cpu" and dist.get_backend() != "gloo" else None
-    groups = {}
-    for (host, k), members in sorted(sharing.items()):
-        if len(members) < 2:
-            continue
-        group = dist.new_group(members, backend=backend)    # every rank, every group, in this order
-        if me in members:
-            groups[k] = group
-    return groups, node_size
-
-
-class _InTurn:
-    """Context managers entered in the order given, whatever thread enters them: the broadcasts of
-    a rank's shared expert reads, issued expert by expert in the same order on every rank (ranks in
-    two groups cannot then wait for each other crosswise)."""
-
-    def __init__(self, order):
-        self.order, self.done = list(order), {k: threading.Event() for k in order}
-        self.cancelled = False
-
-    @contextlib.contextmanager
-    def turn(self, k):
-        i = self.order.index(k)
-        if i:
-            self.done[self.order[i - 1]].wait()
-        if self.cancelled:
-            raise RuntimeError(f"expert {k}: not broadcast, the load of an earlier expert failed on this rank")
-        try:
-            yield
-        finally:
-            self.done[k].set()
-
-    def cancel(self) -> None:
-        """An expert's load failed: the turns waiting for it give up instead of waiting for ever."""
-        self.cancelled = True
-        for event in self.done.values():
-            event.set()
-
-
 def reader_threads(node_size: int) -> int:
     """Reading threads per rank: the node's cores shared by its ranks, 4 to 16."""
     return max(4, min(16, (os.cpu_count() or 8) // max(1, node_size)))
@@ -293,6 +217,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     docstring)."""
     from paradit.models.lora import check_loras, for_expert
     from paradit.models.reader import Reader
+    from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
     from paradit.offload import resolve_offload
     from paradit.residency import offloads_experts, offloads_text_encoder
     from paradit.models.text_encoder import TextEncoder
@@ -314,7 +239,8 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     expert_device = torch.device("cpu") if offloads_experts(mode) and len(needed) > 1 else info.device
     text_device = "cpu" if offloads_text_encoder(mode) else info.device
     groups, node_size = node_read_groups(needed, expert_device, read_once)
-    turns = _InTurn(sorted(groups))
+    turns = InTurn(sorted(groups))
+    shared = {k: SharedRead(group, turns.turn(k)) for k, group in groups.items()}
     startup = {"config_s": time.perf_counter() - t0 - t_lora}
     if lora_files:
         startup["lora_check_s"] = t_lora        # LoRA headers against the model's shapes
@@ -333,7 +259,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
                                config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
                                loras=for_expert(lora_files, k, cfg.num_experts),
                                expert=("high", "low")[k] if cfg.num_experts == 2 else None, reader=reader,
-                               group=groups.get(k), turn=turns.turn(k) if k in groups else None) for k in needed}
+                               shared=shared.get(k)) for k in needed}
         text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
                                ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=text_device,
                                stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None

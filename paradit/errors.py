@@ -28,3 +28,7 @@ class ParameterError(ValueError):
         if self.alternatives:
             text += ": " + "; ".join(alternative(a) for a in self.alternatives)
         return text
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, or not the model it claims to be."""

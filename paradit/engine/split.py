@@ -37,8 +37,7 @@ def run_split(den: Denoiser, requests: Iterable[Request], on_done: Callable | No
     requests: the same requests on every rank, in the same order, taken one at a time as this rank's
     stage is ready for the next (so a server can feed them as they arrive). On the high stage each
     carries its prompt embeddings; on the low stage they arrive with the hand-off."""
-    mesh = den.mesh
-    split, stage, me = mesh.split, mesh.coords["stage"], dist.get_rank()
+    stage, me = den.mesh.coords["stage"], dist.get_rank()
     traffic = den.runtime.traffic
     times, in_flight = StageTimes(), []
     for i, req in enumerate(requests):

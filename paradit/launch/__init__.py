@@ -78,7 +78,6 @@ def init_distributed(device: str | None = None, timeout_s: float | None = None) 
     """Join the torchrun world if there is one (idempotent). timeout_s: the collective timeout
     (default: default_timeout_s())."""
     timeout_s = default_timeout_s() if timeout_s is None else check_timeout(timeout_s)
-    rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)

@@ -4,20 +4,14 @@ The model is built on the meta device (no allocation), each tensor is read from 
 mmap, converted to the target dtype on the target device, and assigned. A missing, unexpected or
 wrongly shaped tensor is an error naming it (and the file it came from).
 
-Building a module and assigning its parameters run under one process-wide lock (`BUILD_LOCK`),
-while the reads of the weights run outside it, concurrently. Libraries patch module construction
-for the whole process while they build: diffusers' from_pretrained, with accelerate installed,
-builds under accelerate's `init_empty_weights`, which replaces nn.Module.register_parameter for
-every thread, so a module another thread builds or assigns meanwhile gets meta parameters that
-nothing fills. paradit builds all its components itself (`build_on_meta`, `assign_weights`), and any
-other code that builds models beside a paradit load should hold the lock too.
+Modules are built and assigned under paradit.models.build's lock (why: its docstring); parameter
+names are renamed between the layouts by paradit.models.names.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,87 +20,13 @@ import torch
 from safetensors import safe_open
 
 from paradit.config import PRESETS, WanConfig
+from paradit.errors import CheckpointError
+from paradit.models.build import BUILD_LOCK, assign_weights, build_on_meta  # noqa: F401 (re-exported)
+from paradit.models.names import _PREFIXES, to_diffusers_name, to_original_name  # noqa: F401 (re-exported)
 from paradit.models.transformer import WanTransformer
 
-# (diffusers, original Wan) parameter-name prefixes (WAN_SPEC.md), one table read both ways: a name
-# is renamed by the first pair whose side is a prefix of it (inside a block: of what follows
-# `blocks.N.`), and left as it is when none is.
-_TOP_NAMES = [
-    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
-    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
-    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
-    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
-    ("condition_embedder.time_proj.", "time_projection.1."),
-    ("scale_shift_table", "head.modulation"),
-    ("proj_out.", "head.head."),
-]
-_BLOCK_NAMES = [
-    ("scale_shift_table", "modulation"),
-    ("attn1.to_out.0.", "self_attn.o."),
-    ("attn2.to_out.0.", "cross_attn.o."),
-    *[(f"attn{i}.to_{p}.", f"{attn}.{p}.") for i, attn in ((1, "self_attn"), (2, "cross_attn")) for p in "qkv"],
-    ("attn1.norm_", "self_attn.norm_"),
-    ("attn2.norm_", "cross_attn.norm_"),
-    ("norm2.", "norm3."),  # diffusers' norm2 is the affine cross-attn norm
-    ("ffn.net.0.proj.", "ffn.0."),
-    ("ffn.net.2.", "ffn.2."),
-]
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 # Parameters of the Wan2.1 I2V image branch, which paradit does not implement (WAN_SPEC.md).
 _UNSUPPORTED = re.compile(r"(add_[kv]_proj|norm_added_k|image_embedder|img_emb|k_img|v_img|norm_k_img)")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, or not the model it claims to be."""
-
-
-# Held while any module is built or has parameters assigned; never while weights are read.
-BUILD_LOCK = threading.RLock()
-
-
-def build_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """factory() on the meta device (no allocation), under BUILD_LOCK."""
-    with BUILD_LOCK, torch.device("meta"):
-        return factory()
-
-
-def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> torch.nn.Module:
-    """Assign `tensors` to a model built on the meta device (under BUILD_LOCK); missing entries may only
-    be tied weights, which model.tie_weights() (transformers' models) then ties. Nothing may stay on
-    the meta device."""
-    with BUILD_LOCK:
-        result = model.load_state_dict(tensors, strict=False, assign=True)
-        if result.missing_keys and hasattr(model, "tie_weights"):
-            model.tie_weights()
-    if result.unexpected_keys:
-        raise CheckpointError(f"{where} holds tensors the model does not have: {result.unexpected_keys[:5]}")
-    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta:
-        raise CheckpointError(f"{where} lacks tensors the model needs: {meta[:5]}"
-                              f"{' ...' if len(meta) > 5 else ''}")
-    return model.eval().requires_grad_(False)
-
-
-def _rename(name: str, src: int) -> str:
-    """src 0: diffusers -> original Wan name; src 1: the other way."""
-    block = re.match(r"blocks\.\d+\.", name)
-    head = block.group() if block else ""
-    for pair in _BLOCK_NAMES if block else _TOP_NAMES:
-        if name.startswith(pair[src], len(head)):
-            return head + pair[1 - src] + name[len(head) + len(pair[src]):]
-    return name
-
-
-def to_original_name(name: str) -> str:
-    for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
-    return _rename(name, 0)
-
-
-def to_diffusers_name(name: str) -> str:
-    return _rename(name, 1)
 
 
 @dataclass
@@ -246,33 +166,33 @@ def _shape_reader(index: TensorIndex) -> Callable[[str], tuple[int, ...]]:
 
 def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, device, threads: int = 8,
                  stats: dict | None = None, keep_fp32: Callable[[str], bool] | None = None,
-                 group=None, reader=None, turn=None) -> dict[str, torch.Tensor]:
+                 shared=None, reader=None) -> dict[str, torch.Tensor]:
     """Read `names` from the page cache onto device, floating ones converted to dtype
     (paradit.models.reader: several threads; on CUDA pinned staging and the cast on the device).
-    keep_fp32(name): floating tensors that stay fp32 whatever dtype is. group: the ranks of one node
-    that all need these tensors; each reads a share, the rest arrives by broadcast (turn: held around
-    the broadcasts). reader: a paradit.models.reader.Reader whose threads and staging serve this
+    keep_fp32(name): floating tensors that stay fp32 whatever dtype is. shared: a
+    paradit.parallel.weights.SharedRead when the ranks of one node that all need these tensors read
+    them once between them (each a share; the rest arrives by broadcast). reader: a paradit.models.reader.Reader whose threads and staging serve this
     read (default: one of `threads` threads for this read alone)."""
-    from paradit.models.reader import header, read_entries, read_shared
+    from paradit.models.reader import header, read_entries
     headers = {file: header(file) for file in {index.files[n][0] for n in names}}
     entries = {n: headers[index.files[n][0]][index.files[n][1]] for n in names}
     dtypes = {n: (torch.float32 if keep_fp32 and keep_fp32(n) else dtype) if e.dtype.is_floating_point
               else e.dtype for n, e in entries.items()}
-    if group is not None:
-        return read_shared(entries, dtypes, device, group, threads, stats, reader, turn)
+    if shared is not None:
+        return shared.read(entries, dtypes, device, threads, stats, reader)
     return read_entries(entries, dtypes, device, threads, stats, reader)
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                      config: WanConfig | None = None, stats: dict | None = None, loras=(),
-                     expert: str | None = None, group=None, reader=None, turn=None) -> WanTransformer:
+                     expert: str | None = None, shared=None, reader=None) -> WanTransformer:
     """Load a Wan transformer from a diffusers-layout or original-layout checkpoint.
 
     loras: LoraSpec entries (paradit.models.lora), merged into the weights as they load; each is
     checked against the checkpoint's shapes before any weight is read. expert: "high" or "low" when
     this is one expert of a Wan2.2 pair, so that specs with target="high" / "low" pick theirs.
-    group: the ranks of one node loading the same transformer, which then read its files once
-    between them (turn: held around the broadcasts). reader: the Reader (threads, pinned staging)
+    shared: a paradit.parallel.weights.SharedRead when the ranks of one node loading the same
+    transformer read its files once between them. reader: the Reader (threads, pinned staging)
     shared by the loads running beside this one."""
     loras = _loras_for(loras, expert)
     index = index_checkpoint(path)
@@ -289,7 +209,7 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     shapes = {n: tuple(p.shape) for n, p in expected.items()}
     _check_shapes(index, shapes, cfg.name)
     lora_files = _read_loras(loras, shapes, cfg.name)
-    tensors = read_tensors(index, list(expected), dtype, device, stats=stats, group=group, reader=reader, turn=turn)
+    tensors = read_tensors(index, list(expected), dtype, device, stats=stats, shared=shared, reader=reader)
     if lora_files:
         from paradit.models.lora import merge_loras
         merge_loras(tensors, lora_files, None if stats is None else stats.setdefault("lora", {}))

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from paradit.config import WanConfig
-from paradit.models.loading import to_original_name
+from paradit.models.names import to_original_name
 
 log = logging.getLogger("paradit")
 
@@ -114,7 +114,7 @@ class LoraFile:
 @lru_cache(maxsize=8)
 def model_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the architecture by its original Wan name, built on the meta device."""
-    from paradit.models.loading import build_on_meta
+    from paradit.models.build import build_on_meta
     from paradit.models.transformer import WanTransformer
     model = build_on_meta(lambda: WanTransformer(cfg))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}

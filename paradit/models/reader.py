@@ -21,12 +21,8 @@ from the reading threads (torch's copy_ would start an OpenMP team per thread: 1
 cores). One `Reader` (threads and staging slots, pinned once) serves several reads at once:
 the experts of a load side by side.
 
-`group` (torch.distributed, the ranks of one node that all need these tensors): each rank reads a
-share of the tensors (balanced by bytes), then every tensor is broadcast from the rank that read
-it, so the node reads the files once, not once per rank; the interconnect (NVLink under NCCL)
-carries the rest. `turn`: a context manager held around the broadcasts, so that a rank taking part
-in several shared reads (one per expert) issues their collectives in one order on every rank.
-Byte counts land in `stats`: "bytes" read from files by this rank, "received_bytes" from its peers.
+Byte counts land in `stats` ("bytes" read from files by this rank). Reading once per node, each
+rank a share and the rest by broadcast, is paradit.parallel.weights (this module runs no collective).
 """
 from __future__ import annotations
 
@@ -315,41 +311,3 @@ def read_entries(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], devi
         return reader.read(entries, dtypes, stats)
     with Reader(device, threads) as own:
         return own.read(entries, dtypes, stats)
-
-
-# ----------------------------------------------------------------------------- once per node
-def shares(entries: dict[str, Entry], ranks: int) -> list[list[str]]:
-    """Split the names over `ranks` readers, balanced by bytes (largest first to the lightest)."""
-    load, out = [0] * ranks, [[] for _ in range(ranks)]
-    for name in sorted(entries, key=lambda n: (-entries[n].nbytes, n)):
-        r = load.index(min(load))
-        out[r].append(name)
-        load[r] += entries[name].nbytes
-    return out
-
-
-def read_shared(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], device, group, threads: int = 8,
-                stats: dict | None = None, reader: Reader | None = None, turn=None) -> dict[str, torch.Tensor]:
-    """Every entry on every rank of `group`, each read from the files by one rank only. turn: a
-    context manager held around the broadcasts (see the module docstring)."""
-    import torch.distributed as dist
-    me, size = dist.get_rank(group), dist.get_world_size(group)
-    parts = shares(entries, size)
-    mine = read_entries({n: entries[n] for n in parts[me]}, dtypes, device, threads, stats, reader)
-    device = torch.device(device)
-    out, received = {}, 0
-    with turn if turn is not None else contextlib.nullcontext():
-        for owner, names in enumerate(parts):
-            for name in sorted(names):   # the same order on every rank
-                if owner == me:
-                    t = mine[name]
-                else:
-                    t = torch.empty(entries[name].shape, dtype=dtypes[name], device=device)
-                    received += t.numel() * t.element_size()
-                dist.broadcast(t, src=dist.get_global_rank(group, owner), group=group)
-                out[name] = t
-        if device.type == "cuda":    # the broadcasts are queued on NCCL's stream: done before the turn passes
-            torch.cuda.current_stream(device).synchronize()
-    if stats is not None:
-        stats["received_bytes"] = stats.get("received_bytes", 0) + received
-    return out

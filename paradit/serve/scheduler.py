@@ -11,7 +11,6 @@ jobs in flight go back to the queue, and this process exits non-zero like every 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field

@@ -80,7 +80,7 @@ def validation_error(errors: list[dict], content_type: str = "application/json")
         elif param in HINTS:
             lines.append(f"{param}: {HINTS[param]}")
         elif param == "body":
-            lines.append(f"the body must be a JSON object with a prompt, e.g. {{\"prompt\": \"a red circle moving left\"}}")
+            lines.append('the body must be a JSON object with a prompt, e.g. {"prompt": "a red circle moving left"}')
         else:
             lines.append(f"{param}: {e['msg'][0].lower()}{e['msg'][1:]}")
     return ApiError(422, "; ".join(dict.fromkeys(lines)), first)
