@@ -269,8 +269,8 @@ class VideoVAE:
                  channels_last: bool = False):
         dtype = dtype or default_dtype(device)
         self.vae = vae.eval().requires_grad_(False).to(device)
-        if dtype != torch.float32:  # diffusers warns on a .to(dtype) that is a no-op
-            self.vae.to(dtype)
+        if next(self.vae.parameters()).dtype != dtype:  # nn.Module's cast: diffusers' warns on every bf16 one
+            torch.nn.Module.to(self.vae, dtype)
         if channels_last:
             to_channels_last(self.vae)
         self.device, self.dtype = torch.device(device), dtype
