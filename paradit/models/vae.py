@@ -260,7 +260,8 @@ class VideoVAE:
     dtype: the VAE's weights and activations; default_dtype(device) unless given.
     tiling: "auto" (whole when it fits in free memory, else planned tiles), True (fixed tiles:
         `tile`, or diffusers' (256, 192)), False (always whole). `tile` alone means fixed tiles.
-    chunk: latent frames per decoder call after the first (1: diffusers' loop).
+    chunk: latent frames per decoder call after the first (1: diffusers' loop; the memory estimate
+        assumes 1, a larger chunk takes about chunk times the working set: bench/vae.py measures it).
     channels_last: channels-last activations and conv weights.
     """
 
