@@ -198,9 +198,13 @@ def main(argv=None) -> int:
         if gpu:
             torch.cuda.empty_cache()
     for n in (int(w) for w in args.worlds.split(",") if w):
-        res = run_world(spread_rank, n, args.arch, args.seed, args.folder, shape, vars(args),
-                        device_type=device.type)[0]
-        row, frames = res
+        try:
+            row, frames = run_world(spread_rank, n, args.arch, args.seed, args.folder, shape, vars(args),
+                                    device_type=device.type)[0]
+        except Exception as err:   # e.g. fewer GPUs than ranks: the row says why
+            rows.append(dict(mode=f"spread-{n}", error=f"{type(err).__name__}: {err}"[-500:]))
+            print(rows[-1], flush=True)
+            continue
         ref_frames = VideoVAE.to_frames(ref).int()
         row.update(mode=f"spread-{n}", rel_err=float("nan"), uint8_mean_abs=(frames.int() - ref_frames).abs().float().mean().item(),
                    uint8_max_abs=(frames.int() - ref_frames).abs().max().item())
