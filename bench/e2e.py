@@ -18,7 +18,14 @@
    process from its start to the mp4, and reads the run's JSON sidecar: start-up per component,
    text encoding, every denoising step, the VAE decode, writing the mp4, peak GPU memory
    (allocated and reserved) per rank.
-3. Prints one table and writes bench/results/<date>_<machine>_e2e.json (--out to choose).
+3. With --vs-diffusers, runs diffusers' WanPipeline on the same folder and settings after every run
+   (bench/e2e_diffusers.py in a subprocess: start-up, text encoding, denoise, VAE decode, each
+   device-synchronised) and reports paradit / diffusers per phase (`ratios`: below 1, paradit is
+   faster): start-up (paradit's build_s: config to weights on the device), denoise, decode.
+   Text-to-video presets only (WanPipeline); the memory cap does not apply to it.
+4. Prints one table and writes bench/results/<date>_<machine>_e2e.json (--out to choose).
+
+    python bench/e2e.py --preset wan2.2-t2v-a14b --folder /dev/shm/a14b --run 1280x720x81:3 --vs-diffusers
 
 Extra generate flags go after `--`: `python bench/e2e.py ... -- --attention sdpa`.
 --memory-cap-gb G runs the CLI with its CUDA memory capped at G GB (1e9 bytes;
@@ -222,6 +229,38 @@ def run_cli(folder: Path, run: dict, out_dir: Path, extra: list[str], image: Pat
     return row
 
 
+def run_diffusers(folder: Path, run: dict) -> dict:
+    """bench/e2e_diffusers.py on the same folder and settings, in its own process."""
+    out = folder / "diffusers_run.json"
+    argv = [sys.executable, str(ROOT / "bench" / "e2e_diffusers.py"), "--folder", str(folder),
+            "--size", f"{run['width']}x{run['height']}", "--frames", str(run["frames"]), "--steps", str(run["steps"]),
+            "--out", str(out)]
+    t0 = time.perf_counter()
+    res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode != 0:
+        return dict(returncode=res.returncode, error=(res.stderr or res.stdout)[-3000:])
+    row = json.loads(out.read_text())
+    out.unlink()
+    return dict(row, returncode=0, wall_s=time.perf_counter() - t0)
+
+
+PHASES = {"startup": ("startup.build_s", "startup_s"), "text_encoder": ("text_encoder_s", "text_encoder_s"),
+          "denoise": ("denoise_s", "denoise_s"), "decode": ("vae_decode_s", "vae_decode_s")}
+
+
+def ratios(row: dict, peer: dict) -> dict:
+    """paradit / diffusers per phase (below 1: paradit faster)."""
+    def get(d, key):
+        for k in key.split("."):
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+    out = {}
+    for phase, (ours, theirs) in PHASES.items():
+        a, b = get(row, ours), get(peer, theirs)
+        out[phase] = a / b if a and b else None
+    return out
+
+
 def test_image(folder: Path, width: int, height: int) -> Path:
     from PIL import Image
     y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
@@ -262,6 +301,8 @@ def main(argv=None) -> int:
                    help="where the random weights are drawn")
     p.add_argument("--memory-cap-gb", type=float, help="cap the CLI's CUDA memory at this many GB (1e9 bytes)")
     p.add_argument("--out", type=Path, help="the results JSON (default bench/results/<date>_<machine>_e2e.json)")
+    p.add_argument("--vs-diffusers", action="store_true",
+                   help="also run diffusers' WanPipeline on the folder after every run; per-phase ratios")
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     t0 = time.perf_counter()
@@ -274,6 +315,13 @@ def main(argv=None) -> int:
     for run in args.run:
         image = test_image(args.folder, run["width"], run["height"]) if cfg.task == "i2v" else None
         rows.append(run_cli(args.folder, run, args.folder, extra, image, args.memory_cap_gb))
+        if args.vs_diffusers:
+            if cfg.task == "i2v":
+                rows[-1]["diffusers"] = dict(skipped="WanPipeline is text-to-video; I2V is WanImageToVideoPipeline")
+            else:
+                rows[-1]["diffusers"] = run_diffusers(args.folder, run)
+                if rows[-1]["returncode"] == 0 and rows[-1]["diffusers"]["returncode"] == 0:
+                    rows[-1]["ratios"] = ratios(rows[-1], rows[-1]["diffusers"])
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "argv"}), flush=True)
         out.write_text(json.dumps(dict(method=__doc__, preset=args.preset, machine=machine_tag(), torch=torch.__version__,
                                        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -281,8 +329,17 @@ def main(argv=None) -> int:
     if not rows:
         return 0
     print(table(rows))
+    for r in rows:
+        if "ratios" in r:
+            d = r["diffusers"]
+            print(f"{r['run']} vs diffusers (paradit / diffusers, below 1: paradit faster): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in r["ratios"].items() if v is not None)
+                + f"; diffusers: start-up {d['startup_s']:.1f} s, denoise {d['denoise_s']:.1f} s, "
+                  f"decode {d['vae_decode_s']:.1f} s ({d['vae_dtype']}, tiling {d['vae_tiling']})")
+        elif "diffusers" in r:
+            print(f"{r['run']} vs diffusers: {r['diffusers'].get('skipped') or r['diffusers'].get('error', '')[-500:]}")
     print(f"wrote {out}")
-    return 0 if all(r["returncode"] == 0 for r in rows) else 1
+    return 0 if all(r["returncode"] == 0 and r.get("diffusers", {}).get("returncode", 0) == 0 for r in rows) else 1
 
 
 if __name__ == "__main__":

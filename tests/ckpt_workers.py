@@ -30,6 +30,7 @@ TINY_TI2V = WanConfig.preset("tiny").replace(in_channels=48, out_channels=48, z_
                                              guidance=(5.0, 5.0), shift=5.0)
 TILE = {16: (32, 24), 48: (64, 48)}   # small VAE tiles (pixels) so that tiny videos are decoded in tiles
 SPREAD_CASES = ((16, (5, 8)), (48, (5, 7)))  # latent (H, W): 2 x 3 tiles of 4 (stride 3), the last ragged
+GIVEN_TILES = {16: (32, 40, 24, 32), 48: (64, 80, 48, 64)}  # (size_h, size_w, stride_h, stride_w): 2 x 2 tiles
 RUN = dict(negative_prompt=NEGATIVE, frames=9, steps=4, seed=7, progress=False)
 SIZE = {"t2v": dict(width=80, height=48), "i2v": dict(width=80, height=48), "ti2v": dict(width=96, height=64)}
 
@@ -128,20 +129,37 @@ def conditioning_ranks(layout: dict):
 
 
 def spread_decodes():
-    """The VAE decode spread over the whole world, and paradit's single-rank tiled decode, on rank 0."""
+    """The VAE decode spread over the whole world, and paradit's single-rank tiled decode, on rank 0:
+    with the module's fixed tiles, with given Tiles, and with the tiles planned for the world."""
     import torch.distributed as dist
 
-    from paradit.models.vae import VideoVAE, tiled_decode
+    import paradit.models.vae as vae_module
+    from paradit.models.vae import Tiles, VideoVAE, tiled_decode
     from paradit.parallel.vae import spread_decode, spread_tiled_decode
 
+    world, first = dist.group.WORLD, dist.get_rank() == 0
     res = {}
     for z, hw in SPREAD_CASES:
         vae = VideoVAE.tiny(z, tile=TILE[z])
         latent = torch.randn(z, 2, *hw, generator=torch.Generator().manual_seed(z))
         raw = vae.to_model_space(latent)
-        res[z] = dict(spread=spread_tiled_decode(vae.vae, raw, dist.group.WORLD),
-                      frames=spread_decode(vae, latent, dist.group.WORLD),
-                      ref=tiled_decode(vae.vae, raw) if dist.get_rank() == 0 else None)
+        tiles = Tiles(*GIVEN_TILES[z])
+        res[z] = dict(spread=spread_tiled_decode(vae.vae, raw, world),
+                      frames=spread_decode(vae, latent, world),
+                      ref=tiled_decode(vae.vae, raw) if first else None,
+                      given=spread_tiled_decode(vae.vae, raw, world, tiles),
+                      given_ref=tiled_decode(vae.vae, raw, tiles) if first else None)
+    blend = vae_module.BLEND_PX
+    vae_module.BLEND_PX = 16   # so that a tiny latent (8 x 16) is cut into world-size tiles
+    try:
+        vae = VideoVAE.tiny(16)
+        latent = torch.randn(16, 2, 8, 16, generator=torch.Generator().manual_seed(1))
+        raw = vae.to_model_space(latent)
+        tiles = vae.decode_plan(raw, pieces=dist.get_world_size(), budget=float("inf"))
+        res["planned"] = dict(tiles=tiles, frames=spread_decode(vae, latent, world),
+                              ref=vae.to_frames(tiled_decode(vae.vae, raw, tiles)) if first else None)
+    finally:
+        vae_module.BLEND_PX = blend
     return res
 
 

@@ -158,10 +158,18 @@ def test_four_ranks_match_one(four_ranks, single):
 
 
 def test_spread_decode_equals_tiled_decode(four_ranks):
-    for z, res in four_ranks[0]["spread"].items():
+    for z in (16, 48):
+        res = four_ranks[0]["spread"][z]
         assert torch.equal(res["spread"], res["ref"]), f"z_dim {z}: spread decode differs"
+        assert torch.equal(res["given"], res["given_ref"]), f"z_dim {z}: spread decode in given tiles differs"
         assert res["frames"].shape[0] == 5 and res["frames"].dtype == torch.uint8
-    assert all(r["spread"] is None and r["frames"] is None for out in four_ranks[1:] for r in out["spread"].values())
+    assert all(r["spread"] is None and r["frames"] is None and r["given"] is None
+               for out in four_ranks[1:] for z, r in out["spread"].items() if z != "planned")
+    planned = four_ranks[0]["spread"]["planned"]                   # tiles cut for the 4 ranks
+    assert planned["tiles"] is not None and all(out["spread"]["planned"]["tiles"] == planned["tiles"]
+                                                for out in four_ranks)
+    assert torch.equal(planned["frames"], planned["ref"])
+    assert all(out["spread"]["planned"]["frames"] is None for out in four_ranks[1:])
 
 
 # ----------------------------------------------------------------------------- compile

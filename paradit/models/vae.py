@@ -1,14 +1,25 @@
 """The video VAE: diffusers' AutoencoderKLWan behind the pipeline's small interface.
 
-Decoding a 720p x 81-frame latent in one piece runs a GPU out of memory, so the decode is tiled:
-`tiled_decode` is paradit's own copy of the procedure of diffusers' `AutoencoderKLWan.tiled_decode`
-(the same overlapping spatial tiles, each decoded frame by frame with its own causal cache, then
-the same in-place blend, row by row), written as pure steps: `tile_origins`, `decode_tile`,
-`blend_tiles`. Every tile is decoded independently, so paradit.parallel.vae spreads the tiles over
-the ranks of a group and blends on one of them: the same numbers as `tiled_decode`, which gives
-the same numbers as diffusers (tests/test_conditioning.py proves both).
+Precision and tiling follow the memory there is. On a GPU the VAE runs in bf16 (as diffusers'
+WanPipeline runs it when loaded in bf16); elsewhere in fp32. A latent is decoded whole, frame by
+frame with the causal cache, when the estimated peak (`decode_bytes`) fits in the device's free
+memory; otherwise in the fewest tiles that fit (`plan_tiles`). At 720p x 81 in bf16 the whole
+decode needs about 12 GB (`decode_bytes`), so on one large GPU it is one piece and does no
+overlapping tile's work twice.
+
+Tiles follow the procedure of diffusers' `AutoencoderKLWan.tiled_decode` (overlapping spatial
+tiles, each decoded frame by frame with its own causal cache, then the same in-place blend, row by
+row), written as pure steps of an explicit `Tiles` geometry: `tile_origins`, `decode_tile`,
+`blend_tiles`. Every tile is decoded independently, so paradit.parallel.vae spreads the tiles
+over the ranks of a group and blends on one of them: the same numbers as `tiled_decode` with the
+same tiles, which gives the same numbers as diffusers (tests/test_conditioning.py proves both).
+Fixed tiles (`VideoVAE(tile=...)`, `tiling=True`, or the module's `enable_tiling`) are used as
+given, on every layout; otherwise the tiles are chosen per call.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -17,43 +28,169 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as vae_u
 
 Tensor = torch.Tensor
 DEFAULT_TILE = (256, 192)  # (tile size, tile stride) in pixels: diffusers' defaults
+BLEND_PX = 64              # the overlap of planned tiles in pixels: diffusers' default (256 - 192)
+MEMORY_USE = 0.8           # the share of free device memory a decode may plan to use
 
 
-# ----------------------------------------------------------------------------- tiled decode
-def tile_geometry(vae: AutoencoderKLWan) -> dict:
+# ----------------------------------------------------------------------------- tile geometry
+@dataclass(frozen=True)
+class Tiles:
+    """Tile size and stride per axis in pixels, as diffusers' `enable_tiling` takes them."""
+    size_h: int
+    size_w: int
+    stride_h: int
+    stride_w: int
+
+    @classmethod
+    def of(cls, vae: AutoencoderKLWan) -> "Tiles":
+        """The tiles set on the module (enable_tiling, or diffusers' defaults)."""
+        return cls(vae.tile_sample_min_height, vae.tile_sample_min_width,
+                   vae.tile_sample_stride_height, vae.tile_sample_stride_width)
+
+    @classmethod
+    def grid(cls, vae: AutoencoderKLWan, lat_hw: tuple[int, int], rows: int, cols: int) -> "Tiles":
+        """`rows` x `cols` tiles over a latent of lat_hw, overlapping by BLEND_PX (at most)."""
+        ratio = vae.spatial_compression_ratio
+        stride_h, stride_w = -(-lat_hw[0] // rows) * ratio, -(-lat_hw[1] // cols) * ratio  # ceil, in pixels
+        blend = BLEND_PX // ratio * ratio
+        return cls(stride_h + blend, stride_w + blend, stride_h, stride_w)
+
+
+def tile_geometry(vae: AutoencoderKLWan, tiles: Tiles | None = None) -> dict:
     """Tile sizes in latent and in decoded (possibly patchified) pixels, as diffusers derives them."""
+    t = tiles or Tiles.of(vae)
     ratio, patch = vae.spatial_compression_ratio, vae.config.patch_size or 1
-    g = dict(lat_h=vae.tile_sample_min_height // ratio, lat_w=vae.tile_sample_min_width // ratio,
-             lat_stride_h=vae.tile_sample_stride_height // ratio,
-             lat_stride_w=vae.tile_sample_stride_width // ratio,
-             stride_h=vae.tile_sample_stride_height // patch, stride_w=vae.tile_sample_stride_width // patch)
-    g["blend_h"] = vae.tile_sample_min_height // patch - g["stride_h"]
-    g["blend_w"] = vae.tile_sample_min_width // patch - g["stride_w"]
+    g = dict(lat_h=t.size_h // ratio, lat_w=t.size_w // ratio, lat_stride_h=t.stride_h // ratio,
+             lat_stride_w=t.stride_w // ratio, stride_h=t.stride_h // patch, stride_w=t.stride_w // patch)
+    g["blend_h"] = t.size_h // patch - g["stride_h"]
+    g["blend_w"] = t.size_w // patch - g["stride_w"]
     return g
 
 
-def needs_tiling(vae: AutoencoderKLWan, z: Tensor) -> bool:
-    g = tile_geometry(vae)
-    return vae.use_tiling and (z.shape[-1] > g["lat_w"] or z.shape[-2] > g["lat_h"])
+def needs_tiling(vae: AutoencoderKLWan, z: Tensor, tiles: Tiles | None = None) -> bool:
+    """Whether z is larger than one tile (the module's tiles unless given; only if tiling is on there)."""
+    g = tile_geometry(vae, tiles)
+    return (tiles is not None or vae.use_tiling) and (z.shape[-1] > g["lat_w"] or z.shape[-2] > g["lat_h"])
 
 
-def tile_origins(vae: AutoencoderKLWan, z: Tensor) -> list[list[tuple[int, int]]]:
+def tile_origins(vae: AutoencoderKLWan, z: Tensor, tiles: Tiles | None = None) -> list[list[tuple[int, int]]]:
     """Latent (row, col) origin of every tile, as rows of tiles."""
-    g = tile_geometry(vae)
+    g = tile_geometry(vae, tiles)
     return [[(i, j) for j in range(0, z.shape[-1], g["lat_stride_w"])]
             for i in range(0, z.shape[-2], g["lat_stride_h"])]
 
 
+# ----------------------------------------------------------------------------- memory
+# Activation bytes per pixel and per top-level channel of one VAE call (4 frames, 2 cached, the fp32
+# norms and upsamples): on CUDA an estimate from the decoder's tensors (the GPU benchmark,
+# bench/vae.py, prints it against the measured peak); on CPU, conv3d unfolds its input (vol2col):
+# the peak RSS of fp32 decodes was 59 KB per pixel for Wan2.1 (96 top channels) and 71 KB for
+# Wan2.2 (64 per pixel), so up to 280 per channel in fp32 (x 4 bytes).
+WORK_PER_PIXEL = {"cuda": 48.0, "cpu": 280.0}
+
+
+def work_bytes(channels: float, pixels: int, dtype: torch.dtype, device_type: str) -> float:
+    """One VAE call's working set: a third of it fp32 whatever the dtype (norms, upsamples)."""
+    return WORK_PER_PIXEL.get(device_type, WORK_PER_PIXEL["cpu"]) * channels * pixels * (2 * dtype.itemsize + 4) / 3
+
+
+def decode_bytes(vae: AutoencoderKLWan, lat_hw: tuple[int, int], frames: int, dtype: torch.dtype,
+                 device_type: str = "cuda") -> int:
+    """Estimated peak bytes of decoding a latent of lat_hw over `frames` latent frames, weights aside:
+    one decoder call's working set at its top level (conv_out's input channels, per output pixel
+    after unpatchify), plus the decoded frames held twice (the list and its concatenation)."""
+    ratio, patch = vae.spatial_compression_ratio, vae.config.patch_size or 1
+    pixels = lat_hw[0] * lat_hw[1] * ratio ** 2
+    out_frames = 1 + 4 * (frames - 1)
+    work = work_bytes(vae.decoder.conv_out.in_channels / patch ** 2, pixels, dtype, device_type)
+    return int(work + 2 * 3 * out_frames * pixels * dtype.itemsize)
+
+
+def encode_bytes(vae: AutoencoderKLWan, hw: tuple[int, int], frames: int, dtype: torch.dtype,
+                 device_type: str = "cuda") -> int:
+    """Estimated peak bytes of encoding `frames` frames of hw pixels whole: one encoder call's working
+    set at its top level (conv_in's output channels per pixel) and the input video (and its copy)."""
+    patch = vae.config.patch_size or 1
+    work = work_bytes(vae.encoder.conv_in.out_channels / patch ** 2, hw[0] * hw[1], dtype, device_type)
+    return int(work + 2 * 3 * frames * hw[0] * hw[1] * dtype.itemsize)
+
+
+def tiles_bytes(vae: AutoencoderKLWan, lat_hw, frames: int, dtype, tiles: Tiles, device_type: str = "cuda") -> int:
+    """The peak of a tiled decode: one tile's working set, every decoded tile and the blended video."""
+    g = tile_geometry(vae, tiles)
+    tile_hw = (min(g["lat_h"], lat_hw[0]), min(g["lat_w"], lat_hw[1]))
+    count = -(-lat_hw[0] // g["lat_stride_h"]) * -(-lat_hw[1] // g["lat_stride_w"])
+    frames_only = decode_bytes(vae, tile_hw, frames, dtype, device_type) - decode_bytes(vae, tile_hw, 1, dtype,
+                                                                                      device_type)
+    video = (decode_bytes(vae, lat_hw, frames, dtype, device_type)
+             - decode_bytes(vae, lat_hw, 1, dtype, device_type)) / 2
+    return int(decode_bytes(vae, tile_hw, frames, dtype, device_type) + count * frames_only / 2 + video)
+
+
+def tile_area(vae: AutoencoderKLWan, lat_hw, tiles: Tiles) -> int:
+    """Latent pixels of the largest tile (clipped to the latent): a spread decode's critical path."""
+    g = tile_geometry(vae, tiles)
+    return min(g["lat_h"], lat_hw[0]) * min(g["lat_w"], lat_hw[1])
+
+
+def plan_tiles(vae: AutoencoderKLWan, lat_hw: tuple[int, int], frames: int, dtype, budget: float,
+               pieces: int = 1, device_type: str = "cuda") -> Tiles | None:
+    """The tiles a decode uses: None (the whole latent in one piece) when one piece is asked for
+    and it fits in `budget` bytes; else the grid of the fewest rounds of `pieces` tiles (one tile
+    per rank and round when spread) whose largest tile is the smallest that fits. A latent too small
+    to cut into `pieces` tiles of strides at least twice the blend is decoded whole."""
+    least = 2 * max(1, BLEND_PX // vae.spatial_compression_ratio)  # the smallest stride, latent pixels
+    whole_fits = decode_bytes(vae, lat_hw, frames, dtype, device_type) <= budget
+    if pieces == 1 and whole_fits:
+        return None
+    for count in range(pieces, 64 * pieces + 1, pieces):
+        grids = [(r, count // r) for r in range(1, count + 1) if count % r == 0
+                 and (r == 1 or lat_hw[0] >= r * least) and (count // r == 1 or lat_hw[1] >= count // r * least)]
+        if not grids and count == pieces and pieces > 1:
+            return None if whole_fits else plan_tiles(vae, lat_hw, frames, dtype, budget, 1, device_type)
+        fitting = [t for t in (Tiles.grid(vae, lat_hw, r, c) for r, c in grids)
+                   if tiles_bytes(vae, lat_hw, frames, dtype, t, device_type) <= budget]
+        if fitting:
+            return min(fitting, key=lambda t: tile_area(vae, lat_hw, t))
+    raise RuntimeError(f"no tiling of a {lat_hw} latent fits in {budget / 1e9:.2f} GB of free device memory; "
+                       f"free some (e.g. offload the experts) or decode on another device")
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a decode can still take: the device's free memory plus what torch's caching allocator
+    holds unused (CUDA); the host's available memory otherwise."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+# ----------------------------------------------------------------------------- decode
 @torch.no_grad()
-def decode_tile(vae: AutoencoderKLWan, z: Tensor, origin: tuple[int, int]) -> Tensor:
-    """One tile, decoded frame by frame with a fresh causal cache: (B, C', F', h, w), unclamped."""
-    g, (i, j) = tile_geometry(vae), origin
+def decode_frames(vae: AutoencoderKLWan, z: Tensor, chunk: int = 1) -> Tensor:
+    """The decoder over z (B, C, F, h, w) with a fresh causal cache: latent frame 0 alone, then
+    `chunk` latent frames per call (1: diffusers' loop). (B, C', F', h', w'), unclamped."""
     cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-    frames = []
-    for k in range(z.shape[2]):
-        tile = z[:, :, k:k + 1, i:i + g["lat_h"], j:j + g["lat_w"]]
-        frames.append(vae.decoder(vae.post_quant_conv(tile), feat_cache=cache, feat_idx=[0], first_chunk=k == 0))
+    frames = [vae.decoder(vae.post_quant_conv(z[:, :, :1]), feat_cache=cache, feat_idx=[0], first_chunk=True)]
+    for k in range(1, z.shape[2], chunk):
+        frames.append(vae.decoder(vae.post_quant_conv(z[:, :, k:k + chunk]), feat_cache=cache, feat_idx=[0]))
     return torch.cat(frames, dim=2)
+
+
+def finish(vae: AutoencoderKLWan, video: Tensor) -> Tensor:
+    """Decoder output -> the video (B, 3, F', H, W) in [-1, 1]: unpatchified (Wan2.2) and clamped."""
+    if vae.config.patch_size is not None:
+        video = vae_unpatchify(video, patch_size=vae.config.patch_size)
+    return video.clamp(-1.0, 1.0)
+
+
+def decode_tile(vae: AutoencoderKLWan, z: Tensor, origin: tuple[int, int], tiles: Tiles | None = None,
+                chunk: int = 1) -> Tensor:
+    """One tile, decoded frame by frame with a fresh causal cache: (B, C', F', h, w), unclamped."""
+    g, (i, j) = tile_geometry(vae, tiles), origin
+    return decode_frames(vae, z[:, :, :, i:i + g["lat_h"], j:j + g["lat_w"]], chunk)
 
 
 def _ramp(n: int, device) -> tuple[Tensor, Tensor]:
@@ -75,9 +212,10 @@ def _blend(a: Tensor, b: Tensor, extent: int, dim: int) -> Tensor:
     return b
 
 
-def blend_tiles(vae: AutoencoderKLWan, rows: list[list[Tensor]], lat_hw: tuple[int, int]) -> Tensor:
+def blend_tiles(vae: AutoencoderKLWan, rows: list[list[Tensor]], lat_hw: tuple[int, int],
+                tiles: Tiles | None = None) -> Tensor:
     """Blend decoded tiles (modified in place, in diffusers' order) into the video (B, 3, F', H, W) in [-1, 1]."""
-    g = tile_geometry(vae)
+    g = tile_geometry(vae, tiles)
     patch = vae.config.patch_size or 1
     ratio = vae.spatial_compression_ratio
     height, width = lat_hw[0] * ratio // patch, lat_hw[1] * ratio // patch  # of the (patchified) video
@@ -91,35 +229,58 @@ def blend_tiles(vae: AutoencoderKLWan, rows: list[list[Tensor]], lat_hw: tuple[i
                 tile = _blend(row[j - 1], tile, g["blend_w"], dim=4)
             out_row.append(tile[:, :, :, :g["stride_h"], :g["stride_w"]])
         out_rows.append(torch.cat(out_row, dim=-1))
-    video = torch.cat(out_rows, dim=3)[:, :, :, :height, :width]
-    if vae.config.patch_size is not None:
-        video = vae_unpatchify(video, patch_size=vae.config.patch_size)
-    return video.clamp(-1.0, 1.0)
+    return finish(vae, torch.cat(out_rows, dim=3)[:, :, :, :height, :width])
 
 
-def tiled_decode(vae: AutoencoderKLWan, z: Tensor) -> Tensor:
-    """The single-rank reference: every tile here, then the blend."""
-    rows = [[decode_tile(vae, z, o) for o in row] for row in tile_origins(vae, z)]
-    return blend_tiles(vae, rows, z.shape[-2:])
+def tiled_decode(vae: AutoencoderKLWan, z: Tensor, tiles: Tiles | None = None, chunk: int = 1) -> Tensor:
+    """The single-rank reference: every tile here, then the blend (the module's tiles unless given)."""
+    rows = [[decode_tile(vae, z, o, tiles, chunk) for o in row] for row in tile_origins(vae, z, tiles)]
+    return blend_tiles(vae, rows, z.shape[-2:], tiles)
 
 
 # ----------------------------------------------------------------------------- the adapter
-class VideoVAE:
-    """Normalised latents in, uint8 frames out (and back), with tiling on by default.
+def default_dtype(device) -> torch.dtype:
+    """bf16 on a GPU (diffusers' WanPipeline in bf16 decodes so; bench/vae.py reports its error
+    against fp32), fp32 elsewhere (CPUs without bf16 units run it several times slower)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
-    tile: (size, stride) of the decode tiles in pixels; diffusers' (256, 192) unless given.
+
+def to_channels_last(vae: AutoencoderKLWan) -> None:
+    """Conv weights in channels-last order (NDHWC / NHWC), the layout cuDNN's bf16 kernels read natively."""
+    for m in vae.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        elif isinstance(m, torch.nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+class VideoVAE:
+    """Normalised latents in, uint8 frames out (and back), in tiles only where memory needs them.
+
+    dtype: the VAE's weights and activations; default_dtype(device) unless given.
+    tiling: "auto" (whole when it fits in free memory, else planned tiles), True (fixed tiles:
+        `tile`, or diffusers' (256, 192)), False (always whole). `tile` alone means fixed tiles.
+    chunk: latent frames per decoder call after the first (1: diffusers' loop; the memory estimate
+        assumes 1, a larger chunk takes about chunk times the working set: bench/vae.py measures it).
+    channels_last: channels-last activations and conv weights.
     """
 
-    def __init__(self, vae: AutoencoderKLWan, device="cpu", dtype=torch.float32, tiling: bool = True,
-                 tile: tuple[int, int] | None = None):
+    def __init__(self, vae: AutoencoderKLWan, device="cpu", dtype: torch.dtype | None = None,
+                 tiling: bool | str = "auto", tile: tuple[int, int] | None = None, chunk: int = 1,
+                 channels_last: bool = False):
+        dtype = dtype or default_dtype(device)
         self.vae = vae.eval().requires_grad_(False).to(device)
-        if dtype != torch.float32:  # diffusers warns on a .to(dtype) that is a no-op
-            self.vae.to(dtype)
+        if next(self.vae.parameters()).dtype != dtype:  # nn.Module's cast: diffusers' warns on every bf16 one
+            torch.nn.Module.to(self.vae, dtype)
+        if channels_last:
+            to_channels_last(self.vae)
         self.device, self.dtype = torch.device(device), dtype
+        self.auto_tiling, self.chunk, self.channels_last = tiling == "auto" and tile is None, chunk, channels_last
         c = vae.config
         self.mean = torch.tensor(c.latents_mean).view(1, c.z_dim, 1, 1, 1)
         self.std = torch.tensor(c.latents_std).view(1, c.z_dim, 1, 1, 1)
-        if tiling:
+        self.vae.use_tiling = False
+        if tiling is True or tile is not None:
             size, stride = tile or DEFAULT_TILE
             self.vae.enable_tiling(size, size, stride, stride)
 
@@ -129,7 +290,8 @@ class VideoVAE:
 
     def to_model_space(self, latent: Tensor) -> Tensor:
         """Normalised latent (C, F, H, W) -> the VAE's input (1, C, F, H, W) on its device."""
-        return (latent[None].float() * self.std + self.mean).to(self.device, self.dtype)
+        z = (latent[None].float() * self.std + self.mean).to(self.device, self.dtype)
+        return z.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else z
 
     @staticmethod
     def to_frames(video: Tensor) -> Tensor:
@@ -137,18 +299,43 @@ class VideoVAE:
         video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, F, H, W)
         return video.permute(1, 2, 3, 0).cpu()
 
+    def budget(self) -> float:
+        return MEMORY_USE * free_bytes(self.device)
+
+    def decode_plan(self, z: Tensor, pieces: int = 1, budget: float | None = None) -> Tiles | None:
+        """The tiles to decode z (B, C, F, h, w) in, None for whole: the module's fixed tiles if tiling
+        is on there, else (auto) as plan_tiles picks for `budget` bytes (default: free memory here)."""
+        if self.vae.use_tiling:
+            return Tiles.of(self.vae) if needs_tiling(self.vae, z) else None
+        if not self.auto_tiling:
+            return None
+        budget = self.budget() if budget is None else budget
+        return plan_tiles(self.vae, z.shape[-2:], z.shape[2], self.dtype, budget, pieces, self.device.type)
+
     @torch.no_grad()
+    def decode_raw(self, z: Tensor, tiles: Tiles | None) -> Tensor:
+        """The VAE's input z -> the video (1, 3, F', H, W) in [-1, 1]: whole, or in `tiles`."""
+        if tiles is None:
+            return finish(self.vae, decode_frames(self.vae, z, self.chunk))
+        return tiled_decode(self.vae, z, tiles, self.chunk)
+
     def decode(self, latent: Tensor) -> Tensor:
-        """latent (C, F, H, W), normalised -> uint8 frames (F', H', W', 3); in tiles where it is large."""
+        """latent (C, F, H, W), normalised -> uint8 frames (F', H', W', 3); whole when it fits."""
         z = self.to_model_space(latent)
-        if needs_tiling(self.vae, z):
-            return self.to_frames(tiled_decode(self.vae, z))
-        return self.to_frames(self.vae.decode(z, return_dict=False)[0])
+        return self.to_frames(self.decode_raw(z, self.decode_plan(z)))
 
     @torch.no_grad()
     def encode_pixels(self, x: Tensor) -> Tensor:
-        """Pixels (3, F, H, W) in [-1, 1] -> normalised latent (C, F', H', W') fp32 (distribution mode)."""
-        z = self.vae.encode(x[None].to(self.device, self.dtype)).latent_dist.mode().float().cpu()
+        """Pixels (3, F, H, W) in [-1, 1] -> normalised latent (C, F', H', W') fp32 (distribution mode);
+        whole when it fits (auto tiling), else in diffusers' default tiles."""
+        fixed = self.vae.use_tiling
+        if self.auto_tiling and not fixed:
+            need = encode_bytes(self.vae, x.shape[-2:], x.shape[1], self.dtype, self.device.type)
+            self.vae.use_tiling = need > self.budget()
+        try:
+            z = self.vae.encode(x[None].to(self.device, self.dtype)).latent_dist.mode().float().cpu()
+        finally:
+            self.vae.use_tiling = fixed
         return ((z - self.mean) / self.std)[0]
 
     def encode(self, frames: Tensor) -> Tensor:
@@ -156,17 +343,18 @@ class VideoVAE:
         return self.encode_pixels(frames.permute(3, 0, 1, 2).float() / 127.5 - 1)
 
     @classmethod
-    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, stats: dict | None = None,
+    def from_pretrained(cls, folder, device="cpu", dtype: torch.dtype | None = None, stats: dict | None = None,
                         **kw) -> "VideoVAE":
         """diffusers' save_pretrained folder, as its from_pretrained would load it, but built on the
-        meta device under paradit's BUILD_LOCK and read by paradit's reader, straight to `device`."""
+        meta device under paradit's BUILD_LOCK and read by paradit's reader, straight to `device`
+        in `dtype` (default_dtype(device) unless given)."""
         from paradit.models.loading import assign_weights, build_on_meta, index_folder, read_tensors
+        dtype = dtype or default_dtype(device)
         config = AutoencoderKLWan.load_config(folder)
         vae = build_on_meta(lambda: AutoencoderKLWan.from_config(config))
         index = index_folder(folder)
         vae = assign_weights(vae, read_tensors(index, index.names, dtype, device, stats=stats), str(folder))
         return cls(vae, device, dtype, **kw)
-
     @classmethod
     def tiny(cls, z_dim: int = 16, seed: int = 0, device="cpu", **kw) -> "VideoVAE":
         """A randomly initialised VAE of the Wan2.1 kind (z_dim 16, stride 4x8x8) or, for z_dim 48,
