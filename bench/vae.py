@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, root
-from launcher import environment, has_cuda, machine_tag, results_path, run_world, write_json  # noqa: E402
+from launcher import environment, has_cuda, results_path, run_world, write_json  # noqa: E402
 
 from paradit.models.vae import VideoVAE, decode_bytes, tiles_bytes  # noqa: E402
 

@@ -18,7 +18,6 @@ given, on every layout; otherwise the tiles are chosen per call.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
