@@ -34,6 +34,7 @@ from paradit.parallel.collectives import broadcast_from_first
 from paradit.parallel.mesh import Mesh, init_parallel
 from paradit.parallel.requests import decode_group, is_encoder_rank
 from paradit.parallel.runtime import Runtime
+from paradit.parallel.stages import HandoffSignal
 from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
@@ -62,6 +63,7 @@ class Pipeline:
             if m is not None:  # None: an expert this rank never runs (CHORDS cores, split stages)
                 self.runtime.bind(m)
         self.denoiser = Denoiser(cfg, self.runtime, experts)
+        self.handoff = HandoffSignal() if self.mesh.split is not None else None  # split experts' hand-offs
         self.record = RunRecord()                      # the current (or last) request's
         self.startup: dict[str, float] = {}            # start-up phase timings (checkpoint.py, warmup)
         self.load_stats: dict[str, dict] = {}          # bytes read per component on this rank
@@ -272,7 +274,7 @@ class Pipeline:
             self.finish_record(req)
             if on_done is not None:
                 on_done(i, latent, seconds)
-        return run_split(self.denoiser, requests(), finished, progress)
+        return run_split(self.denoiser, requests(), self.handoff, finished, progress)
 
     def check_request(self, s: VideoSettings, image, chords) -> None:
         """What this pipeline cannot run, refused before any work (the same on every rank)."""

@@ -377,6 +377,15 @@ def test_split_expert_sidecars_describe_their_own_request(tmp_path):
         assert side["collectives_per_step"]["handoff_p2p_recv"]["bytes"] > 0
 
 
+def test_split_low_stage_outwaits_the_collective_timeout(tmp_path):
+    """The low stage waits for a hand-off in the store, not in a receive: a high stage slower than
+    the collective timeout (here 4 s of steps against --timeout 2) is still a successful run."""
+    proc, _ = torchrun(2, ["--experts", "split", "--timeout", "2", "--out", str(tmp_path / "x.mp4")],
+                       env={"PARADIT_DELAY_AT": "0:step1:4"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "x.mp4").exists()
+
+
 def test_commit_puts_back_the_earlier_files_when_a_rename_fails(tmp_path, monkeypatch):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text("old a")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from paradit.engine.denoiser import Denoiser
 from paradit.engine.request import Request
 from paradit.launch.faults import maybe_fail
-from paradit.parallel.stages import recv_meta, recv_state, send_meta, send_state, transfer_plan
+from paradit.parallel.stages import HandoffSignal, recv_meta, recv_state, send_meta, send_state, transfer_plan
 from paradit.schedulers.registry import make_scheduler
 from paradit.schedulers.schedule import high_noise_steps
 
@@ -29,14 +29,15 @@ class StageTimes:
     spans: list[tuple[int, int, float, float]] = field(default_factory=list)
 
 
-def run_split(den: Denoiser, requests: Iterable[Request], on_done: Callable | None = None,
+def run_split(den: Denoiser, requests: Iterable[Request], signal: HandoffSignal, on_done: Callable | None = None,
               progress: bool = True) -> StageTimes:
     """Run every request through the two stages; on_done(i, request, latent, latency_s) on the low
     stage's ranks as each request finishes. Returns this rank's StageTimes.
 
     requests: the same requests on every rank, in the same order, taken one at a time as this rank's
     stage is ready for the next (so a server can feed them as they arrive). On the high stage each
-    carries its prompt embeddings; on the low stage they arrive with the hand-off."""
+    carries its prompt embeddings; on the low stage they arrive with the hand-off. signal: the
+    pipeline's HandoffSignal, through which the low stage waits for each hand-off without a timeout."""
     stage, me = den.mesh.coords["stage"], dist.get_rank()
     traffic = den.runtime.traffic
     times, in_flight = StageTimes(), []
@@ -52,9 +53,12 @@ def run_split(den: Denoiser, requests: Iterable[Request], on_done: Callable | No
             x = den.run_steps(req, x, sched, space, range(n_high), progress)
             for work, _ in in_flight:  # the previous request's hand-off must be out before reuse
                 work.wait()
+            if me == 0:
+                signal.post()
             in_flight = _handoff_send(den, req, space, sched, x, (t0 - enc_s, enc_s, time.time() - t0), me)
             times.spans.append((i, 0, t0, time.time()))
         else:
+            signal.wait()  # the high stage's steps may outlast the collective timeout; this wait cannot
             x, space, (started, enc_s, high_s) = _handoff_recv(den, req, sched, n_high, me)
             # the high stage's steps, as it ran them (it has no sidecar of its own)
             rec.trace = [(int(t), den.expert_for(t), s.guidance[den.expert_for(t)])

@@ -36,12 +36,18 @@ class InjectedFailure(RuntimeError):
 
 
 def maybe_fail(point: str) -> None:
-    """Raise InjectedFailure if PARADIT_FAIL_AT names this rank and this point (test hook)."""
+    """Test hooks: raise InjectedFailure if PARADIT_FAIL_AT=RANK:POINT names this rank and this
+    point; sleep S seconds first if PARADIT_DELAY_AT=RANK:POINT:S does (a slow rank)."""
+    me = dist.get_rank() if dist.is_initialized() else 0
+    delay = os.environ.get("PARADIT_DELAY_AT")
+    if delay:
+        rank, where, seconds = delay.split(":")
+        if int(rank) == me and where == point:
+            time.sleep(float(seconds))
     spec = os.environ.get("PARADIT_FAIL_AT")
     if not spec:
         return
     rank, _, where = spec.partition(":")
-    me = dist.get_rank() if dist.is_initialized() else 0
     if int(rank) == me and where == point:
         raise InjectedFailure(f"injected failure at {point} (PARADIT_FAIL_AT={spec})")
 

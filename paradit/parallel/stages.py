@@ -8,6 +8,7 @@ paradit.engine.split.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +88,28 @@ def recv_meta(numel: int, src: int, device, traffic: Traffic | None = None) -> t
     dist.recv(meta, src)
     _count(traffic, "handoff_p2p_recv", meta.numel() * meta.element_size())
     return meta
+
+
+class HandoffSignal:
+    """'The state of hand-off n is on its way', posted by the high stage's first rank in the job's
+    store (the TCPStore every rank shares) and polled by the low stage before it posts its receives.
+    A receive waits under the collective timeout; the high stage's steps of a request (and of the
+    one before it) can take longer than that, a poll of the store cannot time out. Both stages
+    count hand-offs in the same order, so hand-off n is the same request on every rank."""
+
+    POLL_S = 0.05
+
+    def __init__(self, store=None):
+        base = store if store is not None else dist.distributed_c10d._get_default_store()
+        self.store = dist.PrefixStore("paradit/handoff/", base)
+        self.posted = self.seen = 0
+
+    def post(self) -> None:
+        self.store.set(str(self.posted), "1")
+        self.posted += 1
+
+    def wait(self) -> None:
+        key = [str(self.seen)]
+        while not self.store.check(key):
+            time.sleep(self.POLL_S)
+        self.seen += 1

@@ -92,20 +92,12 @@ class Worker:
         self.pipe.stream(self.requests(), on_done=lambda i, latent, _: self.finish(latent), progress=False)
 
     def requests(self):
-        """The lane's commands as the pipeline's requests, taken as this rank is ready for the next.
-        Split experts: the low stage takes a request only once the high stage has run its last
-        high-noise step, so that it never waits for the hand-off inside a receive (which has the
-        collective timeout) while the high stage works through this request and the one before it."""
-        from paradit.schedulers.schedule import high_noise_steps
+        """The lane's commands as the pipeline's requests, taken as this rank is ready for the next
+        (with split experts the low stage then waits for each hand-off in the store, never in a
+        receive: paradit.parallel.stages.HandoffSignal)."""
         for cmd in self.channel.commands(self.lane):
-            s = settings_of(cmd["request"])
-            if self.split and self.stage == 1:
-                n_high = high_noise_steps(self.pipe.cfg.boundary, s.steps, s.shift)
-                key = f"progress/{cmd['seq']}/0"
-                while n_high and (self.channel.get(key) or {"step": 0})["step"] < n_high:
-                    time.sleep(POLL_S)
             self.begin(cmd)
-            yield cmd["request"]["prompt"], cmd["request"]["negative_prompt"], s
+            yield cmd["request"]["prompt"], cmd["request"]["negative_prompt"], settings_of(cmd["request"])
 
     def begin(self, cmd: dict) -> None:
         self.report_memory()  # after the previous job
