@@ -7,9 +7,10 @@
 Modes (paradit.models.vae.VideoVAE unless said):
   fp32-tiles        fp32, diffusers' fixed 256/192-pixel tiles: what paradit did before (28 tiles at 720p)
   bf16-tiles        the same tiles in bf16
-  bf16-auto         the default: bf16, the whole latent when its estimated peak fits in free memory
+  bf16-auto         the default: bf16, the whole latent when its estimated peak fits in free memory,
+                    channels-last on a GPU
   bf16-auto-chunk4  ... 4 latent frames per decoder call after the first (diffusers: 1)
-  bf16-auto-cl      ... channels-last activations and conv weights
+  bf16-auto-cf      ... channels-first (diffusers' layout), not channels-last
   bf16-auto-cudnnb  ... under torch.backends.cudnn.benchmark (its first call, the search, is the warm-up)
   fp32-whole        the reference every error is measured against
   diffusers-bf16    AutoencoderKLWan.decode in bf16, tiling off: what WanPipeline in bf16 does
@@ -43,7 +44,7 @@ PARADIT_MODES = {  # name: (dtype, VideoVAE keywords, cudnn benchmark)
     "bf16-tiles": (torch.bfloat16, dict(tiling=True), False),
     "bf16-auto": (torch.bfloat16, {}, False),
     "bf16-auto-chunk4": (torch.bfloat16, dict(chunk=4), False),
-    "bf16-auto-cl": (torch.bfloat16, dict(channels_last=True), False),
+    "bf16-auto-cf": (torch.bfloat16, dict(channels_last=False), False),
     "bf16-auto-cudnnb": (torch.bfloat16, {}, True),
     "fp32-whole": (torch.float32, dict(tiling=False), False),
 }

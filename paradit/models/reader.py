@@ -209,7 +209,10 @@ class Reader:
                  stage_bytes: int = STAGE_BYTES):
         if source not in SOURCES:
             raise ValueError(f"source={source!r}: choose {' or '.join(SOURCES)}")
-        self.device, self.threads, self.source = torch.device(device), max(1, threads), source
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda": the current device, as torch reads it
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.threads, self.source = device, max(1, threads), source
         self.staged = self.device.type == "cuda" if staged is None else staged
         self.stats = {"staging_s": 0.0, "staging_bytes": 0}
         self.slots: queue.SimpleQueue = queue.SimpleQueue()
