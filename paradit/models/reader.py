@@ -209,10 +209,7 @@ class Reader:
                  stage_bytes: int = STAGE_BYTES):
         if source not in SOURCES:
             raise ValueError(f"source={source!r}: choose {' or '.join(SOURCES)}")
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda": the current device, as torch reads it
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device, self.threads, self.source = device, max(1, threads), source
+        self.device, self.threads, self.source = exact_device(device), max(1, threads), source
         self.staged = self.device.type == "cuda" if staged is None else staged
         self.stats = {"staging_s": 0.0, "staging_bytes": 0}
         self.slots: queue.SimpleQueue = queue.SimpleQueue()
@@ -306,11 +303,18 @@ class Reader:
         self.close()
 
 
+def exact_device(device) -> torch.device:
+    """`device` with its index: "cuda" is the current CUDA device, as torch reads it."""
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
 def read_entries(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], device, threads: int = 8,
                  stats: dict | None = None, reader: Reader | None = None) -> dict[str, torch.Tensor]:
     """Read every entry onto `device` as dtypes[name] (with `reader`'s threads and slots, if given)."""
     if reader is not None:
-        assert reader.device == torch.device(device), (reader.device, device)
+        assert reader.device == exact_device(device), (reader.device, device)
         return reader.read(entries, dtypes, stats)
     with Reader(device, threads) as own:
         return own.read(entries, dtypes, stats)

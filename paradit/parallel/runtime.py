@@ -25,6 +25,7 @@ class Runtime:
     def __init__(self, mesh: Mesh, backend: str = "auto", dtype: torch.dtype = torch.float32):
         self.mesh = mesh
         self.traffic = Traffic()  # what this rank's collectives moved; the engine clears it per request
+        self.batch_cfg = True     # cfg=1: cond and uncond in one batch-2 forward (False: one after the other)
         self.backend = pick_backend(mesh.device, dtype, backend)
         plain, self._with_lse = kernels(self.backend, mesh.device)
         self.sp = mesh.size("sp")
@@ -81,7 +82,8 @@ class Runtime:
 
         x (L_me, P*C) token-space shard; t a scalar or (L_me,) per-token timesteps;
         cond / uncond (1, S, text_dim). cfg=2 runs cond and uncond on the two cfg groups and
-        exchanges the velocities once; cfg=1 batches them into one forward.
+        exchanges the velocities once; cfg=1 batches them into one forward (batch_cfg; else two
+        forwards, one after the other: less activation memory).
         """
         dtype = next(model.parameters()).dtype
         xb = x.to(dtype)[None]                                            # (1, L_me, P*C)
@@ -93,10 +95,13 @@ class Runtime:
             mine = cond if self.mesh.rank("cfg") == 0 else uncond
             v = self.forward_tokens(model, xb, tb, mine, grid)[0]
             v_cond, v_uncond = all_gather_equal(v, cfg_group, self.traffic)
-        else:
+        elif self.batch_cfg:
             both = self.forward_tokens(model, xb.expand(2, -1, -1), tb.expand(2, -1),
                                        torch.cat([cond, uncond]), grid)
             v_cond, v_uncond = both[0], both[1]
+        else:
+            v_cond = self.forward_tokens(model, xb, tb, cond, grid)[0]
+            v_uncond = self.forward_tokens(model, xb, tb, uncond, grid)[0]
         return cfg_combine(v_cond, v_uncond, guidance)
 
 
