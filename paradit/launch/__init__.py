@@ -145,7 +145,7 @@ def _worker(rank, world, port, fn, args, queue, timeout_s, device, env=None):
         torch.set_num_threads(1)  # N processes share the machine's cores
     try:
         init_distributed(device, timeout_s=timeout_s)  # gloo on CPU; NCCL on cuda:LOCAL_RANK
-        if device == "cpu":
+        if device == "cpu" and dist.is_initialized():
             # Every rank connected before any runs fn: a rank whose fn returns at once (an error
             # raised before any collective) and exits cannot break a peer's gloo connect, still under way.
             dist.barrier()
