@@ -120,13 +120,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, queue, timeout_s, device):
+# How spawn() starts CPU ranks: None, a fresh interpreter per rank ("spawn": each imports torch and
+# paradit anew, seconds of CPU a rank); or, after use_forkserver(), a fork of one server process that
+# imported those modules once (a rank then starts in a fraction of a second). Test suites use the latter.
+_FORKSERVER_PRELOAD: list[str] | None = None
+
+
+def use_forkserver(preload: list[str]) -> None:
+    """Start spawn()'s CPU ranks from a fork server that imports `preload` once (for test suites that
+    spawn many small worlds). Each rank still gets the caller's environment, working directory and
+    sys.path as of its spawn() call, as with fresh interpreters."""
+    global _FORKSERVER_PRELOAD
+    _FORKSERVER_PRELOAD = list(preload)
+
+
+def _worker(rank, world, port, fn, args, queue, timeout_s, device, env=None):
+    if env is not None:  # a fork server's child: the caller's environment now, not the server's
+        os.environ.clear()
+        os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device == "cpu":
         torch.set_num_threads(1)  # N processes share the machine's cores
     try:
         init_distributed(device, timeout_s=timeout_s)  # gloo on CPU; NCCL on cuda:LOCAL_RANK
+        if device == "cpu" and dist.is_initialized():
+            # Every rank connected before any runs fn: a rank whose fn returns at once (an error
+            # raised before any collective) and exits cannot break a peer's gloo connect, still under way.
+            dist.barrier()
         # Pickled here, by value: a tensor put on the queue as it is travels as a shared-memory handle
         # that the parent can only open while this process lives, and it may have exited by then.
         queue.put((rank, True, pickle.dumps(fn(*args))))
@@ -150,10 +171,14 @@ def spawn(fn, nprocs: int, *args, timeout_s: float = 300.0, device: str = "cpu")
         raise ValueError(f"{nprocs} ranks need {nprocs} GPUs; this machine has {torch.cuda.device_count()}")
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    forkserver = device == "cpu" and _FORKSERVER_PRELOAD is not None
+    ctx = mp.get_context("forkserver" if forkserver else "spawn")
+    if forkserver:
+        ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+    env = dict(os.environ) if forkserver else None
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue, timeout_s, device),
+    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, fn, args, queue, timeout_s, device, env),
                          daemon=True)
              for r in range(nprocs)]
     for p in procs:
