@@ -120,18 +120,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# How spawn() starts CPU ranks: None, a fresh interpreter per rank ("spawn": each imports torch and
-# paradit anew, seconds of CPU a rank); or, after use_forkserver(), a fork of one server process that
-# imported those modules once (a rank then starts in a fraction of a second). Test suites use the latter.
-_FORKSERVER_PRELOAD: list[str] | None = None
+# How spawn() starts CPU ranks: a fresh interpreter per rank ("spawn": each imports torch and paradit
+# anew, seconds of CPU a rank); or, with PARADIT_SPAWN_PRELOAD=module,module... in the environment,
+# a fork of one server process that imported those modules once (a rank then starts in a fraction of
+# a second). Test suites that spawn many small worlds use the latter (tests/conftest.py).
+SPAWN_PRELOAD_ENV = "PARADIT_SPAWN_PRELOAD"
 
 
 def use_forkserver(preload: list[str]) -> None:
-    """Start spawn()'s CPU ranks from a fork server that imports `preload` once (for test suites that
-    spawn many small worlds). Each rank still gets the caller's environment, working directory and
-    sys.path as of its spawn() call, as with fresh interpreters."""
-    global _FORKSERVER_PRELOAD
-    _FORKSERVER_PRELOAD = list(preload)
+    """Start spawn()'s CPU ranks from a fork server that imports `preload` once, from now on in this
+    process and its children (it sets PARADIT_SPAWN_PRELOAD). Each rank still gets the caller's
+    environment, working directory and sys.path as of its spawn() call, as with fresh interpreters."""
+    os.environ[SPAWN_PRELOAD_ENV] = ",".join(preload)
 
 
 def _worker(rank, world, port, fn, args, queue, timeout_s, device, env=None):
@@ -171,10 +171,11 @@ def spawn(fn, nprocs: int, *args, timeout_s: float = 300.0, device: str = "cpu")
         raise ValueError(f"{nprocs} ranks need {nprocs} GPUs; this machine has {torch.cuda.device_count()}")
     import torch.multiprocessing as mp
 
-    forkserver = device == "cpu" and _FORKSERVER_PRELOAD is not None
+    preload = [m for m in os.environ.get(SPAWN_PRELOAD_ENV, "").split(",") if m]
+    forkserver = device == "cpu" and bool(preload)
     ctx = mp.get_context("forkserver" if forkserver else "spawn")
     if forkserver:
-        ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
+        ctx.set_forkserver_preload(preload)
     env = dict(os.environ) if forkserver else None
     queue = ctx.Queue()
     port = free_port()
