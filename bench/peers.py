@@ -82,6 +82,7 @@ from paradit.checkpoint import to_diffusers_name  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import patchify, unpatchify  # noqa: E402
 from paradit.parallel import Runtime, init_parallel, parallelize  # noqa: E402
+from paradit.parallel.collectives import Traffic  # noqa: E402
 from paradit.plan import ParallelConfig  # noqa: E402
 
 LIBRARIES = ("paradit", "diffusers", "xfuser")   # the order of rows in a world: paradit's single ones first
@@ -197,9 +198,10 @@ def latent_call(cfg: WanConfig, inputs: dict, device, dtype) -> dict:
                 text2=torch.cat([cond, uncond]), g=inputs["guidance"])
 
 
-def measure_calls(fn, opts: dict, device, attention: str) -> dict:
-    """One rank's numbers for a callable, in the shape scaling.merge_ranks reads."""
-    return timed_calls(fn, opts["steps"], opts["warmup"], device) | dict(attention=attention)
+def measure_calls(fn, opts: dict, device, attention: str, traffic: Traffic | None = None) -> dict:
+    """One rank's numbers for a callable, in the shape scaling.merge_ranks reads; traffic: the
+    counter paradit's collectives count into (the other libraries' traffic is not counted)."""
+    return timed_calls(fn, opts["steps"], opts["warmup"], device, traffic or Traffic()) | dict(attention=attention)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -215,7 +217,7 @@ def run_paradit(model, cfg, inputs, call, point, opts, device) -> tuple[dict, to
         fn = lambda: pmodel(call["x"], call["t"], call["cond"])  # noqa: E731
         with torch.no_grad():
             out = fn()
-        return measure_calls(fn, opts, device, pmodel.runtime.describe()), out
+        return measure_calls(fn, opts, device, pmodel.runtime.describe(), pmodel.runtime.traffic), out
     runtime = Runtime(init_parallel(pc, device, num_heads=cfg.num_heads), "auto", dtype)
     runtime.bind(model)
     n = inputs["tokens"].shape[0]
