@@ -31,6 +31,10 @@ LAYOUTS = {  # name: (processes, flags); each starts while the one before is tes
 }
 JOB_TIMEOUT_S = 120
 LONG = 24  # steps of the jobs that keep a lane busy while the test looks at the others
+# ...and a pause of theirs (rank 0 runs the first lane's jobs, and the high-noise stage of split
+# experts: 10 of the demo's 24 steps), so that a job seen running is still running when the test
+# asks what it may do with it: without it a 24-step demo job can finish between two requests
+SLOW_LONG = {"PARADIT_DELAY_AT": "0:step5:2"}
 
 
 @dataclass
@@ -65,7 +69,7 @@ def launcher(request, tmp_path_factory):
         nproc, flags = LAYOUTS[name]
         state = tmp_path_factory.mktemp(f"state-{name}")
         return ServerProcess([*flags, "--api-key", KEY, "--max-queue", str(MAX_QUEUE), "--save-latents"],
-                             nproc=nproc, state_dir=state).launch()
+                             nproc=nproc, state_dir=state, env=SLOW_LONG).launch()
 
     def get(name: str) -> ServerProcess:
         proc = launched.pop(name, None) or launch(name)
