@@ -1,8 +1,9 @@
 """The runtime that applies a layout to the model: token shards, the attention seam, CFG.
 
 `parallelize(model, mesh)` returns a module with the model's own call signature whose output is
-the full tensor on every rank; it binds `model`'s attention in place (see its docstring). The pipeline uses the token-space path instead: `velocity()` takes
-and returns this rank's shard of the patchified latent, so that a denoising step gathers nothing.
+the full tensor on every rank; it binds `model`'s attention in place (see its docstring). The
+engine uses the token-space path instead: `velocity()` takes and returns this rank's shard of the
+patchified latent, so that a denoising step gathers nothing.
 """
 from __future__ import annotations
 
