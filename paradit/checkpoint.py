@@ -281,11 +281,11 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     pipe = cls(cfg, experts, text, vae, mesh=mesh, backend=backend)
     pipe.startup.update(startup)
     pipe.load_stats = stats
-    shared = f"; read once per node with {len(groups)} group(s)" if groups else ""
+    once = f"; read once per node with {len(groups)} group(s)" if groups else ""
     log.info("start-up: config %.2f s; weights %.2f s (%s), text encoder %.2f s, VAE %.2f s; %.2f s in all, "
              "concurrently; read %.1f MB on this rank (%d threads%s)", startup["config_s"], startup["weights_s"],
              ", ".join(ck.experts[k].name for k in needed), startup["text_encoder_s"], startup["vae_s"],
-             startup["load_s"], sum(s.get("bytes", 0) for s in stats.values()) / 1e6, reader.threads, shared)
+             startup["load_s"], sum(s.get("bytes", 0) for s in stats.values()) / 1e6, reader.threads, once)
     if lora_files:
         log.info("LoRAs: %d file(s) checked in %.2f s, merged into %s in %.2f s", len(lora_files),
                  startup["lora_check_s"], ", ".join(ck.experts[k].name for k in needed), startup["lora_merge_s"])

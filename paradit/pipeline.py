@@ -229,18 +229,13 @@ class Pipeline:
             done = []
             self.stream([(prompt, negative_prompt, s)], lambda i, latent, _: done.append(latent), progress)
             return done[0] if done else None
-        req = self.request(prompt, negative_prompt, s, image)
         residency = self.residency
-        if residency is not None:  # checked, and the first expert's copy started, before the denoising
+        if residency is not None:  # checked, and the first expert's copy started, before the encode
             residency.begin(self.denoiser.evaluation_experts(s, chords))
         try:
+            req = self.request(prompt, negative_prompt, s, image)
             t0 = time.perf_counter()
-            if chords is not None:
-                from paradit.engine.chords import chords_denoise
-                latent = chords_denoise(self.denoiser, req, chords, on_hit)
-            else:
-                from paradit.engine.sequential import denoise
-                latent = denoise(self.denoiser, req, progress)
+            latent = self.drive(req, chords, on_hit, progress)
             req.record.timings["denoise_s"] = time.perf_counter() - t0
         finally:
             if residency is not None:
@@ -361,9 +356,13 @@ class Pipeline:
         """The denoising of one request from given prompt embeddings (benchmarks): its latent."""
         req = self.new_request(s)
         req.cond, req.uncond = cond, uncond
+        return self.drive(req, chords, None, progress)
+
+    def drive(self, req: Request, chords: ChordsSettings | None, on_hit, progress: bool) -> torch.Tensor:
+        """The engine's driver for a colocated request: CHORDS, or the sequential sampler."""
         if chords is not None:
             from paradit.engine.chords import chords_denoise
-            return chords_denoise(self.denoiser, req, chords)
+            return chords_denoise(self.denoiser, req, chords, on_hit)
         from paradit.engine.sequential import denoise
         return denoise(self.denoiser, req, progress)
 
