@@ -2,6 +2,7 @@
 
     python bench/attention_kernels.py                      # GPU: A14B 720p x 81 (75,600 tokens, 40 heads)
     python bench/attention_kernels.py --tokens 4096 --heads 4 --dtype float32      # CPU, small
+    python bench/attention_kernels.py --layouts        # GPU: the per-rank shapes of U/R 1-8, B = 1 and 2
 
 Ulysses runs plain attention over the whole sequence with H / u heads; Ring needs the log-sum-exp
 (LSE) of every block to merge partial results, so it can only use kernels that return it. This
@@ -10,7 +11,14 @@ measures every candidate of both kinds on one device:
   plain   F.scaled_dot_product_attention as torch picks, and pinned to each of its GPU kernels
           (flash, cuDNN, efficient) with torch.nn.attention.sdpa_kernel; flash-attn if installed.
   lse     the aten ops with an LSE output (efficient, flash, cuDNN on GPU; the CPU flash kernel
-          on CPU); flash-attn's with return_attn_probs if installed; the fp32 math reference.
+          on CPU); flash-attn's with return_attn_probs if installed; flash-attn-4 (CuTe DSL) if
+          installed; the fp32 math reference.
+
+--layouts times the kernels paradit chooses between (SDPA as torch picks, cuDNN with LSE,
+flash-attn-4, flash-attn) at the shape one rank computes in each sequence-parallel layout of
+--tokens x --heads: Ulysses u runs the whole sequence on H/u heads (u = 1, 2, 4, 8), Ring r one
+query block of S/r against one key block of S/r (r = 2, 4, 8), at batch 1 (CFG in turn or split)
+and batch 2 (CFG batched); --tokens2 adds a second resolution (default 32,760: 832x480x81).
 
 Correctness first, on a small odd shape (999 query x 1,003 key tokens, 3 heads): every kernel's
 output and LSE against fp32 math, relative error printed. Then timing at the full shape: warm-up,
@@ -32,7 +40,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
 
 from paradit.models.attention import (_flash_module, cudnn_attention_lse, efficient_attention_lse,  # noqa: E402
-                                      flash_attention_lse, math_attention_lse, sdpa_cpu_attention_lse)
+                                      fa4_attention_lse, fa4_available, flash_attention_lse,
+                                      math_attention_lse, sdpa_cpu_attention_lse)
 
 
 def _bhsd(*ts):
@@ -70,6 +79,8 @@ def candidates(device: torch.device) -> dict:
                 "lse cudnn (aten)": (cudnn_attention_lse, "lse")}
         if _flash_module() is not None:
             out["flash-attn package"] = (flash_attention_lse, "lse")
+        if fa4_available():
+            out["lse fa4 (flash-attn-4)"] = (fa4_attention_lse, "lse")
     else:
         out["lse cpu flash (aten)"] = (sdpa_cpu_attention_lse, "lse")
         out["math fp32 (reference)"] = (lambda q, k, v: math_attention_lse(q, k, v), "lse")
@@ -117,6 +128,46 @@ def time_it(fn, args, device, warmup: int, reps: int) -> list[float]:
     return out
 
 
+LAYOUT_KERNELS = ("sdpa (torch's choice)", "lse cudnn (aten)", "lse fa4 (flash-attn-4)", "flash-attn package")
+
+
+def layout_shapes(tokens: int, heads: int) -> list[tuple[str, int, int]]:
+    """(layout, query = key tokens, heads) one rank's local attention computes."""
+    out = [(f"U{u}" if u > 1 else "1", tokens, -(-heads // u)) for u in (1, 2, 4, 8)]
+    return out + [(f"R{r}", -(-tokens // r), heads) for r in (2, 4, 8)]
+
+
+def layouts_table(fns: dict, device, dtype, args) -> list[dict]:
+    """Every LAYOUT_KERNELS kernel at every layout's per-rank shape; each row says the fastest."""
+    rows = []
+    for tokens in [args.tokens] + ([args.tokens2] if args.tokens2 else []):
+        for layout, s, h in layout_shapes(tokens, args.heads):
+            for b in (1, 2):
+                q, k, v = (torch.randn(b, s, h, args.head_dim, device=device, dtype=dtype) for _ in range(3))
+                flops = 4 * b * s * s * h * args.head_dim
+                row = dict(tokens=tokens, layout=layout, batch=b, seq=s, heads=h, flops=flops, kernels={})
+                ref = None
+                for name in (n for n in LAYOUT_KERNELS if n in fns):
+                    fn = fns[name][0]
+                    try:
+                        out = fn(q, k, v)[0]
+                        ref = out if ref is None else ref
+                        ts = time_it(fn, (q, k, v), device, args.warmup, args.reps)
+                        t = statistics.median(ts)
+                        row["kernels"][name] = dict(median_s=t, tflops=flops / t / 1e12, times_s=ts,
+                                                    rel_diff_vs_first=rel(out, ref))
+                    except Exception as err:
+                        row["kernels"][name] = dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                timed = {n: r for n, r in row["kernels"].items() if "tflops" in r}
+                row["fastest"] = max(timed, key=lambda n: timed[n]["tflops"]) if timed else None
+                rows.append(row)
+                print(f"  {tokens:>6} {layout:<3} B={b} S={s:<6} H={h:<3} " + "  ".join(
+                    f"{n.split(' (')[0]} {r['tflops']:6.1f}" if "tflops" in r else f"{n.split(' (')[0]} err"
+                    for n, r in row["kernels"].items()) + f"   fastest: {row['fastest']}", flush=True)
+                del q, k, v
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -127,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", help="results folder (default: bench/results)")
+    ap.add_argument("--layouts", action="store_true", help="the per-rank shapes of Ulysses / Ring 1-8, B = 1, 2")
+    ap.add_argument("--tokens2", type=int, default=32760, help="--layouts: a second resolution (0: none)")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
@@ -137,6 +190,18 @@ def main(argv=None) -> int:
           f"{args.head_dim}, {dtype}", flush=True)
 
     checks = check(fns, device, dtype)
+    for name, c in checks.items():
+        print(f"  check {name:<24} " + (c.get("error") or f"out err {c['out_rel_err']:.2e}" + (
+            f" lse {c['lse_max_abs_err']:.2e}" if c.get("lse_max_abs_err") is not None else "")), flush=True)
+    if args.layouts:
+        rows = layouts_table(fns, device, dtype, args)
+        result = dict(what="attention_layouts", date=time.strftime("%Y-%m-%d"), machine=tag,
+                      machine_description=machine_description(device.type), environment=environment(),
+                      shape=dict(tokens=args.tokens, tokens2=args.tokens2, heads=args.heads,
+                                 head_dim=args.head_dim, dtype=str(dtype)),
+                      checks=checks, method=__doc__, rows=rows)
+        print(f"wrote {write_json(results_path('attention_layouts', 'json', args.out, tag), result)}")
+        return 0
     s, h, d = args.tokens, args.heads, args.head_dim
     flops = 4 * s * s * h * d
     q, k, v = (torch.randn(1, s, h, d, device=device, dtype=dtype) for _ in range(3))

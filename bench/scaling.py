@@ -803,7 +803,7 @@ def options(args, device_type: str) -> dict:
 
 
 def available_backends(names: list[str], device_type: str) -> tuple[list[str], list[str]]:
-    from paradit.models.attention import _flash_module
+    from paradit.models.attention import _flash_module, fa4_available
     ok, notes = [], []
     for b in names:
         name, mode = b.partition("+")[::2]
@@ -811,7 +811,9 @@ def available_backends(names: list[str], device_type: str) -> tuple[list[str], l
             notes.append(f"backend {b!r}: unknown suffix {mode!r} (only +compile), skipped")
         elif name == "flash" and (device_type != "cuda" or _flash_module() is None):
             notes.append("backend flash skipped: needs CUDA and flash-attn")
-        elif name in ("auto", "flash", "sdpa", "math"):
+        elif name == "fa4" and (device_type != "cuda" or not fa4_available()):
+            notes.append("backend fa4 skipped: needs CUDA and flash-attn-4")
+        elif name in ("auto", "fa4", "flash", "sdpa", "math"):
             ok.append(b)
         else:
             notes.append(f"backend {b!r} unknown, skipped")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from paradit.config import WanConfig
-from paradit.models.attention import BACKENDS, _flash_module, kernels, math_attention_lse
+from paradit.models.attention import BACKENDS, _flash_module, fa4_available, kernels, math_attention_lse
 from paradit.models.transformer import WanTransformer
 from paradit.parallel.collectives import lse_merge
 
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # bf16 operands with fp32 accumulation: relative error ~3e-3 typical; 2e-2 leaves margin and is
 # still far below a real bug (a wrong scale or a dropped block gives > 1e-1).
 BF16_RTOL = 2e-2
+INSTALLED = [b for b in BACKENDS if (b != "flash" or _flash_module()) and (b != "fa4" or fa4_available())]
 
 
 def rel(a, b):
@@ -28,7 +29,7 @@ def qkv(s, h=8, d=128, seed=0):
     return [torch.randn(1, s, h, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3)]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "flash" or _flash_module()])
+@pytest.mark.parametrize("backend", INSTALLED)
 @pytest.mark.parametrize("seq", [1000, 4096])
 def test_attention_backends_with_lse(backend, seq):
     q, k, v = qkv(seq)
@@ -40,9 +41,10 @@ def test_attention_backends_with_lse(backend, seq):
     assert lse.shape == ref_lse.shape and rel(lse, ref_lse) < 1e-3  # lse is accumulated in fp32
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "flash" or _flash_module()])
-def test_ring_merge_of_uneven_blocks_on_cuda(backend):
-    q, k, v = qkv(2000, seed=1)
+@pytest.mark.parametrize("backend", INSTALLED)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ring_merge_of_uneven_blocks_on_cuda(backend, batch):
+    q, k, v = (t.expand(batch, -1, -1, -1).contiguous() for t in qkv(2000, seed=1))
     _, with_lse = kernels(backend, "cuda")
     out = lse = None
     for kb, vb in zip(k.split([700, 650, 650], 1), v.split([700, 650, 650], 1)):

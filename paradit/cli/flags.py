@@ -181,7 +181,7 @@ FLAGS: tuple[Flag, ...] = (
     # the machine
     Flag("--device", str, "auto", "auto, cpu, cuda or cuda:N", "auto: cuda:LOCAL_RANK if CUDA is available, "
          "else cpu", metavar="DEVICE"),
-    Flag("--attention", str, "auto", "attention kernels", "auto", choices=("auto", "flash", "sdpa", "math")),
+    Flag("--attention", str, "auto", "attention kernels", "auto", choices=("auto", "fa4", "flash", "sdpa", "math")),
     Flag("--quant", str, "none", "FP8 (GPUs of compute capability 8.9+, torchao): fp8 the blocks' linear layers, "
          "fp8-attention self-attention (FlashAttention-3, Hopper), fp8-all both; norms, modulation, gates and the "
          "residual stream stay as loaded; refused where it cannot run", "none", choices=QUANT_MODES),

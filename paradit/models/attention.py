@@ -2,11 +2,15 @@
 
 Every kernel takes q, k, v as (B, S, H, D) and returns the output (B, S, H, D); the `*_lse`
 variant also returns the log-sum-exp of the scores, (B, H, S) in fp32, which Ring attention needs
-to merge partial results. Backends, best first where available:
+to merge partial results. Backends:
 
-    flash3 / flash2   flash-attn (GPU, fp16/bf16)
+    fa4               flash-attn-4 (CuTe DSL; GPU, fp16/bf16; Hopper and Blackwell forward)
+    flash             flash-attn 3 or 2 (GPU, fp16/bf16)
     sdpa              torch scaled_dot_product_attention (cuDNN / flash / efficient on GPU)
-    math              plain matmul + logsumexp (any device, any dtype; the CPU path)
+    math              plain matmul + logsumexp (any device, any dtype; the reference)
+
+`auto` takes fa4 where it is installed and runs (bf16/fp16 on CUDA), else flash, else sdpa; what
+was measured to choose so is in `pick_backend`.
 
 No torch.distributed here: this module is the model's default seam and the parallel code's kernel.
 """
@@ -71,11 +75,47 @@ def sdpa_cpu_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Ten
     return out.transpose(1, 2), lse.float()
 
 
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:      # a parent package is missing
+        return False
+
+
 def _flash_module():
-    for name in ("flash_attn_interface", "flash_attn"):  # FA3 first, then FA2
-        if importlib.util.find_spec(name) is not None:
-            return name
+    """FA3's module, else FA2's, else None. flash-attn-4 shares the `flash_attn` top folder (as a
+    namespace package), so FA2 is recognised by its own interface module, not by the folder."""
+    if _has_module("flash_attn_interface"):
+        return "flash_attn_interface"
+    if _has_module("flash_attn.flash_attn_interface"):
+        return "flash_attn"
     return None
+
+
+def fa4_available() -> bool:
+    return _has_module("flash_attn.cute")
+
+
+@torch.library.custom_op("paradit::fa4_attention", mutates_args=())
+def _fa4_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """flash-attn-4's forward as one opaque op, so that torch.compile does not trace the CuTe DSL."""
+    from flash_attn.cute import flash_attn_func
+    out, lse = flash_attn_func(q, k, v, return_lse=True)
+    return out, lse
+
+
+@_fa4_op.register_fake
+def _fa4_shapes(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+def fa4_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """CUDA, bf16/fp16: flash-attn-4's forward with LSE, (B, S, H, D) in, (B, H, S) fp32 LSE out."""
+    return _fa4_op(q, k, v)
+
+
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return _fa4_op(q, k, v)[0]
 
 
 def flash_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,6 +138,7 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 BACKENDS: dict[str, tuple[AttentionFn, Callable]] = {
+    "fa4": (fa4_attention, fa4_attention_lse),
     "flash": (flash_attention, flash_attention_lse),
     "sdpa": (sdpa_attention, sdpa_attention_lse),
     "math": (math_attention, math_attention_lse),
@@ -114,6 +155,12 @@ def pick_backend(device: torch.device | str, dtype: torch.dtype, requested: str 
         if requested == "flash" and (device.type != "cuda" or _flash_module() is None):
             raise ValueError("attention backend 'flash' needs CUDA and the flash-attn package "
                              "(pip install paradit[gpu]); use 'sdpa' instead")
+        if requested == "fa4" and (device.type != "cuda" or not fa4_available()):
+            raise ValueError("attention backend 'fa4' needs CUDA and the flash-attn-4 package "
+                             "(pip install flash-attn-4); use 'sdpa' instead")
+        if requested in ("fa4", "flash") and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attention backend {requested!r} runs in bf16/fp16 only, not {dtype}; "
+                             "use 'sdpa' (or --dtype bf16)")
         return requested
     if device.type == "cuda":
         if _flash_module() is not None and dtype in (torch.float16, torch.bfloat16):
@@ -125,6 +172,8 @@ def pick_backend(device: torch.device | str, dtype: torch.dtype, requested: str 
 
 def describe_backend(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
+    if name == "fa4":
+        return "flash-attn-4 (CuTe DSL)"
     if name == "flash":
         return f"flash-attn ({'FA3' if _flash_module() == 'flash_attn_interface' else 'FA2'})"
     if name == "sdpa" and device.type != "cuda":
