@@ -20,6 +20,11 @@ flash-attn-4, flash-attn) at the shape one rank computes in each sequence-parall
 query block of S/r against one key block of S/r (r = 2, 4, 8), at batch 1 (CFG in turn or split)
 and batch 2 (CFG batched); --tokens2 adds a second resolution (default 32,760: 832x480x81).
 
+--fp8 times FP8 attention (paradit.models.quant.cudnn_fp8_attention: cuDNN's FP8 SDPA, q/k/v
+quantised per tensor inside the timed call) at --tokens x --heads, B = 1 and 2, against the bf16
+kernels, and its relative error against cuDNN bf16 on the same inputs, for unit-variance q and k
+and for q x 4 (a peakier softmax, nearer a trained model's).
+
 Correctness first, on a small odd shape (999 query x 1,003 key tokens, 3 heads): every kernel's
 output and LSE against fp32 math, relative error printed. Then timing at the full shape: warm-up,
 then CUDA events (perf_counter on CPU), median of --reps; TFLOP/s = 4 S_q S_k H D / time.
@@ -168,6 +173,41 @@ def layouts_table(fns: dict, device, dtype, args) -> list[dict]:
     return rows
 
 
+def fp8_table(fns: dict, device, args) -> list[dict]:
+    from paradit.models import quant
+    missing = quant.cudnn_fp8_attention_missing(device)
+    if missing:
+        raise SystemExit("FP8 attention cannot run here: needs " + "; ".join(missing))
+    rows = []
+    s, h, d = args.tokens, args.heads, args.head_dim
+    for b in (1, 2):
+        flops = 4 * b * s * s * h * d
+        for q_scale in (1.0, 4.0):
+            q, k, v = (torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+            q = q * q_scale
+            ref = cudnn_attention_lse(q, k, v)[0]
+            row = dict(batch=b, tokens=s, heads=h, q_scale=q_scale, flops=flops, kernels={})
+            for name, fn in (("lse cudnn (aten)", lambda q, k, v: cudnn_attention_lse(q, k, v)[0]),
+                             ("lse fa4 (flash-attn-4)", lambda q, k, v: fa4_attention_lse(q, k, v)[0]),
+                             ("fp8 cudnn (cudnn-frontend)", quant.cudnn_fp8_attention)):
+                if name.startswith("lse fa4") and name not in fns:
+                    continue
+                try:
+                    out = fn(q, k, v)
+                    ts = time_it(fn, (q, k, v), device, args.warmup, args.reps)
+                    t = statistics.median(ts)
+                    row["kernels"][name] = dict(median_s=t, tflops=flops / t / 1e12, times_s=ts,
+                                                rel_err_vs_cudnn_bf16=rel(out, ref))
+                except Exception as err:
+                    row["kernels"][name] = dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            rows.append(row)
+            print(f"  B={b} q x{q_scale:g}: " + "  ".join(
+                f"{n.split(' (')[0]} {r['median_s'] * 1e3:.1f} ms {r['tflops']:.0f} TFLOP/s err {r['rel_err_vs_cudnn_bf16']:.2e}"
+                if "tflops" in r else f"{n}: {r['error']}" for n, r in row["kernels"].items()), flush=True)
+            del q, k, v, ref
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -179,6 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", help="results folder (default: bench/results)")
     ap.add_argument("--layouts", action="store_true", help="the per-rank shapes of Ulysses / Ring 1-8, B = 1, 2")
+    ap.add_argument("--fp8", action="store_true", help="FP8 attention (cuDNN) against bf16, time and error")
     ap.add_argument("--tokens2", type=int, default=32760, help="--layouts: a second resolution (0: none)")
     args = ap.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -193,6 +234,14 @@ def main(argv=None) -> int:
     for name, c in checks.items():
         print(f"  check {name:<24} " + (c.get("error") or f"out err {c['out_rel_err']:.2e}" + (
             f" lse {c['lse_max_abs_err']:.2e}" if c.get("lse_max_abs_err") is not None else "")), flush=True)
+    if args.fp8:
+        rows = fp8_table(fns, device, args)
+        result = dict(what="attention_fp8", date=time.strftime("%Y-%m-%d"), machine=tag,
+                      machine_description=machine_description(device.type), environment=environment(),
+                      shape=dict(tokens=args.tokens, heads=args.heads, head_dim=args.head_dim),
+                      method=__doc__, rows=rows)
+        print(f"wrote {write_json(results_path('attention_fp8', 'json', args.out, tag), result)}")
+        return 0
     if args.layouts:
         rows = layouts_table(fns, device, dtype, args)
         result = dict(what="attention_layouts", date=time.strftime("%Y-%m-%d"), machine=tag,

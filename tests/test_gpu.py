@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from paradit.config import WanConfig
-from paradit.models.attention import BACKENDS, _flash_module, fa4_available, kernels, math_attention_lse
+from paradit.models.attention import BACKENDS, _flash_module, fa4_available, kernels, math_attention_lse, pick_backend
 from paradit.models.transformer import WanTransformer
 from paradit.parallel.collectives import lse_merge
 
@@ -18,6 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # still far below a real bug (a wrong scale or a dropped block gives > 1e-1).
 BF16_RTOL = 2e-2
 INSTALLED = [b for b in BACKENDS if (b != "flash" or _flash_module()) and (b != "fa4" or fa4_available())]
+if torch.cuda.is_available() and pick_backend("cuda", torch.bfloat16) == "auto":
+    INSTALLED.append("auto")      # per shape: flash-attn-4 or cuDNN
 
 
 def rel(a, b):
@@ -30,7 +32,7 @@ def qkv(s, h=8, d=128, seed=0):
 
 
 @pytest.mark.parametrize("backend", INSTALLED)
-@pytest.mark.parametrize("seq", [1000, 4096])
+@pytest.mark.parametrize("seq", [1000, 4096, 11200])  # 11,200 x 8 heads: auto takes fa4
 def test_attention_backends_with_lse(backend, seq):
     q, k, v = qkv(seq)
     ref_out, ref_lse = math_attention_lse(q.float(), k.float(), v.float())
@@ -79,3 +81,41 @@ def test_model_bf16_cuda_matches_fp32_cpu():
         got = model.to("cuda", torch.bfloat16)(x.cuda(), t.cuda(), ctx.cuda())
     assert got.dtype == torch.bfloat16
     assert rel(got.float().cpu(), ref) < 5e-2  # bf16 weights and residual stream over 2 blocks
+
+
+@pytest.mark.parametrize("backend", INSTALLED)
+def test_compiled_model_matches_eager_under_each_backend(backend):
+    """The attention seam under torch.compile (flash-attn-4 is an opaque custom op; auto's choice
+    is made on static shapes while tracing): the compiled model gives the eager result."""
+    from paradit.compile import compile_blocks
+    from paradit.parallel.mesh import single_device_mesh
+    from paradit.parallel.runtime import Runtime
+    cfg = WanConfig.preset("tiny").replace(dim=512, num_heads=4, ffn_dim=1024, num_layers=2, text_dim=64)
+    torch.manual_seed(0)
+    model = WanTransformer(cfg).eval().to("cuda", torch.bfloat16)
+    runtime = Runtime(single_device_mesh("cuda"), backend, torch.bfloat16)
+    runtime.bind(model)
+    x = torch.randn(1, 16, 3, 20, 28, device="cuda")
+    t = torch.tensor([700.0], device="cuda")
+    ctx = torch.randn(1, 16, 64, device="cuda")
+    with torch.no_grad():
+        eager = model(x.bfloat16(), t, ctx.bfloat16())
+        compile_blocks([model])
+        compiled = model(x.bfloat16(), t, ctx.bfloat16())
+    assert rel(compiled.float(), eager.float()) < 1e-2
+    assert runtime.kernels_ran()
+
+
+def test_cudnn_fp8_attention_against_bf16():
+    """cuDNN's FP8 SDPA (Hopper): e4m3 q, k, v, P and O with per-tensor scales. The error against
+    the bf16 kernel is what FP8 costs here (bench/attention_kernels.py --fp8 reports it at full size);
+    a wrong scale or layout gives an error of order 1."""
+    from paradit.models import quant
+    if quant.cudnn_fp8_attention_missing("cuda"):
+        pytest.skip("needs " + "; ".join(quant.cudnn_fp8_attention_missing("cuda")))
+    q, k, v = qkv(3000, h=8)
+    q = q * 4                                    # a peakier softmax than unit-variance scores give
+    ref = math_attention_lse(q.float(), k.float(), v.float())[0]
+    got = quant.cudnn_fp8_attention(q, k, v)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    assert rel(got, ref) < 0.1

@@ -80,6 +80,9 @@ def test_fp8_attention_names_what_is_missing():
         quant.check_quant("fp8-attention", CPU)
     if importlib.util.find_spec("flash_attn_interface") is None:
         assert "FlashAttention-3 (the flash_attn_interface module" in str(err.value)
+    if importlib.util.find_spec("cudnn") is None:
+        assert "or a Hopper GPU (compute capability 9.x) for cuDNN's FP8 attention" in str(err.value)
+        assert "pip install nvidia-cudnn-frontend" in str(err.value)
 
 
 @pytest.fixture

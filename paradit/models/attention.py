@@ -9,8 +9,8 @@ to merge partial results. Backends:
     sdpa              torch scaled_dot_product_attention (cuDNN / flash / efficient on GPU)
     math              plain matmul + logsumexp (any device, any dtype; the reference)
 
-`auto` takes fa4 where it is installed and runs (bf16/fp16 on CUDA), else flash, else sdpa; what
-was measured to choose so is in `pick_backend`.
+`auto` on a Hopper or Blackwell GPU with flash-attn-4 installed chooses per call shape between
+flash-attn-4 and cuDNN (`PerShape`, from measurements); elsewhere flash if installed, else sdpa.
 
 No torch.distributed here: this module is the model's default seam and the parallel code's kernel.
 """
@@ -137,6 +137,35 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return math_attention_lse(q, k, v)[0]
 
 
+# flash-attn-4 against cuDNN on one H200 (bench/results/2026-12-02_h200x1_attention_layouts.json,
+# bf16, head dim 128, the per-rank shapes of U1-8 and R2-8 at 720p and 480p x 81, B = 1 and 2):
+# flash-attn-4 ran at 627-688 TFLOP/s and cuDNN at 552-619 in every shape but the smallest, a
+# Ring-8 block at 480p (4,095 x 4,095 tokens, 40 heads, B = 1: 544 against 567). The crossover lies
+# between that call's B*H*Sq*Sk (6.7e8) and the next one measured (1.3e9, where fa4 won by 2%).
+FA4_MIN_WORK = 1e9
+
+
+class PerShape:
+    """`auto` on Hopper/Blackwell with flash-attn-4: for every call, the faster exact kernel for its
+    shape (FA4_MIN_WORK), both with log-sum-exp for Ring. `ran` records each shape's kernel
+    (shapes are static per plan, so this is filled once, also under torch.compile)."""
+
+    def __init__(self):
+        self.ran: dict[str, str] = {}
+
+    def _fa4(self, q: Tensor, k: Tensor) -> bool:
+        use = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] >= FA4_MIN_WORK
+        self.ran[f"B{q.shape[0]} H{q.shape[2]} q{q.shape[1]} k{k.shape[1]} d{q.shape[3]}"] = \
+            "flash-attn-4" if use else "cuDNN"
+        return use
+
+    def plain(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return fa4_attention(q, k, v) if self._fa4(q, k) else sdpa_attention(q, k, v)
+
+    def lse(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return fa4_attention_lse(q, k, v) if self._fa4(q, k) else cudnn_attention_lse(q, k, v)
+
+
 BACKENDS: dict[str, tuple[AttentionFn, Callable]] = {
     "fa4": (fa4_attention, fa4_attention_lse),
     "flash": (flash_attention, flash_attention_lse),
@@ -163,7 +192,10 @@ def pick_backend(device: torch.device | str, dtype: torch.dtype, requested: str 
                              "use 'sdpa' (or --dtype bf16)")
         return requested
     if device.type == "cuda":
-        if _flash_module() is not None and dtype in (torch.float16, torch.bfloat16):
+        half = dtype in (torch.float16, torch.bfloat16)
+        if half and fa4_available() and torch.cuda.get_device_capability(device)[0] in (9, 10):
+            return "auto"   # per shape: flash-attn-4 or cuDNN (PerShape)
+        if half and _flash_module() is not None:
             return "flash"
         return "sdpa"
     # On CPU SDPA has no LSE output; plain SDPA is used where no LSE is needed.
@@ -172,6 +204,9 @@ def pick_backend(device: torch.device | str, dtype: torch.dtype, requested: str 
 
 def describe_backend(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
+    if name == "auto":
+        return (f"per shape: flash-attn-4 (CuTe DSL) where batch x heads x queries x keys >= {FA4_MIN_WORK:.0e}, "
+                "else cuDNN; both with log-sum-exp for Ring")
     if name == "fa4":
         return "flash-attn-4 (CuTe DSL)"
     if name == "flash":
@@ -185,7 +220,11 @@ def describe_backend(name: str, device: torch.device | str) -> str:
 
 
 def kernels(name: str, device: torch.device | str) -> tuple[AttentionFn, Callable]:
-    """(attention, attention_with_lse) for a backend name on a device."""
+    """(attention, attention_with_lse) for a backend name on a device; `auto` (what pick_backend
+    resolves to on Hopper/Blackwell with flash-attn-4) is one PerShape's pair."""
+    if name == "auto":
+        per_shape = PerShape()
+        return per_shape.plain, per_shape.lse
     plain, with_lse = BACKENDS[name]
     if name == "sdpa" and torch.device(device).type == "cpu":
         with_lse = sdpa_cpu_attention_lse  # the efficient-attention LSE op is CUDA-only

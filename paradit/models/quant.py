@@ -8,8 +8,10 @@ Modes (paradit.settings.QUANT_MODES; `quant=` in the library, `--quant` on the c
                  accumulated in fp32 and returned in bf16: torchao's
                  Float8DynamicActivationFloat8WeightConfig with PerRow granularity (torch._scaled_mm
                  with row-wise scales), on GPUs of compute capability 8.9 or higher.
-  fp8-attention  self-attention's kernel in FP8: torchao's FP8 FlashAttention-3 path (Hopper, torch
-                 2.11+, the flash_attn_interface module); per-(batch, head) scales on q, k and v
+  fp8-attention  self-attention's kernel in FP8 on Hopper: torchao's FP8 FlashAttention-3 path (torch
+                 2.11+, the flash_attn_interface module; per-(batch, head) scales on q, k and v), else
+                 cuDNN's FP8 SDPA through cudnn-frontend (per-tensor scales; on Hopper its output O is
+                 FP8 too). flash-attn-4's FP8 forward runs on Blackwell (SM100) only.
   fp8-all        both
 What stays as loaded: the patch, text and time embeddings, the time projection, the modulation, the
 norms (fp32), the gates, the residual stream (fp32 adds), the head and cross-attention's kernel.
@@ -21,8 +23,10 @@ what it did, which the pipeline logs and the CLI's sidecar records.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import math
 import re
 
 import torch
@@ -42,6 +46,10 @@ KEPT = ("patch, text and time embeddings, time projection, modulation, norms, ga
 LINEAR_RECIPE = ("torchao Float8DynamicActivationFloat8WeightConfig(PerRow): float8 e4m3 weights with one "
                  "scale per output row, activations with one scale per token, fp32 accumulation, bf16 out")
 ATTENTION_RECIPE = "torchao FP8 FlashAttention-3 (e4m3 q, k, v; one scale per batch and head)"
+CUDNN_ATTENTION_RECIPE = ("cuDNN FP8 SDPA through cudnn-frontend (e4m3 q, k, v, softmax P and output O, one scale "
+                          "per tensor: q, k, v by their amax, P by 448, O by v's amax; fp32 softmax and "
+                          "accumulation; O returned in bf16)")
+E4M3_MAX = 448.0
 
 
 # ----------------------------------------------------------------------------- what is quantised
@@ -81,8 +89,8 @@ def fp8_linears_missing(device) -> list[str]:
     return missing
 
 
-def fp8_attention_missing(device) -> list[str]:
-    """What this machine lacks for FP8 attention; empty when it runs."""
+def fa3_fp8_attention_missing(device) -> list[str]:
+    """What this machine lacks for torchao's FP8 FlashAttention-3 path."""
     device = torch.device(device)
     missing = []
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
@@ -97,6 +105,87 @@ def fp8_attention_missing(device) -> list[str]:
     if importlib.util.find_spec("torchao") is None:
         missing.append(f"torchao ({TORCHAO_HINT})")
     return missing
+
+
+def fp8_attention_missing(device) -> list[str]:
+    """What this machine lacks for FP8 attention (either kernel); empty when one runs."""
+    fa3, cudnn = fa3_fp8_attention_missing(device), cudnn_fp8_attention_missing(device)
+    if not fa3 or not cudnn:
+        return []
+    return ["for FP8 attention either " + "; ".join(fa3) + " (FlashAttention-3), or " + "; ".join(cudnn) +
+            " (cuDNN)"]
+
+
+def cudnn_fp8_attention_missing(device) -> list[str]:
+    """What this machine lacks for cuDNN's FP8 attention (Hopper, cuDNN 9.1+, cudnn-frontend)."""
+    device = torch.device(device)
+    missing = []
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        what = device.type if device.type != "cuda" else torch.cuda.get_device_name(device)
+        missing.append(f"a Hopper GPU (compute capability 9.x) for cuDNN's FP8 attention: the run is on {what}")
+    elif (torch.backends.cudnn.version() or 0) < 90100:
+        missing.append(f"cuDNN 9.1 or newer (this is {torch.backends.cudnn.version()})")
+    if importlib.util.find_spec("cudnn") is None:
+        missing.append("cudnn-frontend's Python package (pip install nvidia-cudnn-frontend)")
+    return missing
+
+
+@functools.lru_cache(maxsize=None)   # one built cuDNN plan per shape and device: a memo, not state
+def _cudnn_fp8_plan(b: int, s_q: int, s_k: int, h: int, d: int, device_index: int):
+    import cudnn
+    handle = cudnn.create_handle()
+    e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
+
+    def bshd(name, s):   # (B, S, H, D) storage described as cuDNN's (B, H, S, D)
+        return graph.tensor(name=name, dim=(b, h, s, d), stride=(s * h * d, d, h * d, 1), data_type=e4m3)
+    q, k, v = bshd("q", s_q), bshd("k", s_k), bshd("v", s_k)
+    scalars = [graph.tensor(name=n, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=fp32)
+               for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
+    o, _, amax_s, amax_o = graph.sdpa_fp8(q, k, v, *scalars, generate_stats=False, attn_scale=1.0 / math.sqrt(d),
+                                          use_causal_mask=False, name="paradit_fp8_sdpa")
+    o.set_output(True).set_dim((b, h, s_q, d)).set_stride((s_q * h * d, d, h * d, 1)).set_data_type(e4m3)
+    for amax in (amax_s, amax_o):
+        amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=f"cuda:{device_index}")
+    return cudnn, handle, graph, (q, k, v, *scalars, o, amax_s, amax_o), workspace
+
+
+def _e4m3(t: Tensor) -> tuple[Tensor, Tensor]:
+    """t in float8 e4m3 with one scale for the whole tensor; (fp8 tensor, descale (1,1,1,1) fp32)."""
+    amax = t.abs().amax().float().clamp(min=1e-12)
+    return (t * (E4M3_MAX / amax)).to(torch.float8_e4m3fn), (amax / E4M3_MAX).reshape(1, 1, 1, 1)
+
+
+@torch.library.custom_op("paradit::cudnn_fp8_attention", mutates_args=())
+def _cudnn_fp8_op(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B, S, H, D) bf16 q, k, v -> bf16 out, through cuDNN's FP8 SDPA (one opaque op for torch.compile)."""
+    b, s_q, h, d = q.shape
+    cudnn, handle, graph, t, workspace = _cudnn_fp8_plan(b, s_q, k.shape[1], h, d, q.device.index or 0)
+    (q8, dq), (k8, dk), (v8, dv) = _e4m3(q.contiguous()), _e4m3(k.contiguous()), _e4m3(v.contiguous())
+    one = dq.new_ones(1, 1, 1, 1)
+    scale_s, descale_s = one * E4M3_MAX, one / E4M3_MAX   # P = exp(s - rowmax) lies in [0, 1]
+    out8 = torch.empty(b, s_q, h, d, dtype=torch.float8_e4m3fn, device=q.device)
+    amax_s, amax_o = one.clone(), one.clone()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+    graph.execute(dict(zip(t, (q8, k8, v8, dq, dk, dv, descale_s, scale_s, 1.0 / dv, out8, amax_s, amax_o))),
+                  workspace, handle=handle)
+    return out8.to(torch.bfloat16) * dv.to(torch.bfloat16)    # O <= max|v|: scaled by v's amax
+
+
+@_cudnn_fp8_op.register_fake
+def _cudnn_fp8_shapes(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return torch.empty_like(q)
+
+
+def cudnn_fp8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Self-attention in FP8 on Hopper through cuDNN (CUDNN_ATTENTION_RECIPE)."""
+    return _cudnn_fp8_op(q, k, v)
 
 
 def _ring_degree(parallel) -> int:
@@ -144,8 +233,8 @@ def quantize_experts(experts: list, mode: str) -> dict:
                  "%s); kept as loaded: %s", mode, "/".join(map(str, report["linears"]["layers_per_expert"])),
                  LINEAR_RECIPE, report["linears"]["kernel"], KEPT)
     if "attention" in parts:
-        report["attention"] = ATTENTION_RECIPE
-        log.info("quant %s: self-attention in FP8 (%s)", mode, ATTENTION_RECIPE)
+        report["attention"] = fp8_attention_recipe(next(loaded[0].parameters()).device if loaded else "cuda")
+        log.info("quant %s: self-attention in FP8 (%s)", mode, report["attention"])
     return report
 
 
@@ -170,14 +259,24 @@ def _quantize_linears(models: list[nn.Module], mode: str) -> dict:
             "which": "blocks.*.self_attn.{q,k,v,o}, blocks.*.cross_attn.{q,k,v,o}, blocks.*.ffn.{0,2}"}
 
 
+def fp8_attention_recipe(device) -> str:
+    """The FP8 attention kernel that runs here: FlashAttention-3's (per-head scales, bf16 out) where it
+    is installed, else cuDNN's (per-tensor scales, FP8 out on Hopper)."""
+    return ATTENTION_RECIPE if not fa3_fp8_attention_missing(device) else CUDNN_ATTENTION_RECIPE
+
+
 def fp8_attention() -> AttentionFn:
-    """Self-attention in FP8: q, k, v (B, S, H, D) bf16 -> out (B, S, H, D) bf16, through torchao's
-    FP8 FlashAttention-3 custom op (opaque to torch.compile). It switches torch's flash SDPA
-    implementation to FA3 for the process (torch.nn.attention.activate_flash_attention_impl), as
-    torchao's own wrapper does around each forward."""
-    missing = fp8_attention_missing(torch.device("cuda") if torch.cuda.is_available() else "cpu")
+    """Self-attention in FP8: q, k, v (B, S, H, D) bf16 -> out (B, S, H, D) bf16, the kernel
+    fp8_attention_recipe names. FlashAttention-3's goes through torchao's custom op (opaque to
+    torch.compile) and switches torch's flash SDPA implementation to FA3 for the process
+    (torch.nn.attention.activate_flash_attention_impl), as torchao's own wrapper does around each
+    forward; cuDNN's is paradit's own custom op (cudnn_fp8_attention)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    missing = fp8_attention_missing(device)
     if missing:
         raise _cannot_run("fp8-attention", missing)
+    if fa3_fp8_attention_missing(device):
+        return cudnn_fp8_attention
     from torch.nn.attention import activate_flash_attention_impl
     from torchao.prototype.attention.fp8_fa3.attention import _ops
     activate_flash_attention_impl("FA3")

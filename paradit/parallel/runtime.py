@@ -32,6 +32,11 @@ class Runtime:
         self.sp = mesh.size("sp")
         self.attention = SequenceParallelAttention(mesh, plain, self._with_lse, self.traffic) if self.sp > 1 else plain
         self.kernel = describe_backend(self.backend, mesh.device)
+        self._per_shape = getattr(plain, "__self__", None)   # auto: the PerShape whose choices ran
+
+    def kernels_ran(self) -> dict[str, str]:
+        """Local attention kernel per call shape so far (auto on GPU), else the one backend's name."""
+        return dict(self._per_shape.ran) if self._per_shape is not None else {"all": self.kernel}
 
     def describe(self) -> str:
         layout = (self.mesh.split or self.mesh.config).describe()
@@ -43,7 +48,7 @@ class Runtime:
         assert self.mesh.size("ring") == 1, "a plain kernel cannot serve Ring attention (no log-sum-exp)"
         self.attention = (SequenceParallelAttention(self.mesh, plain, self._with_lse, self.traffic) if self.sp > 1
                           else plain)
-        self.kernel = label
+        self.kernel, self._per_shape = label, None
         for m in experts:
             if m is not None:
                 self.bind(m)
