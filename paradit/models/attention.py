@@ -182,14 +182,14 @@ def pick_backend(device: torch.device | str, dtype: torch.dtype, requested: str 
             raise ValueError(f"unknown attention backend {requested!r}; choose from "
                              f"auto, {', '.join(BACKENDS)}")
         if requested == "flash" and (device.type != "cuda" or _flash_module() is None):
-            raise ValueError("attention backend 'flash' needs CUDA and the flash-attn package "
-                             "(pip install paradit[gpu]); use 'sdpa' instead")
+            raise ValueError("attention backend 'flash' needs CUDA and the flash-attn package (FA3 or FA2, "
+                             "built from source); use 'fa4' (pip install 'paradit[gpu]') or 'sdpa' instead")
         if requested == "fa4" and (device.type != "cuda" or not fa4_available()):
             raise ValueError("attention backend 'fa4' needs CUDA and the flash-attn-4 package "
-                             "(pip install flash-attn-4); use 'sdpa' instead")
+                             "(pip install 'paradit[gpu]', i.e. flash-attn-4[cu13]==4.0.0b36); use 'sdpa' instead")
         if requested in ("fa4", "flash") and dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"attention backend {requested!r} runs in bf16/fp16 only, not {dtype}; "
-                             "use 'sdpa' (or --dtype bf16)")
+                             "use 'sdpa' for this dtype")
         return requested
     if device.type == "cuda":
         half = dtype in (torch.float16, torch.bfloat16)
