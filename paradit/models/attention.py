@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from typing import Callable
 
 import torch
@@ -116,6 +117,23 @@ def fa4_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 def fa4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _fa4_op(q, k, v)[0]
+
+
+def build_kernels_ahead(backend: str, device: torch.device | str, heads: int, head_dim: int,
+                        dtype: torch.dtype) -> float:
+    """Build flash-attn-4's kernel for this rank's heads, head dim and dtype now, on a 256-token
+    call, when `backend` (as pick_backend resolved it) may run it; returns the seconds taken (0.0
+    when nothing is built). Its CuTe DSL compiles a kernel at the first call of each (heads, head
+    dim, dtype): 6.8 s on the H200, which the first denoising step paid. The kernel does not depend
+    on the sequence length, so start-up builds it beside the weight reads (checkpoint.py)."""
+    if backend not in ("auto", "fa4") or torch.device(device).type != "cuda":
+        return 0.0
+    t0 = time.perf_counter()
+    with torch.cuda.device(torch.device(device)):
+        q = torch.zeros(1, 256, heads, head_dim, device=device, dtype=dtype)
+        fa4_attention_lse(q, q, q)
+        torch.cuda.current_stream().synchronize()
+    return time.perf_counter() - t0
 
 
 def flash_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,13 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group, block_sizes: list[int
     return out.to(q.dtype)
 
 
+def local_heads(mesh: Mesh, num_heads: int) -> int:
+    """The heads this rank's local attention kernel sees: its Ulysses share (uneven counts split as
+    evenly as possible), all of them under Ring alone or no sequence parallelism."""
+    u = mesh.size("ulysses")
+    return even_split(num_heads, u)[mesh.rank("ulysses")] if u > 1 else num_heads
+
+
 class SequenceParallelAttention:
     """The attention seam for a mesh: callable (q, k, v) -> out, all (B, S_me, H, D)."""
 
