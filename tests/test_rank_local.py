@@ -1,0 +1,81 @@
+"""bench/rank_local.py: one rank's step at every stage the planner proposes, run in a subprocess as
+a user would, and the fit that turns such measurements into the planner's calibration."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import paradit.plan as pl
+from paradit.config import WanConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_every_planner_stage_is_measured_at_its_shard_and_the_calibration_reads_back(tmp_path):
+    import rank_local
+
+    base = json.loads(Path(pl.DEFAULT_CALIBRATION).read_text())
+    base["gpus"]["cpu"] = {"comm_efficiency": 0.3, "collective_latency_us": 77.0}   # comm factors must survive
+    cal_in, cal_out = tmp_path / "in.json", tmp_path / "out.json"
+    cal_in.write_text(json.dumps(base))
+    # 64x48x9: 36 tokens, split 3, 5 and 7 ways unevenly by the 8-GPU stages
+    cmd = [sys.executable, str(ROOT / "bench" / "rank_local.py"), "--preset", "tiny", "--sizes", "64x48x9",
+           "--world", "8", "--steps", "2", "--warmup", "1", "--calibration", str(cal_in),
+           "--write-calibration", str(cal_out), "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = tmp_path.glob("*_rank_local.json")
+    data = json.loads(path.read_text())
+
+    cfg = WanConfig.preset("tiny")
+    spec = pl.GPUSpec(**data["planner"]["spec"])
+    cal = dataclasses.replace(pl.load_calibration(str(cal_in)), min_tokens_per_rank=1)
+    stages = rank_local.planner_stages(pl.make_problem(cfg, 8, spec, 64, 48, 9, calibration=cal))
+    assert len(stages) > 8 and any(36 % (u * r) for u, r, _ in stages)          # uneven shards among them
+    assert sorted(tuple(p["stage"]) for p in data["points"]) == sorted(stages)
+    for p in data["points"]:
+        u, r, c = p["stage"]
+        assert p["local_tokens"] == math.ceil(36 / (u * r)), p["label"]        # rank 0 holds the larger shard
+        assert p["local_heads"] == cfg.num_heads // u
+        assert p["batch"] == (1 if c == 2 else 2)
+        assert p["step_s"] > 0 and len(p["step_all_s"]) == 2 and p["kernels"]
+        assert p["predicted"]["busy_s"] > 0 and p["predicted"]["local_tokens"] == p["local_tokens"]
+    assert {row["stage"] for row in data["gains"]} == {p["label"] for p in data["points"]}
+
+    written = pl.load_calibration(str(cal_out)).for_gpu("cpu")
+    fit = data["fit"]["factors"]
+    assert written.matmul_efficiency == pytest.approx(fit["matmul_efficiency"], rel=1e-3)
+    assert written.attention_efficiency == pytest.approx(fit["attention_efficiency"], rel=1e-3)
+    assert written.gemm_half_rows == fit["gemm_half_rows"]
+    assert written.comm_efficiency == 0.3 and written.collective_latency_us == 77.0
+    assert json.loads(cal_out.read_text())["gpus"]["h200"] == base["gpus"]["h200"]
+
+
+def test_fit_recovers_the_factors_that_made_the_times():
+    """Times made by the planner's own model with known factors: the fit must find them again."""
+    import rank_local
+
+    cfg = WanConfig.preset("wan2.2-t2v-a14b").replace(num_layers=2)
+    spec = pl.GPUS["h200"]
+    true = dataclasses.replace(pl.load_calibration(), matmul_efficiency=0.5, attention_efficiency=0.8,
+                               gemm_half_rows=512, layer_overhead_us=30.0, per_gpu={})
+    points = []
+    for size in ((1280, 720, 81), (832, 480, 81)):
+        problem = pl.make_problem(WanConfig.preset("wan2.2-t2v-a14b"), 8, spec, *size, calibration=true)
+        for stage in rank_local.planner_stages(problem):
+            parts = rank_local.predicted_parts(cfg, stage, size, spec, true)
+            points.append(dict(stage=list(stage), size=list(size), step_s=parts["busy_s"]))
+    fit = rank_local.fit_rank_local(points, cfg, spec, true)
+    f = fit["factors"]
+    assert f["gemm_half_rows"] == 512
+    assert f["matmul_efficiency"] == pytest.approx(0.5, rel=1e-3)
+    assert f["attention_efficiency"] == pytest.approx(0.8, rel=1e-3)
+    assert f["layer_overhead_us"] == pytest.approx(30.0, rel=1e-2)
+    assert fit["rms_relative_error"] < 1e-6
