@@ -15,9 +15,12 @@ One rank, alone. This process stands in for rank 0 of a world of u r c ranks: a 
 torch's "fake" backend (torch.testing._internal.distributed.fake_pg: every collective returns at
 once and moves nothing) lets the real runtime (paradit.parallel.runtime) run with its real shard
 sizes, Ulysses packing and unpacking, ring loop and merges, and CFG exchange, every transfer left
-out. Received buffers are never written, so the values are meaningless; the kernels, their shapes
-and their launches are the rank's own. What a step costs beyond this is communication
-(bench/scaling.py measures it with several GPUs).
+out. Each receive buffer is filled with this rank's own sent data (fill_received: one on-GPU
+copy), so the values after a collective have the model's magnitudes though not its meaning; the
+kernels, their shapes and their launches are the rank's own. (The results of 2026-12-03 left the
+buffers unwritten: their CUDA-graph points of Ulysses stages computed on a fresh pool, likely
+zeros.) What a step costs beyond this is communication (bench/scaling.py measures it with
+several GPUs).
 
 Modes (--modes), per stage: one denoising step (the guided velocity, Euler update) of an expert
 with --layers of its blocks, random bf16 weights on GPU (fp32 on CPU):
@@ -36,7 +39,12 @@ Calibration. --write-calibration fits the planner's compute factors to the eager
 the CLI runs without --compile; --fit-mode picks another): matmul_efficiency, attention_efficiency,
 gemm_half_rows and layer_overhead_us, with elementwise_efficiency kept (fit_rank_local), and writes
 them under gpus.<this GPU> of the calibration file, the comm factors kept (bench/scaling.py fits
-those). Results: bench/results/<date>_<machine>_rank_local.json, and a table on stdout.
+those). Across one model's stages linear and attention work grow nearly together, so their two
+efficiencies trade off freely; --fix attention_efficiency=X pins it to the attention kernel's
+measured rate (bench/attention_kernels.py --layouts) and fits the rest. --refit RESULTS redoes
+the fit from a saved results file (no GPU needed); --check RESULTS reports the fitted factors'
+error on another file's points (another model: a test of the fit, not part of it).
+Results: bench/results/<date>_<machine>_rank_local.json, and a table on stdout.
 """
 from __future__ import annotations
 
@@ -88,16 +96,56 @@ def planner_stages(problem: pl.Problem) -> list[tuple[int, int, int]]:
 
 @contextmanager
 def fake_world(world: int):
-    """This process as rank 0 of a `world`-rank group whose collectives move nothing."""
+    """This process as rank 0 of a `world`-rank group whose collectives move nothing between
+    processes; each receive buffer is filled with this rank's own sent data (fill_received)."""
     if world == 1:
         yield
         return
     from torch.testing._internal.distributed.fake_pg import FakeStore
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    real = dist.all_to_all_single, dist.all_gather, dist.batch_isend_irecv
+
+    def all_to_all_single(output, input, *args, **kwargs):
+        work = real[0](output, input, *args, **kwargs)
+        fill_received(output, input)
+        return work
+
+    def all_gather(tensor_list, tensor, *args, **kwargs):
+        work = real[1](tensor_list, tensor, *args, **kwargs)
+        for t in tensor_list:
+            fill_received(t, tensor)
+        return work
+
+    def batch_isend_irecv(ops):
+        works = real[2](ops)
+        sent = [op.tensor for op in ops if op.op is dist.isend]
+        for op in ops:
+            if op.op is dist.irecv and sent:
+                fill_received(op.tensor, sent[0])
+        return works
+
+    dist.all_to_all_single, dist.all_gather, dist.batch_isend_irecv = all_to_all_single, all_gather, batch_isend_irecv
     try:
         yield
     finally:
+        dist.all_to_all_single, dist.all_gather, dist.batch_isend_irecv = real
         dist.destroy_process_group()
+
+
+def fill_received(out: torch.Tensor, sent: torch.Tensor) -> None:
+    """Write `sent`'s elements into `out`, repeated or cut to its size: the kernels after a
+    collective then see values of the model's real magnitudes, as after a real transfer (an
+    unwritten buffer holds stale memory in eager mode and, inside a CUDA graph's fresh pool,
+    likely zeros, which GPUs multiply at lower power and so faster). It costs one on-GPU copy of
+    the received bytes, about what a real receive writes."""
+    dst, src = out.view(-1), sent.reshape(-1)
+    if src.numel() == 0 or dst.numel() == 0:
+        return
+    done = 0
+    while done < dst.numel():
+        n = min(src.numel(), dst.numel() - done)
+        dst[done:done + n].copy_(src[:n])
+        done += n
 
 
 class Step:
@@ -175,34 +223,65 @@ def predicted_parts(cfg: WanConfig, stage, size: tuple[int, int, int], spec: pl.
                 flops=s.flops_linear + s.flops_attention)
 
 
-def fit_rank_local(points: list[dict], cfg: WanConfig, spec: pl.GPUSpec, base: pl.Calibration) -> dict:
+FITTED = ("matmul_efficiency", "attention_efficiency", "layer_overhead_us")
+
+
+def fit_rank_local(points: list[dict], cfg: WanConfig, spec: pl.GPUSpec, base: pl.Calibration,
+                   fixed: dict | None = None) -> dict:
     """matmul_efficiency, attention_efficiency, gemm_half_rows and layer_overhead_us that make the
     planner's rank-local step (linear + attention + elementwise + merges + launches) match the
-    measured one; elementwise_efficiency stays `base`'s. For each gemm_half_rows of HALF_ROWS, a
-    least-squares fit of the relative error over the points (each point's time divided by its
-    measurement, so small shapes count as much as large ones) of 1 / matmul_efficiency,
-    1 / attention_efficiency and the per-block overhead; the gemm_half_rows with the smallest
-    error wins. points: {"stage", "size" (w, h, f), "step_s"}; cfg: the model as built (its layers)."""
+    measured one; elementwise_efficiency stays `base`'s, and any factor in `fixed` keeps the value
+    given there (across one model's stages linear and attention work grow nearly together, so
+    their two efficiencies are hard to tell apart from step times alone: fix attention_efficiency
+    to the attention kernel's measured rate, bench/attention_kernels.py --layouts). For each
+    gemm_half_rows of HALF_ROWS, a non-negative least-squares fit of the relative error over the
+    points (each point's time divided by its measurement, so small shapes count as much as large
+    ones) of 1 / matmul_efficiency, 1 / attention_efficiency and the per-block overhead; the
+    gemm_half_rows with the smallest error wins. points: {"stage", "size" (w, h, f), "step_s"};
+    cfg: the model as built (its layers)."""
+    fixed = dict(fixed or {})
+    unknown = set(fixed) - set(FITTED) - {"gemm_half_rows"}
+    if unknown:
+        raise ValueError(f"cannot fix {sorted(unknown)}: the fitted factors are {FITTED + ('gemm_half_rows',)}")
     rows = []
-    for h in HALF_ROWS:
+    for h in ([int(fixed["gemm_half_rows"])] if "gemm_half_rows" in fixed else HALF_ROWS):
         unit = dataclasses.replace(base, matmul_efficiency=1.0, attention_efficiency=1.0, gemm_half_rows=h,
                                    layer_overhead_us=0.0, per_gpu={})
         a, y = [], []
         for pt in points:
             parts = predicted_parts(cfg, tuple(pt["stage"]), tuple(pt["size"]), spec, unit)
+            cols = dict(matmul_efficiency=parts["linear_s"], attention_efficiency=parts["attention_s"],
+                        layer_overhead_us=cfg.num_layers * 1e-6)         # seconds per unit of each unknown
             known = parts["elementwise_s"] + parts["ring_merge_s"]
-            a.append([parts["linear_s"] / pt["step_s"], parts["attention_s"] / pt["step_s"],
-                      cfg.num_layers * 1e-6 / pt["step_s"]])
+            known += sum(cols[k] / fixed[k] if k.endswith("efficiency") else cols[k] * fixed[k]
+                         for k in FITTED if k in fixed)
+            a.append([cols[k] / pt["step_s"] for k in FITTED if k not in fixed])
             y.append(1.0 - known / pt["step_s"])
-        sol = _nonneg_lstsq(torch.tensor(a, dtype=torch.float64), torch.tensor(y, dtype=torch.float64))
-        resid = torch.tensor(a, dtype=torch.float64) @ sol - torch.tensor(y, dtype=torch.float64)
+        a_t, y_t = torch.tensor(a, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+        sol = _nonneg_lstsq(a_t, y_t) if a_t.numel() else torch.zeros(0, dtype=torch.float64)
+        resid = (a_t @ sol - y_t) if a_t.numel() else -y_t
         rows.append((float(resid.square().mean().sqrt()), float(resid.abs().max()), h, sol.tolist()))
-    rms, worst, h, (inv_m, inv_a, overhead_us) = min(rows)
-    factors = dict(matmul_efficiency=min(1.0, 1 / inv_m) if inv_m > 0 else 1.0,
-                   attention_efficiency=min(1.0, 1 / inv_a) if inv_a > 0 else 1.0,
-                   gemm_half_rows=h, layer_overhead_us=overhead_us)
-    return dict(factors=factors, rms_relative_error=rms, max_relative_error=worst, points=len(points),
-                tried=[dict(gemm_half_rows=r[2], rms_relative_error=r[0]) for r in rows])
+    rms, worst, h, sol = min(rows)
+    values = dict(zip([k for k in FITTED if k not in fixed], sol))
+    factors = {}
+    for k in FITTED:
+        if k in fixed:
+            factors[k] = float(fixed[k])
+        elif k.endswith("efficiency"):
+            factors[k] = min(1.0, 1 / values[k]) if values[k] > 0 else 1.0
+        else:
+            factors[k] = values[k]
+    factors["gemm_half_rows"] = h
+    return dict(factors=factors, fixed=sorted(fixed), rms_relative_error=rms, max_relative_error=worst,
+                points=len(points), tried=[dict(gemm_half_rows=r[2], rms_relative_error=r[0]) for r in rows])
+
+
+def prediction_errors(points: list[dict], cfg: WanConfig, spec: pl.GPUSpec, cal: pl.Calibration) -> dict:
+    """The planner's rank-local step under `cal` against each measured point: relative errors."""
+    errs = [predicted_parts(cfg, tuple(p["stage"]), tuple(p["size"]), spec, cal)["busy_s"] / p["step_s"] - 1
+            for p in points]
+    return dict(points=len(errs), rms_relative_error=math.sqrt(sum(e * e for e in errs) / len(errs)),
+                max_relative_error=max(abs(e) for e in errs), mean_relative_error=sum(errs) / len(errs))
 
 
 def _nonneg_lstsq(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -250,8 +329,16 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", help="calibration JSON to start from (default: the shipped one)")
     ap.add_argument("--write-calibration", metavar="PATH", help="write the fitted compute factors here")
     ap.add_argument("--fit-mode", default="eager", choices=MODES, help="the mode the calibration is fitted to")
+    ap.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", type=parse_fix,
+                    help="keep a compute factor at VALUE instead of fitting it (e.g. attention_efficiency=0.835)")
+    ap.add_argument("--refit", metavar="RESULTS", help="measure nothing: fit the calibration to this results JSON")
+    ap.add_argument("--check", action="append", default=[], metavar="RESULTS",
+                    help="also report the fitted factors' error on another results JSON (e.g. another model)")
+    ap.add_argument("--note", default="", help="appended to the calibration's source (e.g. where a --fix came from)")
     ap.add_argument("--out", help="results folder (default: bench/results)")
     args = ap.parse_args(argv)
+    if args.refit:
+        return refit(args)
     began = time.perf_counter()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -322,19 +409,76 @@ def main(argv=None) -> int:
                           f"first call {pt['first_call_s']:.1f} s)", flush=True)
     table = gains(points)
     fit_points = [p for p in points if p["mode"] == args.fit_mode]
-    fit = fit_rank_local(fit_points, cfg, spec, base.for_gpu(spec.name)) if fit_points else None
+    fit = fit_rank_local(fit_points, cfg, spec, base.for_gpu(spec.name), dict(args.fix)) if fit_points else None
+    if fit:
+        fit["checks"] = check_fit(fit, spec, base, args.check, args.fit_mode)
     print_table(table, fit, notes)
     write_json(path, result(fit))
     print(f"wrote {path}")
     if args.write_calibration and fit:
-        note = (f"compute factors measured by bench/rank_local.py on {time.strftime('%Y-%m-%d')}, "
-                f"{machine_description(device.type)}, torch {torch.__version__}; {preset} ({layers} blocks), "
-                f"{', '.join('x'.join(map(str, s)) for s in sizes)}, {dtype}, {args.fit_mode}, attention "
-                f"{args.attention}, the {len(fit_points)} rank-local stages of {args.world}-GPU layouts "
-                f"(rms error {fit['rms_relative_error']:.1%}); comm factors from bench/scaling.py; details in {path.name}")
-        write_calibration(args.write_calibration, spec.name, fit["factors"], args.calibration, note)
+        write_calibration(args.write_calibration, spec.name, fit["factors"], args.calibration,
+                          calibration_note(result(fit), fit, path.name, args.note))
         print(f"wrote calibration {args.write_calibration} (gpus.{spec.name})")
     return 0
+
+
+def refit(args) -> int:
+    """--refit: the fit (and --check, --write-calibration) from a saved results file, no measurement."""
+    path = Path(args.refit)
+    data = json.loads(path.read_text())
+    spec = pl.GPUSpec(**data["planner"]["spec"])
+    base = pl.load_calibration(args.calibration)
+    cfg = WanConfig.preset(data["settings"]["preset"]).replace(num_layers=data["settings"]["layers"])
+    points = [p for p in data["points"] if p["mode"] == args.fit_mode]
+    if not points:
+        raise SystemExit(f"--refit {path}: no {args.fit_mode} points in it (modes there: "
+                         f"{sorted({p['mode'] for p in data['points']})})")
+    fit = fit_rank_local(points, cfg, spec, base.for_gpu(spec.name), dict(args.fix))
+    fit["checks"] = check_fit(fit, spec, base, args.check, args.fit_mode)
+    print_table([], fit, [])
+    if args.write_calibration:
+        write_calibration(args.write_calibration, spec.name, fit["factors"], args.calibration,
+                          calibration_note(data, fit, path.name, args.note))
+        print(f"wrote calibration {args.write_calibration} (gpus.{spec.name})")
+    return 0
+
+
+def check_fit(fit: dict, spec: pl.GPUSpec, base: pl.Calibration, files: list[str], mode: str) -> list[dict]:
+    """The fitted factors' prediction error on the `mode` points of other results files."""
+    cal = dataclasses.replace(base.for_gpu(spec.name), **fit["factors"])
+    out = []
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        cfg = WanConfig.preset(data["settings"]["preset"]).replace(num_layers=data["settings"]["layers"])
+        pts = [p for p in data["points"] if p["mode"] == mode]
+        if pts:
+            out.append(dict(file=Path(f).name, preset=data["settings"]["preset"],
+                            **prediction_errors(pts, cfg, spec, cal)))
+    return out
+
+
+def calibration_note(data: dict, fit: dict, name: str, extra: str = "") -> str:
+    st = data["settings"]
+    f = fit["factors"]
+    fixed = "".join(f", {k} fixed at {f[k]:g}" for k in fit["fixed"])
+    checks = "".join(f"; on {c['preset']}'s stages ({c['file']}) rms error {c['rms_relative_error']:.1%}"
+                     for c in fit.get("checks", []))
+    return (f"compute factors fitted by bench/rank_local.py to measurements of {data['date']}, "
+            f"{data['environment'].get('gpu', data['machine'])}, torch {data['environment']['torch']}; {st['preset']} "
+            f"({st['layers']} blocks), {', '.join('x'.join(map(str, s)) for s in st['sizes'])}, {st['dtype']}, "
+            f"{data['fit_mode']} mode, attention {st['attention']}, {fit['points']} rank-local stages of "
+            f"{st['world']}-GPU layouts{fixed} (rms error {fit['rms_relative_error']:.1%}{checks}); "
+            f"comm factors from bench/scaling.py; details in {name}" + (f"; {extra}" if extra else ""))
+
+
+def parse_fix(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    if name not in FITTED + ("gemm_half_rows",):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a fitted factor: one of {', '.join(FITTED)}, gemm_half_rows")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=NUMBER") from None
 
 
 def gains(points: list[dict]) -> list[dict]:
@@ -356,8 +500,9 @@ def gains(points: list[dict]) -> list[dict]:
 
 def print_table(table: list[dict], fit: dict | None, notes: list[str]) -> None:
     modes = [m for m in MODES if any(m in r["step_ms"] for r in table)]
-    print("\n" + f"{'size':<12} {'stage':<10} {'tokens':>7} {'B':>2} " + " ".join(f"{m:>15}" for m in modes)
-          + "   (ms per step; x = speedup over eager)")
+    if table:
+        print("\n" + f"{'size':<12} {'stage':<10} {'tokens':>7} {'B':>2} " + " ".join(f"{m:>15}" for m in modes)
+              + "   (ms per step; x = speedup over eager)")
     for r in table:
         cells = [f"{r['step_ms'][m]:8.2f} x{r['speedup_vs_eager'].get(m, 0):4.2f}" if m in r["step_ms"] else " " * 15
                  for m in modes]
@@ -365,10 +510,14 @@ def print_table(table: list[dict], fit: dict | None, notes: list[str]) -> None:
               + " ".join(f"{c:>15}" for c in cells))
     if fit:
         f = fit["factors"]
-        print(f"\nfit ({fit['points']} points): matmul_efficiency {f['matmul_efficiency']:.3f}, attention_efficiency "
-              f"{f['attention_efficiency']:.3f}, gemm_half_rows {f['gemm_half_rows']}, layer_overhead_us "
-              f"{f['layer_overhead_us']:.1f}; rms relative error {fit['rms_relative_error']:.1%} "
+        fixed = f" ({', '.join(fit['fixed'])} fixed)" if fit["fixed"] else ""
+        print(f"\nfit ({fit['points']} points){fixed}: matmul_efficiency {f['matmul_efficiency']:.3f}, "
+              f"attention_efficiency {f['attention_efficiency']:.3f}, gemm_half_rows {f['gemm_half_rows']}, "
+              f"layer_overhead_us {f['layer_overhead_us']:.1f}; rms relative error {fit['rms_relative_error']:.1%} "
               f"(max {fit['max_relative_error']:.1%})")
+        for c in fit.get("checks", []):
+            print(f"check on {c['file']} ({c['preset']}, {c['points']} points): rms relative error "
+                  f"{c['rms_relative_error']:.1%}, max {c['max_relative_error']:.1%}, mean {c['mean_relative_error']:+.1%}")
     for n in notes:
         print(f"note: {n}")
 

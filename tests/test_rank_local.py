@@ -57,6 +57,18 @@ def test_every_planner_stage_is_measured_at_its_shard_and_the_calibration_reads_
     assert written.comm_efficiency == 0.3 and written.collective_latency_us == 77.0
     assert json.loads(cal_out.read_text())["gpus"]["h200"] == base["gpus"]["h200"]
 
+    # the same fit again from the saved file alone, attention pinned: the rest is refitted around it
+    cal_fix = tmp_path / "fixed.json"
+    assert rank_local.main(["--refit", str(path), "--fix", "attention_efficiency=0.7", "--calibration", str(cal_in),
+                            "--write-calibration", str(cal_fix), "--note", "pinned by the test"]) == 0
+    want = rank_local.fit_rank_local([p for p in data["points"] if p["mode"] == "eager"],
+                                     cfg.replace(num_layers=data["settings"]["layers"]), spec,
+                                     pl.load_calibration(str(cal_in)).for_gpu("cpu"), {"attention_efficiency": 0.7})
+    pinned = pl.load_calibration(str(cal_fix)).for_gpu("cpu")
+    assert pinned.attention_efficiency == 0.7
+    assert pinned.matmul_efficiency == pytest.approx(want["factors"]["matmul_efficiency"], rel=1e-3)
+    assert "attention_efficiency fixed at 0.7" in pinned.source and "pinned by the test" in pinned.source
+
 
 def test_fit_recovers_the_factors_that_made_the_times():
     """Times made by the planner's own model with known factors: the fit must find them again."""
@@ -79,3 +91,39 @@ def test_fit_recovers_the_factors_that_made_the_times():
     assert f["attention_efficiency"] == pytest.approx(0.8, rel=1e-3)
     assert f["layer_overhead_us"] == pytest.approx(30.0, rel=1e-2)
     assert fit["rms_relative_error"] < 1e-6
+
+    # a wrong pinned value: the others absorb what they can, and the error says the fit is off
+    off = rank_local.fit_rank_local(points, cfg, spec, true, {"attention_efficiency": 0.4})
+    assert off["factors"]["attention_efficiency"] == 0.4 and off["rms_relative_error"] > 0.05
+    right = rank_local.fit_rank_local(points, cfg, spec, true, {"attention_efficiency": 0.8})
+    assert right["factors"]["matmul_efficiency"] == pytest.approx(0.5, rel=1e-3)
+    assert right["factors"]["layer_overhead_us"] == pytest.approx(30.0, rel=1e-2)
+    with pytest.raises(ValueError, match="cannot fix"):
+        rank_local.fit_rank_local(points, cfg, spec, true, {"comm_efficiency": 0.5})
+
+
+def test_the_fake_world_fills_what_each_collective_receives():
+    """Kernels after a collective must see real values, not unwritten memory: every receive
+    buffer of the runtime's collectives is written from this rank's own sent data."""
+    import rank_local
+    import torch
+    import torch.distributed as dist
+    from paradit.parallel import collectives as co
+
+    x = torch.randn(2, 1, 5, 7, 4)                                # (P, B, S_me, H, D): 7 heads over 3 ranks
+    real = dist.all_to_all_single, dist.all_gather, dist.batch_isend_irecv
+    with rank_local.fake_world(3):
+        out = co.seq_to_heads(x, None, [5, 5, 4], [3, 2, 2])
+        assert out.shape == (2, 1, 14, 3, 4) and torch.isfinite(out).all()
+        assert torch.equal(out[:, :, :5], x[:, :, :, :3])              # what rank 0 "receives from itself"
+        assert set(out.flatten().tolist()) <= set(x.flatten().tolist())
+        gathered = co.all_gather_uneven(torch.arange(6.0).view(3, 2), dist.group.WORLD, [3, 3, 2])
+        assert gathered.shape == (8, 2) and torch.equal(gathered[:3], gathered[3:6])
+        ring = co.RingComm(dist.group.WORLD)
+        t = torch.randn(4, 6)
+        ring.send_recv(t, (4, 6))
+        assert torch.equal(ring.wait(), t)
+    assert (dist.all_to_all_single, dist.all_gather, dist.batch_isend_irecv) == real     # put back
+    big = torch.empty(10)
+    rank_local.fill_received(big, torch.arange(4.0))
+    assert big.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
