@@ -63,7 +63,7 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
-from scaling import build_model, gpu_spec, make_inputs, probe_main, sync, timed  # noqa: E402
+from scaling import build_model, gpu_spec, make_inputs, probe_main, sync, timed, write_calibration  # noqa: E402
 
 import paradit.plan as pl  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
@@ -296,16 +296,6 @@ def _nonneg_lstsq(a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         free.remove(int(sol.argmin()))
 
 
-def write_calibration(path: str, spec_name: str, factors: dict, base_path: str | None, note: str) -> None:
-    """The calibration file with this GPU's compute factors replaced, its other entries kept."""
-    raw = json.loads(Path(base_path or pl.DEFAULT_CALIBRATION).read_text())
-    entry = raw.setdefault("gpus", {}).setdefault(spec_name, {})
-    entry.update({k: (int(v) if k == "gemm_half_rows" else float(f"{v:.4g}")) for k, v in factors.items()})
-    entry["source"] = note
-    Path(path).write_text(json.dumps(raw, indent=2) + "\n")
-    pl.load_calibration(path)   # it must read back
-
-
 def parse_size(text: str) -> tuple[int, int, int]:
     try:
         w, h, f = (int(v) for v in text.lower().split("x"))
@@ -362,13 +352,14 @@ def main(argv=None) -> int:
           f"on {machine_description(device.type)}", flush=True)
     points, notes = [], []
     path = results_path("rank_local", "json", args.out, tag)
+    env = environment()
 
-    def result(fit=None) -> dict:
-        return dict(what="rank_local", date=time.strftime("%Y-%m-%d"), machine=tag, environment=environment(),
+    def result() -> dict:
+        return dict(what="rank_local", date=time.strftime("%Y-%m-%d"), machine=tag, environment=env,
                     settings=dict(preset=preset, layers=layers, dtype=str(dtype), world=args.world, sizes=sizes,
                                   modes=modes, attention=args.attention, steps=args.steps, warmup=args.warmup),
                     planner=dict(spec=dataclasses.asdict(spec), spec_how=spec_how, calibration=base.source),
-                    method=__doc__, points=points, gains=gains(points), fit_mode=args.fit_mode, fit=fit, notes=notes)
+                    method=__doc__, points=points, gains=gains(points), fit_mode=args.fit_mode, fit=None, notes=notes)
 
     for compiled in (False, True):
         wanted = [m for m in modes if ("compiled" in m) == compiled]
@@ -407,18 +398,13 @@ def main(argv=None) -> int:
                     print(f"  {size[0]}x{size[1]}x{size[2]} {pt['label']:<10} {mode:<15} {pt['step_s'] * 1e3:9.2f} ms "
                           f"({pt['tflops']:.0f} TFLOP/s; planner {pt['predicted']['busy_s'] * 1e3:.2f} ms; "
                           f"first call {pt['first_call_s']:.1f} s)", flush=True)
-    table = gains(points)
-    fit_points = [p for p in points if p["mode"] == args.fit_mode]
-    fit = fit_rank_local(fit_points, cfg, spec, base.for_gpu(spec.name), dict(args.fix)) if fit_points else None
-    if fit:
-        fit["checks"] = check_fit(fit, spec, base, args.check, args.fit_mode)
-    print_table(table, fit, notes)
-    write_json(path, result(fit))
+    data = result()
+    fit = fit_results(data, base, args)
+    data["fit"] = fit
+    print_table(data["gains"], fit, notes)
+    write_json(path, data)
     print(f"wrote {path}")
-    if args.write_calibration and fit:
-        write_calibration(args.write_calibration, spec.name, fit["factors"], args.calibration,
-                          calibration_note(result(fit), fit, path.name, args.note))
-        print(f"wrote calibration {args.write_calibration} (gpus.{spec.name})")
+    write_fit(data, fit, path.name, args)
     return 0
 
 
@@ -426,21 +412,38 @@ def refit(args) -> int:
     """--refit: the fit (and --check, --write-calibration) from a saved results file, no measurement."""
     path = Path(args.refit)
     data = json.loads(path.read_text())
-    spec = pl.GPUSpec(**data["planner"]["spec"])
-    base = pl.load_calibration(args.calibration)
-    cfg = WanConfig.preset(data["settings"]["preset"]).replace(num_layers=data["settings"]["layers"])
-    points = [p for p in data["points"] if p["mode"] == args.fit_mode]
-    if not points:
+    fit = fit_results(data, pl.load_calibration(args.calibration), args)
+    if fit is None:
         raise SystemExit(f"--refit {path}: no {args.fit_mode} points in it (modes there: "
                          f"{sorted({p['mode'] for p in data['points']})})")
-    fit = fit_rank_local(points, cfg, spec, base.for_gpu(spec.name), dict(args.fix))
-    fit["checks"] = check_fit(fit, spec, base, args.check, args.fit_mode)
     print_table([], fit, [])
-    if args.write_calibration:
-        write_calibration(args.write_calibration, spec.name, fit["factors"], args.calibration,
-                          calibration_note(data, fit, path.name, args.note))
-        print(f"wrote calibration {args.write_calibration} (gpus.{spec.name})")
+    write_fit(data, fit, path.name, args)
     return 0
+
+
+def built_config(data: dict) -> WanConfig:
+    """The model a results file measured: its preset with the blocks it built."""
+    return WanConfig.preset(data["settings"]["preset"]).replace(num_layers=data["settings"]["layers"])
+
+
+def fit_results(data: dict, base: pl.Calibration, args) -> dict | None:
+    """fit_rank_local on a results file's --fit-mode points (None without any), with --fix and --check."""
+    spec = pl.GPUSpec(**data["planner"]["spec"])
+    points = [p for p in data["points"] if p["mode"] == args.fit_mode]
+    if not points:
+        return None
+    fit = fit_rank_local(points, built_config(data), spec, base.for_gpu(spec.name), dict(args.fix))
+    fit["checks"] = check_fit(fit, spec, base, args.check, args.fit_mode)
+    return fit
+
+
+def write_fit(data: dict, fit: dict | None, name: str, args) -> None:
+    """--write-calibration: the fitted compute factors under gpus.<this GPU>, the entry's others kept."""
+    if args.write_calibration and fit:
+        gpu = data["planner"]["spec"]["name"]
+        write_calibration(args.write_calibration, gpu, fit, args.calibration,
+                          calibration_note(data, fit, name, args.note), merge=True)
+        print(f"wrote calibration {args.write_calibration} (gpus.{gpu})")
 
 
 def check_fit(fit: dict, spec: pl.GPUSpec, base: pl.Calibration, files: list[str], mode: str) -> list[dict]:
@@ -449,11 +452,10 @@ def check_fit(fit: dict, spec: pl.GPUSpec, base: pl.Calibration, files: list[str
     out = []
     for f in files:
         data = json.loads(Path(f).read_text())
-        cfg = WanConfig.preset(data["settings"]["preset"]).replace(num_layers=data["settings"]["layers"])
         pts = [p for p in data["points"] if p["mode"] == mode]
         if pts:
             out.append(dict(file=Path(f).name, preset=data["settings"]["preset"],
-                            **prediction_errors(pts, cfg, spec, cal)))
+                            **prediction_errors(pts, built_config(data), spec, cal)))
     return out
 
 

@@ -594,13 +594,18 @@ def fit_calibration(points: list[dict], base: pl.Calibration, fit_world_max: int
                 factors=factors)
 
 
-def write_calibration(path: str, spec_name: str, fit: dict, base_path: str | None, note: str) -> None:
-    """The shipped calibration (or --calibration) with this machine's factors under gpus.<name>."""
+def write_calibration(path: str, spec_name: str, fit: dict, base_path: str | None, note: str,
+                      merge: bool = False) -> None:
+    """The shipped calibration (or --calibration) with this machine's factors under gpus.<name>;
+    merge=True keeps that entry's other factors (bench/rank_local.py fits the compute ones only)."""
     raw = json.loads(Path(base_path or pl.DEFAULT_CALIBRATION).read_text())
-    entry = {k: float(f"{v:.4g}") for k, v in fit["factors"].items()} | {"source": note}
-    if spec_name == "cpu":
+    gpus = raw.setdefault("gpus", {})
+    entry = dict(gpus.get(spec_name, {})) if merge else {}
+    entry |= {k: int(v) if k == "gemm_half_rows" else float(f"{v:.4g}") for k, v in fit["factors"].items()}
+    entry["source"] = note
+    if spec_name == "cpu" and not merge:
         entry["min_tokens_per_rank"] = 1
-    raw.setdefault("gpus", {})[spec_name] = entry
+    gpus[spec_name] = entry
     Path(path).write_text(json.dumps(raw, indent=2) + "\n")
     pl.load_calibration(path)   # it must read back
 
