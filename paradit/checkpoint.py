@@ -23,7 +23,9 @@ assigned under paradit.models.loading.BUILD_LOCK (no library's process-wide cons
 reach a module another thread builds). The experts share one paradit.models.reader.Reader: its
 threads read the page cache straight into pinned staging slots (allocated once) and copy them to
 the GPU, casting there. LoRAs (`loras=`, paradit/models/lora.py) are checked from their headers
-with the configs, and merged into each expert as it loads. Phase timings land in `pipe.startup`,
+with the configs, and merged into each weight as it is read, on the GPU. Experts that the offload
+mode keeps in host memory are read straight into their page-locked host buffers
+(paradit.offload.offload_on_load), a weight with a LoRA passing through the GPU for its merge. Phase timings land in `pipe.startup`,
 bytes read per component in `pipe.load_stats` ("bytes" from the files, "received_bytes" from peers).
 
 Once per node (`read_once`, paradit.parallel.weights): the ranks of one node that load the same
@@ -218,7 +220,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     from paradit.models.lora import check_loras, for_expert
     from paradit.models.reader import Reader
     from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
-    from paradit.offload import resolve_offload
+    from paradit.offload import host_weights_of, offload_on_load, resolve_offload
     from paradit.residency import offloads_experts, offloads_text_encoder
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
@@ -238,9 +240,9 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     parts = components_needed(mesh)
     dtype = dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     mode = resolve_offload(offload, cfg, mesh)
-    expert_device = torch.device("cpu") if offloads_experts(mode) and len(needed) > 1 else info.device
+    on_host = offloads_experts(mode) and len(needed) > 1     # read straight into pinned host buffers
     text_device = "cpu" if offloads_text_encoder(mode) else info.device
-    groups, node_size = node_read_groups(needed, expert_device, read_once)
+    groups, node_size = node_read_groups(needed, torch.device("cpu") if on_host else info.device, read_once)
     turns = InTurn(sorted(groups))
     shared = {k: SharedRead(group, turns.turn(k)) for k, group in groups.items()}
     startup = {"config_s": time.perf_counter() - t0 - t_lora}
@@ -255,13 +257,14 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
 
     experts: list = [None] * cfg.num_experts
     t1 = time.perf_counter()
-    reader = Reader(expert_device, threads=reader_threads(node_size))
+    reader = Reader(info.device, threads=reader_threads(node_size))
+    host = offload_on_load(info.device) if on_host else None
     with reader, ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
-        jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=expert_device,
+        jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
                                config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
                                loras=for_expert(lora_files, k, cfg.num_experts),
                                expert=("high", "low")[k] if cfg.num_experts == 2 else None, reader=reader,
-                               shared=shared.get(k)) for k in needed}
+                               shared=shared.get(k), host=host) for k in needed}
         text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
                                ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=text_device,
                                stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None
@@ -281,6 +284,8 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
         startup["attention_kernel_s"] = kernel_job.result()   # flash-attn-4's build, beside the reads
     startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
     startup["staging_s"] = reader.stats["staging_s"]       # pinning the experts' staging slots (inside weights_s)
+    if on_host:   # page-locking the offloaded experts' host buffers (inside weights_s; then read into)
+        startup["host_buffers_s"] = sum(host_weights_of(experts[k]).setup_s for k in needed)
     if lora_files:  # merged inside each expert's load (part of weights_s), summed over this rank's experts
         startup["lora_merge_s"] = sum(s["lora"]["seconds"] for s in stats.values() if "lora" in s)
     pipe = cls(cfg, experts, text, vae, mesh=mesh, backend=backend)

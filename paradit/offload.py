@@ -1,7 +1,9 @@
 """Offload mechanics: a module's weights kept in pinned host memory, copied to the GPU when used.
 
 HostWeights holds one module's parameters and buffers in host buffers, one per chunk (pinned on CUDA), and points
-the module at device copies while it is resident. ExpertResidency executes the schedule of
+the module at device copies while it is resident. An expert loaded for offload is read straight into
+its host buffers (offload_on_load: allocated for the meta-built model, filled by the checkpoint
+reader, kept on the module for ExpertResidency); a module already in memory is copied in. ExpertResidency executes the schedule of
 paradit.residency for the experts a rank holds; TextEncoderResidency puts umT5 on the GPU for
 the prompt encode only. Both are driven explicitly by the pipeline (Pipeline.velocity,
 Pipeline.encode_prompts); the model code knows nothing of them.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,15 +38,23 @@ class HostWeights:
     """The tensors of `module` in host memory (pinned on CUDA), one flat buffer per chunk. chunks:
     submodules copied (and waited for) one by one, in this order, after the tensors outside them.
 
+    A module built on the meta device gets its buffers allocated and is pointed at them, their
+    contents left for the caller to fill (the checkpoint reader reads an offloaded expert straight
+    into them: paradit.models.loading.load_transformer's `host`); a module with its weights is copied
+    in, chunk by chunk, freeing what it held as it goes.
+
     A buffer per chunk, not one pinned tensor per weight: torch's pinned allocator rounds every
     request up to a power of two (a 141.6 MB A14B FFN weight takes 256 MB), which made an A14B
     expert need ~42 GB of pinned memory instead of 28.6. Each chunk goes to the GPU as one transfer
-    into one device allocation."""
+    into one device allocation, from one page-locked registration (paradit.models.reader.PinnedBuffer)."""
 
     def __init__(self, module: nn.Module, device, chunks: list[nn.Module] = ()):
+        t0 = time.perf_counter()
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         tensors, self.refs = _unique_tensors(module)               # per tensor: where the module holds it
+        meta = [t.is_meta for t in tensors]
+        assert all(meta) or not any(meta), "a module partly on the meta device"
         index = {id(t): i for i, t in enumerate(tensors)}
         claimed: set[int] = set()
         self.chunks: list[list[int]] = []                           # tensor indices per chunk; rest first
@@ -52,31 +64,25 @@ class HostWeights:
             self.chunks.append(ids)
         self.chunks.insert(0, [i for i in range(len(tensors)) if i not in claimed])
         self.chunk_modules = [None, *chunks]
-        # the byte range of every tensor in its chunk's buffer; 256-byte aligned for any dtype's view
-        self.ranges: list[tuple[int, int]] = [(0, 0)] * len(tensors)
-        sizes = []
-        for ids in self.chunks:
-            end = 0
-            for i in ids:
-                n = tensors[i].numel() * tensors[i].element_size()
-                self.ranges[i] = (end, end + n)
-                end = _align(end + n, 256)
-            sizes.append(end)
+        self.ranges, sizes = _layout(tensors, self.chunks)
         self.bytes = sum(sizes)
         self.host: list[torch.Tensor | None] = [None] * len(tensors)
         if self.cuda:
             check_host_memory(sum(t.numel() * t.element_size() for t in tensors if t.device.type != "cpu"))
-        # chunk by chunk (a few at once), so that the tensors a chunk held are freed as its buffer
-        # fills: moving an expert into pinned memory needs one chunk's bytes beyond the expert's
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        # chunk by chunk (a few at once: page-locking faults the pages in, the copies are bounded by
+        # memory bandwidth), so that the tensors a chunk held are freed as its buffer fills: moving
+        # an expert into pinned memory needs one chunk's bytes beyond the expert's
+        with ThreadPoolExecutor(max_workers=8 if all(meta) else 4) as pool:
             self.buffers = list(pool.map(lambda c: self._fill(c, sizes[c], tensors), range(len(self.chunks))))
         self.resident = False
+        self.setup_s = time.perf_counter() - t0       # allocating (page-locking) and, with weights, copying
 
     def _fill(self, c: int, nbytes: int, tensors: list[torch.Tensor]):
         buffer = PinnedBuffer(nbytes) if self.cuda else _Buffer(nbytes)
         for i in self.chunks[c]:
             host = self._view(buffer.tensor, i, tensors[i])
-            host.copy_(tensors[i].detach())
+            if not tensors[i].is_meta:
+                host.copy_(tensors[i].detach())
             self.host[i] = host
             # Pointed at its host copy at once, so that the tensor it held (a host copy that is not
             # pinned, say) is freed now
@@ -89,11 +95,15 @@ class HostWeights:
         return flat[start:end].view(like.dtype).view(like.shape)
 
     def _point_one(self, i: int, t: torch.Tensor) -> None:
+        first = None                    # a meta parameter is replaced, by one Parameter for all its names
         for owner, kind, key in self.refs[i]:
-            if kind == "_parameters":
-                owner._parameters[key].data = t
-            else:
+            if kind == "_buffers":
                 owner._buffers[key] = t
+            elif owner._parameters[key].is_meta:
+                first = first or nn.Parameter(t, requires_grad=owner._parameters[key].requires_grad)
+                owner._parameters[key] = first
+            else:
+                owner._parameters[key].data = t
 
     def to_device(self, stream=None) -> list:
         """Device copies of every tensor, the module pointed at them; returns one CUDA event per
@@ -124,6 +134,43 @@ class HostWeights:
 
 def _align(n: int, to: int) -> int:
     return -(-n // to) * to
+
+
+def _layout(tensors: list[torch.Tensor], chunks: list[list[int]]) -> tuple[list[tuple[int, int]], list[int]]:
+    """The byte range of every tensor in its chunk's buffer (256-byte aligned, for any dtype's view)
+    and each chunk's buffer size."""
+    ranges, sizes = [(0, 0)] * len(tensors), []
+    for ids in chunks:
+        end = 0
+        for i in ids:
+            n = tensors[i].numel() * tensors[i].element_size()
+            ranges[i] = (end, end + n)
+            end = _align(end + n, 256)
+        sizes.append(end)
+    return ranges, sizes
+
+
+def expert_chunks(expert: nn.Module) -> list[nn.Module]:
+    """How an expert's host copy is cut: each block, then the head (the embeddings are the rest)."""
+    return [*expert.blocks, expert.head]
+
+
+def host_weights_of(module: nn.Module) -> "HostWeights | None":
+    """The HostWeights a module was loaded into (offload_on_load), if any."""
+    return getattr(module, _HOST_ATTR, None)
+
+
+def offload_on_load(device) -> "Callable[[nn.Module], dict[str, torch.Tensor]]":
+    """For load_transformer(host=...): a meta-built expert's pinned host buffers, allocated and
+    kept on the module (host_weights_of), its tensors by name for the reader to fill."""
+    def host(expert: nn.Module) -> dict[str, torch.Tensor]:
+        weights = HostWeights(expert, device, expert_chunks(expert))
+        object.__setattr__(expert, _HOST_ATTR, weights)     # not a submodule: no state, no hooks
+        return {**expert.state_dict()}
+    return host
+
+
+_HOST_ATTR = "_paradit_host_weights"
 
 
 def _unique_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[list[tuple[nn.Module, str, str]]]]:
@@ -177,7 +224,8 @@ class ExpertResidency:
         self.held = [k for k, m in enumerate(experts) if m is not None]
         self.active = len(self.held) > 1
         self.device, self.lead = torch.device(device), lead
-        self.weights = {k: HostWeights(experts[k], device, [*experts[k].blocks, experts[k].head])
+        # read straight into host memory by the loader (offload_on_load), or copied there now
+        self.weights = {k: host_weights_of(experts[k]) or HostWeights(experts[k], device, expert_chunks(experts[k]))
                         for k in self.held} if self.active else {}
         cuda = self.device.type == "cuda" and self.active
         self.stream = torch.cuda.Stream(self.device) if cuda else None
@@ -275,7 +323,8 @@ class TextEncoderResidency:
     """umT5 in host memory, on the GPU only inside `on_device()` (the prompt encode)."""
 
     def __init__(self, text_encoder, device):
-        self.weights = HostWeights(text_encoder.model, device)
+        model = text_encoder.model         # umT5: one chunk per block, so that several fill at once
+        self.weights = HostWeights(model, device, list(getattr(getattr(model, "encoder", None), "block", [])))
         text_encoder.device = torch.device(device)      # where the token ids and the output go
         self.copies = 0
 

@@ -330,3 +330,48 @@ def test_distill_bench_writes_loras_of_the_presets_shapes(tmp_path):
         assert {p.param for p in lf.patches} == {f"{m}.{w}" for m in linears(TINY) for w in ("weight", "bias")}
         assert not lf.skipped and {p.rank for p in lf.patches if p.param.endswith(".weight")} == {4}
     assert info["rank"] == 4 and set(info["files"]) == {"high_noise", "low_noise"}
+
+
+# ----------------------------------------------------------------------------- values that wreck the video
+@pytest.fixture(scope="module")
+def wrecking(tmp_path_factory):
+    """LoRAs whose merge would give NaN or overflowing weights (an all-black video): NaN in one up
+    matrix, an infinite alpha, and a good file for a strength of 1e30."""
+    d = tmp_path_factory.mktemp("wrecking")
+    good, _ = random_lora(TINY, "kohya", 5)
+    nan = dict(good)
+    nan["diffusion_model.blocks.1.ffn.2.lora_up.weight"] = good["diffusion_model.blocks.1.ffn.2.lora_up.weight"].clone()
+    nan["diffusion_model.blocks.1.ffn.2.lora_up.weight"][2, 1] = float("nan")
+    inf = good | {"diffusion_model.blocks.0.self_attn.v.alpha": torch.tensor(float("inf"))}
+    key = "diffusion_model.blocks.1.self_attn.q.lora_up.weight"
+    huge = good | {key: good[key] * 1e6}                     # finite, but its merge overflows fp16
+    for name, tensors in {"good": good, "nan": nan, "inf_alpha": inf, "huge": huge}.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, d / f"{name}.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("name,scale,message", [
+    ("nan", 1.0, r"nan.safetensors:1 .*its tensor diffusion_model.blocks.1.ffn.2.lora_up.weight holds NaN"),
+    ("inf_alpha", 1.0, r"inf_alpha.safetensors:1 .*strength x alpha / rank = inf for "
+                       r"diffusion_model.blocks.0.self_attn.v.lora_up.weight .*is not finite"),
+    ("good", 1e30, r"good.safetensors:1e\+30 .*strength x alpha / rank = \S+e\+(29|30) for "
+                     r"diffusion_model.blocks.\d.\S+ .*beyond any useful strength"),
+], ids=["nan-weights", "inf-alpha", "strength-1e30"])
+def test_merges_that_would_wreck_the_video_are_refused(name, scale, message, wrecking, ckpt):
+    """Refused at the merge, naming the file and the tensor: built in memory (tiny) and read from a
+    checkpoint (the reader merges as it reads)."""
+    spec = LoraSpec(wrecking / f"{name}.safetensors", scale)
+    with pytest.raises(LoraError, match=message):
+        Pipeline.from_pretrained("tiny", loras=[spec])
+    with pytest.raises(LoraError, match=message):
+        load_transformer(ckpt / "transformer", loras=[spec])
+
+
+def test_a_merge_that_overflows_its_dtype_is_refused(wrecking, ckpt):
+    """Finite LoRA tensors and strength whose merged weight overflows fp16 (max 65504): the check of
+    each merged tensor."""
+    spec = LoraSpec(wrecking / "huge.safetensors")
+    with pytest.raises(LoraError, match=r"merging .*huge.safetensors \(diffusion_model.blocks.1.self_attn.q.lora_up"
+                                        r".weight\) into blocks.1.self_attn.q.weight gives values that are not "
+                                        r"finite in torch.float16"):
+        load_transformer(ckpt / "transformer", dtype=torch.float16, loras=[spec])

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ckpt_workers import write_checkpoint
+from paradit.config import WanConfig
 from paradit.generate import failure, parse_args
-from paradit.offload import ExpertResidency, HostWeights
+from paradit.models.build import build_on_meta
+from paradit.models.lora import LoraSpec
+from paradit.models.transformer import WanTransformer
+from paradit.offload import ExpertResidency, HostWeights, host_weights_of, offload_on_load
 from paradit.settings import ChordsSettings
 from paradit.pipeline import Pipeline
 from paradit.residency import Action, residency_at, residency_plan
@@ -72,6 +77,61 @@ def test_host_weights_copy_and_release_keep_tied_tensors_tied():
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
 
 
+def test_host_buffers_of_a_meta_built_expert():
+    """The layout an offloaded expert is read into: one buffer per chunk (the embeddings and other
+    loose tensors, each block, the head), every tensor a 256-byte-aligned view of its dtype and shape
+    that no other tensor overlaps, the module pointed at them."""
+    cfg = WanConfig.preset("tiny")
+    model = build_on_meta(lambda: WanTransformer(cfg)).to(torch.bfloat16)
+    views = offload_on_load("cpu")(model)
+    w = host_weights_of(model)
+    assert len(w.buffers) == 1 + cfg.num_layers + 1 and w.bytes == sum(b.tensor.numel() for b in w.buffers)
+    assert w.chunk_modules == [None, *model.blocks, model.head]
+    state = model.state_dict()
+    assert views.keys() == state.keys() and not any(t.is_meta for t in state.values())
+    for c, ids in enumerate(w.chunks):
+        spans = sorted(w.ranges[i] for i in ids)
+        assert all(a % 256 == 0 for a, _ in spans) and all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+        base = w.buffers[c].tensor.data_ptr()
+        assert all(w.host[i].data_ptr() == base + w.ranges[i][0] for i in ids)
+    for name, t in state.items():
+        assert t.dtype == torch.bfloat16 and t.data_ptr() == views[name].data_ptr(), name
+    block = {p.data_ptr() for p in model.blocks[1].parameters()}          # block 1: chunk 2's buffer
+    assert block == {w.host[i].data_ptr() for i in w.chunks[2]}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("offload_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from lora_distill import write
+    from ckpt_workers import TINY_T2V
+    return Path(write(TINY_T2V, tmp_path_factory.mktemp("offload_lora"), 4, torch.float32, 0)["high_noise"]["path"])
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_offloaded_experts_are_read_straight_into_their_host_buffers(folder, lora, with_lora):
+    """From a checkpoint, offload='experts' reads each expert into its host buffers as it loads (no
+    second copy at apply_offload), LoRAs merged on the way; the latent is the resident run's, bit for bit."""
+    loras = [LoraSpec(lora, 0.8, "high"), LoraSpec(lora, 1.2, "low")] if with_lora else []
+    kw = dict(KW, width=80, height=48, frames=5, steps=3)
+    ref = Pipeline.from_pretrained(str(folder), loras=loras)(PROMPT, **kw)
+    pipe = Pipeline.from_pretrained(str(folder), offload="experts", loras=loras)
+    assert pipe.startup["host_buffers_s"] > 0 and ("lora_merge_s" in pipe.startup) == with_lora
+    for k, expert in enumerate(pipe.experts):
+        w = pipe.residency.weights[k]
+        assert w is host_weights_of(expert) and not w.resident
+        held = [(b.tensor.data_ptr(), b.tensor.data_ptr() + b.tensor.numel()) for b in w.buffers]
+        assert all(any(a <= p.data_ptr() < b for a, b in held) for p in expert.parameters())
+    assert torch.equal(pipe(PROMPT, **kw), ref)
+    if with_lora:   # the LoRAs changed the weights: the reference is not the plain model's
+        assert not torch.equal(Pipeline.from_pretrained(str(folder))(PROMPT, **kw), ref)
+
+
 def test_residency_outside_a_request_swaps_on_demand():
     pipe = Pipeline.from_pretrained("tiny")
     r = ExpertResidency(pipe.experts, "cpu")
@@ -106,6 +166,7 @@ def test_offload_all_same_latent_and_residency_per_step(reference):
     assert log[5:] == log[1:5]                                     # request 2: no copy at its start
     te = pipe.text_residency                                       # copied in once per request, back out
     assert te.copies == 2 and not te.weights.resident
+    assert len(te.weights.buffers) == 1 + len(pipe.text_encoder.model.encoder.block)   # a buffer per block
     held = {p.data_ptr() for p in pipe.text_encoder.model.parameters()}
     assert held <= {h.data_ptr() for h in te.weights.host}
 
@@ -166,8 +227,8 @@ def test_pinned_host_weights_on_cuda_round_trip():
     x = torch.randn(4, 300, dtype=torch.bfloat16, device="cuda")
     ref = model(x)
     w = HostWeights(model, "cuda", chunks=[model[1]])
-    # registered with the driver piece by piece (torch's is_pinned() knows only its own allocator's blocks)
-    assert len(w.buffers) == 2 and all(isinstance(b, PinnedBuffer) and b._registered == b._pieces for b in w.buffers)
+    # registered with the driver, one registration per buffer (torch's is_pinned() knows only its own blocks)
+    assert len(w.buffers) == 2 and all(isinstance(b, PinnedBuffer) and b._registered for b in w.buffers)
     assert all(not p.is_cuda for p in model.parameters())
     stream = torch.cuda.Stream()
     events = w.to_device(stream)
@@ -178,4 +239,18 @@ def test_pinned_host_weights_on_cuda_round_trip():
     w.release()
     assert all(not p.is_cuda for p in model.parameters())
     w.buffers[0].close()
-    assert w.buffers[0]._registered == []
+    assert w.buffers[0]._registered is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked host memory needs CUDA")
+def test_a_chunk_larger_than_a_fault_piece_copies_in_one_transfer():
+    """The text encoder's crash (CUDA error: invalid argument in to_device): a buffer over 1 GiB was
+    registered in 1 GiB pieces, and one copy spanning two registrations is refused by the driver."""
+    from paradit.models.reader import PinnedBuffer
+    emb = torch.nn.Embedding(5 * 2**20, 128, dtype=torch.bfloat16)      # 1.25 GiB, one chunk
+    torch.nn.init.normal_(emb.weight)
+    ref = emb.weight.detach().clone()
+    w = HostWeights(emb, "cuda")
+    assert w.bytes > PinnedBuffer.PIECE and len(w.buffers) == 1
+    assert w.to_device() == []                                     # the compute stream, as the text encoder
+    assert emb.weight.is_cuda and torch.equal(emb.weight.cpu(), ref)

@@ -85,3 +85,40 @@ def test_four_ranks_read_the_files_once_between_them(expert):
     for r in results:
         assert r["bytes"] + r["received"] == total
         assert r["bytes"] < 0.35 * total                              # about a quarter each
+
+
+class Doubled:
+    """A transform (the LoraMerge interface) of some tensors: x2, a new tensor, on the tensor's device."""
+
+    def __init__(self, names):
+        self.names, self.calls = frozenset(names), []
+
+    def __call__(self, name, t):
+        self.calls.append(name)
+        return t * 2
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_reads_into_given_buffers_and_transforms_as_it_reads(expert, staged):
+    """out=: the caller's destinations (an offloaded expert's host buffer, one flat allocation with
+    a view per tensor) are filled in place, casts included; the transform's tensors come back into
+    them. staged: the path a host destination takes through the GPU, with the CPU standing in."""
+    entries = {k: e for f in expert.glob("*.safetensors") for k, e in header(f).items()}
+    plain = {k: t for f in expert.glob("*.safetensors") for k, t in load_file(f).items()}
+    names = sorted(entries)
+    for dtype in (torch.float32, torch.bfloat16):
+        dtypes = dict.fromkeys(names, dtype)
+        flat = torch.full((sum(entries[n].nbytes for n in names),), 7, dtype=torch.uint8)
+        out, at = {}, 0
+        for n in names:
+            size = entries[n].nbytes * dtype.itemsize // entries[n].dtype.itemsize
+            out[n] = flat[at:at + size].view(dtype).view(entries[n].shape)
+            at += size
+        changed = Doubled(names[::3])
+        with Reader("cpu", threads=3, staged=staged, stage_bytes=4096) as reader:
+            got = reader.read(entries, dtypes, out=out, transform=changed)
+        assert sorted(changed.calls) == sorted(changed.names)                 # each once
+        for n in names:
+            assert got[n].data_ptr() == out[n].data_ptr(), n                   # in the given memory
+            want = plain[n].to(dtype) * (2 if n in changed.names else 1)
+            assert torch.equal(got[n], want), (n, dtype)

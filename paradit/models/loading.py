@@ -166,34 +166,42 @@ def _shape_reader(index: TensorIndex) -> Callable[[str], tuple[int, ...]]:
 
 def read_tensors(index: TensorIndex, names: list[str], dtype: torch.dtype, device, threads: int = 8,
                  stats: dict | None = None, keep_fp32: Callable[[str], bool] | None = None,
-                 shared=None, reader=None) -> dict[str, torch.Tensor]:
+                 shared=None, reader=None, out: dict | None = None, transform=None) -> dict[str, torch.Tensor]:
     """Read `names` from the page cache onto device, floating ones converted to dtype
     (paradit.models.reader: several threads; on CUDA pinned staging and the cast on the device).
     keep_fp32(name): floating tensors that stay fp32 whatever dtype is. shared: a
     paradit.parallel.weights.SharedRead when the ranks of one node that all need these tensors read
-    them once between them (each a share; the rest arrives by broadcast). reader: a paradit.models.reader.Reader whose threads and staging serve this
-    read (default: one of `threads` threads for this read alone)."""
-    from paradit.models.reader import header, read_entries
+    them once between them (each a share; the rest arrives by broadcast). reader: a
+    paradit.models.reader.Reader whose threads and staging serve this read (default: one of `threads`
+    threads for this read alone). out: destinations allocated by the caller (pinned host memory of
+    an offloaded module), by name. transform: applied to its `names` as they are read (LoraMerge)."""
+    from paradit.models.reader import _into, header, read_entries
     headers = {file: header(file) for file in {index.files[n][0] for n in names}}
     entries = {n: headers[index.files[n][0]][index.files[n][1]] for n in names}
     dtypes = {n: (torch.float32 if keep_fp32 and keep_fp32(n) else dtype) if e.dtype.is_floating_point
               else e.dtype for n, e in entries.items()}
-    if shared is not None:
-        return shared.read(entries, dtypes, device, threads, stats, reader)
-    return read_entries(entries, dtypes, device, threads, stats, reader)
+    if shared is None:
+        return read_entries(entries, dtypes, device, threads, stats, reader, out, transform)
+    tensors = shared.read(entries, dtypes, device, threads, stats, reader)   # then as a plain read would
+    changed = transform.names if transform is not None else ()
+    return {n: _into((out or {}).get(n, t), transform(n, t) if n in changed else t) for n, t in tensors.items()}
 
 
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                      config: WanConfig | None = None, stats: dict | None = None, loras=(),
-                     expert: str | None = None, shared=None, reader=None) -> WanTransformer:
+                     expert: str | None = None, shared=None, reader=None,
+                     host: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None) -> WanTransformer:
     """Load a Wan transformer from a diffusers-layout or original-layout checkpoint.
 
-    loras: LoraSpec entries (paradit.models.lora), merged into the weights as they load; each is
-    checked against the checkpoint's shapes before any weight is read. expert: "high" or "low" when
-    this is one expert of a Wan2.2 pair, so that specs with target="high" / "low" pick theirs.
-    shared: a paradit.parallel.weights.SharedRead when the ranks of one node loading the same
-    transformer read its files once between them. reader: the Reader (threads, pinned staging)
-    shared by the loads running beside this one."""
+    loras: LoraSpec entries (paradit.models.lora), merged into the weights as they load (each tensor
+    as it is read, on `device`); each is checked against the checkpoint's shapes before any weight is
+    read. expert: "high" or "low" when this is one expert of a Wan2.2 pair, so that specs with
+    target="high" / "low" pick theirs. shared: a paradit.parallel.weights.SharedRead when the ranks of
+    one node loading the same transformer read its files once between them. reader: the Reader
+    (threads, pinned staging) shared by the loads running beside this one. host: for a transformer
+    kept in host memory (offload): host(model) gives the meta-built model its (pinned) host tensors
+    and returns them by name; the weights are read straight into them (a tensor that needs the GPU,
+    for a LoRA merge or a cast, passes through `device` on the way)."""
     loras = _loras_for(loras, expert)
     index = index_checkpoint(path)
     cfg = config_from_checkpoint(index, config)
@@ -209,10 +217,16 @@ def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32, devic
     shapes = {n: tuple(p.shape) for n, p in expected.items()}
     _check_shapes(index, shapes, cfg.name)
     lora_files = _read_loras(loras, shapes, cfg.name)
-    tensors = read_tensors(index, list(expected), dtype, device, stats=stats, shared=shared, reader=reader)
-    if lora_files:
-        from paradit.models.lora import merge_loras
-        merge_loras(tensors, lora_files, None if stats is None else stats.setdefault("lora", {}))
+    from paradit.models.lora import LoraMerge
+    with LoraMerge(lora_files) as merge:
+        if host is not None:
+            with BUILD_LOCK:
+                model = model.to(dtype)         # still on the meta device: the host tensors' dtype
+        into = host(model) if host is not None else None
+        tensors = read_tensors(index, list(expected), dtype, device, stats=stats, shared=shared, reader=reader,
+                               out=into, transform=merge if lora_files else None)
+    if lora_files and stats is not None:
+        stats["lora"] = merge.stats()
     return assign_weights(model, tensors, str(path))
 
 

@@ -11,6 +11,9 @@ Names go through the diffusers <-> original renaming table of paradit.models.loa
 Each LoRA changes W by  scale * alpha / rank * (up @ down)  (alpha / rank = 1 where the file gives
 no alpha); `diff` / `diff_b` tensors add  scale * diff.  The sum over all LoRAs of a weight is
 formed in fp32 on the weight's device and added in fp32; the result is cast to the weight's dtype.
+`LoraMerge` does it one weight at a time, so that the checkpoint reader merges each weight on the
+GPU as it is read (paradit.models.reader), offloaded experts' included; its checks refuse NaN and
+infinite LoRA tensors, a strength x alpha / rank beyond MAX_EFFECT and merged weights that overflow.
 
 A file is checked against the model's shapes from its safetensors header alone, before any weight
 is read: a tensor whose shape does not fit is an error (naming the key and both shapes), a LoRA
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -283,30 +287,89 @@ def _full(param, key, stored, shapes, patches, errors, rank=None, alpha_key=None
 
 
 # ----------------------------------------------------------------------------- merging
+# |strength x alpha / rank| beyond this is no LoRA anyone means: the merged weights, finite as they
+# may be (1e30 x a delta fits fp32 and bf16), overflow the activations and the video comes out black.
+MAX_EFFECT = 1e4
+
+
+class LoraMerge:
+    """The LoRAs of one transformer, merged one tensor at a time wherever the tensor is (the GPU as
+    the weights pass through it: paradit.models.reader applies it per tensor). `names`: the tensors
+    it changes. Safe to call from several threads. Refuses, naming the file and the tensor, a LoRA
+    tensor that is not finite, a strength x alpha / rank that is not finite or beyond MAX_EFFECT,
+    and a merged weight that is not finite."""
+
+    def __init__(self, files: list[LoraFile]):
+        self.files = files
+        self.by_param: dict[str, list[tuple[int, Patch]]] = {}
+        for i, lf in enumerate(files):
+            for p in lf.patches:
+                self.by_param.setdefault(p.param, []).append((i, p))
+        self.names = frozenset(self.by_param)
+        self._stack = ExitStack()
+        self.handles = [self._stack.enter_context(safe_open(lf.path, framework="pt", device="cpu")) for lf in files]
+        self._lock = threading.Lock()
+        self.bytes, self.seconds, self.merged = 0, 0.0, 0
+
+    def __call__(self, param: str, w: torch.Tensor) -> torch.Tensor:
+        """(W fp32 + the sum of its fp32 deltas) cast to W's dtype, on W's device: a new tensor (W
+        may be a read-only view of a checkpoint's mmap)."""
+        t0 = time.perf_counter()
+        merged = w.float()
+        if merged is w:
+            merged = w.clone()
+        nbytes = 0
+        for i, p in self.by_param[param]:
+            with self._lock:                                 # one reader of each file at a time
+                parts = [self.handles[i].get_tensor(k) for k in p.keys]
+                scale = _scale(self.files[i].spec, p, self.handles[i])
+            self._check(i, p, parts, scale)
+            parts = [t.to(w.device, torch.float32) for t in parts]
+            nbytes += sum(t.numel() * t.element_size() for t in parts)
+            merged += scale * _delta(parts, w.shape)
+        out = merged.to(w.dtype)
+        if not bool(torch.isfinite(out).all()):
+            names = ", ".join(f"{self.files[i].path} ({p.keys[0]})" for i, p in self.by_param[param])
+            raise LoraError(f"merging {names} into {param} gives values that are not finite in {w.dtype} "
+                            f"(an overflow): lower the LoRA's strength")
+        with self._lock:
+            self.bytes, self.seconds, self.merged = (self.bytes + nbytes, self.seconds + time.perf_counter() - t0,
+                                                     self.merged + 1)
+        return out
+
+    def _check(self, i: int, p: Patch, parts: list[torch.Tensor], scale: float) -> None:
+        spec = self.files[i].spec
+        for key, t in zip(p.keys, parts):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LoraError(f"{spec}: its tensor {key} holds NaN or infinite values")
+        if not math.isfinite(scale) or abs(scale) > MAX_EFFECT:
+            alpha = f"alpha {self.handles[i].get_tensor(p.alpha_key).item() if p.alpha_key else p.alpha} " \
+                    f"({p.alpha_key or 'metadata'}), rank {p.rank}, " if p.rank else ""
+            raise LoraError(f"{spec}: strength x alpha / rank = {scale:g} for {p.keys[0]} ({alpha}strength "
+                            f"{spec.scale:g}) is {'not finite' if not math.isfinite(scale) else 'beyond any useful strength'}"
+                            f" (|..| <= {MAX_EFFECT:g}): the merged weights would overflow the activations")
+
+    def stats(self) -> dict:
+        return dict(files=[str(lf.path) for lf in self.files], tensors=self.merged, bytes=self.bytes,
+                    seconds=self.seconds)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def merge_loras(tensors: dict[str, torch.Tensor], files: list[LoraFile], stats: dict | None = None) -> None:
-    """Replace each tensor the LoRAs change by  (W fp32 + sum of fp32 deltas) cast to W's dtype, on
-    W's device (a new tensor: W may be a read-only view of a checkpoint's mmap)."""
-    t0 = time.perf_counter()
-    by_param: dict[str, list[tuple[int, Patch]]] = {}
-    for i, lf in enumerate(files):
-        for p in lf.patches:
-            by_param.setdefault(p.param, []).append((i, p))
-    nbytes = 0
-    with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(lf.path, framework="pt", device="cpu")) for lf in files]
-        for param, patches in by_param.items():
-            w = tensors[param]
-            merged = w.float()
-            if merged is w:
-                merged = w.clone()
-            for i, p in patches:
-                parts = [handles[i].get_tensor(k).to(w.device, torch.float32) for k in p.keys]
-                nbytes += sum(t.numel() * t.element_size() for t in parts)
-                merged += _scale(files[i].spec, p, handles[i]) * _delta(parts, w.shape)
-            tensors[param] = merged.to(w.dtype)
+    """Replace each tensor the LoRAs change by its merge (LoraMerge), on the tensor's device."""
+    with LoraMerge(files) as merge:
+        for param in merge.by_param:
+            tensors[param] = merge(param, tensors[param])
     if stats is not None:
-        stats.update(files=[str(lf.path) for lf in files], tensors=len(by_param), bytes=nbytes,
-                     seconds=time.perf_counter() - t0)
+        stats.update(merge.stats())
 
 
 def _scale(spec: LoraSpec, p: Patch, handle) -> float:

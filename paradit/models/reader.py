@@ -21,6 +21,13 @@ from the reading threads (torch's copy_ would start an OpenMP team per thread: 1
 cores). One `Reader` (threads and staging slots, pinned once) serves several reads at once:
 the experts of a load side by side.
 
+Destinations may be given (`out=`): an offloaded module's page-locked host buffers (paradit.offload
+.HostWeights), read into straight from the page cache, one preadv per tensor, no GPU involved; a
+tensor that needs the GPU on its way (a cast, or a transform such as a LoRA merge) goes page cache
+-> staging -> device -> transform -> back into its host destination, on the reading thread's stream.
+A `transform` runs per tensor as it is read (on the device; on the CPU after the reads), at most
+two at a time (their fp32 workspace).
+
 Byte counts land in `stats` ("bytes" read from files by this rank). Reading once per node, each
 rank a share and the rest by broadcast, is paradit.parallel.weights (this module runs no collective).
 """
@@ -168,34 +175,37 @@ class _Stager:
 
 
 class PinnedBuffer:
-    """`nbytes` of page-locked host memory: an ordinary allocation registered with the CUDA driver
-    (cudaHostRegister, which faults the pages in and locks them), in page-aligned pieces from a few
-    threads when it is large. Unregistered when this object goes (torch's pinned allocator would
-    keep its blocks, rounded up to a power of two, for the life of the process)."""
-    PIECE = 1 << 30
+    """`nbytes` of page-locked host memory: an anonymous mapping (transparent huge pages asked for:
+    512x fewer page faults than 4 KB pages), its pages faulted in from a few threads when it is large,
+    then registered with the CUDA driver in ONE cudaHostRegister call. One registration, because a
+    copy must lie inside one: a cudaMemcpyAsync whose host range spans two registrations fails with
+    "invalid argument" (the text encoder's 11 GB buffer, registered in 1 GB pieces, crashed its
+    first copy). Unregistered when this object goes (torch's pinned allocator would round every
+    request up to a power of two and keep its blocks for the life of the process)."""
+    PIECE = 1 << 30               # faulted in by one thread
 
     def __init__(self, nbytes: int):
-        self._registered: list[tuple[int, int]] = []
+        self._registered: int | None = None
         self._cudart = torch.cuda.cudart()
-        page = 4096
-        self._raw = torch.empty(nbytes + page, dtype=torch.uint8)
-        offset = (-self._raw.data_ptr()) % page
-        self.tensor = self._raw[offset:offset + nbytes]
+        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)[:nbytes]   # page-aligned
         base = self.tensor.data_ptr()
-        self._pieces = [(base + a, min(self.PIECE, nbytes - a)) for a in range(0, nbytes, self.PIECE)]
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(self._pieces)))) as pool:
-            errors = list(pool.map(lambda p: self._cudart.cudaHostRegister(p[0], p[1], 0), self._pieces))
-        self._registered = [p for p, e in zip(self._pieces, errors) if int(e) == 0]
-        if len(self._registered) != len(self._pieces):
-            self.close()
-            bad = next(e for e in errors if int(e) != 0)
+        pieces = [(base + a, min(self.PIECE, nbytes - a)) for a in range(0, nbytes, self.PIECE)]
+        if len(pieces) > 1:       # the kernel zeroes each page as it faults: spread that over threads
+            with ThreadPoolExecutor(max_workers=min(8, len(pieces))) as pool:
+                list(pool.map(lambda p: ctypes.memset(p[0], 0, p[1]), pieces))   # ctypes drops the GIL
+        err = self._cudart.cudaHostRegister(base, max(nbytes, 1), 0)
+        if int(err) != 0:
             raise RuntimeError(f"could not page-lock {nbytes / 1e9:.1f} GB of host memory (cudaHostRegister: "
-                               f"{bad}); free host memory, or offload fewer components")
+                               f"{err}); free host memory, or offload fewer components")
+        self._registered = base
 
     def close(self) -> None:
-        for ptr, _ in self._registered:
-            self._cudart.cudaHostUnregister(ptr)
-        self._registered = []
+        if self._registered is not None:
+            self._cudart.cudaHostUnregister(self._registered)
+        self._registered = None
 
     def __del__(self):
         self.close()
@@ -234,15 +244,27 @@ class Reader:
             self.stats["staging_s"] += time.perf_counter() - t
             self.stats["staging_bytes"] = flat.numel()
 
-    def read(self, entries: dict[str, Entry], dtypes: dict[str, torch.dtype],
-             stats: dict | None = None) -> dict[str, torch.Tensor]:
-        """Every entry onto the device as dtypes[name]."""
+    def read(self, entries: dict[str, Entry], dtypes: dict[str, torch.dtype], stats: dict | None = None,
+             out: dict[str, torch.Tensor] | None = None, transform=None) -> dict[str, torch.Tensor]:
+        """Every entry onto the device as dtypes[name]; or, where `out` gives it, into out[name]
+        (contiguous, of that dtype and shape; e.g. a view of an offloaded module's pinned host
+        buffer). transform: an object with `names` (a set) and `__call__(name, tensor) -> tensor`
+        (paradit.models.lora.LoraMerge), applied to each of those tensors once read: on CUDA by the
+        reading thread on its stream, on the device (a host destination's tensor passes through the
+        GPU for it, and comes back into out[name]); on the CPU after the reads, in this thread."""
         t0 = time.perf_counter()
         names = sorted(entries, key=lambda n: -entries[n].nbytes)        # largest first: balanced threads
-        out = {n: torch.empty(entries[n].shape, dtype=dtypes[n], device=self.device) for n in names}
+        out = dict(out or {})
+        for n in names:
+            if n not in out:
+                out[n] = torch.empty(entries[n].shape, dtype=dtypes[n], device=self.device)
+            assert out[n].is_contiguous() and out[n].dtype == dtypes[n], (n, out[n].dtype, dtypes[n])
+        later = set(transform.names) & set(names) if transform is not None else set()
         if self.staged:
             self._stagers()
+        gpu = self.staged and self.device.type == "cuda"
         files, errors, work, take = _Files(), [], iter(names), threading.Lock()
+        merging = threading.Semaphore(2)   # at most two transforms' device workspace (~0.9 GB each, A14B)
 
         def worker():
             stager = self.slots.get()
@@ -255,7 +277,8 @@ class Reader:
                     if name is None:
                         break
                     if entries[name].nbytes:
-                        self._one(files, stager, entries[name], out[name])
+                        fn = transform if gpu and name in later else None
+                        out[name] = self._one(files, stager, entries[name], out[name], name, fn, merging)
             except BaseException as err:   # noqa: BLE001 (re-raised in the calling thread)
                 errors.append(err)
             finally:
@@ -271,20 +294,41 @@ class Reader:
         files.close()
         if errors:
             raise errors[0]
+        if later and gpu:
+            torch.cuda.empty_cache()   # the transforms' workspace, cached on the reading streams' pools
+        elif later:
+            for name in sorted(later):
+                out[name] = _into(out[name], transform(name, out[name]))
         if stats is not None:
             stats["bytes"] = stats.get("bytes", 0) + sum(entries[n].nbytes for n in names)
             stats["read_s"] = stats.get("read_s", 0.0) + time.perf_counter() - t0
             stats.setdefault("names", []).extend(names)
         return out
 
-    def _one(self, files: _Files, stager: _Stager | None, e: Entry, dst: torch.Tensor) -> None:
-        if stager is not None:
-            stager.send(files, self.source, e, dst)
-        elif dst.dtype == e.dtype:
+    def _one(self, files: _Files, stager: _Stager | None, e: Entry, dst: torch.Tensor, name: str,
+             transform, merging: threading.Semaphore) -> torch.Tensor:
+        """dst <- entry e (then transform(name, .) where given); returns the tensor that holds it."""
+        host = dst.device.type == "cpu"
+        if host and dst.dtype == e.dtype and transform is None:
             files.fill(self.source, e, 0, dst.reshape(-1).view(torch.uint8))     # straight into dst
-        else:
+            return dst
+        if stager is None:                                                     # the plain CPU load
             src = files.mapped(e.file)[e.offset:e.offset + e.nbytes]
             dst.copy_(src.view(e.dtype).reshape(e.shape))                       # the cast, on the host
+            return dst
+        # through the device: a cast or a transform for a host destination, or a device destination
+        with torch.cuda.stream(stager.stream) if stager.cuda else contextlib.nullcontext():
+            on_device = torch.empty(e.shape, dtype=dst.dtype, device=self.device) if host else dst
+        stager.send(files, self.source, e, on_device)
+        if transform is None and not host:
+            return dst
+        with merging, torch.cuda.stream(stager.stream) if stager.cuda else contextlib.nullcontext():
+            result = transform(name, on_device) if transform is not None else on_device
+            if host:
+                result = _into(dst, result)                    # back into the pinned host buffer
+            if stager.cuda:   # done before the inputs (allocated on other streams) can be freed and reused
+                stager.stream.synchronize()
+        return result
 
     def close(self) -> None:
         """Give the staging memory back (call once no read is running)."""
@@ -310,11 +354,21 @@ def exact_device(device) -> torch.device:
         else device
 
 
+def _into(dst: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """A transformed tensor, written back into a host destination (it stays where the module points)."""
+    if dst.device.type == "cpu" and result is not dst:
+        dst.copy_(result, non_blocking=result.is_cuda)   # a device result: into pinned memory
+        return dst
+    return result
+
+
 def read_entries(entries: dict[str, Entry], dtypes: dict[str, torch.dtype], device, threads: int = 8,
-                 stats: dict | None = None, reader: Reader | None = None) -> dict[str, torch.Tensor]:
-    """Read every entry onto `device` as dtypes[name] (with `reader`'s threads and slots, if given)."""
+                 stats: dict | None = None, reader: Reader | None = None, out: dict | None = None,
+                 transform=None) -> dict[str, torch.Tensor]:
+    """Read every entry onto `device` as dtypes[name] (with `reader`'s threads and slots, if given);
+    out, transform: as Reader.read's."""
     if reader is not None:
         assert reader.device == exact_device(device), (reader.device, device)
-        return reader.read(entries, dtypes, stats)
+        return reader.read(entries, dtypes, stats, out, transform)
     with Reader(device, threads) as own:
-        return own.read(entries, dtypes, stats)
+        return own.read(entries, dtypes, stats, out, transform)
