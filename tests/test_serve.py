@@ -374,12 +374,15 @@ def test_client_disconnects_never_stall_the_ranks(server):
 def test_bad_flags_are_named():
     from paradit.serve.cli import check_args, parse_args
     cases = [(["--host", "0.0.0.0"], "--api-key KEY"), (["--port", "70000"], "0-65535"),
-             (["--max-queue", "0"], "--max-queue 0"), (["--max-video-tokens", "-5"], ">= 1")]
+             (["--max-queue", "0"], "--max-queue 0"), (["--max-video-tokens", "-5"], ">= 1"),
+             (["--request-timeout", "0"], "--request-timeout 0")]
     for argv, words in cases:
         with pytest.raises(ValueError, match=words):
             check_args(parse_args(argv))
     check_args(parse_args(["--host", "0.0.0.0", "--api-key", "k"]))      # with a key it may listen widely
     check_args(parse_args(["--host", "0.0.0.0", "--insecure"]))
+    for loopback in ("::1", "localhost", "127.0.0.2"):                  # IPv6's loopback too
+        check_args(parse_args(["--host", loopback]))
 
 
 def test_one_service_per_state_dir(tmp_path):
@@ -416,7 +419,7 @@ def test_recovery_rules(tmp_path):
         store._run("UPDATE jobs SET status = 'in_progress', attempts = ? WHERE seq = ?", (attempts, job.seq))
     store.complete(done.seq, done.video_file, {})          # its video never made it to disk
     settled = store.recover("demo", lambda request: None)
-    assert settled == {"requeued": 1, "failed": 2, "missing": 1}
+    assert settled == {"requeued": 1, "failed": 2, "missing": 1, "temporaries": 0}
     status = {j.id: (j.status, j.error) for j in store.list(10)}
     assert status[queued.id] == ("queued", None) and status[once.id] == ("queued", None)
     assert status[twice.id][0] == "failed" and "2 times" in status[twice.id][1]
@@ -427,7 +430,8 @@ def test_recovery_rules(tmp_path):
     store.requeue(once.seq)                                # a clean stop does not count the attempt
     assert store.get(once.id).attempts == 1 and store.get(once.id).status == "queued"
     # a request the model no longer takes fails at recovery, with the reason
-    assert store.recover("demo", lambda request: "too large now") == {"requeued": 0, "failed": 2, "missing": 0}
+    assert store.recover("demo", lambda request: "too large now") == {"requeued": 0, "failed": 2, "missing": 0,
+                                                                      "temporaries": 0}
     assert store.get(queued.id).error == "too large now"
 
 

@@ -1,28 +1,29 @@
 """The HTTP API on rank 0 (FastAPI under uvicorn): the OpenAI-style Videos API, /health, /metrics, /.
 
+Every request first passes paradit.serve.guard (its Host, its key, its body's size and time).
 Handlers only read and write the job store and wake the scheduler; they never wait for the
 engine, so a slow or vanished client cannot hold up any rank. Endpoints are plain functions, run
 in the server's thread pool, because SQLite calls block.
 """
 from __future__ import annotations
 
-import hmac
+import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from paradit.serve.jobs import JobStore
+from paradit.serve.guard import Guard
+from paradit.serve.jobs import MIN_FREE, JobStore, disk_full
 from paradit.serve.metrics import Metrics
-from paradit.serve.schema import ApiError, VideoRequest, validation_error, video_object
+from paradit.serve.schema import ApiError, VideoRequest, parse_body, validation_error, video_object
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_BODY = 64 * 1024  # bytes: a request is a prompt and a few numbers
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Service:
     max_queue: int
     layout: str = ""
     defaults: dict = field(default_factory=dict)   # the model's default settings, for the page
+    request_timeout_s: float = 10.0                # --request-timeout: for the body (paradit.serve.guard)
     metrics: Metrics = field(default_factory=Metrics)
     checker: object = None
     scheduler: object = None
@@ -43,75 +45,88 @@ class Service:
     def ready(self) -> bool:
         return self.scheduler is not None
 
+    def error(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        """An ApiError to raise, counted in the metrics."""
+        self.metrics.rejected.labels(str(status)).inc()
+        return ApiError(status, message, param, kind)
+
+    def check_ready(self) -> None:
+        if not self.ready:
+            raise self.error(503, "the models are still loading; try again in a few seconds",
+                             kind="service_unavailable")
+
+    def find(self, video_id: str):
+        job = self.jobs.get(video_id)
+        if job is None:
+            raise self.error(404, f"no video with id {video_id!r}", "video_id", kind="not_found_error")
+        return job
+
+    def obj(self, job) -> dict:
+        return video_object(job, self.scheduler.progress(job) if job.status == "in_progress" else 0)
+
+    def accept(self, request: dict):
+        """Commit a job (the answer comes after), unless the queue is full or the state directory is."""
+        free = self.jobs.free_bytes()
+        if free < MIN_FREE:
+            raise self.error(507, f"the state directory {self.jobs.dir} has {free // 2**20} MiB free, under the "
+                                  f"{MIN_FREE // 2**20} MiB a job's files need: free space there; the jobs accepted "
+                                  f"so far are kept", kind="insufficient_storage")
+        with self.accept_lock:                # the depth check and the insert, together
+            depth = self.scheduler.queue_depth()
+            if depth >= self.max_queue:
+                raise self.error(429, f"the queue is full ({depth} jobs waiting, --max-queue {self.max_queue}); "
+                                      f"retry later", kind="rate_limit_error")
+            try:
+                job = self.jobs.add(self.model, request)  # committed before the answer
+            except sqlite3.Error as err:
+                full = disk_full(err)
+                raise self.error(507 if full else 503, f"the job could not be stored in {self.jobs.dir / 'jobs.sqlite3'}"
+                                 f" ({err}){': free space there' if full else ''}; the jobs accepted so far are kept",
+                                 kind="insufficient_storage" if full else "service_unavailable") from None
+        self.scheduler.wake.set()
+        return job
+
+
+async def video_request(request: Request) -> VideoRequest:
+    """POST /v1/videos's body (read whole by paradit.serve.guard already), parsed by paradit.serve.schema."""
+    return parse_body(await request.body(), request.headers.get("content-type", ""))
+
 
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="paradit serve", docs_url=None, redoc_url=None, openapi_url=None)
-    jobs = service.jobs
+    app.add_middleware(Guard, api_key=service.api_key, timeout_s=service.request_timeout_s,
+                       refused=lambda status: service.metrics.rejected.labels(str(status)).inc())
+    add_error_handlers(app, service)
+    add_video_routes(app, service)
+    add_service_routes(app, service)
+    return app
 
-    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        service.metrics.rejected.labels(str(status)).inc()
-        return ApiError(status, message, param, kind)
 
+def add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(ApiError)
     def api_error(request: Request, err: ApiError):
         headers = {"Retry-After": "5"} if err.status in (429, 503) else None
-        if err.status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    def bad_body(request: Request, exc: RequestValidationError):
-        err = validation_error(exc.errors(), request.headers.get("content-type", ""))
-        return api_error(request, error(422, err.message, err.param))
+    def bad_query(request: Request, exc: RequestValidationError):
+        err = validation_error(exc.errors())
+        return api_error(request, service.error(422, err.message, err.param))
 
     @app.exception_handler(HTTPException)
     def http_error(request: Request, exc: HTTPException):
-        return api_error(request, error(exc.status_code, str(exc.detail), kind="not_found_error"
-                                        if exc.status_code == 404 else "invalid_request_error"))
+        return api_error(request, service.error(exc.status_code, str(exc.detail), kind="not_found_error"
+                                                if exc.status_code == 404 else "invalid_request_error"))
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        """Every /v1 request needs `Authorization: Bearer KEY` when the service has a key; before
-        the body is even read, so a wrong key never learns whether its body was valid. Bodies
-        larger than MAX_BODY are refused before they are read."""
-        if service.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {service.api_key}".encode()):
-                err = error(401, "missing or wrong API key: send the header `Authorization: Bearer KEY`",
-                            kind="authentication_error")
-                return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY:
-            err = error(413, f"the body is {length} bytes; at most {MAX_BODY} are taken", "body")
-            return JSONResponse(err.body(), status_code=413)
-        return await call_next(request)
 
-    def ready() -> None:
-        if not service.ready:
-            raise error(503, "the models are still loading; try again in a few seconds", kind="service_unavailable")
+def add_video_routes(app: FastAPI, service: Service) -> None:
+    """The Videos API. Plain functions, run in the server's thread pool: SQLite calls block."""
+    jobs, error, find, obj, ready = service.jobs, service.error, service.find, service.obj, service.check_ready
 
-    def find(video_id: str):
-        job = jobs.get(video_id)
-        if job is None:
-            raise error(404, f"no video with id {video_id!r}", "video_id", kind="not_found_error")
-        return job
-
-    def obj(job) -> dict:
-        return video_object(job, service.scheduler.progress(job) if job.status == "in_progress" else 0)
-
-    # ------------------------------------------------------------------ the Videos API
     @app.post("/v1/videos")
-    def create_video(body: VideoRequest):
+    def create_video(body: VideoRequest = Depends(video_request)):
         ready()
-        request = service.checker.resolve(body)  # ApiError(400) names the field
-        with service.accept_lock:                # the depth check and the insert, together
-            depth = service.scheduler.queue_depth()
-            if depth >= service.max_queue:
-                raise error(429, f"the queue is full ({depth} jobs waiting, --max-queue {service.max_queue}); "
-                                 f"retry later", kind="rate_limit_error")
-            job = jobs.add(service.model, request)  # committed before the answer
-        service.scheduler.wake.set()
-        return obj(job)
+        return obj(service.accept(service.checker.resolve(body)))  # resolve: ApiError(400) names the field
 
     @app.get("/v1/videos")
     def list_videos(limit: int = Query(20, ge=1, le=100), order: str = Query("desc", pattern="^(asc|desc)$"),
@@ -159,7 +174,8 @@ def create_app(service: Service) -> FastAPI:
                 f.unlink(missing_ok=True)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    # ------------------------------------------------------------------ service endpoints
+
+def add_service_routes(app: FastAPI, service: Service) -> None:
     @app.get("/health")
     def health():
         if not service.ready:
@@ -168,10 +184,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/metrics")
     def metrics():
-        return Response(service.metrics.render(jobs.counts()), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.metrics.render(service.jobs.counts()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
         return HTMLResponse((STATIC / "index.html").read_text())
-
-    return app

@@ -18,8 +18,6 @@ import os
 import signal
 import socket
 import sys
-import threading
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ SHARED = ("--model", "--components", "--save-latents", "--device", "--attention"
 
 
 def serve_flags():
-    from paradit.cli.flags import INT, Flag
+    from paradit.cli.flags import FLOAT, INT, Flag
     return (
         Flag("--host", str, "127.0.0.1", "address to listen on; another than loopback needs --api-key (or "
              "--insecure)", "127.0.0.1", metavar="ADDR"),
@@ -47,6 +45,8 @@ def serve_flags():
         Flag("--max-steps", INT, 200, "the most num_inference_steps a request may ask", "200", metavar="N"),
         Flag("--max-video-tokens", INT, None, "the largest video a request may ask, in transformer tokens",
              "4x the model's default video", metavar="N"),
+        Flag("--request-timeout", FLOAT, 10.0, "seconds a request's headers, and then its body, may take to "
+             "arrive (408 and a close after)", "10", metavar="S"),
     )
 
 
@@ -70,14 +70,18 @@ def check_args(flags) -> None:
         value = getattr(flags, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: give a number >= 1")
+    if not 0 < flags.request_timeout <= 3600:
+        raise ValueError(f"--request-timeout {flags.request_timeout}: give seconds in (0, 3600]")
     if not (flags.api_key or flags.insecure or is_loopback(flags.host)):
         raise ValueError(f"--host {flags.host} accepts connections from other machines: set --api-key KEY (or "
                          f"PARADIT_API_KEY) so that only clients with the key can use /v1, or pass --insecure")
 
 
 def is_loopback(host: str) -> bool:
+    """Every address the name resolves to (IPv4 and IPv6: `::1`, `localhost`) is loopback."""
     try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
     except (OSError, ValueError):
         return False
 
@@ -96,29 +100,6 @@ def lock_state_dir(state_dir: Path):
     f.write(str(os.getpid()))
     f.flush()
     return f
-
-
-def start_http(app, host: str, port: int):
-    """uvicorn in a thread of rank 0, on a socket bound here (so a taken port is a clear error)."""
-    import uvicorn
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); give another "
-                         f"--port (0: any free one)") from None
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
-                            limit_concurrency=512)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="paradit-http", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the HTTP server did not start (see its log above)")
-        time.sleep(0.01)
-    return server, sock.getsockname()[1]
 
 
 @dataclass
@@ -161,12 +142,14 @@ def run(flags, info, parts: Parts) -> None:
     if info.rank == 0:
         from paradit.serve.api import Service, create_app
         from paradit.serve.jobs import JobStore
+        from paradit.serve.server import start_http, url
         parts.lock = lock_state_dir(state_dir)
         shown = {"size": f"{cfg.size[0]}x{cfg.size[1]}", "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
                  "guidance_scale": list(cfg.guidance)}
-        service = Service(flags.model, JobStore(state_dir), flags.api_key, flags.max_queue, layout.describe(), shown)
-        parts.http, port = start_http(create_app(service), flags.host, flags.port)
-        print(f"paradit: serving {flags.model} on http://{flags.host}:{port} (loading the models)", flush=True)
+        service = Service(flags.model, JobStore(state_dir), flags.api_key, flags.max_queue, layout.describe(), shown,
+                          request_timeout_s=flags.request_timeout)
+        parts.http, port = start_http(create_app(service), flags.host, flags.port, flags.request_timeout)
+        print(f"paradit: serving {flags.model} on {url(flags.host, port)} (loading the models)", flush=True)
 
     # 3. build (every rank its part), then settle what an earlier run left in the state directory
     from paradit.pipeline import Pipeline
@@ -184,7 +167,8 @@ def run(flags, info, parts: Parts) -> None:
         settled = service.jobs.recover(flags.model, service.checker.recheck)
         if any(settled.values()):
             log.info("state directory: %(requeued)d interrupted jobs back in the queue, %(failed)d failed, "
-                     "%(missing)d completed jobs without their video", settled)
+                     "%(missing)d completed jobs without their video, %(temporaries)d unfinished files removed",
+                     settled)
         lanes = 1 if layout.stages else layout.dp
         parts.scheduler = service.scheduler = Scheduler(service.jobs, channel, lanes, bool(layout.stages),
                                                         len(layout.stage_degrees), info.world_size,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from paradit.outputs import Outputs
 from paradit.serve.schema import settings_of
@@ -117,18 +118,27 @@ class Worker:
         cmd, t0 = self.current, time.time()
         video = self.pipe.decode(latent)
         if self.pipe.mesh.is_output_rank:
-            path, out = self.dir / cmd["file"], Outputs()
-            try:  # the video, its sidecar and its latent: all of them or none
-                out.video(path, video.numpy(), self.pipe.cfg.fps)
-                if self.save_latents:
-                    out.tensors(path.with_suffix(".latent.safetensors"), {"latent": latent})
-                out.json(path.with_suffix(".json"), {"id": cmd["id"], "request": cmd["request"],
-                                                     "layout": self.pipe.runtime.describe()})
-                out.commit()
-            finally:
-                out.discard()
-            self.channel.set(f"done/{cmd['seq']}", {"ok": True, "decode_s": time.time() - t0, "rank": self.rank})
+            try:
+                self.write(cmd, video, latent)
+            except (OSError, SafetensorError) as err:  # a full disk: this job fails with the reason, the service goes on
+                self.channel.set(f"done/{cmd['seq']}", {"ok": False, "rank": self.rank, "error": (
+                    f"its video could not be written under {self.dir} ({type(err).__name__}: {err})")})
+            else:
+                self.channel.set(f"done/{cmd['seq']}", {"ok": True, "decode_s": time.time() - t0, "rank": self.rank})
         self.current = None
+
+    def write(self, cmd: dict, video: torch.Tensor, latent: torch.Tensor) -> None:
+        """The video, its sidecar and its latent: all of them or none."""
+        path, out = self.dir / cmd["file"], Outputs()
+        try:
+            out.video(path, video.numpy(), self.pipe.cfg.fps)
+            if self.save_latents:
+                out.tensors(path.with_suffix(".latent.safetensors"), {"latent": latent})
+            out.json(path.with_suffix(".json"), {"id": cmd["id"], "request": cmd["request"],
+                                                 "layout": self.pipe.runtime.describe()})
+            out.commit()
+        finally:
+            out.discard()
 
     def report_memory(self) -> None:
         dev = self.pipe.mesh.device

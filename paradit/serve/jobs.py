@@ -8,11 +8,15 @@ that were running back in the queue, unless they were already interrupted MAX_AT
 
 Ids are opaque random strings, looked up as query parameters; file names come from the row's own
 integer key, never from an id.
+
+A damaged database (not SQLite, truncated, another program's tables) stops the service at start
+with the file named and the fix; one row whose stored request is unreadable fails that job alone.
 """
 from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 
 STATUSES = ("queued", "in_progress", "completed", "failed")
 MAX_ATTEMPTS = 2
+MIN_FREE = 64 * 2**20  # bytes free under the state directory below which no job is accepted (HTTP 507)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -39,6 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
+COLUMNS = ("seq", "id", "status", "model", "request", "created_at", "started_at", "completed_at", "attempts",
+           "error", "file", "timings")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Job:
     error: str | None
     file: str | None
     timings: dict | None
+    unreadable: str | None = None   # why the stored request could not be read (the request is then {})
 
     @property
     def video_file(self) -> str:
@@ -62,11 +70,48 @@ class Job:
         return f"videos/{self.seq:08d}.mp4"
 
 
+def disk_full(err: BaseException) -> bool:
+    """SQLite could not write for want of space (SQLITE_FULL)."""
+    return isinstance(err, sqlite3.OperationalError) and "full" in str(err)
+
+
 def _job(row) -> Job:
     d = dict(row)
-    d["request"] = json.loads(d["request"])
-    d["timings"] = json.loads(d["timings"]) if d["timings"] else None
+    try:
+        d["request"] = json.loads(d["request"])
+        if not isinstance(d["request"], dict):
+            raise TypeError(f"a JSON {type(d['request']).__name__}, not an object")
+    except (ValueError, TypeError) as err:
+        d["request"], d["unreadable"] = {}, f"its stored request is unreadable ({type(err).__name__}: {err})"
+    try:
+        d["timings"] = json.loads(d["timings"]) if d["timings"] else None
+    except (ValueError, TypeError):
+        d["timings"] = None   # only shown: a job's timings never decide anything
     return Job(**d)
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """The jobs database at path, made if new; ValueError naming the file and the fix if it is not
+    SQLite, is damaged, or holds tables paradit does not make."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut, not only a kill
+        problems = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("damaged: " + "; ".join(problems[:3]))
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = tuple(r[1] for r in db.execute("PRAGMA table_info(jobs)"))
+        if tables - {"jobs", "sqlite_sequence"} or columns not in ((), COLUMNS):
+            raise sqlite3.DatabaseError(f"another program's tables ({', '.join(sorted(tables))}; jobs columns: "
+                                        f"{', '.join(columns) or 'none'})")
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError as err:
+        db.close()
+        raise ValueError(f"--state-dir: {path} is not a usable paradit job database ({err}): move it away (the "
+                         f"service then starts a new one beside the videos) or give another --state-dir") from None
+    db.row_factory = sqlite3.Row
+    return db
 
 
 class JobStore:
@@ -75,11 +120,7 @@ class JobStore:
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
         (self.dir / "videos").mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut, not only a kill
-        self.db.executescript(SCHEMA)
+        self.db = open_database(self.dir / "jobs.sqlite3")
         self.lock = threading.Lock()
 
     def _run(self, sql: str, args=()) -> sqlite3.Cursor:
@@ -117,6 +158,9 @@ class JobStore:
         rows = self._run(f"SELECT * FROM jobs {where} ORDER BY seq {order.upper()} LIMIT ?", (*args, limit))
         return [_job(r) for r in rows.fetchall()]
 
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.dir).free
+
     def counts(self) -> dict[str, int]:
         rows = self._run("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {s: 0 for s in STATUSES} | {s: n for s, n in rows}
@@ -132,12 +176,16 @@ class JobStore:
         """Take the oldest queued job: in_progress now, its attempt counted (one transaction)."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
-            row = self.db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if row is not None:
-                self.db.execute("UPDATE jobs SET status = 'in_progress', started_at = ?, attempts = attempts + 1 "
-                                "WHERE seq = ?", (time.time(), row["seq"]))
-                row = self.db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
-            self.db.execute("COMMIT")
+            try:
+                row = self.db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+                if row is not None:
+                    self.db.execute("UPDATE jobs SET status = 'in_progress', started_at = ?, attempts = attempts + 1 "
+                                    "WHERE seq = ?", (time.time(), row["seq"]))
+                    row = self.db.execute("SELECT * FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
+                self.db.execute("COMMIT")
+            except BaseException:  # a full disk, say: the job stays queued
+                self.db.execute("ROLLBACK")
+                raise
         return None if row is None else _job(row)
 
     def complete(self, seq: int, file: str, timings: dict) -> None:
@@ -156,10 +204,12 @@ class JobStore:
     def recover(self, model: str, check) -> dict[str, int]:
         """At start-up: settle what a crash or kill left behind. check(request) -> error message or
         None validates a stored request against the model this service now runs."""
-        out = {"requeued": 0, "failed": 0, "missing": 0}
+        out = {"requeued": 0, "failed": 0, "missing": 0, "temporaries": self.remove_temporaries()}
         statements = []
         for job in map(_job, self._run("SELECT * FROM jobs WHERE status IN ('queued', 'in_progress')").fetchall()):
-            if job.model != model:
+            if job.unreadable:
+                message = job.unreadable
+            elif job.model != model:
                 message = f"accepted for model {job.model!r}, but the service restarted with {model!r}"
             elif job.status == "in_progress" and job.attempts >= MAX_ATTEMPTS:
                 message = (f"the service stopped while running this job {job.attempts} times (killed or "
@@ -180,6 +230,14 @@ class JobStore:
                 out["missing"] += 1
         self._transaction(statements)
         return out
+
+    def remove_temporaries(self) -> int:
+        """Files a killed service was writing (paradit.outputs names them `.NAME.tmpPID.SUFFIX`): at
+        start, before any job runs, every hidden file in videos/ is one."""
+        found = [f for f in (self.dir / "videos").glob(".*") if f.is_file()]
+        for f in found:
+            f.unlink(missing_ok=True)
+        return len(found)
 
     def close(self) -> None:
         with self.lock:

@@ -3,8 +3,10 @@
     with ServerProcess(["--experts", "split"], nproc=2, state_dir=tmp) as server:
         httpx.get(server.url + "/health")
 
-It listens on 127.0.0.1 at a free port (--port 0; the address is read from the server's output),
-is given a deadline to become ready, and is always killed at the end (its whole process group).
+It listens on 127.0.0.1 (or `host`) at a free port (--port 0; the address is read from the
+server's output), is given a deadline to become ready, and is always killed at the end (its whole
+process group). `wrap` is a command line that execs the server's (given as its last arguments),
+e.g. one that first mounts a small filesystem on the state directory.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from paradit.launch import free_port
 
 class ServerProcess:
     def __init__(self, args: list[str], nproc: int = 1, state_dir: str | Path = "outputs/serve",
-                 env: dict | None = None, ready_timeout_s: float = 180.0):
+                 env: dict | None = None, ready_timeout_s: float = 180.0, host: str = "127.0.0.1",
+                 wrap: list[str] | None = None):
         self.args, self.nproc, self.state_dir = list(args), nproc, Path(state_dir)
-        self.env, self.ready_timeout_s = env or {}, ready_timeout_s
+        self.env, self.ready_timeout_s, self.host, self.wrap = env or {}, ready_timeout_s, host, wrap or []
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.url: str | None = None
@@ -32,10 +35,10 @@ class ServerProcess:
 
     @property
     def command(self) -> list[str]:
-        serve = ["-m", "paradit.serve", "--host", "127.0.0.1", "--port", "0", "--state-dir", str(self.state_dir)]
+        serve = ["-m", "paradit.serve", "--host", self.host, "--port", "0", "--state-dir", str(self.state_dir)]
         if self.nproc == 1:
-            return [sys.executable, *serve, *self.args]
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
+            return [*self.wrap, sys.executable, *serve, *self.args]
+        return [*self.wrap, sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
                 f"--master-port={free_port()}", *serve, *self.args]
 
     def start(self) -> "ServerProcess":
@@ -63,7 +66,7 @@ class ServerProcess:
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line)
-            m = re.search(r"paradit: serving \S+ on (http://[\d.]+:\d+)", line)
+            m = re.search(r"paradit: serving \S+ on (http://(?:[\d.]+|\[[\da-f:]+\]):\d+)", line)
             if m:
                 self.url = m[1]
             if line.startswith("paradit: ready"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from paradit.launch.faults import EXIT_PEER_FAILED, peer_failure
 from paradit.serve.engine import Channel, command_key
-from paradit.serve.jobs import Job, JobStore
+from paradit.serve.jobs import Job, JobStore, disk_full
 
 log = logging.getLogger("paradit")
 POLL_S = 0.05
@@ -64,14 +64,22 @@ class Scheduler:
         return self
 
     def _loop(self) -> None:
+        full = False
         while not self.stopping:
             self.wake.wait(POLL_S)
             self.wake.clear()
             try:
                 self.tick()
+                full = False
             except Exception as err:  # the store is gone (another rank took the job down) or a bug
                 if self.stopping:
                     return
+                if disk_full(err):    # nothing is lost: the reports wait in the store, the jobs in the queue
+                    if not full:
+                        log.warning("the state directory %s is full: finished jobs are recorded, and queued ones "
+                                    "start, once space is freed there", self.jobs.dir)
+                    full = True
+                    continue
                 self.end_after_failure(f"the scheduler stopped ({type(err).__name__}: {err})", code=1)
 
     def tick(self) -> None:

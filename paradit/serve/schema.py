@@ -1,12 +1,15 @@
 """The request body of POST /v1/videos, its checks against the model, and the video object.
 
-Two layers: pydantic rejects unknown fields and wrong types (422); `resolve` then checks the values
-against the model being served (size a multiple of its stride, frames of the form stride*k+1,
-steps in range, prompts that fit the text encoder) and answers 400 naming the field and what
-would be valid. Both name the field in `error.param`, in the OpenAI error shape.
+Three layers: `parse_body` reads the body as UTF-8 JSON and refuses numbers too long for any field
+(400); pydantic rejects unknown fields and wrong types (422); `resolve` then bounds the text
+fields' lengths (before any tokenizer sees them) and checks the values against the model being
+served (size a multiple of its stride, frames of the form stride*k+1, steps in range, prompts that
+fit the text encoder), answering 400 naming the field and what would be valid. Every layer names
+the field in `error.param`, in the OpenAI error shape.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import secrets
@@ -14,11 +17,11 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
-from paradit.settings import MAX_SEED, SAMPLER_NAMES, VideoSettings
+from paradit.settings import MAX_FRAMES, MAX_SEED, SAMPLER_NAMES, VideoSettings
 
 Guidance = Annotated[list[float], Field(min_length=2, max_length=2)]
 # the library's parameter -> the request field that sets it (ParameterErrors come out naming the field)
@@ -43,6 +46,10 @@ class VideoRequest(BaseModel):
 
 
 FIELDS = tuple(VideoRequest.model_fields)
+# characters a text field may have, checked before tokenizing: a prompt the text encoder takes whole
+# (512 tokens for Wan, at about 4-5 characters a token) is well within 4096
+TEXT_CHARS = {"prompt": 4096, "negative_prompt": 4096, "model": 256, "size": 32, "seconds": 32}
+MAX_DIGITS = 20  # an integer longer than this is beyond every field's range (seeds end at 2**64 - 1)
 HINTS = {  # what a valid value looks like, for fields whose type errors are unions or formats
     "guidance_scale": "give one number >= 0, or a list of two [high-noise, low-noise], e.g. [4.0, 3.0]",
     "seconds": "give a number of seconds, e.g. 1 or \"1\"",
@@ -61,22 +68,57 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
-def validation_error(errors: list[dict], content_type: str = "application/json") -> ApiError:
-    """pydantic's errors -> one 422 naming each field, with what would be valid."""
-    if "json" not in content_type and any(e["loc"][:1] == ("body",) for e in errors):
-        return ApiError(422, f"the body must be JSON, sent with the header Content-Type: application/json "
-                             f"(this request said {content_type or 'no Content-Type'!r})", "body")
+class LongNumber:
+    """An integer of more than MAX_DIGITS digits in the body: refused naming its field, never converted
+    (Python refuses to convert more than 4300 digits, and a number that long is no value of ours)."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits.lstrip("-"))
+
+
+def parse_body(raw: bytes, content_type: str) -> VideoRequest:
+    """The body of POST /v1/videos: UTF-8 JSON (RFC 8259) with numbers of sane length, then the
+    request model's fields and types; ApiError (422, or 400 for a number too long) naming the field."""
+    if content_type and "json" not in content_type:
+        raise ApiError(422, f"the body must be JSON, sent with the header Content-Type: application/json "
+                            f"(this request said {content_type!r})", "body")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_int=lambda s: int(s) if len(s) <= MAX_DIGITS else LongNumber(s))
+    except UnicodeDecodeError as err:
+        raise ApiError(422, f"the body is not valid JSON (not UTF-8: byte 0x{raw[err.start]:02x} at position "
+                            f"{err.start})", "body") from None
+    except ValueError as err:  # JSONDecodeError, or a number Python cannot convert
+        raise ApiError(422, f"the body is not valid JSON ({err})", "body") from None
+    for key, value in (data.items() if isinstance(data, dict) else [("body", data)]):
+        long = next(long_numbers(value), None)
+        if long is not None:
+            raise ApiError(400, f"{key}: a number of {long.digits} digits is beyond any value this field takes",
+                           key if isinstance(data, dict) else "body")
+    try:
+        return VideoRequest.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err.errors()) from None
+
+
+def long_numbers(value):
+    if isinstance(value, LongNumber):
+        yield value
+    elif isinstance(value, (list, dict)):
+        for v in (value.values() if isinstance(value, dict) else value):
+            yield from long_numbers(v)
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """pydantic's errors (the body's, or the query's) -> one 422 naming each field, with what would be valid."""
     lines, first = [], None
     for e in errors:
-        loc = [str(p) for p in e["loc"][1:]] if e["loc"][:1] in (("body",), ("query",)) else [str(p) for p in e["loc"]]
-        param = loc[0] if loc and e["type"] != "json_invalid" else "body"
+        loc = [str(p) for p in e["loc"][1:]] if e["loc"][:1] == ("query",) else [str(p) for p in e["loc"]]
+        param = loc[0] if loc else "body"
         first = first or param
         if e["type"] == "extra_forbidden":
             lines.append(f"{param}: unknown field; the fields are {', '.join(FIELDS)}")
         elif e["type"] == "missing":
             lines.append(f"{param}: required")
-        elif e["type"] == "json_invalid":
-            lines.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
         elif param in HINTS:
             lines.append(f"{param}: {HINTS[param]}")
         elif param == "body":
@@ -109,6 +151,7 @@ class Checker:
     def resolve(self, body: VideoRequest) -> dict:
         """The job's stored request: prompts and the resolved settings; ApiError(400) if invalid."""
         cfg = self.cfg
+        check_lengths(body)
         if body.model is not None and body.model != self.model:
             raise ApiError(400, f"model {body.model!r}: this service runs {self.model!r}; leave model out or "
                                 f"give {self.model!r}", "model")
@@ -131,7 +174,7 @@ class Checker:
         if tokens > limit:
             raise ApiError(400, f"a {s.width}x{s.height} video of {s.frames} frames is {tokens} tokens; this service "
                                 f"takes at most {limit} (--max-video-tokens): make it smaller or shorter",
-                           "num_frames" if body.size is None else "size")
+                           "size" if body.size is not None else "seconds" if body.seconds is not None else "num_frames")
         return {"prompt": body.prompt, "negative_prompt": body.negative_prompt, **asdict(s)}
 
     def check_prompt(self, text: str, param: str, empty_ok: bool = False) -> None:
@@ -167,8 +210,12 @@ class Checker:
             raise ApiError(400, f"seconds={seconds!r}: {HINTS['seconds']}", "seconds") from None
         if not (math.isfinite(value) and value > 0):
             raise ApiError(400, f"seconds={seconds!r}: give a positive number", "seconds")
-        stride = self.cfg.vae_stride[0]
-        return stride * max(1, round(value * self.cfg.fps / stride)) + 1
+        stride, fps = self.cfg.vae_stride[0], self.cfg.fps
+        longest = (MAX_FRAMES - 1) // stride * stride + 1
+        if value * fps > longest + stride / 2:  # before round(): 1e308 * fps is inf
+            raise ApiError(400, f"seconds={seconds!r}: at most {longest / fps:g} s ({longest} frames at {fps} fps)",
+                           "seconds")
+        return stride * max(1, round(value * fps / stride)) + 1
 
     def recheck(self, request: dict) -> str | None:
         """A stored request against the model and limits of this start (after a restart): the
@@ -189,6 +236,15 @@ class Checker:
         return None
 
 
+def check_lengths(body: VideoRequest) -> None:
+    """Every text field within TEXT_CHARS, before a tokenizer or a parser reads it."""
+    for name, most in TEXT_CHARS.items():
+        value = getattr(body, name)
+        if isinstance(value, str) and len(value) > most:
+            raise ApiError(400, f"{name} is {len(value)} characters long; this service takes at most {most}",
+                           name)
+
+
 def in_field_terms(err: ParameterError, width: int, height: int) -> str:
     """A library ParameterError worded in request fields (`num_frames 8: ...`, `size 17x16: ...`)."""
     def name(param, value):
@@ -206,14 +262,15 @@ def settings_of(request: dict) -> VideoSettings:
 
 def video_object(job, progress: int) -> dict:
     """The OpenAI-style video object of a job (paradit.serve.jobs.Job)."""
-    r = job.request
+    r = job.request  # {} when the stored request was unreadable (the job has failed, saying so)
     return {
         "id": job.id, "object": "video", "status": job.status,
         "progress": 100 if job.status == "completed" else progress,
         "created_at": int(job.created_at),
         "completed_at": None if job.completed_at is None else int(job.completed_at),
-        "model": job.model, "size": f"{r['width']}x{r['height']}", "num_frames": r["frames"], "seed": r["seed"],
-        "prompt": r["prompt"], "num_inference_steps": r["steps"], "guidance_scale": list(r["guidance"]),
-        "sampler": r["sampler"], "error": None if job.error is None else {"message": job.error},
+        "model": job.model, "size": f"{r['width']}x{r['height']}" if r else None, "num_frames": r.get("frames"),
+        "seed": r.get("seed"), "prompt": r.get("prompt"), "num_inference_steps": r.get("steps"),
+        "guidance_scale": list(r["guidance"]) if r else None,
+        "sampler": r.get("sampler"), "error": None if job.error is None else {"message": job.error},
         "timings": job.timings,
     }
