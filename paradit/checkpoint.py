@@ -155,6 +155,11 @@ def _kind(arch: WanConfig, experts: int, z_dim: int, expand_timesteps: bool, whe
     return "wan2.1-t2v-1.3b" if arch.dim == 1536 else "wan2.1-t2v-14b"
 
 
+# Wan2.1 T2V-1.3B's width, the smallest released Wan model: a narrower checkpoint is a test or toy
+# model, whose default video is the tiny preset's (64x64, 9 frames), not its kind's (1280x720x81).
+SMALLEST_WAN_DIM = 1536
+
+
 def model_config(path: str | Path, components: str | Path | None = None) -> WanConfig:
     """Architecture and sampling defaults of a checkpoint, from its JSON configs only (cheap; the
     same on every rank)."""
@@ -183,7 +188,11 @@ def model_config(path: str | Path, components: str | Path | None = None) -> WanC
     text_len = _read_json(ck.experts[0] / "config.json").get("text_len", base.text_len)  # original configs say
     evidence = (f"{where}: in_channels {arch['in_channels']} (input dim of patch_embedding.weight), "
                 f"{len(ck.experts)} expert(s); {vae_file}: z_dim {vae_cfg['z_dim']}")
-    return base.replace(**arch, boundary=boundary, z_dim=vae_cfg["z_dim"], text_len=text_len,
+    video = {}
+    if arch["dim"] < SMALLEST_WAN_DIM:  # a test-sized model: a test-sized default video, not 1280x720x81
+        tiny = WanConfig.preset("tiny")
+        video = dict(size=tiny.size, frames=tiny.frames)
+    return base.replace(**arch, **video, boundary=boundary, z_dim=vae_cfg["z_dim"], text_len=text_len,
                         vae="wan2.2" if vae_cfg["z_dim"] == 48 else "wan2.1",
                         vae_stride=(vae_cfg.get("scale_factor_temporal") or 4, spatial, spatial),
                         extra=dict(checkpoint=str(ck.root), layout=ck.layout, evidence=evidence,

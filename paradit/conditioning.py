@@ -19,7 +19,9 @@ Image preprocessing and the default output size follow wan/image2video.py (bicub
 """
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from paradit.config import WanConfig
+from paradit.errors import ParameterError
 from paradit.models.transformer import patchify
+from paradit.settings import MAX_SIDE, check_size
 
+log = logging.getLogger("paradit")
 Tensor = torch.Tensor
 MASK_CHANNELS = 4  # = the Wan VAE's temporal stride
+MIN_IMAGE_SIDE = 16  # pixels: a smaller image (a 1x1 one, say) carries no first frame worth the name
 
 
 # ----------------------------------------------------------------------------- checks and sizes
@@ -46,17 +52,59 @@ def check_task(cfg: WanConfig, image) -> None:
 
 
 def load_image(path):
-    """The image as a PIL RGB image; a clear error naming the file otherwise."""
+    """The image (a path, or a PIL image) as a PIL RGB image, checked for its size (check_image_size)
+    before it is decoded; a clear error naming the file otherwise."""
     from PIL import Image, UnidentifiedImageError
 
+    if hasattr(path, "convert"):  # a PIL image already
+        check_image_size(path.width, path.height)
+        return path.convert("RGB")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--image {path}: no such file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL's warning for a large image: check_image_size refuses it in words
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_image_size(img.width, img.height)  # from the header: a decompression bomb is never decoded
             return img.convert("RGB")
+    except Image.DecompressionBombError as err:  # PIL's own guard, in formats whose size shows late
+        raise ParameterError("image", str(path), f"refused by PIL as a decompression bomb ({err})") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"--image {path}: not a readable image ({err})") from None
+
+
+def check_image_size(width: int, height: int) -> None:
+    """An image too small to carry a first frame, or over PIL's decompression-bomb limit."""
+    from PIL import Image
+
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ParameterError("image", f"{width}x{height}", f"the image is {width}x{height} pixels; a first frame "
+                             f"needs at least {MIN_IMAGE_SIDE} a side (it is resized to the video's size, hundreds "
+                             f"of pixels)", "give a larger image")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ParameterError("image", f"{width}x{height}", f"the image has {width * height:,} pixels, above PIL's "
+                             f"decompression-bomb limit of {limit:,}", "give a smaller image (the video is at most "
+                             f"{MAX_SIDE} pixels a side)")
+
+
+def video_size_for_image(cfg: WanConfig, image_w: int, image_h: int) -> tuple[int, int]:
+    """size_for_image, checked: an image so wide or tall that the video it implies is outside the
+    sizes the model takes is refused as the image's fault (no size was given)."""
+    try:
+        width, height = size_for_image(cfg, image_w, image_h)
+        check_size(cfg, width, height)
+    except (ParameterError, ZeroDivisionError):
+        m = cfg.size_multiple
+        raise ParameterError("image", f"{image_w}x{image_h}", f"at {cfg.name}'s area ({cfg.size[0] * cfg.size[1]:,} "
+                             f"pixels) an image of this shape makes a video outside the sizes it takes (multiples "
+                             f"of {m}, from {m} to {MAX_SIDE // m * m} a side)", "crop the image to a less extreme "
+                             f"shape, or give the video's size") from None
+    log.info("image %dx%d: the video is %dx%d (the image's shape at %s's area)", image_w, image_h, width, height,
+             cfg.name)
+    return width, height
 
 
 def size_for_image(cfg: WanConfig, image_w: int, image_h: int, max_area: int | None = None) -> tuple[int, int]:

@@ -9,22 +9,38 @@ all of its outputs or none.
 """
 from __future__ import annotations
 
-import logging
 import os
+import signal
 import sys
-import time
-import traceback
-from pathlib import Path
 
-import torch
 
-from paradit.cli.flags import flag_terms
-from paradit.cli.spec import RunSpec, files_of, parse_args, resolve
-from paradit.launch import init_distributed, setup_logging, shutdown
-from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reported, peer_failure, report_failure,
-                                   say_error, wait_for_reports)
-from paradit.models.loading import CheckpointError
-from paradit.outputs import Outputs, written_size, write_video
+def _signal_while_starting(signum, frame) -> None:
+    """SIGINT / SIGTERM before the failure watcher takes the signals over (imports, rendezvous: the
+    first seconds): a line and the signal's exit code, not a silent -15 or an import's traceback."""
+    code, what = {signal.SIGINT: (130, "interrupted (SIGINT)"), signal.SIGTERM: (143, "terminated (SIGTERM)")}[signum]
+    sys.stderr.write(f"paradit: error (rank {os.environ.get('RANK', 0)}): {what} while starting\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":  # the program itself, before torch's seconds of imports
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _signal_while_starting)
+
+import logging  # noqa: E402 (after the handlers above)
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from paradit.cli.flags import flag_terms  # noqa: E402
+from paradit.cli.spec import RunSpec, files_of, parse_args, resolve  # noqa: E402
+from paradit.launch import init_distributed, setup_logging, shutdown  # noqa: E402
+from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reported, peer_failure,  # noqa: E402
+                                   report_failure, say_error, wait_for_reports)
+from paradit.models.loading import CheckpointError  # noqa: E402
+from paradit.outputs import Outputs, written_size, write_video  # noqa: E402
 
 log = logging.getLogger("paradit")
 
@@ -34,6 +50,8 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
     by the caller once every rank has succeeded); returns the staged videos."""
     from paradit.pipeline import Pipeline  # diffusers and transformers: only once the input is valid
     flags, cfg, settings, layout = spec.flags, spec.cfg, spec.settings, spec.layout
+    log.info("video: %dx%d, %d frames, %d steps (%s)", settings.width, settings.height, settings.frames,
+             settings.steps, size_source(spec))
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(flags.model, parallel=layout, device=flags.device, backend=flags.attention,
                                     experts_needed=None if spec.experts_needed is None else set(spec.experts_needed),
@@ -93,6 +111,16 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
     return staged
 
 
+def size_source(spec: RunSpec) -> str:
+    """Where the video's size and frames come from, for the line that announces them."""
+    given = [f for f in ("--size", "--frames") if spec.flags.given(f)]
+    if spec.image is not None and not spec.flags.given("--size"):
+        return "the image's shape at the model's area" + (", --frames" if given else "")
+    if len(given) == 2:
+        return "--size, --frames"
+    return f"{', '.join(given) + '; ' if given else ''}the model's default; --size WxH and --frames N change it"
+
+
 def gpu_memory(pipe) -> dict[str, dict[str, float]] | None:
     """Peak GPU memory (GB, allocated and reserved by torch's allocator) of every rank of this
     request's group (its replica; its stage with split experts), keyed by global rank; None on CPU."""
@@ -142,7 +170,7 @@ def chords_summary(report, steps: int) -> str:
              f"{report.nfe} NFEs ({report.nfe / steps:.2f}x sequential)"]
     for j, h in enumerate(report.hits):
         lines.append(f"  hit {j}: core {h['core']} round {h['round']}{' (preview)' if h['preview'] else ''}, "
-                     f"RMS from last hit {h['rms_from_last']:.3e}")
+                     f"RMS distance to the final hit {h['rms_from_last']:.3e}")
     return "\n".join(lines)
 
 
@@ -202,9 +230,9 @@ def main(argv=None) -> int:
     outputs, watcher, t_start = Outputs(), None, time.perf_counter()
     try:
         flags = parse_args(argv)
+        setup_logging(int(os.environ.get("RANK", 0)))
         with flag_terms(flags):
             info = init_distributed(flags.device, flags.timeout)
-        setup_logging(info.rank)
         watcher = AbortWatcher(cleanup=outputs.discard).start()
         spec = resolve(flags, info)
         run(spec, outputs, time.perf_counter() - t_start)

@@ -3,8 +3,10 @@
 `Outputs` stages every file (video, latent, sidecar) as a temporary beside its target and, once the
 whole run has succeeded, renames them over their targets together; if any rename fails, the
 targets renamed so far get their earlier contents back. `discard()` (every failure path calls it,
-from any thread) stops a running encoder and removes every temporary. Temporaries are named
-`.NAME.tmpPID.SUFFIX`; a run removes those of dead processes (a SIGKILLed run) beside its targets.
+from any thread) stops a running encoder and removes every temporary, and never raises: it runs
+inside error handlers. Temporaries are named `.paradit-tmpPID-N` (short, whatever the target's name:
+a temporary named after a 250-byte target would not fit the file system's 255); a run removes those
+of dead processes (a SIGKILLed run) from its output folders.
 
 The video encoder is ffmpeg (imageio-ffmpeg's binary) in a process of its own, fed raw RGB frames on
 its stdin and bounded in time. Not imageio's writer: that starts ffmpeg with a Python preexec_fn,
@@ -13,6 +15,7 @@ can then block forever on a lock another thread held at the fork, with the run s
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -25,8 +28,14 @@ import numpy as np
 MIN_SIDE = 128  # videos smaller than this are written enlarged, so that a player shows them
 
 
+TEMP_PREFIX = ".paradit-"
+NAME_MAX = 255  # bytes in a file name, where the file system does not say (os.pathconf)
+_serial = itertools.count()
+
+
 def temp_path(path: Path, tag: str = "tmp") -> Path:
-    return path.with_name(f".{path.stem}.{tag}{os.getpid()}{path.suffix}")
+    """A temporary in `path`'s folder (renamed over it atomically), never longer than 30 bytes."""
+    return Path(path).with_name(f"{TEMP_PREFIX}{tag}{os.getpid()}-{next(_serial)}")
 
 
 def enlarge(frames: np.ndarray, min_side: int = MIN_SIDE) -> tuple[np.ndarray, int]:
@@ -46,7 +55,11 @@ def encode_timeout_s(frames: np.ndarray) -> float:
     return 120.0 + 2.0 * frames.size / 3 / 1e6
 
 
-class EncodeError(OSError):
+class WriteError(OSError):
+    """An output that could not be written (the CLI reports it in one line)."""
+
+
+class EncodeError(WriteError):
     pass
 
 
@@ -79,7 +92,11 @@ class Outputs:
 
     def tensors(self, path, tensors: dict) -> None:
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self._temp(path)))
+        tmp = self._temp(path)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        except Exception as err:  # safetensors' SafetensorError (a full disk, say) is not an OSError
+            raise WriteError(f"could not write {path}: {str(err).splitlines()[0][:300]}") from None
 
     def _encode(self, tmp: Path, frames: np.ndarray, fps: int) -> None:
         from imageio_ffmpeg import get_ffmpeg_exe
@@ -147,10 +164,16 @@ class Outputs:
             self._discarded = True
             encoders, staged, self._staged = list(self._encoders), self._staged, []
         for proc in encoders:
-            proc.kill()
-            proc.wait()
+            try:
+                proc.kill()
+                proc.wait(timeout=10)
+            except (OSError, subprocess.SubprocessError):  # gone already, or unkillable: nothing more to do
+                pass
         for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # never raise from an error path; a dead run's temporary is removed next time
+                pass
 
 
 def write_now(path, write, *args) -> Path:
@@ -179,17 +202,21 @@ def write_tensor(path, tensors: dict) -> Path:
 # ---------------------------------------------------------------------- checks before the run
 def check_writable(path: Path) -> str | None:
     """Why `path` cannot be written (None if it can): a directory in its place, a parent that is a
-    file, a folder where no file can be created. Probes with a file it removes at once; creates no
-    folder. Also removes temporaries of dead processes beside `path`."""
+    file, a name longer than the file system takes, a folder where no file can be created. Probes
+    with a file it removes at once; creates no folder. Also removes temporaries of dead processes
+    beside `path`."""
     path = Path(path)
-    if path.is_dir():
-        return f"{path} is a directory; name a file"
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
         return f"{folder} is not a directory"
-    probe = folder / f".paradit-probe{os.getpid()}"
+    size, limit = len(os.fsencode(path.name)), name_max(folder)
+    if size > limit:  # first: even a stat of such a name fails
+        return f"its name is {size} bytes, and the file system takes names of at most {limit}; give a shorter --out"
+    if path.is_dir():
+        return f"{path} is a directory; name a file"
+    probe = temp_path(folder / "probe")
     try:
         probe.touch()
     except OSError as err:
@@ -197,13 +224,21 @@ def check_writable(path: Path) -> str | None:
     finally:
         probe.unlink(missing_ok=True)
     if path.parent.is_dir():
-        remove_stale_temps(path)
+        remove_stale_temps(path.parent)
     return None
 
 
-def remove_stale_temps(path: Path) -> None:
-    for tmp in path.parent.glob(f".{path.stem}.tmp*{path.suffix}"):
-        pid = tmp.name[len(path.stem) + 5:len(tmp.name) - len(path.suffix)]
+def name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove the temporaries of processes that are gone (a SIGKILLed run) from `folder`."""
+    for tmp in Path(folder).glob(f"{TEMP_PREFIX}*"):
+        pid = tmp.name[len(TEMP_PREFIX) + 3:].partition("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
 

@@ -208,9 +208,9 @@ class Pipeline:
             raise ParameterError("output", output, "choose 'video' or 'latent'")
         conditioning.check_task(self.cfg, image)
         if image is not None:
-            image = conditioning.load_image(image) if not hasattr(image, "convert") else image.convert("RGB")
+            image = conditioning.load_image(image)
             if width is None and height is None:
-                width, height = conditioning.size_for_image(self.cfg, image.width, image.height)
+                width, height = conditioning.video_size_for_image(self.cfg, image.width, image.height)
         s = VideoSettings.resolve(self.cfg, width, height, frames, steps, shift, guidance, seed, sampler)
         latent = self.run(prompt, s, negative_prompt, image=image, chords=chords, on_hit=on_hit, progress=progress)
         if output == "latent":

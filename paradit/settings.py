@@ -19,6 +19,8 @@ MAX_SIDE = 4096          # pixels; Wan is trained up to 1280x720, the VAE tiles 
 MAX_FRAMES = 1001        # 62 s at 16 fps; Wan is trained on 81 (121 for TI2V-5B)
 MAX_STEPS = 1000         # the schedule's own resolution (timesteps 0..999)
 MAX_SHIFT = 100.0        # Wan uses 5 and 12; far above ~50 every sigma rounds to 1
+MIN_SHIFT = 0.01         # its mirror: below it the first sigma falls from 1 (0.91 at 8 steps, 0.5 at 0.001,
+                         # 0 at 1e-300) and the sampler treats the initial noise as a finished latent
 MAX_GUIDANCE = 100.0     # Wan uses 3-5; beyond ~100 the guided velocity overflows bf16
 MAX_SEED = 2 ** 64 - 1   # torch.Generator's range
 
@@ -109,7 +111,7 @@ class VideoSettings:
         width, height = check_size(cfg, pick(width, cfg.size[0]), pick(height, cfg.size[1]))
         frames = check_frames(cfg, pick(frames, cfg.frames))
         steps = check_int("steps", pick(steps, cfg.steps), 1, MAX_STEPS)
-        shift = check_number("shift", pick(shift, cfg.shift), 0.0, MAX_SHIFT, low_open=True)
+        shift = check_number("shift", pick(shift, cfg.shift), MIN_SHIFT, MAX_SHIFT)
         guidance = pick(guidance, cfg.guidance)
         if isinstance(guidance, (int, float)):
             guidance = (guidance, guidance)

@@ -87,7 +87,8 @@ BAD_CLI = [
     (["--guidance", "nan"], r"--guidance nan: must be a finite number", 2, "all"),
     (["--guidance", "4,-1"], r"--guidance 4,-1: must be in \[0, 100\]", 2, "all"),
     (["--shift", "inf"], r"--shift inf: must be a finite number", 2, "all"),
-    (["--shift", "-1"], r"--shift -1: must be in \(0, 100\]", 2, "all"),
+    (["--shift", "-1"], r"--shift -1: must be in \[0.01, 100\]", 2, "all"),
+    (["--shift", "1e-300"], r"--shift 1e-300: must be in \[0.01, 100\]", 2, "all"),
     (["--steps", "0"], r"--steps 0: must be an integer from 1 to 1000", 2, "all"),
     (["--steps", "100000"], r"--steps 100000: must be an integer from 1 to 1000", 2, "all"),
     (["--frames", "8"], r"--frames 8: tiny takes frames of the form 4k\+1.*nearest allowed: 5 or 9", 2, "all"),
@@ -427,7 +428,7 @@ def test_discard_from_another_thread_stops_the_encoder(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(fake))
     staged = out_mod.Outputs()
     (tmp_path / "v").mkdir()
-    (tmp_path / "v" / ".x.tmp99999999.mp4").write_bytes(b"")  # a dead run's temporary
+    (tmp_path / "v" / ".paradit-tmp99999999-0").write_bytes(b"")  # a dead run's temporary
     assert out_mod.check_writable(tmp_path / "v" / "x.mp4") is None
     errors = []
     writer = threading.Thread(target=lambda: _catch(errors, staged.video, tmp_path / "v" / "x.mp4",

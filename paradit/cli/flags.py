@@ -60,10 +60,13 @@ def _float(text: str) -> float:
 
 
 def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    m = re.fullmatch(r"\s*([+-]?\d+)\s*x\s*([+-]?\d+)\s*", text.lower())
+    if not m:
         raise ValueError("write it as WIDTHxHEIGHT, e.g. 1280x720")
-    return int(parts[0]), int(parts[1])
+    width, height = int(m.group(1)), int(m.group(2))
+    if width < 0 or height < 0:
+        raise ValueError("width and height are numbers of pixels, > 0 (WIDTHxHEIGHT, e.g. 1280x720)")
+    return width, height
 
 
 def _numbers(text: str) -> float | tuple[float, float]:
@@ -169,7 +172,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--frames", INT, None, "frames, of the form 4k+1 (8k+1, k >= 1, for the demo model)", "the preset's",
          metavar="N"),
     Flag("--steps", INT, None, "denoising steps", "the preset's", metavar="N"),
-    Flag("--shift", FLOAT, None, "the sigma schedule's shift, > 0", "the preset's", metavar="X"),
+    Flag("--shift", FLOAT, None, "the sigma schedule's shift, 0.01 to 100", "the preset's", metavar="X"),
     Flag("--guidance", NUMBERS, None, "classifier-free guidance scale: one, or high,low for the two Wan2.2 "
          "experts; 1 turns guidance off", "the preset's", metavar="G[,G]"),
     Flag("--sampler", str, None, "unipc or euler", "unipc; Euler steps with --chords", choices=SAMPLER_NAMES),
@@ -187,7 +190,7 @@ FLAGS: tuple[Flag, ...] = (
          "residual stream stay as loaded; refused where it cannot run", "none", choices=QUANT_MODES),
     Flag("--compile", help="torch.compile each transformer block, then warm up one step per expert before the "
          "timed run"),
-    Flag("--timeout", FLOAT, None, "collective timeout in seconds (> 0): how long a rank waits for a peer "
+    Flag("--timeout", FLOAT, None, "collective timeout in seconds (at least 1): how long a rank waits for a peer "
          "that has stopped answering", None, metavar="S"),
     # the layout
     Flag("--sp", INT, None, "sequence-parallel degree; picks ulysses x ring from the head count", "1",
@@ -227,11 +230,18 @@ PARAM_FLAGS = {"width": "--size", "height": "--size", "frames": "--frames", "ste
                "chords": "--chords", "experts": "--experts", "stages": "--stages", "timeout_s": "--timeout",
                "device": "--device", "gpu": "--gpu", "offload": "--offload",
                "quant": "--quant", "cores": "--chords", "init": "--chords-init",
-               "stop": "--chords-stop"}  # cores, init, stop: ChordsSettings
+               "stop": "--chords-stop", "image": "--image"}  # cores, init, stop: ChordsSettings
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors raised (every rank reports them the same way) in flag terms."""
+    """argparse, with its errors raised (every rank reports them the same way) in flag terms.
+    A value that starts with a minus and a digit, a dot, inf or nan (-1, -.5, -inf, -16x16) is a
+    value, which the flag's own check then judges; argparse takes only -1 and -.5, and reads -inf
+    as an unknown flag ("expected one argument")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message: str):
         message = re.sub(r"^argument (--[\w-]+)(/[^:]*)?: ", r"\1 ", message)

@@ -10,6 +10,7 @@ output paths by the rules below. A refusal is a UsageError (a ValueError) worded
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from paradit.config import PRESETS, WanConfig
 from paradit.plan.layout import ParallelConfig
 from paradit.settings import ChordsSettings, VideoSettings
 
+log = logging.getLogger("paradit")
 RUNNABLE_PRESETS = ("tiny", "demo")  # presets that bring their weights; the Wan ones are architectures
 
 
@@ -89,10 +91,14 @@ def read_prompts(flags: Flags) -> tuple[str, ...]:
     if flags.prompts_file is None:
         return (DEFAULT_PROMPT if flags.prompt is None else flags.prompt,)
     path = Path(flags.prompts_file)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"--prompts-file {path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"--prompts-file {path} is a directory; name a text file, one prompt a line")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is no prompt text
+    except OSError as err:
+        raise UsageError(f"--prompts-file {path}: cannot read it ({err.strerror})") from None
     except UnicodeDecodeError as err:
         raise UsageError(f"--prompts-file {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
                          f"offset {err.start}); save it as UTF-8, one prompt a line") from None
@@ -100,6 +106,14 @@ def read_prompts(flags: Flags) -> tuple[str, ...]:
     if not prompts:
         raise UsageError(f"--prompts-file {path} has no prompts (one prompt a line)")
     return prompts
+
+
+def warn_unknown_words(prompts: tuple[str, ...]) -> None:
+    from paradit.demo.data import vocabulary_warning
+    for prompt in prompts:
+        warning = vocabulary_warning(prompt)
+        if warning:
+            log.warning("%s", warning)
 
 
 def output_paths(flags: Flags, count: int) -> tuple[Path, ...]:
@@ -142,7 +156,7 @@ def video_settings(flags: Flags, cfg: WanConfig, image) -> VideoSettings:
     width, height = flags.size or (None, None)
     if image is not None and flags.size is None:
         from paradit import conditioning
-        width, height = conditioning.size_for_image(cfg, image.width, image.height)
+        width, height = conditioning.video_size_for_image(cfg, image.width, image.height)
     return VideoSettings.resolve(cfg, width, height, flags.frames, flags.steps, flags.shift, flags.guidance,
                                  flags.seed, flags.sampler or "unipc")
 
@@ -160,6 +174,8 @@ def resolve(flags: Flags, info) -> RunSpec:
     with flag_terms(flags):
         cfg = model_config(flags)
         prompts = read_prompts(flags)
+        if cfg.name == "demo" and info.rank == 0:
+            warn_unknown_words(prompts)
         image = load_image(flags, cfg)
         settings = video_settings(flags, cfg, image)
         chords = chords_settings(flags)

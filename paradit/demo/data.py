@@ -7,6 +7,7 @@ Shapes are drawn from signed distances, anti-aliased over one pixel.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,24 @@ def parse_prompt(prompt: str) -> tuple[str | None, str | None, str | None]:
 
 def all_prompts() -> list[str]:
     return [prompt_for(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of `prompt` that no training prompt has (the demo model knows "a COLOUR SHAPE
+    moving DIRECTION" and nothing else), in order, once each; [] for a prompt it can draw."""
+    known = {"a", "moving", *COLOURS, *SHAPES, *DIRECTIONS}
+    words = re.findall(r"\w+", prompt.lower())  # its tokenizer's words (punctuation aside)
+    return list(dict.fromkeys(w for w in words if w not in known))
+
+
+def vocabulary_warning(prompt: str) -> str | None:
+    """A one-line warning for a prompt with words the demo model never saw, naming them; else None."""
+    unknown = unknown_words(prompt)
+    if not unknown:
+        return None
+    return (f"the demo model does not know {', '.join(map(repr, unknown))} in {prompt!r}: it was trained on "
+            f"'a COLOUR SHAPE moving DIRECTION' (colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; "
+            f"directions {', '.join(DIRECTIONS)}); to it they mean nothing")
 
 
 @dataclass(frozen=True)
