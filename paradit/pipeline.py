@@ -62,6 +62,9 @@ class Pipeline:
         for m in experts:
             if m is not None:  # None: an expert this rank never runs (CHORDS cores, split stages)
                 self.runtime.bind(m)
+                if self.mesh.shard_mesh is not None:   # the layout's weight sharding (FSDP2)
+                    from paradit.parallel.sharding import apply_weight_sharding
+                    apply_weight_sharding(m, self.mesh.shard_mesh)
         self.denoiser = Denoiser(cfg, self.runtime, experts)
         self.handoff = HandoffSignal() if self.mesh.split is not None else None  # split experts' hand-offs
         self.record = RunRecord()                      # the current (or last) request's
@@ -128,6 +131,10 @@ class Pipeline:
         info = init_distributed(device)
         check_quant(quant, info.device, offload, parallel)
         parallel = parallel or ParallelConfig()
+        if parallel.shard_weights != "none":  # "auto" resolved; refused with what it cannot combine with
+            from paradit.parallel.sharding import sharded_layout
+            parallel = sharded_layout(parallel, model_config(name_or_path, components), info.device, offload,
+                                      quant, compile)
         if parallel.stages_pending:
             parallel = resolve_stages(parallel, model_config(name_or_path, components), info.world_size)
         if experts_needed is None and parallel.stages is not None:  # each stage reads its own expert

@@ -38,17 +38,17 @@ def test_a14b_expert_weights():
 
 
 def test_both_experts_do_not_fit_48gb():
-    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48), offload="none")
+    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48), offload="none", shard_weights="none")
     colocated = [c for c in p.candidates if c.layout.experts == "colocated"]
     assert colocated and not any(c.feasible for c in colocated)
     for c in colocated:
         assert c.why is Infeasibility.OUT_OF_MEMORY
         assert c.reason.startswith("out of memory") and "weights 57.2 [2 experts]" in c.reason
     # one expert per GPU fits, once the text encoder is off the GPU
-    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48), offload="text-encoder")
+    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48), offload="text-encoder", shard_weights="none")
     assert p.choice is not None and p.choice.layout.experts == "split"
     # or, colocated, with one expert on the GPU at a time: latency beats the split stages
-    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48))
+    p = plan(A14B, 8, GPUS["h100"].replace(hbm_gb=48), shard_weights="none")
     assert p.choice.layout.experts == "colocated" and p.choice.offload in ("experts", "all")
     assert p.choice.breakdown.mem_gb.experts_on_gpu == 1
 

@@ -116,6 +116,14 @@ BAD_CLI = [
     (["--stages", "1,1"], r"--stages needs --experts split", 2, "all"),
     (["--plan", "auto"], r"need a GPU kind", 2, "all"),
     (["--plan", "auto", "--gpu", "h100", "--sp", "2"], r"--plan auto chooses the layout itself: drop --sp", 2, "all"),
+    # weight sharding
+    (["--dp", "2", "--shard-weights", "sp"], r"--shard-weights sp: the layout's sequence-parallel group .*has one "
+                                             r"rank.*use: --shard-weights none", 2, "all"),
+    (["--chords", "2", "--shard-weights", "request"], r"CHORDS cores .*: --shard-weights sp", 2, "all"),
+    (["--ulysses", "2", "--shard-weights", "sp", "--compile"], r"--shard-weights sp: sharded weights run eagerly",
+     2, "all"),
+    (["--ulysses", "2", "--shard-weights", "sp", "--offload", "experts"], r"--offload experts: expert offload moves "
+                                                                            r"whole experts", 2, "all"),
     # CHORDS
     (["--chords", "2", "--steps", "1"], r"needs at least as many steps", 2, "all"),
     (["--chords", "2", "--chords-init", "1,3"], r"0", 2, "all"),

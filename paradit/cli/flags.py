@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from paradit.errors import ParameterError
+from paradit.plan.hardware import GPUS
+from paradit.plan.layout import SHARD_MODES
 from paradit.residency import OFFLOAD_MODES
 from paradit.settings import QUANT_MODES, SAMPLER_NAMES
 
@@ -206,8 +208,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--plan", str, "manual", "auto: the planner picks the layout (instead of the layout flags)", "manual",
          choices=("manual", "auto")),
     Flag("--gpu", str, None, "GPU kind for the planner", "detected from the CUDA device",
-         choices=("h100", "h200", "b200")),
+         choices=tuple(GPUS)),
     Flag("--force", help="run a layout the planner predicts will not fit in GPU memory"),
+    Flag("--shard-weights", str, "auto", "shard each expert's transformer blocks over the sequence-parallel group "
+         "(sp) or the whole request group (request), gathered block by block behind compute (FSDP2); auto: the "
+         "planner's choice", "auto; none on a CPU", choices=SHARD_MODES),
     Flag("--offload", str, "auto", "keep the text encoder and/or the idle expert in host memory, copied to the GPU "
          "when used; auto: the planner's fastest mode that fits", "auto; none on a CPU", choices=OFFLOAD_MODES),
     # CHORDS
@@ -229,6 +234,7 @@ PARAM_FLAGS = {"width": "--size", "height": "--size", "frames": "--frames", "ste
                "ulysses": "--ulysses", "ring": "--ring", "sp": "--sp", "cfg": "--cfg-par", "dp": "--dp",
                "chords": "--chords", "experts": "--experts", "stages": "--stages", "timeout_s": "--timeout",
                "device": "--device", "gpu": "--gpu", "offload": "--offload",
+               "shard_weights": "--shard-weights", "compile": "--compile",
                "quant": "--quant", "cores": "--chords", "init": "--chords-init",
                "stop": "--chords-stop", "image": "--image"}  # cores, init, stop: ChordsSettings
 

@@ -38,17 +38,19 @@ def gpu_kind(flags: Flags) -> str | None:
     import torch
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name().lower()
-    return next((k for k in ("b200", "h200", "h100") if k in name), "h100")
+    from paradit.plan.hardware import gpu_preset
+    return gpu_preset(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 1e9)
 
 
-def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, offload: str = "auto") -> ParallelConfig:
+def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, offload: str = "auto",
+                   shard: str = "auto") -> ParallelConfig:
     """--plan auto / --experts auto: the planner's choice for this world and GPU kind."""
     from paradit.plan import plan
     if kind is None:
         raise UsageError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
-                         "pass --gpu h100|h200|b200")
-    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps, offload=offload)
+                         "pass --gpu KIND (python -m paradit.plan --help lists them)")
+    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps, offload=offload,
+             shard_weights=shard)
     if p.choice is None:
         raise UsageError(f"the planner finds no layout of {world} x {kind} that fits "
                          f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
@@ -79,7 +81,8 @@ def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
 def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelConfig:
     kind = gpu_kind(flags)
     if flags.plan == "auto":
-        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, flags.offload)
+        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, flags.offload,
+                                shard_mode(flags))
     elif flags.experts == "split":
         layout = split_layout(flags, cfg, info.world_size, settings)
     elif flags.experts == "auto" and kind is not None:
@@ -93,10 +96,22 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
             raise UsageError("--chords cannot be combined with --experts split yet; use colocated experts")
         layout = dataclasses.replace(layout, chords=chords_layout(chords, info.world_size, layout.world_size))
         chords.validate(settings.steps, layout.chords)
+    if flags.plan != "auto":
+        layout = dataclasses.replace(layout, shard_weights=shard_mode(flags))
+    from paradit.plan.search import resolve_sharding
+    layout = resolve_sharding(layout, cfg, kind, settings, flags.offload)
     layout.validate(info.world_size, cfg.num_heads)
     if kind is not None and not flags.force:
         check_memory(cfg, layout, kind, settings, info.world_size, flags.offload)
     return layout
+
+
+def shard_mode(flags: Flags) -> str:
+    """--shard-weights, where auto never picks sharding for a run it does not combine with (--compile,
+    --quant, --offload experts/all: paradit.plan.sharding.check_shard_options)."""
+    if flags.shard_weights == "auto" and (flags.compile or flags.quant != "none" or flags.offload in ("experts", "all")):
+        return "none"
+    return flags.shard_weights
 
 
 def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:

@@ -191,6 +191,8 @@ def resolve(flags: Flags, info) -> RunSpec:
         loras = tuple(lora_specs(flags.lora, flags.lora_high, flags.lora_low))
         check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); from_pretrained warns and merges
         offload = offload_mode(flags, cfg, layout, settings, info.device)
+        from paradit.plan.sharding import check_shard_options
+        check_shard_options(layout, offload, flags.quant, flags.compile)
         _check_quant(flags, info, offload, layout)
         check_weights(flags)
     return RunSpec(flags, cfg, prompts, settings, layout, chords, needed, paths, loras, offload, image)

@@ -2,7 +2,8 @@
 
 Rank order, fastest-varying first: ulysses, ring, cfg, chords, stage, dp. Ulysses groups are
 consecutive ranks (one NVLink island); ring groups stride over them. The sequence-parallel group
-(ring x ulysses) holds token shard number ring_rank * ulysses + ulysses_rank.
+(ring x ulysses) holds token shard number ring_rank * ulysses + ulysses_rank. With weight sharding
+the mesh also holds a 1-D DeviceMesh over the sharding group (sp or request), for FSDP2.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class Mesh:
     coords: Mapping[str, int]            # this rank's index along each axis
     groups: Mapping[str, object | None]  # axis name, "sp" and "request" -> ProcessGroup or None
     split: ParallelConfig | None = None  # the whole split layout, when this mesh is one stage of it
+    # shard_weights: the 1-D DeviceMesh of the group the experts' blocks are sharded over (FSDP2 takes a
+    # DeviceMesh), built from that group itself (no new process group); None when weights are whole
+    shard_mesh: DeviceMesh | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "coords", MappingProxyType(dict(self.coords)))
@@ -110,4 +114,7 @@ def _mesh_from(config: ParallelConfig, device, dm: DeviceMesh, shape: dict, requ
     else:
         groups["sp"] = groups.get("ring") or groups.get("ulysses")
     groups["request"] = request
-    return Mesh(config, device, dm, coords, groups, split)
+    shard = None
+    if config.shard_weights in ("sp", "request"):   # validate refused groups of one and "auto"
+        shard = DeviceMesh.from_group(groups[config.shard_weights], device.type, mesh_dim_names=("shard",))
+    return Mesh(config, device, dm, coords, groups, split, shard)

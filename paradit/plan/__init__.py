@@ -5,6 +5,7 @@
     hardware   GPU specs and the calibrated efficiency factors (calibration.json)
     model      one Wan expert in numbers: parameters, FLOPs, working sets
     costs      the time and memory of one layout: evaluate -> Candidate
+    sharding   weight sharding: memory, all-gathers, which group (if any) a layout shards over
     results    Candidate, its typed breakdowns, Infeasibility (why a layout cannot run)
     ranking    the order of candidates, and why one ranks below the choice (Defeat)
     search     every layout of a machine, evaluated and ranked: plan -> Plan

@@ -15,6 +15,7 @@ from paradit.cli.flags import FLOAT, INT, SIZE, Flag, Flags, UsageError, build_p
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
 from paradit.plan import GPUS, MAX_GPUS, Plan, load_calibration, plan
+from paradit.plan.layout import SHARD_MODES
 from paradit.residency import OFFLOAD_MODES
 
 FLAGS = (
@@ -30,6 +31,8 @@ FLAGS = (
     Flag("--max-chords", INT, 1, "consider CHORDS with up to this many cores (4, 6, 8)", "1: off", metavar="K"),
     Flag("--offload", str, "auto", "what lives in host memory: auto (the fastest mode that fits each layout), none, "
          "text-encoder, experts, all", "auto", choices=OFFLOAD_MODES),
+    Flag("--shard-weights", str, "auto", "each expert's blocks sharded over the group: auto (the best per layout), "
+         "none, sp (the sequence-parallel group), request (the request group)", "auto", choices=SHARD_MODES),
     Flag("--no-ring", help="no Ring attention: uneven Ulysses allowed"),
     Flag("--hbm-gb", FLOAT, None, "override the GPU's memory, GB (> 0)", "the preset's", metavar="GB"),
     Flag("--tflops", FLOAT, None, "override the GPU's bf16 matmul rate, TFLOP/s (> 0)", "the preset's",
@@ -41,7 +44,8 @@ FLAGS = (
 # the planner's parameters -> this CLI's flags
 PARAM_FLAGS = {"gpus": "--gpus", "width": "--size", "height": "--size", "frames": "--frames", "steps": "--steps",
                "calibration": "--calibration", "max_chords": "--max-chords", "hbm_gb": "--hbm-gb",
-               "matmul_tflops": "--tflops", "nvlink_gbps": "--nvlink-gbps", "objective": "--objective"}
+               "matmul_tflops": "--tflops", "nvlink_gbps": "--nvlink-gbps", "objective": "--objective",
+               "shard_weights": "--shard-weights"}
 
 
 def parse_args(argv: list[str] | None) -> Flags:
@@ -87,7 +91,7 @@ def make_plan(args: Flags) -> Plan:
         width, height = args.size or (None, None)
         return plan(args.model, args.gpus, gpu, width, height, args.frames, args.steps,
                     args.objective, load_calibration(args.calibration), args.max_chords,
-                    offload=args.offload, allow_ring=not args.no_ring)
+                    offload=args.offload, allow_ring=not args.no_ring, shard_weights=args.shard_weights)
 
 
 def main(argv: list[str] | None = None) -> int:

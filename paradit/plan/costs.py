@@ -65,6 +65,7 @@ from paradit.plan.hardware import GB, Calibration, GPUSpec
 from paradit.plan.layout import ParallelConfig, Stage, auto_sp
 from paradit.plan.model import activation_gb, forward_flops, param_count, param_parts, text_encoder_gb, vae_decode_gb
 from paradit.plan.placement import chords_experts, chords_init, chords_rounds
+from paradit.plan.sharding import best_sharding, gather_exposed_s, group_size, refusal, shard_note, weights_gb
 from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, Phases,
                                   RequestParts, SplitBreakdown, StepCost)
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
@@ -85,6 +86,7 @@ class Problem:
     guidance: bool = True                 # CFG on: two forwards' worth of work per step
     offload: str = "auto"                 # a mode of paradit.residency; auto: the best per layout
     allow_ring: bool = True
+    shard_weights: str = "auto"           # the layouts' weight sharding (paradit.plan.sharding); auto: the best
 
     @property
     def tokens(self) -> int:
@@ -210,9 +212,10 @@ def _ring(p: Problem, stage: Stage, batch: int, t_self: float, bw: float) -> dic
 
 
 def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool,
-               mode: str = "none") -> MemoryCost:
-    """Per-GPU memory (GB) of a rank of this stage under an offload mode: the parts of its
-    fullest phase (denoise, encode, decode), and every phase's total."""
+               mode: str = "none", shard: int = 1) -> MemoryCost:
+    """Per-GPU memory (GB) of a rank of this stage under an offload mode, its experts' blocks
+    sharded over `shard` ranks (paradit.plan.sharding): the parts of its fullest phase (denoise,
+    encode, decode), and every phase's total."""
     u, r, c = stage
     batch = 2 if (p.guidance and c == 1) else 1
     vae_weights, vae_work = vae_decode_gb(p.model, p.width, p.height, p.frames) if decode \
@@ -220,7 +223,7 @@ def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool,
     acts = activation_gb(p.model, math.ceil(p.tokens / (u * r)), batch, r > 1)
     text_gb = text_encoder_gb(p.model) if text else 0.0
     on_gpu = 1 if offloads_experts(mode) and experts > 1 else experts
-    weights = on_gpu * param_count(p.model) * 2 / GB
+    weights = weights_gb(p.model, on_gpu, shard)
     text_resident = 0.0 if offloads_text_encoder(mode) else text_gb
     overhead = p.calibration.overhead_gb + vae_weights
     resident = weights + text_resident + overhead
@@ -275,8 +278,16 @@ def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> 
     for stage in layout.stage_degrees:
         if problem := stage_check(p, stage):
             return _infeasible(layout, *problem)
+    if layout.shard_weights == "auto":
+        return best_sharding(p, layout, lambda q, lay: evaluate(q, lay, mode))
+    if why := refusal(layout):
+        return _infeasible(layout, Infeasibility.SHARD_GROUP, why)
+    if layout.shard_weights != "none" and offloads_experts(mode):
+        return _infeasible(layout, Infeasibility.SHARDED_OFFLOAD, "expert offload moves whole experts; "
+                           "sharded weights are split over the group already")
     if mode == "auto":
-        tried = [evaluate(p, layout, m) for m in OFFLOAD_ORDER]
+        modes = [m for m in OFFLOAD_ORDER if layout.shard_weights == "none" or not offloads_experts(m)]
+        tried = [evaluate(p, layout, m) for m in modes]
         fits = [c for c in tried if c.feasible]
         if fits:
             return min(fits, key=lambda c: round(c.latency_s, 6))   # min keeps the first of a tie
@@ -311,9 +322,11 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
                                                                  f"cores at {p.steps} steps (paper's: 4, 6, 8 cores)")
     core = math.prod(stage)
     held = _experts_per_core(m, k, p.steps)
-    mem = _stage_mem(p, stage, held, text=True, decode=True, mode=mode)
+    mem = _stage_mem(p, stage, held, text=True, decode=True, mode=mode, shard=group_size(layout, stage))
     replicas = [i * layout.group_size for i in range(layout.dp)]
-    step = stage_step(p, stage, [rep + c * core for rep in replicas for c in range(k)])
+    cores = [rep + c * core for rep in replicas for c in range(k)]
+    gathered = _gathering(p, layout, stage, stage_step(p, stage, cores), cores)
+    step = gathered.cost
     exchange = 0.0
     if k > 1:   # all-gather of (x, v) over the chords axis, fp32 token-space shards
         shard = step.local_tokens * m.out_channels * math.prod(m.patch) * 4
@@ -322,8 +335,9 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
     round_s = step.step_s + exchange
     copies = _host_copy_s(p, mode, held, True, round_s)
     latency = rounds * round_s + copies
-    parts = RequestParts.of_steps(step, rounds, chords_exchange=rounds * exchange, host_copies=copies)
-    note = "uneven heads, padded" if m.num_heads % stage[0] else ""
+    parts = RequestParts.of_steps(step, rounds, chords_exchange=rounds * exchange, host_copies=copies,
+                                  weight_gather=rounds * gathered.gather_s)
+    note = _join("uneven heads, padded" if m.num_heads % stage[0] else "", shard_note(m, layout, stage))
     if k > 1:
         note = _join(note, f"CHORDS: first hit after {rounds} rounds, approximate")
     note = _join(note, _offload_note(p, mode, held, True))
@@ -347,8 +361,11 @@ def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> C
     (hi, lo), n_hi = layout.stages, high_noise_steps(m.boundary, p.steps, m.shift)
     size_hi, replicas = math.prod(hi), [i * layout.group_size for i in range(layout.dp)]
     counts = HighLow(n_hi, p.steps - n_hi)
-    mems = HighLow(split_memory(p, hi, "high", mode), split_memory(p, lo, "low", mode))
-    steps = HighLow(stage_step(p, hi, replicas), stage_step(p, lo, [r + size_hi for r in replicas]))
+    mems = HighLow(split_memory(p, hi, "high", mode, layout), split_memory(p, lo, "low", mode, layout))
+    lo_offsets = [r + size_hi for r in replicas]
+    gathered = HighLow(_gathering(p, layout, hi, stage_step(p, hi, replicas), replicas),
+                       _gathering(p, layout, lo, stage_step(p, lo, lo_offsets), lo_offsets))
+    steps = HighLow(gathered.high.cost, gathered.low.cost)
     peak = max(mems.high.total, mems.low.total)
     reason = _oom_reason(p, mems.high, 1) or _oom_reason(p, mems.low, 1)
     # hand-off: latent, UniPC state (x, two model outputs, last sample) in fp32, and the text
@@ -361,9 +378,11 @@ def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> C
     stage_s = HighLow(counts.high * steps.high.step_s + copies, counts.low * steps.low.step_s)
     latency = stage_s.high + stage_s.low + handoff
     parts = RequestParts.of_steps(steps.high, counts.high) + RequestParts.of_steps(steps.low, counts.low)
-    parts = dataclasses.replace(parts, handoff=handoff, host_copies=copies)
+    parts = dataclasses.replace(parts, handoff=handoff, host_copies=copies, weight_gather=counts.high *
+                                gathered.high.gather_s + counts.low * gathered.low.gather_s)
     throughput = layout.dp * 3600 / (max(stage_s.high, stage_s.low) + handoff)
-    note = _join("requests pipeline through the stages", _offload_note(p, mode, 1, True))
+    note = _join("requests pipeline through the stages", _offload_note(p, mode, 1, True),
+                 shard_note(m, layout, hi), shard_note(m, layout, lo))
     breakdown = SplitBreakdown(steps.high, steps.low, mems, counts, parts, stage_s)
     return Candidate(layout, latency / p.steps, latency, throughput, peak, _fits(reason), reason,
                      _headroom(p, peak, note), breakdown)
@@ -377,6 +396,26 @@ def _headroom(p: Problem, mem_gb: float, note: str) -> str:
     return note
 
 
-def split_memory(p: Problem, stage: Stage, role: str, mode: str = "none") -> MemoryCost:
+def split_memory(p: Problem, stage: Stage, role: str, mode: str = "none",
+                 layout: ParallelConfig | None = None) -> MemoryCost:
     """One expert per GPU; the high stage encodes the prompt, the low stage decodes the video."""
-    return _stage_mem(p, stage, 1, text=role == "high", decode=role == "low", mode=mode)
+    shard = group_size(layout, stage) if layout is not None else 1
+    return _stage_mem(p, stage, 1, text=role == "high", decode=role == "low", mode=mode, shard=shard)
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    cost: StepCost       # the step, its exposed weight all-gathers included in step_s
+    gather_s: float      # those all-gathers' exposed seconds
+
+
+def _gathering(p: Problem, layout: ParallelConfig, stage: Stage, step: StepCost, offsets: list[int]) -> _Gathered:
+    """A step of a stage whose weights are sharded: plus the block all-gathers compute does not hide."""
+    g = group_size(layout, stage)
+    if g == 1:
+        return _Gathered(step, 0.0)
+    bw = _bandwidth(p, offsets, 1, g, math.prod(stage))
+    block_s = (step.compute_s + step.ulysses_s + step.ring_exposed_s) / p.model.num_layers
+    cal = p.calibration
+    exposed = gather_exposed_s(p.model, g, bw, cal.collective_latency_us * 1e-6, cal.ring_overlap, block_s)
+    return _Gathered(dataclasses.replace(step, step_s=step.step_s + exposed), exposed)

@@ -36,6 +36,9 @@ def _step_text(c: Candidate, steps: int) -> list[str]:
     b = c.breakdown
     stages = [("", b.step)] if isinstance(b, ColocatedBreakdown) else [("high stage ", b.high), ("low stage ", b.low)]
     out = [_one_step_text(name, s) for name, s in stages]
+    if b.parts_s.weight_gather:
+        out.append(f"sharded weights: {b.parts_s.weight_gather:.3g} s per request of block all-gathers not hidden "
+                   f"behind compute (in the step above)")
     if b.parts_s.host_copies:
         out.append(f"offload: {b.parts_s.host_copies:.3g} s per request waiting on host-link copies")
     if isinstance(b, ColocatedBreakdown) and c.layout.chords > 1:

@@ -25,11 +25,12 @@ class GPUSpec:
     matmul_tflops: float           # measured-style dense bf16 GEMM rate, TFLOP/s
     hbm_gb: float                  # capacity as the vendor names it, read as 1e9-byte GB
     hbm_tbps: float                # HBM bandwidth, TB/s
-    nvlink_gbps: float             # NVLink, unidirectional, per GPU, GB/s
+    nvlink_gbps: float             # GPU to GPU inside a node, unidirectional, per GPU, GB/s (NVLink, or PCIe: `link`)
     usable_fraction: float = 0.97  # what a process may fill (allocator fragmentation)
     gpus_per_node: int = 8         # one NVLink island
     internode_gbps: float = 50.0   # per GPU across nodes: one 400 Gb/s NIC
     host_link_gbps: float = 64.0   # GPU <-> host (PCIe Gen5 x16), one direction, raw
+    link: str = "nvlink"           # what carries nvlink_gbps: "nvlink", or "pcie" (no NVLink on the card)
 
     @property
     def usable_gb(self) -> float:
@@ -40,6 +41,8 @@ class GPUSpec:
             check_number(name, getattr(self, name), 0.0, 1e9, low_open=True)
         check_number("usable_fraction", self.usable_fraction, 0.0, 1.0, low_open=True)
         check_int("gpus_per_node", self.gpus_per_node, 1, MAX_GPUS)
+        if self.link not in ("nvlink", "pcie"):
+            raise ParameterError("link", self.link, "choose 'nvlink' or 'pcie'")
 
     def replace(self, **changes) -> "GPUSpec":
         return dataclasses.replace(self, **changes)
@@ -53,11 +56,43 @@ class GPUSpec:
 # Host link: the H100 SXM, H200 and HGX B200 datasheets give "PCIe Gen5: 128 GB/s"
 # (bidirectional), i.e. 64 GB/s per direction (32 GT/s x 16 lanes, 128b/130b); pinned
 # cudaMemcpyAsync reaches ~80% of it (Calibration.host_link_efficiency; bench/startup.py measures).
+#
+# The cards below are not measured here: public datasheet figures, matmul taken at the same ~80% of
+# the dense bf16 (FP32-accumulate) tensor peak as H100's measured 790 of 989. Their calibration is
+# the default until bench/rank_local.py fits one on the card.
+#   A100 SXM4 (NVIDIA A100 datasheet): bf16 312 TFLOP/s -> 250; 40 GB HBM2 at 1.555 TB/s, 80 GB HBM2e
+#     at 2.039 TB/s; NVLink 3 600 GB/s bidirectional -> 300; PCIe Gen4 x16 host link, 32 GB/s a direction.
+#   L40S (NVIDIA L40S datasheet): bf16 362 TFLOP/s dense -> 290; 48 GB GDDR6 at 864 GB/s; no NVLink:
+#     GPU to GPU over PCIe Gen4 x16 (64 GB/s bidirectional -> 32).
+#   RTX 4090 (Ada whitepaper): FP16/bf16 tensor with FP32 accumulate 165 TFLOP/s dense -> 132; 24 GB
+#     GDDR6X at 1.008 TB/s; PCIe Gen4 x16, and no peer-to-peer on GeForce: GPU to GPU goes through host
+#     memory, about half the link -> 16 GB/s.
+#   RTX 5090 (Blackwell GeForce whitepaper): FP16/bf16 tensor with FP32 accumulate 209.5 TFLOP/s dense
+#     -> 168; 32 GB GDDR7 at 1.792 TB/s; PCIe Gen5 x16 (64 GB/s a direction), no peer-to-peer -> 32.
+PCIE4, PCIE5 = 32.0, 64.0          # host link, GB/s one direction, raw
 GPUS: Mapping[str, GPUSpec] = MappingProxyType({
     "h100": GPUSpec("h100", matmul_tflops=790.0, hbm_gb=80.0, hbm_tbps=3.35, nvlink_gbps=450.0),
     "h200": GPUSpec("h200", matmul_tflops=790.0, hbm_gb=141.0, hbm_tbps=4.8, nvlink_gbps=450.0),
     "b200": GPUSpec("b200", matmul_tflops=1800.0, hbm_gb=180.0, hbm_tbps=8.0, nvlink_gbps=900.0),
+    "a100-40g": GPUSpec("a100-40g", matmul_tflops=250.0, hbm_gb=40.0, hbm_tbps=1.555, nvlink_gbps=300.0,
+                        host_link_gbps=PCIE4),
+    "a100-80g": GPUSpec("a100-80g", matmul_tflops=250.0, hbm_gb=80.0, hbm_tbps=2.039, nvlink_gbps=300.0,
+                        host_link_gbps=PCIE4),
+    "l40s": GPUSpec("l40s", matmul_tflops=290.0, hbm_gb=48.0, hbm_tbps=0.864, nvlink_gbps=PCIE4,
+                    host_link_gbps=PCIE4, link="pcie"),
+    "4090": GPUSpec("4090", matmul_tflops=132.0, hbm_gb=24.0, hbm_tbps=1.008, nvlink_gbps=PCIE4 / 2,
+                    host_link_gbps=PCIE4, link="pcie"),
+    "5090": GPUSpec("5090", matmul_tflops=168.0, hbm_gb=32.0, hbm_tbps=1.792, nvlink_gbps=PCIE5 / 2,
+                    host_link_gbps=PCIE5, link="pcie"),
 })
+
+
+def gpu_preset(device_name: str, memory_gb: float) -> str:
+    """The preset of a CUDA device from its name (and memory, for A100 40 / 80 GB); h100 if unknown."""
+    name = device_name.lower()
+    if "a100" in name:
+        return "a100-80g" if memory_gb > 60 else "a100-40g"
+    return next((k for k in ("b200", "h200", "h100", "l40s", "5090", "4090") if k in name), "h100")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from paradit.errors import ParameterError
 
 AXES = ("dp", "stage", "chords", "cfg", "ring", "ulysses")  # slowest-varying first (DeviceMesh order)
 EXPERT_MODES = ("colocated", "split", "auto")
+# weight sharding (paradit.parallel.sharding): the group each expert's blocks are sharded over
+SHARD_MODES = ("none", "sp", "request", "auto")
 Stage = tuple[int, int, int]   # (ulysses, ring, cfg) of one expert stage
 
 
@@ -26,16 +28,21 @@ class ParallelConfig:
     experts: str = "colocated"
     # experts="split": (ulysses, ring, cfg) of the high-noise stage and of the low-noise stage
     stages: tuple[Stage, Stage] | None = None
+    # "sp": each expert's blocks sharded over the sequence-parallel group; "request": over the whole
+    # request group (its stage, with split experts); "auto": the planner decides (paradit.plan.sharding)
+    shard_weights: str = "none"
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name not in ("experts", "stages") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if f.name not in ("experts", "stages", "shard_weights") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ParameterError(f.name, v, "every degree must be an integer >= 1")
         if self.cfg not in (1, 2):
             raise ParameterError("cfg", self.cfg, "CFG parallelism splits cond and uncond, so its degree is 1 or 2")
         if self.experts not in EXPERT_MODES:
             raise ParameterError("experts", self.experts, f"choose one of {', '.join(EXPERT_MODES)}")
+        if self.shard_weights not in SHARD_MODES:
+            raise ParameterError("shard_weights", self.shard_weights, f"choose one of {', '.join(SHARD_MODES)}")
         if self.stages is not None and self.experts != "split":
             raise ParameterError("stages", self.stages, "stages (the layouts of the high- and low-noise "
                                  "stages) need experts='split'")
@@ -58,7 +65,7 @@ class ParallelConfig:
     def stage_config(self, stage: int) -> "ParallelConfig":
         """The layout of one stage of a split config, as a colocated config of its own."""
         u, r, c = self.stages[stage]
-        return ParallelConfig(ulysses=u, ring=r, cfg=c)
+        return ParallelConfig(ulysses=u, ring=r, cfg=c, shard_weights=self.shard_weights)
 
     @property
     def stages_pending(self) -> bool:
@@ -81,6 +88,16 @@ class ParallelConfig:
     @property
     def sp(self) -> int:
         return self.ulysses * self.ring
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks each expert's blocks are sharded over (1: not sharded; per stage with split experts,
+        where the stages may differ: this is the smallest)."""
+        if self.shard_weights in ("none", "auto"):
+            return 1
+        if self.shard_weights == "sp":
+            return min(u * r for u, r, _ in self.stage_degrees)
+        return min(self.stage_sizes) * self.chords
 
     @property
     def group_size(self) -> int:
@@ -107,7 +124,7 @@ class ParallelConfig:
             return " | ".join(f"{name} stage: {self.stage_config(k).describe()} ({n} GPUs)" for k, (name, n)
                               in enumerate(zip(("high-noise", "low-noise"), self.stage_sizes)))
         parts = [f"{k}={getattr(self, k)}" for k in ("ulysses", "ring", "cfg", "chords", "dp") if getattr(self, k) > 1]
-        return " x ".join(parts) or "single device"
+        return (" x ".join(parts) or "single device") + self._shard_label(", weights sharded over ")
 
     def label(self) -> str:
         """The planner's short form: `U4 R2 cfg2`, `split 5+3 [U5 | U1 R3] dp2`."""
@@ -119,7 +136,10 @@ class ParallelConfig:
             text = f"split {math.prod(hi)}+{math.prod(lo)} [{stage(hi)} | {stage(lo)}]"
         else:
             text = stage(self.stage_degrees[0]) + (f" chords{self.chords}" if self.chords > 1 else "")
-        return text + (f" dp{self.dp}" if self.dp > 1 else "")
+        return text + (f" dp{self.dp}" if self.dp > 1 else "") + self._shard_label(" shard:")
+
+    def _shard_label(self, prefix: str) -> str:
+        return "" if self.shard_weights == "none" else f"{prefix}{self.shard_weights}"
 
     def to_dict(self) -> dict:
         """The planner's JSON form, where the stages are called `split`."""
@@ -138,6 +158,7 @@ class ParallelConfig:
             raise ParameterError("layout", self.describe(), f"needs {self.world_size} processes, but the world "
                                  f"has {world_size}", f"layouts that fit {world_size}",
                                  suggest_layouts(world_size, num_heads, split=self.stages is not None))
+        self.check_sharding()
         if self.stages is not None:
             for k in range(2):
                 self.stage_config(k).validate(self.stage_config(k).world_size, num_heads)
@@ -146,6 +167,31 @@ class ParallelConfig:
             raise ParameterError("ulysses", self.ulysses, f"is above the model's {num_heads} attention heads "
                                  f"(each Ulysses rank needs at least one head)", "use ring for the rest",
                                  ({"ulysses": u, "ring": r},))
+
+
+    def check_sharding(self) -> None:
+        """Weight sharding needs a group of at least two ranks that run every forward together:
+        refused (on every rank alike, before any group exists) over a group of one, and over the
+        request group of CHORDS cores, which evaluate different steps (and experts) at once."""
+        mode = self.shard_weights
+        if mode == "none":
+            return
+        if mode == "auto":
+            raise ParameterError("shard_weights", mode, "is the planner's to resolve before the layout runs "
+                                 "(Pipeline.from_pretrained and the CLI do: paradit.plan.search.resolve_sharding)")
+        names = ("high-noise stage", "low-noise stage") if self.stages else ("layout",)
+        sizes = [u * r for u, r, _ in self.stage_degrees] if mode == "sp" else \
+            [n * self.chords for n in self.stage_sizes]
+        for name, n in zip(names, sizes):
+            if n == 1:
+                group = "sequence-parallel group (ulysses x ring)" if mode == "sp" else "request group"
+                other = ({"shard_weights": "request"},) if mode == "sp" and min(self.stage_sizes) > 1 else ()
+                raise ParameterError("shard_weights", mode, f"the {name}'s {group} has one rank: there is "
+                                     f"nothing to shard over", "use", ({"shard_weights": "none"}, *other))
+        if mode == "request" and self.chords > 1:
+            raise ParameterError("shard_weights", mode, "CHORDS cores evaluate different steps (and experts) at "
+                                 "the same time, so a request group spanning cores cannot gather one expert's "
+                                 "blocks together", "shard within each core", ({"shard_weights": "sp"},))
 
 
 def suggest_layouts(world: int, num_heads: int | None = None, limit: int = 4, split: bool = False) -> list[dict]:

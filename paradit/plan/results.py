@@ -25,6 +25,8 @@ class Infeasibility(enum.Enum):
     NO_CHORDS_INIT = "no CHORDS initialisation sequence for N cores at N steps (paper's: N, N, N cores)"
     ONE_EXPERT = "one expert; nothing to split"
     OUT_OF_MEMORY = "out of memory"
+    SHARD_GROUP = "no group to shard the weights over"          # a group of one; CHORDS' request group
+    SHARDED_OFFLOAD = "expert offload with sharded weights"    # whole experts cannot move when split
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class MemoryCost:
 PART_NAMES = (("compute", "compute"), ("ulysses", "Ulysses all-to-all"),
               ("ring_exposed", "ring transfer (exposed)"), ("ring_merges", "ring LSE merges"),
               ("cfg", "CFG exchange"), ("launch", "launch overhead"), ("chords_exchange", "CHORDS exchange"),
-              ("handoff", "expert hand-off"), ("host_copies", "host copies (offload)"))
+              ("handoff", "expert hand-off"), ("host_copies", "host copies (offload)"),
+              ("weight_gather", "weight all-gathers (exposed)"))
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class RequestParts:
     chords_exchange: float | None = None    # colocated experts (0 without CHORDS)
     handoff: float | None = None            # split experts
     host_copies: float = 0.0
+    weight_gather: float = 0.0              # sharded weights (paradit.plan.sharding)
 
     @classmethod
     def of_steps(cls, step: StepCost, n: int, **extra) -> "RequestParts":

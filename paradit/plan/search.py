@@ -6,12 +6,12 @@ import json
 import math
 from dataclasses import dataclass
 
-from paradit.config import WanConfig
+from paradit.config import PRESETS, WanConfig
 from paradit.errors import ParameterError
 from paradit.plan.costs import Problem, evaluate, split_memory, stage_check, stage_step
 from paradit.plan.explain import explain
 from paradit.plan.hardware import GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
-from paradit.plan.layout import ParallelConfig, Stage
+from paradit.plan.layout import SHARD_MODES, ParallelConfig, Stage
 from paradit.plan.ranking import rank
 from paradit.plan.results import Candidate
 from paradit.residency import check_offload
@@ -44,13 +44,14 @@ def candidates(p: Problem, max_chords: int = 1) -> list[ParallelConfig]:
         group = p.gpus // dp
         for k in (1, 4, 6, 8):
             if k <= max_chords and group % k == 0:
-                out += [ParallelConfig(u, r, c, chords=k, dp=dp) for u, r, c in _stages(group // k)]
+                out += [ParallelConfig(u, r, c, chords=k, dp=dp, shard_weights=p.shard_weights)
+                        for u, r, c in _stages(group // k)]
         if p.model.num_experts == 2:      # each split of the group, each stage at its best
             replicas = [i * group for i in range(dp)]
             for size_hi in range(1, group):
                 hi = _best_stage(p, size_hi, replicas, "high")
                 lo = _best_stage(p, group - size_hi, [r + size_hi for r in replicas], "low")
-                out.append(ParallelConfig(dp=dp, experts="split", stages=(hi, lo)))
+                out.append(ParallelConfig(dp=dp, experts="split", stages=(hi, lo), shard_weights=p.shard_weights))
     return out
 
 
@@ -105,7 +106,7 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
                  width: int | None = None, height: int | None = None, frames: int | None = None,
                  steps: int | None = None, calibration: Calibration | str | None = None,
                  offload: str = "auto", guidance: bool = True,
-                 allow_ring: bool = True) -> Problem:
+                 allow_ring: bool = True, shard_weights: str = "auto") -> Problem:
     """A Problem from names and defaults (the model's size, frames and steps when None)."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
     spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
@@ -116,7 +117,8 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     frames = check_frames(m, pick(frames, m.frames))
     steps = check_int("steps", pick(steps, m.steps), 1, MAX_STEPS)
     return Problem(m, gpus, spec, width, height, frames, steps,
-                   cal.for_gpu(spec.name), guidance, check_offload(offload), allow_ring)
+                   cal.for_gpu(spec.name), guidance, check_offload(offload), allow_ring,
+                   check_shard_mode(shard_weights))
 
 
 def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
@@ -129,6 +131,7 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     max_chords: the most CHORDS cores to consider. Default 1 (off): CHORDS' first hit only
     approximates the sequential solve, so the planner offers it only when asked.
     options: offload (a mode of paradit.residency; default "auto", the fastest that fits each
+    layout), shard_weights (none, sp, request; default "auto", paradit.plan.sharding's choice per
     layout), guidance, allow_ring (see Problem).
     """
     if objective not in ("latency", "throughput"):
@@ -136,6 +139,27 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     check_int("max_chords", max_chords, 1, MAX_GPUS)
     p = make_problem(model, gpus, gpu, width, height, frames, steps, calibration, **options)
     return Plan(p, objective, rank([evaluate(p, lay) for lay in candidates(p, max_chords)], objective))
+
+
+def resolve_sharding(layout: ParallelConfig, cfg, kind: str | None, settings=None,
+                     offload: str = "auto") -> ParallelConfig:
+    """`layout` with shard_weights="auto" resolved for GPU kind `kind` at `settings` (default: the
+    model's video) under `offload`: the planner's best mode; "none" without a GPU kind (a CPU) or
+    for a model the planner has no preset for."""
+    if layout.shard_weights != "auto":
+        return layout
+    if kind is None or cfg.name not in PRESETS:
+        return dataclasses.replace(layout, shard_weights="none")
+    w, h, f, steps = ((settings.width, settings.height, settings.frames, settings.steps) if settings
+                      else (*cfg.size, cfg.frames, cfg.steps))
+    problem = make_problem(cfg, layout.world_size, kind, w, h, f, steps, offload=offload)
+    return dataclasses.replace(layout, shard_weights=evaluate(problem, layout).layout.shard_weights)
+
+
+def check_shard_mode(mode: str) -> str:
+    if mode not in SHARD_MODES:
+        raise ParameterError("shard_weights", mode, f"choose one of {', '.join(SHARD_MODES)}")
+    return mode
 
 
 def _gpu(name: str) -> GPUSpec:

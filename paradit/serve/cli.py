@@ -27,7 +27,8 @@ log = logging.getLogger("paradit")
 
 # generate's flags that mean the same here: the model, the machine and the layout
 SHARED = ("--model", "--components", "--save-latents", "--device", "--attention", "--timeout", "--sp", "--ulysses",
-          "--ring", "--cfg-par", "--dp", "--experts", "--stages", "--plan", "--gpu", "--force", "--offload")
+          "--ring", "--cfg-par", "--dp", "--experts", "--stages", "--plan", "--gpu", "--force", "--offload",
+          "--shard-weights")
 
 
 def serve_flags():
@@ -130,6 +131,8 @@ def run(flags, info, parts: Parts) -> None:
         layout = resolve_layout(flags, cfg, info, defaults)
         pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, flags.attention)
         offload = offload_mode(flags, cfg, layout, defaults, info.device)
+        from paradit.plan.sharding import check_shard_options
+        check_shard_options(layout, offload, "none", False)
         check_weights(flags)
     if cfg.task != "t2v":
         raise ValueError(f"--model {flags.model} is an image-to-video model ({cfg.task}); the service takes text "
