@@ -32,14 +32,14 @@ from paradit.models.transformer import WanTransformer
 from paradit.models.vae import VideoVAE
 from paradit.parallel.collectives import broadcast_from_first
 from paradit.parallel.mesh import Mesh, init_parallel
-from paradit.parallel.requests import decode_group, is_encoder_rank
+from paradit.parallel.requests import check_same_request, decode_group, is_encoder_rank, request_fields
 from paradit.parallel.runtime import Runtime
 from paradit.parallel.stages import HandoffSignal
 from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig
 from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
 from paradit.schedulers.schedule import high_noise_steps
-from paradit.settings import ChordsSettings, VideoSettings
+from paradit.settings import ChordsSettings, VideoSettings, check_int
 
 log = logging.getLogger("paradit")
 __all__ = ["Pipeline", "RunRecord", "VideoSettings", "tiny_components"]
@@ -128,6 +128,7 @@ class Pipeline:
         node that load the same expert read its files once between them (None: on where the experts
         go to GPUs; see paradit/checkpoint.py)."""
         check_offload(offload)
+        check_build(name_or_path, seed, experts_needed, components)
         info = init_distributed(device)
         check_quant(quant, info.device, offload, parallel)
         parallel = parallel or ParallelConfig()
@@ -230,7 +231,10 @@ class Pipeline:
     def run(self, prompt: str, s: VideoSettings, negative_prompt: str | None = None, image=None,
             chords: ChordsSettings | None = None, on_hit=None, progress: bool = True) -> torch.Tensor | None:
         """One request with validated settings `s` (and a loaded PIL image): its final latent where
-        the request finishes (see __call__), None elsewhere. The record is left in self.record."""
+        the request finishes (see __call__), None elsewhere. The record is left in self.record.
+        Every rank of the request group passes the same request: checked first, refused otherwise."""
+        check_same_request(request_fields(prompt, negative_prompt, s, image, chords), self.request_group,
+                           self.mesh.device)
         self.check_request(s, image, chords)
         if self.mesh.split is not None:
             done = []
@@ -372,6 +376,21 @@ class Pipeline:
             return chords_denoise(self.denoiser, req, chords, on_hit)
         from paradit.engine.sequential import denoise
         return denoise(self.denoiser, req, progress)
+
+
+def check_build(name_or_path: str, seed, experts_needed, components) -> None:
+    """from_pretrained's own arguments, before anything is built: the tiny preset's weight seed, the
+    experts a preset has, components only for checkpoint folders."""
+    check_int("seed", seed, 0, 2 ** 32 - 1)
+    if name_or_path not in ("tiny", "demo"):
+        return  # a checkpoint's experts are checked against its configs (paradit.checkpoint)
+    if components is not None:
+        raise ParameterError("components", str(components), f"the {name_or_path} preset brings its own text "
+                             f"encoder and VAE; components= is for checkpoint folders")
+    n = WanConfig.preset(name_or_path).num_experts
+    if experts_needed is not None and not set(experts_needed) <= set(range(n)):
+        raise ParameterError("experts_needed", set(experts_needed), f"{name_or_path} has {n} expert(s), numbered "
+                             f"0 (high-noise){' and 1 (low-noise)' if n == 2 else ''}")
 
 
 def model_config(name_or_path: str, components=None) -> WanConfig:

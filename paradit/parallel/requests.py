@@ -8,6 +8,10 @@ decode group need the VAE.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
+import torch
 import torch.distributed as dist
 
 from paradit.parallel.mesh import Mesh
@@ -46,3 +50,43 @@ def components_needed(mesh: Mesh) -> set[str]:
     if decode_group(mesh)[0]:
         out.add("vae")
     return out
+
+
+def request_fields(prompt: str, negative_prompt: str | None, settings, image, chords) -> dict:
+    """What every rank of a request must pass alike, as plain values (the image by its digest)."""
+    fields = {"prompt": prompt, "negative_prompt": negative_prompt, **dataclasses.asdict(settings),
+              "chords": None if chords is None else (chords.cores, chords.init, chords.stop)}
+    if image is not None:
+        fields["image"] = f"{image.width}x{image.height} sha256:{hashlib.sha256(image.tobytes()).hexdigest()[:16]}"
+    return fields
+
+
+def check_same_request(request: dict, group, device) -> None:
+    """Every rank of a request group must pass the same request (`request`: its prompt, settings,
+    image digest, ... as plain values), or the ranks compute a mix of requests, or hang or abort in a
+    collective whose shapes differ. One all-gather of an 8-byte digest, before any other collective
+    of the request; where the digests differ, a second gather names the differing values, and every
+    rank raises the same ValueError."""
+    n = 1 if group is None else dist.get_world_size(group)
+    if n == 1:
+        return
+    text = repr(sorted(request.items()))
+    mine = torch.tensor([int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)],
+                        dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(n)]
+    dist.all_gather(every, mine, group=group)
+    if all(torch.equal(t, mine) for t in every):
+        return
+    requests: list = [None] * n
+    dist.all_gather_object(requests, request, group=group)
+    ranks = dist.get_process_group_ranks(group)
+    differ = [k for k in sorted(request) if len({repr(r.get(k)) for r in requests}) > 1]
+    detail = "; ".join(f"{k}: " + ", ".join(f"rank {rank} {_short(r.get(k))}" for rank, r in zip(ranks, requests))
+                       for k in differ)
+    raise ValueError(f"the ranks of one request passed different requests ({detail}); every rank of a request "
+                     f"group calls the pipeline together with the same arguments")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
