@@ -119,7 +119,7 @@ def run(flags, info, parts: Parts) -> None:
     from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
     from paradit.cli.spec import check_combinations, check_weights, model_config
     from paradit.models.attention import pick_backend
-    from paradit.serve.schema import Limits
+    from paradit.serve.schema import Checker, Limits
     from paradit.settings import VideoSettings
 
     # 1. validate everything before any weights exist (every rank), in generate's terms
@@ -141,18 +141,7 @@ def run(flags, info, parts: Parts) -> None:
     state_dir = Path(flags.state_dir)
 
     # 2. rank 0: the state directory and the HTTP front, answering 503 until the models are loaded
-    service = None
-    if info.rank == 0:
-        from paradit.serve.api import Service, create_app
-        from paradit.serve.jobs import JobStore
-        from paradit.serve.server import start_http, url
-        parts.lock = lock_state_dir(state_dir)
-        shown = {"size": f"{cfg.size[0]}x{cfg.size[1]}", "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
-                 "guidance_scale": list(cfg.guidance)}
-        service = Service(flags.model, JobStore(state_dir), flags.api_key, flags.max_queue, layout.describe(), shown,
-                          request_timeout_s=flags.request_timeout)
-        parts.http, port = start_http(create_app(service), flags.host, flags.port, flags.request_timeout)
-        print(f"paradit: serving {flags.model} on {url(flags.host, port)} (loading the models)", flush=True)
+    service = open_front(flags, cfg, layout, parts) if info.rank == 0 else None
 
     # 3. build (every rank its part), then settle what an earlier run left in the state directory
     from paradit.pipeline import Pipeline
@@ -164,22 +153,41 @@ def run(flags, info, parts: Parts) -> None:
     channel = Channel()
     parts.worker = Worker(pipe, channel, state_dir, flags.save_latents)
     if info.rank == 0:
-        from paradit.serve.scheduler import Scheduler
-        from paradit.serve.schema import Checker
-        service.checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits)
-        settled = service.jobs.recover(flags.model, service.checker.recheck)
-        if any(settled.values()):
-            log.info("state directory: %(requeued)d interrupted jobs back in the queue, %(failed)d failed, "
-                     "%(missing)d completed jobs without their video, %(temporaries)d unfinished files removed",
-                     settled)
-        lanes = 1 if layout.stages else layout.dp
-        parts.scheduler = service.scheduler = Scheduler(service.jobs, channel, lanes, bool(layout.stages),
-                                                        len(layout.stage_degrees), info.world_size,
-                                                        service.metrics).start()
-        print(f"paradit: ready ({layout.describe()}; {service.jobs.counts()['queued']} jobs queued)", flush=True)
+        start_scheduling(service, Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits),
+                         channel, layout, info.world_size, parts)
 
     # 4. serve until stopped
     parts.worker.run()
+
+
+def open_front(flags, cfg, layout, parts: Parts):
+    """Rank 0: lock and open the state directory, start HTTP (503 until ready); -> the Service."""
+    from paradit.serve.api import Service, create_app
+    from paradit.serve.jobs import JobStore
+    from paradit.serve.server import start_http, url
+    state_dir = Path(flags.state_dir)
+    parts.lock = lock_state_dir(state_dir)
+    shown = {"size": f"{cfg.size[0]}x{cfg.size[1]}", "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
+             "guidance_scale": list(cfg.guidance)}
+    service = Service(flags.model, JobStore(state_dir), flags.api_key, flags.max_queue, layout.describe(), shown,
+                      request_timeout_s=flags.request_timeout)
+    parts.http, port = start_http(create_app(service), flags.host, flags.port, flags.request_timeout)
+    print(f"paradit: serving {flags.model} on {url(flags.host, port)} (loading the models)", flush=True)
+    return service
+
+
+def start_scheduling(service, checker, channel, layout, world_size: int, parts: Parts) -> None:
+    """Rank 0, once the models are loaded: settle the state directory, start the scheduler, say ready."""
+    from paradit.serve.scheduler import Scheduler
+    service.checker = checker
+    settled = service.jobs.recover(service.model, checker.recheck)
+    if any(settled.values()):
+        log.info("state directory: %(requeued)d interrupted jobs back in the queue, %(failed)d failed, "
+                 "%(missing)d completed jobs without their video, %(temporaries)d unfinished files removed", settled)
+    lanes = 1 if layout.stages else layout.dp
+    parts.scheduler = service.scheduler = Scheduler(service.jobs, channel, lanes, bool(layout.stages),
+                                                    len(layout.stage_degrees), world_size, service.metrics).start()
+    print(f"paradit: ready ({layout.describe()}; {service.jobs.counts()['queued']} jobs queued)", flush=True)
 
 
 def stop_on_sigterm() -> None:
