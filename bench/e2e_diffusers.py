@@ -6,9 +6,11 @@ Phases, each device-synchronised: start-up (WanPipeline.from_pretrained in bf16 
 CPU, then .to(device); the tokenizer loaded by AutoTokenizer), text encoding (encode_prompt, prompt
 and negative prompt), denoise (the pipeline's own loop, output_type="latent", on the embeddings;
 per-step times from its step-end callback), VAE decode (what WanPipeline.__call__ does after the
-loop: un-normalise, vae.decode, postprocess_video to uint8). No video is written: paradit's write
-time is reported apart. The VAE is as from_pretrained loads it (torch_dtype for every component,
-tiling off): diffusers' default.
+loop: un-normalise, vae.decode, postprocess_video), then writing the mp4 as diffusers' examples do
+(diffusers.utils.export_to_video, imageio's ffmpeg writer, at the model's 16 fps). The VAE is as
+from_pretrained loads it (torch_dtype for every component, tiling off): diffusers' default. Each
+phase's peak GPU memory (allocated and reserved, GB; the peak statistics reset as it starts) lands in
+`phases`, as bench/cli_probe.py records paradit's; time_to_video_s counts from the process start.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]   # the repository root (paradit)
 
 
 def sync(device):
@@ -43,26 +47,48 @@ def decode(pipe, latents):
     return pipe.video_processor.postprocess_video(video, output_type="np")
 
 
-def run(folder: Path, width: int, height: int, frames: int, steps: int, prompt: str, negative: str) -> dict:
+class Phases:
+    """Seconds and peak GPU memory per phase (the peak statistics reset as each starts)."""
+
+    def __init__(self, device):
+        self.device, self.rows = device, {}
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return clock(self.device)
+
+    def end(self, name: str, t0: float) -> float:
+        row = self.rows[name] = {"s": clock(self.device) - t0}
+        if self.device.type == "cuda":
+            row.update(allocated_gb=torch.cuda.max_memory_allocated(self.device) / 1e9,
+                       reserved_gb=torch.cuda.max_memory_reserved(self.device) / 1e9)
+        return row["s"]
+
+
+def run(folder: Path, width: int, height: int, frames: int, steps: int, prompt: str, negative: str,
+        video_path: Path) -> dict:
     from diffusers import WanPipeline
+    from diffusers.utils import export_to_video
     from transformers import AutoTokenizer
 
     t_process = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    t0 = clock(device)
+    phases = Phases(device)
+    t0 = phases.start()
     # the tokenizer as its own config names it (bench/e2e.py writes a word-level one, not T5's)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     pipe = WanPipeline.from_pretrained(folder, tokenizer=tokenizer, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    startup = clock(device) - t0
-    t0 = clock(device)
+    startup = phases.end("startup", t0)
+    t0 = phases.start()
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(prompt, negative, do_classifier_free_guidance=True,
                                           device=device)
-    text = clock(device) - t0
+    text = phases.end("text_encode", t0)
     steps_at = []
-    t0 = clock(device)
+    t0 = phases.start()
 
     def on_step(pipe_, i, t, kw):
         steps_at.append(clock(device))
@@ -71,16 +97,21 @@ def run(folder: Path, width: int, height: int, frames: int, steps: int, prompt: 
                    num_inference_steps=steps, guidance_scale=4.0, guidance_scale_2=3.0 if pipe.transformer_2 else None,
                    output_type="latent", callback_on_step_end=on_step,
                    generator=torch.Generator("cpu").manual_seed(0), return_dict=False)[0]
-    denoise = clock(device) - t0
-    t1 = clock(device)
+    denoise = phases.end("denoise", t0)
+    t1 = phases.start()
     video = decode(pipe, latents)
-    decode_s = clock(device) - t1
+    decode_s = phases.end("decode", t1)
+    t2 = phases.start()
+    export_to_video(list(video[0]), str(video_path), fps=16)
+    write_s = phases.end("write", t2)
     step_s = [b - a for a, b in zip([t0, *steps_at[:-1]], steps_at)]
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    from paradit.generate import since_process_start     # after the video: not part of what is timed
     return dict(library="diffusers", startup_s=startup, text_encoder_s=text, step_s=step_s, denoise_s=denoise,
-                vae_decode_s=decode_s, frames_shape=list(video.shape), peak_allocated_gb=peak,
-                vae_dtype=str(pipe.vae.dtype), vae_tiling=bool(pipe.vae.use_tiling), device=str(device),
-                process_s=time.perf_counter() - t_process)
+                vae_decode_s=decode_s, write_video_s=write_s, frames_shape=list(video.shape), peak_allocated_gb=peak,
+                phases=phases.rows, vae_dtype=str(pipe.vae.dtype), vae_tiling=bool(pipe.vae.use_tiling),
+                device=str(device), process_s=time.perf_counter() - t_process, time_to_video_s=since_process_start(),
+                mp4_bytes=video_path.stat().st_size)
 
 
 def main(argv=None) -> int:
@@ -94,7 +125,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     w, h = (int(v) for v in a.size.lower().split("x"))
-    a.out.write_text(json.dumps(run(a.folder, w, h, a.frames, a.steps, a.prompt, a.negative_prompt), indent=1))
+    video = a.out.with_suffix(".mp4")
+    try:
+        a.out.write_text(json.dumps(run(a.folder, w, h, a.frames, a.steps, a.prompt, a.negative_prompt, video),
+                                    indent=1))
+    finally:
+        video.unlink(missing_ok=True)   # a random-weight video is noise; keep the numbers only
     return 0
 
 

@@ -227,7 +227,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     between them (None: where the experts go to a GPU, or as PARADIT_READ_ONCE says; see the module
     docstring)."""
     from paradit.models.lora import check_loras, for_expert
-    from paradit.models.reader import Reader
+    from paradit.models.reader import Reader, quick_gil_handoff
     from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
     from paradit.offload import host_weights_of, offload_on_load, resolve_offload
     from paradit.residency import offloads_experts, offloads_text_encoder
@@ -268,7 +268,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     t1 = time.perf_counter()
     reader = Reader(info.device, threads=reader_threads(node_size))
     host = offload_on_load(info.device) if on_host else None
-    with reader, ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
+    with reader, quick_gil_handoff(), ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
         jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
                                config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
                                loras=for_expert(lora_files, k, cfg.num_experts),

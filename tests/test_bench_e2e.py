@@ -16,13 +16,14 @@ def test_e2e_writes_a_checkpoint_and_reports_every_phase(tmp_path):
 
     out = tmp_path / "e2e.json"
     assert e2e.main(["--preset", "tiny", "--folder", str(tmp_path / "ckpt"), "--run", "64x48x5:2",
-                     "--out", str(out), "--device", "cpu", "--vs-diffusers"]) == 0
+                     "--out", str(out), "--device", "cpu", "--vs-diffusers", "--distill", "64x48x5"]) == 0
     ckpt = tmp_path / "ckpt"
     for name in ("transformer", "transformer_2"):   # what diffusers reads, with accelerate installed
         model = WanTransformer3DModel.from_pretrained(ckpt / name)
         assert all(not p.is_meta and torch.isfinite(p).all() for p in model.parameters())
     AutoencoderKLWan.from_pretrained(ckpt / "vae")
-    (row,) = json.loads(out.read_text())["runs"]
+    row, distill = json.loads(out.read_text())["runs"]
+    assert (row["run"], distill["run"]) == ("64x48x5:2", "64x48x5:distill-4-steps")
     assert row["returncode"] == 0, row.get("error")
     assert len(row["step_s"]) == 2 and all(s > 0 for s in row["step_s"])
     for phase in ("weights_s", "text_encoder_s", "vae_s", "build_s"):
@@ -35,5 +36,28 @@ def test_e2e_writes_a_checkpoint_and_reports_every_phase(tmp_path):
     peer = row["diffusers"]
     assert peer["returncode"] == 0, peer.get("error")
     assert len(peer["step_s"]) == 2 and peer["frames_shape"] == [1, 5, 48, 64, 3]
-    assert set(row["ratios"]) == {"startup", "text_encoder", "denoise", "decode"}
+    assert set(row["ratios"]) == {"startup", "text_encoder", "denoise", "decode", "decode_write", "time_to_video"}
     assert all(v > 0 for v in row["ratios"].values())
+    assert peer["write_video_s"] > 0 and peer["mp4_bytes"] > 0 and peer["time_to_video_s"] > peer["denoise_s"]
+    # each phase timed from outside the library (bench/cli_probe.py; no GPU here: no peaks)
+    assert set(row["phases"]) == set(peer["phases"]) == {"startup", "text_encode", "denoise", "decode", "write"}
+    assert all(p["s"] > 0 and p["calls"] == 1 for p in row["phases"].values())
+    # the distilled recipe: 4 Euler steps at guidance 1, both rank-64 LoRAs merged, no diffusers run
+    assert distill["returncode"] == 0, distill.get("error")
+    assert len(distill["step_s"]) == 4 and len(distill["loras"]) == 2 and "diffusers" not in distill
+    assert distill["startup"]["lora_merge_s"] > 0
+
+
+def test_probe_hides_a_package_as_if_not_installed():
+    """bench/cli_probe.py --hide-fa4 (e2e.py --without-fa4): paradit's own check for an optional package
+    finds it missing while it is hidden (shown with one that is installed here, the standard library's tabnanny, never imported), and finds flash-attn-4
+    missing whether or not it is installed."""
+    import cli_probe
+    from paradit.models import attention
+    assert attention._has_module("tabnanny")
+    sys.meta_path[:0] = [cli_probe.HideModule("tabnanny"), cli_probe.HideModule("flash_attn.cute")]
+    try:
+        assert not attention._has_module("tabnanny") and not attention.fa4_available()
+    finally:
+        del sys.meta_path[:2]
+    assert attention._has_module("tabnanny")

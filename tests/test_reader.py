@@ -122,3 +122,17 @@ def test_reads_into_given_buffers_and_transforms_as_it_reads(expert, staged):
             assert got[n].data_ptr() == out[n].data_ptr(), n                   # in the given memory
             want = plain[n].to(dtype) * (2 if n in changed.names else 1)
             assert torch.equal(got[n], want), (n, dtype)
+
+
+def test_quick_gil_handoff_is_set_inside_and_restored_after():
+    """The loader's reads beside flash-attn-4's kernel build: the GIL switch interval is short while
+    they run, and what it was afterwards, an error included."""
+    import sys
+
+    from paradit.models.reader import quick_gil_handoff
+    before = sys.getswitchinterval()
+    with pytest.raises(KeyError):
+        with quick_gil_handoff(2e-4):
+            assert sys.getswitchinterval() == pytest.approx(2e-4)
+            raise KeyError("a failed read")
+    assert sys.getswitchinterval() == before

@@ -40,6 +40,7 @@ import mmap
 import os
 import queue
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -345,6 +346,22 @@ class Reader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextlib.contextmanager
+def quick_gil_handoff(seconds: float = 5e-4):
+    """Python's GIL switch interval at `seconds` (default 5 ms) inside: for reads beside a thread
+    that holds the GIL for long stretches (flash-attn-4's start-up kernel build, Python-bound CuTe DSL
+    code generation). A reading thread needs the GIL for microseconds a piece, but waits up to one
+    interval each time it asks while that thread runs: an H100 read 3.2 s of weights alone and 8.3 s
+    beside the build. A tenth of the interval bounds each wait at 0.5 ms; the build, which gives the
+    GIL up more often, barely slows (the readers hold it for microseconds). Process-wide: restored on exit."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def exact_device(device) -> torch.device:

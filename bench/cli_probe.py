@@ -1,0 +1,102 @@
+"""The CLI (`python -m paradit.generate`) as bench/e2e.py runs it, with what a measurement needs around it.
+
+    python bench/cli_probe.py [--memory-cap-gb G] [--phase-memory OUT.json] [--hide-fa4] -- GENERATE FLAGS
+
+--memory-cap-gb G: CUDA memory capped at G GB (1e9 bytes; torch.cuda.set_per_process_memory_fraction
+    before anything is allocated), so that a larger GPU stands in for an 80 GB one.
+--phase-memory OUT.json: the peak GPU memory (allocated and reserved by torch's allocator, GB) and the
+    device-synchronised seconds of each phase, written when the CLI exits: start-up
+    (Pipeline.from_pretrained: weights, offload set-up, LoRA merge), text encoding
+    (Pipeline.encode_prompts), denoise (Pipeline.drive), decode (Pipeline.decode) and write
+    (Outputs.video). The peak statistics are reset as each phase starts and read as it ends; a phase
+    run more than once (several prompts) keeps its largest peak and its total time.
+--hide-fa4: flash-attn-4 (`flash_attn.cute`) made unimportable, as if it were not installed.
+
+The phases are measured from outside (the methods wrapped here, in this process only): the library
+itself carries no probe.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import importlib.abc
+import json
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]   # the repository root
+
+
+class HideModule(importlib.abc.MetaPathFinder):
+    """Refuses `name` and its submodules, as a missing package would."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name or fullname.startswith(self.name + "."):
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden by bench/cli_probe.py --hide-fa4)")
+        return None
+
+
+def measured(fn, phase: str, record: dict):
+    """fn, its phase's peak memory and seconds recorded (CUDA: device-synchronised)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            row = record.setdefault(phase, {"s": 0.0, "calls": 0})
+            row["s"] += time.perf_counter() - t0
+            row["calls"] += 1
+            if cuda:
+                for key, read in (("allocated_gb", torch.cuda.max_memory_allocated),
+                                  ("reserved_gb", torch.cuda.max_memory_reserved)):
+                    row[key] = max(row.get(key, 0.0), read() / 1e9)
+    return wrapper
+
+
+def probe_phases(record: dict) -> None:
+    from paradit.outputs import Outputs
+    from paradit.pipeline import Pipeline
+    build = Pipeline.__dict__["from_pretrained"].__func__
+    Pipeline.from_pretrained = classmethod(measured(build, "startup", record))
+    for cls, name, phase in ((Pipeline, "encode_prompts", "text_encode"), (Pipeline, "drive", "denoise"),
+                             (Pipeline, "decode", "decode"), (Outputs, "video", "write")):
+        setattr(cls, name, measured(getattr(cls, name), phase, record))
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--memory-cap-gb", type=float)
+    p.add_argument("--phase-memory", type=Path)
+    p.add_argument("--hide-fa4", action="store_true")
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, flags = p.parse_args(argv[:split]), argv[split + 1:]
+    if args.hide_fa4:
+        sys.meta_path.insert(0, HideModule("flash_attn.cute"))
+    if args.memory_cap_gb is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 1e9 / total))
+    if args.phase_memory is not None:
+        record: dict = {}
+        probe_phases(record)
+        atexit.register(lambda: args.phase_memory.write_text(json.dumps(record, indent=1)))
+    sys.argv = ["paradit.generate", *flags]
+    runpy.run_module("paradit.generate", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
