@@ -162,10 +162,10 @@ def test_half_open_connections_time_out_and_never_lock_others_out(server):
             s.close()
     timed_out = [g for g in got if g.startswith(b"HTTP/1.1 408")]
     refused = [g for g in got if g.startswith(b"HTTP/1.1 503") and b"too many connections from 127.0.0.1" in g]
-    # the first PER_CLIENT are held until their deadline (a few more if opening them took that long);
-    # the others are refused at once (a handful may read as a reset instead)
-    assert PER_CLIENT <= len(timed_out) < PER_CLIENT + 50, (len(timed_out), len(refused), {g[:40] for g in got})
-    assert len(timed_out) + len(refused) + got.count(b"") == 600 and len(refused) >= 600 - PER_CLIENT - 60
+    # the first PER_CLIENT are held until their deadline (more if opening the 600 took longer than that,
+    # on a busy machine); the others are refused at once (a few may read as a reset instead)
+    assert len(timed_out) >= PER_CLIENT and len(refused) >= 600 - 3 * PER_CLIENT, (len(timed_out), len(refused))
+    assert len(timed_out) + len(refused) + got.count(b"") == 600, {g[:40] for g in got}
 
 
 # ----------------------------------------------------------------------------- 3. hostile values

@@ -79,9 +79,9 @@ class Service:
             try:
                 job = self.jobs.add(self.model, request)  # committed before the answer
             except sqlite3.Error as err:
-                full = disk_full(err)
-                raise self.error(507 if full else 503, f"the job could not be stored in {self.jobs.dir / 'jobs.sqlite3'}"
-                                 f" ({err}){': free space there' if full else ''}; the jobs accepted so far are kept",
+                full, db = disk_full(err), self.jobs.dir / "jobs.sqlite3"
+                raise self.error(507 if full else 503, f"the job could not be stored in {db} ({err})"
+                                 f"{': free space there' if full else ''}; the jobs accepted so far are kept",
                                  kind="insufficient_storage" if full else "service_unavailable") from None
         self.scheduler.wake.set()
         return job

@@ -120,7 +120,7 @@ class Worker:
         if self.pipe.mesh.is_output_rank:
             try:
                 self.write(cmd, video, latent)
-            except (OSError, SafetensorError) as err:  # a full disk: this job fails with the reason, the service goes on
+            except (OSError, SafetensorError) as err:  # a full disk: the job fails with the reason, the service goes on
                 self.channel.set(f"done/{cmd['seq']}", {"ok": False, "rank": self.rank, "error": (
                     f"its video could not be written under {self.dir} ({type(err).__name__}: {err})")})
             else:
