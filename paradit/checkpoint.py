@@ -230,7 +230,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     from paradit.models.reader import Reader, quick_gil_handoff
     from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
     from paradit.offload import host_weights_of, offload_on_load, resolve_offload
-    from paradit.residency import offloads_experts, offloads_text_encoder
+    from paradit.residency import experts_on_host, offloads_text_encoder
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
     from paradit.models.attention import build_kernels_ahead, pick_backend
@@ -249,7 +249,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     parts = components_needed(mesh)
     dtype = dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     mode = resolve_offload(offload, cfg, mesh)
-    on_host = offloads_experts(mode) and len(needed) > 1     # read straight into pinned host buffers
+    on_host = experts_on_host(mode, len(needed))              # read straight into pinned host buffers
     text_device = "cpu" if offloads_text_encoder(mode) else info.device
     groups, node_size = node_read_groups(needed, torch.device("cpu") if on_host else info.device, read_once)
     turns = InTurn(sorted(groups))

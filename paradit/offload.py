@@ -108,27 +108,35 @@ class HostWeights:
     def to_device(self, stream=None) -> list:
         """Device copies of every tensor, the module pointed at them; returns one CUDA event per
         chunk (empty on the CPU, where the copy is done when this returns)."""
-        flats = [torch.empty(b.tensor.numel(), dtype=torch.uint8, device=self.device)  # on the compute stream
-                 for b in self.buffers]
-        events = []
+        events = [self.chunk_to_device(c, stream) for c in range(len(self.chunks))]
+        self.resident = True
+        return [e for e in events if e is not None]
+
+    def chunk_to_device(self, c: int, stream=None):
+        """A device copy of chunk `c` (one transfer), its tensors pointed at it; its CUDA event, or
+        None (the CPU, or no side stream: the copy is ordered on the compute stream)."""
+        flat = torch.empty(self.buffers[c].tensor.numel(), dtype=torch.uint8, device=self.device)  # compute stream
+        event = None
         if self.cuda and stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for flat, buffer in zip(flats, self.buffers):
-                flat.copy_(buffer.tensor, non_blocking=self.cuda)        # one transfer per chunk
-                if self.cuda and stream is not None:
-                    events.append(torch.cuda.Event())
-                    events[-1].record(stream)
-        for flat, ids in zip(flats, self.chunks):
-            for i in ids:
-                self._point_one(i, self._view(flat, i, self.host[i]))
-        self.resident = True
-        return events
+            flat.copy_(self.buffers[c].tensor, non_blocking=self.cuda)
+            if self.cuda and stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+        for i in self.chunks[c]:
+            self._point_one(i, self._view(flat, i, self.host[i]))
+        return event
+
+    def chunk_release(self, c: int) -> None:
+        """Point chunk `c`'s tensors back at their host copies; its device copy is freed."""
+        for i in self.chunks[c]:
+            self._point_one(i, self.host[i])
 
     def release(self) -> None:
         """Point the module back at the host copies; the device copies are freed."""
-        for i, h in enumerate(self.host):
-            self._point_one(i, h)
+        for c in range(len(self.chunks)):
+            self.chunk_release(c)
         self.resident = False
 
 

@@ -37,7 +37,7 @@ from paradit.parallel.runtime import Runtime
 from paradit.parallel.stages import HandoffSignal
 from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig
-from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
+from paradit.residency import check_offload, offloads_experts, offloads_text_encoder, streams_layers
 from paradit.schedulers.schedule import high_noise_steps
 from paradit.settings import ChordsSettings, VideoSettings, check_int
 
@@ -97,6 +97,9 @@ class Pipeline:
             self.denoiser.residency = ExpertResidency(self.experts, self.mesh.device)
             if not self.residency.active:
                 log.info("offload: this rank holds one expert; it stays on the %s", self.mesh.device.type)
+        if streams_layers(mode):   # every expert in host memory, streamed block by block
+            from paradit.streaming import LayerResidency
+            self.denoiser.residency = LayerResidency(self.experts, self.mesh.device)
         if offloads_text_encoder(mode) and self.text_encoder is not None:
             self.text_residency = TextEncoderResidency(self.text_encoder, self.mesh.device)
         self.offload = mode
@@ -123,7 +126,7 @@ class Pipeline:
         (paradit/models/lora.py), checked before any weight is read and merged into the weights of
         the experts this rank loads. offload: "none" | "text-encoder" | "experts" | "all" | "auto"
         (paradit/residency.py): which components live in host memory and are copied to the GPU when
-        used. quant: "none" | "fp8" | "fp8-attention" | "fp8-all" (paradit/models/quant.py), refused
+        used; "layers" also streams the experts from host memory block by block. quant: "none" | "fp8" | "fp8-attention" | "fp8-all" (paradit/models/quant.py), refused
         before any weight is read where FP8 cannot run. read_once: checkpoints only; the ranks of one
         node that load the same expert read its files once between them (None: on where the experts
         go to GPUs; see paradit/checkpoint.py)."""

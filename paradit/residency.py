@@ -10,6 +10,10 @@ Modes (`offload=` in the library, `--offload` on the command line):
   experts       a rank holding both Wan2.2 experts keeps them in host memory and has one on the
                 GPU at a time (a rank holding one expert keeps it resident: nothing to swap)
   all           both
+  layers        the text encoder as with text-encoder, and every expert in host memory: each
+                evaluation streams its expert's blocks to the GPU a few blocks ahead on a side
+                stream, each block freed after it runs (paradit.streaming); the idle expert never
+                leaves host memory. For GPUs that cannot hold one expert with its activations
   auto          the planner's choice (the fastest mode that fits); "none" on a CPU
 
 The schedule. A rank's evaluations of one request use experts in a known order: the high-noise
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OFFLOAD_MODES = ("auto", "none", "text-encoder", "experts", "all")
+OFFLOAD_MODES = ("auto", "none", "text-encoder", "experts", "all", "layers")
 
 
 def check_offload(mode: str, flag: str = "offload") -> str:
@@ -37,11 +41,27 @@ def check_offload(mode: str, flag: str = "offload") -> str:
 
 
 def offloads_text_encoder(mode: str) -> bool:
-    return check_offload(mode) in ("text-encoder", "all")
+    return check_offload(mode) in ("text-encoder", "all", "layers")
 
 
 def offloads_experts(mode: str) -> bool:
+    """Whole experts swapped at the switch (ExpertResidency)."""
     return check_offload(mode) in ("experts", "all")
+
+
+def streams_layers(mode: str) -> bool:
+    """Experts streamed block by block every evaluation (paradit.streaming.LayerResidency)."""
+    return check_offload(mode) == "layers"
+
+
+def moves_experts(mode: str) -> bool:
+    """Whether `mode` moves experts (or their blocks) between host and GPU."""
+    return offloads_experts(mode) or streams_layers(mode)
+
+
+def experts_on_host(mode: str, held: int) -> bool:
+    """Whether a rank holding `held` experts keeps them in host memory under `mode`."""
+    return (offloads_experts(mode) and held > 1) or streams_layers(mode)
 
 
 @dataclass(frozen=True)

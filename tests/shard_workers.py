@@ -85,3 +85,35 @@ def bad_sharding_on_every_rank(layout: dict) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def layers_run(heads: int, layout: dict | None, chords_cores: int | None = None) -> dict:
+    """The tiny pipeline's final latent with offload="layers", and the device bytes of its experts'
+    weights at the fullest moment (sampled as each block starts, after its copy and the next ones
+    were issued), with what LayerResidency.window_bytes predicts."""
+    from paradit.settings import ChordsSettings
+    from paradit.streaming import weights_on_device
+    cfg = sharded_config(heads)
+    pc = ParallelConfig(**(layout or {}))
+    mesh = init_parallel(pc, num_heads=cfg.num_heads) if layout else None
+    stage = mesh.coords["stage"] if mesh is not None else 0
+    experts, text, _ = tiny_components(cfg, "cpu", torch.float32, needed={stage} if pc.stages else None)
+    pipe = Pipeline(cfg, experts, text if stage == 0 else None, None, mesh=mesh)
+    pipe.apply_offload("layers")
+    res, peak = pipe.residency, [0]
+
+    def sample(module, args):
+        peak[0] = max(peak[0], sum(weights_on_device(experts[k], res.weights[k]) for k in res.held))
+    hooks = [b.register_forward_pre_hook(sample) for m in experts if m is not None for b in m.blocks]
+    chords = ChordsSettings(chords_cores, None, 1) if chords_cores else None
+    latent = pipe(PROMPT, negative_prompt=NEGATIVE, output="latent", chords=chords,
+                  **(PIPE_KW | (dict(steps=8) if chords else {})))
+    for h in hooks:
+        h.remove()
+    after = sum(weights_on_device(experts[k], res.weights[k]) for k in res.held)
+    return dict(latent=latent, peak=peak[0], window=max(res.window_bytes(k) for k in res.held), after=after,
+                expert=_bytes(experts) / len(res.held), streamed=[e for e, op in res.log if op == "stream"])
+
+
+def layers_table(rows) -> dict:
+    return {name: layers_run(heads, layout, cores) for name, layout, heads, cores in rows}

@@ -109,7 +109,8 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
 def shard_mode(flags: Flags) -> str:
     """--shard-weights, where auto never picks sharding for a run it does not combine with (--compile,
     --quant, --offload experts/all: paradit.plan.sharding.check_shard_options)."""
-    if flags.shard_weights == "auto" and (flags.compile or flags.quant != "none" or flags.offload in ("experts", "all")):
+    from paradit.residency import moves_experts
+    if flags.shard_weights == "auto" and (flags.compile or flags.quant != "none" or moves_experts(flags.offload)):
         return "none"
     return flags.shard_weights
 
@@ -133,14 +134,30 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, o
 def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) -> str:
     """--offload auto: the planner's fastest mode that fits this layout on this GPU kind; none on a CPU."""
     from paradit.plan import evaluate, make_problem
+    kind = gpu_kind(flags)
+    if flags.offload == "layers" and kind is not None and cfg.name in PRESETS and not flags.force:
+        refuse_needless_layers(cfg, layout, kind, settings)
     if flags.offload != "auto":
         return flags.offload
-    kind = gpu_kind(flags)
     if device.type != "cuda" or kind is None or cfg.name not in PRESETS:
         return "none"
     problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
                            settings.steps)
     return evaluate(problem, layout).offload
+
+
+def refuse_needless_layers(cfg, layout: ParallelConfig, kind: str, settings) -> None:
+    """--offload layers where the experts fit whole (with the text encoder offloaded): streaming
+    every block every step would only add copies."""
+    from paradit.plan import evaluate, make_problem
+    problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
+                           settings.steps)
+    whole = evaluate(problem, layout, "text-encoder")
+    if whole.feasible:
+        raise UsageError(f"--offload layers: {layout.describe()} holds its experts whole on {kind} "
+                         f"({whole.mem_gb:.1f} GB per GPU with --offload text-encoder, of "
+                         f"{problem.gpu.usable_gb:.1f} usable), and streaming their layers every step only adds "
+                         f"copies: use --offload auto or text-encoder (--force streams them anyway)")
 
 
 def experts_needed(cfg, layout: ParallelConfig, settings, chords, rank: int) -> frozenset | None:

@@ -65,10 +65,11 @@ from paradit.plan.hardware import GB, Calibration, GPUSpec
 from paradit.plan.layout import ParallelConfig, Stage, auto_sp
 from paradit.plan.model import activation_gb, forward_flops, param_count, param_parts, text_encoder_gb, vae_decode_gb
 from paradit.plan.placement import chords_experts, chords_init, chords_rounds
-from paradit.plan.sharding import best_sharding, gather_exposed_s, group_size, refusal, shard_note, weights_gb
+from paradit.plan.sharding import (best_sharding, gather_exposed_s, group_size, layers_exposed_s, layers_weights_gb,
+                                   refusal, shard_note, weights_gb)
 from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, Phases,
                                   RequestParts, SplitBreakdown, StepCost)
-from paradit.residency import check_offload, offloads_experts, offloads_text_encoder
+from paradit.residency import check_offload, moves_experts, offloads_experts, offloads_text_encoder, streams_layers
 from paradit.schedulers.schedule import high_noise_steps
 
 
@@ -222,8 +223,8 @@ def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool,
         else (0.0, 0.0)
     acts = activation_gb(p.model, math.ceil(p.tokens / (u * r)), batch, r > 1)
     text_gb = text_encoder_gb(p.model) if text else 0.0
-    on_gpu = 1 if offloads_experts(mode) and experts > 1 else experts
-    weights = weights_gb(p.model, on_gpu, shard)
+    on_gpu = 0 if streams_layers(mode) else 1 if offloads_experts(mode) and experts > 1 else experts
+    weights = layers_weights_gb(p.model) if streams_layers(mode) else weights_gb(p.model, on_gpu, shard)
     text_resident = 0.0 if offloads_text_encoder(mode) else text_gb
     overhead = p.calibration.overhead_gb + vae_weights
     resident = weights + text_resident + overhead
@@ -266,7 +267,7 @@ def _fits(reason: str) -> Infeasibility | None:
     return Infeasibility.OUT_OF_MEMORY if reason else None
 
 
-OFFLOAD_ORDER = ("none", "text-encoder", "experts", "all")   # fewest copies first: the tie-break
+OFFLOAD_ORDER = ("none", "text-encoder", "experts", "all", "layers")   # fewest copies first: the tie-break
 
 
 def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> Candidate:
@@ -282,17 +283,20 @@ def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> 
         return best_sharding(p, layout, lambda q, lay: evaluate(q, lay, mode))
     if why := refusal(layout):
         return _infeasible(layout, Infeasibility.SHARD_GROUP, why)
-    if layout.shard_weights != "none" and offloads_experts(mode):
+    if layout.shard_weights != "none" and moves_experts(mode):
         return _infeasible(layout, Infeasibility.SHARDED_OFFLOAD, "expert offload moves whole experts; "
                            "sharded weights are split over the group already")
     if mode == "auto":
-        modes = [m for m in OFFLOAD_ORDER if layout.shard_weights == "none" or not offloads_experts(m)]
+        modes = [m for m in OFFLOAD_ORDER if layout.shard_weights == "none" or not moves_experts(m)]
         tried = [evaluate(p, layout, m) for m in modes]
         fits = [c for c in tried if c.feasible]
         if fits:
             return min(fits, key=lambda c: round(c.latency_s, 6))   # min keeps the first of a tie
         return min(tried, key=lambda c: c.mem_gb)
     cand = _evaluate_split(p, layout, mode) if layout.stages else _evaluate_colocated(p, layout, mode)
+    if streams_layers(mode) and cand.feasible and evaluate(p, layout, "text-encoder").feasible:
+        cand = dataclasses.replace(cand, note=_join(cand.note, "the experts fit on the GPU whole: streaming "
+                                                               "their layers only adds copies"))
     return dataclasses.replace(cand, offload=mode)
 
 
@@ -305,6 +309,9 @@ def _offload_note(p: Problem, mode: str, experts: int, text: bool) -> str:
     if offloads_experts(mode) and experts > 1:
         pinned += experts * param_count(p.model) * 2 / GB
         what.append("one expert on the GPU at a time")
+    if streams_layers(mode):
+        pinned += experts * param_count(p.model) * 2 / GB
+        what.append("experts streamed from host memory block by block")
     if not what:
         return ""
     return f"offload {mode}: {', '.join(what)}; {pinned:.1f} GB pinned host memory"
@@ -325,7 +332,7 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
     mem = _stage_mem(p, stage, held, text=True, decode=True, mode=mode, shard=group_size(layout, stage))
     replicas = [i * layout.group_size for i in range(layout.dp)]
     cores = [rep + c * core for rep in replicas for c in range(k)]
-    gathered = _gathering(p, layout, stage, stage_step(p, stage, cores), cores)
+    gathered = _gathering(p, layout, stage, stage_step(p, stage, cores), cores, mode)
     step = gathered.cost
     exchange = 0.0
     if k > 1:   # all-gather of (x, v) over the chords axis, fp32 token-space shards
@@ -335,8 +342,8 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
     round_s = step.step_s + exchange
     copies = _host_copy_s(p, mode, held, True, round_s)
     latency = rounds * round_s + copies
-    parts = RequestParts.of_steps(step, rounds, chords_exchange=rounds * exchange, host_copies=copies,
-                                  weight_gather=rounds * gathered.gather_s)
+    parts = RequestParts.of_steps(step, rounds, chords_exchange=rounds * exchange,
+                                  host_copies=copies + rounds * gathered.stream_s, weight_gather=rounds * gathered.gather_s)
     note = _join("uneven heads, padded" if m.num_heads % stage[0] else "", shard_note(m, layout, stage))
     if k > 1:
         note = _join(note, f"CHORDS: first hit after {rounds} rounds, approximate")
@@ -363,8 +370,8 @@ def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> C
     counts = HighLow(n_hi, p.steps - n_hi)
     mems = HighLow(split_memory(p, hi, "high", mode, layout), split_memory(p, lo, "low", mode, layout))
     lo_offsets = [r + size_hi for r in replicas]
-    gathered = HighLow(_gathering(p, layout, hi, stage_step(p, hi, replicas), replicas),
-                       _gathering(p, layout, lo, stage_step(p, lo, lo_offsets), lo_offsets))
+    gathered = HighLow(_gathering(p, layout, hi, stage_step(p, hi, replicas), replicas, mode),
+                       _gathering(p, layout, lo, stage_step(p, lo, lo_offsets), lo_offsets, mode))
     steps = HighLow(gathered.high.cost, gathered.low.cost)
     peak = max(mems.high.total, mems.low.total)
     reason = _oom_reason(p, mems.high, 1) or _oom_reason(p, mems.low, 1)
@@ -378,8 +385,9 @@ def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> C
     stage_s = HighLow(counts.high * steps.high.step_s + copies, counts.low * steps.low.step_s)
     latency = stage_s.high + stage_s.low + handoff
     parts = RequestParts.of_steps(steps.high, counts.high) + RequestParts.of_steps(steps.low, counts.low)
-    parts = dataclasses.replace(parts, handoff=handoff, host_copies=copies, weight_gather=counts.high *
-                                gathered.high.gather_s + counts.low * gathered.low.gather_s)
+    parts = dataclasses.replace(parts, handoff=handoff, weight_gather=counts.high * gathered.high.gather_s +
+                                counts.low * gathered.low.gather_s, host_copies=copies + counts.high *
+                                gathered.high.stream_s + counts.low * gathered.low.stream_s)
     throughput = layout.dp * 3600 / (max(stage_s.high, stage_s.low) + handoff)
     note = _join("requests pipeline through the stages", _offload_note(p, mode, 1, True),
                  shard_note(m, layout, hi), shard_note(m, layout, lo))
@@ -405,17 +413,21 @@ def split_memory(p: Problem, stage: Stage, role: str, mode: str = "none",
 
 @dataclass(frozen=True)
 class _Gathered:
-    cost: StepCost       # the step, its exposed weight all-gathers included in step_s
-    gather_s: float      # those all-gathers' exposed seconds
+    cost: StepCost       # the step, its exposed weight all-gathers and block copies included in step_s
+    gather_s: float      # those all-gathers' exposed seconds (sharded weights)
+    stream_s: float      # those block copies' exposed seconds (offload="layers")
 
 
-def _gathering(p: Problem, layout: ParallelConfig, stage: Stage, step: StepCost, offsets: list[int]) -> _Gathered:
-    """A step of a stage whose weights are sharded: plus the block all-gathers compute does not hide."""
-    g = group_size(layout, stage)
-    if g == 1:
-        return _Gathered(step, 0.0)
-    bw = _bandwidth(p, offsets, 1, g, math.prod(stage))
+def _gathering(p: Problem, layout: ParallelConfig, stage: Stage, step: StepCost, offsets: list[int],
+               mode: str = "none") -> _Gathered:
+    """A step of a stage whose weights are sharded, or streamed from host memory: plus the block
+    all-gathers, or the block copies, that compute does not hide (paradit.plan.sharding)."""
+    g, cal = group_size(layout, stage), p.calibration
     block_s = (step.compute_s + step.ulysses_s + step.ring_exposed_s) / p.model.num_layers
-    cal = p.calibration
-    exposed = gather_exposed_s(p.model, g, bw, cal.collective_latency_us * 1e-6, cal.ring_overlap, block_s)
-    return _Gathered(dataclasses.replace(step, step_s=step.step_s + exposed), exposed)
+    gather = stream = 0.0
+    if g > 1:
+        bw = _bandwidth(p, offsets, 1, g, math.prod(stage))
+        gather = gather_exposed_s(p.model, g, bw, cal.collective_latency_us * 1e-6, cal.ring_overlap, block_s)
+    if streams_layers(mode):
+        stream = layers_exposed_s(p.model, p.gpu.host_link_gbps * 1e9 * cal.host_link_efficiency, block_s)
+    return _Gathered(dataclasses.replace(step, step_s=step.step_s + gather + stream), gather, stream)

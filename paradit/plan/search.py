@@ -32,7 +32,7 @@ def _best_stage(p: Problem, size: int, offsets: list[int], role: str) -> Stage:
     """The fastest runnable (ulysses, ring, cfg) of a split stage on `size` GPUs, preferring
     ones that fit in memory (if none does, the layout is reported out of memory)."""
     stages = [s for s in _stages(size) if not stage_check(p, s)] or _stages(size)
-    least = "all" if p.offload == "auto" else p.offload          # the least memory allowed
+    least = "layers" if p.offload == "auto" else p.offload       # the least memory allowed
     fits = [s for s in stages if split_memory(p, s, role, least).total <= p.gpu.usable_gb] or stages
     return min(fits, key=lambda s: stage_step(p, s, offsets).step_s)
 

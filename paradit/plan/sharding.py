@@ -36,8 +36,10 @@ from paradit.errors import ParameterError
 from paradit.plan.hardware import GB
 from paradit.plan.layout import ParallelConfig, Stage
 from paradit.plan.model import param_parts
+from paradit.residency import moves_experts
 
 PREFETCH = 1            # blocks gathered ahead (paradit.parallel.sharding.PREFETCH)
+LEAD = 2                # blocks copied ahead with offload="layers" (paradit.streaming.LEAD)
 HEADROOM = 0.05         # share of usable memory a mode should leave spare to be preferred (costs' "tight")
 MODES = ("none", "sp", "request")
 BYTES = 2               # bf16 weights
@@ -70,6 +72,21 @@ def gather_exposed_s(m, group: int, bw: float, alpha: float, overlap: float, blo
 def gather_bytes(m, group: int) -> float:
     """Bytes one rank receives per forward: (g-1)/g of every block."""
     return 0.0 if group == 1 else m.num_layers * param_parts(m)["block"] * BYTES * (group - 1) / group
+
+
+def layers_weights_gb(m) -> float:
+    """offload="layers": the running expert's embeddings and head, and 1 + LEAD blocks, on the GPU."""
+    parts = param_parts(m)
+    return (parts["embed"] + parts["head"] + (1 + LEAD) * parts["block"]) * BYTES / GB
+
+
+def layers_exposed_s(m, bw: float, block_s: float) -> float:
+    """Seconds of one forward's block copies from host memory that compute does not hide: the
+    embeddings, head and first block before anything runs, then whatever a block's copy takes
+    beyond a block's compute (the copies queue on one side stream)."""
+    parts = param_parts(m)
+    copy = parts["block"] * BYTES / bw
+    return (parts["embed"] + parts["head"]) * BYTES / bw + copy + (m.num_layers - 1) * max(0.0, copy - block_s)
 
 
 def refusal(layout: ParallelConfig) -> str:
@@ -110,9 +127,9 @@ def check_shard_options(layout: ParallelConfig, offload: str, quant: str, compil
     if layout.shard_weights == "none":
         return
     whole = {"shard_weights": "none"}
-    if offload in ("experts", "all"):
-        raise ParameterError("offload", offload, f"expert offload moves whole experts between host and GPU, and "
-                             f"the experts' blocks are sharded (shard_weights {layout.shard_weights!r})", "use",
+    if moves_experts(offload):
+        raise ParameterError("offload", offload, f"expert offload moves whole experts (or their blocks) between "
+                             f"host and GPU, and the experts' blocks are sharded (shard_weights {layout.shard_weights!r})", "use",
                              ({"offload": "text-encoder"}, {"offload": "none"}, whole))
     if quant != "none":
         raise ParameterError("quant", quant, f"FP8 weights are not sharded (shard_weights "
