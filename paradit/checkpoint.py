@@ -236,7 +236,6 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     from paradit.models.attention import build_kernels_ahead, pick_backend
     from paradit.parallel.attention import local_heads
     from paradit.parallel.mesh import init_parallel
-    from paradit.parallel.requests import components_needed
 
     t0 = time.perf_counter()
     ck = locate(path, components)
@@ -246,7 +245,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     lora_files = check_loras(loras, cfg)        # every expert's, on every rank: the same errors everywhere
     t_lora = time.perf_counter() - t_lora
     mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
-    parts = components_needed(mesh)
+    parts = mesh.roles.components
     dtype = dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     mode = resolve_offload(offload, cfg, mesh)
     on_host = experts_on_host(mode, len(needed))              # read straight into pinned host buffers

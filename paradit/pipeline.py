@@ -32,7 +32,7 @@ from paradit.models.transformer import WanTransformer
 from paradit.models.vae import VideoVAE
 from paradit.parallel.collectives import broadcast_from_first
 from paradit.parallel.mesh import Mesh, init_parallel
-from paradit.parallel.requests import check_same_request, decode_group, is_encoder_rank, request_fields
+from paradit.parallel.requests import check_same_request, decode_group, request_fields
 from paradit.parallel.runtime import Runtime
 from paradit.parallel.stages import HandoffSignal
 from paradit.plan import placement
@@ -329,7 +329,7 @@ class Pipeline:
         negative = self.cfg.negative_prompt if negative_prompt is None else negative_prompt
         prompts = [prompt, negative] if need_uncond else [prompt]
         emb = None
-        if is_encoder_rank(self.mesh):
+        if self.mesh.roles.encodes:
             if self.text_encoder is None:
                 raise ValueError("this rank encodes the prompts but has no text encoder")
             with self.text_residency.on_device() if self.text_residency else contextlib.nullcontext():
@@ -343,7 +343,7 @@ class Pipeline:
         returns this rank's token shard of it."""
         shape = conditioning.condition_shape(self.cfg, s.width, s.height, s.frames)
         y = None
-        if is_encoder_rank(self.mesh):
+        if self.mesh.roles.encodes:
             if self.vae is None:
                 raise ValueError("this rank encodes the image but has no VAE")
             y = conditioning.encode_condition(self.cfg, self.vae, image, s.width, s.height, s.frames)

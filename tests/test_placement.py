@@ -41,14 +41,18 @@ def test_components_follow_the_roles():
 
 
 def test_rank_roles_agree_with_the_parallel_mesh():
-    # paradit.parallel.requests and Mesh.is_output_rank compute the roles from a built mesh (gloo)
+    # the built mesh holds each rank's roles (Mesh.roles), and its groups agree with them: the encoder
+    # is its request group's first rank, the output rank the first of its sp group (gloo)
     layouts = [layout for layout, *_ in ROLES if ParallelConfig(**layout).world_size == 4]
     per_rank = spawn(mesh_roles, 4, layouts, timeout_s=240)
     for k, layout in enumerate(layouts):
         config = ParallelConfig(**layout)
         for rank in range(4):
             roles = rank_roles(config, rank)
-            assert per_rank[rank][k] == (roles.encodes, roles.decodes, roles.writes), (layout, rank)
+            held, (request_first, sp_first) = per_rank[rank][k]
+            assert held == (roles.encodes, roles.decodes, roles.writes), (layout, rank)
+            assert roles.encodes == request_first, (layout, rank)
+            assert not roles.writes or (roles.decodes and sp_first), (layout, rank)
 
 
 def test_experts_needed():

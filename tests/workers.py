@@ -174,11 +174,15 @@ def compiled_against_eager(layout: dict, heads: int = 4):
     return eager, out, counters["stats"]["unique_graphs"] - graphs
 
 
-def mesh_roles(layouts: list[dict]) -> list[tuple[bool, bool, bool]]:
-    """(encodes, decodes, writes) of this rank under each layout, as the built mesh defines them."""
-    from paradit.parallel.requests import decode_group, is_encoder_rank
+def mesh_roles(layouts: list[dict]) -> list[tuple]:
+    """Per layout: this rank's (encodes, decodes, writes) as the built mesh holds them, and
+    (first of its request group in the first stage, first of its sp group) from the groups built."""
+    import torch.distributed as dist
+    from paradit.parallel.requests import decode_group
     out = []
     for layout in layouts:
         mesh = init_parallel(ParallelConfig(**layout))
-        out.append((is_encoder_rank(mesh), decode_group(mesh)[0], mesh.is_output_rank))
+        first = {k: mesh.group(k) is None or dist.get_rank(mesh.group(k)) == 0 for k in ("request", "sp")}
+        out.append(((mesh.roles.encodes, decode_group(mesh)[0], mesh.is_output_rank),
+                    (first["request"] and mesh.coords["stage"] == 0, first["sp"])))
     return out

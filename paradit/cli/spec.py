@@ -19,6 +19,7 @@ from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, 
 from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
 from paradit.config import PRESETS, WanConfig
 from paradit.plan.layout import ParallelConfig
+from paradit.plan.placement import rank_roles
 from paradit.settings import ChordsSettings, VideoSettings
 
 log = logging.getLogger("paradit")
@@ -138,14 +139,6 @@ def check_outputs(paths: tuple[Path, ...], flags: Flags) -> None:
                 raise UsageError(f"--out {flags.out}: cannot write {file}: {why}")
 
 
-def is_output_rank(layout: ParallelConfig, rank: int) -> bool:
-    """The rank that writes its replica's videos (paradit.parallel.mesh.Mesh.is_output_rank, from the
-    layout alone): the first of its sp, cfg and chords groups, in the stage that finishes the video."""
-    c = layout.coords(rank)
-    return c.get("stage", 0) == (1 if layout.stages else 0) and all(
-        c.get(a, 0) == 0 for a in ("ulysses", "ring", "cfg", "chords"))
-
-
 def load_image(flags: Flags, cfg: WanConfig):
     from paradit import conditioning
     conditioning.check_task(cfg, flags.image)
@@ -184,7 +177,7 @@ def resolve(flags: Flags, info) -> RunSpec:
         if image is not None and (layout.stages or (chords and cfg.task == "ti2v")):
             raise UsageError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
         paths = output_paths(flags, len(prompts))
-        if is_output_rank(layout, info.rank):
+        if rank_roles(layout, info.rank).writes:
             check_outputs(paths, flags)
         needed = experts_needed(cfg, layout, settings, chords, info.rank)
         from paradit.models.lora import check_loras, lora_specs

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from paradit.plan.layout import AXES, ParallelConfig
+from paradit.plan.placement import RankRoles, rank_roles
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Mesh:
     # shard_weights: the 1-D DeviceMesh of the group the experts' blocks are sharded over (FSDP2 takes a
     # DeviceMesh), built from that group itself (no new process group); None when weights are whole
     shard_mesh: DeviceMesh | None = None
+    # what this rank does besides denoising (encodes, decodes, writes, leads its stage): the planner's
+    # pure answer for this rank of the whole layout, computed once here and read everywhere else
+    roles: RankRoles = RankRoles(encodes=True, decodes=True, writes=True, leads=True)
 
     def __post_init__(self):
         object.__setattr__(self, "coords", MappingProxyType(dict(self.coords)))
@@ -52,11 +56,8 @@ class Mesh:
 
     @property
     def is_output_rank(self) -> bool:
-        """One rank per dp replica writes outputs: the first of its sp, cfg and chords groups (of the
-        low-noise stage, where the video is finished, when experts are split)."""
-        last_stage = 1 if self.split is not None else 0
-        return self.coords["stage"] == last_stage and all(
-            self.coords[a] == 0 for a in ("ulysses", "ring", "cfg", "chords"))
+        """The rank that gets the frames and writes them, one per dp replica (Mesh.roles.writes)."""
+        return self.roles.writes
 
 
 def single_device_mesh(device: torch.device | str = "cpu") -> Mesh:
@@ -117,4 +118,4 @@ def _mesh_from(config: ParallelConfig, device, dm: DeviceMesh, shape: dict, requ
     shard = None
     if config.shard_weights in ("sp", "request"):   # validate refused groups of one and "auto"
         shard = DeviceMesh.from_group(groups[config.shard_weights], device.type, mesh_dim_names=("shard",))
-    return Mesh(config, device, dm, coords, groups, split, shard)
+    return Mesh(config, device, dm, coords, groups, split, shard, rank_roles(split or config, dist.get_rank()))

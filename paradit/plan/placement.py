@@ -86,6 +86,7 @@ class RankRoles:
     encodes: bool   # encodes the prompt (and the image) and broadcasts them: the request group's first rank
     decodes: bool   # a member of the decode group, which the VAE decode is spread over
     writes: bool    # the output rank: it gets the frames and writes them (one per replica)
+    leads: bool = False  # the first of its stage's sp, cfg and chords groups: reports the stage's progress
 
     @property
     def components(self) -> frozenset[str]:
@@ -95,8 +96,8 @@ class RankRoles:
 
 
 def rank_roles(config: ParallelConfig, rank: int) -> RankRoles:
-    """The roles of global rank `rank` (paradit.parallel.requests and Mesh.is_output_rank compute the
-    same from a built mesh).
+    """The roles of global rank `rank`: the one definition (the built mesh holds this answer as
+    Mesh.roles, and every runtime question about a rank's role reads it there).
 
     A request is served by one dp replica, or with split experts by the two stages in turn: the
     high-noise stage encodes, the low-noise stage finishes the video. The encoder is the first rank of
@@ -108,4 +109,4 @@ def rank_roles(config: ParallelConfig, rank: int) -> RankRoles:
     first_of_stage = all(at[a] == 0 for a in ("ulysses", "ring", "cfg", "chords"))
     decodes = at["stage"] == last_stage and at["cfg"] == 0 and at["chords"] == 0
     return RankRoles(encodes=at["stage"] == 0 and first_of_stage, decodes=decodes,
-                     writes=decodes and first_of_stage)
+                     writes=decodes and first_of_stage, leads=first_of_stage)

@@ -79,7 +79,7 @@ class Worker:
         self.stage = mesh.coords["stage"]
         self.lane = 0 if self.split else mesh.rank("dp")
         # the first rank of each stage of the lane reports its steps; the output rank the result
-        self.reporter = all(mesh.coords[a] == 0 for a in ("ulysses", "ring", "cfg", "chords"))
+        self.reporter = mesh.roles.leads
         self.current: dict | None = None   # the command this rank is working on
         self.steps: list[float] = []
         pipe.on_step = self.on_step
