@@ -222,7 +222,20 @@ def failure(err: BaseException) -> tuple[int, str, bool]:
     peer = peer_failure()
     if peer:                                               # a failed peer broke our collective
         return EXIT_PEER_FAILED, f"stopping because {peer}", False
+    if lost_peer(err):                                     # ... one that could post no reason (SIGKILL)
+        return EXIT_PEER_FAILED, (f"stopping because a peer rank is gone without a reason (killed, or its "
+                                  f"machine lost): {str(err).splitlines()[0][:200]}"), False
     return 1, f"{type(err).__name__}: {err}", True         # a bug: show where
+
+
+# What gloo and NCCL say when the rank at the other end of a collective has gone away
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+             "NCCL communicator was aborted", "Socket Timeout")
+
+
+def lost_peer(err: BaseException) -> bool:
+    import torch.distributed as dist
+    return isinstance(err, (RuntimeError, dist.DistError)) and any(text in str(err) for text in PEER_LOST)
 
 
 def main(argv=None) -> int:
@@ -241,14 +254,16 @@ def main(argv=None) -> int:
             if path.suffix == ".mp4":
                 print(f"paradit: wrote {path}", flush=True)
     except Exception as err:
+        claim_report(watcher)  # first: a traceback printed here would sit beside the watcher's line
         code, message, show = failure(err)
         if show:
             traceback.print_exc()
         outputs.discard()
-        report(code, message, watcher)
+        report(code, message)
     except KeyboardInterrupt as err:
+        claim_report(watcher)
         outputs.discard()
-        report(*failure(err)[:2], watcher)
+        report(*failure(err)[:2])
     joined = watcher is None or watcher.stop()  # joined before the process group goes: see faults.py
     if not joined:  # a store call that never returns: leave without the interpreter's teardown
         sys.stdout.flush()
@@ -258,10 +273,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def report(code: int, message: str, watcher: AbortWatcher | None) -> None:
-    """Print this rank's error once, post it for the peers, let every rank print, exit `code`."""
+def claim_report(watcher: AbortWatcher | None) -> None:
+    """Return if this (main) thread reports the failure; if the watcher thread is reporting already
+    (a peer failed or a signal came, and our collective broke as a result), wait for it to exit the
+    process: main says nothing, not even the broken collective's traceback."""
     if watcher is not None and not watcher.claim():
-        time.sleep(60)  # the watcher is reporting (a peer failed or a signal came) and exits the process
+        time.sleep(60)
+
+
+def report(code: int, message: str, watcher: AbortWatcher | None = None) -> None:
+    """Print this rank's error once, post it for the peers, let every rank print, exit `code`
+    (watcher: claim the report from it first, unless the caller did)."""
+    claim_report(watcher)
     rank = int(os.environ.get("RANK", 0))
     say_error(f"paradit: error (rank {rank}): {message}")
     count_reported()

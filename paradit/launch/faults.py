@@ -125,8 +125,9 @@ class AbortWatcher:
     joins the thread and restores the handlers. store: the default group's store (injectable so
     that tests can hold the thread inside a store call)."""
 
-    def __init__(self, interval_s: float = 0.2, cleanup=None, store=None):
+    def __init__(self, interval_s: float = 0.2, cleanup=None, store=None, signal_is_stop: bool = False):
         self.interval_s, self.cleanup = interval_s, cleanup or (lambda: None)
+        self.signal_is_stop = signal_is_stop  # a service's worker rank: SIGTERM is how it is stopped
         self.distributed = dist.is_initialized()
         self.me = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -193,6 +194,12 @@ class AbortWatcher:
 
     def _exit_on_signal(self, sig: signal.Signals) -> None:
         code, message = SIGNAL_EXITS[sig]
+        if self.signal_is_stop:  # a normal stop, no error: the launcher signals every rank (rank 0 says it)
+            if self.claim():
+                self.cleanup()
+                sys.stdout.flush()
+                os._exit(0)
+            return
         self._exit(code, message, post=True)  # posted: a peer that did not get the signal stops too
 
     def _exit(self, code: int, message: str, post: bool = False) -> None:

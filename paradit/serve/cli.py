@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         if info.rank == 0:
             stop_on_sigterm()  # rank 0's scheduler watches the abort key itself: it settles the jobs first
         else:
-            watcher = AbortWatcher().start()
+            watcher = AbortWatcher(signal_is_stop=True).start()  # stopped with rank 0, quietly
         run(flags, info, parts)
     except KeyboardInterrupt:  # rank 0: SIGINT or SIGTERM
         if parts.scheduler is not None:
