@@ -33,7 +33,9 @@ expert read its files once between them, each a share, the rest by broadcast. Wh
 follows from each rank's experts_needed, gathered over the world. Default (None): on where the
 experts go to a GPU and at least two ranks of a node load the same expert; PARADIT_READ_ONCE=0 / 1
 in the environment turns it off / on; off on the CPU (gloo over loopback TCP is slower than each
-rank reading the page cache). Pipeline.from_pretrained(read_once=...) passes it on.
+rank reading the page cache). Pipeline.from_pretrained(read_once=...) passes it on. With weight
+sharding (the layout's shard_weights) each rank reads only its shards of the blocks instead
+(paradit.parallel.shard_read); with LoRAs, merged per whole weight, it reads whole and shards after.
 """
 from __future__ import annotations
 
@@ -236,6 +238,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     from paradit.models.attention import build_kernels_ahead, pick_backend
     from paradit.parallel.attention import local_heads
     from paradit.parallel.mesh import init_parallel
+    from paradit.parallel.shard_read import load_sharded_expert
 
     t0 = time.perf_counter()
     ck = locate(path, components)
@@ -267,8 +270,13 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     t1 = time.perf_counter()
     reader = Reader(info.device, threads=reader_threads(node_size))
     host = offload_on_load(info.device) if on_host else None
+    shard_read = mesh.shard_mesh is not None and not lora_files   # sharded weights: each rank reads its shards
+    if mesh.shard_mesh is not None and lora_files:
+        log.info("weight sharding with LoRAs: each expert is read whole and merged, then sharded")
     with reader, quick_gil_handoff(), ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
-        jobs = {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
+        jobs = {k: pool.submit(timed, load_sharded_expert, ck.experts[k], mesh.shard_mesh, dtype, info.device, cfg,
+                               stats.setdefault(ck.experts[k].name, {}), reader) for k in needed} if shard_read else \
+               {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
                                config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
                                loras=for_expert(lora_files, k, cfg.num_experts),
                                expert=("high", "low")[k] if cfg.num_experts == 2 else None, reader=reader,

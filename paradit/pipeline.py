@@ -63,8 +63,9 @@ class Pipeline:
             if m is not None:  # None: an expert this rank never runs (CHORDS cores, split stages)
                 self.runtime.bind(m)
                 if self.mesh.shard_mesh is not None:   # the layout's weight sharding (FSDP2)
-                    from paradit.parallel.sharding import apply_weight_sharding
-                    apply_weight_sharding(m, self.mesh.shard_mesh)
+                    from paradit.parallel.sharding import apply_weight_sharding, is_sharded
+                    if not is_sharded(m):                # not read sharded (paradit.parallel.shard_read)
+                        apply_weight_sharding(m, self.mesh.shard_mesh)
         self.denoiser = Denoiser(cfg, self.runtime, experts)
         self.handoff = HandoffSignal() if self.mesh.split is not None else None  # split experts' hand-offs
         self.record = RunRecord()                      # the current (or last) request's

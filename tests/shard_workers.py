@@ -117,3 +117,23 @@ def layers_run(heads: int, layout: dict | None, chords_cores: int | None = None)
 
 def layers_table(rows) -> dict:
     return {name: layers_run(heads, layout, cores) for name, layout, heads, cores in rows}
+
+
+def sharded_checkpoint_ranks(root: str, layout: dict) -> dict:
+    """A checkpoint folder (diffusers and original layouts) loaded with sharded weights: each rank's
+    latent, the bytes it read per expert, and the bytes of its local shards and whole tensors."""
+    from pathlib import Path
+
+    from ckpt_workers import RUN, SIZE
+    from torch.distributed.tensor import DTensor
+    from paradit.parallel.sharding import is_sharded
+    out = {}
+    for name, kw in (("diffusers", {}), ("original", dict(components=root))):
+        path = root if name == "diffusers" else str(Path(root) / "original")
+        pipe = Pipeline.from_pretrained(path, parallel=ParallelConfig(**layout), **kw)
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+                   for m in pipe.experts for p in m.parameters())
+        read = sum(s.get("bytes", 0) for k, s in pipe.load_stats.items() if k not in ("text_encoder", "vae"))
+        out[name] = dict(latent=pipe(PROMPT, output="latent", **SIZE["t2v"], **RUN), held=held, read=read,
+                         sharded=all(is_sharded(m) for m in pipe.experts))
+    return out

@@ -146,3 +146,26 @@ def test_planner_memory_is_the_measured_count_at_full_size():
     for group in (2, 4, 8):
         held = held_bytes([expert, expert], group)["peak"] / 1e9
         assert weights_gb(A14B, 2, group) == pytest.approx(held, rel=1e-3), group
+
+
+# ------------------------------------------------------------------ checkpoints: each rank reads its shards
+def test_checkpoint_read_sharded(tmp_path):
+    """Ulysses 2 with weights sharded over sp, from a checkpoint folder in both layouts: the latent
+    of the whole-weights pipeline, and each rank read exactly the bytes it keeps (its shards of the
+    blocks, the embeddings and head whole): about half the experts' bytes, not all of them."""
+    from ckpt_workers import PROMPT, RUN, SIZE, TINY_T2V, components, write_checkpoint
+    from paradit.pipeline import Pipeline
+    from paradit.plan import param_parts
+    from shard_workers import sharded_checkpoint_ranks
+    root = write_checkpoint(tmp_path / "ckpt")
+    ref = Pipeline(TINY_T2V, *components(TINY_T2V))(PROMPT, output="latent", **SIZE["t2v"], **RUN)
+    parts = param_parts(TINY_T2V)
+    blocks = 2 * TINY_T2V.num_layers * parts["block"] * 4              # two fp32 experts' blocks
+    rest = 2 * (parts["embed"] + parts["head"]) * 4                    # read whole on every rank
+    for rank, out in enumerate(spawn(sharded_checkpoint_ranks, 2, str(root), dict(ulysses=2, shard_weights="sp"),
+                                     timeout_s=200)):
+        for layout, res in out.items():
+            assert res["sharded"] and rel_err(res["latent"], ref) < RTOL, f"rank {rank} {layout}"
+            assert res["read"] == res["held"], f"rank {rank} {layout}: read {res['read']}, keeps {res['held']}"
+            # half the blocks, give or take the rows of odd-sized tensors (torch.chunk's pieces)
+            assert 0.4 * blocks < res["held"] - rest < 0.6 * blocks, f"rank {rank} {layout}: {res['held'] - rest}"
