@@ -83,6 +83,10 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
                      | {"gpu_memory_gb": memory, "time_to_video_s": since_process_start()})
         if pipe.record.chords:
             log.info("%s", chords_summary(pipe.record.chords, settings.steps))
+        if pipe.record.cache:
+            c = pipe.record.cache.as_dict()
+            log.info("step cache %s: %d of %d evaluations saved (steps %s)", settings.cache, c["saved"],
+                     c["evaluations"], ", ".join(str(e["step"]) for e in c["skipped"]) or "none")
         log.info("staged %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1],
                  elapsed + decode_s)
         staged.append(path)
@@ -181,7 +185,7 @@ def sidecar(spec: RunSpec, pipe, prompt: str, startup: dict, total_s: float) -> 
         "prompt": prompt, "model": flags.model, "preset": cfg.name, "image": flags.image,
         "loras": [dict(path=str(lo.path), scale=lo.scale, target=lo.target) for lo in spec.loras],
         "negative_prompt": cfg.negative_prompt if flags.negative_prompt is None else flags.negative_prompt,
-        "settings": s.__dict__ | {"sampler": spec.sampler_label},
+        "settings": s.__dict__ | {"sampler": spec.sampler_label, "cache": s.cache and str(s.cache)},
         "size": {"generated": [s.width, s.height], "written": list(written_size(s.width, s.height))},
         "layout": layout.__dict__ | {"world_size": layout.world_size},
         "attention": {"backend": pipe.runtime.backend, "kernel": pipe.runtime.kernel,
@@ -191,6 +195,7 @@ def sidecar(spec: RunSpec, pipe, prompt: str, startup: dict, total_s: float) -> 
         "timings_s": {"startup": startup, **rec.timings, "step_s": rec.step_s, "total": total_s},
         "collectives_per_step": {op: {"bytes": b / steps, "count": c / steps} for op, (b, c) in rec.traffic.items()},
         "chords": rec.chords.as_dict(s.steps) if rec.chords else None,
+        "cache": rec.cache.as_dict() if rec.cache else None,   # the step cache: skipped steps, evaluations saved
         "torch": torch.__version__,
     }
 

@@ -206,7 +206,7 @@ class Pipeline:
                  width: int | None = None, frames: int | None = None, steps: int | None = None,
                  shift: float | None = None, guidance=None, seed: int = 0, output: str = "video",
                  sampler: str = "unipc", progress: bool = True, chords: ChordsSettings | None = None,
-                 on_hit=None, image=None):
+                 on_hit=None, image=None, cache=None):
         """Generate one video: uint8 frames (F, H, W, 3) on the output rank (None on the others), or
         with output="latent" the final latent [C, F, H, W] fp32 on every rank that finishes the
         request (all of its replica; the low-noise stage with split experts, None on the high one).
@@ -215,7 +215,9 @@ class Pipeline:
         sampler; on_hit(hit, latent) then sees every CHORDS hit as it arrives, on every rank.
         image: the first frame (a path or a PIL image) for I2V-A14B and TI2V-5B; without a size the
         video takes the image's shape at the preset's area, as the original code does.
-        negative_prompt: None takes the model's default (the original Wan's for Wan checkpoints)."""
+        negative_prompt: None takes the model's default (the original Wan's for Wan checkpoints).
+        cache: the step cache, "METHOD[:THRESHOLD[:WARMUP]]" (e.g. "easy:0.05") or a CacheSettings;
+        None computes every step. What it skipped is in self.record.cache."""
         if output not in ("video", "latent"):
             raise ParameterError("output", output, "choose 'video' or 'latent'")
         conditioning.check_task(self.cfg, image)
@@ -223,7 +225,7 @@ class Pipeline:
             image = conditioning.load_image(image)
             if width is None and height is None:
                 width, height = conditioning.video_size_for_image(self.cfg, image.width, image.height)
-        s = VideoSettings.resolve(self.cfg, width, height, frames, steps, shift, guidance, seed, sampler)
+        s = VideoSettings.resolve(self.cfg, width, height, frames, steps, shift, guidance, seed, sampler, cache)
         latent = self.run(prompt, s, negative_prompt, image=image, chords=chords, on_hit=on_hit, progress=progress)
         if output == "latent":
             return latent

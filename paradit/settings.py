@@ -102,10 +102,11 @@ class VideoSettings:
     guidance: tuple[float, float]  # (high-noise expert, low-noise expert)
     seed: int = 0
     sampler: str = "unipc"
+    cache: "CacheSettings | None" = None  # the step cache (paradit/engine/cache.py); None: every step computed
 
     @staticmethod
     def resolve(cfg: WanConfig, width=None, height=None, frames=None, steps=None, shift=None,
-                guidance=None, seed=0, sampler="unipc") -> "VideoSettings":
+                guidance=None, seed=0, sampler="unipc", cache=None) -> "VideoSettings":
         """Fill defaults from the preset and reject what the model cannot take, with the fix."""
         pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is an error, not "default")
         width, height = check_size(cfg, pick(width, cfg.size[0]), pick(height, cfg.size[1]))
@@ -121,7 +122,7 @@ class VideoSettings:
         seed = check_int("seed", seed, 0, MAX_SEED)
         if sampler not in SAMPLER_NAMES:
             raise ParameterError("sampler", sampler, f"choose one of {', '.join(SAMPLER_NAMES)}")
-        return VideoSettings(width, height, frames, steps, shift, guidance, seed, sampler)
+        return VideoSettings(width, height, frames, steps, shift, guidance, seed, sampler, resolve_cache(cache))
 
 
 @dataclass(frozen=True)
@@ -165,3 +166,59 @@ def chords_layout(settings: ChordsSettings | None, world: int, inner: int) -> in
         return settings.cores
     raise ParameterError("cores", settings.cores, f"with a core group of {inner} GPUs, CHORDS needs {inner} processes "
                          f"(cores in turn) or {inner * settings.cores} (one group per core); the world has {world}")
+
+
+CACHE_METHODS = ("easy",)   # EasyCache's runtime-adaptive rule (paradit/engine/cache.py says why this one)
+DEFAULT_CACHE_THRESHOLD = 0.05
+DEFAULT_CACHE_WARMUP = 2
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The step cache of one request (paradit/engine/cache.py): `method` decides which steps reuse the
+    last computed output instead of running the transformer; a higher `threshold` (the accumulated
+    relative change of the output allowed before the next evaluation) skips more. The first `warmup`
+    steps, the first two steps of each expert and the last step are always computed."""
+    method: str = "easy"
+    threshold: float = DEFAULT_CACHE_THRESHOLD
+    warmup: int = DEFAULT_CACHE_WARMUP
+
+    def __post_init__(self):
+        if self.method not in CACHE_METHODS:
+            raise ParameterError("cache", self.method, f"unknown step-cache method; choose one of "
+                                 f"{', '.join(CACHE_METHODS)}", "e.g. easy:0.05")
+        check_number("cache", self.threshold, 0.0, MAX_CACHE_THRESHOLD, low_open=True)
+        check_int("cache", self.warmup, 0, MAX_STEPS)
+
+    @staticmethod
+    def parse(text: str) -> "CacheSettings | None":
+        """'METHOD[:THRESHOLD[:WARMUP]]' (e.g. 'easy:0.05', 'easy:0.1:3'); 'none' or 'off' is None."""
+        if not isinstance(text, str):
+            raise ParameterError("cache", text, "give the cache as text, METHOD[:THRESHOLD[:WARMUP]]", "e.g. easy:0.05")
+        parts = text.strip().split(":")
+        if parts[0] in ("none", "off") and len(parts) == 1:
+            return None
+        if len(parts) > 3 or not all(parts):
+            raise ParameterError("cache", text, "write it as METHOD[:THRESHOLD[:WARMUP]]", "e.g. easy:0.05")
+        try:
+            threshold = float(parts[1]) if len(parts) > 1 else DEFAULT_CACHE_THRESHOLD
+            warmup = int(parts[2]) if len(parts) > 2 else DEFAULT_CACHE_WARMUP
+        except ValueError:
+            raise ParameterError("cache", text, "THRESHOLD must be a number and WARMUP an integer",
+                                 "e.g. easy:0.05 or easy:0.05:2") from None
+        return CacheSettings(parts[0], threshold, warmup)
+
+    def __str__(self) -> str:
+        return f"{self.method}:{self.threshold:g}:{self.warmup}"
+
+
+MAX_CACHE_THRESHOLD = 10.0   # an accumulated relative change of 10x: past it every step after the forced ones is reused
+
+
+def resolve_cache(cache) -> CacheSettings | None:
+    """None, a CacheSettings, a dict of its fields (a stored request) or its text form -> CacheSettings or None."""
+    if cache is None or isinstance(cache, CacheSettings):
+        return cache
+    if isinstance(cache, dict):
+        return CacheSettings(**cache)
+    return CacheSettings.parse(cache)

@@ -178,6 +178,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--guidance", NUMBERS, None, "classifier-free guidance scale: one, or high,low for the two Wan2.2 "
          "experts; 1 turns guidance off", "the preset's", metavar="G[,G]"),
     Flag("--sampler", str, None, "unipc or euler", "unipc; Euler steps with --chords", choices=SAMPLER_NAMES),
+    Flag("--cache", str, None, "the step cache: reuse the transformer's last output on steps where it would "
+         "barely change (easy: EasyCache's adaptive rule); higher THRESHOLD skips more; the first WARMUP steps, "
+         "the first two of each expert and the last are computed; the sidecar lists every skipped step", "off",
+         metavar="METHOD[:THRESHOLD[:WARMUP]]"),
     Flag("--seed", INT, 0, "seed of the initial noise, 0 to 2**64-1; the same seed gives the same video on "
          "every layout", "0", metavar="N"),
     Flag("--out", str, "outputs/video.mp4", "the video (.mp4); its sidecar .json beside it; with several "
@@ -236,7 +240,7 @@ PARAM_FLAGS = {"width": "--size", "height": "--size", "frames": "--frames", "ste
                "device": "--device", "gpu": "--gpu", "offload": "--offload",
                "shard_weights": "--shard-weights", "compile": "--compile",
                "quant": "--quant", "cores": "--chords", "init": "--chords-init",
-               "stop": "--chords-stop", "image": "--image"}  # cores, init, stop: ChordsSettings
+               "stop": "--chords-stop", "image": "--image", "cache": "--cache"}  # cores, init, stop: ChordsSettings
 
 
 class Parser(argparse.ArgumentParser):

@@ -151,7 +151,7 @@ def video_settings(flags: Flags, cfg: WanConfig, image) -> VideoSettings:
         from paradit import conditioning
         width, height = conditioning.video_size_for_image(cfg, image.width, image.height)
     return VideoSettings.resolve(cfg, width, height, flags.frames, flags.steps, flags.shift, flags.guidance,
-                                 flags.seed, flags.sampler or "unipc")
+                                 flags.seed, flags.sampler or "unipc", flags.cache)
 
 
 def chords_settings(flags: Flags):

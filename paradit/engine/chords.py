@@ -52,20 +52,36 @@ def chords_denoise(den: Denoiser, req: Request, settings: ChordsSettings, on_hit
         assert den.experts[den.expert_for(t)] is not None, f"core needs the expert of t={t}, not loaded here"
         return den.velocity(req, xi, t, space.grid, f"CHORDS round {state['round']} step {index}")
 
+    cache = den.step_cache(req, trajectories=len(init))      # one cache trajectory per core
+
+    def one(pos: int, core: int, index: int, xi: torch.Tensor, skips: list[bool]) -> torch.Tensor:
+        if not skips[pos]:
+            return evaluate(index, xi)
+        den.skip(req, ts[index])
+        return cache.reuse(core)
+
     def velocity(points):
         pairs = plan[state["round"]]                           # [(core, index)] of this round
         state["round"] += 1
         maybe_fail(f"round{state['round']}")
         assert [i for _, i in pairs] == [i for i, _ in points], "controller left the static schedule"
+        # every rank decides every core's step, from the same numbers (one reduction a round)
+        skips = cache_plan(cache, req, pairs, points, den, ts) if cache else [False] * len(points)
         if my_core is None:                                    # emulation: every core in turn
-            return [evaluate(i, xi) for i, xi in points]
-        active = {core: pos for pos, (core, _) in enumerate(pairs)}
-        if my_core in active:
-            v = evaluate(*points[active[my_core]])
-        else:                                                  # not spawned yet, or retired
-            v = torch.zeros_like(points[0][1], dtype=torch.float32)
-        vs = all_gather_equal(v.float(), group, traffic)       # one v per core group
-        return [vs[core] for core, _ in pairs]
+            vs = [one(pos, core, i, xi, skips) for pos, ((core, _), (i, xi)) in enumerate(zip(pairs, points))]
+        else:
+            active = {core: pos for pos, (core, _) in enumerate(pairs)}
+            if my_core in active:
+                pos = active[my_core]
+                v = one(pos, my_core, *points[pos], skips)
+            else:                                              # not spawned yet, or retired
+                v = torch.zeros_like(points[0][1], dtype=torch.float32)
+            gathered = all_gather_equal(v.float(), group, traffic)   # one v per core group
+            vs = [gathered[core] for core, _ in pairs]
+        if cache:                                              # every rank keeps every core's cache
+            for (core, _), (_, xi), v, skipped in zip(pairs, points, vs, skips):
+                cache.update(core, xi, v, skipped)
+        return vs
 
     report = req.record.chords = ChordsReport(init=init)
     hits = []
@@ -79,6 +95,18 @@ def chords_denoise(den: Denoiser, req: Request, settings: ChordsSettings, on_hit
     for entry, dist in zip(report.hits, hit_distances(hits)):
         entry["rms_from_last"] = dist  # of this rank's shard; the shards are equal-sized samples
     return space.to_latent(hits[-1])
+
+
+def cache_plan(cache, req: Request, pairs, points, den: Denoiser, ts: list[int]) -> list[bool]:
+    """The step cache's decision for each core's point of a round, recorded in req.record.cache."""
+    experts = [den.expert_for(ts[i]) for _, i in pairs]
+    skips = cache.plan([(core, i, k, xi) for (core, i), k, (_, xi) in zip(pairs, experts, points)])
+    report = req.record.cache
+    report.evaluations += len(pairs)
+    for (core, i), k, skipped in zip(pairs, experts, skips):
+        if skipped:
+            report.skip(i, ts[i], k, core)
+    return skips
 
 
 def hit_distances(hits: list[torch.Tensor]) -> list[float]:

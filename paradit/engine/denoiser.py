@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from paradit import conditioning
 from paradit.config import WanConfig
+from paradit.engine.cache import CacheReport, StepCache
 from paradit.engine.request import Request, TokenSpace
 from paradit.launch.faults import maybe_fail
 from paradit.models.transformer import patchify, token_grid
@@ -76,15 +77,52 @@ class Denoiser:
             raise FloatingPointError(f"non-finite velocity at {where} (t={t}) from {expert} expert")
         return v
 
+    def skip(self, req: Request, t: int) -> None:
+        """A step the cache serves at timestep t: in the trace like any step; the residency plan
+        (which counts evaluations) advances past it without running the expert."""
+        k = self.expert_for(t)
+        req.record.trace.append((int(t), k, req.settings.guidance[k]))
+        if self.residency is not None:
+            self.residency.before(k)
+            self.residency.after(k)
+
+    def step_cache(self, req: Request, trajectories: int = 1) -> StepCache | None:
+        """The request's step cache (None when off); its report goes to req.record.cache."""
+        s = req.settings
+        if s.cache is None:
+            return None
+        if req.record.cache is None:
+            req.record.cache = CacheReport(s.cache)
+        return StepCache(s.cache, s.steps, self.mesh, self.runtime.traffic, trajectories)
+
+    def cached_velocity(self, req: Request, cache: StepCache | None, i: int, x: torch.Tensor, t: int,
+                        grid) -> torch.Tensor:
+        """The velocity of sequential step i: computed, or reused where the cache skips it."""
+        if cache is None:
+            return self.velocity(req, x, t, grid, f"step {i}")
+        req.record.cache.evaluations += 1
+        k = self.expert_for(t)
+        skipped = cache.plan([(0, i, k, x)])[0]
+        if skipped:
+            self.skip(req, t)
+            req.record.cache.skip(i, t, k)
+            v = cache.reuse(0)
+        else:
+            v = self.velocity(req, x, t, grid, f"step {i}")
+        cache.update(0, x, v, skipped)
+        return v
+
     def run_steps(self, req: Request, x: torch.Tensor, sched, space: TokenSpace, steps: range,
                   progress: bool = True) -> torch.Tensor:
-        """Sampler steps `steps` (indices into the schedule) on this rank's token shard x."""
+        """Sampler steps `steps` (indices into the schedule) on this rank's token shard x; with the
+        request's step cache on, for these steps (a split stage runs one expert's)."""
         timesteps = sched.timesteps.tolist()
+        cache = self.step_cache(req)
         bar = tqdm(steps, desc="denoise", unit="step", disable=not (progress and self.mesh.is_output_rank))
         for i in bar:
             maybe_fail(f"step{i}")
             t0 = time.perf_counter()
-            x = sched.step(self.velocity(req, x, timesteps[i], space.grid, f"step {i}"), timesteps[i], x)
+            x = sched.step(self.cached_velocity(req, cache, i, x, timesteps[i], space.grid), timesteps[i], x)
             x = conditioning.after_step(x, req.condition)               # TI2V: frame 0 stays the image
             if x.is_cuda:  # the step's kernels, not just their launch, belong to its time
                 torch.cuda.synchronize(x.device)

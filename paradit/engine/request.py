@@ -18,6 +18,7 @@ class RunRecord:
     traffic: dict[str, list[int]] = field(default_factory=dict)
     residency: list[tuple[int, ...]] = field(default_factory=list)  # experts on the GPU at each evaluation
     chords: object = None  # a ChordsReport when CHORDS ran
+    cache: object = None   # a CacheReport (paradit.engine.cache) when the step cache was on
 
 
 @dataclass

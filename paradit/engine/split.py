@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from paradit.engine.cache import CacheReport
 from paradit.engine.denoiser import Denoiser
 from paradit.engine.request import Request
 from paradit.launch.faults import maybe_fail
@@ -86,12 +87,22 @@ def _handoff_send(den: Denoiser, req: Request, space, sched, x, times, me: int) 
     if me == 0:  # text embeddings, the request's start time, encode and high-stage seconds, to the low stage
         uncond = torch.zeros_like(req.cond) if req.uncond is None else req.uncond
         meta = torch.cat([req.cond.float().flatten(), uncond.float().flatten(),
-                          torch.tensor(times, dtype=torch.float64).view(torch.float32)]).to(den.mesh.device)
+                          torch.tensor(times, dtype=torch.float64).view(torch.float32),
+                          skipped_flags(req, sched.timesteps.numel())]).to(den.mesh.device)
         works += send_meta(meta, range(split.stage_sizes[0], split.world_size), traffic)
     if den.mesh.rank("cfg") == 0:
         state = torch.stack([x.float(), *[t.float() for t in sched.state_tensors()]])  # (T, L_me, D)
         works += send_state(state, space.shard()[0], transfer_plan(space.num_tokens, split), me, traffic)
     return works
+
+
+def skipped_flags(req: Request, steps: int) -> torch.Tensor:
+    """1.0 at each step the step cache skipped, one entry per step (none without the cache)."""
+    if req.settings.cache is None:
+        return torch.zeros(0)
+    flags = torch.zeros(steps)
+    flags[[e["step"] for e in req.record.cache.skipped]] = 1.0
+    return flags
 
 
 def _handoff_recv(den: Denoiser, req: Request, sched, n_high: int, me: int):
@@ -100,10 +111,16 @@ def _handoff_recv(den: Denoiser, req: Request, sched, n_high: int, me: int):
     maybe_fail("handoff")
     cfg, device, traffic = den.cfg, den.mesh.device, den.runtime.traffic
     emb = cfg.text_len * cfg.text_dim
-    meta = recv_meta(2 * emb + 6, 0, device, traffic)
+    steps = req.settings.steps if req.settings.cache else 0
+    meta = recv_meta(2 * emb + 6 + steps, 0, device, traffic)
     req.cond = meta[:emb].view(1, cfg.text_len, cfg.text_dim)
     req.uncond = meta[emb:2 * emb].view(1, cfg.text_len, cfg.text_dim)
-    times = tuple(meta[2 * emb:].cpu().view(torch.float64).tolist())  # (start, encode s, high-stage s)
+    times = tuple(meta[2 * emb:2 * emb + 6].cpu().view(torch.float64).tolist())  # (start, encode s, high-stage s)
+    if steps:  # the high stage's cache report, rebuilt from its skip flags (the low stage writes the sidecar)
+        req.record.cache = CacheReport(req.settings.cache, evaluations=n_high)
+        timesteps = sched.timesteps.tolist()
+        for i in meta[2 * emb + 6:].nonzero().flatten().tolist():
+            req.record.cache.skip(i, timesteps[i], den.expert_for(timesteps[i]))
     space = den.token_space(req.settings)
     n_state = 1 + sched.num_state_tensors(n_high)
     dim = math.prod(cfg.patch) * cfg.z_dim  # features per token (P*C)

@@ -111,6 +111,19 @@ def all_gather_equal(x: Tensor, group, traffic: Traffic | None = None) -> list[T
     return bufs
 
 
+def agreed_sum(x: Tensor, group, traffic: Traffic | None = None) -> Tensor:
+    """The sum over `group` of every rank's x (a few numbers), the same bits on every rank: gathered,
+    then added in rank order. An all-reduce promises equal values, not equal bits on every rank, and
+    a decision taken from the sum (the step cache's skip) must come out the same everywhere."""
+    if group is None:
+        return x
+    parts = all_gather_equal(x, group, traffic)
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total
+
+
 class RingComm:
     """One send to the next rank and one receive from the previous, in flight together.
 

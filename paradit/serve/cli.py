@@ -28,7 +28,7 @@ log = logging.getLogger("paradit")
 # generate's flags that mean the same here: the model, the machine and the layout
 SHARED = ("--model", "--components", "--save-latents", "--device", "--attention", "--timeout", "--sp", "--ulysses",
           "--ring", "--cfg-par", "--dp", "--experts", "--stages", "--plan", "--gpu", "--force", "--offload",
-          "--shard-weights")
+          "--shard-weights", "--cache")  # --cache: the step cache of requests that give none
 
 
 def serve_flags():
@@ -127,7 +127,8 @@ def run(flags, info, parts: Parts) -> None:
     check_args(flags)
     with flag_terms(flags):
         cfg = model_config(flags)
-        defaults = VideoSettings.resolve(cfg)  # the layout and offload are planned for the model's default video
+        # the layout and offload are planned for the model's default video; --cache checked here
+        defaults = VideoSettings.resolve(cfg, cache=flags.cache)
         layout = resolve_layout(flags, cfg, info, defaults)
         pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, flags.attention)
         offload = offload_mode(flags, cfg, layout, defaults, info.device)
@@ -153,8 +154,8 @@ def run(flags, info, parts: Parts) -> None:
     channel = Channel()
     parts.worker = Worker(pipe, channel, state_dir, flags.save_latents)
     if info.rank == 0:
-        start_scheduling(service, Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits),
-                         channel, layout, info.world_size, parts)
+        checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, flags.cache)
+        start_scheduling(service, checker, channel, layout, info.world_size, parts)
 
     # 4. serve until stopped
     parts.worker.run()

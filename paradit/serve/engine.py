@@ -134,8 +134,10 @@ class Worker:
             out.video(path, video.numpy(), self.pipe.cfg.fps)
             if self.save_latents:
                 out.tensors(path.with_suffix(".latent.safetensors"), {"latent": latent})
+            cache = self.pipe.record.cache   # the step cache: skipped steps, evaluations saved
             out.json(path.with_suffix(".json"), {"id": cmd["id"], "request": cmd["request"],
-                                                 "layout": self.pipe.runtime.describe()})
+                                                 "layout": self.pipe.runtime.describe(),
+                                                 "cache": cache.as_dict() if cache else None})
             out.commit()
         finally:
             out.discard()

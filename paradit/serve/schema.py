@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
-from paradit.settings import MAX_FRAMES, MAX_SEED, SAMPLER_NAMES, VideoSettings
+from paradit.settings import MAX_FRAMES, MAX_SEED, SAMPLER_NAMES, VideoSettings, resolve_cache
 
 Guidance = Annotated[list[float], Field(min_length=2, max_length=2)]
 # the library's parameter -> the request field that sets it (ParameterErrors come out naming the field)
 PARAM_FIELDS = {"width": "size", "height": "size", "frames": "num_frames", "steps": "num_inference_steps",
-                "guidance": "guidance_scale", "seed": "seed", "sampler": "sampler"}
+                "guidance": "guidance_scale", "seed": "seed", "sampler": "sampler", "cache": "cache"}
 
 
 class VideoRequest(BaseModel):
@@ -43,6 +43,7 @@ class VideoRequest(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | Guidance | None = None
     sampler: Literal[SAMPLER_NAMES] | None = None
+    cache: str | None = None                      # the step cache, "easy:0.05"; "off"; default: the server's --cache
 
 
 FIELDS = tuple(VideoRequest.model_fields)
@@ -144,8 +145,9 @@ class Checker:
     """Checks requests against the served model. `tokenizer` counts prompt tokens: a copy of the
     engine's, used under a lock (a fast tokenizer must not be used by two threads at once)."""
 
-    def __init__(self, cfg: WanConfig, model: str, tokenizer, limits: Limits):
+    def __init__(self, cfg: WanConfig, model: str, tokenizer, limits: Limits, cache: str | None = None):
         self.cfg, self.model, self.tokenizer, self.limits = cfg, model, tokenizer, limits
+        self.cache = cache   # the step cache of requests that give none (the server's --cache)
         self.lock = threading.Lock()
 
     def resolve(self, body: VideoRequest) -> dict:
@@ -167,7 +169,7 @@ class Checker:
         seed = secrets.randbelow(2**31) if body.seed is None else body.seed
         try:
             s = VideoSettings.resolve(cfg, width, height, frames, steps, None, body.guidance_scale, seed,
-                                      body.sampler or "unipc")
+                                      body.sampler or "unipc", self.cache if body.cache is None else body.cache)
         except ParameterError as err:
             raise ApiError(400, in_field_terms(err, width, height), PARAM_FIELDS.get(err.param)) from None
         tokens, limit = cfg.num_tokens(s.width, s.height, s.frames), self.limits.max_video_tokens
@@ -223,7 +225,7 @@ class Checker:
         try:
             fields = {k: request[k] for k in ("width", "height", "frames", "steps", "shift", "guidance",
                                               "seed", "sampler")}
-            VideoSettings.resolve(self.cfg, **fields)
+            VideoSettings.resolve(self.cfg, **fields, cache=request.get("cache"))
             self.check_prompt(request["prompt"], "prompt")
             if request["steps"] > self.limits.max_steps or \
                     self.cfg.num_tokens(request["width"], request["height"], request["frames"]) > \
@@ -257,7 +259,7 @@ def in_field_terms(err: ParameterError, width: int, height: int) -> str:
 def settings_of(request: dict) -> VideoSettings:
     """The stored request's settings, as the pipeline takes them."""
     fields = {k: request[k] for k in ("width", "height", "frames", "steps", "shift", "seed", "sampler")}
-    return VideoSettings(guidance=tuple(request["guidance"]), **fields)
+    return VideoSettings(guidance=tuple(request["guidance"]), cache=resolve_cache(request.get("cache")), **fields)
 
 
 def video_object(job, progress: int) -> dict:
@@ -271,6 +273,7 @@ def video_object(job, progress: int) -> dict:
         "model": job.model, "size": f"{r['width']}x{r['height']}" if r else None, "num_frames": r.get("frames"),
         "seed": r.get("seed"), "prompt": r.get("prompt"), "num_inference_steps": r.get("steps"),
         "guidance_scale": list(r["guidance"]) if r else None,
-        "sampler": r.get("sampler"), "error": None if job.error is None else {"message": job.error},
+        "sampler": r.get("sampler"), "cache": r.get("cache"),
+        "error": None if job.error is None else {"message": job.error},
         "timings": job.timings,
     }
