@@ -18,11 +18,13 @@
    bench/cli_probe.py, timing the process from its start to the mp4, and reads the run's JSON
    sidecar: start-up per component (weights, offload set-up, LoRA merge), text encoding, every
    denoising step, the VAE decode, writing the mp4, peak GPU memory (allocated and reserved) per
-   rank; and from the probe each phase's seconds and peak allocated / reserved GB (`phases`:
-   start-up, text encode, denoise, decode, write). --without-fa4 runs each --run again with
-   flash-attn-4 hidden, as if not installed (label `...:no-fa4`). --distill SIZExFRAMES adds the
-   4-step distilled recipe (`--steps 4 --guidance 1 --shift 5 --sampler euler`, two random rank-64
-   LoRAs of the preset's real shapes from bench/lora_distill.py, written once into the folder).
+   rank, the layout (its CFG mode too) and the settings (what bench/memory_fit.py needs to set the
+   planner's prediction beside each peak); and from the probe each phase's seconds and peak
+   allocated / reserved GB (`phases`: start-up, text encode, denoise, decode, write). --without-fa4
+   runs each --run again with flash-attn-4 hidden, as if not installed (label `...:no-fa4`).
+   --distill SIZExFRAMES adds the 4-step distilled recipe (`--steps 4 --guidance 1 --shift 5
+   --sampler euler`, two random rank-64 LoRAs of the preset's real shapes from bench/lora_distill.py,
+   written once into the folder).
 3. With --vs-diffusers, runs diffusers' WanPipeline on the same folder and settings after every run
    (bench/e2e_diffusers.py in a subprocess: start-up, text encoding, denoise, VAE decode, writing
    the mp4 with diffusers' export_to_video, each device-synchronised, with its peak memory) and
@@ -232,7 +234,8 @@ def run_cli(folder: Path, run: dict, out_dir: Path, extra: list[str], image: Pat
     row.update(startup=t["startup"], text_encoder_s=t.get("text_encoder_s"), image_encode_s=t.get("image_encode_s"),
                step_s=t.get("step_s"), denoise_s=t.get("denoise_s"), vae_decode_s=t.get("vae_decode_s"),
                write_video_s=t.get("write_video_s"), gpu_memory_gb=side.get("gpu_memory_gb"),
-               offload=side.get("offload"), loras=side.get("loras"),
+               offload=side.get("offload"), loras=side.get("loras"), layout=side.get("layout"),
+               settings=side.get("settings"),
                time_to_video_s=side.get("time_to_video_s"), attention=side.get("attention"),
                device=side.get("device"), mp4_bytes=out.stat().st_size)
     out.unlink()  # a random-weight video is noise; keep the numbers only

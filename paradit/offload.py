@@ -360,6 +360,8 @@ def resolve_offload(mode: str, cfg, mesh, settings=None) -> str:
     kind = next((k for k in GPUS if k in name), "h100")
     w, h, f, steps = ((settings.width, settings.height, settings.frames, settings.steps) if settings
                       else (*cfg.size, cfg.frames, cfg.steps))
+    guided = settings is None or any(g != 1.0 for g in settings.guidance)
     layout = getattr(mesh, "split", None) or mesh.config
-    problem = make_problem(cfg, layout.world_size, kind, w, h, f, steps, offload="auto")
+    problem = make_problem(cfg, layout.world_size, kind, w, h, f, steps, offload="auto", guidance=guided,
+                           cfg_mode=layout.cfg_mode)
     return evaluate(problem, layout).offload

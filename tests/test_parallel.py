@@ -8,16 +8,19 @@ import pytest
 import torch
 
 from paradit.launch import spawn
+from paradit.parallel.runtime import Runtime
 from workers import compiled_against_eager, model_output, pipeline_latent, run_layout_table, tiny_config
 
 # (world, name, layout, heads, latent grid (F', H', W') of the model check)
 TABLE = [
     (2, "U2", dict(ulysses=2), 3, (3, 5, 3)),                      # 3 heads on 2; 45 tokens
     (2, "R2", dict(ring=2), 2, (3, 5, 7)),                         # 105 tokens
+    (2, "U2 in-turn", dict(ulysses=2, cfg_mode="in-turn"), 3, (3, 5, 3)),   # cond, then uncond
     (4, "U4", dict(ulysses=4), 6, (3, 5, 7)),                      # 6 heads on 4
     (4, "R4", dict(ring=4), 2, (3, 5, 7)),
     (4, "U2R2", dict(ulysses=2, ring=2), 3, (3, 5, 7)),
     (4, "U2xCFG2", dict(ulysses=2, cfg=2), 3, (3, 5, 3)),
+    (4, "R2xDP2 in-turn", dict(ring=2, dp=2, cfg_mode="in-turn"), 2, (3, 5, 7)),
     (8, "U8", dict(ulysses=8), 12, (3, 5, 7)),                     # 12 heads on 8
     (8, "R8", dict(ring=8), 2, (3, 5, 7)),
     (8, "U4R2", dict(ulysses=4, ring=2), 6, (3, 5, 7)),
@@ -52,6 +55,27 @@ def test_layout_matches_single_device(results, world, name, layout, heads, grid)
         out, latent = per_rank[name]
         assert rel_err(out, ref_out) < RTOL, f"{name} rank {rank}: model output differs"
         assert rel_err(latent, ref_latent) < RTOL, f"{name} rank {rank}: final latent differs"
+
+
+def test_cfg_in_turn_runs_two_batch_1_forwards_and_matches_batched():
+    """One process: cfg_mode="in-turn" runs the cond and uncond forwards one after the other (batch 1
+    each, so that the table's in-turn rows test that path, not the batched one), with the batched result."""
+    cfg = tiny_config(3)
+    batches = []
+    original = Runtime.forward_tokens
+
+    def recording(self, model, patches, *args, **kw):
+        batches.append((self.batch_cfg, patches.shape[0]))
+        return original(self, model, patches, *args, **kw)
+    try:
+        Runtime.forward_tokens = recording
+        in_turn = pipeline_latent(cfg, dict(cfg_mode="in-turn"))
+        seen_in_turn, batches[:] = sorted(set(batches)), []
+        batched = pipeline_latent(cfg, None)
+    finally:
+        Runtime.forward_tokens = original
+    assert seen_in_turn == [(False, 1)] and sorted(set(batches)) == [(True, 2)]
+    assert rel_err(in_turn, batched) < RTOL
 
 
 @pytest.mark.parametrize("layout", [dict(ulysses=2), dict(ring=2)], ids=["U2", "R2"])

@@ -204,6 +204,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--ulysses", INT, None, "Ulysses (all-to-all) degree, at most the model's heads", "1", metavar="N"),
     Flag("--ring", INT, None, "Ring attention degree", "1", metavar="N"),
     Flag("--cfg-par", INT, 1, "2: the cond and uncond passes on separate GPU groups", "1", metavar="1|2"),
+    Flag("--cfg-mode", str, "auto", "how a GPU group with --cfg-par 1 runs a guided step: batched (cond and uncond "
+         "in one forward) or in-turn (one after the other: about 0.58x the activation memory, the same work); "
+         "auto: the planner's fastest that fits", "auto; batched on a CPU", choices=("auto", "batched", "in-turn")),
     Flag("--dp", INT, 1, "data-parallel replicas over the prompts", "1", metavar="N"),
     Flag("--experts", str, "colocated", "split: the high- and low-noise experts on separate GPU groups, requests "
          "pipelined; auto: the planner decides on a GPU", "colocated", choices=("colocated", "split", "auto")),
@@ -237,7 +240,7 @@ PARAM_FLAGS = {"width": "--size", "height": "--size", "frames": "--frames", "ste
                "shift": "--shift", "guidance": "--guidance", "seed": "--seed", "sampler": "--sampler",
                "ulysses": "--ulysses", "ring": "--ring", "sp": "--sp", "cfg": "--cfg-par", "dp": "--dp",
                "chords": "--chords", "experts": "--experts", "stages": "--stages", "timeout_s": "--timeout",
-               "device": "--device", "gpu": "--gpu", "offload": "--offload",
+               "device": "--device", "gpu": "--gpu", "offload": "--offload", "cfg_mode": "--cfg-mode",
                "shard_weights": "--shard-weights", "compile": "--compile",
                "quant": "--quant", "cores": "--chords", "init": "--chords-init",
                "stop": "--chords-stop", "image": "--image", "cache": "--cache"}  # cores, init, stop: ChordsSettings

@@ -42,15 +42,22 @@ def gpu_kind(flags: Flags) -> str | None:
     return gpu_preset(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 1e9)
 
 
-def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, offload: str = "auto",
-                   shard: str = "auto") -> ParallelConfig:
-    """--plan auto / --experts auto: the planner's choice for this world and GPU kind."""
+def run_options(flags: Flags, settings, offload: str | None = None, cfg_mode: str | None = None) -> dict:
+    """The planner's options of this run: offload and CFG mode (the flags' unless given), weight sharding,
+    guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged."""
+    loras = sum(len(flags.values.get(f) or ()) for f in ("lora", "lora_high", "lora_low"))
+    return dict(offload=flags.offload if offload is None else offload, loras=loras,
+                cfg_mode=flags.cfg_mode if cfg_mode is None else cfg_mode, shard_weights=shard_mode(flags),
+                guidance=any(g != 1.0 for g in settings.guidance))
+
+
+def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, options: dict) -> ParallelConfig:
+    """--plan auto / --experts auto: the planner's choice for this world and GPU kind (options: run_options)."""
     from paradit.plan import plan
     if kind is None:
         raise UsageError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
                          "pass --gpu KIND (python -m paradit.plan --help lists them)")
-    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps, offload=offload,
-             shard_weights=shard)
+    p = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps, **options)
     if p.choice is None:
         raise UsageError(f"the planner finds no layout of {world} x {kind} that fits "
                          f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
@@ -81,12 +88,11 @@ def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
 def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelConfig:
     kind = gpu_kind(flags)
     if flags.plan == "auto":
-        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, flags.offload,
-                                shard_mode(flags))
+        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, run_options(flags, settings))
     elif flags.experts == "split":
         layout = split_layout(flags, cfg, info.world_size, settings)
     elif flags.experts == "auto" and kind is not None:
-        chosen = planned_layout(cfg, info.world_size, settings, kind, False, flags.offload)
+        chosen = planned_layout(cfg, info.world_size, settings, kind, False, run_options(flags, settings))
         layout = (split_layout(flags, cfg, info.world_size, settings) if chosen.experts == "split"
                   else layout_from_flags(flags, cfg.num_heads))
     else:  # colocated, or auto with no GPU to plan for (CPU): both experts on every rank
@@ -98,11 +104,13 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
         chords.validate(settings.steps, layout.chords)
     if flags.plan != "auto":
         layout = dataclasses.replace(layout, shard_weights=shard_mode(flags))
+    if flags.plan != "auto" or flags.cfg_mode != "auto":   # --plan auto's layout carries the planner's CFG mode
+        layout = with_cfg_mode(flags, cfg, layout, settings, kind)
     from paradit.plan.search import resolve_sharding
-    layout = resolve_sharding(layout, cfg, kind, settings, flags.offload)
+    layout = resolve_sharding(layout, cfg, kind, settings, **run_options(flags, settings, cfg_mode=layout.cfg_mode))
     layout.validate(info.world_size, cfg.num_heads)
     if kind is not None and not flags.force:
-        check_memory(cfg, layout, kind, settings, info.world_size, flags.offload)
+        check_memory(cfg, layout, kind, settings, info.world_size, flags)
     return layout
 
 
@@ -115,20 +123,34 @@ def shard_mode(flags: Flags) -> str:
     return flags.shard_weights
 
 
-def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
+def with_cfg_mode(flags: Flags, cfg, layout: ParallelConfig, settings, kind: str | None) -> ParallelConfig:
+    """The layout with --cfg-mode applied; auto: the planner's fastest that fits this layout on this GPU
+    kind (batched where nothing is planned: on a CPU, an unguided run, a layout that fits no way)."""
+    if flags.cfg_mode != "auto":
+        return dataclasses.replace(layout, cfg_mode=flags.cfg_mode)
+    if kind is None or cfg.name not in PRESETS:
+        return dataclasses.replace(layout, cfg_mode="batched")
+    from paradit.plan import evaluate, make_problem
+    problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
+                           settings.steps, **run_options(flags, settings))
+    cand = evaluate(problem, layout)
+    return cand.layout if cand.feasible else dataclasses.replace(layout, cfg_mode="batched")
+
+
+def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, flags: Flags) -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
     from paradit.plan import Infeasibility, evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
-    problem = make_problem(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps,
-                           offload=offload)
-    cand = evaluate(problem, layout)
+    size = (settings.width, settings.height, settings.frames, settings.steps)
+    cand = evaluate(make_problem(cfg, world, kind, *size, **run_options(flags, settings, cfg_mode=layout.cfg_mode)),
+                    layout)
     if cand.why is Infeasibility.OUT_OF_MEMORY:
-        best = plan(cfg, world, kind, settings.width, settings.height, settings.frames, settings.steps).choice
-        hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} "
-                f"({best.mem_gb:.1f} GB per GPU)" if best else "")
-        raise UsageError(f"layout {layout.describe()} with --offload {offload} is predicted not to fit on {kind}: "
-                         f"{cand.reason}{hint}. Pass --force to run it anyway")
+        best = plan(cfg, world, kind, *size, **run_options(flags, settings, "auto", "auto")).choice
+        hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} --cfg-mode "
+                f"{best.layout.cfg_mode} ({best.mem_gb:.1f} GB per GPU)" if best else "")
+        raise UsageError(f"layout {layout.describe()} with --offload {flags.offload} is predicted not to fit on "
+                         f"{kind}: {cand.reason}{hint}. Pass --force to run it anyway")
 
 
 def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) -> str:
@@ -142,7 +164,7 @@ def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) ->
     if device.type != "cuda" or kind is None or cfg.name not in PRESETS:
         return "none"
     problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
-                           settings.steps)
+                           settings.steps, **run_options(flags, settings, cfg_mode=layout.cfg_mode))
     return evaluate(problem, layout).offload
 
 

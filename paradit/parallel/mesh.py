@@ -60,9 +60,10 @@ class Mesh:
         return self.roles.writes
 
 
-def single_device_mesh(device: torch.device | str = "cpu") -> Mesh:
-    """The mesh of a world of one, whether or not a process group exists (references, tests)."""
-    return Mesh(ParallelConfig(), torch.device(device), None, {a: 0 for a in AXES}, {})
+def single_device_mesh(device: torch.device | str = "cpu", config: ParallelConfig | None = None) -> Mesh:
+    """The mesh of a world of one (a layout of degree 1 everywhere: its CFG mode is what it sets),
+    whether or not a process group exists (references, tests)."""
+    return Mesh(config or ParallelConfig(), torch.device(device), None, {a: 0 for a in AXES}, {})
 
 
 def init_parallel(config: ParallelConfig, device: torch.device | str | None = None,
@@ -79,7 +80,7 @@ def init_parallel(config: ParallelConfig, device: torch.device | str | None = No
     device = torch.device(device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     if world == 1:
-        return single_device_mesh(device)
+        return single_device_mesh(device, config)
     if config.stages is not None:
         return _stage_mesh(config, device)
     shape = dict(dp=config.dp, stage=1, chords=config.chords, cfg=config.cfg, ring=config.ring,

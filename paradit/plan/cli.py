@@ -1,9 +1,12 @@
 """The planner CLI: rank parallel layouts for one model, video size and machine.
 
     python -m paradit.plan --model wan2.2-t2v-a14b --gpus 8 --gpu h200 --size 1280x720 --frames 81
+    python -m paradit.plan --gpus 1 --gpu h100 --size 1280x720 --frames 81 --steps 4 --guidance 1 --loras 2
 
-Prints a ranked table (predicted step time, latency, throughput, per-GPU memory, exposed
-communication share), a summary of what was ruled out and why, and the planner's explanation.
+Prints a ranked table (predicted step time, denoising latency, time to video, throughput, per-GPU
+memory, exposed communication share), a summary of what was ruled out and why, and the planner's
+explanation: the phases of the choice's time to video (start-up, encode, denoise, decode, write) and
+of its memory (load, encode, denoise, decode).
 `--json` prints the plan as JSON instead. The cost model is described in paradit/plan/costs.py.
 """
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import math
 import sys
 
-from paradit.cli.flags import FLOAT, INT, SIZE, Flag, Flags, UsageError, build_parser, flag_terms, raw_values
+from paradit.cli.flags import (FLOAT, INT, NUMBERS, SIZE, Flag, Flags, UsageError, build_parser, flag_terms,
+                               raw_values)
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
 from paradit.plan import GPUS, MAX_GPUS, Plan, load_calibration, plan
@@ -25,6 +29,12 @@ FLAGS = (
     Flag("--size", SIZE, None, "WIDTHxHEIGHT", "the model's", metavar="WxH"),
     Flag("--frames", INT, None, "frames (4k+1)", "the model's", metavar="N"),
     Flag("--steps", INT, None, "denoising steps", "the model's", metavar="N"),
+    Flag("--guidance", NUMBERS, None, "classifier-free guidance scale, one or high,low as paradit.generate takes it; "
+         "1 (for both experts) has no uncond forward", "the model's (guided)", metavar="G[,G]"),
+    Flag("--loras", INT, 0, "LoRA files merged at load (their merge adds start-up time and a workspace)", "0",
+         metavar="N"),
+    Flag("--cfg-mode", str, "auto", "CFG on a group with cfg=1: batched, in-turn, or auto (the fastest that fits "
+         "each layout)", "auto", choices=("auto", "batched", "in-turn")),
     Flag("--objective", str, "latency", "what to minimise", "latency", choices=("latency", "throughput")),
     Flag("--calibration", str, None, "calibration JSON", "the shipped paradit/plan/calibration.json",
          metavar="FILE"),
@@ -43,6 +53,7 @@ FLAGS = (
 )
 # the planner's parameters -> this CLI's flags
 PARAM_FLAGS = {"gpus": "--gpus", "width": "--size", "height": "--size", "frames": "--frames", "steps": "--steps",
+               "loras": "--loras", "cfg_mode": "--cfg-mode", "guidance": "--guidance",
                "calibration": "--calibration", "max_chords": "--max-chords", "hbm_gb": "--hbm-gb",
                "matmul_tflops": "--tflops", "nvlink_gbps": "--nvlink-gbps", "objective": "--objective",
                "shard_weights": "--shard-weights"}
@@ -65,11 +76,11 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 def table(p: Plan, top: int) -> str:
     """The ranked feasible layouts as an aligned text table."""
-    rows = [("#", "layout", "GPUs/req", "step s", "latency s", "videos/h", "mem GB", "comm %",
+    rows = [("#", "layout", "GPUs/req", "step s", "latency s", "to video s", "videos/h", "mem GB", "comm %",
              "note")]
     for i, c in enumerate(p.feasible[:top], 1):
         rows.append((str(i), c.label(), str(c.layout.group_size), _fmt(c.step_s),
-                     _fmt(c.latency_s), _fmt(c.throughput_per_h), f"{c.mem_gb:.1f}",
+                     _fmt(c.latency_s), _fmt(c.time_to_video_s), _fmt(c.throughput_per_h), f"{c.mem_gb:.1f}",
                      f"{100 * c.comm_share:.1f}", c.note))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
@@ -89,9 +100,12 @@ def make_plan(args: Flags) -> Plan:
         if overrides:
             gpu = gpu.replace(**overrides)
         width, height = args.size or (None, None)
+        scales = args.guidance if isinstance(args.guidance, tuple) else (args.guidance,)
+        guided = args.guidance is None or any(g != 1.0 for g in scales)
         return plan(args.model, args.gpus, gpu, width, height, args.frames, args.steps,
                     args.objective, load_calibration(args.calibration), args.max_chords,
-                    offload=args.offload, allow_ring=not args.no_ring, shard_weights=args.shard_weights)
+                    offload=args.offload, allow_ring=not args.no_ring, shard_weights=args.shard_weights,
+                    guidance=guided, cfg_mode=args.cfg_mode, loras=args.loras)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 Pure Python, no torch: planning a machine takes milliseconds.
 
 Notation: L video tokens, T = text_len (512), D = dim, F = ffn_dim, H heads, N layers,
-b = batch of one forward (2 with batched CFG on one group, 1 with CFG-parallel), U x R the
-Ulysses x Ring degrees, l = ceil(L / (U R)) the tokens each rank holds.
+b = batch of one forward (2 with batched CFG on one group; 1 with CFG in turn, CFG-parallel or
+guidance 1), n_f forwards a step (2 with CFG in turn, else 1), U x R the Ulysses x Ring degrees,
+l = ceil(L / (U R)) the tokens each rank holds.
 
 FLOPs of one forward of one expert (a multiply-add counts 2):
     linear    = N L 2 (4 D^2 + 2 D F)      self-attn q, k, v, o and the FFN
@@ -17,7 +18,7 @@ FLOPs of one forward of one expert (a multiply-add counts 2):
 Per rank and step each term is divided by U R (tokens are split); with an uneven head split
 the self-attention and the all-to-alls are multiplied by ceil(H/U) / (H/U) (padded heads).
 
-Time of one step on one rank:
+Time of one step on one rank (every term below is per forward, times n_f):
     compute   = linear / (rate * e_mm * M / (M + m0))    M = b l rows; small GEMMs run slower
               + attention / (rate * e_attn)
               + elementwise bytes (40 D + 4 F per token and layer) / (HBM * e_elem)
@@ -33,14 +34,7 @@ Latency of one request: steps x step (colocated); CHORDS: rounds to the first hi
 stage step + low steps x low stage step + one hand-off. Throughput: dp x 3600 / latency,
 for split experts dp x 3600 / (time of the slower stage), since requests pipeline.
 
-Memory per GPU, the largest of three phases (paradit.residency names the offload modes):
-    resident = bf16 weights of the experts on the GPU (those the rank holds; one of two when
-               the experts are offloaded) + overhead (CUDA context, NCCL, workspaces; + VAE weights
-               on ranks that decode) + the text encoder (umT5-XXL, 5.7e9 params, 11.4 GB) where
-               this rank encodes and it is not offloaded
-    denoise  = resident + activations
-    encode   = resident + the text encoder (copied in for the encode when offloaded)
-    decode   = resident + VAE decode working set (after denoising has freed its activations)
+Memory per GPU: the fullest phase of a rank (load, encode, denoise, decode), paradit.plan.memory.
 Activations of one block per token: 4 D (fp32 residual) + max(attention phase 16 D [+ 12 D
 ring buffers], FFN phase 8 D + 4 F) bytes, times b l.
 
@@ -50,7 +44,9 @@ Host-link copies per request (offload), over the GPU's host link (PCIe) at its e
                   each streams the expert block by block behind compute, so a switch waits for
                   the embeddings and one block, plus whatever of the copy one step cannot hide:
                   (embed + block) / bw + max(0, expert / bw - step)
-`offload="auto"` evaluates every mode for each layout and keeps the fastest one that fits.
+`offload="auto"` evaluates every mode for each layout and keeps the fastest one that fits; so does
+`cfg_mode="auto"` for CFG batched or in turn (guided, on a group with cfg=1). Fastest is by the
+request's time to video (start-up, encode, denoise, decode, write: paradit.plan.video).
 
 Efficiency factors come from calibration.json (uncalibrated defaults until bench/ measures them).
 """
@@ -61,15 +57,17 @@ import math
 from dataclasses import dataclass
 
 from paradit.config import WanConfig
-from paradit.plan.hardware import GB, Calibration, GPUSpec
+from paradit.plan.hardware import Calibration, GPUSpec
 from paradit.plan.layout import ParallelConfig, Stage, auto_sp
-from paradit.plan.model import activation_gb, forward_flops, param_count, param_parts, text_encoder_gb, vae_decode_gb
+from paradit.plan.layout import CFG_MODES
+from paradit.plan.memory import cfg_batch, memory_limit, oom_reason, rank_memory
+from paradit.plan.model import forward_flops
 from paradit.plan.placement import chords_experts, chords_init, chords_rounds
-from paradit.plan.sharding import (best_sharding, gather_exposed_s, group_size, layers_exposed_s, layers_weights_gb,
-                                   refusal, shard_note, weights_gb)
-from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, Phases,
-                                  RequestParts, SplitBreakdown, StepCost)
-from paradit.residency import check_offload, moves_experts, offloads_experts, offloads_text_encoder, streams_layers
+from paradit.plan.sharding import best_sharding, gather_exposed_s, group_size, layers_exposed_s, refusal, shard_note
+from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, RequestParts,
+                                  SplitBreakdown, StepCost)
+from paradit.plan.video import host_copy_s, offload_note, video_time
+from paradit.residency import check_offload, moves_experts, streams_layers
 from paradit.schedulers.schedule import high_noise_steps
 
 
@@ -88,6 +86,8 @@ class Problem:
     offload: str = "auto"                 # a mode of paradit.residency; auto: the best per layout
     allow_ring: bool = True
     shard_weights: str = "auto"           # the layouts' weight sharding (paradit.plan.sharding); auto: the best
+    cfg_mode: str = "auto"                # CFG batched or in turn on a cfg=1 group; auto: the best per layout
+    loras: int = 0                        # LoRA files merged at load (start-up time, the merge's workspace)
 
     @property
     def tokens(self) -> int:
@@ -127,35 +127,44 @@ def stage_check(p: Problem, stage: Stage) -> tuple[Infeasibility, str] | None:
     return None
 
 
-def stage_step(p: Problem, stage: Stage, offsets: list[int]) -> StepCost:
+def stage_step(p: Problem, stage: Stage, offsets: list[int], cfg_mode: str = "batched") -> StepCost:
     """Seconds, FLOPs and bytes of one denoising step of one stage, per rank.
 
     Copies of the stage start at ranks `offsets` (replicas, CHORDS cores); where they sit
-    decides which links their mesh axes use.
+    decides which links their mesh axes use. CFG in turn runs two batch-1 forwards a step.
     """
     u, r, c = stage
     span = math.prod(stage)
-    out = _compute(p, stage)
-    out |= _ulysses(p, stage, out["batch"], _bandwidth(p, offsets, 1, u, span))
-    out |= _ring(p, stage, out["batch"], out["self_attention_s"],
-                 _bandwidth(p, offsets, u, r, span))
+    batch = cfg_batch(p, stage, cfg_mode)
+    forwards = 2 if p.guidance and c == 1 and batch == 1 else 1
+    out = _scaled(_compute(p, stage, batch), forwards)
+    out |= _scaled(_ulysses(p, stage, batch, _bandwidth(p, offsets, 1, u, span)), forwards)
+    out |= _scaled(_ring(p, stage, batch, out["self_attention_s"] / forwards,
+                         _bandwidth(p, offsets, u, r, span)), forwards)
     # CFG-parallel: the two groups swap their velocity shards (fp32, token space) once a step
     m, alpha = p.model, p.calibration.collective_latency_us * 1e-6
     out["bytes_cfg"] = out["local_tokens"] * m.out_channels * math.prod(m.patch) * 4 if c == 2 else 0
     out["cfg_s"] = alpha + out["bytes_cfg"] / _bandwidth(p, offsets, u * r, 2, span) if c == 2 else 0.0
-    out["launch_s"] = m.num_layers * p.calibration.layer_overhead_us * 1e-6
+    out["launch_s"] = forwards * m.num_layers * p.calibration.layer_overhead_us * 1e-6
+    out["forwards"] = forwards
     out["step_s"] = sum(out[k] for k in ("compute_s", "ulysses_s", "ring_exposed_s",
                                          "ring_merge_s", "cfg_s", "launch_s"))
     return StepCost(**out)
 
 
-def _compute(p: Problem, stage: Stage) -> dict:
-    """GEMMs, attention and memory-bound elementwise work of one step on one rank (StepCost fields)."""
+def _scaled(costs: dict, forwards: int) -> dict:
+    """The seconds, FLOPs and bytes of one forward, times the forwards of a step (counts and shapes kept)."""
+    keep = ("local_tokens", "batch", "head_padding")
+    return {k: v if k in keep else v * forwards for k, v in costs.items()}
+
+
+def _compute(p: Problem, stage: Stage, batch: int) -> dict:
+    """GEMMs, attention and memory-bound elementwise work of one forward of `batch` sequences on one
+    rank (StepCost fields)."""
     m, gpu, cal = p.model, p.gpu, p.calibration
     u, r, c = stage
     n, d, heads, L = m.num_layers, m.dim, m.num_heads, p.tokens
     local = math.ceil(L / (u * r))
-    batch = 2 if (p.guidance and c == 1) else 1          # batched CFG when not CFG-parallel
     pad = math.ceil(heads / u) / (heads / u)              # padded heads of an uneven split
     rate = gpu.matmul_tflops * 1e12
 
@@ -212,51 +221,6 @@ def _ring(p: Problem, stage: Stage, batch: int, t_self: float, bw: float) -> dic
             "bytes_ring": sends * 2 * block_numel * 2}
 
 
-def _stage_mem(p: Problem, stage: Stage, experts: int, text: bool, decode: bool,
-               mode: str = "none", shard: int = 1) -> MemoryCost:
-    """Per-GPU memory (GB) of a rank of this stage under an offload mode, its experts' blocks
-    sharded over `shard` ranks (paradit.plan.sharding): the parts of its fullest phase (denoise,
-    encode, decode), and every phase's total."""
-    u, r, c = stage
-    batch = 2 if (p.guidance and c == 1) else 1
-    vae_weights, vae_work = vae_decode_gb(p.model, p.width, p.height, p.frames) if decode \
-        else (0.0, 0.0)
-    acts = activation_gb(p.model, math.ceil(p.tokens / (u * r)), batch, r > 1)
-    text_gb = text_encoder_gb(p.model) if text else 0.0
-    on_gpu = 0 if streams_layers(mode) else 1 if offloads_experts(mode) and experts > 1 else experts
-    weights = layers_weights_gb(p.model) if streams_layers(mode) else weights_gb(p.model, on_gpu, shard)
-    text_resident = 0.0 if offloads_text_encoder(mode) else text_gb
-    overhead = p.calibration.overhead_gb + vae_weights
-    resident = weights + text_resident + overhead
-    phases = Phases(denoise=resident + acts, encode=resident + text_gb - text_resident, decode=resident + vae_work)
-    phase = max(("denoise", "encode", "decode"), key=lambda name: getattr(phases, name))
-    activations = {"denoise": acts, "encode": 0.0, "decode": vae_work}[phase]
-    text_held = text_gb if phase == "encode" else text_resident      # copied in for the encode
-    return MemoryCost(weights, text_held, overhead, activations, getattr(phases, phase), phase, phases, on_gpu)
-
-
-def _host_copy_s(p: Problem, mode: str, experts: int, text: bool, step_s: float) -> float:
-    """Seconds per request a rank waits for host-link copies under an offload mode (module docstring)."""
-    bw = p.gpu.host_link_gbps * 1e9 * p.calibration.host_link_efficiency
-    seconds = text_encoder_gb(p.model) * GB / bw if text and offloads_text_encoder(mode) else 0.0
-    if offloads_experts(mode) and experts > 1:
-        parts = param_parts(p.model)
-        first = (parts["embed"] + parts["block"]) * 2 / bw
-        seconds += 2 * (first + max(0.0, param_count(p.model) * 2 / bw - step_s))
-    return seconds
-
-
-def _oom_reason(p: Problem, mem: MemoryCost, experts: int) -> str:
-    if mem.total <= p.gpu.usable_gb:
-        return ""
-    held = f"{experts} expert{'s' * (experts > 1)}"
-    if mem.experts_on_gpu < experts:
-        held = f"{mem.experts_on_gpu} of {held} on the GPU"
-    return (f"out of memory: {mem.total:.1f} GB > {p.gpu.usable_gb:.1f} GB usable (weights "
-            f"{mem.weights:.1f} [{held}], text encoder {mem.text_encoder:.1f}, activations "
-            f"{mem.activations:.1f}, overhead {mem.overhead:.1f}; at the {mem.phase})")
-
-
 def _infeasible(layout: ParallelConfig, why: Infeasibility, reason: str) -> Candidate:
     nan = float("nan")
     return Candidate(layout, nan, nan, 0.0, nan, why, reason)
@@ -270,9 +234,19 @@ def _fits(reason: str) -> Infeasibility | None:
 OFFLOAD_ORDER = ("none", "text-encoder", "experts", "all", "layers")   # fewest copies first: the tie-break
 
 
+def cfg_modes(p: Problem, layout: ParallelConfig) -> tuple[str, ...]:
+    """The CFG modes to evaluate a layout in: the layout's own where there is nothing to choose (no
+    guidance, so no uncond forward; or every group CFG-parallel), else p.cfg_mode's (both under auto)."""
+    if not p.guidance or all(c == 2 for _, _, c in layout.stage_degrees):
+        return (layout.cfg_mode,)
+    return CFG_MODES if p.cfg_mode == "auto" else (p.cfg_mode,)
+
+
 def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> Candidate:
-    """Predicted time and memory of one layout under an offload mode (default p.offload), or why
-    it cannot run. "auto": the fastest mode that fits, else the one that needs least memory."""
+    """Predicted time and memory of one layout under an offload mode (default p.offload) and the CFG
+    mode(s) p.cfg_mode allows, or why it cannot run. With "auto" in either: the combination with the
+    shortest time to video that fits (batched and no offload first on a tie), else the one that needs
+    least memory. The candidate's layout carries the CFG mode chosen."""
     mode = check_offload(offload or p.offload)
     if layout.world_size != p.gpus:
         return _infeasible(layout, Infeasibility.WORLD_SIZE, f"world size {layout.world_size} != {p.gpus} GPUs")
@@ -286,35 +260,21 @@ def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> 
     if layout.shard_weights != "none" and moves_experts(mode):
         return _infeasible(layout, Infeasibility.SHARDED_OFFLOAD, "expert offload moves whole experts; "
                            "sharded weights are split over the group already")
-    if mode == "auto":
-        modes = [m for m in OFFLOAD_ORDER if layout.shard_weights == "none" or not moves_experts(m)]
-        tried = [evaluate(p, layout, m) for m in modes]
-        fits = [c for c in tried if c.feasible]
-        if fits:
-            return min(fits, key=lambda c: round(c.latency_s, 6))   # min keeps the first of a tie
-        return min(tried, key=lambda c: c.mem_gb)
+    modes = [m for m in (OFFLOAD_ORDER if mode == "auto" else (mode,))
+             if layout.shard_weights == "none" or not moves_experts(m)]
+    tried = [_evaluate_one(p, dataclasses.replace(layout, cfg_mode=c), m) for c in cfg_modes(p, layout) for m in modes]
+    fits = [c for c in tried if c.feasible]
+    if fits:
+        return min(fits, key=lambda c: round(c.time_to_video_s, 6))   # min keeps the first of a tie
+    return min(tried, key=lambda c: c.mem_gb)
+
+
+def _evaluate_one(p: Problem, layout: ParallelConfig, mode: str) -> Candidate:
     cand = _evaluate_split(p, layout, mode) if layout.stages else _evaluate_colocated(p, layout, mode)
     if streams_layers(mode) and cand.feasible and evaluate(p, layout, "text-encoder").feasible:
         cand = dataclasses.replace(cand, note=_join(cand.note, "the experts fit on the GPU whole: streaming "
                                                                "their layers only adds copies"))
     return dataclasses.replace(cand, offload=mode)
-
-
-def _offload_note(p: Problem, mode: str, experts: int, text: bool) -> str:
-    """What an offload mode does on this layout, with the host memory it pins."""
-    pinned, what = 0.0, []
-    if offloads_text_encoder(mode) and text:
-        pinned += text_encoder_gb(p.model)
-        what.append("text encoder on the GPU only to encode")
-    if offloads_experts(mode) and experts > 1:
-        pinned += experts * param_count(p.model) * 2 / GB
-        what.append("one expert on the GPU at a time")
-    if streams_layers(mode):
-        pinned += experts * param_count(p.model) * 2 / GB
-        what.append("experts streamed from host memory block by block")
-    if not what:
-        return ""
-    return f"offload {mode}: {', '.join(what)}; {pinned:.1f} GB pinned host memory"
 
 
 def _join(*notes: str) -> str:
@@ -329,10 +289,11 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
                                                                  f"cores at {p.steps} steps (paper's: 4, 6, 8 cores)")
     core = math.prod(stage)
     held = _experts_per_core(m, k, p.steps)
-    mem = _stage_mem(p, stage, held, text=True, decode=True, mode=mode, shard=group_size(layout, stage))
+    mem = rank_memory(p, stage, held, text=True, decode=True, mode=mode, cfg_mode=layout.cfg_mode,
+                      shard=group_size(layout, stage))
     replicas = [i * layout.group_size for i in range(layout.dp)]
     cores = [rep + c * core for rep in replicas for c in range(k)]
-    gathered = _gathering(p, layout, stage, stage_step(p, stage, cores), cores, mode)
+    gathered = _gathering(p, layout, stage, stage_step(p, stage, cores, layout.cfg_mode), cores, mode)
     step = gathered.cost
     exchange = 0.0
     if k > 1:   # all-gather of (x, v) over the chords axis, fp32 token-space shards
@@ -340,17 +301,18 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
         exchange = p.calibration.collective_latency_us * 1e-6 + \
             2 * shard * (k - 1) / _bandwidth(p, replicas, core, k, core * k)
     round_s = step.step_s + exchange
-    copies = _host_copy_s(p, mode, held, True, round_s)
+    copies = host_copy_s(p, mode, held, True, round_s)
     latency = rounds * round_s + copies
     parts = RequestParts.of_steps(step, rounds, chords_exchange=rounds * exchange,
                                   host_copies=copies + rounds * gathered.stream_s, weight_gather=rounds * gathered.gather_s)
     note = _join("uneven heads, padded" if m.num_heads % stage[0] else "", shard_note(m, layout, stage))
     if k > 1:
         note = _join(note, f"CHORDS: first hit after {rounds} rounds, approximate")
-    note = _join(note, _offload_note(p, mode, held, True))
-    reason = _oom_reason(p, mem, held)
+    note = _join(note, offload_note(p, mode, held, True))
+    reason = oom_reason(p, mem, held)
     return Candidate(layout, round_s, latency, layout.dp * 3600 / latency, mem.total, _fits(reason), reason,
-                     _headroom(p, mem.total, note), ColocatedBreakdown(step, mem, held, rounds, parts))
+                     _headroom(p, mem.total, note), ColocatedBreakdown(step, mem, held, rounds, parts),
+                     video=video_time(p, mode, held, stage[0] * stage[1], latency))
 
 
 def _experts_per_core(m: WanConfig, cores: int, steps: int) -> int:
@@ -370,18 +332,18 @@ def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> C
     counts = HighLow(n_hi, p.steps - n_hi)
     mems = HighLow(split_memory(p, hi, "high", mode, layout), split_memory(p, lo, "low", mode, layout))
     lo_offsets = [r + size_hi for r in replicas]
-    gathered = HighLow(_gathering(p, layout, hi, stage_step(p, hi, replicas), replicas, mode),
-                       _gathering(p, layout, lo, stage_step(p, lo, lo_offsets), lo_offsets, mode))
+    gathered = HighLow(_gathering(p, layout, hi, stage_step(p, hi, replicas, layout.cfg_mode), replicas, mode),
+                       _gathering(p, layout, lo, stage_step(p, lo, lo_offsets, layout.cfg_mode), lo_offsets, mode))
     steps = HighLow(gathered.high.cost, gathered.low.cost)
     peak = max(mems.high.total, mems.low.total)
-    reason = _oom_reason(p, mems.high, 1) or _oom_reason(p, mems.low, 1)
+    reason = oom_reason(p, mems.high, 1) or oom_reason(p, mems.low, 1)
     # hand-off: latent, UniPC state (x, two model outputs, last sample) in fp32, and the text
     # embeddings (cond + uncond, bf16), once per request across the stage boundary
     c, f, h, w = m.latent_shape(p.width, p.height, p.frames)
     handoff_bytes = 4 * c * f * h * w * 4 + 2 * m.text_len * m.text_dim * 2
     handoff = p.calibration.collective_latency_us * 1e-6 + \
         handoff_bytes / _bandwidth(p, replicas, size_hi, 2, layout.group_size)
-    copies = _host_copy_s(p, mode, 1, True, steps.high.step_s)   # the high stage encodes
+    copies = host_copy_s(p, mode, 1, True, steps.high.step_s)   # the high stage encodes
     stage_s = HighLow(counts.high * steps.high.step_s + copies, counts.low * steps.low.step_s)
     latency = stage_s.high + stage_s.low + handoff
     parts = RequestParts.of_steps(steps.high, counts.high) + RequestParts.of_steps(steps.low, counts.low)
@@ -389,26 +351,28 @@ def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> C
                                 counts.low * gathered.low.gather_s, host_copies=copies + counts.high *
                                 gathered.high.stream_s + counts.low * gathered.low.stream_s)
     throughput = layout.dp * 3600 / (max(stage_s.high, stage_s.low) + handoff)
-    note = _join("requests pipeline through the stages", _offload_note(p, mode, 1, True),
+    note = _join("requests pipeline through the stages", offload_note(p, mode, 1, True),
                  shard_note(m, layout, hi), shard_note(m, layout, lo))
     breakdown = SplitBreakdown(steps.high, steps.low, mems, counts, parts, stage_s)
     return Candidate(layout, latency / p.steps, latency, throughput, peak, _fits(reason), reason,
-                     _headroom(p, peak, note), breakdown)
+                     _headroom(p, peak, note), breakdown, video=video_time(p, mode, 1, lo[0] * lo[1], latency))
 
 
 def _headroom(p: Problem, mem_gb: float, note: str) -> str:
     """Flag layouts within 5% of the memory limit: the memory model is an estimate."""
-    spare = p.gpu.usable_gb - mem_gb
-    if 0 <= spare < 0.05 * p.gpu.usable_gb:
+    spare = memory_limit(p) - mem_gb
+    if 0 <= spare < 0.05 * memory_limit(p):
         note = (note + "; " if note else "") + f"tight: {spare:.1f} GB spare"
     return note
 
 
 def split_memory(p: Problem, stage: Stage, role: str, mode: str = "none",
                  layout: ParallelConfig | None = None) -> MemoryCost:
-    """One expert per GPU; the high stage encodes the prompt, the low stage decodes the video."""
-    shard = group_size(layout, stage) if layout is not None else 1
-    return _stage_mem(p, stage, 1, text=role == "high", decode=role == "low", mode=mode, shard=shard)
+    """One expert per GPU; the high stage encodes the prompt, the low stage decodes the video (the
+    layout's CFG mode and weight sharding; none given: batched, whole)."""
+    layout = layout or ParallelConfig()
+    return rank_memory(p, stage, 1, text=role == "high", decode=role == "low", mode=mode, cfg_mode=layout.cfg_mode,
+                       shard=group_size(layout, stage))
 
 
 @dataclass(frozen=True)
@@ -421,13 +385,14 @@ class _Gathered:
 def _gathering(p: Problem, layout: ParallelConfig, stage: Stage, step: StepCost, offsets: list[int],
                mode: str = "none") -> _Gathered:
     """A step of a stage whose weights are sharded, or streamed from host memory: plus the block
-    all-gathers, or the block copies, that compute does not hide (paradit.plan.sharding)."""
-    g, cal = group_size(layout, stage), p.calibration
-    block_s = (step.compute_s + step.ulysses_s + step.ring_exposed_s) / p.model.num_layers
+    all-gathers, or the block copies, that compute does not hide (paradit.plan.sharding), for each
+    forward of the step (two with CFG in turn)."""
+    g, cal, f = group_size(layout, stage), p.calibration, step.forwards
+    block_s = (step.compute_s + step.ulysses_s + step.ring_exposed_s) / f / p.model.num_layers
     gather = stream = 0.0
     if g > 1:
         bw = _bandwidth(p, offsets, 1, g, math.prod(stage))
-        gather = gather_exposed_s(p.model, g, bw, cal.collective_latency_us * 1e-6, cal.ring_overlap, block_s)
+        gather = f * gather_exposed_s(p.model, g, bw, cal.collective_latency_us * 1e-6, cal.ring_overlap, block_s)
     if streams_layers(mode):
-        stream = layers_exposed_s(p.model, p.gpu.host_link_gbps * 1e9 * cal.host_link_efficiency, block_s)
+        stream = f * layers_exposed_s(p.model, p.gpu.host_link_gbps * 1e9 * cal.host_link_efficiency, block_s)
     return _Gathered(dataclasses.replace(step, step_s=step.step_s + gather + stream), gather, stream)

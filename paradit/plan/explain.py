@@ -1,9 +1,11 @@
 """Explaining a plan in words: why the choice won, why the next best lost, what could not run."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from paradit.plan.costs import evaluate
+from paradit.plan.memory import memory_limit
 from paradit.plan.ranking import Defeat, defeat
 from paradit.plan.results import Candidate, ColocatedBreakdown, Infeasibility, SplitBreakdown, StepCost
 
@@ -15,14 +17,16 @@ def explain(plan: Plan, losers: int = 3) -> str:
     """Why the choice won, why the best few others lost, and what could not run."""
     p, choice = plan.problem, plan.choice
     lines = [f"{p.model.name}: {p.width}x{p.height}x{p.frames} ({p.tokens:,} tokens), "
-             f"{p.steps} steps, {p.gpus} x {p.gpu.name} ({p.gpu.matmul_tflops:g} TFLOP/s, "
-             f"{p.gpu.usable_gb:.0f} GB usable); objective: {plan.objective}",
+             f"{p.steps} steps, {'guided' if p.guidance else 'guidance 1 (no uncond forward)'}"
+             f"{f', {p.loras} LoRA(s)' if p.loras else ''}, {p.gpus} x {p.gpu.name} ({p.gpu.matmul_tflops:g} "
+             f"TFLOP/s, {memory_limit(p):.1f} GB for the allocator); objective: {plan.objective}",
              f"calibration: {p.calibration.source}"]
     if choice is None:
         return "\n".join(lines + _no_choice(plan) + _infeasible_summary(plan))
-    lines.append(f"Choice: {choice.label()}: {choice.latency_s:.4g} s per video, "
-                 f"{choice.throughput_per_h:.4g} videos/h, {choice.mem_gb:.1f} GB per GPU.")
-    lines += ["  " + s for s in _step_text(choice, p.steps)]
+    lines.append(f"Choice: {choice.label()}: {choice.time_to_video_s:.4g} s to the video, "
+                 f"{choice.latency_s:.4g} s denoising, {choice.throughput_per_h:.4g} videos/h, "
+                 f"{choice.mem_gb:.1f} GB per GPU.")
+    lines += ["  " + s for s in _video_text(choice) + _memory_text(choice) + _step_text(choice, p.steps)]
     if choice.note:
         lines.append(f"  note: {choice.note}")
     others = plan.feasible[1:1 + losers]
@@ -30,6 +34,22 @@ def explain(plan: Plan, losers: int = 3) -> str:
         lines.append("Why not the next best:")
         lines += [f"  {o.label()}: {_why_lost(choice, o, plan.objective)}" for o in others]
     return "\n".join(lines + _infeasible_summary(plan))
+
+
+def _video_text(c: Candidate) -> list[str]:
+    """The phases of the predicted time to video."""
+    v = c.video
+    return [f"time to video {v.total:.4g} s = start-up {v.startup:.3g} (" + ", ".join(
+        f"{name} {s:.3g}" for name, s in list(v.named().items())[:3]) + ") + " + " + ".join(
+        f"{name} {s:.3g}" for name, s in list(v.named().items())[3:])]
+
+
+def _memory_text(c: Candidate) -> list[str]:
+    """The predicted peak allocated memory of each phase (the fullest GPU's)."""
+    b = c.breakdown
+    mem = b.mem_gb if isinstance(b, ColocatedBreakdown) else max((b.mem_gb.high, b.mem_gb.low), key=lambda m: m.total)
+    return ["memory (GB allocated, peak " + mem.phase + "): " + ", ".join(
+        f"{name} {getattr(mem.phases, name):.1f}" for name in ("load", "encode", "denoise", "decode"))]
 
 
 def _step_text(c: Candidate, steps: int) -> list[str]:
@@ -59,13 +79,13 @@ def _one_step_text(name: str, s: StepCost) -> str:
                  f"the rest hidden behind attention) + LSE merges {s.ring_merge_s:.4g}")
     if s.cfg_s:
         text += f" + CFG exchange {s.cfg_s:.2g}"
-    return text + f" + launches {s.launch_s:.4g}"
+    return text + f" + launches {s.launch_s:.4g}" + (" (CFG in turn: two forwards)" if s.forwards == 2 else "")
 
 
 def _why_lost(choice: Candidate, other: Candidate, objective: str) -> str:
     if objective == "latency":
-        head = (f"{100 * (other.latency_s / choice.latency_s - 1):.1f}% slower "
-                f"({other.latency_s:.4g} s vs {choice.latency_s:.4g} s)")
+        head = (f"{100 * (other.time_to_video_s / choice.time_to_video_s - 1):.1f}% slower to the video "
+                f"({other.time_to_video_s:.4g} s vs {choice.time_to_video_s:.4g} s)")
     else:
         head = (f"{100 * (1 - other.throughput_per_h / choice.throughput_per_h):.1f}% fewer videos "
                 f"per hour ({other.throughput_per_h:.4g} vs {choice.throughput_per_h:.4g})")
@@ -97,7 +117,10 @@ def _defeat_text(why: Defeat, choice: Candidate, other: Candidate, objective: st
 
 def _cost(c: Candidate, objective: str) -> dict[str, float]:
     scale = 1 if objective == "latency" else c.layout.group_size
-    return {k: v * scale for k, v in c.breakdown.parts_s.named().items()}
+    costs = {k: v * scale for k, v in c.breakdown.parts_s.named().items()}
+    if objective == "latency":   # and the phases of the time to video around the denoising
+        costs |= {k: v for k, v in c.video.named().items() if k != "denoise"}
+    return costs
 
 
 def _infeasible_summary(plan: Plan) -> list[str]:
@@ -120,12 +143,16 @@ def _no_choice(plan: Plan) -> list[str]:
     if oom:
         least = min(oom, key=lambda c: c.mem_gb)
         lines.append(f"  Least memory: {least.label()} needs {least.mem_gb:.1f} GB per GPU, "
-                     f"{p.gpu.usable_gb:.1f} GB usable (it would take {least.latency_s:.4g} s).")
+                     f"{memory_limit(p):.1f} GB for the allocator (it would take {least.latency_s:.4g} s "
+                     f"denoising).")
         hints = ["more GPUs (split experts hold one expert per GPU)", "a GPU with more memory",
                  "a smaller video"]
-        auto = evaluate(p, least.layout, "auto") if p.offload != "auto" else None
+        free = dataclasses.replace(p, offload="auto", cfg_mode="auto")
+        auto = evaluate(free, least.layout) if free != p else None
         if auto is not None and auto.feasible:
-            hints.insert(0, f"offload={auto.offload!r} (--offload {auto.offload}), with which "
-                            f"{least.layout.label()} needs {auto.mem_gb:.1f} GB")
+            what = [f"offload={auto.offload!r} (--offload {auto.offload})"] if auto.offload != p.offload else []
+            if auto.layout.cfg_mode != least.layout.cfg_mode:
+                what.append(f"cfg_mode={auto.layout.cfg_mode!r} (--cfg-mode {auto.layout.cfg_mode})")
+            hints.insert(0, f"{' and '.join(what)}, with which {least.layout.label()} needs {auto.mem_gb:.1f} GB")
         lines.append("  Try " + ", ".join(hints) + ".")
     return lines

@@ -15,6 +15,7 @@ from paradit.errors import ParameterError
 from paradit.settings import check_int, check_number
 
 GB = 1e9
+GIB = 2**30
 MAX_GPUS = 512                       # the most GPUs one plan considers: the split search grows as gpus^2 (512: ~3 s)
 
 
@@ -23,10 +24,10 @@ class GPUSpec:
     """One GPU kind. Override any field with `GPUS["h100"].replace(hbm_gb=48)`."""
     name: str
     matmul_tflops: float           # measured-style dense bf16 GEMM rate, TFLOP/s
-    hbm_gb: float                  # capacity as the vendor names it, read as 1e9-byte GB
+    hbm_gb: float                  # capacity as the vendor names it: really GiB (an H100 80GB: 79.1 GiB to torch)
     hbm_tbps: float                # HBM bandwidth, TB/s
     nvlink_gbps: float             # GPU to GPU inside a node, unidirectional, per GPU, GB/s (NVLink, or PCIe: `link`)
-    usable_fraction: float = 0.97  # what a process may fill (allocator fragmentation)
+    usable_fraction: float = 0.97  # what torch's allocator may fill of it (ECC, firmware, fragmentation)
     gpus_per_node: int = 8         # one NVLink island
     internode_gbps: float = 50.0   # per GPU across nodes: one 400 Gb/s NIC
     host_link_gbps: float = 64.0   # GPU <-> host (PCIe Gen5 x16), one direction, raw
@@ -34,7 +35,8 @@ class GPUSpec:
 
     @property
     def usable_gb(self) -> float:
-        return self.hbm_gb * self.usable_fraction
+        """1e9-byte GB a process may take (the CUDA context and NCCL included: Calibration.context_gb)."""
+        return self.hbm_gb * GIB / GB * self.usable_fraction
 
     def __post_init__(self):
         for name in ("matmul_tflops", "hbm_gb", "hbm_tbps", "nvlink_gbps", "internode_gbps"):
@@ -51,8 +53,9 @@ class GPUSpec:
 # Sources. matmul: PEERS.md's measured 790 TFLOP/s for H100/H200 (datasheet dense bf16 peak
 # 989); B200 datasheet dense bf16 2250 (HGX, 1000 W), taken at the same ~80% -> 1800.
 # HBM and NVLink: NVIDIA datasheets (NVLink 4: 900 GB/s bidirectional per GPU, NVLink 5:
-# 1.8 TB/s). HBM sizes are the vendor figures (really GiB, so reading them as 1e9-byte GB
-# leaves ~7% more margin). Inter-node: ConnectX-7 400 Gb/s per GPU in DGX H100/H200/B200.
+# 1.8 TB/s). HBM sizes are the vendor figures, which are GiB: an H100 80GB shows torch 79.1 GiB
+# (84.9e9 bytes); usable_gb reads them so, and the memory model's margin is its own calibrated
+# context_gb and the 3% usable_fraction keeps back, not a unit slip. Inter-node: ConnectX-7 400 Gb/s per GPU in DGX H100/H200/B200.
 # Host link: the H100 SXM, H200 and HGX B200 datasheets give "PCIe Gen5: 128 GB/s"
 # (bidirectional), i.e. 64 GB/s per direction (32 GT/s x 16 lanes, 128b/130b); pinned
 # cudaMemcpyAsync reaches ~80% of it (Calibration.host_link_efficiency; bench/startup.py measures).
@@ -99,6 +102,8 @@ def gpu_preset(device_name: str, memory_gb: float) -> str:
 class Calibration:
     """Efficiency factors (fractions of the GPUSpec rates) and small fixed costs."""
     source: str = "built-in defaults"
+    memory_source: str = "built-in defaults"   # where the memory constants below come from
+    video_source: str = "built-in defaults"    # where the time-to-video constants below come from
     matmul_efficiency: float = 0.65
     attention_efficiency: float = 0.65
     elementwise_efficiency: float = 0.5
@@ -106,20 +111,35 @@ class Calibration:
     collective_latency_us: float = 20.0    # alpha of one collective or ring send
     gemm_half_rows: int = 256              # GEMM rows at which efficiency halves
     layer_overhead_us: float = 50.0        # launches and syncs per block and forward
-    overhead_gb: float = 3.0               # CUDA context, NCCL buffers, cuBLAS workspaces
     min_tokens_per_rank: int = 256         # below this a rank's kernels are launch-bound
     ring_overlap: float = 0.7              # share of ring transfer time attention can hide
     host_link_efficiency: float = 0.8      # pinned host -> GPU copies, share of host_link_gbps
+    # memory (paradit.plan.memory): what torch's allocator holds at its peak, and what it cannot use
+    overhead_gb: float = 1.0               # allocated besides weights and working sets (latents, workspaces)
+    activation_scale: float = 1.0          # x the per-token working set of a block (plan.model.activation_gb)
+    decode_scale: float = 1.0              # x the VAE decode's estimated working set (plan.model.vae_gb)
+    lora_merge_gb: float = 0.6             # the LoRA merge's device workspace (fp32 weight and delta, the LoRA)
+    context_gb: float = 1.0                # outside the allocator: CUDA context, NCCL buffers
+    # time to video (paradit.plan.video): start-up, decode and write rates
+    weights_gbps: float = 8.5              # checkpoint (warm page cache) -> GPU, per rank
+    offload_setup_gbps: float = 2.2        # building an offloaded component's pinned host copy
+    lora_merge_gbps: float = 14.0          # weights a LoRA merge passes through, on the GPU
+    lora_host_merge_gbps: float = 0.32     # the same where the expert is offloaded (merged in host memory)
+    encode_s: float = 0.5                  # one prompt encode (umT5), the weights resident
+    decode_s_per_gpix: float = 65.6        # VAE decode seconds per 1e9 output pixel-frames, one rank
+    write_s_per_gpix: float = 50.9         # mp4 write (H.264) seconds per 1e9 pixel-frames
     per_gpu: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
-        """Efficiencies and shares are fractions in (0, 1]; costs finite and >= 0 (the source names
-        where the values came from, e.g. the calibration file)."""
+        """Efficiencies and shares are fractions in (0, 1]; rates and scales > 0 (they divide or
+        multiply); costs finite and >= 0 (the source names where the values came from)."""
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name.endswith(("_efficiency", "_overlap")):
                 check_number(f.name, v, 0.0, 1.0, low_open=f.name.endswith("_efficiency"))
-            elif f.name not in ("source", "per_gpu"):
+            elif f.name.endswith(("_gbps", "_scale")):
+                check_number(f.name, v, 0.0, 1e9, low_open=True)
+            elif f.name not in ("source", "memory_source", "video_source", "per_gpu"):
                 check_number(f.name, v, 0.0, 1e9)
         for gpu, overrides in self.per_gpu.items():
             dataclasses.replace(self, **overrides, per_gpu={})  # the same checks, per GPU kind

@@ -15,6 +15,9 @@ AXES = ("dp", "stage", "chords", "cfg", "ring", "ulysses")  # slowest-varying fi
 EXPERT_MODES = ("colocated", "split", "auto")
 # weight sharding (paradit.parallel.sharding): the group each expert's blocks are sharded over
 SHARD_MODES = ("none", "sp", "request", "auto")
+# how a group with cfg=1 runs a guided step: cond and uncond as one batch-2 forward, or as two
+# batch-1 forwards one after the other (about 58% of the activation memory, the same work)
+CFG_MODES = ("batched", "in-turn")
 Stage = tuple[int, int, int]   # (ulysses, ring, cfg) of one expert stage
 
 
@@ -31,14 +34,18 @@ class ParallelConfig:
     # "sp": each expert's blocks sharded over the sequence-parallel group; "request": over the whole
     # request group (its stage, with split experts); "auto": the planner decides (paradit.plan.sharding)
     shard_weights: str = "none"
+    cfg_mode: str = "batched"     # a CFG_MODES entry: how a stage with cfg=1 runs cond and uncond
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name not in ("experts", "stages", "shard_weights") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if f.name not in ("experts", "stages", "shard_weights", "cfg_mode") and (
+                    isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ParameterError(f.name, v, "every degree must be an integer >= 1")
         if self.cfg not in (1, 2):
             raise ParameterError("cfg", self.cfg, "CFG parallelism splits cond and uncond, so its degree is 1 or 2")
+        if self.cfg_mode not in CFG_MODES:
+            raise ParameterError("cfg_mode", self.cfg_mode, f"choose one of {', '.join(CFG_MODES)}")
         if self.experts not in EXPERT_MODES:
             raise ParameterError("experts", self.experts, f"choose one of {', '.join(EXPERT_MODES)}")
         if self.shard_weights not in SHARD_MODES:
@@ -61,11 +68,16 @@ class ParallelConfig:
                 raise ParameterError("stages", self.stages, "two (ulysses, ring, cfg) triples of integers, "
                                      "degrees >= 1, cfg 1 or 2")
             object.__setattr__(self, "stages", tuple(tuple(st) for st in self.stages))
+        if self.cfg_mode == "in-turn" and not self.stages_pending and all(c == 2 for _, _, c in self.stage_degrees):
+            raise ParameterError("cfg_mode", self.cfg_mode, "cfg=2 already runs cond and uncond on separate GPU "
+                                 "groups; CFG in turn is for a group with cfg=1", "use",
+                                 ({"cfg_mode": "batched"},))
 
     def stage_config(self, stage: int) -> "ParallelConfig":
         """The layout of one stage of a split config, as a colocated config of its own."""
         u, r, c = self.stages[stage]
-        return ParallelConfig(ulysses=u, ring=r, cfg=c, shard_weights=self.shard_weights)
+        return ParallelConfig(ulysses=u, ring=r, cfg=c, shard_weights=self.shard_weights,
+                              cfg_mode=self.cfg_mode if c == 1 else "batched")
 
     @property
     def stages_pending(self) -> bool:
@@ -124,10 +136,11 @@ class ParallelConfig:
             return " | ".join(f"{name} stage: {self.stage_config(k).describe()} ({n} GPUs)" for k, (name, n)
                               in enumerate(zip(("high-noise", "low-noise"), self.stage_sizes)))
         parts = [f"{k}={getattr(self, k)}" for k in ("ulysses", "ring", "cfg", "chords", "dp") if getattr(self, k) > 1]
-        return (" x ".join(parts) or "single device") + self._shard_label(", weights sharded over ")
+        return (" x ".join(parts) or "single device") + self._shard_label(", weights sharded over ") + (
+            "; CFG in turn" if self.cfg_mode == "in-turn" else "")
 
     def label(self) -> str:
-        """The planner's short form: `U4 R2 cfg2`, `split 5+3 [U5 | U1 R3] dp2`."""
+        """The planner's short form: `U4 R2 cfg2`, `split 5+3 [U5 | U1 R3] dp2`, `U1 in-turn`."""
         def stage(s: Stage) -> str:
             u, r, c = s
             return " ".join([f"U{u}"] + ([f"R{r}"] if r > 1 else []) + ([f"cfg{c}"] if c > 1 else []))
@@ -136,7 +149,8 @@ class ParallelConfig:
             text = f"split {math.prod(hi)}+{math.prod(lo)} [{stage(hi)} | {stage(lo)}]"
         else:
             text = stage(self.stage_degrees[0]) + (f" chords{self.chords}" if self.chords > 1 else "")
-        return text + (f" dp{self.dp}" if self.dp > 1 else "") + self._shard_label(" shard:")
+        return text + (f" dp{self.dp}" if self.dp > 1 else "") + self._shard_label(" shard:") + (
+            " in-turn" if self.cfg_mode == "in-turn" else "")
 
     def _shard_label(self, prefix: str) -> str:
         return "" if self.shard_weights == "none" else f"{prefix}{self.shard_weights}"

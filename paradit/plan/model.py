@@ -55,15 +55,45 @@ def activation_gb(m: WanConfig, local_tokens: int, batch: int, ring: bool) -> fl
     return batch * local_tokens * (4 * d + max(attention, ffn)) / GB
 
 
-def vae_decode_gb(m: WanConfig, width: int, height: int, frames: int) -> tuple[float, float]:
-    """(resident weights, decode working set) of the VAE, an estimate.
+# The Wan VAEs as diffusers' AutoencoderKLWan builds them: parameters (held in bf16 on a GPU), and the
+# channels per output pixel of the decoder's last conv and of the encoder's first (after the Wan2.2
+# VAE's 2x2 patch), which set a call's working set. tests/test_planner.py checks them against diffusers.
+VAE_SHAPES = {"wan2.1": {"params": 126_892_531, "decode_channels": 96, "encode_channels": 96},
+              "wan2.2": {"params": 704_688_668, "decode_channels": 64, "encode_channels": 40}}
+# bytes per pixel and channel of one bf16 VAE call on CUDA: paradit.models.vae.work_bytes (48 per
+# channel, a third of it fp32: 48 x (2 x 2 + 4) / 3)
+VAE_WORK_BYTES = 128.0
 
-    Wan VAEs: weights ~0.5 GB; tiled decoding bounds the conv activations at ~3 GB whatever
-    the size. The decoded video is held whole in fp32 on the decoding rank. The tiny test VAE
-    has no weights to speak of.
-    """
-    video = frames * height * width * 3 * 4 / GB
-    return (0.0, video) if m.vae == "tiny" else (0.5, 3.0 + video)
+
+def vae_gb(m: WanConfig, width: int, height: int, frames: int, image_frames: int = 0) -> dict[str, float]:
+    """GB of the VAE on a GPU: its bf16 weights, the whole-latent decode's working set (one decoder
+    call at the top level plus the decoded frames held twice, as paradit.models.vae.decode_bytes
+    estimates it), and the encode of `image_frames` frames (I2V: the whole video; TI2V: one). The
+    tiny and demo codecs are negligible."""
+    shape = VAE_SHAPES.get(m.vae)
+    if shape is None:
+        return {"weights": 0.0, "decode": 0.0, "encode": 0.0}
+    pixels = width * height
+
+    def call(channels: int, out_frames: int) -> float:
+        return (VAE_WORK_BYTES * channels * pixels + 2 * 3 * out_frames * pixels * 2) / GB
+    return {"weights": shape["params"] * 2 / GB, "decode": call(shape["decode_channels"], frames),
+            "encode": call(shape["encode_channels"], image_frames) if image_frames else 0.0}
+
+
+BLEND_PX = 64   # paradit.models.vae.BLEND_PX: the overlap of a spread decode's column tiles
+
+
+def decode_share(width: int, decoders: int) -> float:
+    """The share of the video's pixels each of `decoders` ranks decodes: a column tile of width / N
+    pixels and the blend (720p: 0.55 on 2, 0.30 on 4, 0.175 on 8)."""
+    return min(1.0, (width / decoders + BLEND_PX) / width) if decoders > 1 else 1.0
+
+
+def image_frames(m: WanConfig, frames: int) -> int:
+    """Frames the VAE encodes for a request's image condition: I2V the first frame and zeros after it,
+    TI2V the first frame alone, text-to-video none."""
+    return {"i2v": frames, "ti2v": 1}.get(m.task, 0)
 
 
 def text_encoder_gb(m: WanConfig) -> float:

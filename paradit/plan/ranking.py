@@ -18,7 +18,7 @@ class Defeat(enum.Enum):
     ONE_STAGE_AT_A_TIME = "split experts: a request uses one stage's GPUs at a time (latency)"
     SLOWER_STAGE = "split experts: the slower stage bounds the pipeline (throughput)"
     SMALLER_REPLICAS = "data parallelism leaves each request fewer GPUs (latency)"
-    COSTLIER = "more of one cost (compute, a collective, copies) per request"
+    COSTLIER = "more of one cost (compute, a collective, copies, start-up, decode) per request"
 
 
 def complexity(layout: ParallelConfig) -> int:
@@ -28,19 +28,20 @@ def complexity(layout: ParallelConfig) -> int:
 
 
 def rank(cands: list[Candidate], objective: str) -> list[Candidate]:
-    """Feasible first, best first by the objective; then infeasible ones."""
+    """Feasible first, best first by the objective (latency: the request's time to video, start-up
+    included; throughput: videos per hour once running); then infeasible ones."""
     def key(c: Candidate):
         if not c.feasible:      # the nearest misses (least memory) first
             return (1, c.mem_gb if math.isfinite(c.mem_gb) else math.inf, 0.0, 0)
-        primary = c.latency_s if objective == "latency" else -c.throughput_per_h
-        secondary = -c.throughput_per_h if objective == "latency" else c.latency_s
+        primary = c.time_to_video_s if objective == "latency" else -c.throughput_per_h
+        secondary = -c.throughput_per_h if objective == "latency" else c.time_to_video_s
         return (0, round(primary, 6), round(secondary, 6), complexity(c.layout))
     return sorted(cands, key=key)
 
 
 def defeat(choice: Candidate, other: Candidate, objective: str) -> Defeat:
     """Why `other` (runnable) ranks below `choice` under the objective."""
-    metric = "latency_s" if objective == "latency" else "throughput_per_h"
+    metric = "time_to_video_s" if objective == "latency" else "throughput_per_h"
     if abs(getattr(other, metric) / getattr(choice, metric) - 1) < TIE:
         return Defeat.MORE_COMPLEX if complexity(choice.layout) < complexity(other.layout) else Defeat.TIE
     if other.layout.stages:

@@ -47,7 +47,7 @@ class StepCost:
     flops_linear: float
     flops_attention: float
     local_tokens: int
-    batch: int                  # 2: batched CFG on one group
+    batch: int                  # sequences in one forward: 2 with batched CFG on one group
     head_padding: float         # ceil(H/U) / (H/U): > 1 for an uneven head split
     ulysses_s: float
     bytes_ulysses: float
@@ -58,24 +58,26 @@ class StepCost:
     bytes_cfg: int
     cfg_s: float
     launch_s: float
+    forwards: int               # forwards a step: 2 with CFG in turn (every figure above counts both)
     step_s: float               # compute + ulysses + ring exposed + merges + cfg + launch
 
 
 @dataclass(frozen=True)
 class Phases:
-    """Per-GPU memory (GB) of each phase of a request."""
+    """Per-GPU memory (GB, allocated) of each phase of a run (paradit.plan.memory)."""
+    load: float                 # the LoRA merge
+    encode: float               # the prompt, and the image condition
     denoise: float
-    encode: float
     decode: float
 
 
 @dataclass(frozen=True)
 class MemoryCost:
-    """Per-GPU memory (GB) of a rank: the parts of its fullest phase, and every phase's total."""
-    weights: float
-    text_encoder: float
-    overhead: float             # CUDA context, NCCL, workspaces; VAE weights where it decodes
-    activations: float          # of the fullest phase
+    """Per-GPU memory (GB, allocated) of a rank: the parts of its fullest phase, and every phase's total."""
+    weights: float              # the experts on the GPU
+    text_encoder: float         # resident through the run (0 when offloaded)
+    overhead: float             # latents, embeddings, workspaces; the VAE's weights where it encodes or decodes
+    activations: float          # the fullest phase's own working set (activations, the VAE's, a device copy)
     total: float
     phase: str                  # the fullest phase: a field name of Phases
     phases: Phases
@@ -121,6 +123,35 @@ class RequestParts:
         return {name: getattr(self, f) for f, name in PART_NAMES if getattr(self, f) is not None}
 
 
+# (field of VideoTime, its name in explanations)
+VIDEO_PHASES = (("weights", "weights read"), ("lora_merge", "LoRA merge"), ("offload_setup", "offload set-up"),
+                ("encode", "text encode"), ("denoise", "denoise"), ("decode", "VAE decode"), ("write", "mp4 write"))
+
+
+@dataclass(frozen=True)
+class VideoTime:
+    """Seconds of a fresh process's first video, by phase (paradit.plan.video)."""
+    weights: float              # the checkpoint to the GPU
+    lora_merge: float
+    offload_setup: float        # pinned host copies built
+    encode: float
+    denoise: float              # steps, expert swaps, host copies: Candidate.latency_s
+    decode: float
+    write: float
+
+    @property
+    def startup(self) -> float:
+        return self.weights + self.lora_merge + self.offload_setup
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f) for f, _ in VIDEO_PHASES)
+
+    def named(self) -> dict[str, float]:
+        """{explanation name: seconds}."""
+        return {name: getattr(self, f) for f, name in VIDEO_PHASES}
+
+
 @dataclass(frozen=True)
 class ColocatedBreakdown:
     """Both experts on every rank, with or without CHORDS."""
@@ -157,7 +188,7 @@ class Candidate:
     take if they fitted); other infeasible ones have NaN times and no breakdown."""
     layout: ParallelConfig
     step_s: float             # one step (CHORDS: one round; split: latency / steps)
-    latency_s: float          # denoising time of one request (text encode and decode excluded)
+    latency_s: float          # denoising time of one request (text encode and decode excluded; host copies in)
     throughput_per_h: float   # requests per hour, all replicas
     mem_gb: float             # peak per GPU, the fullest GPU
     why: Infeasibility | None  # None: it runs
@@ -165,10 +196,16 @@ class Candidate:
     note: str = ""            # caveats of a feasible layout
     breakdown: ColocatedBreakdown | SplitBreakdown | None = dataclasses.field(default=None, compare=False)
     offload: str = "none"     # the offload mode these figures are for (paradit.residency)
+    video: VideoTime | None = dataclasses.field(default=None, compare=False)   # None where infeasible
 
     @property
     def feasible(self) -> bool:
         return self.why is None
+
+    @property
+    def time_to_video_s(self) -> float:
+        """A fresh process's first video: start-up, encode, denoise, decode, write (NaN where infeasible)."""
+        return self.video.total if self.video is not None else float("nan")
 
     def label(self) -> str:
         """The layout's short form, with the offload mode when there is one."""
@@ -184,7 +221,9 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {"layout": self.layout.to_dict(), "offload": self.offload, "step_s": self.step_s,
-                "latency_s": self.latency_s, "throughput_per_h": self.throughput_per_h,
+                "latency_s": self.latency_s, "time_to_video_s": self.time_to_video_s,
+                "video_s": dataclasses.asdict(self.video) if self.video else {},
+                "throughput_per_h": self.throughput_per_h,
                 "mem_gb": self.mem_gb, "feasible": self.feasible, "reason": self.reason,
                 "note": self.note, "comm_share": self.comm_share,
                 "breakdown": self.breakdown.to_dict() if self.breakdown else {}}

@@ -11,7 +11,8 @@ from paradit.errors import ParameterError
 from paradit.plan.costs import Problem, evaluate, split_memory, stage_check, stage_step
 from paradit.plan.explain import explain
 from paradit.plan.hardware import GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
-from paradit.plan.layout import SHARD_MODES, ParallelConfig, Stage
+from paradit.plan.layout import CFG_MODES, SHARD_MODES, ParallelConfig, Stage
+from paradit.plan.memory import memory_limit
 from paradit.plan.ranking import rank
 from paradit.plan.results import Candidate
 from paradit.residency import check_offload
@@ -33,7 +34,8 @@ def _best_stage(p: Problem, size: int, offsets: list[int], role: str) -> Stage:
     ones that fit in memory (if none does, the layout is reported out of memory)."""
     stages = [s for s in _stages(size) if not stage_check(p, s)] or _stages(size)
     least = "layers" if p.offload == "auto" else p.offload       # the least memory allowed
-    fits = [s for s in stages if split_memory(p, s, role, least).total <= p.gpu.usable_gb] or stages
+    least_cfg = ParallelConfig(cfg_mode="in-turn" if p.cfg_mode == "auto" else p.cfg_mode)
+    fits = [s for s in stages if split_memory(p, s, role, least, least_cfg).total <= memory_limit(p)] or stages
     return min(fits, key=lambda s: stage_step(p, s, offsets).step_s)
 
 
@@ -79,7 +81,8 @@ class Plan:
         p = self.problem
         return {"model": p.model.name, "gpus": p.gpus, "gpu": dataclasses.asdict(p.gpu),
                 "video": {"width": p.width, "height": p.height, "frames": p.frames,
-                          "tokens": p.tokens}, "steps": p.steps, "objective": self.objective,
+                          "tokens": p.tokens}, "steps": p.steps, "guidance": p.guidance, "loras": p.loras,
+                "cfg_mode": p.cfg_mode, "offload": p.offload, "objective": self.objective,
                 "calibration": p.calibration.source,
                 "choice": self.choice.to_dict() if self.choice else None,
                 "candidates": [c.to_dict() for c in self.candidates]}
@@ -106,7 +109,8 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
                  width: int | None = None, height: int | None = None, frames: int | None = None,
                  steps: int | None = None, calibration: Calibration | str | None = None,
                  offload: str = "auto", guidance: bool = True,
-                 allow_ring: bool = True, shard_weights: str = "auto") -> Problem:
+                 allow_ring: bool = True, shard_weights: str = "auto", cfg_mode: str = "auto",
+                 loras: int = 0) -> Problem:
     """A Problem from names and defaults (the model's size, frames and steps when None)."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
     spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
@@ -116,9 +120,11 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     width, height = check_size(m, pick(width, m.size[0]), pick(height, m.size[1]))
     frames = check_frames(m, pick(frames, m.frames))
     steps = check_int("steps", pick(steps, m.steps), 1, MAX_STEPS)
-    return Problem(m, gpus, spec, width, height, frames, steps,
-                   cal.for_gpu(spec.name), guidance, check_offload(offload), allow_ring,
-                   check_shard_mode(shard_weights))
+    if cfg_mode not in ("auto", *CFG_MODES):
+        raise ParameterError("cfg_mode", cfg_mode, f"choose one of auto, {', '.join(CFG_MODES)}")
+    return Problem(m, gpus, spec, width, height, frames, steps, cal.for_gpu(spec.name), bool(guidance),
+                   check_offload(offload), allow_ring, shard_weights=check_shard_mode(shard_weights),
+                   cfg_mode=cfg_mode, loras=check_int("loras", loras, 0, 1000))
 
 
 def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
@@ -132,7 +138,8 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     approximates the sequential solve, so the planner offers it only when asked.
     options: offload (a mode of paradit.residency; default "auto", the fastest that fits each
     layout), shard_weights (none, sp, request; default "auto", paradit.plan.sharding's choice per
-    layout), guidance, allow_ring (see Problem).
+    layout), cfg_mode ("batched", "in-turn" or "auto", the fastest that fits), guidance (False:
+    guidance 1, no uncond forward), loras (LoRA files merged), allow_ring (see Problem).
     """
     if objective not in ("latency", "throughput"):
         raise ParameterError("objective", objective, "choose 'latency' or 'throughput'")
@@ -141,18 +148,17 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     return Plan(p, objective, rank([evaluate(p, lay) for lay in candidates(p, max_chords)], objective))
 
 
-def resolve_sharding(layout: ParallelConfig, cfg, kind: str | None, settings=None,
-                     offload: str = "auto") -> ParallelConfig:
+def resolve_sharding(layout: ParallelConfig, cfg, kind: str | None, settings=None, **options) -> ParallelConfig:
     """`layout` with shard_weights="auto" resolved for GPU kind `kind` at `settings` (default: the
-    model's video) under `offload`: the planner's best mode; "none" without a GPU kind (a CPU) or
-    for a model the planner has no preset for."""
+    model's video) under `options` (make_problem's: offload, guidance, cfg_mode, loras): the planner's
+    best mode; "none" without a GPU kind (a CPU) or for a model the planner has no preset for."""
     if layout.shard_weights != "auto":
         return layout
     if kind is None or cfg.name not in PRESETS:
         return dataclasses.replace(layout, shard_weights="none")
     w, h, f, steps = ((settings.width, settings.height, settings.frames, settings.steps) if settings
                       else (*cfg.size, cfg.frames, cfg.steps))
-    problem = make_problem(cfg, layout.world_size, kind, w, h, f, steps, offload=offload)
+    problem = make_problem(cfg, layout.world_size, kind, w, h, f, steps, **options)
     return dataclasses.replace(layout, shard_weights=evaluate(problem, layout).layout.shard_weights)
 
 

@@ -25,7 +25,7 @@ each gathering for their own forward), so each step pays one forward's exposed g
 The choice (auto): among the modes a layout allows, the fastest that fits with HEADROOM of the
 GPU's usable memory to spare; else the fastest that fits; else the one needing least memory.
 Unsharded weights that fit with room keep their (slightly) faster steps; a layout that would run
-with a few GB to spare (8 x H100 at 720p: 1.7 GB) is sharded instead.
+with a few GB to spare (8 x 72 GB H100s at 720p: 3 GB) is sharded instead.
 """
 from __future__ import annotations
 

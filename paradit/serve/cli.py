@@ -28,7 +28,7 @@ log = logging.getLogger("paradit")
 # generate's flags that mean the same here: the model, the machine and the layout
 SHARED = ("--model", "--components", "--save-latents", "--device", "--attention", "--timeout", "--sp", "--ulysses",
           "--ring", "--cfg-par", "--dp", "--experts", "--stages", "--plan", "--gpu", "--force", "--offload",
-          "--shard-weights", "--cache")  # --cache: the step cache of requests that give none
+          "--shard-weights", "--cfg-mode", "--cache")  # --cache: the step cache of requests that give none
 
 
 def serve_flags():

@@ -1,0 +1,93 @@
+"""The memory model: what torch's allocator holds on one rank at the peak of each phase of a run.
+
+Pure Python, no torch. What it predicts is the peak *allocated* memory (torch.cuda.max_memory_allocated,
+what bench/e2e.py records per rank); the limit it is held to is the GPU's usable memory less what
+lives outside the allocator (the CUDA context, NCCL buffers: Calibration.context_gb).
+
+Phases of one rank, each the memory resident through the run plus that phase's own:
+    resident = bf16 weights of the experts on the GPU (those the rank holds; one of two when the
+               experts are offloaded: the release comes before the prefetch, so never two; sharded,
+               1/group of their blocks and a window gathered whole; streamed (offload "layers"),
+               the running expert's embeddings, head and a few blocks: paradit.plan.sharding)
+             + umT5 (5.7e9 params, 11.4 GB) where the rank encodes and the text encoder is not offloaded
+             + the VAE's bf16 weights where it encodes or decodes
+             + overhead_gb (latents, embeddings, cuBLAS workspaces: a fitted constant)
+    load     = resident + the LoRA merge's workspace where LoRAs merge into experts on the GPU
+    encode   = resident + max(the text encoder's device copy when offloaded, the VAE encode of the
+               image condition: I2V the whole video, TI2V its first frame)
+    denoise  = resident + activation_scale x one block's working set x b x local tokens, where b is 2
+               for batched CFG (cond and uncond in one forward), 1 for CFG in turn, for CFG-parallel
+               and without guidance (guidance 1 has no uncond forward at all)
+    decode   = resident + the VAE decode's working set: the whole latent's (decode_scale x the estimate
+               of paradit.plan.model.vae_gb; spread over the rank's sequence-parallel group, its
+               column tile's: plan.model.decode_share) when it fits in the share of free memory the
+               runtime gives a decode (paradit.models.vae.MEMORY_USE of it), else that share: the
+               tiles are chosen to fit it
+The peak is the fullest phase. overhead_gb, activation_scale, decode_scale and lora_merge_gb are
+fitted to measured peaks by bench/memory_fit.py.
+"""
+from __future__ import annotations
+
+import math
+
+from paradit.plan.layout import Stage
+from paradit.plan.model import activation_gb, decode_share, image_frames, text_encoder_gb, vae_gb
+from paradit.plan.results import MemoryCost, Phases
+from paradit.plan.sharding import layers_weights_gb, weights_gb
+from paradit.residency import offloads_experts, offloads_text_encoder, streams_layers
+
+DECODE_SHARE = 0.8   # paradit.models.vae.MEMORY_USE: the share of free memory a decode plans to use
+
+
+def memory_limit(p) -> float:
+    """GB torch's allocator may reach on one GPU of problem `p`."""
+    return p.gpu.usable_gb - p.calibration.context_gb
+
+
+def cfg_batch(p, stage: Stage, cfg_mode: str) -> int:
+    """Sequences in one forward: 2 with batched CFG on a group that runs both cond and uncond."""
+    return 2 if p.guidance and stage[2] == 1 and cfg_mode == "batched" else 1
+
+
+def rank_memory(p, stage: Stage, experts: int, text: bool, decode: bool, mode: str = "none",
+                cfg_mode: str = "batched", shard: int = 1) -> MemoryCost:
+    """Per-GPU memory (GB) of a rank of this stage holding `experts` experts (their blocks sharded
+    over `shard` ranks), encoding (`text`) and/or decoding, under an offload mode and a CFG mode: the
+    parts of its fullest phase, every phase's total."""
+    m, cal = p.model, p.calibration
+    u, r, _ = stage
+    vae = vae_gb(m, p.width, p.height, p.frames, image_frames(m, p.frames) if text else 0)
+    on_gpu = 0 if streams_layers(mode) else 1 if offloads_experts(mode) and experts > 1 else experts
+    weights = layers_weights_gb(m) if streams_layers(mode) else weights_gb(m, on_gpu, shard)
+    text_gb = text_encoder_gb(m) if text else 0.0
+    text_resident = 0.0 if offloads_text_encoder(mode) else text_gb
+    overhead = cal.overhead_gb + (vae["weights"] if text or decode else 0.0)
+    resident = weights + text_resident + overhead
+    acts = cal.activation_scale * activation_gb(m, math.ceil(p.tokens / (u * r)), cfg_batch(p, stage, cfg_mode), r > 1)
+    merge = cal.lora_merge_gb if p.loras and on_gpu == experts else 0.0
+    decode_gb = cal.decode_scale * vae["decode"] * decode_share(p.width, u * r)
+    work = {"load": merge, "encode": max(text_gb - text_resident, cal.decode_scale * vae["encode"]),
+            "denoise": acts, "decode": _decode_work(p, resident, decode_gb) if decode else 0.0}
+    phases = Phases(**{name: resident + w for name, w in work.items()})
+    phase = max(work, key=work.get)
+    return MemoryCost(weights, text_resident, overhead, work[phase], getattr(phases, phase), phase, phases, on_gpu)
+
+
+def _decode_work(p, resident: float, whole: float) -> float:
+    """The decode's working set: the whole latent's if it fits in the decode's share of free memory,
+    else that share (the runtime cuts the latent into tiles that fit it)."""
+    budget = DECODE_SHARE * max(0.0, memory_limit(p) - resident)
+    return whole if whole <= budget else budget
+
+
+def oom_reason(p, mem: MemoryCost, experts: int) -> str:
+    """Why `mem` does not fit on one GPU of `p`, in words with the figures; "" when it fits."""
+    limit = memory_limit(p)
+    if mem.total <= limit:
+        return ""
+    held = f"{experts} expert{'s' * (experts > 1)}"
+    if mem.experts_on_gpu < experts:
+        held = f"{mem.experts_on_gpu} of {held} on the GPU"
+    return (f"out of memory: {mem.total:.1f} GB > {limit:.1f} GB the allocator may use (weights "
+            f"{mem.weights:.1f} [{held}], text encoder {mem.text_encoder:.1f}, working set "
+            f"{mem.activations:.1f}, overhead {mem.overhead:.1f}; at the {mem.phase})")
