@@ -67,7 +67,8 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
     def finish(i: int, latent, elapsed: float) -> None:
         """Decode (spread over the output rank's sp group) and stage request i on the output rank."""
         t1 = time.perf_counter()
-        video = pipe.decode(latent)
+        video = outputs.video_stream(spec.outputs[i], cfg.fps) if mesh.is_output_rank else None
+        pipe.decode(latent, on_frames=video)   # the mp4 encoded as the frames are decoded
         memory = gpu_memory(pipe)  # collective over the request's ranks
         if not mesh.is_output_rank:
             return
@@ -75,7 +76,7 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
         pipe.record.timings["vae_decode_s"] = decode_s = time.perf_counter() - t1
         startup.update({k: v for k, v in pipe.startup.items() if k not in startup})  # first_step_s
         t1 = time.perf_counter()
-        outputs.video(path, video.numpy(), cfg.fps)
+        video.close()                          # what the encoder has left after the decode
         pipe.record.timings["write_video_s"] = time.perf_counter() - t1
         if flags.save_latents:
             outputs.tensors(files_of(path, flags)[2], {"latent": latent})
@@ -87,8 +88,7 @@ def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
             c = pipe.record.cache.as_dict()
             log.info("step cache %s: %d of %d evaluations saved (steps %s)", settings.cache, c["saved"],
                      c["evaluations"], ", ".join(str(e["step"]) for e in c["skipped"]) or "none")
-        log.info("staged %s (%d frames %dx%d, %.2f s)", path, video.shape[0], video.shape[2], video.shape[1],
-                 elapsed + decode_s)
+        log.info("staged %s (%d frames, %.2f s)", path, video.frames, elapsed + decode_s)
         staged.append(path)
 
     # generate: this replica's share of the prompts, or all of them through the two expert stages

@@ -9,7 +9,8 @@ a temporary named after a 250-byte target would not fit the file system's 255); 
 of dead processes (a SIGKILLed run) from its output folders.
 
 The video encoder is ffmpeg (imageio-ffmpeg's binary) in a process of its own, fed raw RGB frames on
-its stdin and bounded in time. Not imageio's writer: that starts ffmpeg with a Python preexec_fn,
+its stdin by a thread as they arrive (`video_stream`: the VAE decode hands over each run of frames as
+it decodes it, so the mp4 is encoded while the decode runs), and bounded in time. Not imageio's writer: that starts ffmpeg with a Python preexec_fn,
 which forks without exec in a process full of threads (gloo's, the failure watcher's), and the child
 can then block forever on a lock another thread held at the fork, with the run stuck in the write.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import shutil
 import subprocess
 import threading
@@ -50,9 +52,10 @@ def written_size(width: int, height: int, min_side: int = MIN_SIDE) -> tuple[int
     return width * k, height * k
 
 
-def encode_timeout_s(frames: np.ndarray) -> float:
-    """Generous bound on one encode: ffmpeg's libx264 does tens of megapixels a second on one core."""
-    return 120.0 + 2.0 * frames.size / 3 / 1e6
+def encode_timeout_s(pixels: int) -> float:
+    """Generous bound on one encode of `pixels` (frames x height x width): ffmpeg's libx264 does tens
+    of megapixels a second on one core."""
+    return 120.0 + 2.0 * pixels / 1e6
 
 
 class WriteError(OSError):
@@ -83,9 +86,14 @@ class Outputs:
 
     def video(self, path, frames, fps: int) -> int:
         """Stage uint8 frames (F, H, W, 3) as an H.264 mp4; returns the enlargement factor."""
-        frames, k = enlarge(np.ascontiguousarray(frames, dtype=np.uint8))
-        self._encode(self._temp(path), frames, fps)
-        return k
+        stream = self.video_stream(path, fps)
+        stream(frames)
+        return stream.close()
+
+    def video_stream(self, path, fps: int) -> "VideoStream":
+        """An mp4 staged as its frames arrive (the decode feeds it): call it with each run of uint8
+        frames (f, H, W, 3), in time order, then close() (returns the enlargement factor)."""
+        return VideoStream(self, self._temp(path), fps)
 
     def json(self, path, data: dict) -> None:
         self._temp(path).write_text(json.dumps(data, indent=1, default=str))
@@ -97,33 +105,6 @@ class Outputs:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         except Exception as err:  # safetensors' SafetensorError (a full disk, say) is not an OSError
             raise WriteError(f"could not write {path}: {str(err).splitlines()[0][:300]}") from None
-
-    def _encode(self, tmp: Path, frames: np.ndarray, fps: int) -> None:
-        from imageio_ffmpeg import get_ffmpeg_exe
-        _, h, w, _ = frames.shape
-        cmd = [get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-               "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
-               "-crf", "10", "-f", "mp4", str(tmp)]
-        # process_group=0: ffmpeg leaves our process group, so a Ctrl-C reaches paradit, which stops
-        # it; set in C between fork and exec, no Python code runs in the child
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                process_group=0)
-        with self._lock:
-            self._encoders.add(proc)
-        try:
-            _, err = proc.communicate(frames.tobytes(), timeout=encode_timeout_s(frames))
-        except subprocess.TimeoutExpired:
-            raise EncodeError(f"ffmpeg did not finish encoding {tmp.name} within "
-                              f"{encode_timeout_s(frames):.0f} s") from None
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            with self._lock:
-                self._encoders.discard(proc)
-        if proc.returncode != 0:
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-            raise EncodeError(f"ffmpeg failed writing {tmp} (exit {proc.returncode}): {tail[0]}")
 
     # ------------------------------------------------------------------ commit or discard
     def commit(self) -> list[Path]:
@@ -174,6 +155,100 @@ class Outputs:
                 tmp.unlink(missing_ok=True)
             except OSError:  # never raise from an error path; a dead run's temporary is removed next time
                 pass
+
+
+class VideoStream:
+    """ffmpeg encoding one mp4 while its frames arrive, so that writing adds little after the decode.
+    Each run of frames is queued (at most QUEUED runs) and written to ffmpeg's stdin by a thread, so
+    the caller (the VAE decode) goes on at once; a run on the GPU is copied into page-locked memory
+    without waiting, and the thread waits for that copy. ffmpeg starts at the first run (its size)."""
+    QUEUED = 8
+    STALL_S = 120.0        # a run not taken by ffmpeg within this: the encoder is stuck
+
+    def __init__(self, outputs: Outputs, tmp: Path, fps: int):
+        self.outputs, self.tmp, self.fps = outputs, tmp, fps
+        self.proc: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+        self.queue: queue.Queue = queue.Queue(self.QUEUED)
+        self.frames, self.pixels, self.k, self.error = 0, 0, 1, None
+
+    def __call__(self, frames) -> None:
+        ready = None
+        if isinstance(frames, np.ndarray):
+            frames = np.ascontiguousarray(frames, dtype=np.uint8)
+        elif frames.is_cuda:           # a torch tensor on the GPU: copied out without waiting here
+            import torch
+            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            frames = host
+        if self.proc is None:
+            self._start(frames.shape)
+        self.frames += frames.shape[0]
+        self.pixels += frames.shape[0] * frames.shape[1] * frames.shape[2] * self.k ** 2
+        try:
+            self.queue.put((frames, ready), timeout=self.STALL_S)
+        except queue.Full:
+            raise EncodeError(f"ffmpeg took no frames for {self.STALL_S:.0f} s writing {self.tmp.name}") from None
+
+    def _start(self, shape) -> None:
+        from imageio_ffmpeg import get_ffmpeg_exe
+        _, h, w, _ = shape
+        self.k = max(1, -(-MIN_SIDE // min(h, w)))                     # as enlarge() will
+        cmd = [get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{w * self.k}x{h * self.k}", "-r", str(self.fps), "-i", "-", "-an", "-vcodec", "libx264",
+               "-pix_fmt", "yuv420p", "-crf", "10", "-f", "mp4", str(self.tmp)]
+        # process_group=0: ffmpeg leaves our process group, so a Ctrl-C reaches paradit, which stops
+        # it; set in C between fork and exec, no Python code runs in the child
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     process_group=0)
+        with self.outputs._lock:
+            self.outputs._encoders.add(self.proc)
+        self.thread = threading.Thread(target=self._feed, name="paradit-video", daemon=True)
+        self.thread.start()
+
+    def _feed(self) -> None:
+        while (item := self.queue.get()) is not None:
+            frames, ready = item
+            if self.error is not None:
+                continue                                  # ffmpeg is gone: drain, close() reports it
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                self.proc.stdin.write(enlarge(np.asarray(frames))[0].tobytes())
+            except (OSError, ValueError) as err:          # a broken pipe: ffmpeg failed or was stopped
+                self.error = err
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def close(self) -> int:
+        """Wait for ffmpeg to finish the file; returns the enlargement factor."""
+        if self.proc is None:
+            raise EncodeError(f"{self.tmp.name}: no frames to encode")
+        timeout = encode_timeout_s(self.pixels)
+        proc = self.proc
+        try:
+            self.queue.put(None, timeout=self.STALL_S)
+            self.thread.join(timeout)
+            if self.thread.is_alive():               # still writing: ffmpeg stopped reading its input
+                raise queue.Full
+            proc.stdin = None                        # closed by the thread: communicate() reads stderr only
+            _, err = proc.communicate(timeout=timeout)
+        except (subprocess.TimeoutExpired, queue.Full):
+            raise EncodeError(f"ffmpeg did not finish encoding {self.tmp.name} within {timeout:.0f} s") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            with self.outputs._lock:
+                self.outputs._encoders.discard(proc)
+        if proc.returncode != 0 or self.error is not None:
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or [str(self.error or "no message")]
+            raise EncodeError(f"ffmpeg failed writing {self.tmp} (exit {proc.returncode}): {tail[0]}")
+        return self.k
 
 
 def write_now(path, write, *args) -> Path:

@@ -356,17 +356,21 @@ class Pipeline:
         start, end = self.runtime.token_range(self.cfg.num_tokens(s.width, s.height, s.frames))
         return conditioning.shard_condition(self.cfg, y, latent_shape, start, end, self.mesh.device)
 
-    def decode(self, latent: torch.Tensor | None) -> torch.Tensor | None:
+    def decode(self, latent: torch.Tensor | None, on_frames=None) -> torch.Tensor | None:
         """uint8 frames (F, H, W, 3) on the output rank, None elsewhere. Every rank calls it: the
-        VAE's tiles are spread over the output rank's sequence-parallel group."""
+        VAE's tiles are spread over the output rank's sequence-parallel group. on_frames (the output
+        rank): each run of frames handed to it as it is decoded (paradit.outputs.VideoStream: the
+        mp4 encoded while the decode runs), in time order, and None returned."""
         member, group = decode_group(self.mesh)
         if not member or self.vae is None:
             return None
         if isinstance(self.vae, VideoVAE):
             from paradit.parallel.vae import spread_decode
-            video = spread_decode(self.vae, latent, group)
+            video = spread_decode(self.vae, latent, group, on_frames)
         else:  # another codec (the demo's): decoded on the output rank alone
             video = self.vae.decode(latent) if self.mesh.is_output_rank else None
+            if video is not None and on_frames is not None:
+                video = on_frames(video)
         return video if self.mesh.is_output_rank else None
 
     def denoise(self, s: VideoSettings, cond, uncond, progress: bool = True, chords=None) -> torch.Tensor:

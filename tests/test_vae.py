@@ -92,3 +92,51 @@ def test_plan_spread_tiles(pieces):
     # the largest tile, each rank's work: the whole latent's share plus at most the blend
     assert tile_area(vae, hw, tiles) <= hw[0] * hw[1] / pieces + 8 * max(hw)
     assert plan_tiles(vae, (4, 6), 21, torch.bfloat16, 100e9, pieces) is None   # too small to cut
+
+
+@pytest.mark.parametrize("z", [16, 48])
+def test_decode_hands_frames_over_as_they_are_decoded(z):
+    """on_frames: the frames of each decoder call, in time order, as they are decoded (what the mp4
+    encoder is fed while the decode runs); together the whole decode's frames, bit for bit. In tiles
+    the blend needs every tile first: the whole video, once."""
+    vae = VideoVAE.tiny(z)
+    lat = latent(z, frames=3)
+    runs = []
+    assert vae.decode(lat, on_frames=runs.append) is None
+    assert len(runs) == 3 and runs[0].shape[0] == 1 and all(r.dtype == torch.uint8 for r in runs)
+    assert torch.equal(torch.cat(runs), vae.decode(lat))
+    if z == 16:      # 2 x 2 tiles of the 48 x 64-pixel video
+        tiled, whole = VideoVAE.tiny(z, tile=(40, 24)), []
+        assert tiled.decode(lat, on_frames=whole.append) is None
+        assert len(whole) == 1 and torch.equal(whole[0], tiled.decode(lat))
+
+
+def test_video_stream_encodes_runs_as_they_arrive(tmp_path, monkeypatch):
+    """outputs.VideoStream: runs of frames are queued, not written in the caller (an encoder that
+    reads nothing does not hold the decode up), and the mp4 holds every frame of every run."""
+    import time
+
+    import numpy as np
+    from imageio_ffmpeg import read_frames
+
+    from paradit.outputs import Outputs
+    out = Outputs()
+    stream = out.video_stream(tmp_path / "v.mp4", 8)
+    frames = np.random.default_rng(0).integers(0, 255, (9, 160, 200, 3), dtype=np.uint8)
+    for run in (frames[:1], frames[1:5], frames[5:]):
+        stream(run)
+    assert stream.close() == 1 and stream.frames == 9
+    out.commit()
+    meta, *decoded = read_frames(str(tmp_path / "v.mp4"))
+    assert len(decoded) == 9 and meta["size"] == (200, 160)
+    stuck = tmp_path / "ffmpeg"
+    stuck.write_text("#!/bin/sh\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(stuck))
+    slow = Outputs()
+    stream, t0 = slow.video_stream(tmp_path / "w.mp4", 8), time.monotonic()
+    for _ in range(3):
+        stream(frames)                                      # 3 x 0.9 MB: more than a pipe holds
+    assert time.monotonic() - t0 < 5
+    slow.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ffmpeg", "v.mp4"]

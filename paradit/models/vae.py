@@ -168,14 +168,19 @@ def free_bytes(device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------- decode
 @torch.no_grad()
-def decode_frames(vae: AutoencoderKLWan, z: Tensor, chunk: int = 1) -> Tensor:
-    """The decoder over z (B, C, F, h, w) with a fresh causal cache: latent frame 0 alone, then
-    `chunk` latent frames per call (1: diffusers' loop). (B, C', F', h', w'), unclamped."""
+def decoded_chunks(vae: AutoencoderKLWan, z: Tensor, chunk: int = 1):
+    """The decoder over z (B, C, F, h, w) with a fresh causal cache, one call at a time: latent
+    frame 0 alone, then `chunk` latent frames per call (1: diffusers' loop). Yields each call's
+    (B, C', f, h', w'), unclamped, in time order."""
     cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-    frames = [vae.decoder(vae.post_quant_conv(z[:, :, :1]), feat_cache=cache, feat_idx=[0], first_chunk=True)]
+    yield vae.decoder(vae.post_quant_conv(z[:, :, :1]), feat_cache=cache, feat_idx=[0], first_chunk=True)
     for k in range(1, z.shape[2], chunk):
-        frames.append(vae.decoder(vae.post_quant_conv(z[:, :, k:k + chunk]), feat_cache=cache, feat_idx=[0]))
-    return torch.cat(frames, dim=2)
+        yield vae.decoder(vae.post_quant_conv(z[:, :, k:k + chunk]), feat_cache=cache, feat_idx=[0])
+
+
+def decode_frames(vae: AutoencoderKLWan, z: Tensor, chunk: int = 1) -> Tensor:
+    """decoded_chunks, concatenated: (B, C', F', h', w'), unclamped."""
+    return torch.cat(list(decoded_chunks(vae, z, chunk)), dim=2)
 
 
 def finish(vae: AutoencoderKLWan, video: Tensor) -> Tensor:
@@ -237,6 +242,14 @@ def tiled_decode(vae: AutoencoderKLWan, z: Tensor, tiles: Tiles | None = None, c
     return blend_tiles(vae, rows, z.shape[-2:], tiles)
 
 
+def send(video: Tensor | None, on_frames) -> Tensor | None:
+    """The decoded video, or (on_frames given) handed to on_frames whole, returning None."""
+    if on_frames is None or video is None:
+        return video
+    on_frames(video)
+    return None
+
+
 # ----------------------------------------------------------------------------- the adapter
 def default_dtype(device) -> torch.dtype:
     """bf16 on a GPU (diffusers' WanPipeline in bf16 decodes so; bench/vae.py reports its error
@@ -296,10 +309,12 @@ class VideoVAE:
         return z.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else z
 
     @staticmethod
-    def to_frames(video: Tensor) -> Tensor:
-        """VAE output (1, 3, F, H, W) in [-1, 1] -> uint8 frames (F, H, W, 3) on the CPU."""
+    def to_frames(video: Tensor, host: bool = True) -> Tensor:
+        """VAE output (1, 3, F, H, W) in [-1, 1] -> uint8 frames (F, H, W, 3) on the CPU (host=False:
+        where they are, contiguous)."""
         video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, F, H, W)
-        return video.permute(1, 2, 3, 0).cpu()
+        video = video.permute(1, 2, 3, 0)                                             # (F, H, W, 3)
+        return video.cpu() if host else video.contiguous()
 
     def budget(self) -> float:
         return MEMORY_USE * free_bytes(self.device)
@@ -321,10 +336,21 @@ class VideoVAE:
             return finish(self.vae, decode_frames(self.vae, z, self.chunk))
         return tiled_decode(self.vae, z, tiles, self.chunk)
 
-    def decode(self, latent: Tensor) -> Tensor:
-        """latent (C, F, H, W), normalised -> uint8 frames (F', H', W', 3); whole when it fits."""
+    def decode(self, latent: Tensor, on_frames=None) -> Tensor | None:
+        """latent (C, F, H, W), normalised -> uint8 frames (F', H', W', 3); whole when it fits.
+        on_frames: given, each run of frames goes to on_frames(uint8 (f, H', W', 3), on the device)
+        as it is decoded, in time order (an mp4 encoded while the decode runs), and this returns
+        None; in tiles, the whole video once at the end."""
         z = self.to_model_space(latent)
-        return self.to_frames(self.decode_raw(z, self.decode_plan(z)))
+        return self.decode_to(z, self.decode_plan(z), on_frames)
+
+    def decode_to(self, z: Tensor, tiles: Tiles | None, on_frames=None) -> Tensor | None:
+        """The VAE's input z decoded in `tiles` (None: whole) to uint8 frames, or into on_frames."""
+        if on_frames is None or tiles is not None:
+            return send(self.to_frames(self.decode_raw(z, tiles)), on_frames)
+        for raw in decoded_chunks(self.vae, z, self.chunk):
+            on_frames(self.to_frames(finish(self.vae, raw), host=False))
+        return None
 
     @torch.no_grad()
     def encode_pixels(self, x: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from paradit.models.vae import Tiles, VideoVAE, blend_tiles, decode_tile, tile_origins
+from paradit.models.vae import Tiles, VideoVAE, blend_tiles, decode_tile, send, tile_origins
 from paradit.parallel.collectives import gather_tensors
 
 Tensor = torch.Tensor
@@ -43,13 +43,15 @@ def group_budget(vae: VideoVAE, group) -> float:
 
 
 @torch.no_grad()
-def spread_decode(vae: VideoVAE, latent: Tensor, group) -> Tensor | None:
-    """VideoVAE.decode over `group` (every member calls): uint8 frames on group rank 0, else None."""
+def spread_decode(vae: VideoVAE, latent: Tensor, group, on_frames=None) -> Tensor | None:
+    """VideoVAE.decode over `group` (every member calls): uint8 frames on group rank 0, else None.
+    on_frames (group rank 0): as VideoVAE.decode's, frames as they are decoded where the latent is
+    decoded whole; the tiles' blend gives the whole video at once."""
     if group is None or dist.get_world_size(group) == 1:
-        return vae.decode(latent)
+        return vae.decode(latent, on_frames)
     z = vae.to_model_space(latent)
     tiles = vae.decode_plan(z, pieces=dist.get_world_size(group), budget=group_budget(vae, group))
     if tiles is None:                                             # one piece: nothing to spread
-        return vae.to_frames(vae.decode_raw(z, None)) if dist.get_rank(group) == 0 else None
+        return vae.decode_to(z, None, on_frames) if dist.get_rank(group) == 0 else None
     video = spread_tiled_decode(vae.vae, z, group, tiles, vae.chunk)
-    return None if video is None else vae.to_frames(video)
+    return None if video is None else send(vae.to_frames(video), on_frames)
