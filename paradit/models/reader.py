@@ -24,9 +24,10 @@ the experts of a load side by side.
 Destinations may be given (`out=`): an offloaded module's page-locked host buffers (paradit.offload
 .HostWeights), read into straight from the page cache, one preadv per tensor, no GPU involved; a
 tensor that needs the GPU on its way (a cast, or a transform such as a LoRA merge) goes page cache
--> staging -> device -> transform -> back into its host destination, on the reading thread's stream.
-A `transform` runs per tensor as it is read (on the device; on the CPU after the reads), at most
-two at a time (their fp32 workspace).
+-> staging -> device -> transform -> back into its host destination. A `transform` runs per tensor
+as it is read, by the reading thread (on the device's default stream, so that a merged weight reuses
+the memory of the one it replaces; on the CPU after the reads), at most two at a time (their fp32
+workspace).
 
 Byte counts land in `stats` ("bytes" read from files by this rank). Reading once per node, each
 rank a share and the rest by broadcast, is paradit.parallel.weights (this module runs no collective).
@@ -251,7 +252,7 @@ class Reader:
         (contiguous, of that dtype and shape; e.g. a view of an offloaded module's pinned host
         buffer). transform: an object with `names` (a set) and `__call__(name, tensor) -> tensor`
         (paradit.models.lora.LoraMerge), applied to each of those tensors once read: on CUDA by the
-        reading thread on its stream, on the device (a host destination's tensor passes through the
+        reading thread, on the device (a host destination's tensor passes through the
         GPU for it, and comes back into out[name]); on the CPU after the reads, in this thread."""
         t0 = time.perf_counter()
         names = sorted(entries, key=lambda n: -entries[n].nbytes)        # largest first: balanced threads
@@ -296,7 +297,7 @@ class Reader:
         if errors:
             raise errors[0]
         if later and gpu:
-            torch.cuda.empty_cache()   # the transforms' workspace, cached on the reading streams' pools
+            torch.cuda.empty_cache()   # the host destinations' device copies, cached on the reading streams' pools
         elif later:
             for name in sorted(later):
                 out[name] = _into(out[name], transform(name, out[name]))
@@ -323,12 +324,17 @@ class Reader:
         stager.send(files, self.source, e, on_device)
         if transform is None and not host:
             return dst
-        with merging, torch.cuda.stream(stager.stream) if stager.cuda else contextlib.nullcontext():
+        # the transform and the copy back on the device's default stream, after the read: what they
+        # allocate comes from (and returns to) the pool that the destinations came from, so that a
+        # merged weight reuses the memory of the weight it replaces
+        with merging:
+            if stager.cuda:
+                torch.cuda.current_stream(self.device).wait_stream(stager.stream)
             result = transform(name, on_device) if transform is not None else on_device
             if host:
                 result = _into(dst, result)                    # back into the pinned host buffer
-            if stager.cuda:   # done before the inputs (allocated on other streams) can be freed and reused
-                stager.stream.synchronize()
+            if stager.cuda:   # done before the inputs are freed and their memory reused
+                torch.cuda.current_stream(self.device).synchronize()
         return result
 
     def close(self) -> None:
