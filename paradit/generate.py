@@ -28,6 +28,7 @@ if __name__ == "__main__":  # the program itself, before torch's seconds of impo
         signal.signal(_sig, _signal_while_starting)
 
 import logging  # noqa: E402 (after the handlers above)
+import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -290,6 +291,9 @@ def report(code: int, message: str, watcher: AbortWatcher | None = None) -> None
     """Print this rank's error once, post it for the peers, let every rank print, exit `code`
     (watcher: claim the report from it first, unless the caller did)."""
     claim_report(watcher)
+    if threading.current_thread() is threading.main_thread():  # said why: a launcher's SIGTERM that stops
+        for sig in (signal.SIGINT, signal.SIGTERM):             # the rest now ends us without a second line
+            signal.signal(sig, signal.SIG_DFL)
     rank = int(os.environ.get("RANK", 0))
     say_error(f"paradit: error (rank {rank}): {message}")
     count_reported()
