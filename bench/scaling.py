@@ -849,7 +849,15 @@ def extrapolate(points: list[dict], cfg_run: WanConfig, full: WanConfig, opts: d
 
 
 def replot(path: str) -> Path:
-    data = json.loads(Path(path).read_text())
+    """Redraw the PNG of a results JSON; SystemExit with the reason for a file it cannot read."""
+    try:
+        data = json.loads(Path(path).read_text())
+        data["points"], data["title"], data["settings"]["device"]
+    except OSError as err:
+        raise SystemExit(f"scaling.py: --replot {path}: cannot read it ({err.strerror})") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"scaling.py: --replot {path}: not a results JSON of this script ({type(err).__name__}: "
+                         f"{err})") from None
     png = Path(path).with_suffix(".png")
     cores = data["environment"]["cpu_cores"] if data["settings"]["device"] == "cpu" else None
     plot(data["points"], data["title"], png, data["settings"]["device"], cores)

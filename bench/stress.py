@@ -1,4 +1,5 @@
-"""Stress: the two intermittent failures of issue 16, each case run N times under torchrun.
+"""Stress: the two formerly intermittent failures (a hang while writing, an abort after success),
+each case run N times under torchrun.
 
     python bench/stress.py --reps 50            # both cases, 50 runs each (about 35 min on 2 cores)
     python bench/stress.py --reps 3 --json -    # what the test suite runs
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
                          "other": sum(r["verdict"] not in ("ok", "hang", "abort") for r in rs),
                          "median_s": statistics.median(secs), "max_s": max(secs)}
     print(table(summary))
-    result = {"what": "issue 16 stress: hang and abort cases under torchrun, 2 gloo processes",
+    result = {"what": "stress: hang and abort cases under torchrun, 2 gloo processes",
               "machine": machine_description("cpu"), "environment": environment(), "reps": args.reps,
               "run_timeout_s": args.run_timeout, "summary": summary,
               "failures": [r for r in runs if r["verdict"] != "ok"]}

@@ -1,6 +1,6 @@
 """paradit: Wan 2.x video diffusion transformers on 1 to 8+ GPUs.
 
-Public API (DESIGN.md): WanConfig, WanTransformer, load_transformer, Pipeline; the parallel layer
+Public API: WanConfig, WanTransformer, load_transformer, Pipeline; the parallel layer
 lives in paradit.parallel and the samplers in paradit.schedulers. Names are imported on first use,
 so that light entry points (the planner CLI) do not pay for torch, diffusers or transformers.
 """

@@ -40,6 +40,11 @@ def quant_parts(mode: str) -> tuple[str, ...]:
     return QUANT_PARTS[mode]
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 GPU', '2 GPUs', '1 process', '2 processes'."""
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -164,7 +169,8 @@ def chords_layout(settings: ChordsSettings | None, world: int, inner: int) -> in
         return 1
     if world == inner * settings.cores:
         return settings.cores
-    raise ParameterError("cores", settings.cores, f"with a core group of {inner} GPUs, CHORDS needs {inner} processes "
+    raise ParameterError("cores", settings.cores, f"with a core group of {plural(inner, 'GPU')}, CHORDS needs "
+                         f"{plural(inner, 'process')} "
                          f"(cores in turn) or {inner * settings.cores} (one group per core); the world has {world}")
 
 

@@ -175,7 +175,7 @@ def test_no_module_level_mutable_state():
 
 
 def test_the_design_contract_names_import():
-    # DESIGN.md's public API: the names users and tests rely on
+    # the public API (paradit/__init__.py): the names users and tests rely on
     from paradit import Pipeline, WanConfig, WanTransformer, load_transformer  # noqa: F401
     from paradit.parallel import ParallelConfig, init_parallel, parallelize  # noqa: F401
     from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler, make_scheduler  # noqa: F401

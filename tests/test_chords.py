@@ -249,7 +249,7 @@ def _transcript(sigmas, init, x0, v):
 
 
 def test_two_cores_by_hand():
-    """Every round of K=2, N=5, init [0, 2] written out from CHORDS.md, on a nonlinear ODE."""
+    """Every round of K=2, N=5, init [0, 2] written out by hand from the paper's algorithm, on a nonlinear ODE."""
     s = [1.0, 0.8, 0.55, 0.4, 0.2, 0.0]
 
     def v(x, i):

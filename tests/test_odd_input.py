@@ -183,3 +183,25 @@ def test_odd_images_are_refused_with_the_reason(i2v_checkpoint, tmp_path):
         refused(cli(["--model", str(i2v_checkpoint), "--image", str(files[name]), "--out", "x.mp4"], tmp_path),
                 message)
     assert not (tmp_path / "x.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Words
+def test_counts_and_the_chords_log_read_right():
+    """'(1 GPUs)', 'needs 1 processes', and 'RMS from last hit' for what is the distance to the final hit."""
+    from types import SimpleNamespace
+
+    from paradit.generate import chords_summary
+    from paradit.plan import ParallelConfig
+    assert "(1 GPU)" in ParallelConfig(experts="split", stages=((1, 1, 1), (1, 1, 1))).describe()
+    with pytest.raises(ValueError, match=r"needs 1 process, but the world has 2"):
+        ParallelConfig().validate(2)
+    report = SimpleNamespace(rounds=2, nfe=4, hits=[{"core": 0, "round": 1, "preview": False, "rms_from_last": 0.5}])
+    assert "RMS distance to the final hit 5.000e-01" in chords_summary(report, 4)
+
+
+def test_scaling_replot_of_a_missing_file_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "scaling.py"), "--replot",
+                          "missing.json"], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip() == "scaling.py: --replot missing.json: cannot read it (No such file or directory)"

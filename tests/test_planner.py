@@ -27,7 +27,7 @@ def test_a14b_forward_flops_at_720p():
     # 1%: the planner adds the patch embedding, head and text/time MLPs (~0.1%) to the hand sum
     assert got["linear"] == pytest.approx(linear, rel=0.01)
     assert got["attention"] == pytest.approx(attention, rel=1e-9)
-    # PEERS.md's rounded figures: 1.8e15 + 4.7e15 = 6.5e15
+    # the step's FLOPs, rounded: 1.8e15 + 4.7e15 = 6.5e15
     assert got["linear"] == pytest.approx(1.8e15, rel=0.02)
     assert got["attention"] == pytest.approx(4.7e15, rel=0.01)
     assert got["linear"] + got["attention"] == pytest.approx(6.5e15, rel=0.01)
@@ -179,7 +179,7 @@ def test_communication_bytes_by_hand():
 
 
 def test_chords_rounds_to_first_hit():
-    assert chords_rounds(4, 50) == 3 + (50 - 32) == 21     # CHORDS.md
+    assert chords_rounds(4, 50) == 3 + (50 - 32) == 21     # K-1 rounds to start the cores, then one step a round
     assert chords_rounds(8, 50) == 7 + (50 - 40) == 17
     assert chords_rounds(1, 40) == 40
     assert chords_rounds(8, 40) < chords_rounds(4, 40) < 40

@@ -124,3 +124,41 @@ def health(port: int) -> bool:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
     except OSError:
         return False
+
+
+def test_a_newcomer_is_told_the_environment_and_starts_on_the_demo_model():
+    """The first command line ran --model tiny (random weights: grey noise) with a bare `python`
+    while setup makes .venv: the README says how to use the environment, starts on the demo model
+    and says what tiny is."""
+    text = README.read_text()
+    assert ". .venv/bin/activate" in text
+    cli = text[text.index("## Command line"):]
+    first = command_lines(cli)[0]
+    assert "-m paradit.generate" in first and "--model" not in first or "--model demo" in first, first
+    assert re.search(r"`tiny` \(the same kind of model with random weights", text)
+
+
+def test_the_readme_lists_only_models_generate_runs():
+    """It listed wan2.2-t2v-a14b as a --model preset, which generate refuses without a folder."""
+    from paradit.cli.spec import RUNNABLE_PRESETS, check_weights, parse_args
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `--model` |"))
+    runnable = row.split("The Wan names")[0]
+    names = re.findall(r"`([\w.-]+)`", runnable.split("|")[2])
+    assert names and set(names) <= set(RUNNABLE_PRESETS), names
+    for name in names:
+        check_weights(parse_args(["--model", name]))
+
+
+DOCUMENTS = [README, *README.parent.glob("docs/*.md"), README.parent / "bench" / "README.md"]
+UNREACHABLE = r"PEERS\.md|DESIGN\.md|CHORDS\.md|/work/|\b[Ii]ssues? \d+|\b[Ii]tems? \d+ of issue"
+
+
+def test_the_docs_point_only_at_what_a_reader_can_open():
+    """Docs and docstrings named notes outside the repository (PEERS.md, DESIGN.md, CHORDS.md, a
+    /work/ path) and issue numbers of a tracker no reader has; relative links must resolve."""
+    sources = [*DOCUMENTS, *README.parent.glob("paradit/**/*.py")]
+    found = [f"{path.name}: {m.group(0)}" for path in sources for m in re.finditer(UNREACHABLE, path.read_text())]
+    assert found == [], found
+    for doc in DOCUMENTS:
+        for link in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / link).exists(), f"{doc.name} links to {link}, which does not exist"

@@ -115,6 +115,8 @@ BAD_CLI = [
     (["--experts", "split", "--chords", "2"], r"cannot be combined", 2, "all"),
     (["--stages", "1,1"], r"--stages needs --experts split", 2, "all"),
     (["--plan", "auto"], r"need a GPU kind", 2, "all"),
+    (["--experts", "auto"], r"single device \(--experts auto\): needs 1 process, but .*; --experts split$", 2, "all"),
+    (["--experts", "split", "--stages", "1,2"], r"needs 3 processes, but the world has 2.*--stages 1,1", 2, "all"),
     (["--plan", "auto", "--gpu", "h100", "--sp", "2"], r"--plan auto chooses the layout itself: drop --sp", 2, "all"),
     # weight sharding
     (["--dp", "2", "--shard-weights", "sp"], r"--shard-weights sp: the layout's sequence-parallel group .*has one "
@@ -211,6 +213,7 @@ BAD_CLI_TORCHRUN = [
     (2, ["--quant", "fp8", "--device", "cpu"], r"--quant fp8: FP8 cannot run on this machine"),
     (2, ["--prompt", b"caf\xe9"], r"not valid UTF-8"),
     (2, ["--out", "/proc/paradit-test/x.mp4"], r"cannot create files in /proc"),  # rank 0 checks; rank 1 hears it
+    (2, ["--experts", "auto"], r"layouts that fit 2: .*--experts split"),  # on a CPU: no planner, colocated
 ]
 
 
@@ -350,7 +353,7 @@ def test_bad_layout_fails_on_every_rank_with_the_same_message():
 # ---------------------------------------------------------------------------------------------
 # Outputs: a set, all or none
 def test_a_failed_run_keeps_the_earlier_good_output_set(tmp_path):
-    """Item 5: a rerun whose latent cannot be written replaces neither the video nor the sidecar."""
+    """a rerun whose latent cannot be written replaces neither the video nor the sidecar."""
     from paradit.generate import main
     out = tmp_path / "x.mp4"
     assert main(["--model", "tiny", "--steps", "2", "--seed", "1", "--out", str(out), "--no-progress"]) == 0
@@ -372,7 +375,7 @@ def test_a_failed_run_keeps_the_earlier_good_output_set(tmp_path):
 
 
 def test_split_expert_sidecars_describe_their_own_request(tmp_path):
-    """Item 4: with several prompts each sidecar of split experts lists every step once (high and
+    """with several prompts each sidecar of split experts lists every step once (high and
     low), has the encode and denoise times, a total above the decode time, and the hand-off traffic."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
@@ -414,7 +417,7 @@ FAKE_FFMPEG_STUCK = "#!/bin/sh\nexec sleep 600\n"   # never reads its input, nev
 
 
 def test_a_stuck_encoder_is_bounded_and_leaves_nothing(tmp_path, monkeypatch):
-    """Item 1: an encoder that stops reading cannot hang the run (imageio's writer waited forever)."""
+    """an encoder that stops reading cannot hang the run (imageio's writer waited forever)."""
     fake = tmp_path / "ffmpeg"
     fake.write_text(FAKE_FFMPEG_STUCK)
     fake.chmod(0o755)
@@ -457,7 +460,7 @@ def _catch(errors, fn, *args):
 
 
 def test_the_encoder_runs_no_python_in_a_forked_child(tmp_path, monkeypatch):
-    """The cause of item 1: imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, a fork that runs
+    """Why the write could hang: imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, a fork that runs
     Python in the child of a process full of threads (gloo, the watcher), which can deadlock there."""
     import subprocess as sp
     seen = []
@@ -498,7 +501,7 @@ WATCHER_EXIT = textwrap.dedent("""
 
 
 def test_watcher_is_joined_before_the_process_group_goes(tmp_path):
-    """Item 2, deterministic: the watcher is inside a store call when the run ends. Stopped but not
+    """Deterministic: the watcher is inside a store call when the run ends. Stopped but not
     joined, the interpreter's exit killed it there: 'terminate called without an active exception'."""
     script = tmp_path / "watcher_exit.py"
     script.write_text(WATCHER_EXIT % free_port())
@@ -529,7 +532,7 @@ LONG_RUN = ["--model", "tiny", "--steps", "1000", "--no-progress"]  # denoising 
 
 
 def test_ctrl_c_under_torchrun_reports_on_every_rank(tmp_path):
-    """Item 11: Ctrl-C (SIGINT to the launcher's process group, then torchrun's SIGTERM): every rank
+    """Ctrl-C (SIGINT to the launcher's process group, then torchrun's SIGTERM): every rank
     prints why, nothing is written, the job ends in seconds."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            "-m", "paradit.generate", *LONG_RUN, "--sp", "2", "--out", str(tmp_path / "x.mp4")]

@@ -10,6 +10,7 @@ import logging
 
 from paradit.cli.flags import Flags, UsageError
 from paradit.config import PRESETS
+from paradit.errors import ParameterError
 from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig, auto_sp
 from paradit.schedulers.schedule import high_noise_steps
@@ -108,7 +109,10 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
         layout = with_cfg_mode(flags, cfg, layout, settings, kind)
     from paradit.plan.search import resolve_sharding
     layout = resolve_sharding(layout, cfg, kind, settings, **run_options(flags, settings, cfg_mode=layout.cfg_mode))
-    layout.validate(info.world_size, cfg.num_heads)
+    try:
+        layout.validate(info.world_size, cfg.num_heads)
+    except ParameterError as err:
+        raise with_split_offered(err, flags, cfg, info.world_size, settings, layout) from None
     if kind is not None and not flags.force:
         check_memory(cfg, layout, kind, settings, info.world_size, flags)
     return layout
@@ -137,6 +141,20 @@ def with_cfg_mode(flags: Flags, cfg, layout: ParallelConfig, settings, kind: str
     return cand.layout if cand.feasible else dataclasses.replace(layout, cfg_mode="batched")
 
 
+def with_split_offered(err: ParameterError, flags: Flags, cfg, world: int, settings, layout) -> ParameterError:
+    """A colocated layout that does not fit the world, for a two-expert model: offer --experts split
+    too where it fits (the layouts the error lists are colocated ones; --experts auto on a CPU, with
+    no GPU kind to plan for, keeps the experts colocated and never said so)."""
+    if layout.stages or layout.chords > 1 or cfg.boundary is None or flags.plan == "auto":
+        return err
+    try:
+        split_layout(flags, cfg, world, settings).validate(world, cfg.num_heads)
+    except (ParameterError, UsageError):
+        return err
+    return ParameterError(err.param, err.value, err.reason, err.fix, (*err.alternatives, {"experts": "split"}))
+
+
+def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
 def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, flags: Flags) -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
     from paradit.plan import Infeasibility, evaluate, make_problem, plan

@@ -50,7 +50,7 @@ class GPUSpec:
         return dataclasses.replace(self, **changes)
 
 
-# Sources. matmul: PEERS.md's measured 790 TFLOP/s for H100/H200 (datasheet dense bf16 peak
+# Sources. matmul: 790 TFLOP/s, as measured for large bf16 matmuls on H100/H200 (datasheet dense bf16 peak
 # 989); B200 datasheet dense bf16 2250 (HGX, 1000 W), taken at the same ~80% -> 1800.
 # HBM and NVLink: NVIDIA datasheets (NVLink 4: 900 GB/s bidirectional per GPU, NVLink 5:
 # 1.8 TB/s). HBM sizes are the vendor figures, which are GiB: an H100 80GB shows torch 79.1 GiB

@@ -133,8 +133,8 @@ class ParallelConfig:
 
     def describe(self) -> str:
         if self.stages is not None:
-            return " | ".join(f"{name} stage: {self.stage_config(k).describe()} ({n} GPUs)" for k, (name, n)
-                              in enumerate(zip(("high-noise", "low-noise"), self.stage_sizes)))
+            return " | ".join(f"{name} stage: {self.stage_config(k).describe()} ({n} GPU{'s' if n != 1 else ''})"
+                              for k, (name, n) in enumerate(zip(("high-noise", "low-noise"), self.stage_sizes)))
         parts = [f"{k}={getattr(self, k)}" for k in ("ulysses", "ring", "cfg", "chords", "dp") if getattr(self, k) > 1]
         return (" x ".join(parts) or "single device") + self._shard_label(", weights sharded over ") + (
             "; CFG in turn" if self.cfg_mode == "in-turn" else "")
@@ -169,7 +169,7 @@ class ParallelConfig:
             raise ParameterError("dp", self.dp, "with split experts the runtime runs one replica of a split "
                                  "layout", "use dp=1, or colocated experts for data parallelism")
         if self.world_size != world_size:
-            raise ParameterError("layout", self.describe(), f"needs {self.world_size} processes, but the world "
+            raise ParameterError("layout", self.describe(), f"needs {self.world_size} process{'es' if self.world_size != 1 else ''}, but the world "
                                  f"has {world_size}", f"layouts that fit {world_size}",
                                  suggest_layouts(world_size, num_heads, split=self.stages is not None))
         self.check_sharding()

@@ -1,7 +1,7 @@
 """CHORDS: multi-core hierarchical parallel-in-time sampling, as a pure controller.
 
 Han et al., "CHORDS: Diffusion Sampling Accelerator with Multi-core Hierarchical ODE Solvers"
-(ICCV 2025, arXiv 2507.15260); /work/shared/CHORDS.md states the algorithm. This file is tensor
+(ICCV 2025, arXiv 2507.15260), which states the algorithm. This file is tensor
 arithmetic and bookkeeping only: no torch.distributed, no model. The only contact with a model is
 the `velocity(points)` callback, called once per round with every active core's point, so
 
