@@ -154,7 +154,6 @@ def with_split_offered(err: ParameterError, flags: Flags, cfg, world: int, setti
     return ParameterError(err.param, err.value, err.reason, err.fix, (*err.alternatives, {"experts": "split"}))
 
 
-def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, offload: str = "auto") -> None:
 def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, flags: Flags) -> None:
     """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
     from paradit.plan import Infeasibility, evaluate, make_problem, plan
