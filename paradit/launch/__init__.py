@@ -75,6 +75,21 @@ def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.devi
     return dev
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
+def use_expandable_segments() -> None:
+    """CUDA memory in segments that grow and shrink, unless PYTORCH_CUDA_ALLOC_CONF says otherwise.
+    Encode, denoise and decode allocate in different sizes: with fixed segments an H100 held 84.2 GB
+    reserved for 77.1 GB allocated at 832x480x81 (2026-12-06), 7 GB lost to fragmentation on a card
+    where A14B at 720p fits with 3 GB to spare."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF          # read when CUDA initialises
+    if torch.cuda.is_initialized():                             # a wrapper touched CUDA first
+        torch.cuda.memory._set_allocator_settings(ALLOC_CONF)
+
+
 def init_distributed(device: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join the torchrun world if there is one (idempotent). timeout_s: the collective timeout
     (default: default_timeout_s())."""
@@ -83,6 +98,7 @@ def init_distributed(device: str | None = None, timeout_s: float | None = None) 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
+        use_expandable_segments()
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (VAE, norms) on tensor cores; the
         torch.backends.cudnn.allow_tf32 = True        # weights are bf16 anyway. Set once, here.
