@@ -231,7 +231,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     from paradit.models.lora import check_loras, for_expert
     from paradit.models.reader import Reader, quick_gil_handoff
     from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
-    from paradit.offload import host_weights_of, offload_on_load, resolve_offload
+    from paradit.offload import host_weights_of, offload_on_load, resolve_offload, text_encoder_chunks
     from paradit.residency import experts_on_host, offloads_text_encoder
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
@@ -281,9 +281,11 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
                                loras=for_expert(lora_files, k, cfg.num_experts),
                                expert=("high", "low")[k] if cfg.num_experts == 2 else None, reader=reader,
                                shared=shared.get(k), host=host) for k in needed}
+        text_host = offload_on_load(info.device, text_encoder_chunks) if offloads_text_encoder(mode) else None
         text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
                                ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=text_device,
-                               stats=stats.setdefault("text_encoder", {})) if "text_encoder" in parts else None
+                               stats=stats.setdefault("text_encoder", {}), host=text_host) \
+            if "text_encoder" in parts else None
         vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device,
                               stats=stats.setdefault("vae", {})) if "vae" in parts else None
         kernel_job = pool.submit(build_kernels_ahead, pick_backend(info.device, dtype, backend), info.device,

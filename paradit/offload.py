@@ -100,7 +100,8 @@ class HostWeights:
             if kind == "_buffers":
                 owner._buffers[key] = t
             elif owner._parameters[key].is_meta:
-                first = first or nn.Parameter(t, requires_grad=owner._parameters[key].requires_grad)
+                if first is None:
+                    first = nn.Parameter(t, requires_grad=owner._parameters[key].requires_grad)
                 owner._parameters[key] = first
             else:
                 owner._parameters[key].data = t
@@ -168,13 +169,20 @@ def host_weights_of(module: nn.Module) -> "HostWeights | None":
     return getattr(module, _HOST_ATTR, None)
 
 
-def offload_on_load(device) -> "Callable[[nn.Module], dict[str, torch.Tensor]]":
-    """For load_transformer(host=...): a meta-built expert's pinned host buffers, allocated and
-    kept on the module (host_weights_of), its tensors by name for the reader to fill."""
-    def host(expert: nn.Module) -> dict[str, torch.Tensor]:
-        weights = HostWeights(expert, device, expert_chunks(expert))
-        object.__setattr__(expert, _HOST_ATTR, weights)     # not a submodule: no state, no hooks
-        return {**expert.state_dict()}
+def text_encoder_chunks(model: nn.Module) -> list[nn.Module]:
+    """How umT5's host copy is cut: each block (the embeddings and final norm are the rest)."""
+    return list(getattr(getattr(model, "encoder", None), "block", []))
+
+
+def offload_on_load(device, chunks: Callable[[nn.Module], list[nn.Module]] = expert_chunks) \
+        -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """For load_transformer(host=...) (and TextEncoder.from_pretrained's, with text_encoder_chunks):
+    a meta-built module's pinned host buffers, allocated and kept on the module (host_weights_of),
+    its tensors by name for the reader to fill."""
+    def host(module: nn.Module) -> dict[str, torch.Tensor]:
+        weights = HostWeights(module, device, chunks(module))
+        object.__setattr__(module, _HOST_ATTR, weights)     # not a submodule: no state, no hooks
+        return {**module.state_dict()}
     return host
 
 
@@ -331,8 +339,8 @@ class TextEncoderResidency:
     """umT5 in host memory, on the GPU only inside `on_device()` (the prompt encode)."""
 
     def __init__(self, text_encoder, device):
-        model = text_encoder.model         # umT5: one chunk per block, so that several fill at once
-        self.weights = HostWeights(model, device, list(getattr(getattr(model, "encoder", None), "block", [])))
+        model = text_encoder.model         # read into host memory by the loader, or copied there now
+        self.weights = host_weights_of(model) or HostWeights(model, device, text_encoder_chunks(model))
         text_encoder.device = torch.device(device)      # where the token ids and the output go
         self.copies = 0
 

@@ -115,12 +115,17 @@ def lora(tmp_path_factory):
 
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_offloaded_experts_are_read_straight_into_their_host_buffers(folder, lora, with_lora):
-    """From a checkpoint, offload='experts' reads each expert into its host buffers as it loads (no
-    second copy at apply_offload), LoRAs merged on the way; the latent is the resident run's, bit for bit."""
+    """From a checkpoint, offload='all' reads each expert and the text encoder into their host buffers
+    as they load (no second copy at apply_offload), LoRAs merged on the way; the latent is the resident
+    run's, bit for bit."""
     loras = [LoraSpec(lora, 0.8, "high"), LoraSpec(lora, 1.2, "low")] if with_lora else []
     kw = dict(KW, width=80, height=48, frames=5, steps=3)
     ref = Pipeline.from_pretrained(str(folder), loras=loras)(PROMPT, **kw)
-    pipe = Pipeline.from_pretrained(str(folder), offload="experts", loras=loras)
+    pipe = Pipeline.from_pretrained(str(folder), offload="all", loras=loras)
+    text = pipe.text_encoder.model
+    assert pipe.text_residency.weights is host_weights_of(text)
+    assert len(pipe.text_residency.weights.buffers) == 1 + len(text.encoder.block)
+    assert text.shared.weight.data_ptr() == text.encoder.embed_tokens.weight.data_ptr()     # still tied
     assert pipe.startup["host_buffers_s"] > 0 and ("lora_merge_s" in pipe.startup) == with_lora
     for k, expert in enumerate(pipe.experts):
         w = pipe.residency.weights[k]

@@ -83,20 +83,30 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, folder, tokenizer_folder, text_len: int = 512, dtype=torch.bfloat16,
-                        device="cpu", stats: dict | None = None) -> "TextEncoder":
+                        device="cpu", stats: dict | None = None, host=None) -> "TextEncoder":
         """transformers' save_pretrained folder, loaded as its from_pretrained would (the same tensors
         and dtypes, tied embeddings, the fp32 modules it keeps under fp16), but built on the meta device
-        under paradit's BUILD_LOCK and read by paradit's reader, straight to `device`."""
+        under paradit's BUILD_LOCK and read by paradit's reader, straight to `device`. host: as
+        load_transformer's, for a text encoder kept in host memory (offload): host(model) gives the
+        meta-built model its (pinned) host tensors, which the weights are read straight into."""
         from transformers import AutoTokenizer
 
-        from paradit.models.loading import assign_weights, build_on_meta, index_folder, read_tensors
+        from paradit.models.loading import BUILD_LOCK, assign_weights, build_on_meta, index_folder, read_tensors
         config = UMT5Config.from_pretrained(folder)
         model = build_on_meta(lambda: UMT5EncoderModel(config))
         keep = set(model._keep_in_fp32_modules or []) if dtype == torch.float16 else set()
         keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype in (
             torch.float16, torch.bfloat16) else set()
+        kept = lambda name: bool(keep.intersection(name.split(".")))  # noqa: E731
+        into = None
+        if host is not None:
+            with BUILD_LOCK:            # still on the meta device: the dtypes the reader gives (ties kept)
+                model.to(dtype)
+                for name, module in model.named_modules():
+                    if kept(name):
+                        module.float()
+            into = host(model)
         index = index_folder(folder)
-        tensors = read_tensors(index, index.names, dtype, device, stats=stats,
-                               keep_fp32=lambda name: bool(keep.intersection(name.split("."))))
+        tensors = read_tensors(index, index.names, dtype, device, stats=stats, keep_fp32=kept, out=into)
         model = assign_weights(model, tensors, str(folder))
         return cls(model, AutoTokenizer.from_pretrained(tokenizer_folder), text_len, device)
