@@ -47,18 +47,15 @@ def chords_denoise(den: Denoiser, req: Request, settings: ChordsSettings, on_hit
     group, traffic = mesh.group("chords"), den.runtime.traffic
     state = {"round": 0}
 
-    def evaluate(index: int, xi: torch.Tensor) -> torch.Tensor:
+    cache = den.step_cache(req, trajectories=len(init))      # the step cache (or None): one trajectory per core
+
+    def evaluate(pos: int, core: int, index: int, xi: torch.Tensor, skips: list[bool]) -> torch.Tensor:
         t = ts[index]
+        if skips[pos]:                                         # served from the step cache
+            den.skip(req, t)
+            return cache.reuse(core)
         assert den.experts[den.expert_for(t)] is not None, f"core needs the expert of t={t}, not loaded here"
         return den.velocity(req, xi, t, space.grid, f"CHORDS round {state['round']} step {index}")
-
-    cache = den.step_cache(req, trajectories=len(init))      # one cache trajectory per core
-
-    def one(pos: int, core: int, index: int, xi: torch.Tensor, skips: list[bool]) -> torch.Tensor:
-        if not skips[pos]:
-            return evaluate(index, xi)
-        den.skip(req, ts[index])
-        return cache.reuse(core)
 
     def velocity(points):
         pairs = plan[state["round"]]                           # [(core, index)] of this round
@@ -68,14 +65,11 @@ def chords_denoise(den: Denoiser, req: Request, settings: ChordsSettings, on_hit
         # every rank decides every core's step, from the same numbers (one reduction a round)
         skips = cache_plan(cache, req, pairs, points, den, ts) if cache else [False] * len(points)
         if my_core is None:                                    # emulation: every core in turn
-            vs = [one(pos, core, i, xi, skips) for pos, ((core, _), (i, xi)) in enumerate(zip(pairs, points))]
+            vs = [evaluate(pos, core, i, xi, skips) for pos, ((core, _), (i, xi)) in enumerate(zip(pairs, points))]
         else:
-            active = {core: pos for pos, (core, _) in enumerate(pairs)}
-            if my_core in active:
-                pos = active[my_core]
-                v = one(pos, my_core, *points[pos], skips)
-            else:                                              # not spawned yet, or retired
-                v = torch.zeros_like(points[0][1], dtype=torch.float32)
+            pos = next((p for p, (core, _) in enumerate(pairs) if core == my_core), None)
+            v = (evaluate(pos, my_core, *points[pos], skips) if pos is not None
+                 else torch.zeros_like(points[0][1], dtype=torch.float32))   # not spawned yet, or retired
             gathered = all_gather_equal(v.float(), group, traffic)   # one v per core group
             vs = [gathered[core] for core, _ in pairs]
         if cache:                                              # every rank keeps every core's cache
