@@ -9,6 +9,8 @@ planner (the preset, the video, the steps, the guidance and the LoRAs of its arg
 offload mode its sidecar recorded, or the argv's on results written before e2e kept them), and the
 highest allocated peak of its ranks (torch.cuda.max_memory_allocated, the sidecar's gpu_memory_gb).
 Runs with --compile (compiled blocks keep fewer activations) or --quant are left out, saying so.
+Where bench/cli_probe.py measured each phase's peak (the rows' `phases`), the table sets the
+model's phases beside them, and the fit uses the denoise and decode peaks too (PROBE_PHASES).
 
 --fit adjusts the constants of paradit.plan.memory (FITTED, or --fit-only NAME,...; others stay as
 the calibration has them) to minimise the squared relative error of the predicted peaks: Gauss-Newton
@@ -36,6 +38,11 @@ from paradit.config import WanConfig  # noqa: E402
 
 FITTED = ("overhead_gb", "activation_scale", "decode_scale", "lora_merge_gb")
 TOLERANCE = 0.05     # issue 29's acceptance: within 5% of the measured peak
+# bench/cli_probe.py's phases (their peaks, reset as each starts) -> the memory model's; the fit uses
+# the denoise and the decode (the probe's start-up also holds the loader's staging buffers, which
+# the model leaves out, and its text encode misses an I2V image's encode, which runs after it)
+PROBE_PHASES = {"startup": "load", "text_encode": "encode", "denoise": "denoise", "decode": "decode"}
+FIT_PHASES = ("denoise", "decode")
 
 
 # ----------------------------------------------------------------------------- points
@@ -72,11 +79,13 @@ def point_of(row: dict, preset: str, gpu: str | None) -> tuple[dict | None, str]
     guidance = flags.guidance if isinstance(flags.guidance, tuple) else (flags.guidance,)
     loras = len(row.get("loras") or []) or sum(len(flags.values.get(f) or ())
                                                 for f in ("lora", "lora_high", "lora_low"))
+    phases = {PROBE_PHASES[k]: v["allocated_gb"] for k, v in (row.get("phases") or {}).items()
+              if k in PROBE_PHASES and v and "allocated_gb" in v}
     return dict(run=row["run"], preset=preset, gpu=gpu_kind(gpu), width=width, height=height,
                 frames=flags.frames or cfg.frames, steps=flags.steps or cfg.steps,
                 guided=flags.guidance is None or any(g != 1.0 for g in guidance), loras=loras,
                 offload=row.get("offload") or "none", layout=layout_of(row, flags, cfg),
-                measured_gb=max(peaks)), ""
+                measured_gb=max(peaks), phases_gb=phases), ""
 
 
 def load_points(paths: list[str]) -> tuple[list[dict], list[str]]:
@@ -109,6 +118,24 @@ def errors(points: list[dict], cal: pl.Calibration, constants: dict | None = Non
     return [predict(pt, cal, constants).mem_gb / pt["measured_gb"] - 1 for pt in points]
 
 
+def fullest(c: pl.Candidate) -> pl.MemoryCost:
+    """The memory of the candidate's fullest GPU (a split layout's fuller stage)."""
+    b = c.breakdown
+    return b.mem_gb if isinstance(b, pl.ColocatedBreakdown) else max((b.mem_gb.high, b.mem_gb.low),
+                                                                    key=lambda m: m.total)
+
+
+def residuals(points: list[dict], cal: pl.Calibration, constants: dict | None = None) -> list[float]:
+    """What the fit minimises: each run's peak error, and its denoise and decode phases' errors where
+    bench/cli_probe.py measured them."""
+    out = []
+    for pt in points:
+        c = predict(pt, cal, constants)
+        out.append(c.mem_gb / pt["measured_gb"] - 1)
+        out += [getattr(fullest(c).phases, k) / pt["phases_gb"][k] - 1 for k in FIT_PHASES if k in pt["phases_gb"]]
+    return out
+
+
 def fit(points: list[dict], cal: pl.Calibration, names: tuple[str, ...] = FITTED, iterations: int = 30) -> dict:
     """The constants `names` that minimise the squared relative error of the predicted peaks (each kept
     >= 1e-3), starting from the calibration's; Gauss-Newton, a finite-difference Jacobian."""
@@ -117,11 +144,11 @@ def fit(points: list[dict], cal: pl.Calibration, names: tuple[str, ...] = FITTED
     x = np.array([float(getattr(cal, n)) for n in names])
     for _ in range(iterations):
         now = dict(zip(names, x))
-        r = np.array(errors(points, cal, now))
-        jac = np.empty((len(points), len(names)))
+        r = np.array(residuals(points, cal, now))
+        jac = np.empty((len(r), len(names)))
         for j, n in enumerate(names):
             h = 1e-3 * max(1.0, abs(x[j]))
-            jac[:, j] = (np.array(errors(points, cal, now | {n: x[j] + h})) - r) / h
+            jac[:, j] = (np.array(residuals(points, cal, now | {n: x[j] + h})) - r) / h
         step = np.linalg.lstsq(jac, -r, rcond=None)[0]
         x_new = np.maximum(x + step, 1e-3)
         if np.max(np.abs(x_new - x)) < 1e-6:
@@ -138,16 +165,16 @@ def summary(errs: list[float]) -> dict:
 
 
 def table(points: list[dict], cal: pl.Calibration, constants: dict | None = None) -> str:
-    lines = ["file | run | layout, offload | predicted GB (phase) | measured GB | error",
-             "--- | --- | --- | --- | --- | ---"]
+    lines = ["file | run | layout, offload | predicted GB (phase) | measured GB | error | phases predicted / "
+             "measured GB", "--- | --- | --- | --- | --- | --- | ---"]
     for pt in points:
         c = predict(pt, cal, constants)
-        mem = c.breakdown.mem_gb if isinstance(c.breakdown, pl.ColocatedBreakdown) else \
-            max((c.breakdown.mem_gb.high, c.breakdown.mem_gb.low), key=lambda m: m.total)
+        mem = fullest(c)
         err = c.mem_gb / pt["measured_gb"] - 1
         flag = "" if abs(err) <= TOLERANCE else " !"
+        phases = ", ".join(f"{k} {getattr(mem.phases, k):.1f} / {v:.1f}" for k, v in pt["phases_gb"].items()) or "-"
         lines.append(f"{pt['file']} | {pt['run']} | {c.layout.label()}, {pt['offload']} | {c.mem_gb:.1f} "
-                     f"({mem.phase}) | {pt['measured_gb']:.1f} | {100 * err:+.1f}%{flag}")
+                     f"({mem.phase}) | {pt['measured_gb']:.1f} | {100 * err:+.1f}%{flag} | {phases}")
     return "\n".join(lines)
 
 

@@ -191,8 +191,12 @@ def test_memory_fit_recovers_known_constants(tmp_path):
                "loras": [], "gpu_memory_gb": {"0": {"allocated": 1.0, "reserved": 1.0}}}
         point, why = memory_fit.point_of(row, preset, gpu)
         assert not why
-        peak = memory_fit.predict(point, memory_fit.pl.load_calibration(), truth).mem_gb
-        row["gpu_memory_gb"]["0"]["allocated"] = peak
+        made = memory_fit.predict(point, memory_fit.pl.load_calibration(), truth)
+        row["gpu_memory_gb"]["0"]["allocated"] = made.mem_gb
+        if preset == "wan2.2-ti2v-5b":   # the probe's per-phase peaks (bench/cli_probe.py), on one run
+            phases = memory_fit.fullest(made).phases
+            row["phases"] = {"denoise": {"s": 1.0, "allocated_gb": phases.denoise, "reserved_gb": 99.0},
+                             "decode": {"s": 1.0, "allocated_gb": phases.decode, "reserved_gb": 99.0}}
         runs.append((preset, gpu, row))
     files = []
     for i, (preset, gpu, row) in enumerate(runs):
@@ -203,7 +207,7 @@ def test_memory_fit_recovers_known_constants(tmp_path):
                           "--fit-only", ",".join(truth), "--write-calibration", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "4 of 4 within 5%" in run.stdout
+    assert "4 of 4 within 5%" in run.stdout and "denoise " in run.stdout   # the probed phases, in the table
     fitted = json.loads(out.read_text())
     for k, v in truth.items():
         assert fitted[k] == pytest.approx(v, rel=1e-3), k
