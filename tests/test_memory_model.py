@@ -213,3 +213,13 @@ def test_memory_fit_recovers_known_constants(tmp_path):
         assert fitted[k] == pytest.approx(v, rel=1e-3), k
     assert "fitted by bench/memory_fit.py" in fitted["memory_source"]
     assert memory_fit.pl.load_calibration(str(out)).activation_scale == pytest.approx(1.1, rel=1e-3)
+
+
+def test_the_service_takes_the_cfg_mode():
+    """`python -m paradit.serve` shares generate's --cfg-mode: the layout it resolves carries it (on a
+    CPU auto is batched: the planner does not model a CPU's memory)."""
+    from paradit.serve.cli import parse_args as serve_args
+    cfg, info = WanConfig.preset("tiny"), SimpleNamespace(world_size=1, rank=0)
+    for given, expected in (("in-turn", "in-turn"), ("auto", "batched")):
+        flags = serve_args(["--model", "tiny", "--cfg-mode", given])
+        assert resolve_layout(flags, cfg, info, video_settings(flags, cfg, None)).cfg_mode == expected
