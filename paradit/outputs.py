@@ -164,6 +164,10 @@ class VideoStream:
     without waiting, and the thread waits for that copy. ffmpeg starts at the first run (its size)."""
     QUEUED = 8
     STALL_S = 120.0        # a run not taken by ffmpeg within this: the encoder is stuck
+    # x264 holds this many frames before it encodes one (40 at its default preset): what is left to
+    # encode once the last frame is in. 10 on 49 noise frames at 640x360 (this 2-core machine): the
+    # same file size, the wait after the last frame 19 s -> 8 s where the encoder could not keep up
+    LOOKAHEAD = 10
 
     def __init__(self, outputs: Outputs, tmp: Path, fps: int):
         self.outputs, self.tmp, self.fps = outputs, tmp, fps
@@ -198,7 +202,8 @@ class VideoStream:
         self.k = max(1, -(-MIN_SIDE // min(h, w)))                     # as enlarge() will
         cmd = [get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                "-s", f"{w * self.k}x{h * self.k}", "-r", str(self.fps), "-i", "-", "-an", "-vcodec", "libx264",
-               "-pix_fmt", "yuv420p", "-crf", "10", "-f", "mp4", str(self.tmp)]
+               "-pix_fmt", "yuv420p", "-crf", "10", "-x264-params", f"rc-lookahead={self.LOOKAHEAD}",
+               "-f", "mp4", str(self.tmp)]
         # process_group=0: ffmpeg leaves our process group, so a Ctrl-C reaches paradit, which stops
         # it; set in C between fork and exec, no Python code runs in the child
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
