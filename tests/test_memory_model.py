@@ -57,10 +57,12 @@ def test_each_mode_moves_memory_the_right_way():
     assert u4.phases.denoise < guided.phases.denoise and r4.phases.denoise > u4.phases.denoise
     # the spread decode: a column tile each
     assert u4.phases.decode < guided.phases.decode
-    # LoRAs merge on the GPU into resident experts: a workspace at load, nothing after
+    # LoRAs merge on the GPU as each weight is read (an offloaded expert's too): a workspace at load,
+    # nothing after
     lora = mem(loras=2)
     assert lora.phases.load > guided.phases.load and lora.phases.denoise == guided.phases.denoise
-    assert mem(offload="experts", loras=2).phases.load == experts.phases.load       # merged in host memory
+    assert mem(offload="experts", loras=2).phases.load - experts.phases.load == pytest.approx(
+        lora.phases.load - guided.phases.load)
 
 
 def test_decode_tiles_fit_what_is_left():
@@ -82,8 +84,10 @@ def test_the_distilled_recipe_on_one_h100_runs_without_offload():
     assert c.layout == U1 and c.offload == "none"
     assert c.mem_gb == pytest.approx(78.4, rel=0.05)
     offloaded = evaluate(p.problem, U1, "experts")
-    assert offloaded.feasible and offloaded.time_to_video_s > c.time_to_video_s + 30
-    assert offloaded.video.lora_merge > 10 * c.video.lora_merge         # merged in host memory
+    # offloading costs its set-up (pinning 57 GB) and the swaps; the merge costs the same either way
+    assert offloaded.feasible and offloaded.time_to_video_s > c.time_to_video_s + 20
+    assert offloaded.video.lora_merge == c.video.lora_merge > 0
+    assert offloaded.video.offload_setup > 20 and c.video.offload_setup == 0
 
 
 def test_guided_on_one_h100_chooses_in_turn_if_it_fits_else_offload():

@@ -124,7 +124,6 @@ class Calibration:
     weights_gbps: float = 8.5              # checkpoint (warm page cache) -> GPU, per rank
     offload_setup_gbps: float = 2.2        # building an offloaded component's pinned host copy
     lora_merge_gbps: float = 14.0          # weights a LoRA merge passes through, on the GPU
-    lora_host_merge_gbps: float = 0.32     # the same where the expert is offloaded (merged in host memory)
     encode_s: float = 0.5                  # one prompt encode (umT5), the weights resident
     decode_s_per_gpix: float = 65.6        # VAE decode seconds per 1e9 output pixel-frames, one rank
     write_s_per_gpix: float = 50.9         # mp4 write (H.264) seconds per 1e9 pixel-frames

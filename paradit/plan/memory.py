@@ -12,7 +12,8 @@ Phases of one rank, each the memory resident through the run plus that phase's o
              + umT5 (5.7e9 params, 11.4 GB) where the rank encodes and the text encoder is not offloaded
              + the VAE's bf16 weights where it encodes or decodes
              + overhead_gb (latents, embeddings, cuBLAS workspaces: a fitted constant)
-    load     = resident + the LoRA merge's workspace where LoRAs merge into experts on the GPU
+    load     = resident + the LoRA merge's workspace (each weight merged on the GPU as it is read, an
+               offloaded expert's on its way into host memory)
     encode   = resident + max(the text encoder's device copy when offloaded, the VAE encode of the
                image condition: I2V the whole video, TI2V its first frame)
     denoise  = resident + activation_scale x one block's working set x b x local tokens, where b is 2
@@ -64,7 +65,7 @@ def rank_memory(p, stage: Stage, experts: int, text: bool, decode: bool, mode: s
     overhead = cal.overhead_gb + (vae["weights"] if text or decode else 0.0)
     resident = weights + text_resident + overhead
     acts = cal.activation_scale * activation_gb(m, math.ceil(p.tokens / (u * r)), cfg_batch(p, stage, cfg_mode), r > 1)
-    merge = cal.lora_merge_gb if p.loras and on_gpu == experts else 0.0
+    merge = cal.lora_merge_gb if p.loras else 0.0     # each weight merged on the GPU as it is read, offloaded or not
     decode_gb = cal.decode_scale * vae["decode"] * decode_share(p.width, u * r)
     work = {"load": merge, "encode": max(text_gb - text_resident, cal.decode_scale * vae["encode"]),
             "denoise": acts, "decode": _decode_work(p, resident, decode_gb) if decode else 0.0}

@@ -3,8 +3,8 @@
 Pure Python, no torch. For the slowest rank (the request's first, which holds the most: its experts,
 the text encoder and the VAE), in seconds:
     weights        its checkpoint bytes / weights_gbps (warm page cache to the GPU)
-    LoRA merge     the bytes of the experts LoRAs merge into / lora_merge_gbps on the GPU, or
-                   / lora_host_merge_gbps where the expert is offloaded (merged in host memory)
+    LoRA merge     the bytes of the experts LoRAs merge into / lora_merge_gbps: each weight merged on
+                   the GPU as it is read, an offloaded expert's on its way into host memory alike
     offload set-up the bytes it keeps in pinned host memory / offload_setup_gbps
     encode         encode_s (umT5 resident; the copy of an offloaded one is a host copy below)
     denoise        the steps, and the host copies the offload mode adds (Candidate.latency_s)
@@ -60,9 +60,7 @@ def video_time(p, mode: str, experts: int, decoders: int, denoise_s: float) -> V
     expert_gb = param_count(m) * 2 / GB
     vae = vae_gb(m, p.width, p.height, p.frames)
     read_gb = experts * expert_gb + text_encoder_gb(m) + vae["weights"]
-    offloaded = experts_on_host(mode, experts)
-    merge_s = experts * expert_gb / (cal.lora_host_merge_gbps if offloaded else cal.lora_merge_gbps) \
-        if p.loras else 0.0
+    merge_s = experts * expert_gb / cal.lora_merge_gbps if p.loras else 0.0
     gpix = p.width * p.height * p.frames / 1e9
     share = decode_share(p.width, decoders)
     return VideoTime(weights=read_gb / cal.weights_gbps, lora_merge=merge_s,
