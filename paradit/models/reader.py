@@ -178,8 +178,9 @@ class _Stager:
 
 class PinnedBuffer:
     """`nbytes` of page-locked host memory: an anonymous mapping (transparent huge pages asked for:
-    512x fewer page faults than 4 KB pages), its pages faulted in from a few threads when it is large,
-    then registered with the CUDA driver in ONE cudaHostRegister call. One registration, because a
+    512x fewer page faults than 4 KB pages), its pages faulted in first (from a few threads when it
+    is large; HostWeights makes its buffers from several threads), then registered with the CUDA
+    driver in ONE cudaHostRegister call. One registration, because a
     copy must lie inside one: a cudaMemcpyAsync whose host range spans two registrations fails with
     "invalid argument" (the text encoder's 11 GB buffer, registered in 1 GB pieces, crashed its
     first copy). Unregistered when this object goes (torch's pinned allocator would round every
@@ -195,9 +196,11 @@ class PinnedBuffer:
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)[:nbytes]   # page-aligned
         base = self.tensor.data_ptr()
         pieces = [(base + a, min(self.PIECE, nbytes - a)) for a in range(0, nbytes, self.PIECE)]
-        if len(pieces) > 1:       # the kernel zeroes each page as it faults: spread that over threads
-            with ThreadPoolExecutor(max_workers=min(8, len(pieces))) as pool:
-                list(pool.map(lambda p: ctypes.memset(p[0], 0, p[1]), pieces))   # ctypes drops the GIL
+        # faulted in here, a GiB per thread (the kernel zeroes each page as it faults; ctypes drops
+        # the GIL), so that the registration, which the driver may serialise, finds
+        # the pages present and only locks them
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(pieces)))) as pool:
+            list(pool.map(lambda p: ctypes.memset(p[0], 0, p[1]), pieces))
         err = self._cudart.cudaHostRegister(base, max(nbytes, 1), 0)
         if int(err) != 0:
             raise RuntimeError(f"could not page-lock {nbytes / 1e9:.1f} GB of host memory (cudaHostRegister: "
