@@ -227,3 +227,31 @@ def test_the_service_takes_the_cfg_mode():
     for given, expected in (("in-turn", "in-turn"), ("auto", "batched")):
         flags = serve_args(["--model", "tiny", "--cfg-mode", given])
         assert resolve_layout(flags, cfg, info, video_settings(flags, cfg, None)).cfg_mode == expected
+
+
+def test_video_fit_reads_rates_from_runs(tmp_path):
+    """bench/video_fit.py, as a user runs it: the time-to-video constants each run gives (by hand here),
+    their medians written under gpus.<kind> of a calibration that reads back, other factors kept."""
+    argv = ["--model", "/ckpt", "--size", "1280x720", "--frames", "81", "--steps", "2"]
+    row = {"run": "720p", "argv": ["bench/cli_probe.py", "--", *argv, "--offload", "experts"], "returncode": 0,
+           "offload": "experts", "loras": [], "gpu_memory_gb": {"0": {"allocated": 59.0, "reserved": 70.0}},
+           "startup": {"weights_s": 6.9, "offload_s": 5.72}, "text_encoder_s": 0.4, "vae_decode_s": 3.0,
+           "write_video_s": 1.5}
+    results = tmp_path / "e2e.json"
+    results.write_text(json.dumps({"preset": "wan2.2-t2v-a14b", "gpu": "NVIDIA H100 80GB HBM3", "runs": [row]}))
+    out = tmp_path / "cal.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "video_fit.py"), str(results), "--write-calibration",
+                          str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    h100 = json.loads(out.read_text())["gpus"]["h100"]
+    read_gb = 2 * 28.577 + 11.4 + 0.2538          # both experts, umT5, the Wan2.1 VAE (bf16)
+    assert h100["weights_gbps"] == pytest.approx(read_gb / 6.9, rel=1e-3)
+    assert h100["offload_setup_gbps"] == pytest.approx(2 * 28.577 / 5.72, rel=1e-3)
+    assert h100["encode_s"] == 0.4 and "lora_merge_gbps" not in h100
+    gpix = 1280 * 720 * 81 / 1e9
+    assert h100["decode_s_per_gpix"] == pytest.approx(3.0 / gpix, rel=1e-3)
+    assert h100["write_s_per_gpix"] == pytest.approx(1.5 / gpix, rel=1e-3)
+    from paradit.plan import DEFAULT_CALIBRATION
+    shipped = json.loads(Path(DEFAULT_CALIBRATION).read_text())["gpus"]["h100"]
+    assert h100["matmul_efficiency"] == shipped["matmul_efficiency"]      # the entry's other factors kept
+    assert load_calibration(str(out)).for_gpu("h100").weights_gbps == pytest.approx(read_gb / 6.9, rel=1e-3)
