@@ -375,3 +375,14 @@ def test_a_merge_that_overflows_its_dtype_is_refused(wrecking, ckpt):
                                         r".weight\) into blocks.1.self_attn.q.weight gives values that are not "
                                         r"finite in torch.float16"):
         load_transformer(ckpt / "transformer", dtype=torch.float16, loras=[spec])
+
+
+def test_cli_refuses_a_nan_lora_and_writes_nothing(wrecking, tmp_path):
+    """Issue 28's all-black video: the CLI exits 2 naming the file and the tensor, no mp4 written."""
+    out = tmp_path / "video.mp4"
+    run = subprocess.run([sys.executable, "-m", "paradit.generate", "--model", "tiny", "--prompt", PROMPT, "--lora",
+                          str(wrecking / "nan.safetensors"), "--steps", "2", "--out", str(out), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "nan.safetensors" in run.stderr and "diffusion_model.blocks.1.ffn.2.lora_up.weight holds NaN" in run.stderr
+    assert list(tmp_path.iterdir()) == []
