@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from paradit.models.reader import PinnedBuffer  # noqa: F401 (offload's host buffers too)
+from paradit.models.pinned import PinnedBuffer
 from paradit.residency import Action, residency_plan
 
 log = logging.getLogger("paradit")
@@ -46,7 +46,7 @@ class HostWeights:
     A buffer per chunk, not one pinned tensor per weight: torch's pinned allocator rounds every
     request up to a power of two (a 141.6 MB A14B FFN weight takes 256 MB), which made an A14B
     expert need ~42 GB of pinned memory instead of 28.6. Each chunk goes to the GPU as one transfer
-    into one device allocation, from one page-locked registration (paradit.models.reader.PinnedBuffer)."""
+    into one device allocation, from one page-locked registration (paradit.models.pinned.PinnedBuffer)."""
 
     def __init__(self, module: nn.Module, device, chunks: list[nn.Module] = ()):
         t0 = time.perf_counter()
