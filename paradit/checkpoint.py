@@ -23,10 +23,11 @@ assigned under paradit.models.loading.BUILD_LOCK (no library's process-wide cons
 reach a module another thread builds). The experts share one paradit.models.reader.Reader: its
 threads read the page cache straight into pinned staging slots (allocated once) and copy them to
 the GPU, casting there. LoRAs (`loras=`, paradit/models/lora.py) are checked from their headers
-with the configs, and merged into each weight as it is read, on the GPU. Experts that the offload
-mode keeps in host memory are read straight into their page-locked host buffers
-(paradit.offload.offload_on_load), a weight with a LoRA passing through the GPU for its merge. Phase timings land in `pipe.startup`,
-bytes read per component in `pipe.load_stats` ("bytes" from the files, "received_bytes" from peers).
+with the configs, and merged into each weight as it is read, on the GPU. Experts (and the text
+encoder) that the offload mode keeps in host memory are read straight into their page-locked host
+buffers (paradit.offload.offload_on_load), a weight with a LoRA passing through the GPU for its
+merge. Phase timings land in `pipe.startup`, bytes read per component in `pipe.load_stats` ("bytes"
+from the files, "received_bytes" from peers).
 
 Once per node (`read_once`, paradit.parallel.weights): the ranks of one node that load the same
 expert read its files once between them, each a share, the rest by broadcast. Who shares what

@@ -1,9 +1,10 @@
 """Offload mechanics: a module's weights kept in pinned host memory, copied to the GPU when used.
 
-HostWeights holds one module's parameters and buffers in host buffers, one per chunk (pinned on CUDA), and points
-the module at device copies while it is resident. An expert loaded for offload is read straight into
-its host buffers (offload_on_load: allocated for the meta-built model, filled by the checkpoint
-reader, kept on the module for ExpertResidency); a module already in memory is copied in. ExpertResidency executes the schedule of
+HostWeights holds one module's parameters and buffers in host buffers, one per chunk (pinned on
+CUDA), and points the module at device copies while it is resident. An expert (or the text encoder)
+loaded for offload is read straight into its host buffers (offload_on_load: allocated for the
+meta-built model, filled by the checkpoint reader, kept on the module for the residencies below); a
+module already in memory is copied in. ExpertResidency executes the schedule of
 paradit.residency for the experts a rank holds; TextEncoderResidency puts umT5 on the GPU for
 the prompt encode only. Both are driven explicitly by the pipeline (Pipeline.velocity,
 Pipeline.encode_prompts); the model code knows nothing of them.

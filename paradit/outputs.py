@@ -10,9 +10,10 @@ of dead processes (a SIGKILLed run) from its output folders.
 
 The video encoder is ffmpeg (imageio-ffmpeg's binary) in a process of its own, fed raw RGB frames on
 its stdin by a thread as they arrive (`video_stream`: the VAE decode hands over each run of frames as
-it decodes it, so the mp4 is encoded while the decode runs), and bounded in time. Not imageio's writer: that starts ffmpeg with a Python preexec_fn,
-which forks without exec in a process full of threads (gloo's, the failure watcher's), and the child
-can then block forever on a lock another thread held at the fork, with the run stuck in the write.
+it decodes it, so the mp4 is encoded while the decode runs), and bounded in time. Not imageio's
+writer: that starts ffmpeg with a Python preexec_fn, which forks without exec in a process full of
+threads (gloo's, the failure watcher's), and the child can then block forever on a lock another
+thread held at the fork, with the run stuck in the write.
 """
 from __future__ import annotations
 

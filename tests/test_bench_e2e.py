@@ -50,7 +50,8 @@ def test_e2e_writes_a_checkpoint_and_reports_every_phase(tmp_path):
 
 def test_probe_hides_a_package_as_if_not_installed():
     """bench/cli_probe.py --hide-fa4 (e2e.py --without-fa4): paradit's own check for an optional package
-    finds it missing while it is hidden (shown with one that is installed here, the standard library's tabnanny, never imported), and finds flash-attn-4
+    finds it missing while it is hidden (shown with one that is installed here, the standard library's
+    tabnanny, never imported), and finds flash-attn-4
     missing whether or not it is installed."""
     import cli_probe
     from paradit.models import attention

@@ -345,9 +345,10 @@ class LoraMerge:
         if not math.isfinite(scale) or abs(scale) > MAX_EFFECT:
             alpha = f"alpha {self.handles[i].get_tensor(p.alpha_key).item() if p.alpha_key else p.alpha} " \
                     f"({p.alpha_key or 'metadata'}), rank {p.rank}, " if p.rank else ""
+            why = "not finite" if not math.isfinite(scale) else "beyond any useful strength"
             raise LoraError(f"{spec}: strength x alpha / rank = {scale:g} for {p.keys[0]} ({alpha}strength "
-                            f"{spec.scale:g}) is {'not finite' if not math.isfinite(scale) else 'beyond any useful strength'}"
-                            f" (|..| <= {MAX_EFFECT:g}): the merged weights would overflow the activations")
+                            f"{spec.scale:g}) is {why} (|..| <= {MAX_EFFECT:g}): the merged weights would "
+                            f"overflow the activations")
 
     def stats(self) -> dict:
         return dict(files=[str(lf.path) for lf in self.files], tensors=self.merged, bytes=self.bytes,
