@@ -34,6 +34,12 @@ What is measured, per point (every rank runs it; the slowest rank of each step c
             heads_to_seq, RingComm and the runtime's all_gather_equal are swapped in this process
             only). comm = step - compute: the communication compute does not hide, plus waiting
             for slower ranks. comm share = comm / step.
+  weights   (--shard-weights none,sp,request runs each layout whole and sharded over each group it
+            allows) the weight bytes a rank holds at the fullest moment of the timed steps,
+            measured from the tensors themselves (paradit.parallel.sharding.PeakWeights: every
+            parameter's storage, each FSDP unit's shard, its gathered blocks and an all-gather in
+            flight): sharded over n ranks it falls as 1/n, to the embeddings and head plus a
+            two-block window; the _weights.png figure draws it against the world size.
   memory    GPU: torch.cuda.max_memory_allocated, reset per point. CPU: getrusage ru_maxrss after
             resetting the high-water mark (/proc/self/clear_refs), i.e. the whole process's RSS.
   traffic   the runtime's Traffic counter (paradit.parallel.collectives) over the timed steps, divided
@@ -53,6 +59,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -75,7 +82,9 @@ from paradit.models.transformer import WanTransformer, patchify, token_grid  # n
 import paradit.plan as pl  # noqa: E402
 from paradit.parallel.mesh import init_parallel  # noqa: E402
 from paradit.parallel.runtime import Runtime  # noqa: E402
+from paradit.parallel.sharding import PeakWeights, apply_weight_sharding  # noqa: E402
 from paradit.plan.layout import ParallelConfig, auto_sp  # noqa: E402
+from paradit.plan.sharding import refusal  # noqa: E402
 from paradit.schedulers import wan_sigmas  # noqa: E402
 from paradit.schedulers.chords import init_sequence, rounds_to_first_hit  # noqa: E402
 
@@ -136,11 +145,12 @@ def resolve(spec: LayoutSpec, world: int, heads: int) -> ParallelConfig:
 
 
 def config_dict(pc: ParallelConfig) -> dict:
-    return {a: getattr(pc, a) for a in AXES}
+    return {a: getattr(pc, a) for a in AXES} | ({"shard_weights": pc.shard_weights} if pc.shard_weights != "none"
+                                                else {})
 
 
 def plan_points(specs: list[LayoutSpec], worlds: list[int], heads: int, backends: list[str],
-                measures: list[str], max_world: int) -> tuple[list[dict], list[str]]:
+                measures: list[str], max_world: int, shards=("none",)) -> tuple[list[dict], list[str]]:
     """Every (world, layout, backend, measure) to run, deduplicated; and notes on what was skipped."""
     points, seen, notes, ran = [], {}, [], set()
     chords_ok, why = _chords_runtime()
@@ -160,18 +170,20 @@ def plan_points(specs: list[LayoutSpec], worlds: list[int], heads: int, backends
                              f"bench/chords.py measures the algorithm in one process")
                 continue
             ran.add(spec.text)
-            for backend in backends:
-                for measure in measures:
-                    if measure == "forward" and (pc.cfg > 1 or pc.chords > 1):
-                        continue
-                    key = (world, tuple(config_dict(pc).values()), backend, measure)
-                    if key in seen:
-                        seen[key]["families"].append(spec.family)
-                        continue
-                    seen[key] = dict(world=world, layout=spec.text, families=[spec.family],
-                                     config=config_dict(pc), label=pc.describe(), backend=backend,
-                                     measure=measure)
-                    points.append(seen[key])
+            for backend, measure, shard in itertools.product(backends, measures, shards):
+                if measure == "forward" and (pc.cfg > 1 or pc.chords > 1):
+                    continue
+                pcs = dataclasses.replace(pc, shard_weights=shard)
+                if shard != "none" and (refusal(pcs) or split_backend(backend)[1]):   # a group of one; compiled
+                    continue
+                key = (world, tuple(config_dict(pcs).values()), backend, measure)
+                family = spec.family + (f" shard:{shard}" if shard != "none" else "")
+                if key in seen:
+                    seen[key]["families"].append(family)
+                    continue
+                seen[key] = dict(world=world, layout=spec.text, families=[family], config=config_dict(pcs),
+                                 label=pcs.describe(), backend=backend, measure=measure)
+                points.append(seen[key])
     notes += [f"{s.text}: fits none of the worlds {sorted(set(worlds))}" for s in specs
               if s.text not in ran and not any(s.text in n for n in notes)]
     return points, notes
@@ -353,6 +365,8 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
     pc = ParallelConfig(**point["config"])
     mesh = init_parallel(pc, device, num_heads=cfg.num_heads)
     attention, compiled = split_backend(point["backend"])
+    if pc.shard_weights != "none":   # a fresh copy (same seed): the world's other points keep theirs whole
+        model = apply_weight_sharding(build_model(cfg, device, next(model.parameters()).dtype), mesh.shard_mesh)
     runtime = Runtime(mesh, attention, next(model.parameters()).dtype)
     runtime.bind(model)
     if compiled and not getattr(model, "_bench_compiled", False):   # eager points of this world ran first
@@ -367,7 +381,7 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
     else:
         step, traffic = make_step(runtime, model, inputs, point["measure"], device), runtime.traffic
         repeats, warmup = opts["steps"], opts["warmup"]
-    out = timed_calls(step, repeats, warmup, device, traffic, per)
+    out = timed_calls(step, repeats, warmup, device, traffic, per, model)
     if pc.world_size > 1 and pc.world_size != pc.dp:      # something communicates
         with torch.no_grad(), collectives_replaced():
             step()                                        # warm the stand-ins' shapes
@@ -375,7 +389,7 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
     return out | dict(attention=runtime.describe() + (", blocks torch.compile'd" if compiled else ""))
 
 
-def timed_calls(fn, repeats: int, warmup: int, device, traffic, per: int = 1) -> dict:
+def timed_calls(fn, repeats: int, warmup: int, device, traffic, per: int = 1, model=None) -> dict:
     """One rank's raw numbers for fn, in the shape merge_ranks reads: the first call timed apart
     (with +compile it builds the graphs), warmup - 1 more, then `repeats` timed calls with peak
     memory and bytes moved; times and traffic divided by `per` (CHORDS: rounds per request)."""
@@ -385,11 +399,12 @@ def timed_calls(fn, repeats: int, warmup: int, device, traffic, per: int = 1) ->
             fn()
         mem_kind = reset_memory(device)
         traffic.clear()
-        times = [t / per for t in timed(fn, repeats, device)]
+        with PeakWeights(*([model] if model is not None else [])) as weights:
+            times = [t / per for t in timed(fn, repeats, device)]
         moved = {op: [b / (repeats * per), c / (repeats * per)] for op, (b, c) in traffic.snapshot().items()}
         mem = peak_memory_mb(device)
     return dict(times=times, compute=None, traffic=moved, mem_mb=mem, mem_kind=mem_kind, repeats=repeats,
-                rounds_per_repeat=per, first_call_s=first)
+                rounds_per_repeat=per, first_call_s=first, weights_mb=weights.peak / 2**20)
 
 
 def world_main(points: list[dict], opts: dict) -> list[dict] | None:
@@ -453,7 +468,8 @@ def merge_ranks(point: dict, ranks: list[dict], stat: str) -> dict:
     out = dict(point, step_s=_stats(step, stat), attention=ranks[0]["attention"],
                first_call_s=max(r["first_call_s"] for r in ranks),
                peak_mem_mb=dict(max=max(r["mem_mb"] for r in ranks), per_rank=[r["mem_mb"] for r in ranks],
-                                kind=ranks[0]["mem_kind"]))
+                                kind=ranks[0]["mem_kind"]),
+               weights_mb=dict(max=max(r["weights_mb"] for r in ranks), per_rank=[r["weights_mb"] for r in ranks]))
     ops = sorted({op for r in ranks for op in r["traffic"]})
     out["traffic_per_step"] = {op: dict(bytes_per_rank_max=max(r["traffic"].get(op, [0, 0])[0] for r in ranks),
                                         bytes_all_ranks=sum(r["traffic"].get(op, [0, 0])[0] for r in ranks),
@@ -553,7 +569,8 @@ def predict(point: dict, cfg: WanConfig, opts: dict, spec: pl.GPUSpec, cal: pl.C
     c = point["config"]
     p = pl.make_problem(cfg, point["world"], spec, opts["width"], opts["height"], opts["frames"],
                         opts["sample_steps"], cal, guidance=point["measure"] == "step")
-    cand = pl.evaluate(p, ParallelConfig(c["ulysses"], c["ring"], c["cfg"], c["chords"], c["dp"]))
+    cand = pl.evaluate(p, ParallelConfig(c["ulysses"], c["ring"], c["cfg"], c["chords"], c["dp"],
+                                         shard_weights=c.get("shard_weights", "none")))
     if not math.isfinite(cand.step_s):
         return dict(step_s=None, reason=cand.reason)
     s = cand.breakdown.step
@@ -633,7 +650,7 @@ def _ms(x) -> str:
 
 def table(points: list[dict]) -> str:
     head = ("world", "layout", "attn", "measure", "step ms [min-max]", "pred ms", "fit ms", "meas/pred",
-            "speedup", "eff", "comm % (pred)", "peak MB", "MB/step/rank", "TFLOP/s/dev")
+            "speedup", "eff", "comm % (pred)", "peak MB", "weights MB/rank", "MB/step/rank", "TFLOP/s/dev")
     rows = [head]
     for p in points:
         pred, fit, st = p["predicted"], p.get("predicted_fit", {}), p["step_s"]
@@ -645,7 +662,8 @@ def table(points: list[dict]) -> str:
                      "-" if p["speedup"] is None else f"{p['speedup']:.2f}",
                      "-" if p["efficiency"] is None else f"{p['efficiency']:.2f}",
                      f"{100 * p['comm_share']:.0f} ({_pct(pred.get('comm_share'))})",
-                     f"{p['peak_mem_mb']['max']:.0f}", f"{moved:.3g}", f"{p['achieved_tflops_per_device']:.3g}"))
+                     f"{p['peak_mem_mb']['max']:.0f}", f"{p.get('weights_mb', {}).get('max', float('nan')):.3g}",
+                     f"{moved:.3g}", f"{p['achieved_tflops_per_device']:.3g}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
@@ -730,6 +748,39 @@ def plot(points: list[dict], title: str, path: Path, device_type: str, cores: in
     plt.close(fig)
 
 
+def plot_weights(points: list[dict], title: str, path: Path) -> Path | None:
+    """Weight bytes per rank against the world, one curve per layout family (sharded ones fall as
+    1/n); next to `path` as <name>_weights.png. None when the run has one world."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = families(points)
+    worlds = sorted({p["world"] for p in points})
+    if len(worlds) == 1 or not all("weights_mb" in p for p in points):
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, (name, pts) in enumerate(sorted(curves.items())):
+        ax.plot([p["world"] for p in pts], [p["weights_mb"]["max"] for p in pts], "o-", color=f"C{i % 10}",
+                label=name)
+    base = next((p for p in points if p["world"] == 1 and p["measure"] == "step"), None)
+    if base:
+        ax.plot(worlds, [base["weights_mb"]["max"] / w for w in worlds], "k--", lw=1, label="1/n of one device's")
+    ax.set(title="Weights a rank holds at its fullest (measured)", xlabel="ranks", ylabel="MB per rank",
+           xscale="log", yscale="log")
+    ax.set_xticks(worlds, [str(w) for w in worlds])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    out = path.with_name(path.stem + "_weights.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_single_world(points: list[dict], title: str, path: Path) -> None:
     """One world (e.g. the one-GPU suite): measured and predicted time per point, with the rates."""
     import matplotlib
@@ -789,6 +840,9 @@ def parse_args(argv):
                     help="attention backends, e.g. flash,sdpa (unavailable: skipped); a '+compile' suffix "
                          "(sdpa+compile) times the same with every block torch.compile'd (paradit.compile)")
     ap.add_argument("--measure", default="step", help="step (guided denoising step) and/or forward (one expert)")
+    ap.add_argument("--shard-weights", default="none",
+                    help="comma-separated: none, sp, request; each layout runs with its weights whole and/or "
+                         "sharded over that group (where the group has two ranks or more)")
     ap.add_argument("--calibration", help="calibration JSON for the planner (default: the shipped one)")
     ap.add_argument("--write-calibration", metavar="PATH", help="write fitted factors for load_calibration")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results JSON (e.g. a GPU run's)")
@@ -877,7 +931,8 @@ def main(argv=None) -> int:
     backends, notes = available_backends(args.backends.split(","), device_type)
     max_world = torch.cuda.device_count() if device_type == "cuda" else 64
     worlds = [int(w) for w in args.worlds.split(",")]
-    points, skipped = plan_points(specs, worlds, cfg.num_heads, backends, args.measure.split(","), max_world)
+    points, skipped = plan_points(specs, worlds, cfg.num_heads, backends, args.measure.split(","), max_world,
+                                  tuple(args.shard_weights.split(",")))
     notes += skipped
     tag = machine_tag(device_type)
     print(f"scaling: {cfg.name} ({cfg.num_layers} layers), {opts['width']}x{opts['height']}x{opts['frames']} "
@@ -946,7 +1001,8 @@ def main(argv=None) -> int:
     json_path = write_json(results_path("scaling", "json", args.out, tag), result)
     png_path = results_path("scaling", "png", args.out, tag)
     plot(records, title, png_path, device_type, cpu_cores() if device_type == "cpu" else None)
-    print(f"wrote {json_path} and {png_path}")
+    weights_png = plot_weights(records, title, png_path)
+    print(f"wrote {json_path} and {png_path}" + (f" and {weights_png}" if weights_png else ""))
     if args.write_calibration:
         note = (f"measured by bench/scaling.py on {result['date']}, {result['machine_description']}, {settings}; "
                 f"compute x{fit['compute_scale']:.3g}, comm x{fit['comm_scale']:.3g} relative to "

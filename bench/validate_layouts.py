@@ -4,6 +4,7 @@
     python bench/validate_layouts.py --dtype bf16 --worlds 1  # one GPU: the world-1 reference alone
     python bench/validate_layouts.py --dtype bf16 --worlds 2,4,8 --preset wan2.2-t2v-a14b --layers 2
                                                               # a multi-GPU node: NCCL, every layout
+    python bench/validate_layouts.py --shard-weights sp,request   # each layout also with sharded weights
 
 1. The reference runs in this process at world 1 on --device (cuda when there is one): seeded
    random weights of --preset (the tiny validation model by default: 8 heads, so that Ulysses 8
@@ -20,6 +21,8 @@
 3. Prints one table (worst rank per row) and writes bench/results/<date>_<machine>_layouts.json.
    A row fails above the dtype's tolerance (fp32: 1e-5, only summation order differs; bf16: 3e-2,
    rounding at different points); the exit code is non-zero when any row fails.
+With --shard-weights MODES every layout also runs with its experts' blocks sharded over each of
+those groups that has two ranks or more (paradit.parallel.sharding; rows named "<layout> shard:<mode>").
 The token count (80x48x9 -> 45 tokens) divides by none of the worlds: every split is uneven.
 """
 from __future__ import annotations
@@ -124,6 +127,9 @@ def run_layout(cfg: WanConfig, fields: dict, ref: dict, device, dtype) -> dict:
             row["latent"] = max(rel_err(done[i], ref["latents"][i]) for i in range(len(PROMPTS)))
         return row
     experts, text = components(cfg, device, dtype)
+    if mesh.shard_mesh is not None:    # the model check runs the sharded expert too (the Pipeline keeps it)
+        from paradit.parallel.sharding import apply_weight_sharding
+        apply_weight_sharding(experts[0], mesh.shard_mesh)
     with torch.no_grad():
         out = parallelize(experts[0], mesh)(*model_inputs(cfg, device, dtype)).float().cpu()
     row["model"] = rel_err(out, ref["model"])
@@ -138,6 +144,19 @@ def run_layout(cfg: WanConfig, fields: dict, ref: dict, device, dtype) -> dict:
     return row
 
 
+def with_sharding(layouts: list, modes: str) -> list:
+    """Each (name, fields), then the same with each sharding mode it allows."""
+    from paradit.plan.sharding import refusal
+    out = []
+    for name, fields in layouts:
+        out.append((name, fields))
+        for mode in filter(None, modes.split(",")):
+            sharded = fields | {"shard_weights": mode}
+            if not refusal(ParallelConfig(**sharded)):
+                out.append((f"{name} shard:{mode}", sharded))
+    return out
+
+
 def worker(args) -> None:
     """Under torchrun: every layout of this world; rank 0 writes the rows."""
     import torch.distributed as dist
@@ -149,7 +168,7 @@ def worker(args) -> None:
     cfg = model_config(args.preset, args.layers)
     ref = torch.load(args.reference)
     rows = []
-    for name, fields in LAYOUTS[info.world_size]:
+    for name, fields in with_sharding(LAYOUTS[info.world_size], args.shard_weights):
         t0 = time.perf_counter()
         mine = run_layout(cfg, fields, ref, info.device, DTYPES[args.dtype])
         every = [None] * info.world_size
@@ -168,7 +187,8 @@ def worker(args) -> None:
 def launch(world: int, args, ref_file: Path, rows_file: Path) -> list[dict]:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
             str(Path(__file__).resolve()), "--worker", "--reference", str(ref_file), "--rows", str(rows_file),
-            "--preset", args.preset, "--dtype", args.dtype, "--device", args.device]
+            "--preset", args.preset, "--dtype", args.dtype, "--device", args.device,
+            "--shard-weights", args.shard_weights]
     if args.layers:
         argv += ["--layers", str(args.layers)]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout)
@@ -201,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--timeout", type=float, default=900, help="seconds for one world")
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>_<machine>_layouts.json)")
+    p.add_argument("--shard-weights", default="", help="comma-separated sp, request: every layout also with its "
+                                                      "weights sharded over that group (where it has 2+ ranks)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reference", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)

@@ -6,7 +6,8 @@ block, the head; read straight from the checkpoint into them, or copied in): Lay
 the ExpertResidency interface the Denoiser drives (begin, before, after, end). For an evaluation of
 expert k:
   * before: the embeddings and the head, and the first LEAD blocks, are copied on a side stream;
-    the compute stream waits for the embeddings;
+    the compute stream waits for the embeddings; a later forward of the same evaluation (CFG in
+    turn) copies its first LEAD blocks again as it starts;
   * as block i starts (a forward pre-hook): the compute stream waits for block i's copy, and block
     i + LEAD's copy is issued, so that it runs while blocks i .. i + LEAD - 1 compute;
   * as block i ends (a forward hook): its device copy is freed;
@@ -18,6 +19,9 @@ stream, which first waits for the compute stream. On the CPU the copies are plai
 the same schedule runs, which is what the CPU tests check.
 
 The hooks are installed once, on every held expert's blocks, and act only for the expert running.
+With CFG in turn (the layout's cfg_mode "in-turn", which the planner picks with layers offload
+where the batched forward's activations do not fit) a step is two forwards, each streaming the
+expert: the first blocks are copied again as the second forward starts.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class LayerResidency:
         self.resident: set[int] = set()
         self.running: int | None = None
         self.pending: dict[int, object] = {}     # chunk -> the event of a copy nobody has waited for
+        self.on_device: set[int] = set()         # chunks of the running expert on the device (or on their way)
         self.copied_bytes = 0                    # host -> device, since construction
         self.log: list[tuple[int, str]] = []     # (expert, "stream" | "release")
         self._hooks = [h for k in self.held for h in self._install(k, experts[k])]
@@ -67,20 +72,19 @@ class LayerResidency:
 
     def before(self, k: int) -> None:
         assert self.running is None, f"expert {self.running} is still streaming"
-        blocks = self._blocks(k)
         self.running = k
-        for c in (0, blocks + 1, *range(1, 1 + min(self.lead, blocks))):   # rest, head, the first blocks
+        for c in (0, self._blocks(k) + 1):      # the embeddings and the head, for the whole evaluation
             self._copy(k, c)
+        self._ahead(k, 1)                       # the first blocks, behind the embeddings
         self._wait(0)
         self.resident = {k}
-        self.log.append((k, "stream"))
 
     def after(self, k: int) -> None:
         assert self.running == k, (self.running, k)
         for c in list(self.pending):     # copied but never used (an error mid-forward): wait before freeing
             self._wait(c)
         self.weights[k].release()
-        self.running, self.resident = None, set()
+        self.running, self.resident, self.on_device = None, set(), set()
         self.log.append((k, "release"))
 
     # ---------------------------------------------------------------- mechanics
@@ -88,8 +92,16 @@ class LayerResidency:
         return len(self.weights[k].chunks) - 2
 
     def _copy(self, k: int, c: int) -> None:
+        if c in self.on_device:
+            return
         self.pending[c] = self.weights[k].chunk_to_device(c, self.stream)
+        self.on_device.add(c)
         self.copied_bytes += self.weights[k].buffers[c].tensor.numel()
+
+    def _ahead(self, k: int, c: int) -> None:
+        """Blocks c .. c + LEAD - 1 on the device or on their way (the blocks are chunks 1 .. N)."""
+        for b in range(c, min(c + self.lead, self._blocks(k) + 1)):
+            self._copy(k, b)
 
     def _wait(self, c: int) -> None:
         event = self.pending.pop(c, None)
@@ -108,6 +120,9 @@ class LayerResidency:
     def _block_starts(self, k: int, c: int, module, args) -> None:
         if self.running != k:
             return
+        if c == 1:   # a forward starts (CFG in turn: two a step): its first blocks, if the last one freed them
+            self._ahead(k, 1)
+            self.log.append((k, "stream"))
         self._wait(c)
         if c + self.lead <= self._blocks(k):
             self._copy(k, c + self.lead)
@@ -116,6 +131,7 @@ class LayerResidency:
     def _block_ends(self, k: int, c: int, module, args, out) -> None:
         if self.running == k:
             self.weights[k].chunk_release(c)
+            self.on_device.discard(c)
 
     @torch.compiler.disable
     def _head_starts(self, k: int, module, args) -> None:
