@@ -109,28 +109,26 @@ def test_request_sharding_across_chords_cores_is_refused():
 
 
 # ------------------------------------------------------------------ the planner
-def test_planner_shards_where_whole_weights_are_tight():
-    """8 x a 72 GB H100 at 720p: whole weights leave 3 GB (an 80 GB H100 has 10 to spare by the
-    memory model fitted to measured peaks: it keeps them whole); the choice shards, keeps >= 20 GB
-    spare, and its predicted step is within 3% of the unsharded choice's."""
-    gpu = GPUS["h100"].replace(hbm_gb=72)
-    sharded = plan(A14B, 8, gpu, 1280, 720, 81)
-    whole = plan(A14B, 8, gpu, 1280, 720, 81, shard_weights="none")
-    c = sharded.choice
-    assert c.label() == "U8 shard:sp" and whole.choice.label() == "U8"
-    assert gpu.usable_gb - whole.choice.mem_gb < 0.05 * gpu.usable_gb
-    assert gpu.usable_gb - c.mem_gb >= 20
-    assert plan(A14B, 8, "h100", 1280, 720, 81).choice.layout.shard_weights == "none"
-    assert c.step_s <= 1.03 * whole.choice.step_s
-    assert c.breakdown.parts_s.weight_gather > 0        # the first block's gather, never hidden
-    # with room to spare (H200) whole weights stay: sharding only costs time there
+def test_planner_shards_where_whole_weights_leave_little_room():
+    """8 x H100 at 720p: whole weights leave 12% of the allocator's memory (72 of 82 GB); the choice
+    shards, keeps >= 20 GB spare, and its predicted step is within 3% of the whole-weights choice's.
+    8 x a 72 GB H100 likewise; with half the memory spare (H200) whole weights stay, being faster."""
+    for gpu in (GPUS["h100"], GPUS["h100"].replace(hbm_gb=72)):
+        sharded = plan(A14B, 8, gpu, 1280, 720, 81)
+        whole = plan(A14B, 8, gpu, 1280, 720, 81, shard_weights="none")
+        c, limit = sharded.choice, gpu.usable_gb - sharded.problem.calibration.context_gb
+        assert c.label() == "U8 shard:sp" and whole.choice.layout.shard_weights == "none", gpu
+        assert limit - whole.choice.mem_gb < 0.25 * limit and limit - c.mem_gb >= 20
+        assert c.step_s <= 1.03 * whole.choice.step_s
+        assert c.breakdown.parts_s.weight_gather > 0        # the first block's gather, never hidden
     assert plan(A14B, 8, "h200", 1280, 720, 81).choice.layout.shard_weights == "none"
 
 
 @pytest.mark.parametrize("gpus,gpu,label", [
-    (8, "l40s", "U1 R4 cfg2 offload experts"),  # the idle expert in host memory beats PCIe all-gathers by 3%
-    (8, "a100-40g", "U4 cfg2 shard:sp"),        # whole experts (57 GB) cannot fit 40 GB
-], ids=["8xL40S", "8xA100-40G"])
+    (8, "l40s", "U1 R4 cfg2 shard:sp"),          # within 3% of the idle expert in host memory, 11 GB more room
+    (8, "a100-40g", "U4 cfg2 shard:request"),    # whole experts (57 GB) cannot fit 40 GB
+    (4, "4090", "U1 R2 cfg2 offload layers"),    # nothing else fits 24 GB (tests/test_streaming.py)
+], ids=["8xL40S", "8xA100-40G", "4x4090"])
 def test_planner_fits_smaller_cards(gpus, gpu, label):
     p = plan(A14B, gpus, gpu, 1280, 720, 81)
     assert p.choice is not None and p.choice.label() == label

@@ -22,10 +22,14 @@ overlap is the calibration's ring_overlap (NCCL's copies contend with the comput
 as the ring's sends do). A step is one forward per rank (batched CFG, or CFG-parallel groups
 each gathering for their own forward), so each step pays one forward's exposed gathers.
 
-The choice (auto): among the modes a layout allows, the fastest that fits with HEADROOM of the
-GPU's usable memory to spare; else the fastest that fits; else the one needing least memory.
-Unsharded weights that fit with room keep their (slightly) faster steps; a layout that would run
-with a few GB to spare (8 x 72 GB H100s at 720p: 3 GB) is sharded instead.
+The choice (auto): among the modes a layout allows that fit, the fastest of those that leave
+HEADROOM of the allocator's memory spare and cost at most SLACK more time than the fastest mode
+that fits; else that fastest mode; else (nothing fits) the one needing least memory. The memory
+model is an estimate fitted to a few runs, and a longer prompt, a fragmented allocator after an
+out-of-memory or a bigger video take more (issue 31: the most reported Wan2.2 multi-GPU failure is
+out of memory on machines with plenty in total), so room is worth a little time: 8 x H100 at 720p
+(whole weights 72 of 82 GB, 12% spare) is sharded over sp for ~0.1% of the step (24 GB per GPU);
+8 x H200 (half the memory spare with whole weights) keeps them whole, which is faster.
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ from paradit.residency import moves_experts
 
 PREFETCH = 1            # blocks gathered ahead (paradit.parallel.sharding.PREFETCH)
 LEAD = 2                # blocks copied ahead with offload="layers" (paradit.streaming.LEAD)
-HEADROOM = 0.05         # share of usable memory a mode should leave spare to be preferred (costs' "tight")
+HEADROOM = 0.25         # share of the allocator's memory a mode should leave spare to be preferred
+SLACK = 0.03            # ... at no more than this share of time over the fastest mode that fits
 MODES = ("none", "sp", "request")
 BYTES = 2               # bf16 weights
 
@@ -108,10 +113,12 @@ def best_sharding(p, layout: ParallelConfig, evaluate):
     is the cost model's."""
     tried = [evaluate(p, dataclasses.replace(layout, shard_weights=mode)) for mode in allowed(layout)]
     fits = [c for c in tried if c.feasible]
-    roomy = [c for c in fits if p.gpu.usable_gb - c.mem_gb >= HEADROOM * p.gpu.usable_gb]
-    if roomy or fits:
-        return min(roomy or fits, key=lambda c: round(c.latency_s, 6))   # min keeps the first: none first
-    return min(tried, key=lambda c: c.mem_gb if math.isfinite(c.mem_gb) else math.inf)
+    if not fits:
+        return min(tried, key=lambda c: c.mem_gb if math.isfinite(c.mem_gb) else math.inf)
+    fastest = min(fits, key=lambda c: round(c.latency_s, 6))           # min keeps the first: none first
+    limit = p.gpu.usable_gb - p.calibration.context_gb                  # paradit.plan.memory.memory_limit
+    roomy = [c for c in fits if limit - c.mem_gb >= HEADROOM * limit and c.latency_s <= (1 + SLACK) * fastest.latency_s]
+    return min(roomy, key=lambda c: round(c.latency_s, 6)) if roomy else fastest
 
 
 def shard_note(m, layout: ParallelConfig, stage: Stage) -> str:
