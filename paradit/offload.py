@@ -284,6 +284,13 @@ class ExpertResidency:
         assert k in self.resident, f"expert {k} is not resident at evaluation {self.index}"
         self._wait(k)
 
+    def skip(self, k: int) -> None:
+        """An evaluation of expert k that the step cache serves without running it: the plan's
+        prefetches and releases at this evaluation still run in their places. Never a wait: the
+        first evaluation of an expert is always computed, so k is already resident."""
+        self.before(k)
+        self.after(k)
+
     def after(self, k: int) -> None:
         if not self.active:
             return

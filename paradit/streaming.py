@@ -79,6 +79,10 @@ class LayerResidency:
         self._wait(0)
         self.resident = {k}
 
+    def skip(self, k: int) -> None:
+        """An evaluation the step cache serves without running expert k: nothing to stream."""
+        assert self.running is None, f"expert {self.running} is still streaming"
+
     def after(self, k: int) -> None:
         assert self.running == k, (self.running, k)
         for c in list(self.pending):     # copied but never used (an error mid-forward): wait before freeing

@@ -130,6 +130,25 @@ def test_skipped_steps_run_no_transformer_and_off_changes_nothing():
     assert torch.equal(on, plain["latent"]) and not torch.equal(on, off)
 
 
+@pytest.mark.parametrize("offload", ["experts", "layers"])
+def test_offloaded_experts_skip_the_same_steps_and_copy_nothing_for_them(offload):
+    from paradit.pipeline import Pipeline
+    kw = dict(steps=12, seed=3, output="latent", progress=False)
+    ref = Pipeline.from_pretrained("tiny")(PROMPTS[0], cache="easy:0.3:1", **kw)
+    resident = Pipeline.from_pretrained("tiny")
+    pipe = Pipeline.from_pretrained("tiny", offload=offload)
+    assert torch.equal(pipe(PROMPTS[0], **kw), resident(PROMPTS[0], **kw))
+    copied, n = getattr(pipe.residency, "copied_bytes", None), len(pipe.residency.log)
+    assert torch.equal(pipe(PROMPTS[0], cache="easy:0.3:1", **kw), ref)
+    skipped = {e["step"] for e in pipe.record.cache.skipped}
+    assert skipped and len(pipe.record.residency) == 12 - len(skipped)    # one entry per computed step
+    if offload == "layers":   # the blocks stream for computed steps only
+        assert pipe.residency.copied_bytes - copied == pytest.approx(copied * (12 - len(skipped)) / 12)
+    else:   # the plan's prefetches and releases at the same evaluations as a warm request's without the cache
+        log = pipe.residency.log
+        assert log[n:] == log[1:n] and any(e[0] in skipped for e in log[n:])   # (a release at a skipped step)
+
+
 # ------------------------------------------------------------------ every layout
 
 @pytest.fixture(scope="module")
@@ -171,15 +190,24 @@ def test_twenty_requests_in_a_row_stay_in_lockstep(references):
 # ------------------------------------------------------------------ the CLI
 
 def test_cli_writes_the_skipped_steps_and_names_the_flag(tmp_path):
-    out = tmp_path / "v.mp4"
-    run = subprocess.run([sys.executable, "-m", "paradit.generate", "--model", "demo", "--steps", "20", "--cache",
-                          "easy:0.1", "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr
-    side = json.loads(out.with_suffix(".json").read_text())
-    cache = side["cache"]
-    assert side["settings"]["cache"] == "easy:0.1:2" and cache["evaluations"] == 20
+    """One process, then split experts under torchrun (the low stage writes the high stage's skips)."""
+    from safetensors.torch import load_file
+    sides, latents = [], []
+    for name, launch in [("one", []), ("split", ["-m", "torch.distributed.run", "--nproc-per-node", "2"])]:
+        out = tmp_path / f"{name}.mp4"
+        extra = ["--experts", "split"] if launch else []
+        run = subprocess.run([sys.executable, *launch, "-m", "paradit.generate", "--model", "demo", "--steps", "20",
+                              "--cache", "easy:0.1", *extra, "--save-latents", "--out", str(out), "--no-progress"],
+                             capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr[-3000:]
+        sides.append(json.loads(out.with_suffix(".json").read_text()))
+        latents.append(load_file(out.with_suffix(".latent.safetensors"))["latent"])
+    cache = sides[0]["cache"]
+    assert sides[0]["settings"]["cache"] == "easy:0.1:2" and cache["evaluations"] == 20
     assert cache["saved"] == len(cache["skipped"]) > 0 and cache["computed"] == 20 - cache["saved"]
     assert {e["step"] for e in cache["skipped"]}.isdisjoint({0, 1, 19})
+    assert {e["expert"] for e in cache["skipped"]} == {0, 1}                # both stages skip some
+    assert sides[1]["cache"] == cache and rel_err(latents[1], latents[0]) < RTOL
     bad = subprocess.run([sys.executable, "-m", "paradit.generate", "--model", "demo", "--cache", "easy:-1",
                           "--out", str(tmp_path / "b.mp4")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--cache easy:-1" in bad.stderr and not (tmp_path / "b.mp4").exists()

@@ -78,13 +78,12 @@ class Denoiser:
         return v
 
     def skip(self, req: Request, t: int) -> None:
-        """A step the cache serves at timestep t: in the trace like any step; the residency plan
-        (which counts evaluations) advances past it without running the expert."""
+        """A step the cache serves at timestep t: in the trace like any step; the residency (whose
+        plan counts evaluations) is told, and copies nothing it would not have copied anyway."""
         k = self.expert_for(t)
         req.record.trace.append((int(t), k, req.settings.guidance[k]))
         if self.residency is not None:
-            self.residency.before(k)
-            self.residency.after(k)
+            self.residency.skip(k)
 
     def step_cache(self, req: Request, trajectories: int = 1) -> StepCache | None:
         """The request's step cache (None when off); its report goes to req.record.cache."""
