@@ -545,6 +545,7 @@ def test_ctrl_c_under_torchrun_reports_on_every_rank(tmp_path):
     errors = error_lines("".join(lines) + rest)
     assert ranks_reporting(errors) == {0, 1}, rest[-3000:]
     assert all(re.search(r"interrupted \(SIGINT\)|terminated \(SIGTERM\)", line) for line in errors), errors
+    assert not re.search(r'File ".*/paradit/|Connection closed by peer', rest), rest[-3000:]  # the line alone
     assert time.monotonic() - t0 < 30 and proc.returncode != 0
     assert list(tmp_path.iterdir()) == []
 
