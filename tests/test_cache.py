@@ -23,11 +23,13 @@ TABLE = [
     (2, "DP2", dict(dp=2), None),
     (2, "split1+1", dict(experts="split", stages=((1, 1, 1), (1, 1, 1))), None),
     (2, "CHORDS2", dict(chords=2), 2),
+    (2, "U2 sharded", dict(ulysses=2, shard_weights="sp"), None),       # FSDP2 blocks: skipped steps gather none
     (4, "U2xR2", dict(ulysses=2, ring=2), None),
     (4, "U2xCFG2", dict(ulysses=2, cfg=2), None),
     (4, "R2xDP2", dict(ring=2, dp=2), None),
     (4, "split2+2", dict(experts="split", stages=((2, 1, 1), (1, 1, 2))), None),   # U2 hands off to CFG2
     (4, "CHORDS2xU2", dict(chords=2, ulysses=2), 2),
+    (4, "U2xCFG2 sharded", dict(ulysses=2, cfg=2, shard_weights="request"), None),
     (8, "U2xR2xCFG2", dict(ulysses=2, ring=2, cfg=2), None),
     (8, "CHORDS2xR2xCFG2", dict(chords=2, ring=2, cfg=2), 2),
     (8, "split4+4", dict(experts="split", stages=((2, 2, 1), (2, 1, 2))), None),
