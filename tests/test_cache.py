@@ -192,24 +192,27 @@ def test_twenty_requests_in_a_row_stay_in_lockstep(references):
 # ------------------------------------------------------------------ the CLI
 
 def test_cli_writes_the_skipped_steps_and_names_the_flag(tmp_path):
-    """One process, then split experts under torchrun (the low stage writes the high stage's skips)."""
+    """Split experts under torchrun (the low stage writes the high stage's skips) against the library
+    on one process."""
     from safetensors.torch import load_file
-    sides, latents = [], []
-    for name, launch in [("one", []), ("split", ["-m", "torch.distributed.run", "--nproc-per-node", "2"])]:
-        out = tmp_path / f"{name}.mp4"
-        extra = ["--experts", "split"] if launch else []
-        run = subprocess.run([sys.executable, *launch, "-m", "paradit.generate", "--model", "demo", "--steps", "20",
-                              "--cache", "easy:0.1", *extra, "--save-latents", "--out", str(out), "--no-progress"],
-                             capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stderr[-3000:]
-        sides.append(json.loads(out.with_suffix(".json").read_text()))
-        latents.append(load_file(out.with_suffix(".latent.safetensors"))["latent"])
-    cache = sides[0]["cache"]
-    assert sides[0]["settings"]["cache"] == "easy:0.1:2" and cache["evaluations"] == 20
-    assert cache["saved"] == len(cache["skipped"]) > 0 and cache["computed"] == 20 - cache["saved"]
-    assert {e["step"] for e in cache["skipped"]}.isdisjoint({0, 1, 19})
+
+    from paradit.cli.flags import DEFAULT_PROMPT
+    from paradit.pipeline import Pipeline
+    out = tmp_path / "split.mp4"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                          "paradit.generate", "--model", "demo", "--steps", "20", "--cache", "easy:0.1", "--experts",
+                          "split", "--save-latents", "--out", str(out), "--no-progress"],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    side = json.loads(out.with_suffix(".json").read_text())
+    pipe = Pipeline.from_pretrained("demo")
+    ref = pipe(DEFAULT_PROMPT, steps=20, cache="easy:0.1", output="latent", progress=False)
+    cache = side["cache"]
+    assert side["settings"]["cache"] == "easy:0.1:2" and cache == pipe.record.cache.as_dict()
+    assert cache["evaluations"] == 20 and cache["saved"] == len(cache["skipped"]) > 0
+    assert cache["computed"] == 20 - cache["saved"] and {e["step"] for e in cache["skipped"]}.isdisjoint({0, 1, 19})
     assert {e["expert"] for e in cache["skipped"]} == {0, 1}                # both stages skip some
-    assert sides[1]["cache"] == cache and rel_err(latents[1], latents[0]) < RTOL
+    assert rel_err(load_file(out.with_suffix(".latent.safetensors"))["latent"], ref) < RTOL
     bad = subprocess.run([sys.executable, "-m", "paradit.generate", "--model", "demo", "--cache", "easy:-1",
                           "--out", str(tmp_path / "b.mp4")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--cache easy:-1" in bad.stderr and not (tmp_path / "b.mp4").exists()
