@@ -271,6 +271,9 @@ def main(argv=None) -> int:
         outputs.discard()
         report(*failure(err)[:2])
     joined = watcher is None or watcher.stop()  # joined before the process group goes: see faults.py
+    for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(sig) is _signal_while_starting:  # restored by stop(); the run is over, not starting
+            signal.signal(sig, default)
     if not joined:  # a store call that never returns: leave without the interpreter's teardown
         sys.stdout.flush()
         sys.stderr.flush()
