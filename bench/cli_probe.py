@@ -7,8 +7,8 @@
 --phase-memory OUT.json: the peak GPU memory (allocated and reserved by torch's allocator, GB) and the
     device-synchronised seconds of each phase, written when the CLI exits: start-up
     (Pipeline.from_pretrained: weights, offload set-up, LoRA merge), text encoding
-    (Pipeline.encode_prompts), denoise (Pipeline.drive), decode (Pipeline.decode) and write
-    (Outputs.video). The peak statistics are reset as each phase starts and read as it ends; a phase
+    (Pipeline.encode_prompts), denoise (Pipeline.drive), decode (Pipeline.decode, the mp4 encoded
+    meanwhile) and write (VideoStream.close: what the encoder has left after the decode). The peak statistics are reset as each phase starts and read as it ends; a phase
     run more than once (several prompts) keeps its largest peak and its total time.
 --hide-fa4: flash-attn-4 (`flash_attn.cute`) made unimportable, as if it were not installed.
 
@@ -69,12 +69,12 @@ def measured(fn, phase: str, record: dict):
 
 
 def probe_phases(record: dict) -> None:
-    from paradit.outputs import Outputs
+    from paradit.outputs import VideoStream
     from paradit.pipeline import Pipeline
     build = Pipeline.__dict__["from_pretrained"].__func__
     Pipeline.from_pretrained = classmethod(measured(build, "startup", record))
     for cls, name, phase in ((Pipeline, "encode_prompts", "text_encode"), (Pipeline, "drive", "denoise"),
-                             (Pipeline, "decode", "decode"), (Outputs, "video", "write")):
+                             (Pipeline, "decode", "decode"), (VideoStream, "close", "write")):
         setattr(cls, name, measured(getattr(cls, name), phase, record))
 
 
