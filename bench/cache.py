@@ -25,7 +25,8 @@ threshold (read from --savings-from, the demo sweep's JSON; the run's own when n
     T_uncached(N) = N t_computed,    T_cached(N) = N ((1 - f) t_computed' + f t_skipped)
 where t_computed' is a computed step's time with the cache on (its bookkeeping included).
 
-Writes bench/results/<date>_<machine>_cache.json (and .png for a quality sweep); --out to choose.
+Writes bench/results/<date>_<machine>_cache_<N>steps.json and .png (a quality sweep) or
+<date>_<machine>_cache_<model>.json (speed); --out to choose the folder.
 """
 from __future__ import annotations
 
@@ -268,7 +269,8 @@ def main(argv=None) -> int:
                   f"{e['computed_step_cached_s']:.3f} s, skipped step {e['skipped_step_s'] or math.nan:.4f} s)")
     print(table(summ, quality))
     tag = machine_tag(device)
-    path = write_json(results_path("cache" if quality else f"cache_{pipe.cfg.name}", "json", opts.out, tag), result)
+    what = f"cache_{opts.steps}steps" if quality else f"cache_{pipe.cfg.name}"
+    path = write_json(results_path(what, "json", opts.out, tag), result)
     print(f"wrote {path}")
     if quality:
         png = path.with_suffix(".png")

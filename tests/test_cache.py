@@ -252,7 +252,7 @@ def test_bench_sweeps_the_demo_model_and_extrapolates_a_checkpoint(tmp_path):
     import e2e
 
     assert bench.main(["--prompts", "2", "--thresholds", "0.1,0.3", "--steps", "16", "--out", str(tmp_path)]) == 0
-    (demo,) = tmp_path.glob("*_cache.json")
+    (demo,) = tmp_path.glob("*_cache_16steps.json")
     result = json.loads(demo.read_text())
     assert demo.with_suffix(".png").stat().st_size > 0
     low, high = result["summary"]
