@@ -82,7 +82,7 @@ from paradit.models.transformer import WanTransformer, patchify, token_grid  # n
 import paradit.plan as pl  # noqa: E402
 from paradit.parallel.mesh import init_parallel  # noqa: E402
 from paradit.parallel.runtime import Runtime  # noqa: E402
-from paradit.parallel.sharding import PeakWeights, apply_weight_sharding  # noqa: E402
+from paradit.parallel.sharding import PeakWeights, apply_weight_sharding, held_bytes  # noqa: E402
 from paradit.plan.layout import ParallelConfig, auto_sp  # noqa: E402
 from paradit.plan.sharding import refusal  # noqa: E402
 from paradit.schedulers import wan_sigmas  # noqa: E402
@@ -365,8 +365,12 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
     pc = ParallelConfig(**point["config"])
     mesh = init_parallel(pc, device, num_heads=cfg.num_heads)
     attention, compiled = split_backend(point["backend"])
+    whole = held_bytes(model, 1)     # the weights' parts as predicted (paradit.parallel.sharding.held_bytes)
+    parts = dict(whole, window=0, peak=whole["whole"] + whole["shards"])       # whole weights: no window
     if pc.shard_weights != "none":   # a fresh copy (same seed): the world's other points keep theirs whole
-        model = apply_weight_sharding(build_model(cfg, device, next(model.parameters()).dtype), mesh.shard_mesh)
+        model = build_model(cfg, device, next(model.parameters()).dtype)
+        parts = held_bytes(model, mesh.shard_mesh.size())
+        model = apply_weight_sharding(model, mesh.shard_mesh)
     runtime = Runtime(mesh, attention, next(model.parameters()).dtype)
     runtime.bind(model)
     if compiled and not getattr(model, "_bench_compiled", False):   # eager points of this world ran first
@@ -386,7 +390,8 @@ def measure_point(model, cfg, inputs, point: dict, opts: dict, device) -> dict:
         with torch.no_grad(), collectives_replaced():
             step()                                        # warm the stand-ins' shapes
             out["compute"] = [t / per for t in timed(step, repeats, device)]
-    return out | dict(attention=runtime.describe() + (", blocks torch.compile'd" if compiled else ""))
+    return out | dict(attention=runtime.describe() + (", blocks torch.compile'd" if compiled else ""),
+                      weights_parts_mb={k: v / 2**20 for k, v in parts.items()})
 
 
 def timed_calls(fn, repeats: int, warmup: int, device, traffic, per: int = 1, model=None) -> dict:
@@ -469,7 +474,8 @@ def merge_ranks(point: dict, ranks: list[dict], stat: str) -> dict:
                first_call_s=max(r["first_call_s"] for r in ranks),
                peak_mem_mb=dict(max=max(r["mem_mb"] for r in ranks), per_rank=[r["mem_mb"] for r in ranks],
                                 kind=ranks[0]["mem_kind"]),
-               weights_mb=dict(max=max(r["weights_mb"] for r in ranks), per_rank=[r["weights_mb"] for r in ranks]))
+               weights_mb=dict(max=max(r["weights_mb"] for r in ranks), per_rank=[r["weights_mb"] for r in ranks],
+                               predicted=ranks[0]["weights_parts_mb"]))
     ops = sorted({op for r in ranks for op in r["traffic"]})
     out["traffic_per_step"] = {op: dict(bytes_per_rank_max=max(r["traffic"].get(op, [0, 0])[0] for r in ranks),
                                         bytes_all_ranks=sum(r["traffic"].get(op, [0, 0])[0] for r in ranks),
@@ -759,26 +765,41 @@ def plot_weights(points: list[dict], title: str, path: Path) -> Path | None:
     worlds = sorted({p["world"] for p in points})
     if len(worlds) == 1 or not all("weights_mb" in p for p in points):
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, (ax, ax_blocks) = plt.subplots(1, 2, figsize=(13, 5))
     for i, (name, pts) in enumerate(sorted(curves.items())):
-        ax.plot([p["world"] for p in pts], [p["weights_mb"]["max"] for p in pts], "o-", color=f"C{i % 10}",
-                label=name)
+        xs, color = [p["world"] for p in pts], f"C{i % 10}"
+        ax.plot(xs, [p["weights_mb"]["max"] for p in pts], "o-", color=color, label=name)
+        fixed = [_fixed_mb(p) for p in pts]
+        ax.plot(xs, [f + p["weights_mb"]["predicted"]["shards"] for p, f in zip(pts, fixed)], "x:", color=color,
+                alpha=0.7)
+        ax_blocks.plot(xs, [p["weights_mb"]["max"] - f for p, f in zip(pts, fixed)], "o-", color=color, label=name)
     base = next((p for p in points if p["world"] == 1 and p["measure"] == "step"), None)
     if base:
-        ax.plot(worlds, [base["weights_mb"]["max"] / w for w in worlds], "k--", lw=1, label="1/n of one device's")
-    ax.set(title="Weights a rank holds at its fullest (measured)", xlabel="ranks", ylabel="MB per rank",
-           xscale="log", yscale="log")
-    ax.set_xticks(worlds, [str(w) for w in worlds])
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        blocks = base["weights_mb"]["max"] - base["weights_mb"]["predicted"]["whole"]
+        ax_blocks.plot(worlds, [blocks / w for w in worlds], "k--", lw=1, label="1/n of one device's blocks")
+    ax.set(title="Weights a rank holds at its fullest (measured; dotted x: predicted)", ylabel="MB per rank")
+    ax_blocks.set(title="Of which its blocks' shards (measured - embeddings, head, window)", ylabel="MB per rank")
+    for a in (ax, ax_blocks):
+        a.set(xlabel="ranks", xscale="log", yscale="log")
+        a.set_xticks(worlds, [str(w) for w in worlds])
+        a.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        a.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     out = path.with_name(path.stem + "_weights.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _fixed_mb(p: dict) -> float:
+    """What a point's rank holds besides its blocks' shards: the embeddings and head, and with
+    sharded weights the window of gathered blocks."""
+    predicted = p["weights_mb"]["predicted"]
+    return predicted["whole"] + (predicted["window"] if p["config"].get("shard_weights") else 0.0)
 
 
 def plot_single_world(points: list[dict], title: str, path: Path) -> None:
@@ -915,6 +936,7 @@ def replot(path: str) -> Path:
     png = Path(path).with_suffix(".png")
     cores = data["environment"]["cpu_cores"] if data["settings"]["device"] == "cpu" else None
     plot(data["points"], data["title"], png, data["settings"]["device"], cores)
+    plot_weights(data["points"], data["title"], png)
     return png
 
 

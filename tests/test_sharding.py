@@ -171,3 +171,25 @@ def test_checkpoint_read_sharded(tmp_path):
             assert res["read"] == res["held"], f"rank {rank} {layout}: read {res['read']}, keeps {res['held']}"
             # half the blocks, give or take the rows of odd-sized tensors (torch.chunk's pieces)
             assert 0.4 * blocks < res["held"] - rest < 0.6 * blocks, f"rank {rank} {layout}: {res['held'] - rest}"
+
+
+def test_scaling_bench_measures_weights_per_rank(tmp_path):
+    """bench/scaling.py --shard-weights: a world of 2 sharded over sp holds the predicted weight
+    bytes (measured from the tensors), its blocks' share half of one device's."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import scaling
+    argv = ["--device", "cpu", "--preset", "tiny", "--layers", "8", "--size", "64x64", "--frames", "9", "--worlds",
+            "1,2", "--layouts", "SP", "--shard-weights", "none,sp", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]
+    assert scaling.main(argv) == 0
+    (path,) = tmp_path.glob("*_scaling.json")
+    points = {(p["world"], p["config"].get("shard_weights", "none")): p["weights_mb"]
+              for p in json.loads(path.read_text())["points"]}
+    one, whole, sharded = points[(1, "none")], points[(2, "none")], points[(2, "sp")]
+    assert one["max"] == whole["max"] == pytest.approx(one["predicted"]["peak"], rel=1e-9)
+    assert sharded["max"] == pytest.approx(sharded["predicted"]["peak"], rel=1e-9) and sharded["max"] < one["max"]
+    blocks_one, blocks_two = one["predicted"]["shards"], sharded["predicted"]["shards"]
+    assert blocks_two == pytest.approx(blocks_one / 2, rel=0.05)       # + dim-0 padding: (1, 6, D) modulations
+    assert (tmp_path / path.name.replace(".json", "_weights.png")).exists()
