@@ -7,7 +7,9 @@
 Every successful run in bench/e2e.py's results files is a point: the problem the CLI posed the
 planner (the preset, the video, the steps, the guidance and the LoRAs of its argv; the layout and
 offload mode its sidecar recorded, or the argv's on results written before e2e kept them), and the
-highest allocated peak of its ranks (torch.cuda.max_memory_allocated, the sidecar's gpu_memory_gb).
+highest allocated peak of its ranks (torch.cuda.max_memory_allocated, the sidecar's gpu_memory_gb), or
+of its phases where the probe measured them (the probe resets the peak as each phase starts, so the
+sidecar's figure is then the last phase's alone).
 Runs with --compile (compiled blocks keep fewer activations) or --quant are left out, saying so.
 Where bench/cli_probe.py measured each phase's peak (the rows' `phases`), the table sets the
 model's phases beside them, and the fit uses the denoise and decode peaks too (PROBE_PHASES).
@@ -85,7 +87,7 @@ def point_of(row: dict, preset: str, gpu: str | None) -> tuple[dict | None, str]
                 frames=flags.frames or cfg.frames, steps=flags.steps or cfg.steps,
                 guided=flags.guidance is None or any(g != 1.0 for g in guidance), loras=loras,
                 offload=row.get("offload") or "none", layout=layout_of(row, flags, cfg),
-                measured_gb=max(peaks), phases_gb=phases), ""
+                measured_gb=max(peaks + list(phases.values())), phases_gb=phases), ""
 
 
 def load_points(paths: list[str]) -> tuple[list[dict], list[str]]:
