@@ -26,7 +26,7 @@ The choice (auto): among the modes a layout allows that fit, the fastest of thos
 HEADROOM of the allocator's memory spare and cost at most SLACK more time than the fastest mode
 that fits; else that fastest mode; else (nothing fits) the one needing least memory. The memory
 model is an estimate fitted to a few runs, and a longer prompt, a fragmented allocator after an
-out-of-memory or a bigger video take more (issue 31: the most reported Wan2.2 multi-GPU failure is
+out-of-memory or a bigger video take more (the most reported Wan2.2 multi-GPU failure is
 out of memory on machines with plenty in total), so room is worth a little time: 8 x H100 at 720p
 (whole weights 72 of 82 GB, 12% spare) is sharded over sp for ~0.1% of the step (24 GB per GPU);
 8 x H200 (half the memory spare with whole weights) keeps them whole, which is faster.
