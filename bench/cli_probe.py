@@ -44,13 +44,20 @@ class HideModule(importlib.abc.MetaPathFinder):
         return None
 
 
-def measured(fn, phase: str, record: dict):
-    """fn, its phase's peak memory and seconds recorded (CUDA: device-synchronised)."""
+PEAKS = (("allocated_gb", "max_memory_allocated"), ("reserved_gb", "max_memory_reserved"))
+
+
+def measured(fn, phase: str, record: dict, whole: dict):
+    """fn, its phase's peak memory and seconds recorded (CUDA: device-synchronised). The peak
+    statistics are reset as the phase starts; `whole` keeps the run's peak, read before each reset
+    too, which torch.cuda.max_memory_* report here (keep_whole_peaks): the CLI's sidecar stays the run's."""
     @functools.wraps(fn)
     def wrapper(*args, **kw):
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.synchronize()
+            for key, name in PEAKS:
+                whole[key] = max(whole.get(key, 0), REAL[name]())
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         try:
@@ -61,21 +68,32 @@ def measured(fn, phase: str, record: dict):
             row = record.setdefault(phase, {"s": 0.0, "calls": 0})
             row["s"] += time.perf_counter() - t0
             row["calls"] += 1
-            if cuda:
-                for key, read in (("allocated_gb", torch.cuda.max_memory_allocated),
-                                  ("reserved_gb", torch.cuda.max_memory_reserved)):
-                    row[key] = max(row.get(key, 0.0), read() / 1e9)
+            for key, name in PEAKS if cuda else ():
+                peak = REAL[name]()
+                row[key] = max(row.get(key, 0.0), peak / 1e9)
+                whole[key] = max(whole.get(key, 0), peak)
     return wrapper
+
+
+REAL = {name: getattr(torch.cuda, name) for _, name in PEAKS}
+
+
+def keep_whole_peaks(whole: dict) -> None:
+    """torch.cuda.max_memory_allocated / _reserved as the run's peaks, not the current phase's."""
+    for key, name in PEAKS:
+        setattr(torch.cuda, name, lambda device=None, key=key, name=name: max(REAL[name](device), whole.get(key, 0)))
 
 
 def probe_phases(record: dict) -> None:
     from paradit.outputs import VideoStream
     from paradit.pipeline import Pipeline
+    whole: dict = {}
+    keep_whole_peaks(whole)
     build = Pipeline.__dict__["from_pretrained"].__func__
-    Pipeline.from_pretrained = classmethod(measured(build, "startup", record))
+    Pipeline.from_pretrained = classmethod(measured(build, "startup", record, whole))
     for cls, name, phase in ((Pipeline, "encode_prompts", "text_encode"), (Pipeline, "drive", "denoise"),
                              (Pipeline, "decode", "decode"), (VideoStream, "close", "write")):
-        setattr(cls, name, measured(getattr(cls, name), phase, record))
+        setattr(cls, name, measured(getattr(cls, name), phase, record, whole))
 
 
 def main(argv: list[str]) -> None:

@@ -62,3 +62,32 @@ def test_probe_hides_a_package_as_if_not_installed():
     finally:
         del sys.meta_path[:2]
     assert attention._has_module("tabnanny")
+
+
+def test_probe_keeps_the_runs_peak_beside_each_phases(monkeypatch):
+    """The probe resets the peak statistics as each phase starts; what the CLI reads for its sidecar
+    (torch.cuda.max_memory_*) stays the whole run's peak, between phases included. A fake allocator
+    stands in for CUDA's."""
+    import cli_probe
+    state = {"now": 0, "peak": 0}
+
+    def alloc(n):
+        state["now"] = n
+        state["peak"] = max(state["peak"], n)
+    fake = {"max_memory_allocated": lambda device=None: state["peak"], "max_memory_reserved": lambda device=None: 0}
+    monkeypatch.setattr(cli_probe, "REAL", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=state["now"]))
+    for name in fake:
+        monkeypatch.setattr(torch.cuda, name, fake[name])
+    record, whole = {}, {}
+    cli_probe.keep_whole_peaks(whole)
+    load = cli_probe.measured(lambda: (alloc(5e9), alloc(1e9)), "startup", record, whole)
+    decode = cli_probe.measured(lambda: (alloc(3e9), alloc(0)), "decode", record, whole)
+    load()
+    alloc(7e9)                         # between the phases: the next phase's reset must not lose it
+    alloc(2e9)
+    decode()
+    assert record["startup"]["allocated_gb"] == 5 and record["decode"]["allocated_gb"] == 3
+    assert torch.cuda.max_memory_allocated() == 7e9                 # the run's, as the sidecar reads it
