@@ -122,9 +122,8 @@ def sharded_layout(parallel, cfg, device: torch.device, offload: str, quant: str
     from paradit.plan.sharding import check_shard_options
     kind = None
     if device.type == "cuda":
-        from paradit.plan import GPUS
-        name = torch.cuda.get_device_name(device).lower()
-        kind = next((k for k in GPUS if k in name), "h100")
+        from paradit.plan.hardware import gpu_preset
+        kind = gpu_preset(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory / 1e9)
     parallel = resolve_sharding(parallel, cfg, kind)
     check_shard_options(parallel, offload, quant, compile)
     return parallel
