@@ -2,8 +2,8 @@
 by block a few blocks ahead; the latent is the resident run's, and a rank holds on the device only
 the running expert's embeddings, head and 1 + LEAD blocks (measured from the tensors themselves).
 
-One process, and gloo worlds of 2 and 4 (Ulysses with 3 heads on 2, CFG-parallel, split stages,
-CHORDS), on the tiny model with 5 blocks; fp32.
+One process, and gloo worlds of 2, 4 and 8 (Ulysses with 3 heads on 2, Ring, CFG-parallel, split
+stages, CHORDS), on the tiny model with 5 blocks; fp32.
 """
 import pytest
 
@@ -18,6 +18,7 @@ TABLE = [
     (2, "cfg2", dict(cfg=2), 2, None),
     (2, "chords2", dict(chords=2), 2, 2),
     (4, "split 2+2", dict(experts="split", stages=((2, 1, 1), (1, 2, 1))), 3, None),
+    (8, "U2R2xCFG2", dict(ulysses=2, ring=2, cfg=2), 3, None),
 ]
 # layers offload moves bytes and computes nothing; CFG in turn (two batch-1 forwards instead of one
 # batch-2 forward: other GEMM blockings) and the parallel layouts sum in another order: fp32
