@@ -1,6 +1,6 @@
 """The demo model: a tiny Wan-architecture text-to-video model trained on moving coloured shapes.
 
-Its weights ship in the package (paradit/assets/demo, written by `python -m paradit.demo.train`);
+Its weights ship in the package (paradit/assets/demo, written by `python scripts/train_demo.py`);
 `Pipeline.from_pretrained("demo")` loads them through `demo_components`. See docs/demo-model.md.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def demo_components(cfg: WanConfig, device, assets: Path = ASSETS):
                if not (assets / f).is_file()]
     if missing:
         raise FileNotFoundError(f"demo model weights {', '.join(missing)} not found in {assets}; "
-                                f"reinstall paradit, or rebuild them: python -m paradit.demo.train --out {assets}")
+                                f"reinstall paradit, or rebuild them: python scripts/train_demo.py --out {assets}")
     experts = []
     for name in ("high", "low"):
         with torch.device("meta"):

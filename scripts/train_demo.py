@@ -1,4 +1,4 @@
-"""Train the demo model: `python -m paradit.demo.train --out paradit/assets/demo`.
+"""Train the demo model: `python scripts/train_demo.py --out paradit/assets/demo`.
 
 Flow matching on the shifted Wan schedule, two experts split at the preset's boundary:
     x_sigma = (1 - sigma) x0 + sigma * noise,   target v = noise - x0   (so x0 = x - sigma * v),
@@ -23,17 +23,20 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file, save_model
 
-from paradit.config import WanConfig
-from paradit.demo.codec import TimeToDepthCodec
-from paradit.demo.data import all_prompts, make_batch
-from paradit.models.text_encoder import TextEncoder
-from paradit.models.transformer import WanTransformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when paradit is not installed
+
+from paradit.config import WanConfig  # noqa: E402
+from paradit.demo.codec import TimeToDepthCodec  # noqa: E402
+from paradit.demo.data import all_prompts, make_batch  # noqa: E402
+from paradit.models.text_encoder import TextEncoder  # noqa: E402
+from paradit.models.transformer import WanTransformer  # noqa: E402
 
 Tensor = torch.Tensor
 SAMPLE_PROMPTS = ["a red circle moving right", "a green square moving left", "a blue triangle moving up",
@@ -41,7 +44,7 @@ SAMPLE_PROMPTS = ["a red circle moving right", "a green square moving left", "a 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m paradit.demo.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python scripts/train_demo.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="paradit/assets/demo", help="folder for the weights")
     p.add_argument("--docs", default="docs", help="folder for demo-loss.png and demo-samples.png ('' = none)")
@@ -209,7 +212,7 @@ def main(argv=None) -> None:
     torch.use_deterministic_algorithms(True)
     cfg = WanConfig.preset("demo")
     experts, text, codec, losses, seconds = train(cfg, args)
-    info = dict(command="python -m paradit.demo.train " + " ".join(argv or __import__("sys").argv[1:]),
+    info = dict(command="python scripts/train_demo.py " + " ".join(argv or sys.argv[1:]),
                 args=vars(args), preset=cfg.name, train_seconds=round(seconds, 1),
                 final_loss={n: sum(ls[-100:]) / len(ls[-100:]) for n, ls in losses.items() if ls},
                 torch=torch.__version__)
