@@ -2,6 +2,7 @@
 
 `auto` on Hopper/Blackwell with flash-attn-4 picks per call shape (models/attention.PerShape,
 threshold FA4_MIN_WORK from the H200 table); a requested backend that cannot run is an error."""
+import os
 import pytest
 import torch
 
@@ -41,3 +42,29 @@ def test_fa4_refuses_fp32(monkeypatch):
 def test_fa4_op_has_shapes_for_torch_compile():
     out, lse = attention._fa4_shapes(meta(2, 10, 3), meta(2, 12, 3), meta(2, 12, 3))
     assert out.shape == (2, 10, 3, 128) and lse.shape == (2, 3, 10) and lse.dtype == torch.float32
+
+
+def test_fa4_is_imported_with_its_kernel_cache_on_unless_the_environment_says(monkeypatch):
+    """flash-attn-4 reads FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED when first imported: paradit turns
+    its on-disk kernel cache on there (the start-up's 6-9 s compile paid once per machine), and
+    leaves a value the user set. A stand-in module records what the import saw."""
+    import sys
+    import types
+
+    from paradit.models import attention
+    seen = []
+    fake = types.ModuleType("flash_attn.cute")
+    fake.flash_attn_func = lambda q, k, v, return_lse: (q.clone(), q.new_zeros(q.shape[0], q.shape[2], q.shape[1]))
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", fake)
+    q = torch.zeros(1, 4, 2, 8)
+    for preset, want in ((None, "1"), ("0", "0")):
+        if preset is None:
+            monkeypatch.delenv(attention.FA4_CACHE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(attention.FA4_CACHE_ENV, preset)
+        attention._fa4_func()
+        seen.append(os.environ[attention.FA4_CACHE_ENV])
+    assert seen == ["1", "0"]
+    out, lse = attention._fa4_op(q, q, q)                  # the op goes through the same import
+    assert out.shape == q.shape and lse.shape == (1, 2, 4)

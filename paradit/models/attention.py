@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import time
 from typing import Callable
 
@@ -97,11 +98,25 @@ def fa4_available() -> bool:
     return _has_module("flash_attn.cute")
 
 
+# flash-attn-4's own on-disk cache of compiled kernels, read when flash_attn.cute is first imported
+FA4_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+
+
+def _fa4_func():
+    """flash_attn.cute's flash_attn_func, imported with flash-attn-4's persistent kernel cache on
+    unless the environment says otherwise: its CuTe DSL compile of a kernel (6-9 s on an H100,
+    holding the GIL beside the start-up's weight reads: reads 3.3 s alone, start-up 11.1 s beside
+    it) is then paid once per machine and flash-attn-4 version; later processes load the kernel
+    from disk (under /tmp/$USER/flash_attention_cute_dsl_cache, or FLASH_ATTENTION_CUTE_DSL_CACHE_DIR)."""
+    os.environ.setdefault(FA4_CACHE_ENV, "1")
+    from flash_attn.cute import flash_attn_func
+    return flash_attn_func
+
+
 @torch.library.custom_op("paradit::fa4_attention", mutates_args=())
 def _fa4_op(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """flash-attn-4's forward as one opaque op, so that torch.compile does not trace the CuTe DSL."""
-    from flash_attn.cute import flash_attn_func
-    out, lse = flash_attn_func(q, k, v, return_lse=True)
+    out, lse = _fa4_func()(q, k, v, return_lse=True)
     return out, lse
 
 
@@ -125,7 +140,8 @@ def build_kernels_ahead(backend: str, device: torch.device | str, heads: int, he
     call, when `backend` (as pick_backend resolved it) may run it; returns the seconds taken (0.0
     when nothing is built). Its CuTe DSL compiles a kernel at the first call of each (heads, head
     dim, dtype): 6.8 s on the H200, which the first denoising step paid. The kernel does not depend
-    on the sequence length, so start-up builds it beside the weight reads (checkpoint.py)."""
+    on the sequence length, so start-up builds it beside the weight reads (checkpoint.py), once per
+    machine: flash-attn-4 keeps it on disk (_fa4_func), and later processes load it."""
     if backend not in ("auto", "fa4") or torch.device(device).type != "cuda":
         return 0.0
     t0 = time.perf_counter()
