@@ -232,7 +232,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     from paradit.models.lora import check_loras, for_expert
     from paradit.models.reader import Reader, quick_gil_handoff
     from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
-    from paradit.offload import host_weights_of, offload_on_load, resolve_offload, text_encoder_chunks
+    from paradit.offload import host_weights_of, offload_on_load, resolve_offload, text_encoder_chunks, then_pinned
     from paradit.residency import experts_on_host, offloads_text_encoder
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
@@ -270,20 +270,21 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
     experts: list = [None] * cfg.num_experts
     t1 = time.perf_counter()
     reader = Reader(info.device, threads=reader_threads(node_size))
-    host = offload_on_load(info.device) if on_host else None
     shard_read = mesh.shard_mesh is not None and not lora_files   # sharded weights: each rank reads its shards
     if mesh.shard_mesh is not None and lora_files:
         log.info("weight sharding with LoRAs: each expert is read whole and merged, then sharded")
     with reader, quick_gil_handoff(), ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
         jobs = {k: pool.submit(timed, load_sharded_expert, ck.experts[k], mesh.shard_mesh, dtype, info.device, cfg,
                                stats.setdefault(ck.experts[k].name, {}), reader) for k in needed} if shard_read else \
-               {k: pool.submit(timed, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
+               {k: pool.submit(timed, then_pinned, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
                                config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
                                loras=for_expert(lora_files, k, cfg.num_experts),
                                expert=("high", "low")[k] if cfg.num_experts == 2 else None, reader=reader,
-                               shared=shared.get(k), host=host) for k in needed}
+                               shared=shared.get(k), host=offload_on_load(info.device, pin=bool(
+                                   for_expert(lora_files, k, cfg.num_experts))) if on_host else None)
+                for k in needed}
         text_host = offload_on_load(info.device, text_encoder_chunks) if offloads_text_encoder(mode) else None
-        text_job = pool.submit(timed, TextEncoder.from_pretrained, ck.component("text_encoder"),
+        text_job = pool.submit(timed, then_pinned, TextEncoder.from_pretrained, ck.component("text_encoder"),
                                ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=text_device,
                                stats=stats.setdefault("text_encoder", {}), host=text_host) \
             if "text_encoder" in parts else None
@@ -303,7 +304,7 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
         startup["attention_kernel_s"] = kernel_job.result()   # flash-attn-4's build, beside the reads
     startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
     startup["staging_s"] = reader.stats["staging_s"]       # pinning the experts' staging slots (inside weights_s)
-    if on_host:   # page-locking the offloaded experts' host buffers (inside weights_s; then read into)
+    if on_host:   # the offloaded experts' host buffers: allocated, page-locked once read into (inside weights_s)
         startup["host_buffers_s"] = sum(host_weights_of(experts[k]).setup_s for k in needed)
     if lora_files:  # merged inside each expert's load (part of weights_s), summed over this rank's experts
         startup["lora_merge_s"] = sum(s["lora"]["seconds"] for s in stats.values() if "lora" in s)

@@ -49,13 +49,17 @@ class HostWeights:
     expert need ~42 GB of pinned memory instead of 28.6. Each chunk goes to the GPU as one transfer
     into one device allocation, from one page-locked registration (paradit.models.pinned.PinnedBuffer)."""
 
-    def __init__(self, module: nn.Module, device, chunks: list[nn.Module] = ()):
+    def __init__(self, module: nn.Module, device, chunks: list[nn.Module] = (), pin: bool = True):
+        """pin=False (a module on the meta device): the buffers are page-locked by `pin()`, once
+        filled (PinnedBuffer's pin=False); the first copy to the device pins them if nothing did."""
         t0 = time.perf_counter()
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         tensors, self.refs = _unique_tensors(module)               # per tensor: where the module holds it
         meta = [t.is_meta for t in tensors]
         assert all(meta) or not any(meta), "a module partly on the meta device"
+        assert pin or all(meta), "a module's own weights are copied into memory pinned first"
+        self.pin_now = pin
         index = {id(t): i for i, t in enumerate(tensors)}
         claimed: set[int] = set()
         self.chunks: list[list[int]] = []                           # tensor indices per chunk; rest first
@@ -79,7 +83,7 @@ class HostWeights:
         self.setup_s = time.perf_counter() - t0       # allocating (page-locking) and, with weights, copying
 
     def _fill(self, c: int, nbytes: int, tensors: list[torch.Tensor]):
-        buffer = PinnedBuffer(nbytes) if self.cuda else _Buffer(nbytes)
+        buffer = PinnedBuffer(nbytes, self.pin_now) if self.cuda else _Buffer(nbytes)
         for i in self.chunks[c]:
             host = self._view(buffer.tensor, i, tensors[i])
             if not tensors[i].is_meta:
@@ -90,6 +94,20 @@ class HostWeights:
             self._point_one(i, host)
             tensors[i] = None
         return buffer
+
+    @property
+    def pinned(self) -> bool:
+        return not self.cuda or all(b.pinned for b in self.buffers)
+
+    def pin(self) -> float:
+        """Page-lock the buffers left unpinned (a few at once); returns the seconds it took."""
+        t0 = time.perf_counter()
+        if not self.pinned:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda b: b.pin(), self.buffers))
+        seconds = time.perf_counter() - t0
+        self.setup_s += seconds
+        return seconds
 
     def _view(self, flat: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
         start, end = self.ranges[i]
@@ -117,6 +135,8 @@ class HostWeights:
     def chunk_to_device(self, c: int, stream=None):
         """A device copy of chunk `c` (one transfer), its tensors pointed at it; its CUDA event, or
         None (the CPU, or no side stream: the copy is ordered on the compute stream)."""
+        if not self.pinned:
+            self.pin()
         flat = torch.empty(self.buffers[c].tensor.numel(), dtype=torch.uint8, device=self.device)  # compute stream
         event = None
         if self.cuda and stream is not None:
@@ -175,19 +195,31 @@ def text_encoder_chunks(model: nn.Module) -> list[nn.Module]:
     return list(getattr(getattr(model, "encoder", None), "block", []))
 
 
-def offload_on_load(device, chunks: Callable[[nn.Module], list[nn.Module]] = expert_chunks) \
+def offload_on_load(device, chunks: Callable[[nn.Module], list[nn.Module]] = expert_chunks, pin: bool = False) \
         -> Callable[[nn.Module], dict[str, torch.Tensor]]:
     """For load_transformer(host=...) (and TextEncoder.from_pretrained's, with text_encoder_chunks):
-    a meta-built module's pinned host buffers, allocated and kept on the module (host_weights_of),
-    its tensors by name for the reader to fill."""
+    a meta-built module's host buffers, allocated and kept on the module (host_weights_of), its
+    tensors by name for the reader to fill; page-locked once filled (HostWeights.pin: the reading
+    threads fault the pages in as they write, no pass of its own), or at once with pin=True (where
+    the reader copies tensors back from the GPU into them: a LoRA's merge, a cast)."""
     def host(module: nn.Module) -> dict[str, torch.Tensor]:
-        weights = HostWeights(module, device, chunks(module))
+        weights = HostWeights(module, device, chunks(module), pin=pin)
         object.__setattr__(module, _HOST_ATTR, weights)     # not a submodule: no state, no hooks
         return {**module.state_dict()}
     return host
 
 
 _HOST_ATTR = "_paradit_host_weights"
+
+
+def then_pinned(load: Callable, *args, **kw):
+    """load(*args, **kw) (load_transformer, TextEncoder.from_pretrained), its host buffers (given by
+    offload_on_load) page-locked once the read has filled them, in the loading thread."""
+    loaded = load(*args, **kw)
+    weights = host_weights_of(getattr(loaded, "model", loaded))
+    if weights is not None:
+        weights.pin()
+    return loaded
 
 
 def _unique_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[list[tuple[nn.Module, str, str]]]]:

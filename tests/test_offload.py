@@ -259,3 +259,39 @@ def test_a_chunk_larger_than_a_fault_piece_copies_in_one_transfer():
     assert w.bytes > PinnedBuffer.PIECE and len(w.buffers) == 1
     assert w.to_device() == []                                     # the compute stream, as the text encoder
     assert emb.weight.is_cuda and torch.equal(emb.weight.cpu(), ref)
+
+
+class FakeDriver:
+    """cudaHostRegister / cudaHostUnregister recorded, for the page-locking order on the CPU."""
+
+    def __init__(self):
+        self.calls = []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr, size))
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+@pytest.mark.parametrize("pin_first", [False, True], ids=["pinned-once-filled", "pinned-first"])
+def test_offloaded_expert_is_page_locked_after_the_read_fills_it(folder, monkeypatch, pin_first):
+    """An offloaded expert's buffers: allocated without page-locking, filled by the reader (whose
+    writes fault the pages in), then each registered once, whole, its contents kept (no zeroing
+    after the read); pin=True (an expert with LoRAs) registers them before the read instead. The
+    driver is a recorder here; the weights are the plain load's."""
+    from paradit.models.loading import load_transformer
+    from paradit.offload import then_pinned
+    driver = FakeDriver()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: driver)
+    path = folder / "transformer"
+    model = then_pinned(load_transformer, path, host=offload_on_load("cuda", pin=pin_first))
+    weights = host_weights_of(model)
+    spans = sorted((b.tensor.data_ptr(), b.tensor.numel()) for b in weights.buffers)
+    registered = sorted((ptr, size) for op, ptr, size in driver.calls if op == "register")
+    assert registered == spans and weights.pinned                     # each buffer once, whole
+    plain = load_transformer(path).state_dict()
+    assert all(torch.equal(t, plain[n]) for n, t in model.state_dict().items())
+    assert weights.pin() >= 0 and len(driver.calls) == len(spans)     # pinned already: nothing more
