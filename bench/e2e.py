@@ -36,7 +36,7 @@
 
     python bench/e2e.py --preset wan2.2-t2v-a14b --folder /dev/shm/a14b --run 1280x720x81:3 --vs-diffusers
     python bench/e2e.py --preset wan2.2-t2v-a14b --folder /dev/shm/a14b --run 1280x720x81:3 --vs-diffusers \
-        --without-fa4 --distill 1280x720x81        # issue 29's acceptance on one 80 GB GPU
+        --without-fa4 --distill 1280x720x81        # the one-80-GB-GPU acceptance run
 
 Extra generate flags go after `--`: `python bench/e2e.py ... -- --attention sdpa`.
 --memory-cap-gb G runs the CLI with its CUDA memory capped at G GB (1e9 bytes;

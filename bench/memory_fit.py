@@ -19,7 +19,7 @@ the calibration has them) to minimise the squared relative error of the predicte
 on a finite-difference Jacobian (the model is a maximum of phases, each linear in the constants).
 --write-calibration writes them at the top level of a calibration file (memory does not depend on the
 GPU kind: the same tensors are allocated) with a memory_source note naming the files and the error.
-The acceptance of issue 29: the predicted peak within 5% of the measured one; the table says where.
+The acceptance: the predicted peak within 5% of the measured one; the table says where.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from paradit.cli.layout import layout_from_flags  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
 
 FITTED = ("overhead_gb", "activation_scale", "decode_scale", "lora_merge_gb")
-TOLERANCE = 0.05     # issue 29's acceptance: within 5% of the measured peak
+TOLERANCE = 0.05     # within 5% of the measured peak
 # bench/cli_probe.py's phases (their peaks, reset as each starts) -> the memory model's; the fit uses
 # the denoise and the decode (the probe's start-up also holds the loader's staging buffers, which
 # the model leaves out, and its text encode misses an I2V image's encode, which runs after it)
