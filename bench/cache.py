@@ -41,32 +41,12 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
-from chords import psnr  # noqa: E402
 from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
 
 from paradit.demo.data import all_prompts  # noqa: E402
+from paradit.demo.judge import psnr, rel_err, ssim  # noqa: E402
 
 THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
-
-
-# ----------------------------------------------------------------------------- distances
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean SSIM of uint8 frames (F, H, W, 3): per frame and channel, 11x11 Gaussian window
-    (sigma 1.5, 'valid' positions only), C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 255 (Wang et al. 2004)."""
-    x = a.permute(0, 3, 1, 2).double().reshape(-1, 1, *a.shape[1:3])      # (F*3, 1, H, W)
-    y = b.permute(0, 3, 1, 2).double().reshape(-1, 1, *b.shape[1:3])
-    size = min(11, *a.shape[1:3])
-    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * 1.5 ** 2))
-    w = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]              # (1, 1, size, size)
-    blur = lambda t: torch.nn.functional.conv2d(t, w)  # noqa: E731
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    return ((2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean().item()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ----------------------------------------------------------------------------- runs

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
 from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
 
+from paradit.demo.judge import psnr  # noqa: E402
 from paradit.models.transformer import patchify, token_grid, unpatchify  # noqa: E402
 from paradit.plan.placement import chords_init  # noqa: E402
 from paradit.schedulers import wan_sigmas, wan_timesteps  # noqa: E402
@@ -189,13 +189,6 @@ def init_sequences(cores: int, steps: int) -> dict[str, list[int]]:
         if seq not in out.values():
             out[name] = seq
     return dict(list(out.items())[:3])
-
-
-# ----------------------------------------------------------------------------- distances
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """PSNR (dB) of uint8 frames; None when identical."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return None if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def decode(prob: Problem, tokens: torch.Tensor) -> torch.Tensor | None:

@@ -44,6 +44,7 @@ from scaling import build_model, make_inputs, make_step, timed  # noqa: E402
 
 from paradit.compile import compile_blocks  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
+from paradit.demo.judge import rel_err  # noqa: E402
 from paradit.errors import ParameterError  # noqa: E402
 from paradit.launch import init_distributed  # noqa: E402
 from paradit.models import quant  # noqa: E402
@@ -56,10 +57,6 @@ DEMO_PROMPT = "a red circle moving right"
 DEFAULTS = {"cuda": dict(preset="wan2.2-t2v-a14b", size="1280x720", frames=81, layers=4, warmup=2, repeats=3),
             # dims multiples of 16 (torch._scaled_mm's rule): tiny's layout at dim 64
             "cpu": dict(preset="tiny", size="64x64", frames=9, layers=2, warmup=1, repeats=2)}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @contextlib.contextmanager
@@ -180,9 +177,9 @@ def demo_latents(device, mode: str, emulate: bool, steps: int | None) -> dict:
     t0 = time.perf_counter()
     latents[mode] = pipe(DEMO_PROMPT, **run)
     return {"steps": len(pipe.record.step_s), "prompt": DEMO_PROMPT, "seed": 0,
-            "bf16_vs_fp32": {"rel_err": rel(latents["bf16"], latents["fp32"])},
-            "fp8_vs_bf16": {"rel_err": rel(latents[mode], latents["bf16"])},
-            "fp8_vs_fp32": {"rel_err": rel(latents[mode], latents["fp32"])},
+            "bf16_vs_fp32": {"rel_err": rel_err(latents["bf16"], latents["fp32"])},
+            "fp8_vs_bf16": {"rel_err": rel_err(latents[mode], latents["bf16"])},
+            "fp8_vs_fp32": {"rel_err": rel_err(latents[mode], latents["fp32"])},
             "denoise_s": {"bf16": bf16_s, "fp8": time.perf_counter() - t0}}
 
 
@@ -263,9 +260,10 @@ def main(argv=None) -> Path:
                       tokens=cfg.num_tokens(w, h, args.frames), mode=args.mode, warmup=args.warmup,
                       repeats=args.repeats, torchao=fp8["report"]["linears"] and fp8["report"]["linears"]["torchao"]),
         quantised=fp8["report"], fp8_attention=attention_status(device),
-        forward={"fp8": {"rel_err": rel(fp8["out"], bf16["out"]), "velocity_rel_err": rel(fp8["v"], bf16["v"])},
-                 "bf16_vs_fp32": None if ref32 is None else {"rel_err": rel(bf16["out"], ref32["out"]),
-                                                              "velocity_rel_err": rel(bf16["v"], ref32["v"])}},
+        forward={"fp8": {"rel_err": rel_err(fp8["out"], bf16["out"]),
+                         "velocity_rel_err": rel_err(fp8["v"], bf16["v"])},
+                 "bf16_vs_fp32": None if ref32 is None else {"rel_err": rel_err(bf16["out"], ref32["out"]),
+                                                              "velocity_rel_err": rel_err(bf16["v"], ref32["v"])}},
         step_s={"eager": {"bf16": bf16_eager.get("median_s"), "fp8": fp8_eager.get("median_s")},
                 "compiled": None if args.no_compile else {"bf16": bf16_compiled.get("median_s"),
                                                           "fp8": fp8_compiled.get("median_s")}},

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, w
 
 from paradit.config import WanConfig  # noqa: E402
 from paradit.demo.codec import TimeToDepthCodec  # noqa: E402
-from paradit.demo.data import all_prompts, make_batch  # noqa: E402
+from paradit.demo.data import RECIPES, all_prompts, make_batch  # noqa: E402
 from paradit.models.text_encoder import TextEncoder  # noqa: E402
 from paradit.models.transformer import WanTransformer  # noqa: E402
 
@@ -93,7 +93,7 @@ class PromptTable:
 
 
 def train_step(model, opt, codec, table, cfg: WanConfig, high: bool | None, args, gen: torch.Generator) -> float:
-    videos, prompts = make_batch(args.batch, gen, cfg.frames, cfg.size[0])
+    videos, prompts = make_batch(args.batch, gen, RECIPES[cfg.name])
     x0 = codec.encode(videos)                                          # (B, C, F, h, w)
     noise = torch.randn(x0.shape, generator=gen)
     sigma = sample_sigmas(args.batch, cfg.shift, cfg.boundary, high, gen)

@@ -14,6 +14,11 @@ PROMPTS = [prompt_for(c, SHAPES[i % 3], list(DIRECTIONS)[i % 4]) for i, c in enu
 PASS_RATE = 0.9
 
 
+def drawn(verdict) -> bool:
+    """What the 16x16 model gets right: colour and motion (its shapes are blobs, see docs/demo-model.md)."""
+    return verdict.colour and verdict.direction
+
+
 def flip(prompt: str) -> str:
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
     *head, direction = prompt.split()
@@ -33,7 +38,8 @@ def test_data_is_deterministic():
 
 def test_codec_is_lossless_and_matches_the_preset():
     cfg = WanConfig.preset("demo")
-    videos, _ = make_batch(3, torch.Generator().manual_seed(0), cfg.frames, cfg.size[0])
+    videos, _ = make_batch(3, torch.Generator().manual_seed(0))
+    assert videos.shape[1:4] == (cfg.frames, *cfg.size)
     codec = TimeToDepthCodec()
     z = codec.encode(videos)
     assert z.shape[1:] == cfg.latent_shape(*cfg.size, cfg.frames)
@@ -43,10 +49,10 @@ def test_codec_is_lossless_and_matches_the_preset():
 
 def test_judge_on_true_clips_and_wrong_prompts():
     videos, prompts = make_batch(64, torch.Generator().manual_seed(1))
-    assert all(all(judge(v, p)) for v, p in zip(videos, prompts))
-    assert not any(judge(v, flip(p))[1] for v, p in zip(videos, prompts))
+    assert all(judge(v, p).ok for v, p in zip(videos, prompts))
+    assert not any(judge(v, flip(p)).direction for v, p in zip(videos, prompts))
     static = [v[:1].expand_as(v).contiguous() for v in videos[:8]]
-    assert not any(judge(v, p)[1] for v, p in zip(static, prompts))
+    assert not any(judge(v, p).direction for v, p in zip(static, prompts))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,7 @@ def demo():
 def test_demo_model_follows_its_prompts(demo):
     """At least 90% of the prompts give the right colour moving the right way (single process)."""
     results = {p: judge(demo(p, seed=i, progress=False), p) for i, p in enumerate(PROMPTS)}
-    passed = [p for p, (c, d) in results.items() if c and d]
+    passed = [p for p, r in results.items() if drawn(r)]
     assert len(passed) >= PASS_RATE * len(PROMPTS), {p: r for p, r in results.items() if p not in passed}
 
 
@@ -77,5 +83,5 @@ def test_demo_model_follows_its_prompts_under_parallel_layouts(layout, cores):
     from workers import demo_judged
     results = next(r for r in spawn(demo_judged, 2, layout, LAYOUT_PROMPTS, cores, timeout_s=600) if r)
     for which in ["final"] + (["first_hit"] if cores else []):
-        passed = [p for p, r in results.items() if all(r[which])]
+        passed = [p for p, r in results.items() if drawn(r[which])]
         assert len(passed) >= PASS_RATE * len(LAYOUT_PROMPTS), (which, {p: r[which] for p, r in results.items()})

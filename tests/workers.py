@@ -133,7 +133,7 @@ def bad_layout_on_every_rank(layout: dict):
 
 
 def demo_judged(layout: dict, prompts: list[str], chords_cores: int | None = None):
-    """Judge the demo model's videos under a layout: {prompt: {"final": (colour_ok, motion_ok),
+    """Judge the demo model's videos under a layout: {prompt: {"final": judge's Verdict,
     "first_hit": ... (CHORDS only)}} on the output rank, None elsewhere."""
     from paradit.demo.judge import judge
     from paradit.settings import ChordsSettings
