@@ -45,6 +45,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,76 +222,45 @@ def reader_threads(node_size: int) -> int:
     return max(4, min(16, (os.cpu_count() or 8) // max(1, node_size)))
 
 
-def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str = "auto", experts_needed=None,
-                             components=None, loras=(), offload: str = "none", read_once: bool | None = None):
-    """Build a Pipeline from a checkpoint folder: configs and LoRA headers first (every error before
-    any weight is read), then this rank's share of the weights, concurrently, LoRAs merged as they load.
-    Components that `offload` keeps in host memory (paradit.residency) are read into host memory, not
-    onto the device. read_once: the ranks of one node that load the same expert read its files once
-    between them (None: where the experts go to a GPU, or as PARADIT_READ_ONCE says; see the module
-    docstring)."""
-    from paradit.models.lora import check_loras, for_expert
+def load_components(spec, mesh):
+    """The components of a checkpoint folder (spec: paradit.runspec.BuildSpec) under `mesh`: configs
+    and LoRA headers first (every error before any weight is read), then this rank's share of the
+    weights, concurrently, LoRAs merged as they load. Components that the offload mode keeps in host
+    memory (paradit.residency) are read into host memory, not onto the device. spec.read_once: the
+    ranks of one node that load the same expert read its files once between them (None: where the
+    experts go to a GPU, or as PARADIT_READ_ONCE says; see the module docstring)."""
+    from paradit.models.lora import check_loras
     from paradit.models.reader import Reader, quick_gil_handoff
     from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
-    from paradit.offload import host_weights_of, offload_on_load, resolve_offload, text_encoder_chunks, then_pinned
-    from paradit.residency import experts_on_host, offloads_text_encoder
-    from paradit.models.text_encoder import TextEncoder
-    from paradit.models.vae import VideoVAE
+    from paradit.offload import resolve_offload
+    from paradit.residency import experts_on_host
     from paradit.models.attention import build_kernels_ahead, pick_backend
     from paradit.parallel.attention import local_heads
-    from paradit.parallel.mesh import init_parallel
-    from paradit.parallel.shard_read import load_sharded_expert
-
     t0 = time.perf_counter()
-    ck = locate(path, components)
+    ck, device = locate(spec.model, spec.components), mesh.device
     cfg = model_config(ck)
-    needed = _normalise_needed(experts_needed, cfg.num_experts)
+    needed = _normalise_needed(spec.experts_needed, cfg.num_experts)
     t_lora = time.perf_counter()
-    lora_files = check_loras(loras, cfg)        # every expert's, on every rank: the same errors everywhere
+    lora_files = check_loras(spec.loras, cfg)   # every expert's, on every rank: the same errors everywhere
     t_lora = time.perf_counter() - t_lora
-    mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
-    parts = mesh.roles.components
-    dtype = dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    mode = resolve_offload(offload, cfg, mesh)
+    dtype = spec.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    mode = resolve_offload(spec.offload, cfg, mesh)
     on_host = experts_on_host(mode, len(needed))              # read straight into pinned host buffers
-    text_device = "cpu" if offloads_text_encoder(mode) else info.device
-    groups, node_size = node_read_groups(needed, torch.device("cpu") if on_host else info.device, read_once)
+    groups, node_size = node_read_groups(needed, torch.device("cpu") if on_host else device, spec.read_once)
     turns = InTurn(sorted(groups))
     shared = {k: SharedRead(group, turns.turn(k)) for k, group in groups.items()}
     startup = {"config_s": time.perf_counter() - t0 - t_lora}
     if lora_files:
         startup["lora_check_s"] = t_lora        # LoRA headers against the model's shapes
     stats: dict[str, dict] = {}
-
-    def timed(fn, *args, **kw):
-        t = time.perf_counter()
-        out = fn(*args, **kw)
-        return out, time.perf_counter() - t
-
     experts: list = [None] * cfg.num_experts
     t1 = time.perf_counter()
-    reader = Reader(info.device, threads=reader_threads(node_size))
-    shard_read = mesh.shard_mesh is not None and not lora_files   # sharded weights: each rank reads its shards
-    if mesh.shard_mesh is not None and lora_files:
-        log.info("weight sharding with LoRAs: each expert is read whole and merged, then sharded")
+    reader = Reader(device, threads=reader_threads(node_size))
     with reader, quick_gil_handoff(), ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
-        jobs = {k: pool.submit(timed, load_sharded_expert, ck.experts[k], mesh.shard_mesh, dtype, info.device, cfg,
-                               stats.setdefault(ck.experts[k].name, {}), reader) for k in needed} if shard_read else \
-               {k: pool.submit(timed, then_pinned, load_transformer, ck.experts[k], dtype=dtype, device=info.device,
-                               config=cfg, stats=stats.setdefault(ck.experts[k].name, {}),
-                               loras=for_expert(lora_files, k, cfg.num_experts),
-                               expert=("high", "low")[k] if cfg.num_experts == 2 else None, reader=reader,
-                               shared=shared.get(k), host=offload_on_load(info.device, pin=bool(
-                                   for_expert(lora_files, k, cfg.num_experts))) if on_host else None)
-                for k in needed}
-        text_host = offload_on_load(info.device, text_encoder_chunks) if offloads_text_encoder(mode) else None
-        text_job = pool.submit(timed, then_pinned, TextEncoder.from_pretrained, ck.component("text_encoder"),
-                               ck.component("tokenizer"), cfg.text_len, dtype=dtype, device=text_device,
-                               stats=stats.setdefault("text_encoder", {}), host=text_host) \
-            if "text_encoder" in parts else None
-        vae_job = pool.submit(timed, VideoVAE.from_pretrained, ck.component("vae"), info.device,
-                              stats=stats.setdefault("vae", {})) if "vae" in parts else None
-        kernel_job = pool.submit(build_kernels_ahead, pick_backend(info.device, dtype, backend), info.device,
+        jobs = {k: pool.submit(_timed, *expert_load(ck, k, mesh, dtype, cfg, stats, reader, lora_files, shared,
+                                                    on_host)) for k in needed}
+        text_job, vae_job = component_jobs(pool, ck, cfg, mesh.roles.components, dtype, device, mode, stats)
+        kernel_job = pool.submit(build_kernels_ahead, pick_backend(device, dtype, spec.attention), device,
                                  local_heads(mesh, cfg.num_heads), cfg.head_dim, dtype)
         try:
             for k, job in jobs.items():
@@ -303,23 +273,75 @@ def load_pipeline_components(cls, path, parallel, info, dtype=None, backend: str
         vae, startup["vae_s"] = vae_job.result() if vae_job else (None, 0.0)
         startup["attention_kernel_s"] = kernel_job.result()   # flash-attn-4's build, beside the reads
     startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
+    finish_startup(startup, [experts[k] for k in needed] if on_host else [], bool(lora_files), reader, stats)
+    log_startup(startup, [ck.experts[k].name for k in needed], stats, reader.threads, len(groups), len(lora_files))
+    from paradit.components import Components
+    return Components(cfg, experts, text, vae, startup, stats)
+
+
+def expert_load(ck, k: int, mesh, dtype, cfg, stats: dict, reader, lora_files, shared: dict, on_host: bool) -> tuple:
+    """(function, *args) that loads expert k: its shards where its blocks are sharded (paradit.parallel.
+    shard_read), else whole with its LoRAs merged as they are read (read once per node where shared;
+    into host buffers, page-locked once filled, where the experts are offloaded)."""
+    from paradit.models.lora import for_expert
+    from paradit.offload import offload_on_load, then_pinned
+    from paradit.parallel.shard_read import load_sharded_expert
+    name, loras = ck.experts[k].name, for_expert(lora_files, k, cfg.num_experts)
+    if mesh.shard_mesh is not None and not lora_files:   # sharded weights: each rank reads its shards
+        return load_sharded_expert, ck.experts[k], mesh.shard_mesh, dtype, mesh.device, cfg, \
+            stats.setdefault(name, {}), reader
+    if mesh.shard_mesh is not None:
+        log.info("weight sharding with LoRAs: %s is read whole and merged, then sharded", name)
+    host = offload_on_load(mesh.device, pin=bool(loras)) if on_host else None
+    return then_pinned, partial(load_transformer, dtype=dtype, device=mesh.device, config=cfg,
+                                stats=stats.setdefault(name, {}), loras=loras, reader=reader, shared=shared.get(k),
+                                host=host, expert=("high", "low")[k] if cfg.num_experts == 2 else None), ck.experts[k]
+
+
+def component_jobs(pool, ck, cfg, parts, dtype, device, mode: str, stats: dict) -> tuple:
+    """The text encoder's and the VAE's loads, submitted to `pool` where this rank needs them (parts);
+    the text encoder into host memory where `mode` offloads it."""
+    from paradit.models.text_encoder import TextEncoder
+    from paradit.models.vae import VideoVAE
+    from paradit.offload import offload_on_load, text_encoder_chunks, then_pinned
+    from paradit.residency import offloads_text_encoder
+    on_host = offloads_text_encoder(mode)
+    text_job = pool.submit(_timed, then_pinned, TextEncoder.from_pretrained, ck.component("text_encoder"),
+                           ck.component("tokenizer"), cfg.text_len, dtype=dtype, device="cpu" if on_host else device,
+                           stats=stats.setdefault("text_encoder", {}),
+                           host=offload_on_load(device, text_encoder_chunks) if on_host else None) \
+        if "text_encoder" in parts else None
+    vae_job = pool.submit(_timed, VideoVAE.from_pretrained, ck.component("vae"), device,
+                          stats=stats.setdefault("vae", {})) if "vae" in parts else None
+    return text_job, vae_job
+
+
+def _timed(fn, *args, **kw):
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t
+
+
+def finish_startup(startup: dict, on_host: list, merged: bool, reader, stats: dict) -> None:
+    """The start-up figures read after the loads: staging, host buffers (on_host: the experts read into
+    host memory), the LoRA merge (summed over this rank's experts)."""
+    from paradit.offload import host_weights_of
     startup["staging_s"] = reader.stats["staging_s"]       # pinning the experts' staging slots (inside weights_s)
     if on_host:   # the offloaded experts' host buffers: allocated, page-locked once read into (inside weights_s)
-        startup["host_buffers_s"] = sum(host_weights_of(experts[k]).setup_s for k in needed)
-    if lora_files:  # merged inside each expert's load (part of weights_s), summed over this rank's experts
+        startup["host_buffers_s"] = sum(host_weights_of(m).setup_s for m in on_host)
+    if merged:  # merged inside each expert's load (part of weights_s)
         startup["lora_merge_s"] = sum(s["lora"]["seconds"] for s in stats.values() if "lora" in s)
-    pipe = cls(cfg, experts, text, vae, mesh=mesh, backend=backend)
-    pipe.startup.update(startup)
-    pipe.load_stats = stats
-    once = f"; read once per node with {len(groups)} group(s)" if groups else ""
+
+
+def log_startup(startup: dict, names: list[str], stats: dict, threads: int, groups: int, loras: int) -> None:
+    once = f"; read once per node with {groups} group(s)" if groups else ""
     log.info("start-up: config %.2f s; weights %.2f s (%s), text encoder %.2f s, VAE %.2f s; %.2f s in all, "
              "concurrently; read %.1f MB on this rank (%d threads%s)", startup["config_s"], startup["weights_s"],
-             ", ".join(ck.experts[k].name for k in needed), startup["text_encoder_s"], startup["vae_s"],
-             startup["load_s"], sum(s.get("bytes", 0) for s in stats.values()) / 1e6, reader.threads, once)
-    if lora_files:
-        log.info("LoRAs: %d file(s) checked in %.2f s, merged into %s in %.2f s", len(lora_files),
-                 startup["lora_check_s"], ", ".join(ck.experts[k].name for k in needed), startup["lora_merge_s"])
-    return pipe
+             ", ".join(names), startup["text_encoder_s"], startup["vae_s"], startup["load_s"],
+             sum(s.get("bytes", 0) for s in stats.values()) / 1e6, threads, once)
+    if loras:
+        log.info("LoRAs: %d file(s) checked in %.2f s, merged into %s in %.2f s", loras, startup["lora_check_s"],
+                 ", ".join(names), startup["lora_merge_s"])
 
 
 # ----------------------------------------------------------------------------- writing

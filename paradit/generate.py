@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from paradit.cli.flags import flag_terms  # noqa: E402
-from paradit.cli.spec import RunSpec, files_of, parse_args, resolve  # noqa: E402
+from paradit.cli.spec import Batch, RunSpec, files_of, parse_args, resolve, resolve_batch  # noqa: E402
 from paradit.launch import init_distributed, setup_logging, shutdown  # noqa: E402
 from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reported, peer_failure,  # noqa: E402
                                    report_failure, say_error, wait_for_reports)
@@ -46,84 +46,78 @@ from paradit.outputs import Outputs, written_size, write_video  # noqa: E402
 log = logging.getLogger("paradit")
 
 
-def run(spec: RunSpec, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
-    """Build the pipeline of a validated spec, generate its prompts, stage their outputs (committed
-    by the caller once every rank has succeeded); returns the staged videos."""
+def run(spec: RunSpec, batch: Batch, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
+    """Build the pipeline of a validated spec, generate the batch's prompts, stage their outputs
+    (committed by the caller once every rank has succeeded); returns the staged videos."""
     from paradit.pipeline import Pipeline  # diffusers and transformers: only once the input is valid
-    flags, cfg, settings, layout = spec.flags, spec.cfg, spec.settings, spec.layout
-    log.info("video: %dx%d, %d frames, %d steps (%s)", settings.width, settings.height, settings.frames,
-             settings.steps, size_source(spec))
+    s = spec.settings
+    log.info("video: %dx%d, %d frames, %d steps (%s)", s.width, s.height, s.frames, s.steps, spec.size_source)
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(flags.model, parallel=layout, device=flags.device, backend=flags.attention,
-                                    experts_needed=None if spec.experts_needed is None else set(spec.experts_needed),
-                                    components=flags.components, compile=flags.compile, loras=list(spec.loras),
-                                    offload=spec.offload, quant=flags.quant)
+    pipe = Pipeline.from_spec(spec.build)
     startup = {"validate_s": validate_s, **pipe.startup, "build_s": time.perf_counter() - t0}
-    if flags.compile:
-        startup["compile_s"] = pipe.warmup(image=spec.image is not None, **settings.__dict__)
-    pipe.check_finite = flags.check_finite
-    mesh = pipe.mesh
+    if spec.build.compile:
+        startup["compile_s"] = pipe.warmup(image=spec.image is not None, **s.__dict__)
+    pipe.check_finite = spec.check_finite
     staged = []
 
     def finish(i: int, latent, elapsed: float) -> None:
-        """Decode (spread over the output rank's sp group) and stage request i on the output rank."""
-        t1 = time.perf_counter()
-        video = outputs.video_stream(spec.outputs[i], cfg.fps) if mesh.is_output_rank else None
-        pipe.decode(latent, on_frames=video)   # the mp4 encoded as the frames are decoded
-        memory = gpu_memory(pipe)  # collective over the request's ranks
-        if not mesh.is_output_rank:
-            return
-        path = spec.outputs[i]
-        pipe.record.timings["vae_decode_s"] = decode_s = time.perf_counter() - t1
-        startup.update({k: v for k, v in pipe.startup.items() if k not in startup})  # first_step_s
-        t1 = time.perf_counter()
-        video.close()                          # what the encoder has left after the decode
-        pipe.record.timings["write_video_s"] = time.perf_counter() - t1
-        if flags.save_latents:
-            outputs.tensors(files_of(path, flags)[2], {"latent": latent})
-        outputs.json(path.with_suffix(".json"), sidecar(spec, pipe, spec.prompts[i], startup, elapsed + decode_s)
-                     | {"gpu_memory_gb": memory, "time_to_video_s": since_process_start()})
-        if pipe.record.chords:
-            log.info("%s", chords_summary(pipe.record.chords, settings.steps))
-        if pipe.record.cache:
-            c = pipe.record.cache.as_dict()
-            log.info("step cache %s: %d of %d evaluations saved (steps %s)", settings.cache, c["saved"],
-                     c["evaluations"], ", ".join(str(e["step"]) for e in c["skipped"]) or "none")
-        log.info("staged %s (%d frames, %.2f s)", path, video.frames, elapsed + decode_s)
-        staged.append(path)
+        path = stage_video(spec, pipe, outputs, startup, batch.outputs[i], batch.prompts[i], latent, elapsed)
+        if path is not None:
+            staged.append(path)
 
-    # generate: this replica's share of the prompts, or all of them through the two expert stages
-    if layout.stages:
-        t0 = time.perf_counter()
-        latencies = []
-        pipe.stream([(p, flags.negative_prompt, settings) for p in spec.prompts],
-                    on_done=lambda i, latent, latency: (latencies.append(latency), finish(i, latent, latency)),
-                    progress=not flags.no_progress)
-        if mesh.is_output_rank:
-            total = time.perf_counter() - t0
-            print(f"paradit: split experts: {len(spec.prompts)} requests in {total:.2f} s "
-                  f"({3600 * len(spec.prompts) / total:.1f} per hour); latency per request: "
-                  + ", ".join(f"{lat:.2f} s" for lat in latencies), flush=True)
+    if spec.layout.stages:   # all of the prompts through the two expert stages
+        run_split(spec, batch, pipe, finish)
         return staged
-    for i, (prompt, path) in enumerate(zip(spec.prompts, spec.outputs)):
-        if i % layout.dp != mesh.rank("dp"):
+    for i, (prompt, path) in enumerate(zip(batch.prompts, batch.outputs)):   # this replica's share
+        if i % spec.layout.dp != pipe.mesh.rank("dp"):
             continue
         t0 = time.perf_counter()
-        on_hit = stream_hits(pipe, path, cfg.fps) if spec.chords is not None and flags.chords_stream else None
-        latent = pipe.run(prompt, settings, flags.negative_prompt, image=spec.image, chords=spec.chords,
-                          on_hit=on_hit, progress=not flags.no_progress)
+        on_hit = stream_hits(pipe, path, spec.cfg.fps) if spec.chords is not None and batch.chords_stream else None
+        latent = pipe.run(prompt, s, spec.negative_prompt, image=spec.image, chords=spec.chords, on_hit=on_hit,
+                          progress=batch.progress)
         finish(i, latent, time.perf_counter() - t0)
     return staged
 
 
-def size_source(spec: RunSpec) -> str:
-    """Where the video's size and frames come from, for the line that announces them."""
-    given = [f for f in ("--size", "--frames") if spec.flags.given(f)]
-    if spec.image is not None and not spec.flags.given("--size"):
-        return "the image's shape at the model's area" + (", --frames" if given else "")
-    if len(given) == 2:
-        return "--size, --frames"
-    return f"{', '.join(given) + '; ' if given else ''}the model's default; --size WxH and --frames N change it"
+def run_split(spec: RunSpec, batch: Batch, pipe, finish) -> None:
+    """Every prompt pipelined through the two expert stages; the throughput line on the output rank."""
+    t0, latencies = time.perf_counter(), []
+    pipe.stream([(p, spec.negative_prompt, spec.settings) for p in batch.prompts],
+                on_done=lambda i, latent, latency: (latencies.append(latency), finish(i, latent, latency)),
+                progress=batch.progress)
+    if pipe.mesh.is_output_rank:
+        total, n = time.perf_counter() - t0, len(batch.prompts)
+        print(f"paradit: split experts: {n} requests in {total:.2f} s ({3600 * n / total:.1f} per hour); "
+              f"latency per request: " + ", ".join(f"{lat:.2f} s" for lat in latencies), flush=True)
+
+
+def stage_video(spec: RunSpec, pipe, outputs: Outputs, startup: dict, path: Path, prompt: str, latent,
+                elapsed: float) -> Path | None:
+    """Decode (spread over the output rank's sp group) and, on the output rank, stage one video with
+    its sidecar (and latent); the staged video's path there, None elsewhere."""
+    t1 = time.perf_counter()
+    video = outputs.video_stream(path, spec.cfg.fps) if pipe.mesh.is_output_rank else None
+    pipe.decode(latent, on_frames=video)   # the mp4 encoded as the frames are decoded
+    memory = gpu_memory(pipe)  # collective over the request's ranks
+    if not pipe.mesh.is_output_rank:
+        return None
+    pipe.record.timings["vae_decode_s"] = decode_s = time.perf_counter() - t1
+    startup.update({k: v for k, v in pipe.startup.items() if k not in startup})  # first_step_s
+    t1 = time.perf_counter()
+    video.close()                          # what the encoder has left after the decode
+    pipe.record.timings["write_video_s"] = time.perf_counter() - t1
+    if spec.save_latents:
+        outputs.tensors(files_of(path, True)[2], {"latent": latent})
+    outputs.json(path.with_suffix(".json"), sidecar(spec, pipe, prompt, startup, elapsed + decode_s)
+                 | {"gpu_memory_gb": memory, "time_to_video_s": since_process_start()})
+    if pipe.record.chords:
+        log.info("%s", chords_summary(pipe.record.chords, spec.settings.steps))
+    if pipe.record.cache:
+        c = pipe.record.cache.as_dict()
+        log.info("step cache %s: %d of %d evaluations saved (steps %s)", spec.settings.cache, c["saved"],
+                 c["evaluations"], ", ".join(str(e["step"]) for e in c["skipped"]) or "none")
+    log.info("staged %s (%d frames, %.2f s)", path, video.frames, elapsed + decode_s)
+    return path
 
 
 def gpu_memory(pipe) -> dict[str, dict[str, float]] | None:
@@ -180,12 +174,12 @@ def chords_summary(report, steps: int) -> str:
 
 
 def sidecar(spec: RunSpec, pipe, prompt: str, startup: dict, total_s: float) -> dict:
-    rec, cfg, s, layout, flags = pipe.record, spec.cfg, spec.settings, spec.layout, spec.flags
+    rec, cfg, s, layout = pipe.record, spec.cfg, spec.settings, spec.layout
     steps = max(1, len(rec.trace))
     return {
-        "prompt": prompt, "model": flags.model, "preset": cfg.name, "image": flags.image,
+        "prompt": prompt, "model": spec.build.model, "preset": cfg.name, "image": spec.image_path,
         "loras": [dict(path=str(lo.path), scale=lo.scale, target=lo.target) for lo in spec.loras],
-        "negative_prompt": cfg.negative_prompt if flags.negative_prompt is None else flags.negative_prompt,
+        "negative_prompt": cfg.negative_prompt if spec.negative_prompt is None else spec.negative_prompt,
         "settings": s.__dict__ | {"sampler": spec.sampler_label, "cache": s.cache and str(s.cache)},
         "size": {"generated": [s.width, s.height], "written": list(written_size(s.width, s.height))},
         "layout": layout.__dict__ | {"world_size": layout.world_size},
@@ -254,7 +248,7 @@ def main(argv=None) -> int:
             info = init_distributed(flags.device, flags.timeout)
         watcher = AbortWatcher(cleanup=outputs.discard).start()
         spec = resolve(flags, info)
-        run(spec, outputs, time.perf_counter() - t_start)
+        run(spec, resolve_batch(flags, spec, info), outputs, time.perf_counter() - t_start)
         finish_together(info)
         for path in outputs.commit():
             if path.suffix == ".mp4":

@@ -25,8 +25,8 @@ from paradit.config import WanConfig
 from paradit.engine import Denoiser, Request, RunRecord
 from paradit.errors import ParameterError
 from paradit.launch import init_distributed
-from paradit.models.lora import apply_loras, check_loras, for_expert
-from paradit.models.quant import check_quant, fp8_attention, quantize_experts
+from paradit.components import tiny_components
+from paradit.models.quant import fp8_attention, quantize_experts
 from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer
 from paradit.models.vae import VideoVAE
@@ -35,11 +35,10 @@ from paradit.parallel.mesh import Mesh, init_parallel
 from paradit.parallel.requests import check_same_request, decode_group, request_fields
 from paradit.parallel.runtime import Runtime
 from paradit.parallel.stages import HandoffSignal
-from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig
-from paradit.residency import check_offload, offloads_experts, offloads_text_encoder, streams_layers
-from paradit.schedulers.schedule import high_noise_steps
-from paradit.settings import ChordsSettings, VideoSettings, check_int
+from paradit.residency import offloads_experts, offloads_text_encoder, streams_layers
+from paradit.runspec import BuildSpec, build_components, build_spec
+from paradit.settings import ChordsSettings, VideoSettings
 
 log = logging.getLogger("paradit")
 __all__ = ["Pipeline", "RunRecord", "VideoSettings", "tiny_components"]
@@ -115,7 +114,8 @@ class Pipeline:
                         compile: bool = False, loras=(), offload: str = "none", quant: str = "none",
                         read_once: bool | None = None) -> "Pipeline":
         """'tiny' (random weights, built locally), 'demo' (the shipped demo model) or a checkpoint
-        folder. The layout is validated against the world before any weights are built or read.
+        folder: Pipeline.from_spec(paradit.runspec.build_spec(...)) of these keywords. The layout is
+        validated against the world before any weights are built or read.
 
         parallel: the layout; ParallelConfig(experts="split") without stages takes the stage sizes
         from the step split of the preset's schedule. experts_needed: the experts this rank runs
@@ -125,64 +125,35 @@ class Pipeline:
         compile: regional torch.compile of the transformer blocks (paradit/compile.py); then warm up
         with pipe.warmup. loras: LoraSpec(path, scale, target="all"|"high"|"low") entries
         (paradit/models/lora.py), checked before any weight is read and merged into the weights of
-        the experts this rank loads. offload: "none" | "text-encoder" | "experts" | "all" | "auto"
-        (paradit/residency.py): which components live in host memory and are copied to the GPU when
-        used; "layers" also streams the experts from host memory block by block. quant: "none" | "fp8" | "fp8-attention" | "fp8-all" (paradit/models/quant.py), refused
-        before any weight is read where FP8 cannot run. read_once: checkpoints only; the ranks of one
-        node that load the same expert read its files once between them (None: on where the experts
-        go to GPUs; see paradit/checkpoint.py)."""
-        check_offload(offload)
-        check_build(name_or_path, seed, experts_needed, components)
-        info = init_distributed(device)
-        check_quant(quant, info.device, offload, parallel)
-        parallel = parallel or ParallelConfig()
-        if parallel.shard_weights != "none":  # "auto" resolved; refused with what it cannot combine with
-            from paradit.parallel.sharding import sharded_layout
-            parallel = sharded_layout(parallel, model_config(name_or_path, components), info.device, offload,
-                                      quant, compile)
-        if parallel.stages_pending:
-            parallel = resolve_stages(parallel, model_config(name_or_path, components), info.world_size)
-        if experts_needed is None and parallel.stages is not None:  # each stage reads its own expert
-            experts_needed = set(placement.experts_needed(parallel, info.rank, 1, 1))
-        pipe = cls._build(name_or_path, parallel, info, dtype, backend, seed, experts_needed, components,
-                          loras, offload, read_once)
-        pipe.quant = quantize_experts(pipe.experts, quant)  # after the LoRA merge, before compile
+        the experts this rank loads. offload: "none" | "text-encoder" | "experts" | "all" | "layers" |
+        "auto" (paradit/residency.py): which components live in host memory and are copied to the GPU
+        when used; "layers" also streams the experts from host memory block by block. quant: "none" |
+        "fp8" | "fp8-attention" | "fp8-all" (paradit/models/quant.py), refused before any weight is
+        read where FP8 cannot run. read_once: checkpoints only; the ranks of one node that load the
+        same expert read its files once between them (None: on where the experts go to GPUs)."""
+        return cls.from_spec(build_spec(name_or_path, parallel, device, dtype, backend, seed, experts_needed,
+                                        components, compile, loras, offload, quant, read_once))
+
+    @classmethod
+    def from_spec(cls, spec: BuildSpec) -> "Pipeline":
+        """Build this rank's pipeline of a validated BuildSpec: the mesh (every group), this rank's
+        components (paradit.components: presets and checkpoints alike), then FP8, offload, compile."""
+        info = init_distributed(spec.device)
+        mesh = init_parallel(spec.layout, info.device, num_heads=spec.cfg.num_heads)
+        parts = build_components(spec, mesh)
+        pipe = cls(parts.cfg, parts.experts, parts.text_encoder, parts.vae, mesh=mesh, backend=spec.attention)
+        pipe.startup.update(parts.startup)
+        pipe.load_stats = parts.load_stats
+        pipe.quant = quantize_experts(pipe.experts, spec.quant)  # after the LoRA merge, before compile
         if pipe.quant["attention"]:
             pipe.runtime.use_attention(fp8_attention(), pipe.quant["attention"], pipe.experts)
         t0 = time.perf_counter()
-        pipe.apply_offload(offload)
+        pipe.apply_offload(spec.offload)
         pipe.startup["offload_s"] = time.perf_counter() - t0     # pinning the host copies
-        if compile:
+        if spec.compile:
             from paradit.compile import compile_blocks
             compile_blocks(pipe.experts)
         return pipe
-
-    @classmethod
-    def _build(cls, name_or_path, parallel, info, dtype, backend, seed, experts_needed, components, loras,
-               offload: str = "none", read_once: bool | None = None):
-        if name_or_path in ("tiny", "demo"):  # built locally: random weights, or the shipped demo model
-            cfg = WanConfig.preset(name_or_path)
-            t0 = time.perf_counter()
-            lora_files = check_loras(loras, cfg)
-            checked = time.perf_counter() - t0
-            mesh = init_parallel(parallel, info.device, num_heads=cfg.num_heads)
-            if name_or_path == "tiny":
-                parts = tiny_components(cfg, info.device, dtype or torch.float32, seed, experts_needed)
-            else:
-                from paradit.demo import demo_components
-                parts = demo_components(cfg, info.device)
-            t1 = time.perf_counter()
-            for k, expert in enumerate(parts[0]):
-                if expert is not None:
-                    apply_loras(expert, for_expert(lora_files, k, cfg.num_experts))
-            merged = time.perf_counter() - t1
-            pipe = cls(cfg, *parts, mesh=mesh, backend=backend)
-            if lora_files:
-                pipe.startup.update(lora_check_s=checked, lora_merge_s=merged)
-            return pipe
-        from paradit.checkpoint import load_pipeline_components  # real checkpoints (folders)
-        return load_pipeline_components(cls, name_or_path, parallel, info, dtype, backend, experts_needed,
-                                        components, loras, offload, read_once)
 
     def warmup(self, image: bool = False, **settings) -> float:
         """Build every compiled graph (one step per expert) at the shapes of a call with `settings`
@@ -261,9 +232,11 @@ class Pipeline:
         return latent
 
     def stream(self, prompts: Iterable[tuple[str, str | None, VideoSettings]],
-               on_done: Callable[[int, torch.Tensor, float], None] | None = None, progress: bool = True):
+               on_done: Callable[[int, torch.Tensor, float], None] | None = None, progress: bool = True,
+               chords: ChordsSettings | None = None):
         """Generate every (prompt, negative_prompt, settings) of `prompts`, in order, the same on every
         rank; on_done(i, latent, seconds) where request i finishes (self.record is then its record).
+        chords: every request solved with CHORDS (colocated experts).
         With split experts the requests pipeline through the two stages (paradit.engine.split):
         `prompts` may be a generator fed as requests arrive. Returns this rank's StageTimes."""
         from paradit.engine.split import StageTimes, run_split
@@ -271,7 +244,7 @@ class Pipeline:
             times = StageTimes()
             for i, (prompt, negative, s) in enumerate(prompts):
                 t0 = time.time()
-                latent = self.run(prompt, s, negative, progress=progress)
+                latent = self.run(prompt, s, negative, chords=chords, progress=progress)
                 times.spans.append((i, 0, t0, time.time()))
                 if on_done is not None:
                     on_done(i, latent, time.time() - t0)
@@ -279,7 +252,7 @@ class Pipeline:
 
         def requests():
             for prompt, negative, s in prompts:
-                self.check_request(s, None, None)
+                self.check_request(s, None, chords)
                 yield self.request(prompt, negative, s) if self.mesh.coords["stage"] == 0 else self.new_request(s)
 
         def finished(i, req, latent, seconds):
@@ -386,54 +359,3 @@ class Pipeline:
             return chords_denoise(self.denoiser, req, chords, on_hit)
         from paradit.engine.sequential import denoise
         return denoise(self.denoiser, req, progress)
-
-
-def check_build(name_or_path: str, seed, experts_needed, components) -> None:
-    """from_pretrained's own arguments, before anything is built: the tiny preset's weight seed, the
-    experts a preset has, components only for checkpoint folders."""
-    check_int("seed", seed, 0, 2 ** 32 - 1)
-    if name_or_path not in ("tiny", "demo"):
-        return  # a checkpoint's experts are checked against its configs (paradit.checkpoint)
-    if components is not None:
-        raise ParameterError("components", str(components), f"the {name_or_path} preset brings its own text "
-                             f"encoder and VAE; components= is for checkpoint folders")
-    n = WanConfig.preset(name_or_path).num_experts
-    if experts_needed is not None and not set(experts_needed) <= set(range(n)):
-        raise ParameterError("experts_needed", set(experts_needed), f"{name_or_path} has {n} expert(s), numbered "
-                             f"0 (high-noise){' and 1 (low-noise)' if n == 2 else ''}")
-
-
-def model_config(name_or_path: str, components=None) -> WanConfig:
-    """The model's config: a preset's ('tiny', 'demo'), or read from a checkpoint folder."""
-    if name_or_path in ("tiny", "demo"):
-        return WanConfig.preset(name_or_path)
-    from paradit.checkpoint import model_config as checkpoint_config
-    return checkpoint_config(name_or_path, components)
-
-
-def resolve_stages(parallel: ParallelConfig, cfg: WanConfig, world: int) -> ParallelConfig:
-    """experts='split' without stages: the stage sizes from the step split of the preset's
-    schedule (paradit.plan.placement), each stage's sp from the head count."""
-    if not parallel.stages_pending:
-        return parallel
-    if cfg.boundary is None:
-        raise ParameterError("experts", "split", f"{cfg.name} has one expert; split experts need two (Wan2.2 A14B)")
-    s = VideoSettings.resolve(cfg)
-    high = high_noise_steps(cfg.boundary, s.steps, s.shift)
-    return placement.split_layout(cfg.num_heads, placement.stage_sizes(world, high, s.steps), parallel.cfg)
-
-
-def tiny_components(cfg: WanConfig, device, dtype, seed: int = 0, needed: set[int] | None = None):
-    """Seeded random experts, a tiny umT5 and a tiny Wan VAE: identical on every rank.
-    Experts not in `needed` are not built (None)."""
-    experts = []
-    for k in range(cfg.num_experts):
-        if needed is not None and k not in needed:
-            experts.append(None)
-            continue
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + k)
-            experts.append(WanTransformer(cfg).to(device=device, dtype=dtype).eval().requires_grad_(False))
-    text = TextEncoder.tiny(cfg.text_dim, cfg.text_len, seed=seed, device=device)
-    vae = VideoVAE.tiny(cfg.z_dim, seed=seed, device=device)
-    return experts, text, vae

@@ -171,13 +171,12 @@ def read_once_ranks(root: str):
 
     import torch.distributed as dist
 
-    from paradit.checkpoint import load_pipeline_components, locate
-    from paradit.launch import init_distributed
+    from paradit.checkpoint import locate
     from paradit.models.loading import load_transformer
 
     rank, layout = dist.get_rank(), ParallelConfig(ulysses=2, cfg=2)
     plain = [load_transformer(folder) for folder in locate(root).experts]
-    pipes = {"all": load_pipeline_components(Pipeline, root, layout, init_distributed(), read_once=True)}
+    pipes = {"all": Pipeline.from_pretrained(root, parallel=layout, read_once=True)}
     os.environ["PARADIT_READ_ONCE"] = "1"
     try:
         pipes["split"] = Pipeline.from_pretrained(root, parallel=layout, experts_needed={rank % 2})

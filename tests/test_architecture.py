@@ -181,3 +181,37 @@ def test_the_design_contract_names_import():
     from paradit.schedulers import FlowEulerScheduler, FlowUniPCScheduler, make_scheduler  # noqa: F401
     from paradit.schedulers.chords import Chords  # noqa: F401
     assert ParallelConfig(experts="split").stages_pending
+
+
+# the entry points (and the package's lazy re-export) may know the facade; nothing else does
+ENTRY = ("paradit.generate", "paradit.serve", "paradit.cli")
+
+
+def test_nothing_below_the_facade_knows_it():
+    # no module below the entry points imports paradit.pipeline, constructs a Pipeline (a `cls`
+    # handed down would do it: the build returns Components, from_spec builds the facade), or writes
+    # its start-up figures (pipe.startup / pipe.load_stats)
+    for m, p in MODULES.items():
+        if m in ("paradit", "paradit.pipeline") or m.startswith(ENTRY):
+            continue
+        assert "paradit.pipeline" not in GRAPH[m], f"{m} imports the facade"
+        tree = ast.parse(p.read_text())
+        calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        assert not {c for c in calls if c == "Pipeline" or c.endswith(".Pipeline")}, f"{m} builds it"
+        handed = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.args.args and
+                  f.args.args[0].arg == "cls" and "classmethod" not in map(ast.unparse, f.decorator_list)]
+        assert not handed, f"{m}: {handed} take a class to build (the facade, handed down)"
+        writes = {ast.unparse(t) for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AugAssign))
+                  for t in getattr(n, "targets", [getattr(n, "target", None)])}
+        assert not {w for w in writes if w.startswith(("pipe.startup", "pipe.load_stats"))}, f"{m} writes the facade"
+
+
+def test_one_construction_path():
+    # presets and checkpoints are built by runspec.build_components, and the facade is built by
+    # Pipeline.from_spec alone: from_pretrained is build_spec + from_spec
+    import inspect
+
+    from paradit.pipeline import Pipeline
+    source = inspect.getsource(Pipeline.from_pretrained)
+    assert "cls.from_spec(build_spec(" in source and "build_components" not in source
+    assert "build_components(spec, mesh)" in inspect.getsource(Pipeline.from_spec)

@@ -116,7 +116,7 @@ def test_fp32_and_odd_shapes_are_refused(fp8_machine):
 
 def test_library_refuses_before_building(monkeypatch):
     from paradit.pipeline import Pipeline
-    monkeypatch.setattr(Pipeline, "_build", classmethod(lambda *a, **k: pytest.fail("built before refusing")))
+    monkeypatch.setattr("paradit.pipeline.build_components", lambda *a, **k: pytest.fail("built before refusing"))
     with pytest.raises(ParameterError, match=r"quant='fp8'"):
         Pipeline.from_pretrained("tiny", device="cpu", quant="fp8")
 
@@ -124,7 +124,8 @@ def test_library_refuses_before_building(monkeypatch):
 # ---- the CLI flag -----------------------------------------------------------------------------
 def spec(argv, rank=0, world=1):
     flags = parse_args(["--out", "/tmp/paradit-quant-test/v.mp4", *argv])
-    return resolve(flags, DistInfo(rank, world, rank, CPU, "gloo"))
+    info = DistInfo(rank, world, rank, CPU, "gloo")
+    return resolve(flags, info)
 
 
 def test_flag_parsing():
@@ -133,7 +134,7 @@ def test_flag_parsing():
         assert parse_args(["--quant", mode]).quant == mode
     with pytest.raises(UsageError, match=r"--quant invalid choice: 'fp4' \(choose from 'none', 'fp8'"):
         parse_args(["--quant", "fp4"])
-    assert spec(["--model", "tiny", "--quant", "none"]).flags.quant == "none"
+    assert spec(["--model", "tiny", "--quant", "none"]).build.quant == "none"
 
 
 def test_flag_refusals_in_flag_terms(fp8_machine):

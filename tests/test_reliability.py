@@ -18,7 +18,7 @@ import torch
 
 from paradit import outputs as out_mod
 from paradit.cli.flags import flag_terms
-from paradit.cli.spec import parse_args, resolve
+from paradit.cli.spec import parse_args, resolve, resolve_batch
 from paradit.config import WanConfig
 from paradit.generate import failure
 from paradit.launch import DistInfo, free_port, init_distributed, spawn
@@ -175,7 +175,8 @@ def check_cli(argv: list[str], world: int, rank: int) -> None:
     flags = parse_args(argv if "--model" in argv else ["--model", "tiny", *argv])
     with flag_terms(flags):
         init_distributed(flags.device, flags.timeout)
-    resolve(flags, DistInfo(rank, world, rank, torch.device("cpu"), "gloo"))
+    info = DistInfo(rank, world, rank, torch.device("cpu"), "gloo")
+    resolve_batch(flags, resolve(flags, info), info)
 
 
 @pytest.mark.parametrize("args,message,world,where", BAD_CLI, ids=[" ".join(c[0]) for c in BAD_CLI])

@@ -5,10 +5,11 @@ integer, a WIDTHxHEIGHT, a stop rule, UTF-8 text); ranges belong to the library 
 the values (paradit.settings, ParallelConfig, the planner), whose ParameterErrors `flag_terms`
 re-raises naming the flag the user typed.
 
-Adding a flag to paradit.generate is one Flag entry in FLAGS: its typed value is then
-`spec.flags.<name>` (dashes as underscores); if it feeds a library parameter, map the parameter
-to it in PARAM_FLAGS; if it conflicts with other flags, add the rule to
-paradit.cli.spec.check_combinations.
+Adding a build option is a field of paradit.runspec.BuildSpec (and build_spec's keyword) and its
+use where it acts, plus its Flag entry here: paradit.cli.spec.resolve passes `flags.<name>` (dashes
+as underscores) on; the service takes it too once its name is in paradit.serve.cli.SHARED. If it
+feeds a library parameter, map the parameter to it in PARAM_FLAGS; if it conflicts with other
+flags, add the rule to paradit.cli.spec.check_combinations.
 """
 from __future__ import annotations
 

@@ -1,17 +1,21 @@
-"""argv -> one validated, frozen RunSpec: what paradit.generate executes.
+"""argv -> one validated, frozen RunSpec (paradit.runspec): what generate and the service run.
 
-    flags = parse_args(argv)        every flag's type (paradit.cli.flags)
-    spec = resolve(flags, info)     ranges, combinations, model, prompts, image, video, layout, outputs
+    flags = parse_args(argv)          every flag's type (paradit.cli.flags; the service's own parser)
+    spec = resolve(flags, info)       the model, image, video, CHORDS, layout, experts, LoRAs, offload, FP8
+    batch = resolve_batch(flags, spec, info)    generate's prompts and output files
 
-Everything is checked here, on every rank, before any weights are built or read: the values by
-the library's own checks (VideoSettings, ParallelConfig, the planner, ChordsSettings), whose
-ParameterErrors speak of parameters and come out naming flags; combinations of flags, files and
-output paths by the rules below. A refusal is a UsageError (a ValueError) worded in flags.
+`resolve` is the one function from flags to a RunSpec: paradit.generate and paradit.serve call it
+with their parsed flags (the same argv gives the same spec), and it makes the build part with
+paradit.runspec.build_spec, as Pipeline.from_pretrained does. Everything is checked here, on
+every rank, before any weights are built or read: the values by the library's own checks
+(VideoSettings, ParallelConfig, the planner, ChordsSettings), whose ParameterErrors speak of
+parameters and come out naming flags; combinations of flags, files and output paths by the rules
+below. A refusal is a UsageError (a ValueError) worded in flags.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, flag_terms,  # noqa: F401
@@ -20,31 +24,19 @@ from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
 from paradit.config import PRESETS, WanConfig
 from paradit.plan.layout import ParallelConfig
 from paradit.plan.placement import rank_roles
+from paradit.runspec import RUNNABLE_PRESETS, RunSpec, build_options, build_spec  # noqa: F401 (RunSpec's home)
 from paradit.settings import ChordsSettings, VideoSettings
 
 log = logging.getLogger("paradit")
-RUNNABLE_PRESETS = ("tiny", "demo")  # presets that bring their weights; the Wan ones are architectures
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """Everything one rank needs to run, validated. flags: the parsed command line, for what the run
-    only passes on (and for flags added later)."""
-    flags: Flags
-    cfg: WanConfig
+class Batch:
+    """What generate does with a RunSpec: its prompts, and the files of each video."""
     prompts: tuple[str, ...]
-    settings: VideoSettings
-    layout: ParallelConfig
-    chords: ChordsSettings | None
-    experts_needed: frozenset | None    # the experts this rank loads (None: all)
     outputs: tuple[Path, ...]           # the video of each prompt; sidecars and latents beside them
-    loras: tuple = ()                   # paradit.models.lora.LoraSpec of --lora, --lora-high, --lora-low
-    offload: str = "none"               # the residency mode (--offload auto resolved)
-    image: object = field(default=None, compare=False)  # the PIL image, loaded once
-
-    @property
-    def sampler_label(self) -> str:
-        return "euler (CHORDS)" if self.chords is not None else self.settings.sampler
+    chords_stream: bool = False         # write every CHORDS hit as it arrives
+    progress: bool = True
 
 
 def check_combinations(flags: Flags) -> None:
@@ -89,8 +81,13 @@ def check_weights(flags: Flags) -> None:
 
 
 def read_prompts(flags: Flags) -> tuple[str, ...]:
+    """--prompt or the lines of --prompts-file; a prompt that is empty once cleaned as the text encoder
+    cleans it (the service refuses it too) is refused naming the flag or the line."""
     if flags.prompts_file is None:
-        return (DEFAULT_PROMPT if flags.prompt is None else flags.prompt,)
+        prompt = DEFAULT_PROMPT if flags.prompt is None else flags.prompt
+        if is_blank(prompt):
+            raise UsageError(f"--prompt {flags.prompt!r}: empty after removing whitespace; describe the video")
+        return (prompt,)
     path = Path(flags.prompts_file)
     if not path.exists():
         raise UsageError(f"--prompts-file {path}: no such file")
@@ -103,10 +100,20 @@ def read_prompts(flags: Flags) -> tuple[str, ...]:
     except UnicodeDecodeError as err:
         raise UsageError(f"--prompts-file {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
                          f"offset {err.start}); save it as UTF-8, one prompt a line") from None
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not prompts:
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
         raise UsageError(f"--prompts-file {path} has no prompts (one prompt a line)")
-    return prompts
+    blank = next((n for n, line in lines if is_blank(line)), None)
+    if blank is not None:
+        raise UsageError(f"--prompts-file {path}, line {blank}: empty after removing whitespace (and HTML "
+                         f"entities); describe the video, or delete the line")
+    return tuple(line for _, line in lines)
+
+
+def is_blank(prompt: str) -> bool:
+    """Empty once cleaned as the text encoder cleans prompts (as the service judges them)."""
+    from paradit.models.text_encoder import clean_prompt
+    return clean_prompt(prompt) == ""
 
 
 def warn_unknown_words(prompts: tuple[str, ...]) -> None:
@@ -124,25 +131,29 @@ def output_paths(flags: Flags, count: int) -> tuple[Path, ...]:
     return (out,) if count == 1 else tuple(out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(count))
 
 
-def files_of(path: Path, flags: Flags) -> list[Path]:
+def files_of(path: Path, save_latents: bool) -> list[Path]:
     """Every file a video's output set holds."""
     files = [path, path.with_suffix(".json")]
-    return files + ([path.with_suffix(".latent.safetensors")] if flags.save_latents else [])
+    return files + ([path.with_suffix(".latent.safetensors")] if save_latents else [])
 
 
 def check_outputs(paths: tuple[Path, ...], flags: Flags) -> None:
     from paradit.outputs import check_writable
     for path in paths:
-        for file in files_of(path, flags):
+        for file in files_of(path, flags.save_latents):
             why = check_writable(file)
             if why:
                 raise UsageError(f"--out {flags.out}: cannot write {file}: {why}")
 
 
 def load_image(flags: Flags, cfg: WanConfig):
+    """--image, loaded once; refused for a text-to-video model. (An I2V model without one is generate's
+    refusal, resolve_batch: the service takes the first frame in each request.)"""
     from paradit import conditioning
+    if flags.image is None:
+        return None
     conditioning.check_task(cfg, flags.image)
-    return conditioning.load_image(flags.image) if flags.image else None
+    return conditioning.load_image(flags.image)
 
 
 def video_settings(flags: Flags, cfg: WanConfig, image) -> VideoSettings:
@@ -162,13 +173,11 @@ def chords_settings(flags: Flags):
 
 
 def resolve(flags: Flags, info) -> RunSpec:
-    """The validated spec of this rank (info: paradit.launch.DistInfo); UsageError otherwise."""
+    """The validated spec of this rank (info: paradit.launch.DistInfo); UsageError otherwise. The
+    one function from flags to a RunSpec, for generate and the service alike."""
     check_combinations(flags)
     with flag_terms(flags):
         cfg = model_config(flags)
-        prompts = read_prompts(flags)
-        if cfg.name == "demo" and info.rank == 0:
-            warn_unknown_words(prompts)
         image = load_image(flags, cfg)
         settings = video_settings(flags, cfg, image)
         chords = chords_settings(flags)
@@ -176,19 +185,44 @@ def resolve(flags: Flags, info) -> RunSpec:
         _check_attention(flags, info)
         if image is not None and (layout.stages or (chords and cfg.task == "ti2v")):
             raise UsageError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
-        paths = output_paths(flags, len(prompts))
-        if rank_roles(layout, info.rank).writes:
-            check_outputs(paths, flags)
         needed = experts_needed(cfg, layout, settings, chords, info.rank)
         from paradit.models.lora import check_loras, lora_specs
         loras = tuple(lora_specs(flags.lora, flags.lora_high, flags.lora_low))
-        check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); from_pretrained warns and merges
+        check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); the build warns and merges
         offload = offload_mode(flags, cfg, layout, settings, info.device)
         from paradit.plan.sharding import check_shard_options
         check_shard_options(layout, offload, flags.quant, flags.compile)
         _check_quant(flags, info, offload, layout)
         check_weights(flags)
-    return RunSpec(flags, cfg, prompts, settings, layout, chords, needed, paths, loras, offload, image)
+        build = build_spec(flags.model, layout, flags.device, backend=flags.attention, experts_needed=needed,
+                           components=flags.components, compile=flags.compile, loras=loras, offload=offload,
+                           quant=flags.quant, **build_options(flags.values))
+    return RunSpec(build, settings, chords, flags.negative_prompt, flags.image, image, size_source(flags, image),
+                   flags.check_finite, flags.save_latents)
+
+
+def resolve_batch(flags: Flags, spec: RunSpec, info) -> Batch:
+    """generate's prompts (each one checked) and the files it writes, checked where this rank writes."""
+    from paradit import conditioning
+    with flag_terms(flags):
+        conditioning.check_task(spec.cfg, flags.image)
+    prompts = read_prompts(flags)
+    if spec.cfg.name == "demo" and info.rank == 0:
+        warn_unknown_words(prompts)
+    paths = output_paths(flags, len(prompts))
+    if rank_roles(spec.layout, info.rank).writes:
+        check_outputs(paths, flags)
+    return Batch(prompts, paths, flags.chords_stream, not flags.no_progress)
+
+
+def size_source(flags: Flags, image) -> str:
+    """Where the video's size and frames come from, for the line that announces them."""
+    given = [f for f in ("--size", "--frames") if flags.given(f)]
+    if image is not None and not flags.given("--size"):
+        return "the image's shape at the model's area" + (", --frames" if given else "")
+    if len(given) == 2:
+        return "--size, --frames"
+    return f"{', '.join(given) + '; ' if given else ''}the model's default; --size WxH and --frames N change it"
 
 
 def _check_attention(flags: Flags, info) -> None:

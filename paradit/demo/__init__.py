@@ -1,7 +1,8 @@
 """The demo model: a tiny Wan-architecture text-to-video model trained on moving coloured shapes.
 
 Its weights ship in the package (paradit/assets/demo, written by `python scripts/train_demo.py`);
-`Pipeline.from_pretrained("demo")` loads them through `demo_components`. See docs/demo-model.md.
+`Pipeline.from_pretrained("demo")` loads them through `demo_components` (registered in
+paradit.components.PRESET_BUILDERS). See docs/demo-model.md.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from paradit.models.transformer import WanTransformer
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 
-def demo_components(cfg: WanConfig, device, assets: Path = ASSETS):
-    """([high-noise expert, low-noise expert], text encoder, codec) with the shipped weights, fp32."""
+def demo_components(cfg: WanConfig, device, dtype=None, seed: int = 0, needed=None, assets: Path = ASSETS):
+    """([high-noise expert, low-noise expert], text encoder, codec) with the shipped weights, fp32
+    (the signature of paradit.components.PRESET_BUILDERS; the weights are the shipped ones, whatever
+    dtype, seed and needed say, and both experts are built)."""
     missing = [f for f in ("high.safetensors", "low.safetensors", "text_encoder.safetensors")
                if not (assets / f).is_file()]
     if missing:

@@ -25,10 +25,11 @@ from pathlib import Path
 log = logging.getLogger("paradit")
 
 
-# generate's flags that mean the same here: the model, the machine and the layout
-SHARED = ("--model", "--components", "--save-latents", "--device", "--attention", "--timeout", "--sp", "--ulysses",
-          "--ring", "--cfg-par", "--dp", "--experts", "--stages", "--plan", "--gpu", "--force", "--offload",
-          "--shard-weights", "--cfg-mode", "--cache")  # --cache: the step cache of requests that give none
+# generate's flags that describe one run's requests, which a service takes from each request instead;
+# every other flag of generate's (the model, the machine, the layout, the build, CHORDS) is the
+# server's too, with the same definition, resolved by the same function (paradit.cli.spec.resolve)
+PER_REQUEST = ("--prompt", "--prompts-file", "--negative-prompt", "--image", "--size", "--frames", "--steps",
+               "--shift", "--guidance", "--sampler", "--seed", "--out", "--chords-stream", "--no-progress")
 
 
 def serve_flags():
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     generate's other flags are there at their defaults, so that its combination rules apply."""
     from paradit.cli.flags import FLAGS, Flags, build_parser, raw_values
     argv = list(sys.argv[1:] if argv is None else argv)
-    flags = tuple(f for f in FLAGS if f.name in SHARED) + serve_flags()
+    flags = tuple(f for f in FLAGS if f.name not in PER_REQUEST) + serve_flags()
     ns = build_parser("python -m paradit.serve", __doc__, flags).parse_args(argv)
     values = {f.dest: f.default for f in FLAGS} | vars(ns)
     values["api_key"] = values["api_key"] or os.environ.get("PARADIT_API_KEY") or None
@@ -113,28 +114,13 @@ class Parts:
 
 
 def run(flags, info, parts: Parts) -> None:
-    import torch
-
-    from paradit.cli.flags import flag_terms
-    from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
-    from paradit.cli.spec import check_combinations, check_weights, model_config
-    from paradit.models.attention import pick_backend
+    from paradit.cli.spec import resolve
     from paradit.serve.schema import Checker, Limits
-    from paradit.settings import VideoSettings
 
-    # 1. validate everything before any weights exist (every rank), in generate's terms
-    check_combinations(flags)
+    # 1. validate everything before any weights exist (every rank): generate's resolve, the same spec
     check_args(flags)
-    with flag_terms(flags):
-        cfg = model_config(flags)
-        # the layout and offload are planned for the model's default video; --cache checked here
-        defaults = VideoSettings.resolve(cfg, cache=flags.cache)
-        layout = resolve_layout(flags, cfg, info, defaults)
-        pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, flags.attention)
-        offload = offload_mode(flags, cfg, layout, defaults, info.device)
-        from paradit.plan.sharding import check_shard_options
-        check_shard_options(layout, offload, "none", False)
-        check_weights(flags)
+    spec = resolve(flags, info)
+    cfg = spec.cfg
     if cfg.task != "t2v":
         raise ValueError(f"--model {flags.model} is an image-to-video model ({cfg.task}); the service takes text "
                          f"prompts only so far: serve a text-to-video model")
@@ -142,20 +128,21 @@ def run(flags, info, parts: Parts) -> None:
     state_dir = Path(flags.state_dir)
 
     # 2. rank 0: the state directory and the HTTP front, answering 503 until the models are loaded
-    service = open_front(flags, cfg, layout, parts) if info.rank == 0 else None
+    service = open_front(flags, cfg, spec.layout, parts) if info.rank == 0 else None
 
-    # 3. build (every rank its part), then settle what an earlier run left in the state directory
+    # 3. build (every rank its part) and warm up compiled blocks, then settle the state directory
     from paradit.pipeline import Pipeline
     from paradit.serve.engine import Channel, Worker
-    needed = experts_needed(cfg, layout, defaults, None, info.rank)
-    pipe = Pipeline.from_pretrained(flags.model, parallel=layout, device=flags.device, backend=flags.attention,
-                                    experts_needed=None if needed is None else set(needed),
-                                    components=flags.components, offload=offload)
+    pipe = Pipeline.from_spec(spec.build)
+    if spec.build.compile:   # the graphs of the model's default video, before the service says ready
+        pipe.warmup(**spec.settings.__dict__)
+    pipe.check_finite = spec.check_finite
     channel = Channel()
-    parts.worker = Worker(pipe, channel, state_dir, flags.save_latents)
+    parts.worker = Worker(pipe, channel, state_dir, spec.save_latents, spec.chords)
     if info.rank == 0:
-        checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, flags.cache)
-        start_scheduling(service, checker, channel, layout, info.world_size, parts)
+        checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, flags.cache,
+                          spec.chords, spec.layout)
+        start_scheduling(service, checker, channel, spec.layout, info.world_size, parts)
 
     # 4. serve until stopped
     parts.worker.run()

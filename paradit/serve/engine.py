@@ -72,8 +72,9 @@ class Worker:
     """One rank's part of the service: take the lane's jobs, run them through the pipeline, write
     the videos atomically into the state directory (from the output rank), report to the store."""
 
-    def __init__(self, pipe, channel: Channel, state_dir: Path, save_latents: bool = False):
+    def __init__(self, pipe, channel: Channel, state_dir: Path, save_latents: bool = False, chords=None):
         self.pipe, self.channel, self.dir, self.save_latents = pipe, channel, Path(state_dir), save_latents
+        self.chords = chords   # the server's CHORDS settings (--chords): every job solves with them
         mesh = pipe.mesh
         self.split = mesh.split is not None
         self.stage = mesh.coords["stage"]
@@ -90,7 +91,8 @@ class Worker:
 
     def run(self) -> None:
         """Serve until rank 0 posts a stop."""
-        self.pipe.stream(self.requests(), on_done=lambda i, latent, _: self.finish(latent), progress=False)
+        self.pipe.stream(self.requests(), on_done=lambda i, latent, _: self.finish(latent), progress=False,
+                         chords=self.chords)
 
     def requests(self):
         """The lane's commands as the pipeline's requests, taken as this rank is ready for the next

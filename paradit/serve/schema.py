@@ -145,9 +145,11 @@ class Checker:
     """Checks requests against the served model. `tokenizer` counts prompt tokens: a copy of the
     engine's, used under a lock (a fast tokenizer must not be used by two threads at once)."""
 
-    def __init__(self, cfg: WanConfig, model: str, tokenizer, limits: Limits, cache: str | None = None):
+    def __init__(self, cfg: WanConfig, model: str, tokenizer, limits: Limits, cache: str | None = None, chords=None,
+                 layout=None):
         self.cfg, self.model, self.tokenizer, self.limits = cfg, model, tokenizer, limits
         self.cache = cache   # the step cache of requests that give none (the server's --cache)
+        self.chords, self.layout = chords, layout   # --chords: every job is solved with CHORDS on this layout
         self.lock = threading.Lock()
 
     def resolve(self, body: VideoRequest) -> dict:
@@ -177,7 +179,35 @@ class Checker:
             raise ApiError(400, f"a {s.width}x{s.height} video of {s.frames} frames is {tokens} tokens; this service "
                                 f"takes at most {limit} (--max-video-tokens): make it smaller or shorter",
                            "size" if body.size is not None else "seconds" if body.seconds is not None else "num_frames")
+        if self.chords is not None:
+            self.check_chords(s, body.sampler)
         return {"prompt": body.prompt, "negative_prompt": body.negative_prompt, **asdict(s)}
+
+    def check_chords(self, s: VideoSettings, sampler: str | None) -> None:
+        """A CHORDS server's request: Euler steps, enough of them for the cores, and no expert that a
+        rank did not load (each rank loaded those its core needs at the model's default steps)."""
+        from paradit.plan.placement import experts_needed
+        from paradit.schedulers.schedule import high_noise_steps
+        if sampler == "unipc":
+            raise ApiError(400, "sampler unipc: this service solves with CHORDS (Euler steps, --chords); leave "
+                                "sampler out or give \"euler\"", "sampler")
+        try:
+            self.chords.validate(s.steps, self.layout.chords)
+        except ParameterError as err:
+            raise ApiError(400, f"num_inference_steps {s.steps}: {err.reason} (this service runs CHORDS with "
+                                f"{self.chords.cores} cores)", "num_inference_steps") from None
+        served = VideoSettings.resolve(self.cfg)
+
+        def needed(v: VideoSettings, rank: int):
+            high = high_noise_steps(self.cfg.boundary, v.steps, v.shift)
+            return experts_needed(self.layout, rank, v.steps, high, self.chords.resolve_init(v.steps),
+                                  self.chords.stop)
+        for rank in range(self.layout.world_size):
+            have, need = needed(served, rank), needed(s, rank)
+            if have is not None and (need is None or not need <= have):
+                raise ApiError(400, f"num_inference_steps {s.steps}: a CHORDS core would need an expert its ranks "
+                                    f"did not load (they load those of {served.steps} steps); give "
+                                    f"{served.steps}", "num_inference_steps")
 
     def check_prompt(self, text: str, param: str, empty_ok: bool = False) -> None:
         from paradit.models.text_encoder import clean_prompt

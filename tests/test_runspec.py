@@ -1,0 +1,89 @@
+"""One front door: the same argv resolves to the same RunSpec in generate and in the service; the
+service runs what the spec says (a server-wide LoRA, CHORDS), through a real HTTP client, with
+generate's latent; what cannot run is refused with the reason before any weight is read."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from paradit.config import WanConfig
+from paradit.serve.process import ServerProcess
+from test_lora import random_lora
+from test_serve import AUTH, KEY, PROMPT, Server, latent_of
+
+
+@pytest.fixture(scope="module")
+def demo_lora(tmp_path_factory):
+    tensors, metadata = random_lora(WanConfig.preset("demo"), "kohya", seed=3)
+    path = tmp_path_factory.mktemp("lora") / "demo_lora.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    return path
+
+
+def argvs(lora) -> list[list[str]]:
+    return [["--model", "tiny"], ["--model", "demo", "--lora", f"{lora}:0.2", "--chords", "2"],
+            ["--model", "tiny", "--offload", "text-encoder", "--chords", "3", "--chords-stop", "none"],
+            ["--model", "demo", "--lora-high", f"{lora}:0.5", "--lora-low", str(lora), "--check-finite"]]
+
+
+def test_the_same_argv_resolves_to_the_same_spec(demo_lora):
+    from paradit.cli.spec import parse_args, resolve
+    from paradit.launch import init_distributed
+    from paradit.serve.cli import parse_args as serve_args
+    info = init_distributed("cpu")
+    specs = [resolve(parse_args(argv), info) for argv in argvs(demo_lora)]
+    assert [resolve(serve_args(argv), info) for argv in argvs(demo_lora)] == specs
+    assert len(set(map(repr, specs))) == len(specs)          # the argvs differ, and so do their specs
+    assert specs[1].chords.cores == 2 and specs[1].loras[0].scale == 0.2 and specs[1].build.cfg.name == "demo"
+
+
+def test_blank_prompts_are_refused_naming_the_flag_or_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n&nbsp; \t\n")
+    for argv, words in ((["--prompt", " \u00a0 "], "--prompt"), (["--prompts-file", str(prompts)], "line 2")):
+        run = subprocess.run([sys.executable, "-m", "paradit.generate", "--model", "tiny", *argv, "--out",
+                              str(tmp_path / "v.mp4")], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert words in run.stderr and "empty after removing whitespace" in run.stderr, run.stderr[-2000:]
+    assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_fp8_is_refused_on_cpu_with_the_reason(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "paradit.serve", "--model", "tiny", "--quant", "fp8", "--device",
+                          "cpu", "--port", "0", "--state-dir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "--quant fp8" in run.stderr and "GPU" in run.stderr, run.stderr[-2000:]
+    assert "loading the models" not in run.stdout
+
+
+def generate_latent(argv: list[str], out) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    from paradit.generate import main
+    assert main([*argv, "--prompt", PROMPT, "--seed", "4", "--steps", "6", "--save-latents", "--no-progress",
+                 "--out", str(out)]) == 0
+    return load_file(out.with_suffix(".latent.safetensors"))["latent"]
+
+
+def test_a_server_wide_lora_and_chords_job_gives_generates_latent(demo_lora, tmp_path):
+    """--lora and --chords reach the served pipeline: the job's latent is generate's with the same
+    flags, bit for bit (one process, the same arithmetic), and not generate's without them."""
+    flags = ["--model", "demo", "--lora", f"{demo_lora}:0.2", "--chords", "2"]
+    proc = ServerProcess([*flags, "--api-key", KEY, "--save-latents"], state_dir=tmp_path / "state").launch()
+    with proc, httpx.Client(base_url=proc.url, headers=AUTH, timeout=30) as client:
+        served = Server("lora-chords", proc.wait_ready(), client, proc.state_dir)
+        with_flags = generate_latent(flags, tmp_path / "with.mp4")
+        without = generate_latent(["--model", "demo"], tmp_path / "without.mp4")
+        v = served.finished(served.submit(seed=4, num_inference_steps=6)["id"])
+        assert v["status"] == "completed", v
+        latent = latent_of(served.state_dir, v["id"])
+        assert torch.equal(latent, with_flags)
+        assert not torch.allclose(latent, without, atol=1e-3)
+        bad = client.post("/v1/videos", json={"prompt": PROMPT, "num_inference_steps": 1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_inference_steps", bad.text
