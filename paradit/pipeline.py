@@ -242,17 +242,18 @@ class Pipeline:
         from paradit.engine.split import StageTimes, run_split
         if self.mesh.split is None:
             times = StageTimes()
-            for i, (prompt, negative, s) in enumerate(prompts):
+            for i, (prompt, negative, s, *image) in enumerate(prompts):   # an image: the request's first frame
                 t0 = time.time()
-                latent = self.run(prompt, s, negative, chords=chords, progress=progress)
+                latent = self.run(prompt, s, negative, image=image[0] if image else None, chords=chords,
+                                  progress=progress)
                 times.spans.append((i, 0, t0, time.time()))
                 if on_done is not None:
                     on_done(i, latent, time.time() - t0)
             return times
 
         def requests():
-            for prompt, negative, s in prompts:
-                self.check_request(s, None, chords)
+            for prompt, negative, s, *image in prompts:
+                self.check_request(s, image[0] if image else None, chords)
                 yield self.request(prompt, negative, s) if self.mesh.coords["stage"] == 0 else self.new_request(s)
 
         def finished(i, req, latent, seconds):

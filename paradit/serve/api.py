@@ -18,10 +18,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from paradit.serve.guard import Guard
+from paradit.serve import images
+from paradit.serve.guard import MAX_BODY, Guard
 from paradit.serve.jobs import MIN_FREE, JobStore, disk_full
 from paradit.serve.metrics import Metrics
-from paradit.serve.schema import ApiError, VideoRequest, parse_body, validation_error, video_object
+from paradit.serve.schema import ApiError, VideoRequest, parse_body, validate_data, validation_error, video_object
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -36,6 +37,7 @@ class Service:
     layout: str = ""
     defaults: dict = field(default_factory=dict)   # the model's default settings, for the page
     request_timeout_s: float = 10.0                # --request-timeout: for the body (paradit.serve.guard)
+    takes_images: bool = False                     # an I2V / TI2V model: POST /v1/videos may carry a first frame
     metrics: Metrics = field(default_factory=Metrics)
     checker: object = None
     scheduler: object = None
@@ -88,14 +90,25 @@ class Service:
 
 
 async def video_request(request: Request) -> VideoRequest:
-    """POST /v1/videos's body (read whole by paradit.serve.guard already), parsed by paradit.serve.schema."""
-    return parse_body(await request.body(), request.headers.get("content-type", ""))
+    """POST /v1/videos's body (read whole by paradit.serve.guard already): JSON (paradit.serve.schema) or
+    a multipart form with the first frame (paradit.serve.images). A body over the plain limit must
+    be carrying an image: the guard let it through only up to the image bound."""
+    raw, content_type = await request.body(), request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        body = validate_data(images.multipart_fields(raw, content_type))
+    else:
+        body = parse_body(raw, content_type)
+    if body.input_reference is None and len(raw) > MAX_BODY:
+        raise ApiError(413, f"the body is {len(raw)} bytes; at most {MAX_BODY} are taken without an "
+                            f"input_reference", "body")
+    return body
 
 
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="paradit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=service.api_key, timeout_s=service.request_timeout_s,
-                       refused=lambda status: service.metrics.rejected.labels(str(status)).inc())
+                       refused=lambda status: service.metrics.rejected.labels(str(status)).inc(),
+                       image_body=images.MAX_IMAGE_BODY if service.takes_images else 0)
     add_error_handlers(app, service)
     add_video_routes(app, service)
     add_service_routes(app, service)
@@ -126,7 +139,12 @@ def add_video_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/videos")
     def create_video(body: VideoRequest = Depends(video_request)):
         ready()
-        return obj(service.accept(service.checker.resolve(body)))  # resolve: ApiError(400) names the field
+        image = None if body.input_reference is None else images.open_image(
+            images.decode_base64(body.input_reference))
+        request = service.checker.resolve(body, image)  # ApiError(400) names the field
+        if image is not None:   # stored where every rank of the job reads it, before the job is
+            request["image"] = images.store_image(image, jobs.dir)
+        return obj(service.accept(request))
 
     @app.get("/v1/videos")
     def list_videos(limit: int = Query(20, ge=1, le=100), order: str = Query("desc", pattern="^(asc|desc)$"),

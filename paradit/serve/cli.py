@@ -121,9 +121,6 @@ def run(flags, info, parts: Parts) -> None:
     check_args(flags)
     spec = resolve(flags, info)
     cfg = spec.cfg
-    if cfg.task != "t2v":
-        raise ValueError(f"--model {flags.model} is an image-to-video model ({cfg.task}); the service takes text "
-                         f"prompts only so far: serve a text-to-video model")
     limits = Limits(flags.max_steps, flags.max_video_tokens or Limits.default_video_tokens(cfg))
     state_dir = Path(flags.state_dir)
 
@@ -142,6 +139,7 @@ def run(flags, info, parts: Parts) -> None:
     if info.rank == 0:
         checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, flags.cache,
                           spec.chords, spec.layout)
+        checker.state_dir = state_dir
         start_scheduling(service, checker, channel, spec.layout, info.world_size, parts)
 
     # 4. serve until stopped
@@ -158,7 +156,7 @@ def open_front(flags, cfg, layout, parts: Parts):
     shown = {"size": f"{cfg.size[0]}x{cfg.size[1]}", "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
              "guidance_scale": list(cfg.guidance)}
     service = Service(flags.model, JobStore(state_dir), flags.api_key, flags.max_queue, layout.describe(), shown,
-                      request_timeout_s=flags.request_timeout)
+                      request_timeout_s=flags.request_timeout, takes_images=cfg.task != "t2v")
     parts.http, port = start_http(create_app(service), flags.host, flags.port, flags.request_timeout)
     print(f"paradit: serving {flags.model} on {url(flags.host, port)} (loading the models)", flush=True)
     return service

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from paradit.outputs import Outputs
+from paradit.serve.images import load_stored
 from paradit.serve.schema import settings_of
 
 log = logging.getLogger("paradit")
@@ -100,7 +101,9 @@ class Worker:
         receive: paradit.parallel.stages.HandoffSignal)."""
         for cmd in self.channel.commands(self.lane):
             self.begin(cmd)
-            yield cmd["request"]["prompt"], cmd["request"]["negative_prompt"], settings_of(cmd["request"])
+            r = cmd["request"]
+            image = load_stored(self.dir, r["image"]) if r.get("image") else None   # the same file on every rank
+            yield r["prompt"], r["negative_prompt"], settings_of(r), image
 
     def begin(self, cmd: dict) -> None:
         self.report_memory()  # after the previous job

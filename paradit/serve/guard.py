@@ -28,8 +28,16 @@ DRAIN_MAX = 2**20       # bytes of a refused body read and dropped, rather than 
 class Guard:
     """app wrapped; refused(status) counts each refusal (the service's metrics)."""
 
-    def __init__(self, app, api_key: str | None, timeout_s: float, refused=lambda status: None):
+    def __init__(self, app, api_key: str | None, timeout_s: float, refused=lambda status: None, image_body: int = 0):
         self.app, self.api_key, self.timeout_s, self.refused = app, api_key, timeout_s, refused
+        self.image_body = image_body   # a service of an image model: POST /v1/videos may carry a first frame
+
+    def limit(self, scope) -> int:
+        """The most bytes this request's body may have: MAX_BODY, or the image bound for a video request
+        to a service that takes images (the app refuses a body over MAX_BODY that carries none)."""
+        if self.image_body and scope.get("method") == "POST" and scope["path"] == "/v1/videos":
+            return max(MAX_BODY, self.image_body)
+        return MAX_BODY
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -38,7 +46,7 @@ class Guard:
         err = self.check_headers(scope, headers)
         if err is not None:  # nothing of the body read yet
             return await self.refuse(err, not small_rest(headers), scope, receive, send)
-        body, err = await self.read_body(headers, receive)
+        body, err = await self.read_body(headers, receive, self.limit(scope))
         if err is not None:  # part of it read, the rest unknown
             return await self.refuse(err, True, scope, receive, send)
         if body is not None:  # None: the client left while sending it
@@ -63,11 +71,11 @@ class Guard:
                 return ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer KEY`",
                                 kind="authentication_error")
         length = headers.get("content-length")
-        if length is not None and (len(length) > 9 or int(length) > MAX_BODY):  # h11 checked: digits
-            return too_large(f"{length} bytes")
+        if length is not None and (len(length) > 9 or int(length) > self.limit(scope)):  # h11 checked: digits
+            return too_large(f"{length} bytes", self.limit(scope))
         return None
 
-    async def read_body(self, headers: Headers, receive) -> tuple[bytes | None, ApiError | None]:
+    async def read_body(self, headers: Headers, receive, limit: int = MAX_BODY) -> tuple[bytes | None, ApiError | None]:
         """The whole body, counted as it arrives: (body, None), (None, refusal), or (None, None) if the
         client disconnected."""
         loop = asyncio.get_running_loop()
@@ -81,8 +89,8 @@ class Guard:
             if message["type"] == "http.disconnect":
                 return None, None
             size += len(message.get("body", b""))
-            if size > MAX_BODY:
-                return None, too_large(f"over {MAX_BODY} bytes ({headers.get('transfer-encoding', 'streamed')})")
+            if size > limit:
+                return None, too_large(f"over {limit} bytes ({headers.get('transfer-encoding', 'streamed')})", limit)
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 return b"".join(chunks), None
@@ -96,8 +104,8 @@ def small_rest(headers: Headers) -> bool:
     return "chunked" not in headers.get("transfer-encoding", "").lower()
 
 
-def too_large(what: str) -> ApiError:
-    return ApiError(413, f"the body is {what}; at most {MAX_BODY} are taken", "body")
+def too_large(what: str, limit: int = MAX_BODY) -> ApiError:
+    return ApiError(413, f"the body is {what}; at most {limit} are taken", "body")
 
 
 def replay(body: bytes, receive):

@@ -43,6 +43,7 @@ class VideoRequest(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | Guidance | None = None
     sampler: Literal[SAMPLER_NAMES] | None = None
+    input_reference: str | None = None            # the first frame, base64 (paradit.serve.images)
     cache: str | None = None                      # the step cache, "easy:0.05"; "off"; default: the server's --cache
 
 
@@ -90,6 +91,12 @@ def parse_body(raw: bytes, content_type: str) -> VideoRequest:
                             f"{err.start})", "body") from None
     except ValueError as err:  # JSONDecodeError, or a number Python cannot convert
         raise ApiError(422, f"the body is not valid JSON ({err})", "body") from None
+    return validate_data(data)
+
+
+def validate_data(data) -> VideoRequest:
+    """The request's fields, parsed from JSON or a form: numbers of sane length, then the request
+    model's fields and types; ApiError (422, or 400 for a number too long) naming the field."""
     for key, value in (data.items() if isinstance(data, dict) else [("body", data)]):
         long = next(long_numbers(value), None)
         if long is not None:
@@ -150,19 +157,23 @@ class Checker:
         self.cfg, self.model, self.tokenizer, self.limits = cfg, model, tokenizer, limits
         self.cache = cache   # the step cache of requests that give none (the server's --cache)
         self.chords, self.layout = chords, layout   # --chords: every job is solved with CHORDS on this layout
+        self.state_dir = None                       # where accepted first frames are stored (serve.cli sets it)
         self.lock = threading.Lock()
 
-    def resolve(self, body: VideoRequest) -> dict:
-        """The job's stored request: prompts and the resolved settings; ApiError(400) if invalid."""
+    def resolve(self, body: VideoRequest, image=None) -> dict:
+        """The job's stored request: prompts and the resolved settings; ApiError(400) if invalid.
+        image: the decoded input_reference (PIL), whose shape sizes a video that gives no size."""
         cfg = self.cfg
         check_lengths(body)
+        self.check_image(image)
         if body.model is not None and body.model != self.model:
             raise ApiError(400, f"model {body.model!r}: this service runs {self.model!r}; leave model out or "
                                 f"give {self.model!r}", "model")
         self.check_prompt(body.prompt, "prompt")
         if body.negative_prompt is not None:
             self.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
-        width, height = self.size(body.size)
+        width, height = self.size(body.size) if image is None or body.size is not None else \
+            self.image_size(image)
         frames = self.frames(body.num_frames, body.seconds)
         steps = cfg.steps if body.num_inference_steps is None else body.num_inference_steps
         if not 1 <= steps <= self.limits.max_steps:
@@ -182,6 +193,29 @@ class Checker:
         if self.chords is not None:
             self.check_chords(s, body.sampler)
         return {"prompt": body.prompt, "negative_prompt": body.negative_prompt, **asdict(s)}
+
+    def check_image(self, image) -> None:
+        """A first frame where the model and the layout take one, and one where the model needs it."""
+        task, field = self.cfg.task, "input_reference"
+        if image is not None and task == "t2v":
+            raise ApiError(400, f"{field}: this service runs a text-to-video model ({self.model}); send no image",
+                           field)
+        if image is None and task == "i2v":
+            raise ApiError(400, f"{field}: required; this service runs an image-to-video model, whose first frame "
+                                f"is the image (a multipart upload, or base64 in JSON)", field)
+        if image is not None and self.layout is not None and self.layout.stages:
+            raise ApiError(400, f"{field}: split experts run text-to-video requests only, for now", field)
+        if image is not None and self.chords is not None and task == "ti2v":
+            raise ApiError(400, f"{field}: CHORDS with a TI2V image is not supported (its first frame is reset "
+                                f"after every sequential step); this service runs CHORDS", field)
+
+    def image_size(self, image) -> tuple[int, int]:
+        """The video's size for an image when the request gives none: its shape at the model's area."""
+        from paradit.conditioning import video_size_for_image
+        try:
+            return video_size_for_image(self.cfg, image.width, image.height)
+        except ParameterError as err:
+            raise ApiError(400, f"input_reference: {err.reason}; {err.fix}", "input_reference") from None
 
     def check_chords(self, s: VideoSettings, sampler: str | None) -> None:
         """A CHORDS server's request: Euler steps, enough of them for the cores, and no expert that a
@@ -261,6 +295,9 @@ class Checker:
                     self.cfg.num_tokens(request["width"], request["height"], request["frames"]) > \
                     self.limits.max_video_tokens:
                 return "larger than this service's limits (--max-steps, --max-video-tokens) after a restart"
+            if request.get("image") and self.state_dir is not None and \
+                    not (self.state_dir / request["image"]).is_file():
+                return f"its first frame {request['image']} is missing from the state directory"
         except (KeyError, TypeError) as err:
             return f"its stored request is unreadable ({type(err).__name__}: {err})"
         except (ValueError, ApiError) as err:  # ParameterError is a ValueError
