@@ -183,9 +183,14 @@ def add_video_routes(app: FastAPI, service: Service) -> None:
         if job.status == "queued" and jobs.delete(job, ("queued",)):
             return {"id": video_id, "object": "video.deleted", "deleted": True}
         job = find(video_id)  # re-read: the scheduler may have just taken it
-        if job.status == "in_progress":
-            raise error(409, f"video {video_id} is running and cannot be cancelled; delete it once it has "
-                             f"finished", "video_id")
+        if job.status == "in_progress":   # stopped at its next step boundary, then deleted
+            why = service.scheduler.cancel(job)
+            if why is None:
+                return {"id": video_id, "object": "video.deleted", "deleted": True}
+            job = find(video_id)
+            if job.status == "in_progress":
+                raise error(409, f"video {video_id} is running and cannot be cancelled: {why}; delete it once "
+                                 f"it has finished", "video_id")
         if jobs.delete(job, ("completed", "failed")):
             video = jobs.dir / job.video_file
             for f in (video, video.with_suffix(".json"), video.with_suffix(".latent.safetensors")):

@@ -69,6 +69,10 @@ def command_key(lane: int, n: int) -> str:
     return f"lane{lane}/cmd{n}"
 
 
+class JobCancelled(Exception):
+    """The running job was cancelled (DELETE): raised on every rank of its lane at the same step."""
+
+
 class Worker:
     """One rank's part of the service: take the lane's jobs, run them through the pipeline, write
     the videos atomically into the state directory (from the output rank), report to the store."""
@@ -84,6 +88,7 @@ class Worker:
         self.reporter = mesh.roles.leads
         self.current: dict | None = None   # the command this rank is working on
         self.steps: list[float] = []
+        self.jobs = self.requests()        # one iterator of the lane's commands, across cancelled jobs
         pipe.on_step = self.on_step
 
     @property
@@ -91,9 +96,18 @@ class Worker:
         return dist.get_rank() if dist.is_initialized() else 0
 
     def run(self) -> None:
-        """Serve until rank 0 posts a stop."""
-        self.pipe.stream(self.requests(), on_done=lambda i, latent, _: self.finish(latent), progress=False,
-                         chords=self.chords)
+        """Serve until rank 0 posts a stop. A cancelled job leaves the pipeline at a step boundary (every
+        rank of the lane at the same one); the lane then takes its next command."""
+        while True:
+            try:
+                self.pipe.stream(self.jobs, on_done=lambda i, latent, _: self.finish(latent), progress=False,
+                                 chords=self.chords)
+                return
+            except JobCancelled as stop:
+                if self.pipe.mesh.roles.leads and self.pipe.mesh.coords["stage"] == 0:
+                    self.channel.set_once(f"done/{self.current['seq']}", {"ok": False, "cancelled": True,
+                                                                          "rank": self.rank, "error": str(stop)})
+                self.current = None
 
     def requests(self):
         """The lane's commands as the pipeline's requests, taken as this rank is ready for the next
@@ -110,6 +124,7 @@ class Worker:
         self.current, self.steps, self.first_step_at = cmd, [], None
 
     def on_step(self, i: int, seconds: float) -> None:
+        self.check_cancelled(i)
         if not (self.reporter and self.current):
             return
         now = time.time()
@@ -117,6 +132,20 @@ class Worker:
         self.steps.append(seconds)
         self.channel.set(f"progress/{self.current['seq']}/{self.stage}",
                          {"step": i + 1, "start": self.first_step_at, "end": now, "step_s": self.steps})
+
+    def check_cancelled(self, i: int) -> None:
+        """At a step boundary: whether the job was cancelled, agreed over the request group (any rank
+        that has seen the cancel key stops them all, at this same step)."""
+        if self.current is None or self.split:
+            return
+        seen = self.channel.store.check([f"cancel/{self.current['seq']}"])
+        group = self.pipe.request_group
+        if group is not None and dist.get_world_size(group) > 1:
+            flag = torch.tensor([1 if seen else 0], device=self.pipe.mesh.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            seen = bool(flag.item())
+        if seen:
+            raise JobCancelled(f"cancelled at step {i + 1} of {self.current['request']['steps']}")
 
     def finish(self, latent: torch.Tensor) -> None:
         """Decode (every rank of the decode group) and, on the output rank, write and report."""

@@ -30,6 +30,7 @@ class Flight:
     lane: int
     n: int                                   # the command's number on its lane
     progress: dict[int, dict] = field(default_factory=dict)   # stage -> its last progress report
+    cancelled: bool = False                  # DELETE asked: the job goes, whether it stopped or finished
 
 
 class Scheduler:
@@ -99,18 +100,37 @@ class Scheduler:
         done = self.channel.get(f"done/{seq}")
         if done is None:
             return
-        if done["ok"]:
+        if done.get("cancelled") or flight.cancelled:   # the job is gone, as DELETE said
+            self.jobs.delete(flight.job, ("in_progress",))
+            video = self.jobs.dir / flight.job.video_file   # written where it finished before a step boundary
+            for f in (video, video.with_suffix(".json"), video.with_suffix(".latent.safetensors")):
+                f.unlink(missing_ok=True)
+            log.info("job %s %s", flight.job.id, done["error"] if done.get("cancelled") else "cancelled")
+        elif done["ok"]:
             self.jobs.complete(seq, flight.job.video_file, self.timings(flight))
             log.info("job %s completed", flight.job.id)
         else:
             self.jobs.fail(seq, done["error"])
             log.warning("job %s failed: %s", flight.job.id, done["error"])
-        if self.metrics is not None:
-            self.metrics.finished(self.jobs.get(flight.job.id), flight, self.channel, self.world)
+        ended = self.jobs.get(flight.job.id)   # None: cancelled, and deleted
+        if self.metrics is not None and ended is not None:
+            self.metrics.finished(ended, flight, self.channel, self.world)
         with self.lock:
             del self.flights[seq]
-        self.channel.delete(command_key(flight.lane, flight.n), f"done/{seq}",
+        self.channel.delete(command_key(flight.lane, flight.n), f"done/{seq}", f"cancel/{seq}",
                             *(f"progress/{seq}/{s}" for s in range(self.stages)))
+
+    def cancel(self, job: Job) -> str | None:
+        """Stop a running job at its next step boundary (every rank of its lane); None, or why not."""
+        with self.lock:
+            flight = self.flights.get(job.seq)
+        if flight is None:
+            return "it is not running"
+        if self.depth > 1:
+            return "split experts pipeline a job through two stages, which cannot stop it together yet"
+        flight.cancelled = True
+        self.channel.set(f"cancel/{job.seq}", True)
+        return None
 
     def timings(self, flight: Flight) -> dict:
         job = flight.job
