@@ -176,7 +176,7 @@ def test_endpoints(server):
 # ----------------------------------------------------------------------------- every error
 BAD_BODIES = [  # (body, status, param, words in the message)
     ({"prompt": PROMPT, "foo": 1}, 422, "foo", "unknown field"),
-    ({"prompt": PROMPT, "input_reference": "x.png"}, 422, "input_reference", "unknown field"),
+    ({"prompt": PROMPT, "input_reference": "x.png"}, 400, "input_reference", "not valid base64"),
     ({}, 422, "prompt", "required"),
     ({"prompt": 3}, 422, "prompt", "valid string"),
     ({"prompt": PROMPT, "num_frames": "9"}, 422, "num_frames", "valid integer"),
