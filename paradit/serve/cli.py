@@ -47,6 +47,9 @@ def serve_flags():
         Flag("--max-steps", INT, 200, "the most num_inference_steps a request may ask", "200", metavar="N"),
         Flag("--max-video-tokens", INT, None, "the largest video a request may ask, in transformer tokens",
              "4x the model's default video", metavar="N"),
+        Flag("--lora-dir", str, None, "a folder of LoRAs (NAME.safetensors) that requests may list by name "
+             "(\"loras\": [{\"name\", \"scale\", \"expert\"}]): merged on the GPU per job, the base weights "
+             "restored exactly when the set changes", None, metavar="DIR"),
         Flag("--request-timeout", FLOAT, 10.0, "seconds a request's headers, and then its body, may take to "
              "arrive (408 and a close after)", "10", metavar="S"),
     )
@@ -135,15 +138,36 @@ def run(flags, info, parts: Parts) -> None:
         pipe.warmup(**spec.settings.__dict__)
     pipe.check_finite = spec.check_finite
     channel = Channel()
-    parts.worker = Worker(pipe, channel, state_dir, spec.save_latents, spec.chords)
+    lora_dir = lora_folder(flags, spec) if flags.lora_dir else None
+    parts.worker = Worker(pipe, channel, state_dir, spec.save_latents, spec.chords, lora_dir)
     if info.rank == 0:
         checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, flags.cache,
                           spec.chords, spec.layout)
         checker.state_dir = state_dir
+        checker.lora_names = None if lora_dir is None else frozenset(p.stem for p in lora_dir.glob("*.safetensors"))
         start_scheduling(service, checker, channel, spec.layout, info.world_size, parts)
 
     # 4. serve until stopped
     parts.worker.run()
+
+
+def lora_folder(flags, spec) -> Path:
+    """--lora-dir, checked on every rank before any job: a folder of LoRAs that fit the model, on a
+    build whose weights a job may change in place (whole, not FP8, not offloaded)."""
+    from paradit.models.lora import LoraSpec, check_loras
+    folder = Path(flags.lora_dir)
+    if not folder.is_dir():
+        raise ValueError(f"--lora-dir {folder}: no such folder")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"--lora-dir {folder} holds no .safetensors files (the LoRAs requests name)")
+    b = spec.build
+    if b.quant != "none" or b.layout.shard_weights != "none" or b.offload in ("experts", "all", "layers"):
+        raise ValueError(f"--lora-dir: per-request LoRAs change the experts' weights in place, which are FP8 "
+                         f"(--quant {b.quant}), sharded (--shard-weights {b.layout.shard_weights}) or offloaded "
+                         f"(--offload {b.offload}) here; serve them whole, or merge fixed LoRAs with --lora")
+    check_loras([LoraSpec(f) for f in files], spec.cfg, warn=False)   # headers: every file fits the model
+    return folder
 
 
 def open_front(flags, cfg, layout, parts: Parts):

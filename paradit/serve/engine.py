@@ -77,7 +77,8 @@ class Worker:
     """One rank's part of the service: take the lane's jobs, run them through the pipeline, write
     the videos atomically into the state directory (from the output rank), report to the store."""
 
-    def __init__(self, pipe, channel: Channel, state_dir: Path, save_latents: bool = False, chords=None):
+    def __init__(self, pipe, channel: Channel, state_dir: Path, save_latents: bool = False, chords=None,
+                 lora_dir: Path | None = None):
         self.pipe, self.channel, self.dir, self.save_latents = pipe, channel, Path(state_dir), save_latents
         self.chords = chords   # the server's CHORDS settings (--chords): every job solves with them
         mesh = pipe.mesh
@@ -89,6 +90,11 @@ class Worker:
         self.current: dict | None = None   # the command this rank is working on
         self.steps: list[float] = []
         self.jobs = self.requests()        # one iterator of the lane's commands, across cancelled jobs
+        self.lora_dir, self.switch_s = lora_dir, 0.0   # --lora-dir: per-request LoRA sets, switched per job
+        self.lora_sets = None
+        if lora_dir is not None:
+            from paradit.models.lora_sets import LoraSets
+            self.lora_sets = LoraSets(pipe.experts, pipe.cfg)
         pipe.on_step = self.on_step
 
     @property
@@ -117,6 +123,8 @@ class Worker:
             self.begin(cmd)
             r = cmd["request"]
             image = load_stored(self.dir, r["image"]) if r.get("image") else None   # the same file on every rank
+            if self.lora_sets is not None:   # every rank of the lane, before the job's first step
+                self.switch_s = self.lora_sets.switch(self.lora_specs(r))
             yield r["prompt"], r["negative_prompt"], settings_of(r), image
 
     def begin(self, cmd: dict) -> None:
@@ -132,6 +140,11 @@ class Worker:
         self.steps.append(seconds)
         self.channel.set(f"progress/{self.current['seq']}/{self.stage}",
                          {"step": i + 1, "start": self.first_step_at, "end": now, "step_s": self.steps})
+
+    def lora_specs(self, request: dict) -> tuple:
+        from paradit.models.lora import LoraSpec
+        return tuple(LoraSpec(self.lora_dir / f"{name}.safetensors", scale, expert)
+                     for name, scale, expert in request.get("loras") or ())
 
     def check_cancelled(self, i: int) -> None:
         """At a step boundary: whether the job was cancelled, agreed over the request group (any rank
@@ -158,7 +171,8 @@ class Worker:
                 self.channel.set(f"done/{cmd['seq']}", {"ok": False, "rank": self.rank, "error": (
                     f"its video could not be written under {self.dir} ({type(err).__name__}: {err})")})
             else:
-                self.channel.set(f"done/{cmd['seq']}", {"ok": True, "decode_s": time.time() - t0, "rank": self.rank})
+                self.channel.set(f"done/{cmd['seq']}", {"ok": True, "decode_s": time.time() - t0, "rank": self.rank,
+                                                        "lora_switch_s": self.switch_s})
         self.current = None
 
     def write(self, cmd: dict, video: torch.Tensor, latent: torch.Tensor) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATUSES = ("queued", "in_progress", "completed", "failed")
+CHOOSE_FROM = 16   # queued jobs the scheduler may choose among (for fewer LoRA switches)
 MAX_ATTEMPTS = 2
 MIN_FREE = 64 * 2**20  # bytes free under the state directory below which no job is accepted (HTTP 507)
 
@@ -172,12 +173,16 @@ class JobStore:
         return cur.rowcount == 1
 
     # ------------------------------------------------------------------ the scheduler's side
-    def next_queued(self) -> Job | None:
-        """Take the oldest queued job: in_progress now, its attempt counted (one transaction)."""
+    def next_queued(self, choose=None) -> Job | None:
+        """Take the oldest queued job, or choose(the oldest CHOOSE_FROM queued jobs) -> one of them:
+        in_progress now, its attempt counted (one transaction)."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                row = self.db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+                rows = self.db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT ?",
+                                       (CHOOSE_FROM if choose else 1,)).fetchall()
+                row = None if not rows else rows[0] if choose is None else \
+                    rows[[j.seq for j in map(_job, rows)].index(choose([_job(r) for r in rows]).seq)]
                 if row is not None:
                     self.db.execute("UPDATE jobs SET status = 'in_progress', started_at = ?, attempts = attempts + 1 "
                                     "WHERE seq = ?", (time.time(), row["seq"]))

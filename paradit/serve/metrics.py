@@ -23,6 +23,9 @@ class Metrics:
                                      ["status"], registry=r)
         self.rejected = Counter("paradit_requests_rejected", "Requests answered with an error, by HTTP status",
                                 ["code"], registry=r)
+        self.lora_switch = Histogram("paradit_lora_switch_seconds", "Restoring the base weights and merging a "
+                                     "job's LoRA set, where it differs from the last job's on its lane",
+                                     buckets=STEP_BUCKETS, registry=r)
         self.memory = Gauge("paradit_gpu_memory_bytes", "Device memory per rank after its last job "
                             "(allocated, and the peak since start; 0 without CUDA)", ["rank", "kind"], registry=r)
 
@@ -34,6 +37,8 @@ class Metrics:
                 self.step.labels(str(stage)).observe(seconds)
         if job.status == "completed":
             self.request.observe(job.completed_at - job.created_at)
+            if (job.timings or {}).get("lora_switch_s"):
+                self.lora_switch.observe(job.timings["lora_switch_s"])
         for rank in range(world):
             mem = channel.get(f"mem/{rank}")
             if mem is not None:

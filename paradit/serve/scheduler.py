@@ -22,6 +22,7 @@ from paradit.serve.jobs import Job, JobStore, disk_full
 log = logging.getLogger("paradit")
 POLL_S = 0.05
 SPLIT_DEPTH = 3  # jobs in a split pipeline at once: one per stage, and the next one ready
+MAX_PASSES = 3   # a queued job passed over this often (for jobs with its lane's LoRA set) goes next
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Scheduler:
         self.lanes, self.depth = lanes, (SPLIT_DEPTH if split else 1)
         self.stages, self.world = stages, world
         self.flights: dict[int, Flight] = {}     # seq -> the job in flight
+        self.lane_loras: list = [None] * lanes   # the LoRA set each lane's last job had
+        self.passed: dict[int, int] = {}         # seq -> how often a later job went before it
         self.next_n = [0] * lanes
         self.wake = threading.Event()
         self.lock = threading.Lock()             # flights, between this thread and the API's reads
@@ -107,7 +110,8 @@ class Scheduler:
                 f.unlink(missing_ok=True)
             log.info("job %s %s", flight.job.id, done["error"] if done.get("cancelled") else "cancelled")
         elif done["ok"]:
-            self.jobs.complete(seq, flight.job.video_file, self.timings(flight))
+            self.jobs.complete(seq, flight.job.video_file, self.timings(flight) |
+                               ({"lora_switch_s": done["lora_switch_s"]} if done.get("lora_switch_s") else {}))
             log.info("job %s completed", flight.job.id)
         else:
             self.jobs.fail(seq, done["error"])
@@ -144,9 +148,11 @@ class Scheduler:
             lane = self.free_lane()
             if lane is None:
                 return
-            job = self.jobs.next_queued()
+            job = self.jobs.next_queued(lambda queued: self.choose(lane, queued))
             if job is None:
                 return
+            self.lane_loras[lane] = lora_key(job.request)
+            self.passed.pop(job.seq, None)
             n = self.next_n[lane]
             self.next_n[lane] += 1
             with self.lock:
@@ -154,6 +160,20 @@ class Scheduler:
             self.channel.set(command_key(lane, n), {"op": "run", "seq": job.seq, "id": job.id,
                                                     "request": job.request, "file": job.video_file})
             log.debug("job %s -> lane %d", job.id, lane)
+
+    def choose(self, lane: int, queued: list) -> Job:
+        """The next job of `lane` among the oldest queued: the first with the lane's current LoRA set
+        (no switch), unless the oldest has been passed over MAX_PASSES times (none starves)."""
+        oldest = queued[0]
+        if self.passed.get(oldest.seq, 0) >= MAX_PASSES:
+            return oldest
+        want = self.lane_loras[lane]
+        pick = next((j for j in queued if lora_key(j.request) == want), oldest)
+        for j in queued:
+            if j is pick:
+                break
+            self.passed[j.seq] = self.passed.get(j.seq, 0) + 1
+        return pick
 
     def free_lane(self) -> int | None:
         busy = [0] * self.lanes
@@ -198,3 +218,8 @@ class Scheduler:
         except Exception as err:  # the store is gone: the jobs stay in_progress for recover() to settle
             log.warning("could not read the failing job's report (%s); a restart settles it", err)
         report(code, message, None)
+
+
+def lora_key(request: dict) -> tuple:
+    """A job's LoRA set, comparable: jobs with the same one run without a switch between them."""
+    return tuple(tuple(x) for x in request.get("loras") or ())

@@ -24,6 +24,16 @@ from paradit.errors import ParameterError
 from paradit.settings import MAX_FRAMES, MAX_SEED, SAMPLER_NAMES, VideoSettings, resolve_cache
 
 Guidance = Annotated[list[float], Field(min_length=2, max_length=2)]
+MAX_LORAS = 8            # LoRAs a request may list
+MAX_LORA_SCALE = 10.0    # |scale| beyond this is no useful strength (the merge refuses larger effects too)
+
+
+class LoraItem(BaseModel):
+    """One LoRA of a request: a name from the server's --lora-dir, its strength, its expert(s)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=200)
+    scale: float = 1.0
+    expert: Literal["high", "low", "all"] = "all"
 # the library's parameter -> the request field that sets it (ParameterErrors come out naming the field)
 PARAM_FIELDS = {"width": "size", "height": "size", "frames": "num_frames", "steps": "num_inference_steps",
                 "guidance": "guidance_scale", "seed": "seed", "sampler": "sampler", "cache": "cache"}
@@ -44,6 +54,7 @@ class VideoRequest(BaseModel):
     guidance_scale: float | Guidance | None = None
     sampler: Literal[SAMPLER_NAMES] | None = None
     input_reference: str | None = None            # the first frame, base64 (paradit.serve.images)
+    loras: list[LoraItem] | None = Field(None, max_length=MAX_LORAS)   # from the server's --lora-dir
     cache: str | None = None                      # the step cache, "easy:0.05"; "off"; default: the server's --cache
 
 
@@ -158,6 +169,7 @@ class Checker:
         self.cache = cache   # the step cache of requests that give none (the server's --cache)
         self.chords, self.layout = chords, layout   # --chords: every job is solved with CHORDS on this layout
         self.state_dir = None                       # where accepted first frames are stored (serve.cli sets it)
+        self.lora_names: frozenset | None = None    # the LoRAs of --lora-dir (None: no --lora-dir)
         self.lock = threading.Lock()
 
     def resolve(self, body: VideoRequest, image=None) -> dict:
@@ -192,7 +204,29 @@ class Checker:
                            "size" if body.size is not None else "seconds" if body.seconds is not None else "num_frames")
         if self.chords is not None:
             self.check_chords(s, body.sampler)
-        return {"prompt": body.prompt, "negative_prompt": body.negative_prompt, **asdict(s)}
+        loras = self.check_loras(body.loras)
+        return {"prompt": body.prompt, "negative_prompt": body.negative_prompt, **asdict(s),
+                **({"loras": loras} if loras else {})}
+
+    def check_loras(self, items) -> list[list]:
+        """A request's LoRAs: names of --lora-dir, finite scales within MAX_LORA_SCALE, experts the
+        model has; [[name, scale, expert], ...] in the request's order (the order they merge in)."""
+        if not items:
+            return []
+        if self.lora_names is None:
+            raise ApiError(400, "loras: this service has no --lora-dir, so it takes no per-request LoRAs", "loras")
+        for i, item in enumerate(items):
+            if item.name not in self.lora_names:
+                known = ", ".join(sorted(self.lora_names)[:20]) or "none"
+                raise ApiError(400, f"loras[{i}].name {item.name!r}: no such LoRA in --lora-dir (it has: {known})",
+                               f"loras[{i}].name")
+            if not (math.isfinite(item.scale) and 0 < abs(item.scale) <= MAX_LORA_SCALE):
+                raise ApiError(400, f"loras[{i}].scale {item.scale!r}: give a finite number, not 0, at most "
+                                    f"{MAX_LORA_SCALE:g} in size", f"loras[{i}].scale")
+            if item.expert != "all" and self.cfg.num_experts != 2:
+                raise ApiError(400, f"loras[{i}].expert {item.expert!r}: {self.model} has one expert; give \"all\"",
+                               f"loras[{i}].expert")
+        return [[item.name, item.scale, item.expert] for item in items]
 
     def check_image(self, image) -> None:
         """A first frame where the model and the layout take one, and one where the model needs it."""
@@ -295,6 +329,9 @@ class Checker:
                     self.cfg.num_tokens(request["width"], request["height"], request["frames"]) > \
                     self.limits.max_video_tokens:
                 return "larger than this service's limits (--max-steps, --max-video-tokens) after a restart"
+            missing = [name for name, *_ in request.get("loras") or () if name not in (self.lora_names or ())]
+            if missing:
+                return f"its LoRAs {', '.join(missing)} are not in this start's --lora-dir"
             if request.get("image") and self.state_dir is not None and \
                     not (self.state_dir / request["image"]).is_file():
                 return f"its first frame {request['image']} is missing from the state directory"
@@ -341,6 +378,7 @@ def video_object(job, progress: int) -> dict:
         "seed": r.get("seed"), "prompt": r.get("prompt"), "num_inference_steps": r.get("steps"),
         "guidance_scale": list(r["guidance"]) if r else None,
         "sampler": r.get("sampler"), "cache": r.get("cache"),
+        "loras": [dict(name=n, scale=s, expert=e) for n, s, e in r.get("loras") or ()],
         "error": None if job.error is None else {"message": job.error},
         "timings": job.timings,
     }
