@@ -215,3 +215,31 @@ def test_one_construction_path():
     source = inspect.getsource(Pipeline.from_pretrained)
     assert "cls.from_spec(build_spec(" in source and "build_components" not in source
     assert "build_components(spec, mesh)" in inspect.getsource(Pipeline.from_spec)
+
+
+# ----------------------------------------------------------------------------- sizes (STYLE.md 9)
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def oversized(sources: dict[str, str]) -> list[str]:
+    """Files over MAX_FILE_LINES lines and functions (nested ones too) over MAX_FUNCTION_LINES."""
+    found = []
+    for m, text in sources.items():
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            found.append(f"{m}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    found.append(f"{m}.{node.name}: {n} lines")
+    return found
+
+
+def test_the_size_check_finds_a_long_function():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert oversized({"a": f"def f():\n{body}\n", "b": "def g():\n    pass\n"}) == ["a.f: 61 lines"]
+
+
+def test_small_files_and_short_functions():
+    found = oversized({m: p.read_text() for m, p in MODULES.items()})
+    assert not found, "over the limits: " + "; ".join(found)

@@ -111,6 +111,7 @@ def create_app(service: Service) -> FastAPI:
                        image_body=images.MAX_IMAGE_BODY if service.takes_images else 0)
     add_error_handlers(app, service)
     add_video_routes(app, service)
+    add_delete_route(app, service)
     add_service_routes(app, service)
     return app
 
@@ -175,6 +176,10 @@ def add_video_routes(app: FastAPI, service: Service) -> None:
             raise error(404, f"the video file of {video_id} is missing from the state directory", "video_id",
                         kind="not_found_error")
         return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
+
+
+def add_delete_route(app: FastAPI, service: Service) -> None:
+    jobs, error, find, ready = service.jobs, service.error, service.find, service.check_ready
 
     @app.delete("/v1/videos/{video_id}")
     def delete_video(video_id: str):
