@@ -232,7 +232,7 @@ def load_components(spec, mesh):
     from paradit.models.lora import check_loras
     from paradit.models.reader import Reader, quick_gil_handoff
     from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
-    from paradit.offload import resolve_offload
+    from paradit.components import resolve_offload
     from paradit.residency import experts_on_host
     from paradit.models.attention import build_kernels_ahead, pick_backend
     from paradit.parallel.attention import local_heads

@@ -90,7 +90,8 @@ class Pipeline:
     def apply_offload(self, mode: str, settings: VideoSettings | None = None) -> str:
         """Keep components in host memory per `mode` (paradit.residency); 'auto' asks the planner,
         for `settings` (default: the preset's video). Returns the mode applied. Once per pipeline."""
-        from paradit.offload import ExpertResidency, TextEncoderResidency, resolve_offload
+        from paradit.offload import ExpertResidency, TextEncoderResidency
+        from paradit.components import resolve_offload
         assert self.offload == "none" and self.residency is None, "offload is applied once"
         mode = resolve_offload(mode, self.cfg, self.mesh, settings)
         if offloads_experts(mode):
