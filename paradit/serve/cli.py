@@ -28,8 +28,9 @@ log = logging.getLogger("paradit")
 # generate's flags that describe one run's requests, which a service takes from each request instead;
 # every other flag of generate's (the model, the machine, the layout, the build, CHORDS) is the
 # server's too, with the same definition, resolved by the same function (paradit.cli.spec.resolve)
-PER_REQUEST = ("--prompt", "--prompts-file", "--negative-prompt", "--image", "--size", "--frames", "--steps",
-               "--shift", "--guidance", "--sampler", "--seed", "--out", "--chords-stream", "--no-progress")
+# (--size, --frames, --steps, --shift, --guidance, --sampler, --negative-prompt: the server's default
+# request, which a request's own fields override; a request's seed is its own or random)
+PER_REQUEST = ("--prompt", "--prompts-file", "--image", "--seed", "--out", "--chords-stream", "--no-progress")
 
 
 def serve_flags():
@@ -128,7 +129,7 @@ def run(flags, info, parts: Parts) -> None:
     state_dir = Path(flags.state_dir)
 
     # 2. rank 0: the state directory and the HTTP front, answering 503 until the models are loaded
-    service = open_front(flags, cfg, spec.layout, parts) if info.rank == 0 else None
+    service = open_front(flags, spec, parts) if info.rank == 0 else None
 
     # 3. build (every rank its part) and warm up compiled blocks, then settle the state directory
     from paradit.pipeline import Pipeline
@@ -143,7 +144,7 @@ def run(flags, info, parts: Parts) -> None:
     if info.rank == 0:
         checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, flags.cache,
                           spec.chords, spec.layout)
-        checker.state_dir = state_dir
+        checker.state_dir, checker.defaults, checker.negative = state_dir, spec.settings, spec.negative_prompt
         checker.lora_names = None if lora_dir is None else frozenset(p.stem for p in lora_dir.glob("*.safetensors"))
         start_scheduling(service, checker, channel, spec.layout, info.world_size, parts)
 
@@ -170,17 +171,18 @@ def lora_folder(flags, spec) -> Path:
     return folder
 
 
-def open_front(flags, cfg, layout, parts: Parts):
+def open_front(flags, spec, parts: Parts):
     """Rank 0: lock and open the state directory, start HTTP (503 until ready); -> the Service."""
     from paradit.serve.api import Service, create_app
     from paradit.serve.jobs import JobStore
     from paradit.serve.server import start_http, url
     state_dir = Path(flags.state_dir)
     parts.lock = lock_state_dir(state_dir)
-    shown = {"size": f"{cfg.size[0]}x{cfg.size[1]}", "num_frames": cfg.frames, "num_inference_steps": cfg.steps,
-             "guidance_scale": list(cfg.guidance)}
-    service = Service(flags.model, JobStore(state_dir), flags.api_key, flags.max_queue, layout.describe(), shown,
-                      request_timeout_s=flags.request_timeout, takes_images=cfg.task != "t2v")
+    s = spec.settings   # the default request: the model's, or the server's --size, --steps, ...
+    shown = {"size": f"{s.width}x{s.height}", "num_frames": s.frames, "num_inference_steps": s.steps,
+             "guidance_scale": list(s.guidance)}
+    service = Service(flags.model, JobStore(state_dir), flags.api_key, flags.max_queue, spec.layout.describe(),
+                      shown, request_timeout_s=flags.request_timeout, takes_images=spec.cfg.task != "t2v")
     parts.http, port = start_http(create_app(service), flags.host, flags.port, flags.request_timeout)
     print(f"paradit: serving {flags.model} on {url(flags.host, port)} (loading the models)", flush=True)
     return service

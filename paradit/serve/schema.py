@@ -170,6 +170,8 @@ class Checker:
         self.chords, self.layout = chords, layout   # --chords: every job is solved with CHORDS on this layout
         self.state_dir = None                       # where accepted first frames are stored (serve.cli sets it)
         self.lora_names: frozenset | None = None    # the LoRAs of --lora-dir (None: no --lora-dir)
+        self.defaults: VideoSettings | None = None  # the server's default request (its --steps, --size, ...)
+        self.negative: str | None = None            # and its --negative-prompt
         self.lock = threading.Lock()
 
     def resolve(self, body: VideoRequest, image=None) -> dict:
@@ -186,15 +188,18 @@ class Checker:
             self.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
         width, height = self.size(body.size) if image is None or body.size is not None else \
             self.image_size(image)
+        d = self.defaults or VideoSettings.resolve(cfg)
         frames = self.frames(body.num_frames, body.seconds)
-        steps = cfg.steps if body.num_inference_steps is None else body.num_inference_steps
+        frames = d.frames if frames is None else frames
+        steps = d.steps if body.num_inference_steps is None else body.num_inference_steps
         if not 1 <= steps <= self.limits.max_steps:
             raise ApiError(400, f"num_inference_steps {steps} is out of range: give 1 to {self.limits.max_steps} "
                                 f"(this service's --max-steps)", "num_inference_steps")
         seed = secrets.randbelow(2**31) if body.seed is None else body.seed
         try:
-            s = VideoSettings.resolve(cfg, width, height, frames, steps, None, body.guidance_scale, seed,
-                                      body.sampler or "unipc", self.cache if body.cache is None else body.cache)
+            s = VideoSettings.resolve(cfg, width, height, frames, steps, d.shift, d.guidance if body.guidance_scale
+                                      is None else body.guidance_scale, seed, body.sampler or d.sampler,
+                                      self.cache if body.cache is None else body.cache)
         except ParameterError as err:
             raise ApiError(400, in_field_terms(err, width, height), PARAM_FIELDS.get(err.param)) from None
         tokens, limit = cfg.num_tokens(s.width, s.height, s.frames), self.limits.max_video_tokens
@@ -205,7 +210,8 @@ class Checker:
         if self.chords is not None:
             self.check_chords(s, body.sampler)
         loras = self.check_loras(body.loras)
-        return {"prompt": body.prompt, "negative_prompt": body.negative_prompt, **asdict(s),
+        negative = self.negative if body.negative_prompt is None else body.negative_prompt
+        return {"prompt": body.prompt, "negative_prompt": negative, **asdict(s),
                 **({"loras": loras} if loras else {})}
 
     def check_loras(self, items) -> list[list]:
@@ -291,7 +297,7 @@ class Checker:
     def size(self, size: str | None) -> tuple[int, int]:
         """The text "WxH" as two integers (their values are the library's to check)."""
         if size is None:
-            return self.cfg.size
+            return (self.defaults.width, self.defaults.height) if self.defaults else self.cfg.size
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
         if not m:
             raise ApiError(400, f"size {size!r}: write it as WIDTHxHEIGHT, e.g. "
