@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
-from paradit.schedulers import chords_schedule
-from paradit.schedulers.registry import SAMPLER_NAMES
+import paradit.schedulers.chords_schedule as chords_schedule
+
+SAMPLER_NAMES = ("unipc", "euler")   # paradit.schedulers.registry makes them
 
 MAX_SIDE = 4096          # pixels; Wan is trained up to 1280x720, the VAE tiles far beyond that
 MAX_FRAMES = 1001        # 62 s at 16 fps; Wan is trained on 81 (121 for TI2V-5B)

@@ -243,3 +243,47 @@ def test_the_size_check_finds_a_long_function():
 def test_small_files_and_short_functions():
     found = oversized({m: p.read_text() for m, p in MODULES.items()})
     assert not found, "over the limits: " + "; ".join(found)
+
+
+# ----------------------------------------------------------------------------- the layers, top first
+# (docs/architecture.md's picture). A module may import its own layer and those below it, never one above.
+LAYERS = (
+    ("entry points", ("paradit.generate", "paradit.serve", "paradit.cli", "paradit.plan.cli", "paradit.plan.__main__",
+                      "paradit.__main__")),
+    ("facade", ("paradit.pipeline",)),
+    ("spec and build", ("paradit.runspec", "paradit.components", "paradit.checkpoint", "paradit.compile",
+                        "paradit.offload", "paradit.streaming", "paradit.outputs")),
+    ("engine", ("paradit.engine",)),
+    ("parallel", ("paradit.parallel",)),
+    ("launch", ("paradit.launch",)),
+    ("single device", ("paradit.models", "paradit.schedulers", "paradit.conditioning", "paradit.demo",
+                       "paradit.cache")),
+    ("plain Python", ("paradit.plan", "paradit.settings", "paradit.residency", "paradit.config", "paradit.errors",
+                      "paradit.schedulers.schedule", "paradit.schedulers.chords_schedule")),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the longest prefix naming `module` (None: the package itself)."""
+    found = [(len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+             if module == p or module.startswith(p + ".")]
+    return max(found)[1] if found else None
+
+
+def test_every_module_has_a_layer_and_imports_downwards():
+    assert not [m for m in MODULES if m != "paradit" and layer_of(m) is None], "modules in no layer"
+    up = [f"{m} ({LAYERS[layer_of(m)][0]}) -> {d} ({LAYERS[layer_of(d)][0]})" for m, deps in GRAPH.items()
+          if m != "paradit" for d in deps if d != "paradit" and layer_of(d) < layer_of(m)]
+    assert not up, "upward imports: " + "; ".join(sorted(up))
+
+
+# where process groups are created: the mesh (all of a layout's groups, eagerly), the launcher (the
+# world), and the loader's read-once groups (parallel/weights.node_read_groups, once, while loading)
+GROUP_MAKERS = ("new_group(", "init_device_mesh(", "DeviceMesh(", "init_process_group(", "._flatten(", "from_group(")
+GROUP_HOMES = {"paradit.parallel.mesh", "paradit.launch", "paradit.parallel.weights"}
+
+
+def test_process_groups_are_created_where_the_document_says():
+    found = {m for m, p in MODULES.items() for line in p.read_text().splitlines()
+             if not line.lstrip().startswith(("#", "from ", "import ")) and any(w in line for w in GROUP_MAKERS)}
+    assert found <= GROUP_HOMES, f"process groups created in {sorted(found - GROUP_HOMES)}"

@@ -2,7 +2,7 @@
 (the settings check sampler names before torch is loaded); making a scheduler does."""
 from __future__ import annotations
 
-SAMPLER_NAMES = ("unipc", "euler")
+from paradit.settings import SAMPLER_NAMES  # noqa: F401 (the names the settings check, before torch)
 
 
 def make_scheduler(name: str, shift: float, steps: int):
