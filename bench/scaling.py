@@ -475,7 +475,7 @@ def merge_ranks(point: dict, ranks: list[dict], stat: str) -> dict:
                peak_mem_mb=dict(max=max(r["mem_mb"] for r in ranks), per_rank=[r["mem_mb"] for r in ranks],
                                 kind=ranks[0]["mem_kind"]),
                weights_mb=dict(max=max(r["weights_mb"] for r in ranks), per_rank=[r["weights_mb"] for r in ranks],
-                               predicted=ranks[0]["weights_parts_mb"]))
+                               predicted=ranks[0].get("weights_parts_mb")))   # peers.py rows: none
     ops = sorted({op for r in ranks for op in r["traffic"]})
     out["traffic_per_step"] = {op: dict(bytes_per_rank_max=max(r["traffic"].get(op, [0, 0])[0] for r in ranks),
                                         bytes_all_ranks=sum(r["traffic"].get(op, [0, 0])[0] for r in ranks),

@@ -2,6 +2,8 @@
 from its peer's in one value, under the layout where that used to go wrong; every rank must refuse
 with the same message naming the value, without a hang or an abort. Then from_pretrained's own
 arguments. Prints one line per case: CASE ok MESSAGE, or CASE FAILED why."""
+import sys
+
 import torch.distributed as dist
 
 from paradit.pipeline import Pipeline
@@ -16,14 +18,21 @@ CASES = [  # (name, layout, the argument that differs, its value on rank 0 and r
 ]
 
 
+def say(line: str) -> None:
+    """One write per line: the ranks share one pipe, and print() writes the text and its newline
+    apart, so two ranks' lines could run together (seen once in a full run)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def check(name: str, call, expect: str) -> None:
     try:
         call()
     except ValueError as err:
         ok = expect in str(err)
-        print(f"{name} {'ok' if ok else 'FAILED'} {err}", flush=True)
+        say(f"{name} {'ok' if ok else 'FAILED'} {err}")
         return
-    print(f"{name} FAILED: no error", flush=True)
+    say(f"{name} FAILED: no error")
 
 
 def main():
