@@ -21,6 +21,14 @@ from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig
 from paradit.settings import ChordsSettings, VideoSettings, check_int
 
+def option(default, flag: dict | None = None):
+    """A BuildSpec field. flag: Flag's arguments (help, parse, choices, metavar, shown; paradit.cli.flags)
+    make it a flag of generate and of the service too, named after the field (--my-option), passed
+    through paradit.cli.spec.resolve to build_spec (build_options) as it is: a new build option is its
+    field here and its use where it acts, no other edit."""
+    return field(default=default, metadata={"flag": flag} if flag is not None else {})
+
+
 # presets that bring their weights (built locally, paradit.components); the other presets are architectures
 RUNNABLE_PRESETS = ("tiny", "demo")
 

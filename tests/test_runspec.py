@@ -87,3 +87,23 @@ def test_a_server_wide_lora_and_chords_job_gives_generates_latent(demo_lora, tmp
         assert not torch.allclose(latent, without, atol=1e-3)
         bad = client.post("/v1/videos", json={"prompt": PROMPT, "num_inference_steps": 1})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_inference_steps", bad.text
+
+
+def test_a_build_option_is_its_field_and_its_use(monkeypatch, demo_lora):
+    """A new build option declared as a BuildSpec field with a flag (runspec.option) reaches both
+    front doors' parsers and the resolved spec, with no other edit: here a stand-in field, added to
+    BuildSpec the way a new option would be."""
+    import dataclasses
+
+    from paradit import runspec
+    from paradit.cli.spec import parse_args, resolve
+    from paradit.launch import init_distributed
+    from paradit.serve.cli import parse_args as serve_args
+    extended = dataclasses.make_dataclass("BuildSpec", [("warp_factor", int, runspec.option(
+        1, dict(parse=int, help="a stand-in build option", metavar="N")))], bases=(runspec.BuildSpec,), frozen=True)
+    monkeypatch.setattr(runspec, "BuildSpec", extended)
+    info = init_distributed("cpu")
+    argv = ["--model", "tiny", "--warp-factor", "7"]
+    spec, served = resolve(parse_args(argv), info), resolve(serve_args(argv), info)
+    assert spec.build.warp_factor == 7 and served == spec
+    assert resolve(parse_args(["--model", "tiny"]), info).build.warp_factor == 1

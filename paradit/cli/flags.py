@@ -5,11 +5,13 @@ integer, a WIDTHxHEIGHT, a stop rule, UTF-8 text); ranges belong to the library 
 the values (paradit.settings, ParallelConfig, the planner), whose ParameterErrors `flag_terms`
 re-raises naming the flag the user typed.
 
-Adding a build option is a field of paradit.runspec.BuildSpec (and build_spec's keyword) and its
-use where it acts, plus its Flag entry here: paradit.cli.spec.resolve passes `flags.<name>` (dashes
-as underscores) on; the service takes it too once its name is in paradit.serve.cli.SHARED. If it
-feeds a library parameter, map the parameter to it in PARAM_FLAGS; if it conflicts with other
-flags, add the rule to paradit.cli.spec.check_combinations.
+Adding a build option is a field of paradit.runspec.BuildSpec declared with runspec.option(default,
+flag=dict(help=..., parse=...)) and its use where it acts: its flag (--the-field-name) then exists in
+generate and the service (spec_flags), and paradit.cli.spec.resolve passes its value on to
+runspec.build_spec (build_options). A flag that is not a build option is one Flag entry in FLAGS:
+its typed value is `flags.<name>` (dashes as underscores); the service takes it too unless it is one
+of paradit.serve.cli.PER_REQUEST. If it feeds a library parameter, map the parameter to it in
+PARAM_FLAGS; if it conflicts with other flags, add the rule to paradit.cli.spec.check_combinations.
 """
 from __future__ import annotations
 
@@ -234,6 +236,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--check-finite", help="stop at the first NaN/Inf velocity, naming the step and the expert"),
     Flag("--no-progress", help="no progress bar"),
 )
+def spec_flags() -> tuple[Flag, ...]:
+    """The flags that paradit.runspec.BuildSpec's fields carry (runspec.option(default, flag=...)), read
+    when the command line is parsed: a build option declared there needs no entry in FLAGS."""
+    from paradit import runspec
+    return tuple(Flag("--" + f.name.replace("_", "-"), default=f.default, **f.metadata["flag"])
+                 for f in dataclasses.fields(runspec.BuildSpec) if "flag" in f.metadata)
+
+
 LAYOUT_FLAGS = ("--sp", "--ulysses", "--ring", "--cfg-par", "--dp", "--experts", "--stages")
 
 # library parameter -> the flag that sets it (the CLI names the flag in a ParameterError)
@@ -304,7 +314,7 @@ def parse_args(argv: list[str] | None = None) -> Flags:
            "  torchrun --nproc-per-node 4 -m paradit.generate --model tiny --sp 2 --cfg-par 2 --out out.mp4\n\n"
            "Every flag is checked on every rank before any weights are read. The output rank of each\n"
            "data-parallel replica writes its videos, each with a JSON sidecar: all of them or none.")
-    flags = list(FLAGS)
+    flags = list(FLAGS) + list(spec_flags())
     for i, f in enumerate(flags):
         if f.name == "--timeout":
             flags[i] = dataclasses.replace(f, shown=_timeout_shown())

@@ -59,11 +59,12 @@ def serve_flags():
 def parse_args(argv=None):
     """-> paradit.cli.flags.Flags: the shared flags as generate parses them, and the server's own.
     generate's other flags are there at their defaults, so that its combination rules apply."""
-    from paradit.cli.flags import FLAGS, Flags, build_parser, raw_values
+    from paradit.cli.flags import FLAGS, Flags, build_parser, raw_values, spec_flags
     argv = list(sys.argv[1:] if argv is None else argv)
-    flags = tuple(f for f in FLAGS if f.name not in PER_REQUEST) + serve_flags()
+    every = FLAGS + spec_flags()
+    flags = tuple(f for f in every if f.name not in PER_REQUEST) + serve_flags()
     ns = build_parser("python -m paradit.serve", __doc__, flags).parse_args(argv)
-    values = {f.dest: f.default for f in FLAGS} | vars(ns)
+    values = {f.dest: f.default for f in every} | vars(ns)
     values["api_key"] = values["api_key"] or os.environ.get("PARADIT_API_KEY") or None
     return Flags(values, raw_values(argv))
 
