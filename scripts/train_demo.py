@@ -1,4 +1,5 @@
-"""Train the demo model: `python scripts/train_demo.py --out paradit/assets/demo`.
+"""Train a demo model: `python scripts/train_demo.py` (the shipped 16x16 one, on the CPU), or
+`python scripts/train_demo.py --preset demo64 --device cuda --minutes 8` (the 64x64x33 one, on a GPU).
 
 Flow matching on the shifted Wan schedule, two experts split at the preset's boundary:
     x_sigma = (1 - sigma) x0 + sigma * noise,   target v = noise - x0   (so x0 = x - sigma * v),
@@ -15,7 +16,13 @@ Deterministic on CPU for a given seed and thread count: AdamW, fixed seeds, no d
 workers. One thread by default: on a shared machine a second thread mostly waits for a busy core,
 and the result does not depend on how many cores the machine has. Writes high.safetensors,
 low.safetensors, text_encoder.safetensors and train.json into --out, and the loss curve and
-sample frames into --docs.
+the contact sheet (frames of several prompts) into --docs; train.json has the judge's verdicts on
+the prompts training never showed (data.Recipe.held_out), or on 12 prompts for a recipe without any.
+
+--minutes gives the training a time budget instead of --shared/--iters: after 30 warm-up steps it
+times 20 more and sets both so that the whole training takes about that long, in the defaults'
+ratio (3 shared iterations to 1 of the experts, each of which costs two steps). On CUDA the
+matmuls run in TF32 and clips are rendered on the GPU; the run is then not bit-reproducible.
 """
 from __future__ import annotations
 
@@ -30,24 +37,27 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file, save_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when paradit is not installed
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # scripts/, repo root
 
 from paradit.config import WanConfig  # noqa: E402
 from paradit.demo.codec import TimeToDepthCodec  # noqa: E402
-from paradit.demo.data import RECIPES, all_prompts, make_batch  # noqa: E402
+from paradit.demo.data import RECIPES, Recipe, all_prompts, make_batch  # noqa: E402
 from paradit.models.text_encoder import TextEncoder  # noqa: E402
 from paradit.models.transformer import WanTransformer  # noqa: E402
 
+from demo_report import contact_sheet, evaluate, plot_loss, sample_prompts  # noqa: E402
+
 Tensor = torch.Tensor
-SAMPLE_PROMPTS = ["a red circle moving right", "a green square moving left", "a blue triangle moving up",
-                  "a yellow circle moving down", "a cyan triangle moving left", "a magenta square moving up"]
+PROBE = (30, 50)   # --minutes: steps [30, 50) of the shared stage are timed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/train_demo.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="paradit/assets/demo", help="folder for the weights")
-    p.add_argument("--docs", default="docs", help="folder for demo-loss.png and demo-samples.png ('' = none)")
+    p.add_argument("--preset", default="demo", choices=sorted(RECIPES), help="the model: paradit/config.py")
+    p.add_argument("--out", help="folder for the weights (default: paradit/assets/PRESET)")
+    p.add_argument("--docs", default="docs", help="folder for PRESET-loss.png and PRESET-samples.png ('' = none)")
+    p.add_argument("--minutes", type=float, help="train for about this long: sets --shared and --iters")
     p.add_argument("--shared", type=int, default=1500, help="iterations of the one model both experts start from")
     p.add_argument("--iters", type=int, default=500, help="iterations after the split; each trains both experts once")
     p.add_argument("--batch", type=int, default=32)
@@ -56,8 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.1, help="share of prompts replaced by ''")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cuda is for trying recipes fast; the shipped weights are from cpu")
-    return p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="cpu (bit-reproducible) or cuda")
+    args = p.parse_args(argv)
+    args.out = args.out or f"paradit/assets/{args.preset}"
+    if args.minutes is not None and args.minutes * 60 < 2 * PROBE[1]:
+        p.error(f"--minutes {args.minutes:g}: give at least {2 * PROBE[1] / 60:g} (the step time is measured first)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
+    return args
 
 
 def sample_sigmas(n: int, shift: float, boundary: float, high: bool | None, gen: torch.Generator) -> Tensor:
@@ -80,8 +96,8 @@ def lr_at(it: int, iters: int, lr: float, warmup: int) -> float:
 class PromptTable:
     """Every demo prompt's embedding, computed once: the text encoder is frozen."""
 
-    def __init__(self, text: TextEncoder):
-        prompts = all_prompts()
+    def __init__(self, text: TextEncoder, recipe: Recipe):
+        prompts = all_prompts(recipe)
         emb = text.encode(prompts + [""])                             # (P + 1, text_len, text_dim)
         self.index = {p: i for i, p in enumerate(prompts)}
         self.emb, self.empty = emb[:-1], emb[-1]
@@ -92,17 +108,20 @@ class PromptTable:
         return torch.where(drop[:, None, None], self.empty, emb)
 
 
-def train_step(model, opt, codec, table, cfg: WanConfig, high: bool | None, args, gen: torch.Generator) -> float:
-    videos, prompts = make_batch(args.batch, gen, RECIPES[cfg.name])
+def train_step(model, opt, codec, table, recipe: Recipe, cfg: WanConfig, high: bool | None, args,
+               gen: torch.Generator) -> float:
+    """One AdamW step on fresh clips. On the CPU every draw comes from `gen` in a fixed order (the
+    shipped weights' bits); elsewhere the clips are drawn from it but rendered and noised on the
+    device (a CPU would be the bottleneck), the noise from the device's generator `args.noise_gen`."""
+    dev = args.device
+    videos, prompts = make_batch(args.batch, gen, recipe, dev)
     x0 = codec.encode(videos)                                          # (B, C, F, h, w)
-    noise = torch.randn(x0.shape, generator=gen)
-    sigma = sample_sigmas(args.batch, cfg.shift, cfg.boundary, high, gen)
+    noise = torch.randn(x0.shape, generator=args.noise_gen or gen, device=dev)
+    sigma = sample_sigmas(args.batch, cfg.shift, cfg.boundary, high, gen).to(dev)
     drop = torch.rand(args.batch, generator=gen) < args.dropout
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
-    dev = args.device
-    v = model(xt.to(dev), (1000 * sigma).to(dev), table(prompts, drop).to(dev))
-    x0, noise = x0.to(dev), noise.to(dev)
+    v = model(xt, 1000 * sigma, table(prompts, drop).to(dev))
     loss = (v - (noise - x0)).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -110,13 +129,25 @@ def train_step(model, opt, codec, table, cfg: WanConfig, high: bool | None, args
     return loss.item()
 
 
-def train(cfg: WanConfig, args, log=print):
+def plan_budget(args, step_s: float, spent_s: float, log=print) -> None:
+    """Set args.shared and args.iters so that training ends about args.minutes after it began:
+    steps left = (budget - spent) / step_s, split 3 : 2 between shared iterations and the experts'
+    (one expert iteration is two steps)."""
+    steps = max(0, (60 * args.minutes - spent_s) / step_s) + PROBE[1]
+    args.shared, args.iters = max(PROBE[1], round(0.6 * steps)), max(1, round(0.2 * steps))
+    log(f"--minutes {args.minutes:g}: a step takes {step_s:.3f} s, so --shared {args.shared} --iters {args.iters}")
+
+
+def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
     """Stage 1: one model on all sigmas (`--shared` iterations). Stage 2: two copies of it, the
     high-noise and the low-noise expert, each on its side of the boundary (`--iters` iterations
     each), as Wan2.2's experts grow from one model. One learning-rate schedule spans both stages."""
+    recipe = recipe or RECIPES[cfg.name]
     torch.manual_seed(args.seed)
     text = TextEncoder.tiny(cfg.text_dim, cfg.text_len, seed=args.seed)
-    table, codec = PromptTable(text), TimeToDepthCodec()
+    table, codec = PromptTable(text, recipe), TimeToDepthCodec.for_config(cfg)
+    cpu = torch.device(args.device).type == "cpu"
+    args.noise_gen = None if cpu else torch.Generator(args.device).manual_seed(args.seed + 5)
     torch.manual_seed(args.seed + 1)
     base = WanTransformer(cfg).to(args.device)
     total = args.shared + args.iters
@@ -130,10 +161,17 @@ def train(cfg: WanConfig, args, log=print):
             log(f"iter {it:5d}  loss {parts}  {time.perf_counter() - t0:.0f}s")
 
     opt, gen = new_opt(base), torch.Generator().manual_seed(args.seed + 2)
-    for it in range(args.shared):
+    it = 0
+    while it < args.shared:
+        if args.minutes is not None and it == PROBE[0]:
+            t_probe = time.perf_counter()
         set_lr(opt, lr_at(it, total, args.lr, args.warmup))
-        losses["shared"].append(train_step(base, opt, codec, table, cfg, None, args, gen))
+        losses["shared"].append(train_step(base, opt, codec, table, recipe, cfg, None, args, gen))
         report(it, ["shared"])
+        it += 1
+        if args.minutes is not None and it == PROBE[1]:
+            plan_budget(args, (time.perf_counter() - t_probe) / (PROBE[1] - PROBE[0]), time.perf_counter() - t0, log)
+            total = args.shared + args.iters
     experts = [copy.deepcopy(base) for _ in range(2)]                 # 0: high-noise, 1: low-noise
     opts = [new_opt(m) for m in experts]
     if args.shared:
@@ -143,7 +181,7 @@ def train(cfg: WanConfig, args, log=print):
     for it in range(args.shared, total):
         for k, name in enumerate(("high", "low")):
             set_lr(opts[k], lr_at(it, total, args.lr, args.warmup))
-            losses[name].append(train_step(experts[k], opts[k], codec, table, cfg, k == 0, args, gens[k]))
+            losses[name].append(train_step(experts[k], opts[k], codec, table, recipe, cfg, k == 0, args, gens[k]))
         report(it, ["high", "low"])
     for m in experts:
         m.eval().requires_grad_(False)
@@ -158,75 +196,48 @@ def set_lr(opt, lr: float) -> None:
 def save(out: Path, experts, text: TextEncoder, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, m in zip(("high", "low"), experts):
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, out / f"{name}.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, out / f"{name}.safetensors")
     save_model(text.model, str(out / "text_encoder.safetensors"))     # handles umT5's tied embeddings
     (out / "train.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def plot_loss(path: Path, losses: dict, window: int = 50) -> None:
-    """Smoothed loss against iteration; the experts' curves start where the shared model's ends."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    start = {"shared": 0, "high": len(losses["shared"]), "low": len(losses["shared"])}
-    labels = {"shared": "shared model (all sigmas)", "high": "high-noise expert", "low": "low-noise expert"}
-    for name, ls in losses.items():
-        if not ls:
-            continue
-        y = torch.tensor(ls)
-        w = min(window, len(y))
-        smooth = y.unfold(0, w, 1).mean(1)
-        ax.plot(start[name] + w - 1 + torch.arange(len(smooth)), smooth, label=labels[name])
-    ax.set(xlabel="iteration", ylabel=f"flow-matching loss (mean of {window})", yscale="log",
-           title="demo model training")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def sample_strip(path: Path, videos: list[Tensor], prompts: list[str], scale: int = 4) -> None:
-    """One row per prompt, the frames left to right."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(videos), 1, figsize=(9, 1.2 * len(videos)))
-    for ax, v, p in zip(axes, videos, prompts):
-        f, h, w, _ = v.shape
-        gap = torch.full((h, 2, 3), 255, dtype=torch.uint8)
-        row = torch.cat([torch.cat([fr, gap], dim=1) for fr in v], dim=1)   # (H, F*(W+2), 3)
-        ax.imshow(row.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy(), interpolation="nearest")
-        ax.set_title(p, fontsize=9, loc="left")
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def sampler(cfg: WanConfig, experts, text: TextEncoder, codec, device: str):
+    """A one-device pipeline of the trained experts with everything on the training device."""
+    from paradit.parallel.mesh import init_parallel
+    from paradit.pipeline import Pipeline
+    from paradit.plan.layout import ParallelConfig
+    text.model.to(device)
+    text.device = torch.device(device)
+    return Pipeline(cfg, experts, text, codec, mesh=init_parallel(ParallelConfig(), device=device))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    cfg = WanConfig.preset("demo")
+    cpu = torch.device(args.device).type == "cpu"
+    torch.use_deterministic_algorithms(cpu)            # CUDA's cuBLAS would need CUBLAS_WORKSPACE_CONFIG
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cpu
+    cfg = WanConfig.preset(args.preset)
     experts, text, codec, losses, seconds = train(cfg, args)
     info = dict(command="python scripts/train_demo.py " + " ".join(argv or sys.argv[1:]),
-                args=vars(args), preset=cfg.name, train_seconds=round(seconds, 1),
+                args={k: v for k, v in vars(args).items() if k != "noise_gen"}, preset=cfg.name,
+                train_seconds=round(seconds, 1), device=torch.cuda.get_device_name() if not cpu else "cpu",
                 final_loss={n: sum(ls[-100:]) / len(ls[-100:]) for n, ls in losses.items() if ls},
                 torch=torch.__version__)
     save(Path(args.out), experts, text, info)
-    print(f"trained in {seconds:.0f}s; weights in {args.out}")
+    pipe = sampler(cfg, experts, text, codec, args.device)
+    info["judged"] = evaluate(pipe, RECIPES[cfg.name])
+    (Path(args.out) / "train.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"trained in {seconds:.0f}s; weights in {args.out}; judged on {info['judged']['count']} prompts "
+          f"({info['judged']['prompts']}): passed {json.dumps(info['judged']['passed'])}")
     if args.docs:
-        from paradit.pipeline import Pipeline
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
-        plot_loss(docs / "demo-loss.png", losses)
-        pipe = Pipeline(cfg, experts, text, codec)
-        videos = [pipe(p, seed=i, progress=False) for i, p in enumerate(SAMPLE_PROMPTS)]
-        sample_strip(docs / "demo-samples.png", videos, SAMPLE_PROMPTS)
-        print(f"wrote {docs / 'demo-loss.png'} and {docs / 'demo-samples.png'}")
+        plot_loss(docs / f"{cfg.name}-loss.png", losses, cfg.name)
+        prompts = sample_prompts(RECIPES[cfg.name])
+        videos = [pipe(p, seed=i, progress=False) for i, p in enumerate(prompts)]
+        contact_sheet(docs / f"{cfg.name}-samples.png", videos, prompts)
+        print(f"wrote {docs / f'{cfg.name}-loss.png'} and {docs / f'{cfg.name}-samples.png'}")
 
 
 if __name__ == "__main__":

@@ -19,15 +19,18 @@ from paradit.models.transformer import WanTransformer
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 
-def demo_components(cfg: WanConfig, device, dtype=None, seed: int = 0, needed=None, assets: Path = ASSETS):
+def demo_components(cfg: WanConfig, device, dtype=None, seed: int = 0, needed=None, assets: Path | None = None):
     """([high-noise expert, low-noise expert], text encoder, codec) with the shipped weights, fp32
     (the signature of paradit.components.PRESET_BUILDERS; the weights are the shipped ones, whatever
-    dtype, seed and needed say, and both experts are built)."""
+    dtype, seed and needed say, and both experts are built); a preset's weights are in
+    paradit/assets/<preset name> unless `assets` says where."""
+    assets = assets or ASSETS.parent / cfg.name
     missing = [f for f in ("high.safetensors", "low.safetensors", "text_encoder.safetensors")
                if not (assets / f).is_file()]
     if missing:
         raise FileNotFoundError(f"demo model weights {', '.join(missing)} not found in {assets}; "
-                                f"reinstall paradit, or rebuild them: python scripts/train_demo.py --out {assets}")
+                                f"reinstall paradit, or rebuild them: python scripts/train_demo.py --preset {cfg.name} "
+                                f"--out {assets}")
     experts = []
     for name in ("high", "low"):
         with torch.device("meta"):
@@ -36,4 +39,4 @@ def demo_components(cfg: WanConfig, device, dtype=None, seed: int = 0, needed=No
         experts.append(m.to(device).eval().requires_grad_(False))
     text = TextEncoder.tiny(cfg.text_dim, cfg.text_len, device=device)   # the architecture; weights next
     load_model(text.model, str(assets / "text_encoder.safetensors"))
-    return experts, text, TimeToDepthCodec(device=device)
+    return experts, text, TimeToDepthCodec.for_config(cfg, device=device)

@@ -159,7 +159,7 @@ def place(recipe: Recipe, colour: Tensor, shape: Tensor, direction: Tensor, pace
 def coverage(centre: Tensor, half: Tensor, shape: Tensor, size: int) -> Tensor:
     """Anti-aliased coverage (N, F, H, W) in [0, 1] of shapes (N,) centred at `centre` (N, F, 2)
     (x, y), half-extent `half` (N, F), on size x size frames."""
-    grid = torch.arange(size, dtype=torch.float32) + 0.5                                      # pixel centres
+    grid = torch.arange(size, dtype=torch.float32, device=centre.device) + 0.5                # pixel centres
     dx = grid.view(1, 1, 1, size) - centre[..., 0, None, None]                                # (N, F, 1, W)
     dy = grid.view(1, 1, size, 1) - centre[..., 1, None, None]                                # (N, F, H, 1)
     dx, dy = torch.broadcast_tensors(dx, dy)                                                  # (N, F, H, W)
@@ -168,23 +168,25 @@ def coverage(centre: Tensor, half: Tensor, shape: Tensor, size: int) -> Tensor:
         s - torch.maximum(dx.abs(), dy.abs()),                                    # square
         s - torch.sqrt(dx**2 + dy**2),                                            # circle
         torch.minimum(s - dy, ((dy + s) / 2 - dx.abs()) * (2 / 5**0.5)),           # triangle, apex up
-    ])[shape, torch.arange(len(shape))]                                                       # (N, F, H, W)
+    ])[shape.to(centre.device), torch.arange(len(shape), device=centre.device)]              # (N, F, H, W)
     return (inside + 0.5).clamp(0, 1)
 
 
-def render(clips: Clips) -> Tensor:
-    """uint8 videos (N, F, H, W, 3)."""
+def render(clips: Clips, device="cpu") -> Tensor:
+    """uint8 videos (N, F, H, W, 3) on `device` (the clips are drawn on the CPU, so the same seed gives
+    the same clips anywhere)."""
     n, frames = clips.colour.shape[0], clips.recipe.frames
     vel = torch.tensor(list(DIRECTIONS.values()), dtype=torch.float32)[clips.direction]      # (N, 2)
     steps = torch.arange(frames, dtype=torch.float32)
     centre = clips.start[:, None] + vel[:, None] * (clips.speed[:, None, None] * steps[None, :, None])  # (N, F, 2)
-    alpha = coverage(centre, clips.half[:, None].expand(n, frames), clips.shape, clips.recipe.size)[..., None]
-    fg = torch.tensor(list(COLOURS.values()), dtype=torch.float32)[clips.colour].view(n, 1, 1, 1, 3)
-    bg = torch.tensor(BACKGROUND, dtype=torch.float32)
+    half = clips.half[:, None].expand(n, frames).to(device)
+    alpha = coverage(centre.to(device), half, clips.shape, clips.recipe.size)[..., None]     # (N, F, H, W, 1)
+    fg = torch.tensor(list(COLOURS.values()), dtype=torch.float32)[clips.colour].view(n, 1, 1, 1, 3).to(device)
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32, device=device)
     return (bg + alpha * (fg - bg)).round().to(torch.uint8)
 
 
-def make_batch(n: int, gen: torch.Generator, recipe: Recipe = DEMO) -> tuple[Tensor, list[str]]:
-    """(uint8 videos (N, F, H, W, 3), prompts) of n random training clips."""
+def make_batch(n: int, gen: torch.Generator, recipe: Recipe = DEMO, device="cpu") -> tuple[Tensor, list[str]]:
+    """(uint8 videos (N, F, H, W, 3) on `device`, prompts) of n random training clips."""
     clips = sample_clips(n, gen, recipe)
-    return render(clips), clips.prompts
+    return render(clips, device), clips.prompts
