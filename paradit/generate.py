@@ -95,17 +95,16 @@ def stage_video(spec: RunSpec, pipe, outputs: Outputs, startup: dict, path: Path
                 elapsed: float) -> Path | None:
     """Decode (spread over the output rank's sp group) and, on the output rank, stage one video with
     its sidecar (and latent); the staged video's path there, None elsewhere."""
-    t1 = time.perf_counter()
     video = outputs.video_stream(path, spec.cfg.fps) if pipe.mesh.is_output_rank else None
-    pipe.decode(latent, on_frames=video)   # the mp4 encoded as the frames are decoded
+    with pipe.record.phase("vae_decode"):
+        pipe.decode(latent, on_frames=video)   # the mp4 encoded as the frames are decoded
     memory = gpu_memory(pipe)  # collective over the request's ranks
     if not pipe.mesh.is_output_rank:
         return None
-    pipe.record.timings["vae_decode_s"] = decode_s = time.perf_counter() - t1
+    decode_s = pipe.record.timings["vae_decode_s"]
     startup.update({k: v for k, v in pipe.startup.items() if k not in startup})  # first_step_s
-    t1 = time.perf_counter()
-    video.close()                          # what the encoder has left after the decode
-    pipe.record.timings["write_video_s"] = time.perf_counter() - t1
+    with pipe.record.phase("write_video"):
+        video.close()                          # what the encoder has left after the decode
     if spec.save_latents:
         outputs.tensors(files_of(path, True)[2], {"latent": latent})
     outputs.json(path.with_suffix(".json"), sidecar(spec, pipe, prompt, startup, elapsed + decode_s)

@@ -201,10 +201,8 @@ class Pipeline:
         latent = self.run(prompt, s, negative_prompt, image=image, chords=chords, on_hit=on_hit, progress=progress)
         if output == "latent":
             return latent
-        t0 = time.perf_counter()
-        video = self.decode(latent)
-        self.record.timings["vae_decode_s"] = time.perf_counter() - t0
-        return video
+        with self.record.phase("vae_decode"):
+            return self.decode(latent)
 
     def run(self, prompt: str, s: VideoSettings, negative_prompt: str | None = None, image=None,
             chords: ChordsSettings | None = None, on_hit=None, progress: bool = True) -> torch.Tensor | None:
@@ -223,9 +221,8 @@ class Pipeline:
             residency.begin(self.denoiser.evaluation_experts(s, chords))
         try:
             req = self.request(prompt, negative_prompt, s, image)
-            t0 = time.perf_counter()
-            latent = self.drive(req, chords, on_hit, progress)
-            req.record.timings["denoise_s"] = time.perf_counter() - t0
+            with req.record.phase("denoise"):
+                latent = self.drive(req, chords, on_hit, progress)
         finally:
             if residency is not None:
                 residency.end()
@@ -287,12 +284,10 @@ class Pipeline:
         """The request of one prompt: its embeddings and image condition, encoded once on the
         request's first rank and broadcast over its group."""
         req = self.new_request(s)
-        t0 = time.perf_counter()
-        req.cond, req.uncond = self.encode_prompts(prompt, negative_prompt, s.guidance)
-        req.record.timings["text_encoder_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        req.condition = self.prepare_condition(image, s) if image is not None else None
-        req.record.timings["image_encode_s"] = time.perf_counter() - t0
+        with req.record.phase("text_encoder"):
+            req.cond, req.uncond = self.encode_prompts(prompt, negative_prompt, s.guidance)
+        with req.record.phase("image_encode"):
+            req.condition = self.prepare_condition(image, s) if image is not None else None
         return req
 
     def finish_record(self, req: Request) -> None:

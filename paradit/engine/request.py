@@ -1,10 +1,13 @@
 """One request as the drivers see it, its record, and the token space its latent lives in."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from paradit.launch.faults import maybe_fail
 from paradit.models.transformer import unpatchify
 from paradit.settings import VideoSettings
 
@@ -19,6 +22,18 @@ class RunRecord:
     residency: list[tuple[int, ...]] = field(default_factory=list)  # experts on the GPU at each evaluation
     chords: object = None  # a ChordsReport when CHORDS ran
     cache: object = None   # a CacheReport (paradit.engine.cache) when the step cache was on
+
+    @contextmanager
+    def phase(self, name: str):
+        """One phase of the request, timed into timings[NAME_s], after the fault-injection hook of the
+        same name (paradit.launch.faults.maybe_fail: PARADIT_FAIL_AT / PARADIT_DELAY_AT=RANK:NAME make a
+        rank fail or stall there): every layer times its phases and offers its hooks this one way."""
+        maybe_fail(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"{name}_s"] = time.perf_counter() - t0
 
 
 @dataclass
