@@ -89,8 +89,8 @@ def probe_phases(record: dict) -> None:
     from paradit.pipeline import Pipeline
     whole: dict = {}
     keep_whole_peaks(whole)
-    build = Pipeline.__dict__["from_pretrained"].__func__
-    Pipeline.from_pretrained = classmethod(measured(build, "startup", record, whole))
+    build = Pipeline.__dict__["from_spec"].__func__     # the one build path (from_pretrained calls it)
+    Pipeline.from_spec = classmethod(measured(build, "startup", record, whole))
     for cls, name, phase in ((Pipeline, "encode_prompts", "text_encode"), (Pipeline, "drive", "denoise"),
                              (Pipeline, "decode", "decode"), (VideoStream, "close", "write")):
         setattr(cls, name, measured(getattr(cls, name), phase, record, whole))
