@@ -12,12 +12,7 @@ the text encoder and the VAE), in seconds:
                    group decodes: column tiles of W / N pixels plus the 64-pixel blend
     write          write_s_per_gpix x pixel-frames (H.264 on the output rank)
 
-Host-link copies per request (offload), over the GPU's host link (PCIe) at its efficiency:
-    text encoder  its bytes / bw, before the encode (the request waits for all of it)
-    experts       two switches (high -> low at the boundary, low -> high for the next request);
-                  each streams the expert block by block behind compute, so a switch waits for
-                  the embeddings and one block, plus whatever of the copy one step cannot hide:
-                  (embed + block) / bw + max(0, expert / bw - step)
+The host-link copies an offload mode adds per request are costs.py's (its docstring derives them).
 """
 from __future__ import annotations
 
