@@ -182,11 +182,9 @@ def table(points: list[dict], cal: pl.Calibration, constants: dict | None = None
 
 def write_calibration(path: str, base_path: str | None, constants: dict, note: str) -> None:
     """The calibration file (base_path, default the shipped one) with `constants` at the top level."""
-    raw = json.loads(Path(base_path or pl.DEFAULT_CALIBRATION).read_text())
-    raw |= {k: float(f"{v:.4g}") for k, v in constants.items()}
-    raw["memory_source"] = note
-    Path(path).write_text(json.dumps(raw, indent=2) + "\n")
-    pl.load_calibration(path)   # it must read back
+    def edit(raw: dict) -> None:
+        raw.update({k: float(f"{v:.4g}") for k, v in constants.items()}, memory_source=note)
+    pl.rewrite_calibration(path, base_path, edit)
 
 
 def main(argv=None) -> int:

@@ -621,16 +621,15 @@ def write_calibration(path: str, spec_name: str, fit: dict, base_path: str | Non
                       merge: bool = False) -> None:
     """The shipped calibration (or --calibration) with this machine's factors under gpus.<name>;
     merge=True keeps that entry's other factors (bench/rank_local.py fits the compute ones only)."""
-    raw = json.loads(Path(base_path or pl.DEFAULT_CALIBRATION).read_text())
-    gpus = raw.setdefault("gpus", {})
-    entry = dict(gpus.get(spec_name, {})) if merge else {}
-    entry |= {k: int(v) if k == "gemm_half_rows" else float(f"{v:.4g}") for k, v in fit["factors"].items()}
-    entry["source"] = note
-    if spec_name == "cpu" and not merge:
-        entry["min_tokens_per_rank"] = 1
-    gpus[spec_name] = entry
-    Path(path).write_text(json.dumps(raw, indent=2) + "\n")
-    pl.load_calibration(path)   # it must read back
+    def edit(raw: dict) -> None:
+        gpus = raw.setdefault("gpus", {})
+        entry = dict(gpus.get(spec_name, {})) if merge else {}
+        entry |= {k: int(v) if k == "gemm_half_rows" else float(f"{v:.4g}") for k, v in fit["factors"].items()}
+        entry["source"] = note
+        if spec_name == "cpu" and not merge:
+            entry["min_tokens_per_rank"] = 1
+        gpus[spec_name] = entry
+    pl.rewrite_calibration(path, base_path, edit)
 
 
 # ============================================================================ analysis and report

@@ -82,11 +82,10 @@ def fit(paths: list[str]) -> dict[str, dict[str, list[float]]]:
 
 def write_calibration(path: str, base_path: str | None, kind: str, constants: dict, note: str) -> None:
     """The calibration file (base_path, default the shipped one) with `constants` under gpus.<kind>."""
-    raw = json.loads(Path(base_path or pl.DEFAULT_CALIBRATION).read_text())
-    entry = raw.setdefault("gpus", {}).setdefault(kind, {})
-    entry |= {k: float(f"{v:.4g}") for k, v in constants.items()} | {"video_source": note}
-    Path(path).write_text(json.dumps(raw, indent=2) + "\n")
-    pl.load_calibration(path)   # it must read back
+    def edit(raw: dict) -> None:
+        entry = raw.setdefault("gpus", {}).setdefault(kind, {})
+        entry.update({k: float(f"{v:.4g}") for k, v in constants.items()}, video_source=note)
+    pl.rewrite_calibration(path, base_path, edit)
 
 
 def main(argv=None) -> int:

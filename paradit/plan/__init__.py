@@ -14,7 +14,8 @@
 """
 from paradit.plan.costs import Problem, evaluate
 from paradit.plan.explain import explain
-from paradit.plan.hardware import DEFAULT_CALIBRATION, GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
+from paradit.plan.hardware import (DEFAULT_CALIBRATION, GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration,
+                                   rewrite_calibration)
 from paradit.plan.layout import AXES, EXPERT_MODES, ParallelConfig, Stage, auto_sp, suggest_layouts
 from paradit.plan.model import forward_flops, param_count, param_parts
 from paradit.plan.placement import (RankRoles, chords_experts, chords_init, chords_rounds, experts_needed, rank_roles,
@@ -27,6 +28,7 @@ from paradit.plan.search import Plan, candidates, make_problem, plan
 __all__ = ["AXES", "EXPERT_MODES", "ParallelConfig", "Stage", "auto_sp", "suggest_layouts",
            "stage_sizes", "chords_init", "chords_rounds", "chords_experts", "experts_needed",
            "RankRoles", "rank_roles", "GPUSpec", "GPUS", "MAX_GPUS", "Calibration", "DEFAULT_CALIBRATION", "load_calibration",
+           "rewrite_calibration",
            "forward_flops", "param_count", "param_parts", "Problem", "evaluate", "Candidate", "Infeasibility",
            "StepCost", "MemoryCost", "Phases", "RequestParts", "ColocatedBreakdown", "SplitBreakdown", "HighLow",
            "rank", "defeat", "Defeat", "Plan", "candidates", "make_problem", "plan", "explain"]

@@ -178,3 +178,15 @@ def load_calibration(path: str | None = None) -> Calibration:
         return Calibration(**{"source": path, **raw}, per_gpu=per_gpu)
     except ParameterError as err:
         raise ParameterError("calibration", path, f"bad value {err}") from None
+
+
+def rewrite_calibration(path: str, base_path: str | None, edit) -> None:
+    """The calibration at base_path (default: the shipped one), changed in place by edit(raw) on its
+    JSON object, written to path and read back (so a bad edit fails here, not in the next plan).
+    The benchmarks that fit factors write through this; the library only reads."""
+    with open(base_path or DEFAULT_CALIBRATION) as f:
+        raw = json.load(f)
+    edit(raw)
+    with open(path, "w") as f:
+        f.write(json.dumps(raw, indent=2) + "\n")
+    load_calibration(path)
