@@ -320,12 +320,14 @@ class Reader:
 
 @contextlib.contextmanager
 def quick_gil_handoff(seconds: float = 5e-4):
-    """Python's GIL switch interval at `seconds` (default 5 ms) inside: for reads beside a thread
+    """Python's GIL switch interval at `seconds` (default 0.5 ms) inside: for reads beside a thread
     that holds the GIL for long stretches (flash-attn-4's start-up kernel build, Python-bound CuTe DSL
     code generation). A reading thread needs the GIL for microseconds a piece, but waits up to one
     interval each time it asks while that thread runs: an H100 read 3.2 s of weights alone and 8.3 s
     beside the build. A tenth of the interval bounds each wait at 0.5 ms; the build, which gives the
-    GIL up more often, barely slows (the readers hold it for microseconds). Process-wide: restored on exit."""
+    GIL up more often, barely slows (the readers hold it for microseconds). Process-wide: restored on exit.
+    Not enough on its own: an H100 run on 2026-12-06 still took 11.1 s of start-up beside the build
+    against 3.3 s without flash-attn-4 (the kernel's on-disk cache spares later processes the build)."""
     before = sys.getswitchinterval()
     sys.setswitchinterval(seconds)
     try:
