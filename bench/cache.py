@@ -2,8 +2,9 @@
 
     python bench/cache.py                                    # the demo model: 12 prompts, 40 steps, a sweep
     python bench/cache.py --steps 24 --thresholds 0.1,0.2    # the demo's own step count
-    python bench/cache.py --model /dev/shm/a14b --size 1280x720 --frames 81 --steps 40 \\
-        --thresholds 0.1 --prompts 1 --extrapolate-to 40     # a GPU at full size: speed only
+    python bench/cache.py --model /dev/shm/a14b --size 1280x720 --frames 81 --steps 4 --warmup 1 \\
+        --thresholds 10 --prompts 1 --extrapolate-to 40 \\
+        --savings-from bench/results/2026-12-06_cpu2_cache_40steps.json    # a GPU at full size: speed only
 
 Quality (the demo model, trained: paradit/demo): every prompt is generated without the cache and
 with it at each threshold, same seed, on one device. For each pair:
@@ -113,8 +114,10 @@ def summary(rows: list[dict], quality: bool) -> list[dict]:
 
 
 def extrapolate(rows: list[dict], n: int, savings: dict[float, float]) -> list[dict]:
-    """Per threshold, an n-step run's time from the measured step times (see the docstring). What a
-    computed and a skipped step cost does not depend on the threshold: medians over every run."""
+    """Per threshold (every one run here and every one in `savings`), an n-step run's time from the
+    measured step times (see the docstring). What a computed and a skipped step cost does not depend
+    on the threshold: medians over every run, so one run at a threshold that skips every step it may
+    (e.g. 10) measures both costs for all of the demo sweep's thresholds."""
     def median(values):
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
@@ -122,9 +125,9 @@ def extrapolate(rows: list[dict], n: int, savings: dict[float, float]) -> list[d
     t_cc = median(r["cached_step"]["computed_s"] for r in rows)
     t_s = median(r["cached_step"]["skipped_s"] for r in rows)
     out = []
-    for th in sorted({r["threshold"] for r in rows}):
+    for th in sorted({r["threshold"] for r in rows} | set(savings)):   # a demo threshold need not be run here
         rs = [r for r in rows if r["threshold"] == th]
-        f = savings.get(th, statistics.mean(r["saved_fraction"] for r in rs))
+        f = savings[th] if th in savings else statistics.mean(r["saved_fraction"] for r in rs)
         row = dict(threshold=th, steps=n, saved_fraction=f, saved_fraction_from="demo sweep" if th in savings
                    else "this run", computed_step_s=t_c, computed_step_cached_s=t_cc, skipped_step_s=t_s,
                    uncached_s=n * t_c)

@@ -266,7 +266,9 @@ def test_bench_sweeps_the_demo_model_and_extrapolates_a_checkpoint(tmp_path):
                        "--thresholds", "0.3", "--steps", "12",
                        "--extrapolate-to", "40", "--savings-from", str(demo), "--out", str(tmp_path)]) == 0
     (speed,) = tmp_path.glob("*_cache_wan2.2-t2v-a14b.json")   # the folder is read as its model kind
-    (e,) = json.loads(speed.read_text())["extrapolated"]
+    lo_e, e = json.loads(speed.read_text())["extrapolated"]    # every demo threshold, 0.1 not run here
+    assert (lo_e["threshold"], e["threshold"]) == (0.1, 0.3)
+    assert lo_e["saved_fraction"] == low["saved_fraction"] and lo_e["computed_step_s"] == e["computed_step_s"]
     assert e["saved_fraction"] == high["saved_fraction"] and e["saved_fraction_from"] == "demo sweep"
     assert "psnr_db" not in json.loads(speed.read_text())["runs"][0]
     assert e["uncached_s"] == pytest.approx(40 * e["computed_step_s"])
