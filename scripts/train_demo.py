@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # scripts/, repo root
 
@@ -67,10 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu (bit-reproducible) or cuda")
+    p.add_argument("--init", help="a folder of high/low.safetensors: train these two experts on (no shared stage)")
+    p.add_argument("--bf16", action="store_true", help="CUDA: forward and backward under bf16 autocast "
+                   "(fp32 weights and AdamW); a small model's TF32 step is mostly fp32 attention")
     args = p.parse_args(argv)
     args.out = args.out or f"paradit/assets/{args.preset}"
     if args.minutes is not None and args.minutes * 60 < 2 * PROBE[1]:
         p.error(f"--minutes {args.minutes:g}: give at least {2 * PROBE[1] / 60:g} (the step time is measured first)")
+    if args.init:
+        args.shared = 0
+    if args.bf16 and not args.device.startswith("cuda"):
+        p.error("--bf16 is for --device cuda (the CPU run is the bit-reproducible fp32 one)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
     return args
@@ -121,8 +128,9 @@ def train_step(model, opt, codec, table, recipe: Recipe, cfg: WanConfig, high: b
     drop = torch.rand(args.batch, generator=gen) < args.dropout
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
-    v = model(xt, 1000 * sigma, table(prompts, drop).to(dev))
-    loss = (v - (noise - x0)).pow(2).mean()
+    with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16):
+        v = model(xt, 1000 * sigma, table(prompts, drop).to(dev))
+    loss = (v.float() - (noise - x0)).pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -132,9 +140,12 @@ def train_step(model, opt, codec, table, recipe: Recipe, cfg: WanConfig, high: b
 def plan_budget(args, step_s: float, spent_s: float, log=print) -> None:
     """Set args.shared and args.iters so that training ends about args.minutes after it began:
     steps left = (budget - spent) / step_s, split 3 : 2 between shared iterations and the experts'
-    (one expert iteration is two steps)."""
+    (one expert iteration is two steps); with --init (no shared stage) all go to the experts."""
     steps = max(0, (60 * args.minutes - spent_s) / step_s) + PROBE[1]
-    args.shared, args.iters = max(PROBE[1], round(0.6 * steps)), max(1, round(0.2 * steps))
+    if args.init:
+        args.iters = max(PROBE[1], round(steps / 2))
+    else:
+        args.shared, args.iters = max(PROBE[1], round(0.6 * steps)), max(1, round(0.2 * steps))
     log(f"--minutes {args.minutes:g}: a step takes {step_s:.3f} s, so --shared {args.shared} --iters {args.iters}")
 
 
@@ -161,31 +172,54 @@ def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
             log(f"iter {it:5d}  loss {parts}  {time.perf_counter() - t0:.0f}s")
 
     opt, gen = new_opt(base), torch.Generator().manual_seed(args.seed + 2)
+    probe = dict(t=None)
+
+    def budget(it: int, steps_per_it: int) -> None:
+        """--minutes: time iterations [PROBE[0], PROBE[1]) of the first stage, then set the budget."""
+        if args.minutes is None:
+            return
+        if it == PROBE[0]:
+            probe["t"] = time.perf_counter()
+        elif it == PROBE[1]:
+            step_s = (time.perf_counter() - probe["t"]) / ((PROBE[1] - PROBE[0]) * steps_per_it)
+            plan_budget(args, step_s, time.perf_counter() - t0, log)
+
     it = 0
     while it < args.shared:
-        if args.minutes is not None and it == PROBE[0]:
-            t_probe = time.perf_counter()
+        budget(it, 1)
         set_lr(opt, lr_at(it, total, args.lr, args.warmup))
         losses["shared"].append(train_step(base, opt, codec, table, recipe, cfg, None, args, gen))
         report(it, ["shared"])
         it += 1
-        if args.minutes is not None and it == PROBE[1]:
-            plan_budget(args, (time.perf_counter() - t_probe) / (PROBE[1] - PROBE[0]), time.perf_counter() - t0, log)
-            total = args.shared + args.iters
-    experts = [copy.deepcopy(base) for _ in range(2)]                 # 0: high-noise, 1: low-noise
+        total = args.shared + args.iters
+    if args.init:                                                       # train given experts on
+        experts = [load_expert(cfg, Path(args.init) / f"{name}.safetensors", args.device) for name in ("high", "low")]
+    else:
+        experts = [copy.deepcopy(base) for _ in range(2)]             # 0: high-noise, 1: low-noise
     opts = [new_opt(m) for m in experts]
     if args.shared:
         for o in opts:
             o.load_state_dict(opt.state_dict())                          # carry AdamW's moments on
     gens = [torch.Generator().manual_seed(args.seed + 3 + k) for k in range(2)]
-    for it in range(args.shared, total):
+    it = args.shared
+    while it < args.shared + args.iters:                                # --minutes may reset args.iters
+        if not args.shared:
+            budget(it, 2)
+        total = args.shared + args.iters
         for k, name in enumerate(("high", "low")):
             set_lr(opts[k], lr_at(it, total, args.lr, args.warmup))
             losses[name].append(train_step(experts[k], opts[k], codec, table, recipe, cfg, k == 0, args, gens[k]))
         report(it, ["high", "low"])
+        it += 1
     for m in experts:
         m.eval().requires_grad_(False)
     return experts, text, codec, losses, time.perf_counter() - t0
+
+
+def load_expert(cfg: WanConfig, path: Path, device: str) -> WanTransformer:
+    model = WanTransformer(cfg)
+    model.load_state_dict(load_file(path))
+    return model.to(device)
 
 
 def set_lr(opt, lr: float) -> None:

@@ -56,6 +56,12 @@ def test_minutes_sets_the_iterations_from_the_step_time(train_demo):
     assert args.shared == pytest.approx(3 * args.iters, rel=0.01)
     with pytest.raises(SystemExit):
         train_demo.parse_args(["--minutes", "1"])               # shorter than the timing probe
+    # --init: the experts train on from given weights; the whole budget goes to them
+    args = train_demo.parse_args(["--preset", "demo64", "--minutes", "8", "--init", "paradit/assets/demo64"])
+    train_demo.plan_budget(args, step_s=0.05, spent_s=10.0, log=lambda *a: None)
+    assert args.shared == 0 and 2 * args.iters * 0.05 == pytest.approx(480 - 10 + 50 * 0.05, rel=0.01)
+    with pytest.raises(SystemExit):
+        train_demo.parse_args(["--bf16"])                       # autocast is for CUDA only
 
 
 def test_recipe_learns_at_reduced_scale(train_demo):
