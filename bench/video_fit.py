@@ -32,7 +32,7 @@ from memory_fit import point_of  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
 from paradit.plan.hardware import GB  # noqa: E402
 from paradit.plan.model import decode_share, param_count, text_encoder_gb, vae_gb  # noqa: E402
-from paradit.plan.video import pinned_gb  # noqa: E402
+from paradit.plan.memory import pinned_gb  # noqa: E402
 from paradit.residency import offloads_text_encoder  # noqa: E402
 
 

@@ -243,11 +243,11 @@ def check_host_memory(nbytes: int, margin: float = 2e9) -> None:
     """Refuse, before any copy, to page-lock more host memory than the machine has available
     (the kernel would kill the process part-way, with no message). Tensors already in host memory
     are not counted: they move into the pinned buffers chunk by chunk, freeing their own bytes."""
-    try:
-        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
-        available = int(meminfo["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):   # not Linux: nothing to ask
+    from paradit.plan.hardware import GB, available_host_gb
+    available = available_host_gb()
+    if available is None:   # not Linux: nothing to ask
         return
+    available *= GB
     if nbytes > available - margin:
         raise MemoryError(f"offload needs {nbytes / 1e9:.1f} GB of page-locked host memory and the machine "
                           f"has {available / 1e9:.1f} GB available: free host memory (a checkpoint on tmpfs "

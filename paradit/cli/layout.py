@@ -43,13 +43,16 @@ def gpu_kind(flags: Flags) -> str | None:
     return gpu_preset(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 1e9)
 
 
-def run_options(flags: Flags, settings, offload: str | None = None, cfg_mode: str | None = None) -> dict:
+def run_options(flags: Flags, settings, info, offload: str | None = None, cfg_mode: str | None = None) -> dict:
     """The planner's options of this run: offload and CFG mode (the flags' unless given), weight sharding,
-    guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged."""
+    guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged, and the host
+    memory the launcher read (info: paradit.launch.DistInfo; the planner rules out offload modes whose
+    pinned copies do not fit it)."""
     loras = sum(len(flags.values.get(f) or ()) for f in ("lora", "lora_high", "lora_low"))
     return dict(offload=flags.offload if offload is None else offload, loras=loras,
                 cfg_mode=flags.cfg_mode if cfg_mode is None else cfg_mode, shard_weights=shard_mode(flags),
-                guidance=any(g != 1.0 for g in settings.guidance))
+                guidance=any(g != 1.0 for g in settings.guidance), host_gb=getattr(info, "host_gb", None),
+                ranks_per_host=getattr(info, "ranks_per_host", None))
 
 
 def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, options: dict) -> ParallelConfig:
@@ -89,11 +92,11 @@ def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
 def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelConfig:
     kind = gpu_kind(flags)
     if flags.plan == "auto":
-        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, run_options(flags, settings))
+        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, run_options(flags, settings, info))
     elif flags.experts == "split":
         layout = split_layout(flags, cfg, info.world_size, settings)
     elif flags.experts == "auto" and kind is not None:
-        chosen = planned_layout(cfg, info.world_size, settings, kind, False, run_options(flags, settings))
+        chosen = planned_layout(cfg, info.world_size, settings, kind, False, run_options(flags, settings, info))
         layout = (split_layout(flags, cfg, info.world_size, settings) if chosen.experts == "split"
                   else layout_from_flags(flags, cfg.num_heads))
     else:  # colocated, or auto with no GPU to plan for (CPU): both experts on every rank
@@ -106,15 +109,15 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
     if flags.plan != "auto":
         layout = dataclasses.replace(layout, shard_weights=shard_mode(flags))
     if flags.plan != "auto" or flags.cfg_mode != "auto":   # --plan auto's layout carries the planner's CFG mode
-        layout = with_cfg_mode(flags, cfg, layout, settings, kind)
+        layout = with_cfg_mode(flags, cfg, layout, settings, kind, info)
     from paradit.plan.search import resolve_sharding
-    layout = resolve_sharding(layout, cfg, kind, settings, **run_options(flags, settings, cfg_mode=layout.cfg_mode))
+    layout = resolve_sharding(layout, cfg, kind, settings, **run_options(flags, settings, info, cfg_mode=layout.cfg_mode))
     try:
         layout.validate(info.world_size, cfg.num_heads)
     except ParameterError as err:
         raise with_split_offered(err, flags, cfg, info.world_size, settings, layout) from None
     if kind is not None and not flags.force:
-        check_memory(cfg, layout, kind, settings, info.world_size, flags)
+        check_memory(cfg, layout, kind, settings, info, flags)
     return layout
 
 
@@ -127,7 +130,7 @@ def shard_mode(flags: Flags) -> str:
     return flags.shard_weights
 
 
-def with_cfg_mode(flags: Flags, cfg, layout: ParallelConfig, settings, kind: str | None) -> ParallelConfig:
+def with_cfg_mode(flags: Flags, cfg, layout: ParallelConfig, settings, kind: str | None, info) -> ParallelConfig:
     """The layout with --cfg-mode applied; auto: the planner's fastest that fits this layout on this GPU
     kind (batched where nothing is planned: on a CPU, an unguided run, a layout that fits no way)."""
     if flags.cfg_mode != "auto":
@@ -136,7 +139,7 @@ def with_cfg_mode(flags: Flags, cfg, layout: ParallelConfig, settings, kind: str
         return dataclasses.replace(layout, cfg_mode="batched")
     from paradit.plan import evaluate, make_problem
     problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
-                           settings.steps, **run_options(flags, settings))
+                           settings.steps, **run_options(flags, settings, info))
     cand = evaluate(problem, layout)
     return cand.layout if cand.feasible else dataclasses.replace(layout, cfg_mode="batched")
 
@@ -154,34 +157,38 @@ def with_split_offered(err: ParameterError, flags: Flags, cfg, world: int, setti
     return ParameterError(err.param, err.value, err.reason, err.fix, (*err.alternatives, {"experts": "split"}))
 
 
-def check_memory(cfg, layout: ParallelConfig, kind: str, settings, world: int, flags: Flags) -> None:
-    """Refuse, before loading, a layout the planner predicts will not fit (override: --force)."""
+def check_memory(cfg, layout: ParallelConfig, kind: str, settings, info, flags: Flags) -> None:
+    """Refuse, before loading, a layout the planner predicts will not fit its GPUs, or whose offload mode's
+    pinned copies will not fit the host (override: --force)."""
     from paradit.plan import Infeasibility, evaluate, make_problem, plan
     if cfg.name not in PRESETS:
         return
     size = (settings.width, settings.height, settings.frames, settings.steps)
-    cand = evaluate(make_problem(cfg, world, kind, *size, **run_options(flags, settings, cfg_mode=layout.cfg_mode)),
-                    layout)
-    if cand.why is Infeasibility.OUT_OF_MEMORY:
-        best = plan(cfg, world, kind, *size, **run_options(flags, settings, "auto", "auto")).choice
+    world = info.world_size
+    cand = evaluate(make_problem(cfg, world, kind, *size, **run_options(flags, settings, info,
+                                                                         cfg_mode=layout.cfg_mode)), layout)
+    if cand.why in (Infeasibility.OUT_OF_MEMORY, Infeasibility.HOST_MEMORY):
+        best = plan(cfg, world, kind, *size, **run_options(flags, settings, info, "auto", "auto")).choice
         hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} --cfg-mode "
                 f"{best.layout.cfg_mode} ({best.mem_gb:.1f} GB per GPU)" if best else "")
+        where = kind if cand.why is Infeasibility.OUT_OF_MEMORY else f"this host ({cand.offload})"
         raise UsageError(f"layout {layout.describe()} with --offload {flags.offload} is predicted not to fit on "
-                         f"{kind}: {cand.reason}{hint}. Pass --force to run it anyway")
+                         f"{where}: {cand.reason}{hint}. Pass --force to run it anyway")
 
 
-def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, device) -> str:
-    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind; none on a CPU."""
+def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, info) -> str:
+    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind and host; none on a
+    CPU."""
     from paradit.plan import evaluate, make_problem
     kind = gpu_kind(flags)
     if flags.offload == "layers" and kind is not None and cfg.name in PRESETS and not flags.force:
         refuse_needless_layers(cfg, layout, kind, settings)
     if flags.offload != "auto":
         return flags.offload
-    if device.type != "cuda" or kind is None or cfg.name not in PRESETS:
+    if info.device.type != "cuda" or kind is None or cfg.name not in PRESETS:
         return "none"
     problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
-                           settings.steps, **run_options(flags, settings, cfg_mode=layout.cfg_mode))
+                           settings.steps, **run_options(flags, settings, info, cfg_mode=layout.cfg_mode))
     return evaluate(problem, layout).offload
 
 

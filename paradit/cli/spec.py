@@ -189,7 +189,7 @@ def resolve(flags: Flags, info) -> RunSpec:
         from paradit.models.lora import check_loras, lora_specs
         loras = tuple(lora_specs(flags.lora, flags.lora_high, flags.lora_low))
         check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); the build warns and merges
-        offload = offload_mode(flags, cfg, layout, settings, info.device)
+        offload = offload_mode(flags, cfg, layout, settings, info)
         from paradit.plan.sharding import check_shard_options
         check_shard_options(layout, offload, flags.quant, flags.compile)
         _check_quant(flags, info, offload, layout)

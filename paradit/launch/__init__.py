@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from paradit.errors import ParameterError
+from paradit.plan.hardware import available_host_gb
 
 log = logging.getLogger("paradit")
 
@@ -56,6 +57,8 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str | None  # None: single process, no process group
+    host_gb: float | None = None   # host memory available at start, GB: the least of the world's hosts (None: unknown)
+    ranks_per_host: int = 1        # ranks sharing one host's memory (torchrun's LOCAL_WORLD_SIZE)
 
 
 def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
@@ -105,14 +108,25 @@ def init_distributed(device: str | None = None, timeout_s: float | None = None) 
     if dev.type == "cpu":
         set_cpu_threads()
     if world == 1 and not dist.is_initialized():
-        return DistInfo(0, 1, 0, dev, None)
+        return DistInfo(0, 1, 0, dev, None, available_host_gb())
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         kwargs = dict(device_id=dev) if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timeout, **kwargs)
     setup_logging(dist.get_rank())
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend(),
+                    least_host_gb(dev if backend == "nccl" else torch.device("cpu")), local)
+
+
+def least_host_gb(device: torch.device) -> float | None:
+    """The least host memory available over the world's hosts (collective): every rank plans with the same
+    figure, so no two ranks choose differently (a rank reading after another has started would see less)."""
+    here = available_host_gb()
+    t = torch.tensor([math.inf if here is None else here], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return None if math.isinf(t.item()) else t.item()
 
 
 def cpu_threads(local_ranks: int, cores: int) -> int:

@@ -2,6 +2,7 @@
 
     python -m paradit.plan --model wan2.2-t2v-a14b --gpus 8 --gpu h200 --size 1280x720 --frames 81
     python -m paradit.plan --gpus 1 --gpu h100 --size 1280x720 --frames 81 --steps 4 --guidance 1 --loras 2
+    python -m paradit.plan --gpus 8 --gpu h100 --host-gb 125 --ranks-per-host 8     # offload held to the host
 
 Prints a ranked table (predicted step time, denoising latency, time to video, throughput, per-GPU
 memory, exposed communication share), a summary of what was ruled out and why, and the planner's
@@ -19,6 +20,7 @@ from paradit.cli.flags import (FLOAT, INT, NUMBERS, SIZE, Flag, Flags, UsageErro
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
 from paradit.plan import GPUS, MAX_GPUS, Plan, load_calibration, plan
+from paradit.plan.hardware import available_host_gb
 from paradit.plan.layout import SHARD_MODES
 from paradit.residency import OFFLOAD_MODES
 
@@ -43,6 +45,10 @@ FLAGS = (
          "text-encoder, experts, all", "auto", choices=OFFLOAD_MODES),
     Flag("--shard-weights", str, "auto", "each expert's blocks sharded over the group: auto (the best per layout), "
          "none, sp (the sequence-parallel group), request (the request group)", "auto", choices=SHARD_MODES),
+    Flag("--host-gb", FLOAT, None, "host memory available on each host, GB (> 0): offload modes whose pinned "
+         "copies do not fit it are ruled out", "not checked (the plan prints this machine's)", metavar="GB"),
+    Flag("--ranks-per-host", INT, None, "ranks sharing one host's memory", "one node's GPUs (at most --gpus)",
+         metavar="N"),
     Flag("--no-ring", help="no Ring attention: uneven Ulysses allowed"),
     Flag("--hbm-gb", FLOAT, None, "override the GPU's memory, GB (> 0)", "the preset's", metavar="GB"),
     Flag("--tflops", FLOAT, None, "override the GPU's bf16 matmul rate, TFLOP/s (> 0)", "the preset's",
@@ -56,7 +62,7 @@ PARAM_FLAGS = {"gpus": "--gpus", "width": "--size", "height": "--size", "frames"
                "loras": "--loras", "cfg_mode": "--cfg-mode", "guidance": "--guidance",
                "calibration": "--calibration", "max_chords": "--max-chords", "hbm_gb": "--hbm-gb",
                "matmul_tflops": "--tflops", "nvlink_gbps": "--nvlink-gbps", "objective": "--objective",
-               "shard_weights": "--shard-weights"}
+               "shard_weights": "--shard-weights", "host_gb": "--host-gb", "ranks_per_host": "--ranks-per-host"}
 
 
 def parse_args(argv: list[str] | None) -> Flags:
@@ -105,7 +111,8 @@ def make_plan(args: Flags) -> Plan:
         return plan(args.model, args.gpus, gpu, width, height, args.frames, args.steps,
                     args.objective, load_calibration(args.calibration), args.max_chords,
                     offload=args.offload, allow_ring=not args.no_ring, shard_weights=args.shard_weights,
-                    guidance=guided, cfg_mode=args.cfg_mode, loras=args.loras)
+                    guidance=guided, cfg_mode=args.cfg_mode, loras=args.loras, host_gb=args.host_gb,
+                    ranks_per_host=args.ranks_per_host)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             print(table(result, args.top))
             print()
         print(result.explain())
+        here = available_host_gb()
+        if args.host_gb is None and here is not None:
+            print(f"This machine has {here:.1f} GB of host memory available: --host-gb {here:.0f} holds the plan to it.")
     return 0 if result.choice else 1
 
 

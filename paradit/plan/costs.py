@@ -58,9 +58,8 @@ from dataclasses import dataclass
 
 from paradit.config import WanConfig
 from paradit.plan.hardware import Calibration, GPUSpec
-from paradit.plan.layout import ParallelConfig, Stage, auto_sp
-from paradit.plan.layout import CFG_MODES
-from paradit.plan.memory import cfg_batch, memory_limit, oom_reason, rank_memory
+from paradit.plan.layout import CFG_MODES, ParallelConfig, Stage, auto_sp
+from paradit.plan.memory import cfg_batch, host_reason, memory_limit, oom_reason, rank_memory
 from paradit.plan.model import forward_flops
 from paradit.plan.placement import chords_experts, chords_init, chords_rounds
 from paradit.plan.sharding import best_sharding, gather_exposed_s, group_size, layers_exposed_s, refusal, shard_note
@@ -88,6 +87,8 @@ class Problem:
     shard_weights: str = "auto"           # the layouts' weight sharding (paradit.plan.sharding); auto: the best
     cfg_mode: str = "auto"                # CFG batched or in turn on a cfg=1 group; auto: the best per layout
     loras: int = 0                        # LoRA files merged at load (start-up time, the merge's workspace)
+    host_gb: float | None = None          # host memory available on each host (None: unknown, not checked)
+    ranks_per_host: int | None = None     # ranks sharing one host's memory (None: a node's GPUs)
 
     @property
     def tokens(self) -> int:
@@ -222,13 +223,11 @@ def _ring(p: Problem, stage: Stage, batch: int, t_self: float, bw: float) -> dic
 
 
 def _infeasible(layout: ParallelConfig, why: Infeasibility, reason: str) -> Candidate:
-    nan = float("nan")
-    return Candidate(layout, nan, nan, 0.0, nan, why, reason)
+    return Candidate(layout, math.nan, math.nan, 0.0, math.nan, why, reason)
 
 
 def _fits(reason: str) -> Infeasibility | None:
-    """A memory verdict: an out-of-memory reason makes the layout infeasible."""
-    return Infeasibility.OUT_OF_MEMORY if reason else None
+    return Infeasibility.OUT_OF_MEMORY if reason else None   # an out-of-memory reason: infeasible
 
 
 OFFLOAD_ORDER = ("none", "text-encoder", "experts", "all", "layers")   # fewest copies first: the tie-break
@@ -274,6 +273,8 @@ def _evaluate_one(p: Problem, layout: ParallelConfig, mode: str) -> Candidate:
     if streams_layers(mode) and cand.feasible and evaluate(p, layout, "text-encoder").feasible:
         cand = dataclasses.replace(cand, note=_join(cand.note, "the experts fit on the GPU whole: streaming "
                                                                "their layers only adds copies"))
+    if cand.feasible and (host := host_reason(p, cand, mode)):   # its pinned copies do not fit the host
+        cand = dataclasses.replace(cand, why=Infeasibility.HOST_MEMORY, reason=host)
     return dataclasses.replace(cand, offload=mode)
 
 

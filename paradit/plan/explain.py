@@ -5,7 +5,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from paradit.plan.costs import evaluate
-from paradit.plan.memory import memory_limit
+from paradit.plan.memory import HOST_MARGIN_GB, host_gb, memory_limit, ranks_per_host
 from paradit.plan.ranking import Defeat, defeat
 from paradit.plan.results import Candidate, ColocatedBreakdown, Infeasibility, SplitBreakdown, StepCost
 
@@ -20,7 +20,7 @@ def explain(plan: Plan, losers: int = 3) -> str:
              f"{p.steps} steps, {'guided' if p.guidance else 'guidance 1 (no uncond forward)'}"
              f"{f', {p.loras} LoRA(s)' if p.loras else ''}, {p.gpus} x {p.gpu.name} ({p.gpu.matmul_tflops:g} "
              f"TFLOP/s, {memory_limit(p):.1f} GB for the allocator); objective: {plan.objective}",
-             f"calibration: {p.calibration.source}"]
+             f"calibration: {p.calibration.source}", _host_text(plan)]
     if choice is None:
         return "\n".join(lines + _no_choice(plan) + _infeasible_summary(plan))
     lines.append(f"Choice: {choice.label()}: {choice.time_to_video_s:.4g} s to the video, "
@@ -34,6 +34,18 @@ def explain(plan: Plan, losers: int = 3) -> str:
         lines.append("Why not the next best:")
         lines += [f"  {o.label()}: {_why_lost(choice, o, plan.objective)}" for o in others]
     return "\n".join(lines + _infeasible_summary(plan))
+
+
+def _host_text(plan: Plan) -> str:
+    """The host memory the plan was held to, and what the choice pins on the fullest host."""
+    p, c, ranks = plan.problem, plan.choice, ranks_per_host(plan.problem)
+    text = (f"host memory: {p.host_gb:.1f} GB available on each host" if p.host_gb is not None else
+            "host memory: not checked (unknown: give host_gb, --host-gb)") + f", {ranks} rank(s) per host"
+    if c is not None:
+        need = host_gb(p, c, c.offload)[1]
+        text += (f"; the choice needs {need:.1f} GB of it on the fullest host (its pinned copies, "
+                 f"{HOST_MARGIN_GB:g} GB a rank besides)" if need else "; the choice pins none")
+    return text
 
 
 def _video_text(c: Candidate) -> list[str]:

@@ -98,6 +98,17 @@ def gpu_preset(device_name: str, memory_gb: float) -> str:
     return next((k for k in ("b200", "h200", "h100", "l40s", "5090", "4090") if k in name), "h100")
 
 
+def available_host_gb(meminfo: str = "/proc/meminfo") -> float | None:
+    """This machine's available memory (the kernel's MemAvailable: free memory and the page cache it can
+    reclaim; a checkpoint on tmpfs is not in it), GB; None where the kernel does not say (not Linux)."""
+    try:
+        with open(meminfo) as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024 / GB
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Efficiency factors (fractions of the GPUSpec rates) and small fixed costs."""

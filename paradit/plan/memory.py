@@ -26,18 +26,31 @@ Phases of one rank, each the memory resident through the run plus that phase's o
                tiles are chosen to fit it
 The peak is the fullest phase. overhead_gb, activation_scale, decode_scale and lora_merge_gb are
 fitted to measured peaks by bench/memory_fit.py.
+
+Host memory. A rank page-locks its offloaded components' bf16 bytes (pinned_gb): the text encoder where
+it encodes and the mode offloads it, its experts where the mode keeps them in host memory (experts and
+all: both, on a rank holding both; layers: every expert it holds). The ranks of one host share its
+memory: the fullest host is the first (dp is the slowest axis, so it holds the most request groups'
+first ranks, the encoders), and needs its ranks' pinned bytes plus HOST_MARGIN_GB each. Problem.host_gb
+is what each host has available (MemAvailable, read by the launcher or given); a mode whose pinned
+bytes do not fit it is infeasible (host_reason), so offload "auto" never picks it.
 """
 from __future__ import annotations
 
 import math
 
+from paradit.plan.hardware import GB
 from paradit.plan.layout import Stage
-from paradit.plan.model import activation_gb, decode_share, image_frames, text_encoder_gb, vae_gb
-from paradit.plan.results import MemoryCost, Phases
+from paradit.plan.model import activation_gb, decode_share, image_frames, param_count, text_encoder_gb, vae_gb
+from paradit.plan.results import Candidate, ColocatedBreakdown, MemoryCost, Phases
 from paradit.plan.sharding import layers_weights_gb, weights_gb
-from paradit.residency import offloads_experts, offloads_text_encoder, streams_layers
+from paradit.residency import experts_on_host, offloads_experts, offloads_text_encoder, streams_layers
 
 DECODE_SHARE = 0.8   # paradit.models.vae.MEMORY_USE: the share of free memory a decode plans to use
+# Host memory a rank needs besides its pinned copies: the reader's pinned staging slots (16 threads x
+# 2 x 16 MB, 0.5 GB) and the process's own (torch, the CUDA runtime's host side); the runtime's own
+# check (paradit.offload.check_host_memory) keeps the same 2 GB back
+HOST_MARGIN_GB = 2.0
 
 
 def memory_limit(p) -> float:
@@ -92,3 +105,40 @@ def oom_reason(p, mem: MemoryCost, experts: int) -> str:
     return (f"out of memory: {mem.total:.1f} GB > {limit:.1f} GB the allocator may use (weights "
             f"{mem.weights:.1f} [{held}], text encoder {mem.text_encoder:.1f}, working set "
             f"{mem.activations:.1f}, overhead {mem.overhead:.1f}; at the {mem.phase})")
+
+
+def pinned_gb(p, mode: str, experts: int, text: bool) -> float:
+    """Host memory a rank pins under an offload mode (its offloaded experts, the text encoder)."""
+    gb = text_encoder_gb(p.model) if text and offloads_text_encoder(mode) else 0.0
+    return gb + (experts * param_count(p.model) * 2 / GB if experts_on_host(mode, experts) else 0.0)
+
+
+def ranks_per_host(p) -> int:
+    """Ranks that share one host's memory: Problem.ranks_per_host, else one node's GPUs."""
+    return min(p.gpus, p.ranks_per_host or p.gpu.gpus_per_node)
+
+
+def host_gb(p, cand: Candidate, mode: str) -> tuple[float, float]:
+    """(GB one rank pins besides the text encoder, GB the fullest host needs: 0 where nothing is pinned)
+    of candidate `cand`'s layout under offload `mode` (the module docstring)."""
+    experts = cand.breakdown.experts_per_gpu if isinstance(cand.breakdown, ColocatedBreakdown) else 1
+    ranks, layout = ranks_per_host(p), cand.layout
+    encoders = min(layout.dp, math.ceil(ranks / layout.group_size))   # the first ranks of its replicas
+    per_rank = pinned_gb(p, mode, experts, False)
+    need = ranks * per_rank + encoders * pinned_gb(p, mode, 0, True)
+    return per_rank, (need + ranks * HOST_MARGIN_GB if need else 0.0)
+
+
+def host_reason(p, cand: Candidate, mode: str) -> str:
+    """Why the pinned host copies of `mode` do not fit one host of `p` on candidate `cand`'s layout, with
+    the figures and the fix; "" when they fit, when the mode pins nothing, or when p.host_gb is unknown."""
+    per_rank, need = host_gb(p, cand, mode)
+    if p.host_gb is None or need <= p.host_gb:
+        return ""
+    ranks, text = ranks_per_host(p), pinned_gb(p, mode, 0, True)
+    what = f"{per_rank:.1f} GB of experts per rank" + (f", {text:.1f} GB of text encoder per encoding rank"
+                                                       if text else "")
+    return (f"host memory: offload {mode} pins {what}; with {ranks} rank{'s' * (ranks > 1)} on one host and "
+            f"{HOST_MARGIN_GB:g} GB each besides, a host needs {need:.1f} GB > {p.host_gb:.1f} GB available: "
+            f"offload less (a mode that pins fewer bytes), free host memory (a checkpoint on tmpfs counts), "
+            f"or run fewer ranks per host")

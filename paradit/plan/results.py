@@ -25,6 +25,7 @@ class Infeasibility(enum.Enum):
     NO_CHORDS_INIT = "no CHORDS initialisation sequence for N cores at N steps (paper's: N, N, N cores)"
     ONE_EXPERT = "one expert; nothing to split"
     OUT_OF_MEMORY = "out of memory"
+    HOST_MEMORY = "host memory"                                # the offload mode's pinned copies
     SHARD_GROUP = "no group to shard the weights over"          # a group of one; CHORDS' request group
     SHARDED_OFFLOAD = "expert offload with sharded weights"    # whole experts cannot move when split
 

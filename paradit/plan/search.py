@@ -12,11 +12,11 @@ from paradit.plan.costs import Problem, evaluate, split_memory, stage_check, sta
 from paradit.plan.explain import explain
 from paradit.plan.hardware import GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
 from paradit.plan.layout import CFG_MODES, SHARD_MODES, ParallelConfig, Stage
-from paradit.plan.memory import memory_limit
+from paradit.plan.memory import memory_limit, ranks_per_host
 from paradit.plan.ranking import rank
 from paradit.plan.results import Candidate
 from paradit.residency import check_offload
-from paradit.settings import MAX_STEPS, check_frames, check_int, check_size
+from paradit.settings import MAX_STEPS, check_frames, check_int, check_number, check_size
 
 
 def _divisors(n: int) -> list[int]:
@@ -83,6 +83,7 @@ class Plan:
                 "video": {"width": p.width, "height": p.height, "frames": p.frames,
                           "tokens": p.tokens}, "steps": p.steps, "guidance": p.guidance, "loras": p.loras,
                 "cfg_mode": p.cfg_mode, "offload": p.offload, "objective": self.objective,
+                "host": {"available_gb": p.host_gb, "ranks_per_host": ranks_per_host(p)},
                 "calibration": p.calibration.source,
                 "choice": self.choice.to_dict() if self.choice else None,
                 "candidates": [c.to_dict() for c in self.candidates]}
@@ -110,8 +111,10 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
                  steps: int | None = None, calibration: Calibration | str | None = None,
                  offload: str = "auto", guidance: bool = True,
                  allow_ring: bool = True, shard_weights: str = "auto", cfg_mode: str = "auto",
-                 loras: int = 0) -> Problem:
-    """A Problem from names and defaults (the model's size, frames and steps when None)."""
+                 loras: int = 0, host_gb: float | None = None, ranks_per_host: int | None = None) -> Problem:
+    """A Problem from names and defaults (the model's size, frames and steps when None). host_gb: the
+    host memory each host has available (None: not checked); ranks_per_host: the ranks sharing it (None:
+    one node's GPUs, gpu.gpus_per_node)."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
     spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
     check_int("gpus", gpus, 1, MAX_GPUS)
@@ -124,7 +127,10 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
         raise ParameterError("cfg_mode", cfg_mode, f"choose one of auto, {', '.join(CFG_MODES)}")
     return Problem(m, gpus, spec, width, height, frames, steps, cal.for_gpu(spec.name), bool(guidance),
                    check_offload(offload), allow_ring, shard_weights=check_shard_mode(shard_weights),
-                   cfg_mode=cfg_mode, loras=check_int("loras", loras, 0, 1000))
+                   cfg_mode=cfg_mode, loras=check_int("loras", loras, 0, 1000),
+                   host_gb=None if host_gb is None else check_number("host_gb", host_gb, 0.0, 1e9, low_open=True),
+                   ranks_per_host=None if ranks_per_host is None else check_int("ranks_per_host", ranks_per_host, 1,
+                                                                                 MAX_GPUS))
 
 
 def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
@@ -139,7 +145,9 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     options: offload (a mode of paradit.residency; default "auto", the fastest that fits each
     layout), shard_weights (none, sp, request; default "auto", paradit.plan.sharding's choice per
     layout), cfg_mode ("batched", "in-turn" or "auto", the fastest that fits), guidance (False:
-    guidance 1, no uncond forward), loras (LoRA files merged), allow_ring (see Problem).
+    guidance 1, no uncond forward), loras (LoRA files merged), allow_ring (see Problem), host_gb and
+    ranks_per_host (the host memory each host has available and the ranks sharing it: offload modes whose
+    pinned copies do not fit are ruled out; paradit.plan.memory).
     """
     if objective not in ("latency", "throughput"):
         raise ParameterError("objective", objective, "choose 'latency' or 'throughput'")

@@ -17,9 +17,10 @@ The host-link copies an offload mode adds per request are costs.py's (its docstr
 from __future__ import annotations
 
 from paradit.plan.hardware import GB
+from paradit.plan.memory import pinned_gb
 from paradit.plan.model import decode_share, param_count, param_parts, text_encoder_gb, vae_gb
 from paradit.plan.results import VideoTime
-from paradit.residency import experts_on_host, offloads_experts, offloads_text_encoder, streams_layers
+from paradit.residency import offloads_experts, offloads_text_encoder, streams_layers
 
 
 def host_copy_s(p, mode: str, experts: int, text: bool, step_s: float) -> float:
@@ -31,12 +32,6 @@ def host_copy_s(p, mode: str, experts: int, text: bool, step_s: float) -> float:
         first = (parts["embed"] + parts["block"]) * 2 / bw
         seconds += 2 * (first + max(0.0, param_count(p.model) * 2 / bw - step_s))
     return seconds
-
-
-def pinned_gb(p, mode: str, experts: int, text: bool) -> float:
-    """Host memory a rank pins under an offload mode (its offloaded experts, the text encoder)."""
-    gb = text_encoder_gb(p.model) if text and offloads_text_encoder(mode) else 0.0
-    return gb + (experts * param_count(p.model) * 2 / GB if experts_on_host(mode, experts) else 0.0)
 
 
 def offload_note(p, mode: str, experts: int, text: bool) -> str:

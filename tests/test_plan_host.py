@@ -1,0 +1,118 @@
+"""The planner's host memory: the pinned copies of each offload mode, per rank and per host, held to
+what the host has available (paradit.plan.memory's docstring)."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from paradit.cli.flags import UsageError, parse_args
+from paradit.cli.layout import resolve_layout
+from paradit.cli.spec import video_settings
+from paradit.config import WanConfig
+from paradit.launch import spawn
+from paradit.plan import GPUS, Infeasibility, ParallelConfig, evaluate, make_problem, plan, rank_roles
+from paradit.plan.cli import main
+from paradit.plan.hardware import available_host_gb
+from paradit.plan.memory import HOST_MARGIN_GB, host_gb
+
+A14B = "wan2.2-t2v-a14b"
+EXPERT, TEXT = 28.6, 11.4            # GB of bf16: one A14B expert, umT5
+H100_48 = GPUS["h100"].replace(hbm_gb=48)   # a card that holds one expert only with offload
+
+
+def test_each_offload_mode_pins_what_the_runtime_pins():
+    # one rank holding both experts and encoding: the figures the runtime's buffers take
+    # (paradit.offload.HostWeights: experts and all both experts, layers both and umT5)
+    p = make_problem(A14B, 1, "h100", 1280, 720, 81)
+    expected = {"none": 0, "text-encoder": TEXT, "experts": 2 * EXPERT, "all": 2 * EXPERT + TEXT,
+                "layers": 2 * EXPERT + TEXT}
+    for mode, gb in expected.items():
+        cand = evaluate(p, ParallelConfig(), mode)
+        need = host_gb(p, cand, mode)[1]
+        assert need == pytest.approx(gb + HOST_MARGIN_GB if gb else 0.0, abs=0.1), mode
+
+
+def test_the_choice_moves_with_host_memory():
+    # 8 x 48 GB at 720p: unchecked, the fastest is U8 with the experts offloaded (57.2 GB pinned a rank,
+    # 8 ranks on one host); a 200 GB host cannot pin that, and the planner moves to a layout that fits
+    free = plan(A14B, 8, H100_48, 1280, 720, 81, shard_weights="none")
+    assert free.choice.offload == "experts" and "host memory: not checked" in free.explain()
+    assert host_gb(free.problem, free.choice, "experts")[1] > 400
+    held = plan(A14B, 8, H100_48, 1280, 720, 81, shard_weights="none", host_gb=200)
+    assert held.choice is not None and held.choice.offload in ("none", "text-encoder")
+    assert host_gb(held.problem, held.choice, held.choice.offload)[1] <= 200
+    assert held.choice.time_to_video_s > free.choice.time_to_video_s     # fitting costs time here
+    assert any(c.why is Infeasibility.HOST_MEMORY for c in held.infeasible)
+    assert "host memory: 200.0 GB available on each host, 8 rank(s) per host" in held.explain()
+    # one GPU at 480p needs an offloaded expert; a 30 GB host has room for none: nothing runs, and why
+    small = plan(A14B, 1, H100_48, 832, 480, 81, host_gb=30)
+    assert small.choice is None and "host memory (1)" in small.explain()
+    assert plan(A14B, 1, H100_48, 832, 480, 81, host_gb=70).choice.offload == "experts"
+
+
+def test_ranks_on_one_host_share_it():
+    p1 = make_problem(A14B, 8, H100_48, 1280, 720, 81, offload="experts", host_gb=130, ranks_per_host=2)
+    p4 = make_problem(A14B, 8, H100_48, 1280, 720, 81, offload="experts", host_gb=130, ranks_per_host=4)
+    u8 = ParallelConfig(ulysses=8)
+    assert evaluate(p1, u8).feasible                                   # 2 x (57.15 + 2) = 118.3 GB
+    cand = evaluate(p4, u8)                                           # 4 x (57.15 + 2) = 236.6 GB
+    assert cand.why is Infeasibility.HOST_MEMORY
+    assert "4 ranks on one host" in cand.reason and "236.6 GB > 130.0 GB" in cand.reason
+    # the text encoder is pinned on the encoding ranks only: one per replica (paradit.plan.placement)
+    for layout in (ParallelConfig(ulysses=8), ParallelConfig(dp=8), ParallelConfig(ulysses=2, dp=4),
+                   ParallelConfig(experts="split", stages=((4, 1, 1), (4, 1, 1)), dp=1)):
+        p = make_problem(A14B, 8, "h200", 1280, 720, 81, offload="text-encoder", ranks_per_host=8)
+        encoders = sum(rank_roles(layout, r).encodes for r in range(8))
+        cand = evaluate(p, layout, "text-encoder")
+        assert host_gb(p, cand, "text-encoder")[1] == pytest.approx(encoders * TEXT + 8 * HOST_MARGIN_GB, abs=0.1)
+
+
+def test_the_cli_refuses_a_mode_the_host_cannot_pin_and_names_the_fix():
+    flags = parse_args(["--model", A14B, "--gpu", "h100", "--size", "1280x720", "--frames", "81",
+                        "--ulysses", "8", "--offload", "layers"])
+    cfg = WanConfig.preset(A14B)
+    settings = video_settings(flags, cfg, None)
+    host = SimpleNamespace(world_size=8, rank=0, host_gb=125.0, ranks_per_host=8)
+    with pytest.raises(UsageError) as err:
+        resolve_layout(flags, cfg, host, settings)
+    text = str(err.value)
+    for part in ("--offload layers", "this host", "offload layers pins 57.2 GB of experts per rank",
+                 "11.4 GB of text encoder", "8 ranks on one host", "> 125.0 GB available", "the planner suggests",
+                 "--force"):
+        assert part in text, part
+    # the same run on a host with room for it, or with --force, is not refused
+    roomy = SimpleNamespace(world_size=8, rank=0, host_gb=600.0, ranks_per_host=8)
+    assert resolve_layout(flags, cfg, roomy, settings).world_size == 8
+    forced = parse_args(["--model", A14B, "--gpu", "h100", "--size", "1280x720", "--frames", "81",
+                         "--ulysses", "8", "--offload", "layers", "--force"])
+    assert resolve_layout(forced, cfg, host, video_settings(forced, cfg, None)).world_size == 8
+
+
+def test_planner_cli_shows_and_takes_the_host_figure(capsys):
+    base = ["--gpus", "8", "--gpu", "h100", "--hbm-gb", "48", "--shard-weights", "none"]
+    assert main(base + ["--host-gb", "200", "--ranks-per-host", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "host memory: 200.0 GB available on each host, 8 rank(s) per host" in out and "offload experts" not in \
+        out.split("Choice:")[1].split("\n")[0]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "host memory: not checked" in out and "Choice: U8 offload experts" in out
+    if available_host_gb() is not None:
+        assert "This machine has" in out and "--host-gb" in out
+    assert main(base + ["--host-gb", "0"]) == 2 and "--host-gb" in capsys.readouterr().err
+
+
+def _host_figures():
+    from paradit.launch import init_distributed
+    info = init_distributed("cpu")
+    return info.host_gb, info.ranks_per_host
+
+
+def test_the_launcher_gives_every_rank_the_same_host_figure():
+    got = spawn(_host_figures, 2)
+    here = available_host_gb()
+    assert got[0] == got[1] and got[0][1] == 2         # LOCAL_WORLD_SIZE unset: both ranks on this host
+    if here is not None:      # the least of the ranks' reads; the machine's memory moves a little meanwhile
+        assert math.isclose(got[0][0], here, abs_tol=4.0)
