@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from pathlib import Path
 import torch
 
 from paradit.config import WanConfig
+from paradit.events import phase, timed
 from paradit.models.loading import (CheckpointError, TensorIndex, config_from_checkpoint, index_checkpoint,
                                     load_transformer, to_diffusers_name)
 
@@ -236,43 +236,39 @@ def load_components(spec, mesh):
     from paradit.residency import experts_on_host
     from paradit.models.attention import build_kernels_ahead, pick_backend
     from paradit.parallel.attention import local_heads
-    t0 = time.perf_counter()
-    ck, device = locate(spec.model, spec.components), mesh.device
-    cfg = model_config(ck)
-    needed = _normalise_needed(spec.experts_needed, cfg.num_experts)
-    t_lora = time.perf_counter()
-    lora_files = check_loras(spec.loras, cfg)   # every expert's, on every rank: the same errors everywhere
-    t_lora = time.perf_counter() - t_lora
-    dtype = spec.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    mode = resolve_offload(spec.offload, cfg, mesh)
-    on_host = experts_on_host(mode, len(needed))              # read straight into pinned host buffers
-    groups, node_size = node_read_groups(needed, torch.device("cpu") if on_host else device, spec.read_once)
-    turns = InTurn(sorted(groups))
-    shared = {k: SharedRead(group, turns.turn(k)) for k, group in groups.items()}
-    startup = {"config_s": time.perf_counter() - t0 - t_lora}
-    if lora_files:
-        startup["lora_check_s"] = t_lora        # LoRA headers against the model's shapes
+    startup: dict[str, float] = {}   # the phases' seconds (paradit.events), then finish_startup's figures
+    with phase("config", startup):   # the configs, the offload mode, the read-once groups
+        ck, device = locate(spec.model, spec.components), mesh.device
+        cfg = model_config(ck)
+        needed = _normalise_needed(spec.experts_needed, cfg.num_experts)
+        dtype = spec.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        mode = resolve_offload(spec.offload, cfg, mesh)
+        on_host = experts_on_host(mode, len(needed))              # read straight into pinned host buffers
+        groups, node_size = node_read_groups(needed, torch.device("cpu") if on_host else device, spec.read_once)
+        turns = InTurn(sorted(groups))
+        shared = {k: SharedRead(group, turns.turn(k)) for k, group in groups.items()}
+    with phase("lora_check", startup if spec.loras else None):   # LoRA headers against the model's shapes
+        lora_files = check_loras(spec.loras, cfg)   # every expert's, on every rank: the same errors everywhere
     stats: dict[str, dict] = {}
     experts: list = [None] * cfg.num_experts
-    t1 = time.perf_counter()
     reader = Reader(device, threads=reader_threads(node_size))
-    with reader, quick_gil_handoff(), ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
-        jobs = {k: pool.submit(_timed, *expert_load(ck, k, mesh, dtype, cfg, stats, reader, lora_files, shared,
-                                                    on_host)) for k in needed}
-        text_job, vae_job = component_jobs(pool, ck, cfg, mesh.roles.components, dtype, device, mode, stats)
-        kernel_job = pool.submit(build_kernels_ahead, pick_backend(device, dtype, spec.attention), device,
-                                 local_heads(mesh, cfg.num_heads), cfg.head_dim, dtype)
-        try:
-            for k, job in jobs.items():
-                experts[k], _ = job.result()
-        except BaseException:
-            turns.cancel()
-            raise
-        startup["weights_s"] = time.perf_counter() - t1  # the experts, loaded side by side
-        text, startup["text_encoder_s"] = text_job.result() if text_job else (None, 0.0)
-        vae, startup["vae_s"] = vae_job.result() if vae_job else (None, 0.0)
-        startup["attention_kernel_s"] = kernel_job.result()   # flash-attn-4's build, beside the reads
-    startup["load_s"] = time.perf_counter() - t1           # all of it, concurrently
+    with phase("load", startup), reader, quick_gil_handoff(), ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
+        with phase("weights", startup):   # the experts, loaded side by side
+            jobs = {k: pool.submit(*expert_load(ck, k, mesh, dtype, cfg, stats, reader, lora_files, shared, on_host))
+                    for k in needed}
+            text_job, vae_job = component_jobs(pool, ck, cfg, mesh.roles.components, dtype, device, mode, stats,
+                                               startup)
+            kernel_job = pool.submit(timed, "attention_kernel", startup, build_kernels_ahead,  # flash-attn-4's build
+                                     pick_backend(device, dtype, spec.attention), device,
+                                     local_heads(mesh, cfg.num_heads), cfg.head_dim, dtype)
+            try:
+                for k, job in jobs.items():
+                    experts[k] = job.result()
+            except BaseException:
+                turns.cancel()
+                raise
+        text, vae = (job.result() if job else None for job in (text_job, vae_job))
+        kernel_job.result()
     finish_startup(startup, [experts[k] for k in needed] if on_host else [], bool(lora_files), reader, stats)
     log_startup(startup, [ck.experts[k].name for k in needed], stats, reader.threads, len(groups), len(lora_files))
     from paradit.components import Components
@@ -298,28 +294,24 @@ def expert_load(ck, k: int, mesh, dtype, cfg, stats: dict, reader, lora_files, s
                                 host=host, expert=("high", "low")[k] if cfg.num_experts == 2 else None), ck.experts[k]
 
 
-def component_jobs(pool, ck, cfg, parts, dtype, device, mode: str, stats: dict) -> tuple:
-    """The text encoder's and the VAE's loads, submitted to `pool` where this rank needs them (parts);
-    the text encoder into host memory where `mode` offloads it."""
+def component_jobs(pool, ck, cfg, parts, dtype, device, mode: str, stats: dict, startup: dict) -> tuple:
+    """The text encoder's and the VAE's loads, submitted to `pool` where this rank needs them (parts),
+    timed into startup (0 s where it needs neither); the text encoder into host memory where `mode`
+    offloads it."""
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
     from paradit.offload import offload_on_load, text_encoder_chunks, then_pinned
     from paradit.residency import offloads_text_encoder
     on_host = offloads_text_encoder(mode)
-    text_job = pool.submit(_timed, then_pinned, TextEncoder.from_pretrained, ck.component("text_encoder"),
-                           ck.component("tokenizer"), cfg.text_len, dtype=dtype, device="cpu" if on_host else device,
-                           stats=stats.setdefault("text_encoder", {}),
+    startup.update(text_encoder_s=0.0, vae_s=0.0)
+    text_job = pool.submit(timed, "text_encoder", startup, then_pinned, TextEncoder.from_pretrained,
+                           ck.component("text_encoder"), ck.component("tokenizer"), cfg.text_len, dtype=dtype,
+                           device="cpu" if on_host else device, stats=stats.setdefault("text_encoder", {}),
                            host=offload_on_load(device, text_encoder_chunks) if on_host else None) \
         if "text_encoder" in parts else None
-    vae_job = pool.submit(_timed, VideoVAE.from_pretrained, ck.component("vae"), device,
+    vae_job = pool.submit(timed, "vae", startup, VideoVAE.from_pretrained, ck.component("vae"), device,
                           stats=stats.setdefault("vae", {})) if "vae" in parts else None
     return text_job, vae_job
-
-
-def _timed(fn, *args, **kw):
-    t = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t
 
 
 def finish_startup(startup: dict, on_host: list, merged: bool, reader, stats: dict) -> None:

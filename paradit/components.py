@@ -8,12 +8,12 @@ imported when used), so that no layer imports the demo model to know that it exi
 from __future__ import annotations
 
 import importlib
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from paradit.config import WanConfig
+from paradit.events import phase
 from paradit.models.lora import apply_loras, check_loras, for_expert
 from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer
@@ -37,19 +37,18 @@ class Components:
 
 def preset_components(spec, mesh) -> Components:
     """A preset built locally (random weights, or the shipped demo model), LoRAs merged."""
-    cfg = spec.cfg
-    t0 = time.perf_counter()
-    lora_files = check_loras(spec.loras, cfg)
-    checked = time.perf_counter() - t0
+    cfg, startup = spec.cfg, {}
+    timings = startup if spec.loras else None   # LoRA figures only where there are LoRAs
+    with phase("lora_check", timings):
+        lora_files = check_loras(spec.loras, cfg)
     module, name = PRESET_BUILDERS[spec.model].split(":")
     needed = None if spec.experts_needed is None else set(spec.experts_needed)
     experts, text, vae = getattr(importlib.import_module(module), name)(
         cfg, mesh.device, spec.dtype or torch.float32, spec.seed, needed)
-    t1 = time.perf_counter()
-    for k, expert in enumerate(experts):
-        if expert is not None:
-            apply_loras(expert, for_expert(lora_files, k, cfg.num_experts))
-    startup = dict(lora_check_s=checked, lora_merge_s=time.perf_counter() - t1) if lora_files else {}
+    with phase("lora_merge", timings):
+        for k, expert in enumerate(experts):
+            if expert is not None:
+                apply_loras(expert, for_expert(lora_files, k, cfg.num_experts))
     return Components(cfg, experts, text, vae, startup)
 
 

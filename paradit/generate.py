@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from paradit.cli.flags import flag_terms  # noqa: E402
 from paradit.cli.spec import Batch, RunSpec, files_of, parse_args, resolve, resolve_batch  # noqa: E402
+from paradit.events import phase  # noqa: E402
 from paradit.launch import init_distributed, setup_logging, shutdown  # noqa: E402
 from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reported, peer_failure,  # noqa: E402
                                    report_failure, say_error, wait_for_reports)
@@ -46,15 +47,16 @@ from paradit.outputs import Outputs, written_size, write_video  # noqa: E402
 log = logging.getLogger("paradit")
 
 
-def run(spec: RunSpec, batch: Batch, outputs: Outputs, validate_s: float = 0.0) -> list[Path]:
+def run(spec: RunSpec, batch: Batch, outputs: Outputs, startup: dict) -> list[Path]:
     """Build the pipeline of a validated spec, generate the batch's prompts, stage their outputs
-    (committed by the caller once every rank has succeeded); returns the staged videos."""
+    (committed by the caller once every rank has succeeded); returns the staged videos. startup:
+    the start-up's timings so far (validate_s), completed here (paradit.events)."""
     from paradit.pipeline import Pipeline  # diffusers and transformers: only once the input is valid
     s = spec.settings
     log.info("video: %dx%d, %d frames, %d steps (%s)", s.width, s.height, s.frames, s.steps, spec.size_source)
-    t0 = time.perf_counter()
-    pipe = Pipeline.from_spec(spec.build)
-    startup = {"validate_s": validate_s, **pipe.startup, "build_s": time.perf_counter() - t0}
+    with phase("build", startup):
+        pipe = Pipeline.from_spec(spec.build)
+    startup.update(pipe.startup)
     if spec.build.compile:
         startup["compile_s"] = pipe.warmup(image=spec.image is not None, **s.__dict__)
     pipe.check_finite = spec.check_finite
@@ -239,15 +241,17 @@ def lost_peer(err: BaseException) -> bool:
 
 def main(argv=None) -> int:
     """Run the CLI; on any rank's failure every rank exits non-zero with the reason, writing nothing."""
-    outputs, watcher, t_start = Outputs(), None, time.perf_counter()
+    outputs, watcher, startup = Outputs(), None, {}
     try:
-        flags = parse_args(argv)
-        setup_logging(int(os.environ.get("RANK", 0)))
-        with flag_terms(flags):
-            info = init_distributed(flags.device, flags.timeout)
-        watcher = AbortWatcher(cleanup=outputs.discard).start()
-        spec = resolve(flags, info)
-        run(spec, resolve_batch(flags, spec, info), outputs, time.perf_counter() - t_start)
+        with phase("validate", startup):   # reading the flags, the world, every check: before any weight
+            flags = parse_args(argv)
+            setup_logging(int(os.environ.get("RANK", 0)))
+            with flag_terms(flags):
+                info = init_distributed(flags.device, flags.timeout)
+            watcher = AbortWatcher(cleanup=outputs.discard).start()
+            spec = resolve(flags, info)
+            batch = resolve_batch(flags, spec, info)
+        run(spec, batch, outputs, startup)
         finish_together(info)
         for path in outputs.commit():
             if path.suffix == ".mp4":

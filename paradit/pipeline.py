@@ -24,6 +24,7 @@ from paradit import conditioning
 from paradit.config import WanConfig
 from paradit.engine import Denoiser, Request, RunRecord
 from paradit.errors import ParameterError
+from paradit.events import phase
 from paradit.launch import init_distributed
 from paradit.components import tiny_components
 from paradit.models.quant import fp8_attention, quantize_experts
@@ -148,9 +149,8 @@ class Pipeline:
         pipe.quant = quantize_experts(pipe.experts, spec.quant)  # after the LoRA merge, before compile
         if pipe.quant["attention"]:
             pipe.runtime.use_attention(fp8_attention(), pipe.quant["attention"], pipe.experts)
-        t0 = time.perf_counter()
-        pipe.apply_offload(spec.offload)
-        pipe.startup["offload_s"] = time.perf_counter() - t0     # pinning the host copies
+        with phase("offload", pipe.startup):                    # pinning the host copies
+            pipe.apply_offload(spec.offload)
         if spec.compile:
             from paradit.compile import compile_blocks
             compile_blocks(pipe.experts)
@@ -163,7 +163,8 @@ class Pipeline:
         keys = ("width", "height", "frames", "steps", "shift", "guidance")
         s = VideoSettings.resolve(self.cfg, **{k: settings.get(k) for k in keys},
                                   sampler=settings.get("sampler", "unipc"))
-        self.startup["compile_s"] = warmup(self.denoiser, s, image)
+        with phase("compile", self.startup):
+            warmup(self.denoiser, s, image)
         log.info("warm-up: one step per expert at %dx%dx%d in %.2f s", s.width, s.height, s.frames,
                  self.startup["compile_s"])
         return self.startup["compile_s"]

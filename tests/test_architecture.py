@@ -259,7 +259,7 @@ LAYERS = (
     ("single device", ("paradit.models", "paradit.schedulers", "paradit.conditioning", "paradit.demo",
                        "paradit.cache")),
     ("plain Python", ("paradit.plan", "paradit.settings", "paradit.residency", "paradit.config", "paradit.errors",
-                      "paradit.schedulers.schedule", "paradit.schedulers.chords_schedule")),
+                      "paradit.events", "paradit.schedulers.schedule", "paradit.schedulers.chords_schedule")),
 )
 
 
@@ -287,3 +287,16 @@ def test_process_groups_are_created_where_the_document_says():
     found = {m for m, p in MODULES.items() for line in p.read_text().splitlines()
              if not line.lstrip().startswith(("#", "from ", "import ")) and any(w in line for w in GROUP_MAKERS)}
     assert found <= GROUP_HOMES, f"process groups created in {sorted(found - GROUP_HOMES)}"
+
+
+def test_timings_and_test_hooks_have_one_home():
+    # paradit.events times the phases and holds the test hooks: no layer reads the hooks' variables,
+    # or measures a phase into the start-up or a request's timings, by hand
+    readers = {m for m, p in MODULES.items() if m != "paradit.events" for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.Constant) and node.value in ("PARADIT_FAIL_AT", "PARADIT_DELAY_AT")}
+    assert not readers, f"the test hooks read outside paradit.events: {sorted(readers)}"
+    by_hand = {m for m, p in MODULES.items() for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.Assign) and any(
+                   isinstance(t, ast.Subscript) and ast.unparse(t.value).split(".")[-1] in ("startup", "timings")
+                   for t in node.targets) and "perf_counter" in ast.unparse(node.value)}
+    assert not by_hand, f"phases timed by hand in {sorted(by_hand)}"

@@ -107,17 +107,3 @@ def test_a_build_option_is_its_field_and_its_use(monkeypatch, demo_lora):
     spec, served = resolve(parse_args(argv), info), resolve(serve_args(argv), info)
     assert spec.build.warp_factor == 7 and served == spec
     assert resolve(parse_args(["--model", "tiny"]), info).build.warp_factor == 1
-
-
-def test_a_phase_is_timed_and_is_a_fault_hook(monkeypatch):
-    # one mechanism for a request's phase timings and the fault-injection hooks (paradit.engine.request)
-    from paradit.engine.request import RunRecord
-    from paradit.launch.faults import InjectedFailure
-    record = RunRecord()
-    with record.phase("text_encoder"):
-        pass
-    assert record.timings["text_encoder_s"] >= 0
-    monkeypatch.setenv("PARADIT_FAIL_AT", "0:vae_decode")
-    with pytest.raises(InjectedFailure, match="vae_decode"):
-        with record.phase("vae_decode"):
-            pytest.fail("the phase ran past its hook")

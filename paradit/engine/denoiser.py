@@ -1,7 +1,6 @@
 """The model side of every driver: guided velocities and sampler steps on this rank's token shard."""
 from __future__ import annotations
 
-import time
 
 import torch
 from tqdm.auto import tqdm
@@ -10,7 +9,7 @@ from paradit import conditioning
 from paradit.config import WanConfig
 from paradit.engine.cache import CacheReport, StepCache
 from paradit.engine.request import Request, TokenSpace
-from paradit.launch.faults import maybe_fail
+from paradit.events import phase
 from paradit.models.transformer import patchify, token_grid
 from paradit.schedulers import chords_schedule
 from paradit.schedulers.registry import make_scheduler
@@ -119,13 +118,12 @@ class Denoiser:
         cache = self.step_cache(req)
         bar = tqdm(steps, desc="denoise", unit="step", disable=not (progress and self.mesh.is_output_rank))
         for i in bar:
-            maybe_fail(f"step{i}")
-            t0 = time.perf_counter()
-            x = sched.step(self.cached_velocity(req, cache, i, x, timesteps[i], space.grid), timesteps[i], x)
-            x = conditioning.after_step(x, req.condition)               # TI2V: frame 0 stays the image
-            if x.is_cuda:  # the step's kernels, not just their launch, belong to its time
-                torch.cuda.synchronize(x.device)
-            req.record.step_s.append(time.perf_counter() - t0)
+            with phase(f"step{i}") as step:
+                x = sched.step(self.cached_velocity(req, cache, i, x, timesteps[i], space.grid), timesteps[i], x)
+                x = conditioning.after_step(x, req.condition)               # TI2V: frame 0 stays the image
+                if x.is_cuda:  # the step's kernels, not just their launch, belong to its time
+                    torch.cuda.synchronize(x.device)
+            req.record.step_s.append(step.seconds)
             if self.on_step is not None:
                 self.on_step(i, req.record.step_s[-1])
         return x

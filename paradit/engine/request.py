@@ -1,13 +1,11 @@
 """One request as the drivers see it, its record, and the token space its latent lives in."""
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from paradit.launch.faults import maybe_fail
+from paradit.events import phase
 from paradit.models.transformer import unpatchify
 from paradit.settings import VideoSettings
 
@@ -23,17 +21,9 @@ class RunRecord:
     chords: object = None  # a ChordsReport when CHORDS ran
     cache: object = None   # a CacheReport (paradit.engine.cache) when the step cache was on
 
-    @contextmanager
     def phase(self, name: str):
-        """One phase of the request, timed into timings[NAME_s], after the fault-injection hook of the
-        same name (paradit.launch.faults.maybe_fail: PARADIT_FAIL_AT / PARADIT_DELAY_AT=RANK:NAME make a
-        rank fail or stall there): every layer times its phases and offers its hooks this one way."""
-        maybe_fail(name)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[f"{name}_s"] = time.perf_counter() - t0
+        """One phase of the request, timed into timings[NAME_s] after its test hook (paradit.events)."""
+        return phase(name, self.timings)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from paradit.engine.cache import CacheReport
 from paradit.engine.denoiser import Denoiser
 from paradit.engine.request import Request
-from paradit.launch.faults import maybe_fail
+from paradit.events import hook
 from paradit.parallel.stages import HandoffSignal, recv_meta, recv_state, send_meta, send_state, transfer_plan
 from paradit.schedulers.registry import make_scheduler
 from paradit.schedulers.schedule import high_noise_steps
@@ -82,7 +82,7 @@ def run_split(den: Denoiser, requests: Iterable[Request], signal: HandoffSignal,
 def _handoff_send(den: Denoiser, req: Request, space, sched, x, times, me: int) -> list:
     """From a high-stage rank: the state to the low stage; its first rank also sends the prompt.
     Per pair of ranks, messages are matched in order (NCCL has no tags): metadata first, then state."""
-    maybe_fail("handoff")
+    hook("handoff")
     split, traffic, works = den.mesh.split, den.runtime.traffic, []
     if me == 0:  # text embeddings, the request's start time, encode and high-stage seconds, to the low stage
         uncond = torch.zeros_like(req.cond) if req.uncond is None else req.uncond
@@ -108,7 +108,7 @@ def skipped_flags(req: Request, steps: int) -> torch.Tensor:
 def _handoff_recv(den: Denoiser, req: Request, sched, n_high: int, me: int):
     """On a low-stage rank: the prompt embeddings (into req), the sampler state (into sched) and
     this rank's latent shard; returns (x, token space, (start time, encode s, high-stage s))."""
-    maybe_fail("handoff")
+    hook("handoff")
     cfg, device, traffic = den.cfg, den.mesh.device, den.runtime.traffic
     emb = cfg.text_len * cfg.text_dim
     steps = req.settings.steps if req.settings.cache else 0

@@ -3,7 +3,6 @@ no graph of the regionally compiled blocks (paradit.compile) is built inside a t
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -15,14 +14,14 @@ from paradit.settings import VideoSettings
 
 
 @torch.no_grad()
-def warmup(den: Denoiser, s: VideoSettings, image: bool = False) -> float:
+def warmup(den: Denoiser, s: VideoSettings, image: bool = False) -> None:
     """One step of each expert the schedule of settings `s` uses, on zeros of the real shapes.
 
     image: warm the image-conditioned path (TI2V's per-token timesteps; I2V always is). Every rank
-    of the layout must call it together (the steps run the layout's collectives). Returns seconds.
+    of the layout must call it together (the steps run the layout's collectives). Synchronises the
+    device at the end, so that the caller's timing (Pipeline.warmup's compile phase) holds the steps.
     """
     cfg, device = den.cfg, den.mesh.device
-    t0 = time.perf_counter()
     shape = cfg.latent_shape(s.width, s.height, s.frames)
     space = den.token_space(s)
     start, end = space.shard()
@@ -41,4 +40,3 @@ def warmup(den: Denoiser, s: VideoSettings, image: bool = False) -> float:
             den.velocity(req, x, t, space.grid, f"warm-up of expert {k}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0

@@ -11,8 +11,9 @@ and only between bytecodes, so a rank blocked in a collective would never say wh
 signal's byte arrives on a wakeup pipe the watcher waits on; it prints `interrupted (SIGINT)` or
 `terminated (SIGTERM)` and exits 130 or 143, on every rank that got the signal (torchrun sends
 SIGTERM to every worker after a Ctrl-C). The watcher is stopped and joined before the process group
-is torn down: a thread still inside a store call at interpreter exit aborts the process. The test hook PARADIT_FAIL_AT="RANK:POINT" (POINT: stepN, roundN, handoff) raises
-an injected failure at that point, so tests can prove all of this.
+is torn down: a thread still inside a store call at interpreter exit aborts the process. Tests prove
+all of this with paradit.events' hooks (PARADIT_FAIL_AT / PARADIT_DELAY_AT: one rank fails or stalls
+at a named point).
 """
 from __future__ import annotations
 
@@ -29,27 +30,6 @@ ABORT_KEY = "paradit/abort"
 REPORTED_KEY = "paradit/reported"  # how many ranks have printed their error
 EXIT_PEER_FAILED = 3
 SIGNAL_EXITS = {signal.SIGINT: (130, "interrupted (SIGINT)"), signal.SIGTERM: (143, "terminated (SIGTERM)")}
-
-
-class InjectedFailure(RuntimeError):
-    pass
-
-
-def maybe_fail(point: str) -> None:
-    """Test hooks: raise InjectedFailure if PARADIT_FAIL_AT=RANK:POINT names this rank and this
-    point; sleep S seconds first if PARADIT_DELAY_AT=RANK:POINT:S does (a slow rank)."""
-    me = dist.get_rank() if dist.is_initialized() else 0
-    delay = os.environ.get("PARADIT_DELAY_AT")
-    if delay:
-        rank, where, seconds = delay.split(":")
-        if int(rank) == me and where == point:
-            time.sleep(float(seconds))
-    spec = os.environ.get("PARADIT_FAIL_AT")
-    if not spec:
-        return
-    rank, _, where = spec.partition(":")
-    if int(rank) == me and where == point:
-        raise InjectedFailure(f"injected failure at {point} (PARADIT_FAIL_AT={spec})")
 
 
 def say_error(line: str) -> None:
