@@ -420,7 +420,7 @@ def test_recovery_rules(tmp_path):
         store._run("UPDATE jobs SET status = 'in_progress', attempts = ? WHERE seq = ?", (attempts, job.seq))
     store.complete(done.seq, done.video_file, {})          # its video never made it to disk
     settled = store.recover("demo", lambda request: None)
-    assert settled == {"requeued": 1, "failed": 2, "missing": 1, "temporaries": 0}
+    assert settled == {"requeued": 1, "failed": 2, "missing": 1, "temporaries": 0, "inputs": 0}
     status = {j.id: (j.status, j.error) for j in store.list(10)}
     assert status[queued.id] == ("queued", None) and status[once.id] == ("queued", None)
     assert status[twice.id][0] == "failed" and "2 times" in status[twice.id][1]
@@ -432,7 +432,7 @@ def test_recovery_rules(tmp_path):
     assert store.get(once.id).attempts == 1 and store.get(once.id).status == "queued"
     # a request the model no longer takes fails at recovery, with the reason
     assert store.recover("demo", lambda request: "too large now") == {"requeued": 0, "failed": 2, "missing": 0,
-                                                                      "temporaries": 0}
+                                                                      "temporaries": 0, "inputs": 0}
     assert store.get(queued.id).error == "too large now"
 
 

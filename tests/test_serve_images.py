@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ckpt_workers import TINY_I2V, TINY_TI2V, sample_image, write_checkpoint
-from paradit.serve.process import ServerProcess
+from paradit.serve.process import ServerProcess, wait_for
 from test_serve import AUTH, KEY, PROMPT, Server, latent_of
 
 SETTINGS = {"i2v": dict(size="80x48", num_frames=9, num_inference_steps=2, seed=4),
@@ -51,13 +51,33 @@ def test_first_frame_in_the_request(kind, tmp_path):
             r = client.post("/v1/videos", data={k: str(v) for k, v in fields.items()},
                             files={"input_reference": ("first.png", png_bytes(image), "image/png")})
         else:               # base64 in JSON, as a data URL
-            data = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
-            r = client.post("/v1/videos", json=fields | {"input_reference": data})
+            r = client.post("/v1/videos", json=fields | {"input_reference": data_url(image)})
         assert r.status_code == 200, r.text
         v = served.finished(r.json()["id"])
         assert v["status"] == "completed", v
         assert torch.equal(latent_of(served.state_dir, v["id"]), ref)   # one process: the same arithmetic
+        inputs = served.state_dir / "inputs"
+        wait_for(lambda: not any(inputs.iterdir()), 10, what="the completed job's first frame deleted")
+        assert client.get(f"/v1/videos/{v['id']}").json()["status"] == "completed"   # its record stays
+        if kind == "i2v":
+            check_inputs_deleted(client, served, fields | {"input_reference": data_url(image)})
         check_refusals(client, kind)
+
+
+def data_url(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def check_inputs_deleted(client: httpx.Client, served: Server, body: dict) -> None:
+    """Two jobs with a first frame each (the same image: a file each); the second deleted at once, queued
+    or running: both files are gone once both jobs have ended, and the first job's record stays."""
+    first, second = (client.post("/v1/videos", json=body).json()["id"] for _ in range(2))
+    assert len(list((served.state_dir / "inputs").iterdir())) >= 1
+    assert client.delete(f"/v1/videos/{second}").json()["deleted"] is True
+    assert served.finished(first)["status"] == "completed"
+    wait_for(lambda: client.get(f"/v1/videos/{second}").status_code == 404, 30, what="the deleted job gone")
+    wait_for(lambda: not any((served.state_dir / "inputs").iterdir()), 10, what="both first frames deleted")
+    assert client.get(f"/v1/videos/{first}").json()["status"] == "completed"
 
 
 def check_refusals(client: httpx.Client, kind: str) -> None:

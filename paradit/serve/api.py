@@ -145,7 +145,11 @@ def add_video_routes(app: FastAPI, service: Service) -> None:
         request = service.checker.resolve(body, image)  # ApiError(400) names the field
         if image is not None:   # stored where every rank of the job reads it, before the job is
             request["image"] = images.store_image(image, jobs.dir)
-        return obj(service.accept(request))
+        try:
+            return obj(service.accept(request))
+        except ApiError:        # refused (a full queue or disk): no job will read it
+            jobs.drop_input(request)
+            raise
 
     @app.get("/v1/videos")
     def list_videos(limit: int = Query(20, ge=1, le=100), order: str = Query("desc", pattern="^(asc|desc)$"),

@@ -196,7 +196,8 @@ def start_scheduling(service, checker, channel, layout, world_size: int, parts: 
     settled = service.jobs.recover(service.model, checker.recheck)
     if any(settled.values()):
         log.info("state directory: %(requeued)d interrupted jobs back in the queue, %(failed)d failed, "
-                 "%(missing)d completed jobs without their video, %(temporaries)d unfinished files removed", settled)
+                 "%(missing)d completed jobs without their video, %(temporaries)d unfinished files and %(inputs)d "
+                 "first frames of ended jobs removed", settled)
     lanes = 1 if layout.stages else layout.dp
     parts.scheduler = service.scheduler = Scheduler(service.jobs, channel, lanes, bool(layout.stages),
                                                     len(layout.stage_degrees), world_size, service.metrics).start()

@@ -4,17 +4,18 @@ A multipart/form-data upload (the file under `input_reference`, the other fields
 base64 in JSON (a data URL or the bare base64). Checked before it is decoded: its bytes (at most
 MAX_IMAGE_BYTES), its format (PNG, JPEG or WebP, from the header), its size (at least 16 pixels a
 side, within PIL's decompression-bomb limit: paradit.conditioning.check_image_size). Accepted
-images are stored as lossless PNG under the state directory (inputs/SHA256.png), which every rank
-of the job reads: they all get the same pixels, and a restart finds them.
+images are stored as lossless PNG under the state directory (inputs/NAME.png, a name of its own for
+each job), which every rank of the job reads: they all get the same pixels, and a restart finds them.
+The job store deletes the file when the job ends (paradit.serve.jobs).
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import json
 import os
+import secrets
 from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
@@ -73,17 +74,16 @@ def open_image(data: bytes):
 
 
 def store_image(image, state_dir: Path) -> str:
-    """Write the image as PNG under state_dir/inputs (named by its content); its relative path."""
+    """Write the image as PNG under state_dir/inputs, under a name of its own (one file per job, deleted
+    when the job ends: two jobs never share one); its relative path."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    data = buf.getvalue()
-    name = f"inputs/{hashlib.sha256(data).hexdigest()[:32]}.png"
+    name = f"inputs/{secrets.token_hex(16)}.png"
     path = Path(state_dir) / name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)                # whole or absent, for every rank that reads it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)                    # whole or absent, for every rank that reads it
     return name
 
 

@@ -9,12 +9,19 @@ that were running back in the queue, unless they were already interrupted MAX_AT
 Ids are opaque random strings, looked up as query parameters; file names come from the row's own
 integer key, never from an id.
 
+A job's first frame (an I2V / TI2V request's input_reference, stored under inputs/ by
+paradit.serve.images) lives as long as the job may run: it is deleted when the job ends (completed,
+failed, cancelled) or is deleted, and kept while it is queued or running, a job put back in the
+queue included. Its record keeps the file's name. At start, inputs/ files no queued job names are
+removed (a job accepted before this rule, or a crash between the file and its row).
+
 A damaged database (not SQLite, truncated, another program's tables) stops the service at start
 with the file named and the fix; one row whose stored request is unreadable fails that job alone.
 """
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import sqlite3
@@ -27,6 +34,7 @@ STATUSES = ("queued", "in_progress", "completed", "failed")
 CHOOSE_FROM = 16   # queued jobs the scheduler may choose among (for fewer LoRA switches)
 MAX_ATTEMPTS = 2
 MIN_FREE = 64 * 2**20  # bytes free under the state directory below which no job is accepted (HTTP 507)
+INPUT_NAME = re.compile(r"inputs/[0-9a-f]{32}\.png")   # paradit.serve.images.store_image's names, and no other
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -167,10 +175,26 @@ class JobStore:
         return {s: 0 for s in STATUSES} | {s: n for s, n in rows}
 
     def delete(self, job: Job, allowed: tuple[str, ...]) -> bool:
-        """Delete the row if its status is still one of `allowed` (checked in the same statement)."""
+        """Delete the row if its status is still one of `allowed` (checked in the same statement), and
+        its first frame with it."""
         marks = ",".join("?" * len(allowed))
         cur = self._run(f"DELETE FROM jobs WHERE seq = ? AND status IN ({marks})", (job.seq, *allowed))
+        if cur.rowcount == 1:
+            self.drop_input(job.request)
         return cur.rowcount == 1
+
+    def drop_input(self, request: dict) -> None:
+        """Delete the first frame a request stored, if any: its job has ended, or was never accepted."""
+        name = request.get("image")
+        if isinstance(name, str) and INPUT_NAME.fullmatch(name):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def _ended(self, seq: int) -> None:
+        """A job has ended: every rank of its lane read its first frame when it started, and it never runs
+        again."""
+        row = self._run("SELECT * FROM jobs WHERE seq = ?", (seq,)).fetchone()
+        if row is not None:
+            self.drop_input(_job(row).request)
 
     # ------------------------------------------------------------------ the scheduler's side
     def next_queued(self, choose=None) -> Job | None:
@@ -196,10 +220,12 @@ class JobStore:
     def complete(self, seq: int, file: str, timings: dict) -> None:
         self._run("UPDATE jobs SET status = 'completed', completed_at = ?, file = ?, timings = ?, error = NULL "
                   "WHERE seq = ?", (time.time(), file, json.dumps(timings), seq))
+        self._ended(seq)
 
     def fail(self, seq: int, message: str) -> None:
         self._run("UPDATE jobs SET status = 'failed', completed_at = ?, error = ? WHERE seq = ?",
                   (time.time(), message, seq))
+        self._ended(seq)
 
     def requeue(self, seq: int) -> None:
         """Back in the queue without counting the attempt (the service stopped, the job did not fail)."""
@@ -209,7 +235,7 @@ class JobStore:
     def recover(self, model: str, check) -> dict[str, int]:
         """At start-up: settle what a crash or kill left behind. check(request) -> error message or
         None validates a stored request against the model this service now runs."""
-        out = {"requeued": 0, "failed": 0, "missing": 0, "temporaries": self.remove_temporaries()}
+        out = {"requeued": 0, "failed": 0, "missing": 0, "temporaries": self.remove_temporaries(), "inputs": 0}
         statements = []
         for job in map(_job, self._run("SELECT * FROM jobs WHERE status IN ('queued', 'in_progress')").fetchall()):
             if job.unreadable:
@@ -234,7 +260,16 @@ class JobStore:
                                    (f"its video {job.file} is missing from the state directory", job.seq)))
                 out["missing"] += 1
         self._transaction(statements)
+        out["inputs"] = self.remove_unused_inputs()
         return out
+
+    def remove_unused_inputs(self) -> int:
+        """At start: the first frames no queued job names (those of jobs that failed just now included)."""
+        live = {_job(r).request.get("image") for r in self._run("SELECT * FROM jobs WHERE status = 'queued'")}
+        found = [f for f in (self.dir / "inputs").glob("*") if f.is_file() and f"inputs/{f.name}" not in live]
+        for f in found:
+            f.unlink(missing_ok=True)
+        return len(found)
 
     def remove_temporaries(self) -> int:
         """Files a killed service was writing (paradit.outputs names them `.NAME.tmpPID.SUFFIX`): at
