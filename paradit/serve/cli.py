@@ -141,7 +141,8 @@ def run(flags, info, parts: Parts) -> None:
     pipe.check_finite = spec.check_finite
     channel = Channel()
     lora_dir = lora_folder(flags, spec) if flags.lora_dir else None
-    parts.worker = Worker(pipe, channel, state_dir, spec.save_latents, spec.chords, lora_dir)
+    parts.worker = Worker(pipe, channel, state_dir, spec.save_latents, spec.chords, lora_dir,
+                          lora_base(spec) if lora_dir else None)
     if info.rank == 0:
         checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, flags.cache,
                           spec.chords, spec.layout)
@@ -170,6 +171,18 @@ def lora_folder(flags, spec) -> Path:
                          f"(--offload {b.offload}) here; serve them whole, or merge fixed LoRAs with --lora")
     check_loras([LoraSpec(f) for f in files], spec.cfg, warn=False)   # headers: every file fits the model
     return folder
+
+
+def lora_base(spec) -> list | None:
+    """Where per-request LoRA sets get the base weights back from (paradit.models.lora_sets): each
+    expert's checkpoint folder, for a checkpoint read from disk with no LoRA merged at load; None (host
+    copies of the weights a set touches) for a preset built in memory, or weights with --lora merged."""
+    from paradit.components import PRESET_BUILDERS
+    b = spec.build
+    if b.model in PRESET_BUILDERS or b.loras:
+        return None
+    from paradit.checkpoint import locate
+    return list(locate(b.model, b.components).experts)
 
 
 def open_front(flags, spec, parts: Parts):

@@ -78,7 +78,7 @@ class Worker:
     the videos atomically into the state directory (from the output rank), report to the store."""
 
     def __init__(self, pipe, channel: Channel, state_dir: Path, save_latents: bool = False, chords=None,
-                 lora_dir: Path | None = None):
+                 lora_dir: Path | None = None, lora_base: list | None = None):
         self.pipe, self.channel, self.dir, self.save_latents = pipe, channel, Path(state_dir), save_latents
         self.chords = chords   # the server's CHORDS settings (--chords): every job solves with them
         mesh = pipe.mesh
@@ -94,7 +94,7 @@ class Worker:
         self.lora_sets = None
         if lora_dir is not None:
             from paradit.models.lora_sets import LoraSets
-            self.lora_sets = LoraSets(pipe.experts, pipe.cfg)
+            self.lora_sets = LoraSets(pipe.experts, pipe.cfg, lora_base)   # base weights: read back, or copied
         pipe.on_step = self.on_step
 
     @property
