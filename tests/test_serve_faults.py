@@ -91,3 +91,19 @@ def test_failure_kill_and_restarts_lose_no_job(tmp_path):
     stopped = store.get(last)
     assert (stopped.status, stopped.attempts) == ("queued", 0)  # a clean stop costs the job no attempt
     store.close()
+
+
+def test_a_server_that_exits_at_once_fails_fast_with_its_status(tmp_path):
+    """A server that dies while starting (here: a flag it refuses; on a GPU machine it was an import
+    error) is reported at once with its exit status and last output, not after the ready timeout,
+    also while a child that outlives it holds its output open (the sleep the wrapper leaves behind)."""
+    import time
+
+    import pytest
+    keep_open = ["sh", "-c", 'sleep 300 & exec "$@"', "sh"]
+    server = ServerProcess(["--port-typo", "1"], state_dir=tmp_path / "state", ready_timeout_s=280, wrap=keep_open)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exited with status 2 before it was ready:\n(.|\n)*--port-typo"):
+        server.launch().wait_ready()
+    assert time.monotonic() - t0 < 120      # the whole start-up of a tiny server, not the 280 s
+    assert server.proc.poll() is not None

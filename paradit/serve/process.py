@@ -10,6 +10,7 @@ e.g. one that first mounts a small filesystem on the state directory.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -31,7 +32,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.url: str | None = None
-        self._ready = threading.Event()
+        self._ready = threading.Event()          # it said ready, or its output ended
+        self._said_ready = False
 
     @property
     def command(self) -> list[str]:
@@ -52,16 +54,31 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, start_new_session=True)  # its own group: killed whole
         self._started_at = time.monotonic()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
 
     def wait_ready(self) -> "ServerProcess":
-        """Until the server says it is ready (killed, and RuntimeError, after ready_timeout_s from launch)."""
-        left = self.ready_timeout_s - (time.monotonic() - self._started_at)
-        if not self._ready.wait(max(0.0, left)) or self.url is None:
+        """Until the server says it is ready. RuntimeError, after killing it, if it exits first (at
+        once, with its exit status and last output: a child that outlives it may hold its output
+        open, so the process itself is watched, not only its output) or is not ready
+        ready_timeout_s after launch."""
+        deadline = self._started_at + self.ready_timeout_s
+        while not self._ready.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if self.proc.poll() is not None or time.monotonic() >= deadline:
+                break
+        if self._said_ready and self.url is not None:
+            return self
+        if not self._reader.is_alive():   # its output ended: it is exiting, if not gone already
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        code = self.proc.poll()
+        if code is not None:
+            self._reader.join(2.0)   # the lines it printed before exiting
             self.kill()
-            raise RuntimeError(f"the server did not become ready in {self.ready_timeout_s:.0f} s:\n{self.output[-4000:]}")
-        return self
+            raise RuntimeError(f"the server exited with status {code} before it was ready:\n{self.output[-4000:]}")
+        self.kill()
+        raise RuntimeError(f"the server did not become ready in {self.ready_timeout_s:.0f} s:\n{self.output[-4000:]}")
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -70,8 +87,9 @@ class ServerProcess:
             if m:
                 self.url = m[1]
             if line.startswith("paradit: ready"):
+                self._said_ready = True
                 self._ready.set()
-        self._ready.set()  # it exited: start() stops waiting
+        self._ready.set()  # its output ended (it exited): wait_ready stops waiting
 
     @property
     def output(self) -> str:
