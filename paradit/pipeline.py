@@ -110,31 +110,22 @@ class Pipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, device=None,
-                        dtype: torch.dtype | None = None, backend: str = "auto", seed: int = 0,
-                        experts_needed: set[int] | None = None, components=None,
-                        compile: bool = False, loras=(), offload: str = "none", quant: str = "none",
-                        read_once: bool | None = None) -> "Pipeline":
+    def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, **options) -> "Pipeline":
         """'tiny' (random weights, built locally), 'demo' (the shipped demo model) or a checkpoint
-        folder: Pipeline.from_spec(paradit.runspec.build_spec(...)) of these keywords. The layout is
-        validated against the world before any weights are built or read.
+        folder: Pipeline.from_spec(paradit.runspec.build_spec(...)) of these keywords. The layout and
+        every option are validated against the world before any weights are built or read.
 
         parallel: the layout; ParallelConfig(experts="split") without stages takes the stage sizes
-        from the step split of the preset's schedule. experts_needed: the experts this rank runs
-        (0 = high-noise or only, 1 = low-noise); others are never read (default: all, or this rank's
-        stage's with split experts). components: a diffusers-layout folder for the text encoder,
-        tokenizer and VAE (needed by original-layout checkpoints; see paradit/checkpoint.py).
-        compile: regional torch.compile of the transformer blocks (paradit/compile.py); then warm up
-        with pipe.warmup. loras: LoraSpec(path, scale, target="all"|"high"|"low") entries
-        (paradit/models/lora.py), checked before any weight is read and merged into the weights of
-        the experts this rank loads. offload: "none" | "text-encoder" | "experts" | "all" | "layers" |
-        "auto" (paradit/residency.py): which components live in host memory and are copied to the GPU
-        when used; "layers" also streams the experts from host memory block by block. quant: "none" |
-        "fp8" | "fp8-attention" | "fp8-all" (paradit/models/quant.py), refused before any weight is
-        read where FP8 cannot run. read_once: checkpoints only; the ranks of one node that load the
-        same expert read its files once between them (None: on where the experts go to GPUs)."""
-        return cls.from_spec(build_spec(name_or_path, parallel, device, dtype, backend, seed, experts_needed,
-                                        components, compile, loras, offload, quant, read_once))
+        from the step split of the preset's schedule. options: paradit.runspec.BuildSpec's fields,
+        each described at its declaration there (the build options are generate's flags too:
+        offload="auto" is --offload auto), e.g. loras=[LoraSpec(path, scale, target="all"|"high"|"low")]
+        merged into the experts this rank loads, offload, quant, compile (then warm up with
+        pipe.warmup), attention, device, experts_needed (the experts this rank runs: 0 = high-noise
+        or only, 1 = low-noise; others are never read), components (a diffusers-layout folder for
+        an original-layout checkpoint's text encoder, tokenizer and VAE), read_once (checkpoints: the
+        ranks of a node that load the same expert read its files once between them). An unknown
+        keyword is a ParameterError naming it."""
+        return cls.from_spec(build_spec(name_or_path, parallel, **options))
 
     @classmethod
     def from_spec(cls, spec: BuildSpec) -> "Pipeline":

@@ -7,46 +7,97 @@
                 or the server's flags, the same function for both)
 
 `build_spec` is the only place a BuildSpec is made: the CLI and the service call it (through
-paradit.cli.spec.resolve, after their own layout and flag checks) and Pipeline.from_pretrained's
-keyword form is it plus from_spec. A build option is a field here and its use where it acts.
+paradit.cli.spec.resolve, after their own layout and flag checks) and Pipeline.from_pretrained is it
+plus from_spec.
+
+A build option is declared once, here: a BuildSpec field made with `option(default, flag=...)`.
+That declaration is generate's flag and the service's (--the-field-name: paradit.cli.flags.spec_flags
+reads it), Pipeline.from_pretrained's keyword (its **options), the value paradit.cli.spec.resolve
+passes on (build_options), and its check on every path (check_options: the flag's choices, or its
+own `check`). So a new build option touches two files: this one (its field) and the one where it
+acts (e.g. paradit/pipeline.py's from_spec, paradit/components.py or paradit/checkpoint.py, reading
+spec.<name>). tests/test_runspec.py declares one at run time and finds it at every door.
 """
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 from paradit.config import PRESETS, WanConfig
 from paradit.errors import ParameterError
 from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig
-from paradit.settings import ChordsSettings, VideoSettings, check_int
+from paradit.residency import OFFLOAD_MODES
+from paradit.settings import QUANT_MODES, ChordsSettings, VideoSettings, check_int
 
-def option(default, flag: dict | None = None):
-    """A BuildSpec field. flag: Flag's arguments (help, parse, choices, metavar, shown; paradit.cli.flags)
-    make it a flag of generate and of the service too, named after the field (--my-option), passed
-    through paradit.cli.spec.resolve to build_spec (build_options) as it is: a new build option is its
-    field here and its use where it acts, no other edit."""
-    return field(default=default, metadata={"flag": flag} if flag is not None else {})
+
+def option(default=MISSING, flag: dict | None = None, flags: tuple[dict, ...] = (), value=None, check=None):
+    """A BuildSpec field that the front doors set. flag: paradit.cli.flags.Flag's arguments (help,
+    parse, choices, metavar, shown, repeat, and default where the command line's differs from the
+    library's), a flag named after the field (--my-option) in generate and the service; or flags:
+    several, each with its "name", and value(*their parsed values) -> the field's value. check(value)
+    refuses a value with a ParameterError naming the field; without it a flag's choices are checked
+    (the library's keyword too). Nothing else needs an edit (paradit.cli.spec.resolve, the service,
+    Pipeline.from_pretrained take it from here)."""
+    declared = tuple(flags) or ((flag,) if flag is not None else ())
+    return field(default=default, metadata={"flags": declared, "value": value, "check": check})
+
+
+def declared_flags(f) -> tuple[dict, ...]:
+    """Field f's flags, each Flag's arguments with its name (a single flag is named after the field)."""
+    return tuple({"name": "--" + f.name.replace("_", "-"), **d} for d in f.metadata.get("flags", ()))
+
+
+def _lora_flags(every, high, low) -> tuple:
+    """--lora, --lora-high, --lora-low (PATH[:SCALE], each repeatable) -> LoraSpec entries."""
+    from paradit.models.lora import lora_specs
+    return tuple(lora_specs(every, high, low))
+
+
+def _lora_flag(target: str, help: str) -> dict:
+    return dict(name="--lora" + ("" if target == "all" else "-" + target), parse=str, default=None, help=help,
+                metavar="PATH[:SCALE]", repeat=True)
 
 
 # presets that bring their weights (built locally, paradit.components); the other presets are architectures
 RUNNABLE_PRESETS = ("tiny", "demo")
+ATTENTION_CHOICES = ("auto", "fa4", "flash", "sdpa", "math")
 
 
 @dataclass(frozen=True)
 class BuildSpec:
-    """What builds one rank's pipeline, validated (build_spec)."""
-    model: str                              # a runnable preset or a checkpoint folder
-    cfg: WanConfig
+    """What builds one rank's pipeline, validated (build_spec). The fields made with option() are
+    the build options: a flag of generate and the service, and a keyword of Pipeline.from_pretrained."""
+    model: str = option(flag=dict(parse=str, default="demo", shown="demo", metavar="NAME|FOLDER", help=(
+        "a preset that brings its weights (tiny: random, demo: the shipped trained model) or a Wan checkpoint "
+        "folder")))
+    cfg: WanConfig                          # the model's (build_spec reads it)
     layout: ParallelConfig                  # resolved: stages and weight sharding decided
-    device: str | None = None               # None / "auto": cuda:LOCAL_RANK if CUDA is available, else cpu
-    attention: str = "auto"
-    components: str | None = None           # a diffusers folder's text encoder, tokenizer and VAE
+    device: str = option("auto", dict(parse=str, metavar="DEVICE", help="auto, cpu, cuda or cuda:N", shown=(
+        "auto: cuda:LOCAL_RANK if CUDA is available, else cpu")))
+    attention: str = option("auto", dict(parse=str, choices=ATTENTION_CHOICES, shown="auto",
+                                         help="attention kernels"))
+    components: str | None = option(None, dict(parse=str, metavar="FOLDER", help=(
+        "diffusers-layout folder whose text_encoder/, tokenizer/ and vae/ an original-layout checkpoint --model "
+        "uses (overrides a diffusers folder's own)")))
     experts_needed: frozenset | None = None  # the experts this rank loads (None: all)
-    loras: tuple = ()                       # paradit.models.lora.LoraSpec entries, merged as they load
-    offload: str = "none"                   # paradit.residency mode ("auto" resolved where the mesh exists)
-    quant: str = "none"                     # paradit.models.quant mode
-    compile: bool = False                   # regional torch.compile of the blocks
+    # paradit.models.lora.LoraSpec entries, merged as they load
+    loras: tuple = option((), flags=(
+        _lora_flag("all", "a LoRA (.safetensors) merged into every expert at load time, strength SCALE (1); "
+                          "repeatable"),
+        _lora_flag("high", "a LoRA for the high-noise expert of a Wan2.2 A14B model only; repeatable"),
+        _lora_flag("low", "a LoRA for the low-noise expert of a Wan2.2 A14B model only; repeatable")),
+        value=_lora_flags)
+    # paradit.residency mode ("auto" resolved where the mesh exists, or by the CLI's planner)
+    offload: str = option("none", dict(parse=str, default="auto", choices=OFFLOAD_MODES, shown=(
+        "auto; none on a CPU"), help=(
+        "keep the text encoder and/or the idle expert in host memory, copied to the GPU when used; auto: the "
+        "planner's fastest mode that fits")))
+    quant: str = option("none", dict(parse=str, choices=QUANT_MODES, shown="none", help=(  # paradit.models.quant
+        "FP8 (GPUs of compute capability 8.9+, torchao): fp8 the blocks' linear layers, fp8-attention "
+        "self-attention (FlashAttention-3, Hopper), fp8-all both; norms, modulation, gates and the residual "
+        "stream stay as loaded; refused where it cannot run")))
+    compile: bool = option(False, dict(parse=None, help=(   # regional torch.compile of the blocks
+        "torch.compile each transformer block, then warm up one step per expert before the timed run")))
     seed: int = 0                           # the tiny preset's weight seed
     dtype: object = None                    # None: bf16 on a GPU, fp32 on a CPU (checkpoints); fp32 presets
     read_once: bool | None = None           # checkpoints: a node's ranks read an expert's files once
@@ -76,38 +127,74 @@ class RunSpec:
 
 
 def build_options(values: dict) -> dict:
-    """The BuildSpec fields that `values` (a front door's parsed options, e.g. generate's flags by
-    their names) gives and build_spec does not resolve itself: a new option passes through as it is."""
-    resolved = set(inspect.signature(build_spec).parameters) | {"cfg", "layout", "attention"}
-    return {f.name: values[f.name] for f in fields(BuildSpec) if f.name in values and f.name not in resolved}
+    """Every build option's value from a front door's parsed flags (`values`, by their dests, e.g.
+    generate's): BuildSpec's fields as build_spec takes them, each from its declared flag(s)."""
+    out = {}
+    for f in fields(BuildSpec):
+        declared = declared_flags(f)
+        if not declared:
+            continue
+        given = [values[d["name"][2:].replace("-", "_")] for d in declared]
+        out[f.name] = f.metadata["value"](*given) if f.metadata["value"] else given[0]
+    return out
 
 
-def build_spec(model: str, parallel: ParallelConfig | None = None, device=None, dtype=None, backend: str = "auto",
-               seed: int = 0, experts_needed=None, components=None, compile: bool = False, loras=(),
-               offload: str = "none", quant: str = "none", read_once: bool | None = None, **options) -> BuildSpec:
+# the fields build_spec works out itself (the model's config; the layout is its `parallel`)
+RESOLVED = ("cfg", "layout")
+
+
+def check_options(options: dict) -> dict:
+    """`options` (BuildSpec's fields by name), each checked by its declaration: an unknown name, or a
+    value outside its flag's choices (or refused by its own check), is a ParameterError naming it."""
+    known = {f.name: f for f in fields(BuildSpec) if f.name not in RESOLVED + ("model",)}
+    for name, value in options.items():
+        f = known.get(name)
+        if f is None:
+            raise ParameterError(name, value, "not a build option", f"BuildSpec's are {', '.join(known)}")
+        declared = declared_flags(f)
+        if f.metadata.get("check"):
+            f.metadata["check"](value)
+        elif len(declared) == 1 and declared[0].get("choices") and value not in declared[0]["choices"]:
+            raise ParameterError(name, value, f"choose one of {', '.join(map(str, declared[0]['choices']))}")
+    return options
+
+
+def build_spec(model: str, parallel: ParallelConfig | None = None, **options) -> BuildSpec:
     """The validated BuildSpec of these options, before any weight is built or read: the model's
-    config, the quant mode on this machine, weight sharding ("auto" resolved), split stages without
-    sizes resolved from the step split, and a split stage's experts. ParameterError otherwise.
-    options: BuildSpec's further fields, as they are (a new option needs no edit here)."""
+    config, the quant mode and attention kernels on this machine, the LoRAs' headers, weight
+    sharding ("auto" resolved), split stages without sizes resolved from the step split, and a
+    split stage's experts. options: BuildSpec's other fields by name (check_options; a new option
+    needs no edit here). ParameterError otherwise."""
     from paradit.launch import init_distributed
     from paradit.models.quant import check_quant
-    from paradit.residency import check_offload
-    check_offload(offload)
-    check_build(model, seed, experts_needed, components)
-    info = init_distributed(device)
-    check_quant(quant, info.device, offload, parallel)
-    cfg = model_config(model, components)
-    parallel = parallel or ParallelConfig()
-    if parallel.shard_weights != "none":  # "auto" resolved; refused with what it cannot combine with
+    o = BuildSpec(model, None, parallel or ParallelConfig(), **check_options(options))
+    info = init_distributed(o.device)
+    check_quant(o.quant, info.device, o.offload, parallel)
+    check_attention(o.attention, info.device)
+    cfg = model_config(model, o.components)
+    if o.loras:
+        from paradit.models.lora import check_loras
+        check_loras(o.loras, cfg, warn=False)  # files, names, shapes (headers); the build warns and merges
+    check_build(model, o.seed, o.experts_needed, o.components)   # a preset without weights last: the rest checked
+    layout = o.layout
+    if layout.shard_weights != "none":  # "auto" resolved; refused with what it cannot combine with
         from paradit.parallel.sharding import sharded_layout
-        parallel = sharded_layout(parallel, cfg, info.device, offload, quant, compile)
-    if parallel.stages_pending:
-        parallel = resolve_stages(parallel, cfg, info.world_size)
-    if experts_needed is None and parallel.stages is not None:  # each stage reads its own expert
-        experts_needed = placement.experts_needed(parallel, info.rank, 1, 1)
-    return BuildSpec(model, cfg, parallel, device, backend, None if components is None else str(components),
-                     None if experts_needed is None else frozenset(experts_needed), tuple(loras), offload, quant,
-                     bool(compile), seed, dtype, read_once, **options)
+        layout = sharded_layout(layout, cfg, info.device, o.offload, o.quant, o.compile)
+    if layout.stages_pending:
+        layout = resolve_stages(layout, cfg, info.world_size)
+    needed = o.experts_needed
+    if needed is None and layout.stages is not None:  # each stage reads its own expert
+        needed = placement.experts_needed(layout, info.rank, 1, 1)
+    return replace(o, cfg=cfg, layout=layout, experts_needed=None if needed is None else frozenset(needed),
+                   components=None if o.components is None else str(o.components), loras=tuple(o.loras),
+                   compile=bool(o.compile))
+
+
+def check_attention(attention: str, device) -> None:
+    """The attention kernels `attention` names can run on `device` (at the dtype the build uses there)."""
+    import torch
+    from paradit.models.attention import pick_backend
+    pick_backend(device, torch.bfloat16 if device.type == "cuda" else torch.float32, attention)
 
 
 def check_build(name_or_path: str, seed, experts_needed, components) -> None:
@@ -116,8 +203,8 @@ def check_build(name_or_path: str, seed, experts_needed, components) -> None:
     check_int("seed", seed, 0, 2 ** 32 - 1)
     if name_or_path in PRESETS and name_or_path not in RUNNABLE_PRESETS:
         raise ParameterError("model", name_or_path, "an architecture without weights (the planner's name for it)",
-                             f"pass a checkpoint folder; the presets that run as they are: "
-                             f"{', '.join(RUNNABLE_PRESETS)}")
+                             f"pass the checkpoint folder, e.g. /ckpt/Wan2.2-T2V-A14B-Diffusers; the presets that "
+                             f"run as they are: {', '.join(RUNNABLE_PRESETS)}")
     if name_or_path not in RUNNABLE_PRESETS:
         return  # a checkpoint's experts are checked against its configs (paradit.checkpoint)
     if components is not None:

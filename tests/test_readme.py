@@ -140,13 +140,13 @@ def test_a_newcomer_is_told_the_environment_and_starts_on_the_demo_model():
 
 def test_the_readme_lists_only_models_generate_runs():
     """It listed wan2.2-t2v-a14b as a --model preset, which generate refuses without a folder."""
-    from paradit.cli.spec import RUNNABLE_PRESETS, check_weights, parse_args
+    from paradit.runspec import RUNNABLE_PRESETS, check_build
     row = next(line for line in README.read_text().splitlines() if line.startswith("| `--model` |"))
     runnable = row.split("The Wan names")[0]
     names = re.findall(r"`([\w.-]+)`", runnable.split("|")[2])
     assert names and set(names) <= set(RUNNABLE_PRESETS), names
     for name in names:
-        check_weights(parse_args(["--model", name]))
+        check_build(name, 0, None, None)   # what refuses an architecture without weights
 
 
 DOCUMENTS = [README, *README.parent.glob("docs/*.md"), README.parent / "bench" / "README.md"]

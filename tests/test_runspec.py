@@ -90,20 +90,41 @@ def test_a_server_wide_lora_and_chords_job_gives_generates_latent(demo_lora, tmp
 
 
 def test_a_build_option_is_its_field_and_its_use(monkeypatch, demo_lora):
-    """A new build option declared as a BuildSpec field with a flag (runspec.option) reaches both
-    front doors' parsers and the resolved spec, with no other edit: here a stand-in field, added to
-    BuildSpec the way a new option would be."""
+    """A build option is declared once (a BuildSpec field made with runspec.option): declared here at
+    run time, with no other edit, it is a flag of generate and of the service, a keyword of
+    Pipeline.from_pretrained, checked the same at every door, and it reaches the BuildSpec that
+    Pipeline.from_spec builds. The flags of today's build options are declared the same way."""
     import dataclasses
 
     from paradit import runspec
+    from paradit.cli.flags import FLAGS, PARAM_FLAGS, UsageError, spec_flags
     from paradit.cli.spec import parse_args, resolve
+    from paradit.errors import ParameterError
     from paradit.launch import init_distributed
+    from paradit.pipeline import Pipeline
     from paradit.serve.cli import parse_args as serve_args
     extended = dataclasses.make_dataclass("BuildSpec", [("warp_factor", int, runspec.option(
-        1, dict(parse=int, help="a stand-in build option", metavar="N")))], bases=(runspec.BuildSpec,), frozen=True)
+        1, dict(parse=int, choices=(1, 7), help="a stand-in build option", metavar="N")))],
+        bases=(runspec.BuildSpec,), frozen=True)
     monkeypatch.setattr(runspec, "BuildSpec", extended)
     info = init_distributed("cpu")
     argv = ["--model", "tiny", "--warp-factor", "7"]
     spec, served = resolve(parse_args(argv), info), resolve(serve_args(argv), info)
     assert spec.build.warp_factor == 7 and served == spec
     assert resolve(parse_args(["--model", "tiny"]), info).build.warp_factor == 1
+    for parse in (parse_args, serve_args):
+        with pytest.raises(UsageError, match="--warp-factor invalid choice: 3"):
+            parse(["--model", "tiny", "--warp-factor", "3"])
+
+    class Probe(Pipeline):   # from_pretrained's spec, before anything is built
+        from_spec = classmethod(lambda cls, spec: spec)
+    assert Probe.from_pretrained("tiny", warp_factor=7) == spec.build   # the CLI's own, field for field
+    with pytest.raises(ParameterError, match="warp_factor=3: choose one of 1, 7"):
+        Probe.from_pretrained("tiny", warp_factor=3)
+    with pytest.raises(ParameterError, match="warp=7: not a build option"):
+        Probe.from_pretrained("tiny", warp=7)
+    # no build option has a second declaration: not in FLAGS, not in PARAM_FLAGS
+    declared = {f.name for f in spec_flags()}
+    assert {"--warp-factor", "--model", "--lora-high", "--quant", "--offload"} <= declared
+    assert not declared & {f.name for f in FLAGS} and not declared & set(PARAM_FLAGS.values())
+

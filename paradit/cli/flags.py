@@ -5,10 +5,11 @@ integer, a WIDTHxHEIGHT, a stop rule, UTF-8 text); ranges belong to the library 
 the values (paradit.settings, ParallelConfig, the planner), whose ParameterErrors `flag_terms`
 re-raises naming the flag the user typed.
 
-Adding a build option is a field of paradit.runspec.BuildSpec declared with runspec.option(default,
-flag=dict(help=..., parse=...)) and its use where it acts: its flag (--the-field-name) then exists in
-generate and the service (spec_flags), and paradit.cli.spec.resolve passes its value on to
-runspec.build_spec (build_options). A flag that is not a build option is one Flag entry in FLAGS:
+A build option (a flag that changes what is built) is not declared here: it is a field of
+paradit.runspec.BuildSpec made with runspec.option(default, flag=dict(help=..., parse=...)), and its
+flag (--the-field-name) exists in generate and the service from that declaration (spec_flags), its
+library errors name the flag (all_param_flags), and paradit.cli.spec.resolve passes its value on to
+runspec.build_spec (runspec.build_options). Any other flag is one Flag entry in FLAGS:
 its typed value is `flags.<name>` (dashes as underscores); the service takes it too unless it is one
 of paradit.serve.cli.PER_REQUEST. If it feeds a library parameter, map the parameter to it in
 PARAM_FLAGS; if it conflicts with other flags, add the rule to paradit.cli.spec.check_combinations.
@@ -26,8 +27,7 @@ from typing import Callable
 from paradit.errors import ParameterError
 from paradit.plan.hardware import GPUS
 from paradit.plan.layout import SHARD_MODES
-from paradit.residency import OFFLOAD_MODES
-from paradit.settings import QUANT_MODES, SAMPLER_NAMES
+from paradit.settings import SAMPLER_NAMES
 
 DEFAULT_PROMPT = "a red circle moving right"
 
@@ -153,8 +153,6 @@ def _timeout_shown() -> str:
 
 FLAGS: tuple[Flag, ...] = (
     # what to generate
-    Flag("--model", str, "demo", "a preset that brings its weights (tiny: random, demo: the shipped trained "
-         "model) or a Wan checkpoint folder", "demo", metavar="NAME|FOLDER"),
     Flag("--prompt", TEXT, None, "the text to generate", repr(DEFAULT_PROMPT), metavar="TEXT"),
     Flag("--prompts-file", str, None, "one prompt a line (UTF-8); data-parallel replicas share them out; "
          "instead of --prompt", metavar="FILE"),
@@ -162,14 +160,6 @@ FLAGS: tuple[Flag, ...] = (
          "the original Wan's Chinese one", metavar="TEXT"),
     Flag("--image", str, None, "first frame for I2V-A14B / TI2V-5B checkpoints; without --size the video takes "
          "the image's shape at the preset's area", metavar="FILE"),
-    Flag("--components", str, None, "diffusers-layout folder whose text_encoder/, tokenizer/ and vae/ an "
-         "original-layout checkpoint --model uses (overrides a diffusers folder's own)", metavar="FOLDER"),
-    Flag("--lora", str, None, "a LoRA (.safetensors) merged into every expert at load time, strength SCALE "
-         "(1); repeatable", metavar="PATH[:SCALE]", repeat=True),
-    Flag("--lora-high", str, None, "a LoRA for the high-noise expert of a Wan2.2 A14B model only; repeatable",
-         metavar="PATH[:SCALE]", repeat=True),
-    Flag("--lora-low", str, None, "a LoRA for the low-noise expert of a Wan2.2 A14B model only; repeatable",
-         metavar="PATH[:SCALE]", repeat=True),
     # the video
     Flag("--size", SIZE, None, "WIDTHxHEIGHT, e.g. 1280x720. Videos with a side under 128 pixels (the demo's "
          "16x16) are written enlarged by an integer factor, nearest-neighbour; the sidecar records both sizes",
@@ -191,14 +181,6 @@ FLAGS: tuple[Flag, ...] = (
          "prompts NAME_000.mp4, NAME_001.mp4, ...", "outputs/video.mp4", metavar="FILE"),
     Flag("--save-latents", help="also write the final latent (NAME.latent.safetensors)"),
     # the machine
-    Flag("--device", str, "auto", "auto, cpu, cuda or cuda:N", "auto: cuda:LOCAL_RANK if CUDA is available, "
-         "else cpu", metavar="DEVICE"),
-    Flag("--attention", str, "auto", "attention kernels", "auto", choices=("auto", "fa4", "flash", "sdpa", "math")),
-    Flag("--quant", str, "none", "FP8 (GPUs of compute capability 8.9+, torchao): fp8 the blocks' linear layers, "
-         "fp8-attention self-attention (FlashAttention-3, Hopper), fp8-all both; norms, modulation, gates and the "
-         "residual stream stay as loaded; refused where it cannot run", "none", choices=QUANT_MODES),
-    Flag("--compile", help="torch.compile each transformer block, then warm up one step per expert before the "
-         "timed run"),
     Flag("--timeout", FLOAT, None, "collective timeout in seconds (at least 1): how long a rank waits for a peer "
          "that has stopped answering", None, metavar="S"),
     # the layout
@@ -223,8 +205,6 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--shard-weights", str, "auto", "shard each expert's transformer blocks over the sequence-parallel group "
          "(sp) or the whole request group (request), gathered block by block behind compute (FSDP2); auto: the "
          "planner's choice", "auto; none on a CPU", choices=SHARD_MODES),
-    Flag("--offload", str, "auto", "keep the text encoder and/or the idle expert in host memory, copied to the GPU "
-         "when used; auto: the planner's fastest mode that fits", "auto; none on a CPU", choices=OFFLOAD_MODES),
     # CHORDS
     Flag("--chords", INT, 1, "CHORDS cores (parallel-in-time, Euler steps); one core group per core when the "
          "world has room, else the cores run in turn; 1 is off", "1", metavar="K"),
@@ -236,24 +216,33 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--check-finite", help="stop at the first NaN/Inf velocity, naming the step and the expert"),
     Flag("--no-progress", help="no progress bar"),
 )
+
+
 def spec_flags() -> tuple[Flag, ...]:
-    """The flags that paradit.runspec.BuildSpec's fields carry (runspec.option(default, flag=...)), read
-    when the command line is parsed: a build option declared there needs no entry in FLAGS."""
+    """The build options' flags: declared with paradit.runspec.BuildSpec's fields (runspec.option), read
+    when a command line is parsed, so that a build option declared there needs no entry here."""
     from paradit import runspec
-    return tuple(Flag("--" + f.name.replace("_", "-"), default=f.default, **f.metadata["flag"])
-                 for f in dataclasses.fields(runspec.BuildSpec) if "flag" in f.metadata)
+    return tuple(Flag(**{"default": f.default, **d}) for f in dataclasses.fields(runspec.BuildSpec)
+                 for d in runspec.declared_flags(f))
+
+
+def all_param_flags() -> dict[str, str]:
+    """PARAM_FLAGS and each build option's first flag (a library error names the field)."""
+    from paradit import runspec
+    return {f.name: runspec.declared_flags(f)[0]["name"] for f in dataclasses.fields(runspec.BuildSpec)
+            if runspec.declared_flags(f)} | PARAM_FLAGS
 
 
 LAYOUT_FLAGS = ("--sp", "--ulysses", "--ring", "--cfg-par", "--dp", "--experts", "--stages")
 
-# library parameter -> the flag that sets it (the CLI names the flag in a ParameterError)
+# library parameter -> the flag that sets it (the CLI names the flag in a ParameterError); the build
+# options' are their declarations' (all_param_flags)
 PARAM_FLAGS = {"width": "--size", "height": "--size", "frames": "--frames", "steps": "--steps",
                "shift": "--shift", "guidance": "--guidance", "seed": "--seed", "sampler": "--sampler",
                "ulysses": "--ulysses", "ring": "--ring", "sp": "--sp", "cfg": "--cfg-par", "dp": "--dp",
                "chords": "--chords", "experts": "--experts", "stages": "--stages", "timeout_s": "--timeout",
-               "device": "--device", "gpu": "--gpu", "offload": "--offload", "cfg_mode": "--cfg-mode",
-               "shard_weights": "--shard-weights", "compile": "--compile",
-               "quant": "--quant", "cores": "--chords", "init": "--chords-init",
+               "gpu": "--gpu", "cfg_mode": "--cfg-mode", "shard_weights": "--shard-weights",
+               "cores": "--chords", "init": "--chords-init",
                "stop": "--chords-stop", "image": "--image", "cache": "--cache"}  # cores, init, stop: ChordsSettings
 
 
@@ -314,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> Flags:
            "  torchrun --nproc-per-node 4 -m paradit.generate --model tiny --sp 2 --cfg-par 2 --out out.mp4\n\n"
            "Every flag is checked on every rank before any weights are read. The output rank of each\n"
            "data-parallel replica writes its videos, each with a JSON sidecar: all of them or none.")
-    flags = list(FLAGS) + list(spec_flags())
+    flags = list(spec_flags()) + list(FLAGS)
     for i, f in enumerate(flags):
         if f.name == "--timeout":
             flags[i] = dataclasses.replace(f, shown=_timeout_shown())
@@ -332,12 +321,12 @@ def flag_alternative(alt: dict) -> str:
         if k == "stages":
             parts.append("--stages " + ",".join(str(u * r * c) for u, r, c in v))
         else:
-            parts.append(f"{PARAM_FLAGS.get(k, '--' + k.replace('_', '-'))} {v}")
+            parts.append(f"{all_param_flags().get(k, '--' + k.replace('_', '-'))} {v}")
     return " ".join(parts) or "no layout flags"
 
 
 def in_flag_terms(err: ParameterError, flags: Flags, param_flags: dict | None = None) -> str:
-    param_flags = PARAM_FLAGS if param_flags is None else param_flags
+    param_flags = all_param_flags() if param_flags is None else param_flags
 
     def name(param, value):
         if param == "layout":
@@ -353,7 +342,7 @@ def in_flag_terms(err: ParameterError, flags: Flags, param_flags: dict | None = 
 @contextmanager
 def flag_terms(flags: Flags, param_flags: dict | None = None):
     """Re-raise a library ParameterError as a UsageError naming the flag (param_flags: parameter ->
-    flag, default PARAM_FLAGS)."""
+    flag, default all_param_flags())."""
     try:
         yield
     except ParameterError as err:

@@ -63,21 +63,13 @@ def check_combinations(flags: Flags) -> None:
 
 def model_config(flags: Flags) -> WanConfig:
     name = flags.model
-    if name in PRESETS:  # one without weights is refused last (check_weights): its other flags are checked
+    if name in PRESETS:  # one without weights is refused last (build_spec): its other flags are checked
         return WanConfig.preset(name)
     if not Path(name).exists():
         raise UsageError(f"--model {name!r} is neither a preset ({', '.join(RUNNABLE_PRESETS)}) nor an existing "
                          f"checkpoint folder")
     from paradit.checkpoint import model_config as checkpoint_config
     return checkpoint_config(name, flags.components)
-
-
-def check_weights(flags: Flags) -> None:
-    name = flags.model
-    if name in PRESETS and name not in RUNNABLE_PRESETS:
-        raise UsageError(f"--model {name} is an architecture without weights (the planner's name for it): "
-                         f"pass the checkpoint folder, e.g. --model /ckpt/Wan2.2-T2V-A14B-Diffusers; the "
-                         f"presets that run as they are: {', '.join(RUNNABLE_PRESETS)}")
 
 
 def read_prompts(flags: Flags) -> tuple[str, ...]:
@@ -174,7 +166,9 @@ def chords_settings(flags: Flags):
 
 def resolve(flags: Flags, info) -> RunSpec:
     """The validated spec of this rank (info: paradit.launch.DistInfo); UsageError otherwise. The
-    one function from flags to a RunSpec, for generate and the service alike."""
+    one function from flags to a RunSpec, for generate and the service alike. The build options
+    come from their declarations (paradit.runspec.build_options) and go to build_spec as they are,
+    but the layout, the experts this rank loads and --offload auto, which the planner resolves here."""
     check_combinations(flags)
     with flag_terms(flags):
         cfg = model_config(flags)
@@ -182,21 +176,12 @@ def resolve(flags: Flags, info) -> RunSpec:
         settings = video_settings(flags, cfg, image)
         chords = chords_settings(flags)
         layout = resolve_layout(flags, cfg, info, settings, chords)
-        _check_attention(flags, info)
         if image is not None and (layout.stages or (chords and cfg.task == "ti2v")):
             raise UsageError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
         needed = experts_needed(cfg, layout, settings, chords, info.rank)
-        from paradit.models.lora import check_loras, lora_specs
-        loras = tuple(lora_specs(flags.lora, flags.lora_high, flags.lora_low))
-        check_loras(loras, cfg, warn=False)  # files, names, shapes (headers); the build warns and merges
-        offload = offload_mode(flags, cfg, layout, settings, info)
-        from paradit.plan.sharding import check_shard_options
-        check_shard_options(layout, offload, flags.quant, flags.compile)
-        _check_quant(flags, info, offload, layout)
-        check_weights(flags)
-        build = build_spec(flags.model, layout, flags.device, backend=flags.attention, experts_needed=needed,
-                           components=flags.components, compile=flags.compile, loras=loras, offload=offload,
-                           quant=flags.quant, **build_options(flags.values))
+        options = build_options(flags.values) | {"offload": offload_mode(flags, cfg, layout, settings, info)}
+        _check_quant(flags, info, options["offload"], layout)
+        build = build_spec(parallel=layout, experts_needed=needed, **options)
     return RunSpec(build, settings, chords, flags.negative_prompt, flags.image, image, size_source(flags, image),
                    flags.check_finite, flags.save_latents)
 
@@ -223,12 +208,6 @@ def size_source(flags: Flags, image) -> str:
     if len(given) == 2:
         return "--size, --frames"
     return f"{', '.join(given) + '; ' if given else ''}the model's default; --size WxH and --frames N change it"
-
-
-def _check_attention(flags: Flags, info) -> None:
-    import torch
-    from paradit.models.attention import pick_backend
-    pick_backend(info.device, torch.bfloat16 if info.device.type == "cuda" else torch.float32, flags.attention)
 
 
 def _check_quant(flags: Flags, info, offload: str, layout: ParallelConfig) -> None:
