@@ -92,8 +92,8 @@ def test_a_server_wide_lora_and_chords_job_gives_generates_latent(demo_lora, tmp
 def test_a_build_option_is_its_field_and_its_use(monkeypatch, demo_lora):
     """A build option is declared once (a BuildSpec field made with runspec.option): declared here at
     run time, with no other edit, it is a flag of generate and of the service, a keyword of
-    Pipeline.from_pretrained, checked the same at every door, and it reaches the BuildSpec that
-    Pipeline.from_spec builds. The flags of today's build options are declared the same way."""
+    Pipeline.from_pretrained, checked the same at every door (the CLI's refusal naming its flag), and
+    it reaches the BuildSpec that Pipeline.from_spec builds. Today's build options are declared so."""
     import dataclasses
 
     from paradit import runspec
@@ -103,28 +103,34 @@ def test_a_build_option_is_its_field_and_its_use(monkeypatch, demo_lora):
     from paradit.launch import init_distributed
     from paradit.pipeline import Pipeline
     from paradit.serve.cli import parse_args as serve_args
-    extended = dataclasses.make_dataclass("BuildSpec", [("warp_factor", int, runspec.option(
-        1, dict(parse=int, choices=(1, 7), help="a stand-in build option", metavar="N")))],
+    from paradit.settings import check_int
+    extended = dataclasses.make_dataclass("BuildSpec", [
+        ("warp_factor", int, runspec.option(1, dict(parse=int, help="a stand-in build option", metavar="N"),
+                                            check=lambda v: check_int("warp_factor", v, 1, 9))),
+        ("warp_mode", str, runspec.option("off", dict(parse=str, choices=("off", "on"), help="another")))],
         bases=(runspec.BuildSpec,), frozen=True)
     monkeypatch.setattr(runspec, "BuildSpec", extended)
     info = init_distributed("cpu")
-    argv = ["--model", "tiny", "--warp-factor", "7"]
+    argv = ["--model", "tiny", "--warp-factor", "7", "--warp-mode", "on"]
     spec, served = resolve(parse_args(argv), info), resolve(serve_args(argv), info)
-    assert spec.build.warp_factor == 7 and served == spec
+    assert (spec.build.warp_factor, spec.build.warp_mode) == (7, "on") and served == spec
     assert resolve(parse_args(["--model", "tiny"]), info).build.warp_factor == 1
     for parse in (parse_args, serve_args):
-        with pytest.raises(UsageError, match="--warp-factor invalid choice: 3"):
-            parse(["--model", "tiny", "--warp-factor", "3"])
+        with pytest.raises(UsageError, match="^--warp-factor 10: must be an integer from 1 to 9"):
+            resolve(parse(["--model", "tiny", "--warp-factor", "10"]), info)
+        with pytest.raises(UsageError, match="--warp-mode invalid choice: 'of'"):
+            parse(["--model", "tiny", "--warp-mode", "of"])
 
     class Probe(Pipeline):   # from_pretrained's spec, before anything is built
         from_spec = classmethod(lambda cls, spec: spec)
-    assert Probe.from_pretrained("tiny", warp_factor=7) == spec.build   # the CLI's own, field for field
-    with pytest.raises(ParameterError, match="warp_factor=3: choose one of 1, 7"):
-        Probe.from_pretrained("tiny", warp_factor=3)
-    with pytest.raises(ParameterError, match="warp=7: not a build option"):
+    assert Probe.from_pretrained("tiny", warp_factor=7, warp_mode="on") == spec.build  # the CLI's, field for field
+    with pytest.raises(ParameterError, match="^warp_factor=10: must be an integer from 1 to 9"):
+        Probe.from_pretrained("tiny", warp_factor=10)
+    with pytest.raises(ParameterError, match="^warp_mode='of': choose one of off, on"):
+        Probe.from_pretrained("tiny", warp_mode="of")
+    with pytest.raises(ParameterError, match="^warp=7: not a build option"):
         Probe.from_pretrained("tiny", warp=7)
     # no build option has a second declaration: not in FLAGS, not in PARAM_FLAGS
     declared = {f.name for f in spec_flags()}
     assert {"--warp-factor", "--model", "--lora-high", "--quant", "--offload"} <= declared
     assert not declared & {f.name for f in FLAGS} and not declared & set(PARAM_FLAGS.values())
-
