@@ -5,6 +5,6 @@ record) and a Denoiser (the experts under the runtime's layout); none of them kn
 which encodes before and decodes after (paradit.pipeline). docs/architecture.md has the picture.
 """
 from paradit.engine.denoiser import Denoiser
-from paradit.engine.request import Request, RunRecord, TokenSpace
+from paradit.engine.request import Request, RunRecord, Stopped, TokenSpace
 
-__all__ = ["Denoiser", "Request", "RunRecord", "TokenSpace"]
+__all__ = ["Denoiser", "Request", "RunRecord", "Stopped", "TokenSpace"]

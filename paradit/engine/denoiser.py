@@ -22,7 +22,8 @@ class Denoiser:
 
     residency: an ExpertResidency (paradit.offload) when experts live in host memory; its prefetches
     and releases run around every evaluation. check_finite: stop at a non-finite velocity.
-    on_step(step index, seconds): called after each sequential step (the server's progress)."""
+    on_step(step index, seconds): called after each sequential step (the server's progress); it may
+    raise engine.request.Stopped to stop the request there (the server's cancel)."""
 
     def __init__(self, cfg: WanConfig, runtime, experts: list, residency=None):
         self.cfg, self.runtime, self.experts, self.residency = cfg, runtime, experts, residency

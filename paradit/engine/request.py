@@ -10,6 +10,12 @@ from paradit.models.transformer import unpatchify
 from paradit.settings import VideoSettings
 
 
+class Stopped(Exception):
+    """Raised by Denoiser.on_step to stop the request at this step boundary (a server's cancel). Every
+    rank of the request's group must raise it at the same step; with split experts the driver ends
+    the request on both stages (paradit.engine.split) and goes on with the next one."""
+
+
 @dataclass
 class RunRecord:
     """What one request did: the expert and guidance of every step, phase timings, traffic."""

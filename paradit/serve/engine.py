@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
+from paradit.engine.request import Stopped
 from paradit.outputs import Outputs
 from paradit.serve.images import load_stored
 from paradit.serve.schema import settings_of
@@ -69,8 +70,9 @@ def command_key(lane: int, n: int) -> str:
     return f"lane{lane}/cmd{n}"
 
 
-class JobCancelled(Exception):
-    """The running job was cancelled (DELETE): raised on every rank of its lane at the same step."""
+class JobCancelled(Stopped):
+    """The running job was cancelled (DELETE): raised on every rank of the stage running it, at the
+    same step (with split experts the driver then ends it on both stages: paradit.engine.split)."""
 
 
 class Worker:
@@ -103,17 +105,15 @@ class Worker:
 
     def run(self) -> None:
         """Serve until rank 0 posts a stop. A cancelled job leaves the pipeline at a step boundary (every
-        rank of the lane at the same one); the lane then takes its next command."""
+        rank of the lane at the same one); the lane then takes its next command (split experts go on
+        inside the driver, which ends the job on both stages)."""
         while True:
             try:
                 self.pipe.stream(self.jobs, on_done=lambda i, latent, _: self.finish(latent), progress=False,
                                  chords=self.chords)
                 return
-            except JobCancelled as stop:
-                if self.pipe.mesh.roles.leads and self.pipe.mesh.coords["stage"] == 0:
-                    self.channel.set_once(f"done/{self.current['seq']}", {"ok": False, "cancelled": True,
-                                                                          "rank": self.rank, "error": str(stop)})
-                self.current = None
+            except JobCancelled:
+                pass
 
     def requests(self):
         """The lane's commands as the pipeline's requests, taken as this rank is ready for the next
@@ -147,18 +147,26 @@ class Worker:
                      for name, scale, expert in request.get("loras") or ())
 
     def check_cancelled(self, i: int) -> None:
-        """At a step boundary: whether the job was cancelled, agreed over the request group (any rank
-        that has seen the cancel key stops them all, at this same step)."""
-        if self.current is None or self.split:
+        """At a step boundary: whether the job was cancelled, agreed over the request group (the lane, or
+        with split experts the stage running the job: any rank that has seen the cancel key stops them
+        all, at this same step). The stage's first rank reports it; then JobCancelled on every rank."""
+        if self.current is None:
             return
-        seen = self.channel.store.check([f"cancel/{self.current['seq']}"])
+        seq = self.current["seq"]
+        seen = self.channel.store.check([f"cancel/{seq}"])
         group = self.pipe.request_group
         if group is not None and dist.get_world_size(group) > 1:
             flag = torch.tensor([1 if seen else 0], device=self.pipe.mesh.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
             seen = bool(flag.item())
-        if seen:
-            raise JobCancelled(f"cancelled at step {i + 1} of {self.current['request']['steps']}")
+        if not seen:
+            return
+        stop = JobCancelled(f"cancelled at step {i + 1} of {self.current['request']['steps']}")
+        if self.reporter:
+            self.channel.set_once(f"done/{seq}", {"ok": False, "cancelled": True, "rank": self.rank,
+                                                  "error": str(stop)})
+        self.current = None
+        raise stop
 
     def finish(self, latent: torch.Tensor) -> None:
         """Decode (every rank of the decode group) and, on the output rank, write and report."""
