@@ -7,14 +7,18 @@ Every successful run of bench/e2e.py's results files gives, for the GPU kind it 
 describes each constant):
     weights_gbps        the bytes its first rank read (experts, text encoder, VAE) / weights_s (runs
                         without LoRAs: a merge runs inside the read)
-    offload_setup_gbps  the bytes its offload mode pins / offload_s (runs that offload)
+    offload_setup_gbps  the bytes its offload mode pins / the start-up its host buffers add (runs that
+                        keep experts in host memory): host_buffers_s, the sum of the offloaded experts'
+                        set-ups (allocating, page-locking once read into), over those experts, which
+                        are set up side by side, each in its loading thread
     lora_merge_gbps     the expert bytes LoRAs merged into / lora_merge_s (runs with LoRAs)
     encode_s            text_encoder_s (runs with the text encoder resident: an offloaded one's copy is
                         a host copy, counted apart)
     decode_s_per_gpix   vae_decode_s / (pixel-frames x the share a rank of the decode group decodes)
     write_s_per_gpix    write_video_s / pixel-frames
 Each constant is the median over the runs that give it; --write-calibration writes them under
-gpus.<kind> of a calibration file, keeping that entry's other factors, with a video_source note.
+gpus.<kind> of a calibration file, keeping that entry's other factors, with a video_source note;
+--only NAME (repeatable) writes those constants alone.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from paradit.config import WanConfig  # noqa: E402
 from paradit.plan.hardware import GB  # noqa: E402
 from paradit.plan.model import decode_share, param_count, text_encoder_gb, vae_gb  # noqa: E402
 from paradit.plan.memory import pinned_gb  # noqa: E402
-from paradit.residency import offloads_text_encoder  # noqa: E402
+from paradit.residency import experts_on_host, offloads_text_encoder  # noqa: E402
 
 
 def run_rates(row: dict, preset: str, gpu: str | None) -> tuple[str, dict] | None:
@@ -51,9 +55,9 @@ def run_rates(row: dict, preset: str, gpu: str | None) -> tuple[str, dict] | Non
     if not point["loras"] and start.get("weights_s"):
         rates["weights_gbps"] = (experts * expert_gb + text_encoder_gb(m) + vae_gb(m, p.width, p.height, p.frames)
                                  ["weights"]) / start["weights_s"]
-    pinned = pinned_gb(p, point["offload"], experts, True)
-    if pinned and start.get("offload_s"):
-        rates["offload_setup_gbps"] = pinned / start["offload_s"]
+    if experts_on_host(point["offload"], experts) and start.get("host_buffers_s"):
+        added_s = start["host_buffers_s"] / experts    # the sum of `experts` concurrent set-ups: about one
+        rates["offload_setup_gbps"] = pinned_gb(p, point["offload"], experts, True) / added_s
     if point["loras"] and start.get("lora_merge_s"):
         rates["lora_merge_gbps"] = experts * expert_gb / start["lora_merge_s"]
     if row.get("text_encoder_s") and not offloads_text_encoder(point["offload"]):
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="+", help="bench/e2e.py results files")
     ap.add_argument("--calibration", help="the calibration to write into (default: the shipped one)")
     ap.add_argument("--write-calibration", metavar="FILE", help="write the medians under gpus.<kind> of FILE")
+    ap.add_argument("--only", action="append", metavar="NAME", help="write this constant only (repeatable)")
     args = ap.parse_args(argv)
     per_gpu = fit(args.results)
     if not per_gpu:
@@ -102,8 +107,15 @@ def main(argv=None) -> int:
     for kind, values in per_gpu.items():
         medians = {k: statistics.median(v) for k, v in values.items()}
         print(f"{kind}: " + ", ".join(f"{k} {medians[k]:.4g} (of {len(v)} runs)" for k, v in values.items()))
+        if args.only:
+            unknown = set(args.only) - set(medians)
+            if unknown:
+                raise SystemExit(f"--only {', '.join(sorted(unknown))}: not given by these runs on {kind} "
+                                 f"(they give {', '.join(medians)})")
+            medians = {k: medians[k] for k in args.only}
         if args.write_calibration:
-            note = (f"time-to-video constants: medians by bench/video_fit.py over "
+            what = f" ({', '.join(medians)})" if args.only else ""
+            note = (f"time-to-video constants{what}: medians by bench/video_fit.py over "
                     f"{', '.join(sorted(Path(p).name for p in args.results))}")
             write_calibration(args.write_calibration, base, kind, medians, note)
             base = args.write_calibration   # several kinds: each written on top of the last
