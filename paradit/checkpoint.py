@@ -252,12 +252,12 @@ def load_components(spec, mesh):
     stats: dict[str, dict] = {}
     experts: list = [None] * cfg.num_experts
     reader = Reader(device, threads=reader_threads(node_size))
-    with phase("load", startup), reader, quick_gil_handoff(), ThreadPoolExecutor(max_workers=len(needed) + 3) as pool:
+    with phase("load", startup), reader, quick_gil_handoff(), ThreadPoolExecutor(max_workers=len(needed) + 4) as pool:
         with phase("weights", startup):   # the experts, loaded side by side
             jobs = {k: pool.submit(*expert_load(ck, k, mesh, dtype, cfg, stats, reader, lora_files, shared, on_host))
                     for k in needed}
-            text_job, vae_job = component_jobs(pool, ck, cfg, mesh.roles.components, dtype, device, mode, stats,
-                                               startup)
+            text_job, warm_job, vae_job = component_jobs(pool, ck, cfg, mesh.roles.components, dtype, device,
+                                                         mode, stats, startup)
             kernel_job = pool.submit(timed, "attention_kernel", startup, build_kernels_ahead,  # flash-attn-4's build
                                      pick_backend(device, dtype, spec.attention), device,
                                      local_heads(mesh, cfg.num_heads), cfg.head_dim, dtype)
@@ -267,7 +267,7 @@ def load_components(spec, mesh):
             except BaseException:
                 turns.cancel()
                 raise
-        text, vae = (job.result() if job else None for job in (text_job, vae_job))
+        text, _, vae = (job.result() if job else None for job in (text_job, warm_job, vae_job))
         kernel_job.result()
     finish_startup(startup, [experts[k] for k in needed] if on_host else [], bool(lora_files), reader, stats)
     log_startup(startup, [ck.experts[k].name for k in needed], stats, reader.threads, len(groups), len(lora_files))
@@ -295,23 +295,33 @@ def expert_load(ck, k: int, mesh, dtype, cfg, stats: dict, reader, lora_files, s
 
 
 def component_jobs(pool, ck, cfg, parts, dtype, device, mode: str, stats: dict, startup: dict) -> tuple:
-    """The text encoder's and the VAE's loads, submitted to `pool` where this rank needs them (parts),
-    timed into startup (0 s where it needs neither); the text encoder into host memory where `mode`
-    offloads it."""
+    """The text encoder's load, its warm-up and the VAE's load, submitted to `pool` where this rank
+    needs them (parts), timed into startup (0 s where it needs none); the text encoder into host
+    memory where `mode` offloads it. The warm-up (TextEncoder.warm_up: the default negative prompt
+    encoded and cached, the first call's costs paid) runs once the text encoder is on the device; an
+    offloaded one is not warmed (that would copy it to the GPU at start-up)."""
     from paradit.models.text_encoder import TextEncoder
     from paradit.models.vae import VideoVAE
     from paradit.offload import offload_on_load, text_encoder_chunks, then_pinned
     from paradit.residency import offloads_text_encoder
     on_host = offloads_text_encoder(mode)
-    startup.update(text_encoder_s=0.0, vae_s=0.0)
+    startup.update(text_encoder_s=0.0, text_encoder_warmup_s=0.0, vae_s=0.0)
     text_job = pool.submit(timed, "text_encoder", startup, then_pinned, TextEncoder.from_pretrained,
                            ck.component("text_encoder"), ck.component("tokenizer"), cfg.text_len, dtype=dtype,
                            device="cpu" if on_host else device, stats=stats.setdefault("text_encoder", {}),
                            host=offload_on_load(device, text_encoder_chunks) if on_host else None) \
         if "text_encoder" in parts else None
+    warm_job = pool.submit(_warm_up, text_job, cfg.negative_prompt, startup) if text_job and not on_host else None
     vae_job = pool.submit(timed, "vae", startup, VideoVAE.from_pretrained, ck.component("vae"), device,
                           stats=stats.setdefault("vae", {})) if "vae" in parts else None
-    return text_job, vae_job
+    return text_job, warm_job, vae_job
+
+
+def _warm_up(text_job, prompt: str, startup: dict) -> None:
+    """The text encoder's first call, once its load is done, as the phase text_encoder_warmup."""
+    text = text_job.result()
+    with phase("text_encoder_warmup", startup):
+        text.warm_up(prompt)
 
 
 def finish_startup(startup: dict, on_host: list, merged: bool, reader, stats: dict) -> None:
@@ -327,9 +337,10 @@ def finish_startup(startup: dict, on_host: list, merged: bool, reader, stats: di
 
 def log_startup(startup: dict, names: list[str], stats: dict, threads: int, groups: int, loras: int) -> None:
     once = f"; read once per node with {groups} group(s)" if groups else ""
-    log.info("start-up: config %.2f s; weights %.2f s (%s), text encoder %.2f s, VAE %.2f s; %.2f s in all, "
-             "concurrently; read %.1f MB on this rank (%d threads%s)", startup["config_s"], startup["weights_s"],
-             ", ".join(names), startup["text_encoder_s"], startup["vae_s"], startup["load_s"],
+    log.info("start-up: config %.2f s; weights %.2f s (%s), text encoder %.2f s (+ warm-up %.2f s), VAE %.2f s; "
+             "%.2f s in all, concurrently; read %.1f MB on this rank (%d threads%s)", startup["config_s"],
+             startup["weights_s"], ", ".join(names), startup["text_encoder_s"], startup["text_encoder_warmup_s"],
+             startup["vae_s"], startup["load_s"],
              sum(s.get("bytes", 0) for s in stats.values()) / 1e6, threads, once)
     if loras:
         log.info("LoRAs: %d file(s) checked in %.2f s, merged into %s in %.2f s", loras, startup["lora_check_s"],

@@ -289,7 +289,8 @@ class Pipeline:
 
     def encode_prompts(self, prompt: str, negative_prompt: str | None, guidance: tuple[float, float]):
         """(cond, uncond or None), each (1, text_len, text_dim): encoded once, on the request's first
-        rank, and broadcast over the request group."""
+        rank, and broadcast over the request group. A prompt encoded lately (the default negative
+        prompt: at start-up, checkpoint.py) comes from the text encoder's cache (TextEncoder.embed)."""
         need_uncond = any(g != 1.0 for g in guidance)
         negative = self.cfg.negative_prompt if negative_prompt is None else negative_prompt
         prompts = [prompt, negative] if need_uncond else [prompt]
@@ -297,8 +298,8 @@ class Pipeline:
         if self.mesh.roles.encodes:
             if self.text_encoder is None:
                 raise ValueError("this rank encodes the prompts but has no text encoder")
-            with self.text_residency.on_device() if self.text_residency else contextlib.nullcontext():
-                emb = self.text_encoder.encode(prompts)                   # (1 or 2, text_len, text_dim)
+            on_device = self.text_residency.on_device if self.text_residency else contextlib.nullcontext
+            emb = self.text_encoder.embed(prompts, on_device)              # (1 or 2, text_len, text_dim)
         emb = broadcast_from_first(emb, (len(prompts), self.cfg.text_len, self.cfg.text_dim), torch.float32,
                                    self.mesh.device, self.request_group, self.runtime.traffic).to(self.mesh.device)
         return emb[:1], (emb[1:] if need_uncond else None)

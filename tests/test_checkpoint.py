@@ -76,6 +76,8 @@ def test_both_layouts_give_the_in_memory_pipeline(ckpt, reference):
     latent, video = reference
     a = Pipeline.from_pretrained(str(ckpt))
     assert set(a.startup) >= {"config_s", "weights_s", "text_encoder_s", "vae_s", "load_s"}
+    # the text encoder's first call made at start-up: the default negative prompt, encoded and cached
+    assert a.startup["text_encoder_warmup_s"] > 0 and list(a.text_encoder.cache) == [a.cfg.negative_prompt]
     assert torch.equal(a(PROMPT, output="latent", **SIZE["t2v"], **RUN), latent)  # same weights, same math
     b = Pipeline.from_pretrained(str(ckpt / "original"), components=str(ckpt))
     assert torch.equal(b(PROMPT, output="latent", **SIZE["t2v"], **RUN), latent)

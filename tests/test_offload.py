@@ -169,8 +169,9 @@ def test_offload_all_same_latent_and_residency_per_step(reference):
     assert log[:5] == [(0, "prefetch", 0), (n_high - 1, "release", 0), (n_high, "prefetch", 1),
                        (7, "release", 1), (7, "prefetch", 0)]
     assert log[5:] == log[1:5]                                     # request 2: no copy at its start
-    te = pipe.text_residency                                       # copied in once per request, back out
-    assert te.copies == 2 and not te.weights.resident
+    te = pipe.text_residency    # copied in for the first request, back out; the second's prompts are cached
+    assert te.copies == 1 and not te.weights.resident
+    assert list(pipe.text_encoder.cache) == [PROMPT, KW["negative_prompt"]]
     assert len(te.weights.buffers) == 1 + len(pipe.text_encoder.model.encoder.block)   # a buffer per block
     held = {p.data_ptr() for p in pipe.text_encoder.model.parameters()}
     assert held <= {h.data_ptr() for h in te.weights.host}

@@ -125,3 +125,31 @@ def test_a_prompt_longer_than_the_text_length_is_cut_with_a_warning():
     (rec,) = records
     assert rec.levelno == logging.WARNING and "11 tokens" in rec.getMessage() and "last 5 are cut" in rec.getMessage()
     assert short.shape == long.shape == (1, 6, 32)
+
+
+def test_prompts_are_encoded_alone_and_cached():
+    """TextEncoder.embed, what a request calls: each prompt encoded alone (the same embedding whatever
+    it comes with), repeated prompts taken from the LRU, the model's context entered only when a
+    prompt is missing; warm_up caches the default negative prompt."""
+    import contextlib
+
+    from paradit.models.text_encoder import TextEncoder
+
+    enc = TextEncoder.tiny(32, text_len=16)
+    entered = []
+
+    @contextlib.contextmanager
+    def on_device():
+        entered.append(1)
+        yield
+
+    negative = WanConfig.preset("tiny").negative_prompt
+    assert enc.warm_up(negative) > 0 and list(enc.cache) == [negative]
+    both = enc.embed([PROMPT, negative], on_device)
+    assert len(entered) == 1 and list(enc.cache) == [PROMPT, negative]             # only PROMPT was encoded
+    assert torch.equal(both, torch.cat([enc.encode([PROMPT]), enc.encode([negative])]))
+    assert torch.equal(enc.embed([PROMPT, negative], on_device), both) and len(entered) == 1   # both cached
+    for i in range(enc.CACHED_PROMPTS):                              # PROMPT last used: evicted first
+        enc.embed([f"a red circle {i}"])
+    assert PROMPT not in enc.cache and len(enc.cache) == enc.CACHED_PROMPTS
+    assert torch.equal(enc.embed([PROMPT]), both[:1])

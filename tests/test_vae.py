@@ -140,3 +140,34 @@ def test_video_stream_encodes_runs_as_they_arrive(tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 5
     slow.discard()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ffmpeg", "v.mp4"]
+
+
+HIDE_DIFFUSERS = '''
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Hide())
+'''
+
+
+def test_the_demo_pipeline_runs_without_diffusers():
+    """diffusers is imported where a Wan VAE is built: the demo model (its own codec) imports, builds
+    and generates on a machine without diffusers, and a Wan VAE there says what is missing."""
+    import subprocess
+    import sys
+
+    script = HIDE_DIFFUSERS + '''
+import pytest
+from paradit.pipeline import Pipeline
+from paradit.models.vae import VideoVAE
+video = Pipeline.from_pretrained("demo")("a red ball moving left", steps=2, progress=False)
+assert video.ndim == 4 and video.shape[-1] == 3, video.shape
+with pytest.raises(ImportError, match="pip install diffusers"):
+    VideoVAE.tiny()
+assert "diffusers" not in sys.modules
+print("ok")
+'''
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

@@ -4,12 +4,23 @@ The prompt is cleaned (HTML entities, whitespace; ftfy where installed), tokenis
 text_len tokens (right padding, EOS kept under truncation), encoded with the attention mask,
 trimmed to its real length and zero-padded back to text_len: the original Wan code's convention
 (wan/modules/t5.py, tokenizers.py); cross-attention then sees all text_len positions.
+
+`TextEncoder.embed` is what a request calls: each prompt encoded alone (so that its embedding does
+not depend on the prompts it came with) and kept in a small LRU in host memory, so that a repeated
+prompt (the default negative prompt above all) is not encoded again. `warm_up` encodes the default
+negative prompt at start-up (paradit.checkpoint, beside the weight reads): the first call's costs
+(cuBLAS handles and workspaces, kernel loading and selection, allocator growth) are paid there, and
+a request with the default negative prompt encodes its own prompt only.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import html
 import logging
 import re
+import time
+from collections import OrderedDict
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -33,22 +44,30 @@ def word_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def clean_prompt(text: str) -> str:
-    """wan/modules/tokenizers.py's clean='whitespace': ftfy (if installed), HTML unescaped twice, spaces."""
+@functools.cache
+def _fix_text():
+    """ftfy.fix_text where ftfy is installed, else the identity: looked up once, not on every prompt."""
     try:
         import ftfy
-        text = ftfy.fix_text(text)
+        return ftfy.fix_text
     except ImportError:  # ftfy only repairs mojibake; plain prompts are unchanged by it
-        pass
-    text = html.unescape(html.unescape(text)).strip()
+        return lambda text: text
+
+
+def clean_prompt(text: str) -> str:
+    """wan/modules/tokenizers.py's clean='whitespace': ftfy (if installed), HTML unescaped twice, spaces."""
+    text = html.unescape(html.unescape(_fix_text()(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
 
 class TextEncoder:
+    CACHED_PROMPTS = 8   # embeddings kept (host memory, text_len x d_model fp32: 8 MB each for umT5-XXL)
+
     def __init__(self, model: UMT5EncoderModel, tokenizer, text_len: int, device="cpu"):
         self.model = model.eval().requires_grad_(False).to(device)
         self.tokenizer, self.text_len, self.device = tokenizer, text_len, torch.device(device)
         self.tokenizer.padding_side = "right"  # the trim below keeps each prompt's first tokens
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()   # prompt -> (1, text_len, d_model), LRU
 
     @property
     def dim(self) -> int:
@@ -69,6 +88,32 @@ class TextEncoder:
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         return out * mask[..., None]  # trim to the real length, zero-pad to text_len
+
+    def embed(self, prompts: list[str], on_device=contextlib.nullcontext) -> torch.Tensor:
+        """encode(prompts) for a request, on the device: each prompt encoded alone, or taken from
+        the LRU of the last CACHED_PROMPTS prompts. on_device: the context the model runs in (an
+        offloaded text encoder's copy to the GPU), entered only where a prompt is not cached."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            with on_device():
+                for p in missing:
+                    self.cache[p] = self.encode([p]).cpu()
+        for p in dict.fromkeys(prompts):
+            self.cache.move_to_end(p)
+        out = torch.cat([self.cache[p] for p in prompts]).to(self.device)
+        while len(self.cache) > self.CACHED_PROMPTS:
+            self.cache.popitem(last=False)
+        return out
+
+    def warm_up(self, prompt: str) -> float:
+        """embed([prompt]) now (start-up: the default negative prompt), on this encoder's device;
+        returns the seconds taken, the device synchronised."""
+        t0 = time.perf_counter()
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            self.embed([prompt])
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+        return time.perf_counter() - t0
 
     @classmethod
     def tiny(cls, text_dim: int, text_len: int, seed: int = 0, device="cpu", layers: int = 2) -> "TextEncoder":

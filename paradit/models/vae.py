@@ -19,16 +19,30 @@ given, on every layout; otherwise the tiles are chosen per call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as vae_unpatchify
+
+from paradit.models.vae_memory import decode_bytes, encode_bytes, work_bytes  # noqa: F401 (imported from here too)
+
+if TYPE_CHECKING:   # diffusers is imported where a Wan VAE is built (wan_autoencoder): not to import paradit
+    from diffusers import AutoencoderKLWan
 
 Tensor = torch.Tensor
 DEFAULT_TILE = (256, 192)  # (tile size, tile stride) in pixels: diffusers' defaults
 BLEND_PX = 64              # the overlap of planned tiles in pixels: diffusers' default (256 - 192)
 MEMORY_USE = 0.8           # the share of free device memory a decode may plan to use
+
+
+def wan_autoencoder():
+    """diffusers' AutoencoderKLWan, imported here, where a Wan VAE is built: a pipeline without one
+    (the demo model's codec) runs where diffusers is not installed."""
+    try:
+        from diffusers import AutoencoderKLWan
+    except ImportError as err:
+        raise ImportError(f"the Wan VAE is diffusers' AutoencoderKLWan, and diffusers cannot be imported ({err}): "
+                          f"pip install diffusers") from err
+    return AutoencoderKLWan
 
 
 # ----------------------------------------------------------------------------- tile geometry
@@ -80,40 +94,6 @@ def tile_origins(vae: AutoencoderKLWan, z: Tensor, tiles: Tiles | None = None) -
 
 
 # ----------------------------------------------------------------------------- memory
-# Activation bytes per pixel and per top-level channel of one VAE call (4 frames, 2 cached, the fp32
-# norms and upsamples): on CUDA an estimate from the decoder's tensors (the GPU benchmark,
-# bench/vae.py, prints it against the measured peak); on CPU, conv3d unfolds its input (vol2col):
-# the peak RSS of fp32 decodes was 59 KB per pixel for Wan2.1 (96 top channels) and 71 KB for
-# Wan2.2 (64 per pixel), so up to 280 per channel in fp32 (x 4 bytes).
-WORK_PER_PIXEL = {"cuda": 48.0, "cpu": 280.0}
-
-
-def work_bytes(channels: float, pixels: int, dtype: torch.dtype, device_type: str) -> float:
-    """One VAE call's working set: a third of it fp32 whatever the dtype (norms, upsamples)."""
-    return WORK_PER_PIXEL.get(device_type, WORK_PER_PIXEL["cpu"]) * channels * pixels * (2 * dtype.itemsize + 4) / 3
-
-
-def decode_bytes(vae: AutoencoderKLWan, lat_hw: tuple[int, int], frames: int, dtype: torch.dtype,
-                 device_type: str = "cuda") -> int:
-    """Estimated peak bytes of decoding a latent of lat_hw over `frames` latent frames, weights aside:
-    one decoder call's working set at its top level (conv_out's input channels, per output pixel
-    after unpatchify), plus the decoded frames held twice (the list and its concatenation)."""
-    ratio, patch = vae.spatial_compression_ratio, vae.config.patch_size or 1
-    pixels = lat_hw[0] * lat_hw[1] * ratio ** 2
-    out_frames = 1 + 4 * (frames - 1)
-    work = work_bytes(vae.decoder.conv_out.in_channels / patch ** 2, pixels, dtype, device_type)
-    return int(work + 2 * 3 * out_frames * pixels * dtype.itemsize)
-
-
-def encode_bytes(vae: AutoencoderKLWan, hw: tuple[int, int], frames: int, dtype: torch.dtype,
-                 device_type: str = "cuda") -> int:
-    """Estimated peak bytes of encoding `frames` frames of hw pixels whole: one encoder call's working
-    set at its top level (conv_in's output channels per pixel) and the input video (and its copy)."""
-    patch = vae.config.patch_size or 1
-    work = work_bytes(vae.encoder.conv_in.out_channels / patch ** 2, hw[0] * hw[1], dtype, device_type)
-    return int(work + 2 * 3 * frames * hw[0] * hw[1] * dtype.itemsize)
-
-
 def tiles_bytes(vae: AutoencoderKLWan, lat_hw, frames: int, dtype, tiles: Tiles, device_type: str = "cuda") -> int:
     """The peak of a tiled decode: one tile's working set, every decoded tile and the blended video."""
     g = tile_geometry(vae, tiles)
@@ -172,6 +152,7 @@ def decoded_chunks(vae: AutoencoderKLWan, z: Tensor, chunk: int = 1):
     """The decoder over z (B, C, F, h, w) with a fresh causal cache, one call at a time: latent
     frame 0 alone, then `chunk` latent frames per call (1: diffusers' loop). Yields each call's
     (B, C', f, h', w'), unclamped, in time order."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
     cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
     yield vae.decoder(vae.post_quant_conv(z[:, :, :1]), feat_cache=cache, feat_idx=[0], first_chunk=True)
     for k in range(1, z.shape[2], chunk):
@@ -186,7 +167,8 @@ def decode_frames(vae: AutoencoderKLWan, z: Tensor, chunk: int = 1) -> Tensor:
 def finish(vae: AutoencoderKLWan, video: Tensor) -> Tensor:
     """Decoder output -> the video (B, 3, F', H, W) in [-1, 1]: unpatchified (Wan2.2) and clamped."""
     if vae.config.patch_size is not None:
-        video = vae_unpatchify(video, patch_size=vae.config.patch_size)
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+        video = unpatchify(video, patch_size=vae.config.patch_size)
     return video.clamp(-1.0, 1.0)
 
 
@@ -378,8 +360,9 @@ class VideoVAE:
         in `dtype` (default_dtype(device) unless given)."""
         from paradit.models.loading import assign_weights, build_on_meta, index_folder, read_tensors
         dtype = dtype or default_dtype(device)
-        config = AutoencoderKLWan.load_config(folder)
-        vae = build_on_meta(lambda: AutoencoderKLWan.from_config(config))
+        autoencoder = wan_autoencoder()
+        config = autoencoder.load_config(folder)
+        vae = build_on_meta(lambda: autoencoder.from_config(config))
         index = index_folder(folder)
         vae = assign_weights(vae, read_tensors(index, index.names, dtype, device, stats=stats), str(folder))
         return cls(vae, device, dtype, **kw)
@@ -387,6 +370,7 @@ class VideoVAE:
     def tiny(cls, z_dim: int = 16, seed: int = 0, device="cpu", **kw) -> "VideoVAE":
         """A randomly initialised VAE of the Wan2.1 kind (z_dim 16, stride 4x8x8) or, for z_dim 48,
         of the Wan2.2 kind (residual blocks, 2x2 pixel patches, stride 4x16x16)."""
+        AutoencoderKLWan = wan_autoencoder()  # noqa: N806 (diffusers' class)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             common = dict(dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])

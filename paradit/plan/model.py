@@ -60,14 +60,14 @@ def activation_gb(m: WanConfig, local_tokens: int, batch: int, ring: bool) -> fl
 # VAE's 2x2 patch), which set a call's working set. tests/test_planner.py checks them against diffusers.
 VAE_SHAPES = {"wan2.1": {"params": 126_892_531, "decode_channels": 96, "encode_channels": 96},
               "wan2.2": {"params": 704_688_668, "decode_channels": 64, "encode_channels": 40}}
-# bytes per pixel and channel of one bf16 VAE call on CUDA: paradit.models.vae.work_bytes (48 per
+# bytes per pixel and channel of one bf16 VAE call on CUDA: paradit.models.vae_memory.work_bytes (48 per
 # channel, a third of it fp32: 48 x (2 x 2 + 4) / 3)
 VAE_WORK_BYTES = 128.0
 
 
 def vae_gb(m: WanConfig, width: int, height: int, frames: int, image_frames: int = 0) -> dict[str, float]:
     """GB of the VAE on a GPU: its bf16 weights, the whole-latent decode's working set (one decoder
-    call at the top level plus the decoded frames held twice, as paradit.models.vae.decode_bytes
+    call at the top level plus the decoded frames held twice, as paradit.models.vae_memory.decode_bytes
     estimates it), and the encode of `image_frames` frames (I2V: the whole video; TI2V: one). The
     tiny and demo codecs are negligible."""
     shape = VAE_SHAPES.get(m.vae)
