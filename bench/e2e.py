@@ -16,8 +16,9 @@
 2. Runs `python -m paradit.generate --model FOLDER --size WxH --frames F --steps N [--compile]`
    in a subprocess for every --run (SIZExFRAMES:STEPS[:compile][:flag=value...]), through
    bench/cli_probe.py, timing the process from its start to the mp4, and reads the run's JSON
-   sidecar: start-up per component (weights, offload set-up, LoRA merge), text encoding, every
-   denoising step, the VAE decode, writing the mp4, peak GPU memory (allocated and reserved) per
+   sidecar: the imports before start-up (imports_s: the interpreter, torch and the CLI's modules;
+   pipeline_import_s: paradit.pipeline's libraries), start-up per component (weights, offload set-up,
+   LoRA merge, the text encoder's warm-up), text encoding, every denoising step, the VAE decode, writing the mp4, peak GPU memory (allocated and reserved) per
    rank, the layout (its CFG mode too) and the settings (what bench/memory_fit.py needs to set the
    planner's prediction beside each peak); and from the probe each phase's seconds and peak
    allocated / reserved GB (`phases`: start-up, text encode, denoise, decode, write). --without-fa4
@@ -291,7 +292,7 @@ def test_image(folder: Path, width: int, height: int) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("run", "startup", "weights", "offload set-up", "LoRA merge", "text enc", "vae load", "encode",
+    head = ("run", "imports", "startup", "weights", "offload set-up", "LoRA merge", "text enc+warm", "vae load", "encode",
             "step (median)", "decode", "write", "to video", "peak alloc/resv GB")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
@@ -302,8 +303,9 @@ def table(rows: list[dict]) -> str:
         steps = sorted(r["step_s"] or [float("nan")])
         mem = (r["gpu_memory_gb"] or {}).get("0")
         lines.append(" | ".join([
-            r["run"], f"{s.get('build_s', 0):.1f}", f"{s.get('weights_s', 0):.1f}", f"{offload_setup_s(s):.1f}",
-            f"{s.get('lora_merge_s', 0):.1f}", f"{s.get('text_encoder_s', 0):.1f}",
+            r["run"], f"{s.get('imports_s', 0) + s.get('pipeline_import_s', 0):.1f}", f"{s.get('build_s', 0):.1f}",
+            f"{s.get('weights_s', 0):.1f}", f"{offload_setup_s(s):.1f}", f"{s.get('lora_merge_s', 0):.1f}",
+            f"{s.get('text_encoder_s', 0) + s.get('text_encoder_warmup_s', 0):.1f}",
             f"{s.get('vae_s', 0):.1f}", f"{r['text_encoder_s']:.2f}",
             f"{steps[len(steps) // 2]:.2f} ({len(steps)} steps)", f"{r['vae_decode_s']:.1f}", f"{r['write_video_s']:.2f}",
             f"{r['time_to_video_s'] or r['process_s']:.1f}",

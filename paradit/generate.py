@@ -50,8 +50,9 @@ log = logging.getLogger("paradit")
 def run(spec: RunSpec, batch: Batch, outputs: Outputs, startup: dict) -> list[Path]:
     """Build the pipeline of a validated spec, generate the batch's prompts, stage their outputs
     (committed by the caller once every rank has succeeded); returns the staged videos. startup:
-    the start-up's timings so far (validate_s), completed here (paradit.events)."""
-    from paradit.pipeline import Pipeline  # diffusers and transformers: only once the input is valid
+    the start-up's timings so far (imports_s, validate_s), completed here (paradit.events)."""
+    with phase("pipeline_import", startup):   # torch._dynamo, transformers: only once the input is valid
+        from paradit.pipeline import Pipeline
     s = spec.settings
     log.info("video: %dx%d, %d frames, %d steps (%s)", s.width, s.height, s.frames, s.steps, spec.size_source)
     with phase("build", startup):
@@ -241,7 +242,8 @@ def lost_peer(err: BaseException) -> bool:
 
 def main(argv=None) -> int:
     """Run the CLI; on any rank's failure every rank exits non-zero with the reason, writing nothing."""
-    outputs, watcher, startup = Outputs(), None, {}
+    before = since_process_start()   # the interpreter, torch and this module's imports
+    outputs, watcher, startup = Outputs(), None, {} if before is None else {"imports_s": before}
     try:
         with phase("validate", startup):   # reading the flags, the world, every check: before any weight
             flags = parse_args(argv)

@@ -229,6 +229,7 @@ def test_generate_cli_on_a_checkpoint(ckpt, tmp_path):
                  "--frames", "9", "--steps", "2", "--out", str(out), "--save-latents", "--no-progress"]) == 0
     side = json.loads(out.with_suffix(".json").read_text())
     assert out.stat().st_size > 0 and out.with_suffix(".latent.safetensors").exists()
-    assert set(side["timings_s"]["startup"]) >= {"validate_s", "config_s", "weights_s", "text_encoder_s", "vae_s",
+    assert set(side["timings_s"]["startup"]) >= {"imports_s", "validate_s", "pipeline_import_s", "config_s",
+                                                 "weights_s", "text_encoder_s", "text_encoder_warmup_s", "vae_s",
                                                  "build_s", "first_step_s"}
     assert side["preset"] == "wan2.2-t2v-a14b"

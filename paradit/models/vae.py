@@ -19,14 +19,18 @@ given, on every layout; otherwise the tiles are chosen per call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from paradit.models.vae_memory import decode_bytes, encode_bytes, work_bytes  # noqa: F401 (imported from here too)
 
-if TYPE_CHECKING:   # diffusers is imported where a Wan VAE is built (wan_autoencoder): not to import paradit
+try:   # imported with the pipeline, as before; only a Wan VAE needs it (wan_autoencoder), not the demo's codec
     from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as vae_unpatchify
+    MISSING = None
+except ImportError as err:
+    AutoencoderKLWan, MISSING = None, str(err)
 
 Tensor = torch.Tensor
 DEFAULT_TILE = (256, 192)  # (tile size, tile stride) in pixels: diffusers' defaults
@@ -35,13 +39,11 @@ MEMORY_USE = 0.8           # the share of free device memory a decode may plan t
 
 
 def wan_autoencoder():
-    """diffusers' AutoencoderKLWan, imported here, where a Wan VAE is built: a pipeline without one
-    (the demo model's codec) runs where diffusers is not installed."""
-    try:
-        from diffusers import AutoencoderKLWan
-    except ImportError as err:
-        raise ImportError(f"the Wan VAE is diffusers' AutoencoderKLWan, and diffusers cannot be imported ({err}): "
-                          f"pip install diffusers") from err
+    """diffusers' AutoencoderKLWan, for building a Wan VAE: a pipeline without one (the demo model's
+    codec) runs where diffusers is not installed."""
+    if AutoencoderKLWan is None:
+        raise ImportError(f"the Wan VAE is diffusers' AutoencoderKLWan, and diffusers cannot be imported "
+                          f"({MISSING}): pip install diffusers")
     return AutoencoderKLWan
 
 
@@ -152,7 +154,6 @@ def decoded_chunks(vae: AutoencoderKLWan, z: Tensor, chunk: int = 1):
     """The decoder over z (B, C, F, h, w) with a fresh causal cache, one call at a time: latent
     frame 0 alone, then `chunk` latent frames per call (1: diffusers' loop). Yields each call's
     (B, C', f, h', w'), unclamped, in time order."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
     cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
     yield vae.decoder(vae.post_quant_conv(z[:, :, :1]), feat_cache=cache, feat_idx=[0], first_chunk=True)
     for k in range(1, z.shape[2], chunk):
@@ -167,8 +168,7 @@ def decode_frames(vae: AutoencoderKLWan, z: Tensor, chunk: int = 1) -> Tensor:
 def finish(vae: AutoencoderKLWan, video: Tensor) -> Tensor:
     """Decoder output -> the video (B, 3, F', H, W) in [-1, 1]: unpatchified (Wan2.2) and clamped."""
     if vae.config.patch_size is not None:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-        video = unpatchify(video, patch_size=vae.config.patch_size)
+        video = vae_unpatchify(video, patch_size=vae.config.patch_size)
     return video.clamp(-1.0, 1.0)
 
 
@@ -370,7 +370,7 @@ class VideoVAE:
     def tiny(cls, z_dim: int = 16, seed: int = 0, device="cpu", **kw) -> "VideoVAE":
         """A randomly initialised VAE of the Wan2.1 kind (z_dim 16, stride 4x8x8) or, for z_dim 48,
         of the Wan2.2 kind (residual blocks, 2x2 pixel patches, stride 4x16x16)."""
-        AutoencoderKLWan = wan_autoencoder()  # noqa: N806 (diffusers' class)
+        wan_autoencoder()   # diffusers' class, or the error that says it is missing
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             common = dict(dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
