@@ -87,20 +87,21 @@ class TextEncoder:
                              truncation=True, add_special_tokens=True, return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        return out * mask[..., None]  # trim to the real length, zero-pad to text_len
+        return out.mul_(mask[..., None])  # trim to the real length, zero-pad to text_len (in place: a fresh tensor)
 
     def embed(self, prompts: list[str], on_device=contextlib.nullcontext) -> torch.Tensor:
         """encode(prompts) for a request, on the device: each prompt encoded alone, or taken from
         the LRU of the last CACHED_PROMPTS prompts. on_device: the context the model runs in (an
         offloaded text encoder's copy to the GPU), entered only where a prompt is not cached."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if missing:
+        fresh = {p: None for p in prompts if p not in self.cache}
+        if fresh:
             with on_device():
-                for p in missing:
-                    self.cache[p] = self.encode([p]).cpu()
+                for p in fresh:
+                    fresh[p] = self.encode([p])                 # on the device: used from there
+                    self.cache[p] = fresh[p].cpu()
         for p in dict.fromkeys(prompts):
             self.cache.move_to_end(p)
-        out = torch.cat([self.cache[p] for p in prompts]).to(self.device)
+        out = torch.cat([self.cache[p].to(self.device) if fresh.get(p) is None else fresh[p] for p in prompts])
         while len(self.cache) > self.CACHED_PROMPTS:
             self.cache.popitem(last=False)
         return out
