@@ -22,6 +22,15 @@ def test_planning_imports_no_torch():
     assert run.returncode == 0, run.stderr
 
 
+def test_the_generate_help_imports_no_torch():
+    # `python -m paradit.generate --help` answers from the flags alone, before torch's imports
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "paradit.generate", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "--model" in run.stdout, run.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "paradit.cli.flags" in imported and "torch" not in imported
+
+
 def test_planner_module_runs():
     run = subprocess.run([sys.executable, "-m", "paradit.plan", "--model", "wan2.2-t2v-a14b", "--gpus", "8",
                           "--size", "1280x720", "--frames", "81"], capture_output=True, text=True, timeout=120)
