@@ -9,6 +9,7 @@ One launcher for both kinds of machine:
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -65,9 +66,27 @@ def machine_description(device_type: str) -> str:
     return f"{torch.cuda.device_count()} x {gpu_name()}"
 
 
+def code_revision() -> dict:
+    """Which paradit was measured: the git commit (+uncommitted if the tree differs from it), and a
+    digest of paradit's sources, which names the code where a copy of the tree has no .git."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted((root / "paradit").rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    git = ["git", "-C", str(root)]
+    try:
+        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=30)
+        commit = rev.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"git": commit, "paradit_sha256": digest.hexdigest()[:12]}
+
+
 def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
-           "cpu": cpu_model(), "cpu_cores": cpu_cores(),
+           "cpu": cpu_model(), "cpu_cores": cpu_cores(), "code": code_revision(),
            "loadavg_1_5_15_min": os.getloadavg()}   # the machine may be shared: how busy it was
     if has_cuda():
         env |= {"gpu": gpu_name(), "gpus": torch.cuda.device_count(), "cuda": torch.version.cuda,

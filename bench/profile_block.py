@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
+from launcher import code_revision, environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
 from peers import diffusers_class, diffusers_twin, latent_call  # noqa: E402
 from scaling import build_model, make_inputs  # noqa: E402
 
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                                       encoder_hidden_states=call["cond"], return_dict=False)[0]}
     tag = machine_tag(device.type)
     print(f"profile: {preset} ({args.layers} blocks), {w}x{h}x{frames} ({cfg.num_tokens(w, h, frames)} tokens), "
-          f"{dtype}, on {machine_description(device.type)}", flush=True)
+          f"{dtype}, on {machine_description(device.type)}; paradit at {code_revision()}", flush=True)
     result = dict(what="profile", date=time.strftime("%Y-%m-%d"), machine=tag, environment=environment(),
                   settings=dict(preset=preset, layers=args.layers, width=w, height=h, frames=frames, dtype=str(dtype)),
                   method=__doc__, models={})

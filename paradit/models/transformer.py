@@ -18,6 +18,7 @@ from torch import nn
 
 from paradit.config import WanConfig
 from paradit.models.attention import AttentionFn, sdpa_attention
+from paradit.models.elementwise import FP32LayerNorm, addcmul_into, linear_gelu
 
 Tensor = torch.Tensor
 
@@ -77,8 +78,12 @@ def _rope_table_cpu(grid: tuple[int, int, int], head_dim: int) -> tuple[Tensor, 
 
 @lru_cache(maxsize=32)
 def _rope_slice(grid: tuple[int, int, int], head_dim: int, start: int, end: int, device: str):
-    cos, sin = _rope_table_cpu(grid, head_dim)
-    return cos[start:end].to(device), sin[start:end].to(device)
+    """Rows [start, end) as apply_rope reads them, each (end - start, head_dim): dims 2i and 2i+1
+    hold angle i's cos, cos and -sin, +sin."""
+    cos, sin = (t[start:end] for t in _rope_table_cpu(grid, head_dim))   # (L, D/2) each
+    cos2 = cos.repeat_interleave(2, dim=-1)                                 # (L, D)
+    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)                    # (L, D)
+    return cos2.to(device), sin2.to(device)
 
 
 def rope_table(grid, head_dim: int, start: int, end: int, device) -> tuple[Tensor, Tensor]:
@@ -87,27 +92,20 @@ def rope_table(grid, head_dim: int, start: int, end: int, device) -> tuple[Tenso
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers. x (B, S, H, D); cos/sin (S, D/2).
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers. x (B, S, H, D); cos/sin (S, D)
+    from rope_table, so that out = x * cos + swap(x) * sin, swap exchanging each pair's two values.
 
     The products run in fp32 (cos/sin are fp32) and are rounded once, into x's dtype, as they are
-    stored: no fp32 copy of x and no fp32 result tensor (each would be 1.5 GB per call at 720p).
+    stored: no fp32 copy of x. Three contiguous passes (the swap, one fp32 product, one addcmul
+    into the output) move 18 bytes per bf16 element; diffusers' `x1 * cos - x2 * sin` per half
+    is eight, four of them strided, ~36.
     """
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                # (B, S, H, D/2) each, views
-    c, s = cos[:, None, :], sin[:, None, :]                     # (S, 1, D/2)
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)    # (B, S, H, D): (x[2i+1], x[2i]), a copy
+    rotated = x * cos[:, None]                                 # (B, S, H, D) fp32
+    return addcmul_into(torch.empty_like(x), rotated, swapped, sin[:, None])
 
 
 # ----------------------------------------------------------------------------- layers
-class FP32LayerNorm(nn.LayerNorm):
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the whole hidden dim (before the split into heads): x / rms(x) * weight.
 
@@ -163,14 +161,15 @@ class WanBlock(nn.Module):
     def forward(self, x: Tensor, e0: Tensor, context: Tensor, rope) -> Tensor:
         # e0: (B, 1 or L, 6, D); the six modulation vectors, each (B, 1 or L, D), in fp32
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0.float()).unbind(-2)
-        # 1. self-attention on the modulated, normalised stream
-        h = (self.norm1(x) * (1 + scale1) + shift1).type_as(x)
-        x = (x.float() + self.self_attn(h, rope=rope) * gate1).type_as(x)
+        # 1. self-attention on the modulated, normalised stream; the gated residual in fp32, rounded
+        #    once into the stream's dtype (paradit.models.elementwise: one kernel each)
+        h = self.norm1.modulated(x, shift1, scale1)
+        x = addcmul_into(torch.empty_like(x), x, self.self_attn(h, rope=rope), gate1)
         # 2. cross-attention to the text (no gate)
-        x = x + self.cross_attn(self.norm3(x.float()).type_as(x), context=context)
-        # 3. feed-forward
-        h = (self.norm2(x) * (1 + scale2) + shift2).type_as(x)
-        return (x.float() + self.ffn(h).float() * gate2).type_as(x)
+        x = x + self.cross_attn(self.norm3(x), context=context)
+        # 3. feed-forward (ffn[1], the GELU, runs inside linear_gelu: in the GEMM's epilogue on CUDA)
+        h = self.norm2.modulated(x, shift2, scale2)
+        return addcmul_into(torch.empty_like(x), x, self.ffn[2](linear_gelu(self.ffn[0], h)), gate2)
 
 
 class Head(nn.Module):
@@ -184,7 +183,7 @@ class Head(nn.Module):
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         # e: (B, 1 or L, D)
         shift, scale = (self.modulation + e.unsqueeze(-2).float()).unbind(-2)
-        return self.head((self.norm(x) * (1 + scale) + shift).type_as(x))
+        return self.head(self.norm.modulated(x, shift, scale))
 
 
 # ----------------------------------------------------------------------------- the model
