@@ -10,7 +10,8 @@ loop: un-normalise, vae.decode, postprocess_video), then writing the mp4 as diff
 (diffusers.utils.export_to_video, imageio's ffmpeg writer, at the model's 16 fps). The VAE is as
 from_pretrained loads it (torch_dtype for every component, tiling off): diffusers' default. Each
 phase's peak GPU memory (allocated and reserved, GB; the peak statistics reset as it starts) lands in
-`phases`, as bench/cli_probe.py records paradit's; time_to_video_s counts from the process start.
+`phases`, as bench/cli_probe.py records paradit's; time_to_video_s counts from the process start, and
+imports_s is its part before start-up (the interpreter, torch, diffusers and transformers).
 """
 from __future__ import annotations
 
@@ -107,11 +108,12 @@ def run(folder: Path, width: int, height: int, frames: int, steps: int, prompt: 
     step_s = [b - a for a, b in zip([t0, *steps_at[:-1]], steps_at)]
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     from paradit.generate import since_process_start     # after the video: not part of what is timed
+    process_s, to_video = time.perf_counter() - t_process, since_process_start()
     return dict(library="diffusers", startup_s=startup, text_encoder_s=text, step_s=step_s, denoise_s=denoise,
                 vae_decode_s=decode_s, write_video_s=write_s, frames_shape=list(video.shape), peak_allocated_gb=peak,
                 phases=phases.rows, vae_dtype=str(pipe.vae.dtype), vae_tiling=bool(pipe.vae.use_tiling),
-                device=str(device), process_s=time.perf_counter() - t_process, time_to_video_s=since_process_start(),
-                mp4_bytes=video_path.stat().st_size)
+                device=str(device), process_s=process_s, time_to_video_s=to_video, mp4_bytes=video_path.stat().st_size,
+                imports_s=to_video - process_s if to_video is not None else None)  # interpreter, torch, diffusers
 
 
 def main(argv=None) -> int:

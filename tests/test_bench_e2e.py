@@ -26,7 +26,8 @@ def test_e2e_writes_a_checkpoint_and_reports_every_phase(tmp_path):
     assert (row["run"], distill["run"]) == ("64x48x5:2", "64x48x5:distill-4-steps")
     assert row["returncode"] == 0, row.get("error")
     assert len(row["step_s"]) == 2 and all(s > 0 for s in row["step_s"])
-    for phase in ("weights_s", "text_encoder_s", "vae_s", "build_s"):
+    for phase in ("imports_s", "pipeline_import_s", "weights_s", "text_encoder_s", "text_encoder_warmup_s", "vae_s",
+                  "build_s"):
         assert row["startup"][phase] > 0, phase
     for phase in ("text_encoder_s", "denoise_s", "vae_decode_s", "write_video_s"):
         assert row[phase] > 0, phase
@@ -39,6 +40,7 @@ def test_e2e_writes_a_checkpoint_and_reports_every_phase(tmp_path):
     assert set(row["ratios"]) == {"startup", "text_encoder", "denoise", "decode", "decode_write", "time_to_video"}
     assert all(v > 0 for v in row["ratios"].values())
     assert peer["write_video_s"] > 0 and peer["mp4_bytes"] > 0 and peer["time_to_video_s"] > peer["denoise_s"]
+    assert peer["time_to_video_s"] > peer["imports_s"] > 0      # the process's seconds before its start-up
     # each phase timed from outside the library (bench/cli_probe.py; no GPU here: no peaks)
     assert set(row["phases"]) == set(peer["phases"]) == {"startup", "text_encode", "denoise", "decode", "write"}
     assert all(p["s"] > 0 and p["calls"] == 1 for p in row["phases"].values())
