@@ -6,9 +6,9 @@ real shape, without a GPU.
     python bench/block_traffic.py --preset wan2.2-ti2v-5b --size 1280x704 --frames 121 --per-token
 
 Both blocks run on the meta device (shapes and dtypes, no data, no memory) in bf16 under a dispatch
-mode that records every aten op: the bytes it reads and writes, each tensor counted by its extent in
-memory (a stride-2 view costs the whole tensor it lies in, as DRAM sectors do; a broadcast dim costs
-nothing), and one kernel per op that is neither a view nor an allocation. The ops are counted as CUDA
+mode that records every aten op: the bytes it reads and writes (touched_bytes: each element once, a
+broadcast dim costing nothing, a view strided in its innermost dim costing the 32-byte sectors it
+spans), and one kernel per op that is neither a view nor an allocation. The ops are counted as CUDA
 runs them: a mixed-dtype elementwise op reads and writes each tensor once (on CPU torch would make
 promoted temporaries), and paradit's FFN takes linear_gelu's CUDA path (meta follows it). Attention
 is one recorded op (q, k, v read, the output written): on meta, SDPA would decompose into its S x S
@@ -20,6 +20,7 @@ Results: bench/results/<date>_<machine>_block_traffic_b<batch>.json, with the re
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections import defaultdict
@@ -36,16 +37,18 @@ from launcher import code_revision, environment, machine_tag, results_path, writ
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import WanBlock, rope_table  # noqa: E402
 
+SECTOR = 32   # bytes: the least a GPU's memory access moves (an L2 sector)
 GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_addmm_activation"}
 FREE = {"_unsafe_view", "empty", "empty_like", "empty_strided", "lift_fresh", "detach"}  # no data moved
 
 
-def extent_bytes(t: torch.Tensor) -> int:
-    """Bytes spanned by a view: from its first element to its last, 0 along broadcast dims."""
-    if t.numel() == 0:
-        return 0
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s > 0)
-    return span * t.element_size()
+def touched_bytes(t: torch.Tensor) -> int:
+    """DRAM bytes a kernel moves to read or write view t: each distinct element once (a broadcast dim
+    costs nothing), times the unused share of each 32-byte sector where the innermost dim is strided
+    (a stride-2 bf16 view, one half of RoPE's interleaved pairs, moves every sector: twice its bytes)."""
+    dims = [(n, s) for n, s in zip(t.shape, t.stride()) if n > 1 and s > 0]
+    inner = min((s for _, s in dims), default=1)                      # elements between neighbours
+    return math.prod(n for n, _ in dims) * t.element_size() * min(inner, max(1, SECTOR // t.element_size()))
 
 
 class Counter(TorchDispatchMode):
@@ -71,8 +74,8 @@ class Counter(TorchDispatchMode):
         outs = {a.name for a in func._schema.arguments if a.is_out}
         inputs = [v for v in (*args, *(v for k, v in kwargs.items() if k not in outs)) if isinstance(v, torch.Tensor)]
         results = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
-        read = sum(extent_bytes(t) for t in {id(t): t for t in inputs}.values())
-        self.record(name, "gemm" if name in GEMMS else "other", read, sum(extent_bytes(t) for t in results))
+        read = sum(touched_bytes(t) for t in {id(t): t for t in inputs}.values())
+        self.record(name, "gemm" if name in GEMMS else "other", read, sum(touched_bytes(t) for t in results))
         return out
 
 
@@ -83,7 +86,7 @@ def one_kernel(counter: Counter, name: str, kind: str):
     def op(*args, **kwargs):
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
         out = torch.empty_like(tensors[0])
-        counter.record(name, kind, sum(extent_bytes(t) for t in tensors), extent_bytes(out))
+        counter.record(name, kind, sum(touched_bytes(t) for t in tensors), touched_bytes(out))
         return out
     return op
 

@@ -20,11 +20,12 @@ def block_traffic():
     return block_traffic
 
 
-def test_extent_counts_strided_views_whole_and_broadcasts_once(block_traffic):
-    x = torch.empty(4, 6, 8, dtype=torch.bfloat16, device="meta")
-    assert block_traffic.extent_bytes(x) == 4 * 6 * 8 * 2
-    assert block_traffic.extent_bytes(x[..., ::2]) == (4 * 6 * 8 - 1) * 2      # every other element: all sectors
-    assert block_traffic.extent_bytes(torch.empty(1, 1, 8, device="meta").expand(4, 6, 8)) == 8 * 4
+def test_touched_bytes_count_sectors_of_strided_views_and_broadcasts_once(block_traffic):
+    x = torch.empty(4, 6, 32, dtype=torch.bfloat16, device="meta")                # rows of 64 bytes
+    assert block_traffic.touched_bytes(x) == 4 * 6 * 32 * 2
+    assert block_traffic.touched_bytes(x[..., ::2]) == 4 * 6 * 32 * 2           # every other element: all sectors
+    assert block_traffic.touched_bytes(x[:, ::3]) == 4 * 2 * 32 * 2             # whole rows: only their bytes
+    assert block_traffic.touched_bytes(torch.empty(1, 1, 8, device="meta").expand(4, 6, 8)) == 8 * 4
 
 
 @pytest.mark.parametrize("batch", [1, 2])

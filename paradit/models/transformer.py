@@ -159,8 +159,9 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
 
     def forward(self, x: Tensor, e0: Tensor, context: Tensor, rope) -> Tensor:
-        # e0: (B, 1 or L, 6, D); the six modulation vectors, each (B, 1 or L, D), in fp32
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0.float()).unbind(-2)
+        # e0: (B, 1 or L, 6, D); the six modulation vectors, each (B, 1 or L, D), in fp32 (the table
+        # upcast, not e0: one pass over a per-token e0, which promotes as it is added)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(-2)
         # 1. self-attention on the modulated, normalised stream; the gated residual in fp32, rounded
         #    once into the stream's dtype (paradit.models.elementwise: one kernel each)
         h = self.norm1.modulated(x, shift1, scale1)
@@ -182,7 +183,7 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         # e: (B, 1 or L, D)
-        shift, scale = (self.modulation + e.unsqueeze(-2).float()).unbind(-2)
+        shift, scale = (self.modulation.float() + e.unsqueeze(-2)).unbind(-2)
         return self.head(self.norm.modulated(x, shift, scale))
 
 
