@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m paradit.generate --model demo --prompt "a red circle moving right" --out outputs/demo.mp4
+	$(PY) -m paradit.generate --model demo64 --prompt "a red circle moving right quickly" --out outputs/demo.mp4
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q

@@ -20,7 +20,8 @@ from paradit.models.transformer import WanTransformer
 from paradit.models.vae import VideoVAE
 
 # preset name -> "module:function(cfg, device, dtype, seed, needed)" returning (experts, text encoder, codec)
-PRESET_BUILDERS = {"tiny": "paradit.components:tiny_components", "demo": "paradit.demo:demo_components"}
+PRESET_BUILDERS = {"tiny": "paradit.components:tiny_components", "demo": "paradit.demo:demo_components",
+                   "demo64": "paradit.demo:demo_components"}
 
 
 @dataclass

@@ -111,8 +111,8 @@ class Pipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, name_or_path: str, parallel: ParallelConfig | None = None, **options) -> "Pipeline":
-        """'tiny' (random weights, built locally), 'demo' (the shipped demo model) or a checkpoint
-        folder: Pipeline.from_spec(paradit.runspec.build_spec(...)) of these keywords. The layout and
+        """'tiny' (random weights, built locally), 'demo' or 'demo64' (the shipped demo models) or a
+        checkpoint folder: Pipeline.from_spec(paradit.runspec.build_spec(...)) of these keywords. The layout and
         every option are validated against the world before any weights are built or read.
 
         parallel: the layout; ParallelConfig(experts="split") without stages takes the stage sizes

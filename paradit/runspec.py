@@ -59,7 +59,7 @@ def _lora_flag(target: str, help: str) -> dict:
 
 
 # presets that bring their weights (built locally, paradit.components); the other presets are architectures
-RUNNABLE_PRESETS = ("tiny", "demo")
+RUNNABLE_PRESETS = ("tiny", "demo", "demo64")
 ATTENTION_CHOICES = ("auto", "fa4", "flash", "sdpa", "math")
 
 
@@ -68,8 +68,8 @@ class BuildSpec:
     """What builds one rank's pipeline, validated (build_spec). The fields made with option() are
     the build options: a flag of generate and the service, and a keyword of Pipeline.from_pretrained."""
     model: str = option(flag=dict(parse=str, default="demo", shown="demo", metavar="NAME|FOLDER", help=(
-        "a preset that brings its weights (tiny: random, demo: the shipped trained model) or a Wan checkpoint "
-        "folder")))
+        "a preset that brings its weights (tiny: random, demo: the shipped trained 16x16 model, demo64: the "
+        "64x64x33 one) or a Wan checkpoint folder")))
     cfg: WanConfig                          # the model's (build_spec reads it)
     layout: ParallelConfig                  # resolved: stages and weight sharding decided
     device: str = option("auto", dict(parse=str, metavar="DEVICE", help="auto, cpu, cuda or cuda:N", shown=(

@@ -186,3 +186,13 @@ def mesh_roles(layouts: list[dict]) -> list[tuple]:
         out.append(((mesh.roles.encodes, decode_group(mesh)[0], mesh.is_output_rank),
                     (first["request"] and mesh.coords["stage"] == 0, first["sp"])))
     return out
+
+
+def preset_latents(name: str, layouts: dict[str, dict], prompt: str, kw: dict):
+    """A preset's final latent under each layout ({label: layout}), as every rank returns it; kw:
+    the call's settings."""
+    out = {}
+    for label, layout in layouts.items():
+        pipe = Pipeline.from_pretrained(name, parallel=ParallelConfig(**layout))
+        out[label] = pipe(prompt, output="latent", progress=False, **kw)
+    return out

@@ -108,10 +108,13 @@ def is_blank(prompt: str) -> bool:
     return clean_prompt(prompt) == ""
 
 
-def warn_unknown_words(prompts: tuple[str, ...]) -> None:
-    from paradit.demo.data import vocabulary_warning
+def warn_unknown_words(prompts: tuple[str, ...], preset: str) -> None:
+    """A demo model's prompts against its vocabulary (demo64's has speed words too)."""
+    from paradit.demo.data import RECIPES, vocabulary_warning
+    if preset not in RECIPES:
+        return
     for prompt in prompts:
-        warning = vocabulary_warning(prompt)
+        warning = vocabulary_warning(prompt, RECIPES[preset])
         if warning:
             log.warning("%s", warning)
 
@@ -192,8 +195,8 @@ def resolve_batch(flags: Flags, spec: RunSpec, info) -> Batch:
     with flag_terms(flags):
         conditioning.check_task(spec.cfg, flags.image)
     prompts = read_prompts(flags)
-    if spec.cfg.name == "demo" and info.rank == 0:
-        warn_unknown_words(prompts)
+    if info.rank == 0:
+        warn_unknown_words(prompts, spec.build.model)
     paths = output_paths(flags, len(prompts))
     if rank_roles(spec.layout, info.rank).writes:
         check_outputs(paths, flags)
