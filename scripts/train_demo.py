@@ -15,9 +15,10 @@ branch to use.
 Deterministic on CPU for a given seed and thread count: AdamW, fixed seeds, no data-loader
 workers. One thread by default: on a shared machine a second thread mostly waits for a busy core,
 and the result does not depend on how many cores the machine has. Writes high.safetensors,
-low.safetensors, text_encoder.safetensors and train.json into --out, and the loss curve and
-the contact sheet (frames of several prompts) into --docs; train.json has the judge's verdicts on
-the prompts training never showed (data.Recipe.held_out), or on 12 prompts for a recipe without any.
+low.safetensors, text_encoder.safetensors, train.json and losses.json into --out, and the loss
+curve and the contact sheet (frames of several prompts) into --docs; train.json has the judge's
+verdicts on the prompts training never showed (data.Recipe.held_out), or on 12 prompts for a recipe
+without any. scripts/demo_report.py makes that report (judged, images) again from --out alone.
 
 --minutes gives the training a time budget instead of --shared/--iters: after 30 warm-up steps it
 times 20 more and sets both so that the whole training takes about that long, in the defaults'
@@ -45,7 +46,7 @@ from paradit.demo.data import RECIPES, Recipe, all_prompts, make_batch  # noqa: 
 from paradit.models.text_encoder import TextEncoder  # noqa: E402
 from paradit.models.transformer import WanTransformer  # noqa: E402
 
-from demo_report import contact_sheet, evaluate, plot_loss, sample_prompts  # noqa: E402
+from demo_report import LOSSES, loss_points, sampler, write_report  # noqa: E402
 
 Tensor = torch.Tensor
 PROBE = (30, 50)   # --minutes: steps [30, 50) of the shared stage are timed
@@ -227,22 +228,15 @@ def set_lr(opt, lr: float) -> None:
         g["lr"] = lr
 
 
-def save(out: Path, experts, text: TextEncoder, info: dict) -> None:
+def save(out: Path, experts, text: TextEncoder, info: dict, losses: dict[str, list[float]]) -> None:
+    """The weights, train.json, and the losses (LOSSES: means of 10 iterations) that
+    scripts/demo_report.py plots, so that the report can be made again from the folder alone."""
     out.mkdir(parents=True, exist_ok=True)
     for name, m in zip(("high", "low"), experts):
         save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, out / f"{name}.safetensors")
     save_model(text.model, str(out / "text_encoder.safetensors"))     # handles umT5's tied embeddings
     (out / "train.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
-def sampler(cfg: WanConfig, experts, text: TextEncoder, codec, device: str):
-    """A one-device pipeline of the trained experts with everything on the training device."""
-    from paradit.parallel.mesh import init_parallel
-    from paradit.pipeline import Pipeline
-    from paradit.plan.layout import ParallelConfig
-    text.model.to(device)
-    text.device = torch.device(device)
-    return Pipeline(cfg, experts, text, codec, mesh=init_parallel(ParallelConfig(), device=device))
+    (out / LOSSES).write_text(json.dumps(dict(every=10, points=loss_points(losses, 10))) + "\n")
 
 
 def main(argv=None) -> None:
@@ -258,20 +252,11 @@ def main(argv=None) -> None:
                 train_seconds=round(seconds, 1), device=torch.cuda.get_device_name() if not cpu else "cpu",
                 final_loss={n: sum(ls[-100:]) / len(ls[-100:]) for n, ls in losses.items() if ls},
                 torch=torch.__version__)
-    save(Path(args.out), experts, text, info)
+    save(Path(args.out), experts, text, info, losses)
+    print(f"trained in {seconds:.0f}s; weights in {args.out}")
     pipe = sampler(cfg, experts, text, codec, args.device)
-    info["judged"] = evaluate(pipe, RECIPES[cfg.name])
-    (Path(args.out) / "train.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"trained in {seconds:.0f}s; weights in {args.out}; judged on {info['judged']['count']} prompts "
-          f"({info['judged']['prompts']}): passed {json.dumps(info['judged']['passed'])}")
-    if args.docs:
-        docs = Path(args.docs)
-        docs.mkdir(parents=True, exist_ok=True)
-        plot_loss(docs / f"{cfg.name}-loss.png", losses, cfg.name)
-        prompts = sample_prompts(RECIPES[cfg.name])
-        videos = [pipe(p, seed=i, progress=False) for i, p in enumerate(prompts)]
-        contact_sheet(docs / f"{cfg.name}-samples.png", videos, prompts)
-        print(f"wrote {docs / f'{cfg.name}-loss.png'} and {docs / f'{cfg.name}-samples.png'}")
+    write_report(pipe, Path(args.out), info, Path(args.docs) if args.docs else None,
+                 (loss_points(losses, 10), f"{args.out}/{LOSSES}: means of 10 iterations"))
 
 
 if __name__ == "__main__":
