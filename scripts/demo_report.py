@@ -58,9 +58,10 @@ def sample_prompts(recipe: Recipe, count: int = 8) -> list[str]:
     return held + seen[5::step][:count - len(held)]
 
 
-def contact_sheet(path: Path, videos: list[torch.Tensor], prompts: list[str], columns: int = 9,
+def contact_sheet(path: Path, videos: list[torch.Tensor], titles: list[str], columns: int = 9,
                   scale: int = 2) -> None:
-    """One row per prompt: `columns` frames evenly spaced from the first to the last, left to right."""
+    """One row per video (its title above it): `columns` frames evenly spaced from the first to the
+    last, left to right."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -68,12 +69,14 @@ def contact_sheet(path: Path, videos: list[torch.Tensor], prompts: list[str], co
     f, h, w, _ = videos[0].shape
     scale = max(scale, 64 // h)                                   # small frames drawn larger
     picks = torch.linspace(0, f - 1, min(columns, f)).round().long()
-    fig, axes = plt.subplots(len(videos), 1, figsize=(1.1 * len(picks) * w * scale / 64, 1.25 * len(videos)))
-    for ax, v, p in zip(axes, videos, prompts):
+    inches = lambda pixels: pixels * scale / 100                  # noqa: E731 (drawn at 100 dpi, 1:1)
+    fig, axes = plt.subplots(len(videos), 1, figsize=(inches(len(picks) * (w + 2)) + 0.2,
+                                                      (inches(h) + 0.3) * len(videos)))
+    for ax, v, title in zip(axes, videos, titles):
         gap = torch.full((h, 2, 3), 255, dtype=torch.uint8)
         row = torch.cat([torch.cat([v[k].cpu(), gap], dim=1) for k in picks], dim=1)   # (H, n*(W+2), 3)
         ax.imshow(row.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy(), interpolation="nearest")
-        ax.set_title(f"{p}   (frames {', '.join(str(int(k)) for k in picks)})", fontsize=8, loc="left")
+        ax.set_title(f"{title}   (frames {', '.join(str(int(k)) for k in picks)})", fontsize=8, loc="left")
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -94,7 +97,7 @@ def plot_loss(path: Path, points: dict[str, list], name: str, source: str) -> No
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=labels[part])
     ax.set(xlabel="iteration", ylabel="flow-matching loss", yscale="log", title=f"{name} model training")
     ax.legend(loc="upper right")
-    fig.text(0.01, 0.01, f"from {source}", fontsize=7, color="0.4")
+    fig.text(0.01, 0.01, f"from {source}", fontsize=6, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -143,7 +146,8 @@ def read_losses(folder: Path, logs: list[str] | None) -> tuple[dict[str, list] |
         saved = json.loads((folder / LOSSES).read_text())
         return saved["points"], f"{folder / LOSSES}: means of {saved['every']} iterations"
     if logs:
-        return losses_from_logs([Path(p) for p in logs]), f"{' then '.join(logs)}: means of 100 iterations"
+        names = " then ".join(Path(p).name for p in logs)
+        return losses_from_logs([Path(p) for p in logs]), f"{names}: means of 100 iterations"
     return None, f"no {folder / LOSSES} and no --log: no loss curve"
 
 
@@ -179,7 +183,8 @@ def write_report(pipe, folder: Path, info: dict, docs: Path | None, losses) -> d
     if docs:
         docs.mkdir(parents=True, exist_ok=True)
         sheet = sample_prompts(recipe)
-        contact_sheet(docs / f"{name}-samples.png", [draw(p, i) for i, p in enumerate(sheet)], sheet)
+        titles = [p + ("  (held out of training)" if recipe.held_out and p in prompts else "") for p in sheet]
+        contact_sheet(docs / f"{name}-samples.png", [draw(p, i) for i, p in enumerate(sheet)], titles)
         print(f"wrote {docs / f'{name}-samples.png'}")
         if losses[0]:
             plot_loss(docs / f"{name}-loss.png", losses[0], name, losses[1])
