@@ -37,8 +37,11 @@ def test_split_equals_colocated_and_pipelines(stages, heads):
                 assert rel_err(res["latents"][i], ref) < RTOL, f"rank {res['rank']} request {i}"
     high = {i: (a, b) for i, st, a, b in results[0]["spans"]}
     low = {i: (a, b) for i, st, a, b in results[-1]["spans"]}
-    # the high stage works on request i+1 while the low stage finishes request i
-    assert any(high[i + 1][0] < low[i][1] and low[i][0] < high[i + 1][1] for i in range(2)), (high, low)
+    # the high stage starts request i+1 before the low stage has finished request i: it does not wait
+    # for it (run in turn, it would). Not also that the two spans overlap: a tiny request takes ~20 ms,
+    # and on a loaded machine the hand-off alone took 40 ms, so the high stage was done before the
+    # low one began.
+    assert any(high[i + 1][0] < low[i][1] for i in range(2)), (high, low)
 
 
 def test_transfer_plan_covers_every_token_once():
