@@ -2,12 +2,14 @@
 
     python bench/cache.py                                    # the demo model: 12 prompts, 40 steps, a sweep
     python bench/cache.py --steps 24 --thresholds 0.1,0.2    # the demo's own step count
+    python bench/cache.py --model demo64 --steps 24 --thresholds 0.05,0.1,0.2 --prompts 4   # 64x64x33
     python bench/cache.py --model /dev/shm/a14b --size 1280x720 --frames 81 --steps 4 --warmup 1 \\
         --thresholds 10 --prompts 1 --extrapolate-to 40 \\
         --savings-from bench/results/2026-12-06_cpu2_cache_40steps.json    # a GPU at full size: speed only
 
-Quality (the demo model, trained: paradit/demo): every prompt is generated without the cache and
-with it at each threshold, same seed, on one device. For each pair:
+Quality (a trained demo model, demo or demo64: paradit/demo; prompts from its own vocabulary, 2 per
+colour): every prompt is generated without the cache and with it at each threshold, same seed, on
+one device. For each pair:
   saved          the evaluations the cache skipped, of all the run's steps (record.cache).
   denoise s      the denoising wall time of each run (record.timings), after one untimed step;
                  `speedup` = uncached / cached, the median over prompts (each cached run against
@@ -15,9 +17,11 @@ with it at each threshold, same seed, on one device. For each pair:
   latent error   ||cached - uncached|| / ||uncached|| of the final latent (fp32).
   PSNR, SSIM     of the decoded uint8 frames against the uncached ones: PSNR over every pixel;
                  SSIM per frame and channel with an 11x11 Gaussian window (sigma 1.5), averaged.
+  judge          paradit.demo.judge's verdict (colour, shape, direction, speed) on the uncached and on
+                 the cached video; the summary counts the videos judged right and the unchanged verdicts.
 The demo model's default is 24 steps; the sweep runs 40 (T2V-A14B's), where a cache has more to save.
 
-Speed (--model FOLDER or a preset other than demo/tiny: random weights, e.g. bench/e2e.py's folder):
+Speed (--model FOLDER or a preset other than demo/demo64/tiny: random weights, e.g. bench/e2e.py's folder):
 the same runs, on CUDA when present; the distances mean nothing there and are not reported, and
 which steps a random-weight model skips says nothing of a trained one. What carries over is the
 cost of a step computed and of a step served from the cache (`step_s`, device-synchronised), from
@@ -26,7 +30,8 @@ threshold (read from --savings-from, the demo sweep's JSON; the run's own when n
     T_uncached(N) = N t_computed,    T_cached(N) = N ((1 - f) t_computed' + f t_skipped)
 where t_computed' is a computed step's time with the cache on (its bookkeeping included).
 
-Writes bench/results/<date>_<machine>_cache_<N>steps.json and .png (a quality sweep) or
+Writes bench/results/<date>_<machine>_cache_<N>steps.json and .png (demo's quality sweep;
+cache_demo64_<N>steps for demo64's) or
 <date>_<machine>_cache_<model>.json (speed); --out to choose the folder.
 """
 from __future__ import annotations
@@ -42,10 +47,10 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
-from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
+from launcher import (environment, judged_prompts, judged_recipe, machine_description, machine_tag,  # noqa: E402
+                      results_path, write_json)
 
-from paradit.demo.data import all_prompts  # noqa: E402
-from paradit.demo.judge import psnr, rel_err, ssim  # noqa: E402
+from paradit.demo.judge import judge, psnr, rel_err, ssim  # noqa: E402
 
 THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 
@@ -86,14 +91,20 @@ def sweep(pipe, prompts: list[str], opts, quality: bool) -> list[dict]:
                        uncached_s=ref_s, cached_s=rec.timings["denoise_s"], speedup=ref_s / rec.timings["denoise_s"],
                        uncached_step=ref_steps, cached_step=step_times(rec))
             if quality:
-                frames = pipe.vae.decode(latent)
-                row |= dict(latent_rel_err=rel_err(latent, ref), psnr_db=psnr(frames, ref_frames),
-                            ssim=ssim(frames, ref_frames))
+                row |= distances(prompt, latent, ref, pipe.vae.decode(latent), ref_frames)
             rows.append(row)
             print(f"  {prompt!r:34} easy:{th:<5g} saved {c['saved']:2d}/{c['evaluations']} "
                   + (f"PSNR {row['psnr_db'] or math.inf:5.1f} dB SSIM {row['ssim']:.4f} " if quality else "")
                   + f"{ref_s:.2f} s -> {row['cached_s']:.2f} s", flush=True)
     return rows
+
+
+def distances(prompt: str, latent, ref, frames, ref_frames) -> dict:
+    """The cached run against the uncached one, and the judge's verdict (paradit/demo/judge.py) on each."""
+    verdicts = [judge(f, prompt) for f in (ref_frames, frames)]
+    return dict(latent_rel_err=rel_err(latent, ref), psnr_db=psnr(frames, ref_frames), ssim=ssim(frames, ref_frames),
+                judge_uncached=verdicts[0]._asdict(), judge_cached=verdicts[1]._asdict(),
+                judge_ok=[v.ok for v in verdicts])
 
 
 def summary(rows: list[dict], quality: bool) -> list[dict]:
@@ -108,7 +119,9 @@ def summary(rows: list[dict], quality: bool) -> list[dict]:
             db = [math.inf if r["psnr_db"] is None else r["psnr_db"] for r in rs]
             s |= dict(mean_psnr_db=statistics.mean(db), min_psnr_db=min(db),
                       mean_ssim=statistics.mean(r["ssim"] for r in rs), min_ssim=min(r["ssim"] for r in rs),
-                      mean_latent_rel_err=statistics.mean(r["latent_rel_err"] for r in rs))
+                      mean_latent_rel_err=statistics.mean(r["latent_rel_err"] for r in rs),
+                      judged_ok_uncached=sum(r["judge_ok"][0] for r in rs), judged_ok_cached=sum(r["judge_ok"][1] for r in rs),
+                      verdict_unchanged=sum(r["judge_cached"] == r["judge_uncached"] for r in rs))
         out.append(s)
     return out
 
@@ -171,15 +184,16 @@ def plot(summ: list[dict], rows: list[dict], title: str, path: Path) -> None:
 
 
 def table(summ: list[dict], quality: bool) -> str:
-    head = ["threshold", "saved", "min saved", "speedup"] + (["PSNR mean", "PSNR min", "SSIM mean", "latent err"]
-                                                              if quality else [])
+    head = ["threshold", "saved", "min saved", "speedup"] + (["PSNR mean", "PSNR min", "SSIM mean", "latent err",
+                                                               "judge ok: cached/uncached"] if quality else [])
     out = [head]
     for s in summ:
         line = [f"{s['threshold']:g}", f"{100 * s['saved_fraction']:.1f}%", f"{100 * s['min_saved_fraction']:.1f}%",
                 f"{s['speedup']:.2f}x"]
         if quality:
             line += [f"{s['mean_psnr_db']:.1f}", f"{s['min_psnr_db']:.1f}", f"{s['mean_ssim']:.4f}",
-                     f"{s['mean_latent_rel_err']:.3g}"]
+                     f"{s['mean_latent_rel_err']:.3g}",
+                     f"{s['judged_ok_cached']}/{s['judged_ok_uncached']} of {s['prompts']}"]
         out.append(line)
     widths = [max(len(x[i]) for x in out) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in out)
@@ -188,9 +202,10 @@ def table(summ: list[dict], quality: bool) -> str:
 def load(model: str, opts):
     """(pipeline, whether its videos can be judged, note). Random-weight runs go to CUDA when present."""
     from paradit.pipeline import Pipeline
-    if model in ("demo", "tiny"):
-        note = "demo model (trained weights)" if model == "demo" else "tiny preset, random weights"
-        return Pipeline.from_pretrained(model, device="cpu"), model == "demo", note
+    judged = judged_recipe(model) is not None
+    if judged or model == "tiny":
+        note = f"{model} model (trained weights)" if judged else "tiny preset, random weights"
+        return Pipeline.from_pretrained(model, device="cpu"), judged, note
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = Pipeline.from_pretrained(model, device=device, dtype=torch.bfloat16 if device == "cuda" else None,
                                     offload=opts.offload, compile=opts.compile)
@@ -202,11 +217,12 @@ def load(model: str, opts):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="demo", help="demo, tiny, or a checkpoint folder (random weights: speed only)")
+    ap.add_argument("--model", default="demo", help="demo, demo64 (trained: judged), tiny, or a checkpoint folder "
+                                                   "(random weights: speed only)")
     ap.add_argument("--steps", type=int, default=40, help="denoising steps (the demo model's default is 24)")
     ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="comma-separated T of easy:T")
     ap.add_argument("--warmup", type=int, default=2, help="steps always computed at the start (easy:T:WARMUP)")
-    ap.add_argument("--prompts", type=int, default=12, help="prompts (the demo vocabulary's, 2 per colour)")
+    ap.add_argument("--prompts", type=int, default=12, help="prompts (the judged model's vocabulary, else demo's; 2 per colour)")
     ap.add_argument("--size", help="WIDTHxHEIGHT (default: the model's)")
     ap.add_argument("--frames", type=int, help="frames (default: the model's)")
     ap.add_argument("--offload", default="auto", help="a checkpoint's --offload mode (auto: what fits)")
@@ -225,8 +241,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)   # steadier timings on a shared CPU
     pipe, quality, note = load(opts.model, opts)
-    every = all_prompts()
-    prompts = [every[(6 * i) % len(every)] for i in range(opts.prompts)]   # 2 per colour, shapes and motions mixed
+    prompts = judged_prompts(opts.model if quality else "demo", opts.prompts)
     device = pipe.mesh.device.type
     print(f"step cache sweep: {note}, {opts.steps} steps, thresholds {opts.thresholds}, {len(prompts)} prompts, "
           f"{machine_description(device)}", flush=True)
@@ -252,7 +267,8 @@ def main(argv=None) -> int:
                   f"{e['computed_step_cached_s']:.3f} s, skipped step {e['skipped_step_s'] or math.nan:.4f} s)")
     print(table(summ, quality))
     tag = machine_tag(device)
-    what = f"cache_{opts.steps}steps" if quality else f"cache_{pipe.cfg.name}"
+    what = f"cache_{pipe.cfg.name}" if not quality else f"cache_{'' if opts.model == 'demo' else opts.model + '_'}" \
+        f"{opts.steps}steps"   # demo's name as its earlier sweeps
     path = write_json(results_path(what, "json", opts.out, tag), result)
     print(f"wrote {path}")
     if quality:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from paradit.demo.data import RECIPES, all_prompts
 from paradit.launch import spawn
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -123,6 +124,25 @@ def _jsonable(x):
     if isinstance(x, (torch.dtype, torch.device, Path)):
         return str(x)
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+# ----------------------------------------------------------------------------- judged models
+def judged_recipe(model: str):
+    """The data recipe (paradit.demo.data.RECIPES) of a trained demo model, whose videos
+    paradit.demo.judge can check against their prompts; None for any other model."""
+    return RECIPES.get(model)
+
+
+def judged_prompts(model: str, n: int) -> list[str]:
+    """n prompts of a judged model's own vocabulary, 2 per colour with shapes and motions mixed:
+    every (len/12)-th prompt, and one further when the recipe has speed words, so that the odd
+    step alternates them ("slowly", "quickly"). demo's pick (every 6th) is the one its sweeps used."""
+    recipe = judged_recipe(model)
+    if recipe is None:
+        raise ValueError(f"{model!r} is not a judged demo model (those are {', '.join(RECIPES)})")
+    every = all_prompts(recipe)
+    step = len(every) // 12 + (len(recipe.speeds) > 1)
+    return [every[(step * i) % len(every)] for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- memory
