@@ -2,6 +2,7 @@
 
     python bench/chords.py                        # demo model if its weights ship, else tiny
     python bench/chords.py --model tiny --steps 24 --cores 2,4,8
+    python bench/chords.py --model demo64 --cores 2,4 --repeats 1   # 64x64x33, "... moving right slowly"
     python bench/chords.py --model wan2.2-t2v-a14b --layers 2 --size 832x480 --frames 33   # GPU, full width
 
 Any other preset runs its full-width architecture with random bf16 weights (two experts of --layers
@@ -29,6 +30,9 @@ How each number is measured (one process, one thread; CHORDS is emulated, not ru
   distance       latent RMSE between the hit's latent and the sequential one (fp32, all elements);
                  PSNR of the decoded uint8 frames against the sequentially decoded ones, in dB
                  (null when the frames are identical).
+  judge          a trained demo model's (demo, demo64): paradit.demo.judge's verdict on each hit's
+                 video and on the sequential one (colour, shape, direction, and speed where the
+                 prompt names one); the prompt is "a red circle moving right" in the model's vocabulary.
 """
 from __future__ import annotations
 
@@ -43,9 +47,10 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
-from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
+from launcher import (environment, judged_prompt, judged_recipe, machine_description, machine_tag,  # noqa: E402
+                      results_path, write_json)
 
-from paradit.demo.judge import psnr  # noqa: E402
+from paradit.demo.judge import judge, psnr  # noqa: E402
 from paradit.models.transformer import patchify, token_grid, unpatchify  # noqa: E402
 from paradit.plan.placement import chords_init  # noqa: E402
 from paradit.schedulers import wan_sigmas, wan_timesteps  # noqa: E402
@@ -84,7 +89,7 @@ def load_pipeline(name: str):
                     f"tiny with random weights at {TINY_VIDEO[0][0]}x{TINY_VIDEO[0][1]}x{TINY_VIDEO[1]}: "
                     f"distances show solver agreement, not image quality")
             return Pipeline.from_pretrained("tiny", device="cpu"), "tiny, random weights (demo unavailable)", full
-    short = f"{name}" + (", random weights" if name == "tiny" else "")
+    short = f"{name}" + (", random weights" if name == "tiny" else " (trained weights)")
     return Pipeline.from_pretrained(name, device="cpu"), short, short
 
 
@@ -99,13 +104,15 @@ class Problem:
     sigmas: torch.Tensor               # float64 [N + 1]
     timesteps: list[int]               # [N]
     guidance: tuple[float, float]
+    prompt: str | None                 # the prompt of a judged model's videos; None for random weights
 
     @property
     def steps(self) -> int:
         return len(self.timesteps)
 
 
-def make_problem(pipe, steps: int, seed: int, size: tuple[int, int] | None, frames: int | None) -> Problem:
+def make_problem(pipe, steps: int, seed: int, size: tuple[int, int] | None, frames: int | None,
+                 prompt: str | None = None) -> Problem:
     from paradit.pipeline import VideoSettings
     cfg = pipe.cfg
     w, h = size or (None, None)
@@ -115,12 +122,12 @@ def make_problem(pipe, steps: int, seed: int, size: tuple[int, int] | None, fram
         text = torch.randn(2, cfg.text_len, cfg.text_dim, generator=g).to(pipe.mesh.device)
         cond, uncond = text[:1], text[1:]
     else:
-        cond, uncond = pipe.encode_prompts(PROMPT, NEGATIVE, s.guidance)
+        cond, uncond = pipe.encode_prompts(prompt or PROMPT, NEGATIVE, s.guidance)
     noise = pipe.denoiser.initial_noise(s).to(pipe.mesh.device)               # (C, F, H, W)
     grid = token_grid(noise.shape, cfg.patch)
     x0 = patchify(noise[None], cfg.patch)[0]                         # (L, P*C)
     return Problem(pipe, x0, grid, cond, uncond, wan_sigmas(steps, s.shift),
-                   wan_timesteps(steps, s.shift).tolist(), s.guidance)
+                   wan_timesteps(steps, s.shift).tolist(), s.guidance, prompt)
 
 
 def nfe(prob: Problem, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -191,6 +198,11 @@ def init_sequences(cores: int, steps: int) -> dict[str, list[int]]:
     return dict(list(out.items())[:3])
 
 
+def verdict(prob: Problem, frames: torch.Tensor | None) -> dict | None:
+    """The judge's verdict (paradit/demo/judge.py) on a judged model's decoded video; None otherwise."""
+    return None if frames is None or prob.prompt is None else judge(frames, prob.prompt)._asdict()
+
+
 def decode(prob: Problem, tokens: torch.Tensor) -> torch.Tensor | None:
     vae = prob.pipe.vae
     return None if vae is None else vae.decode(to_latent(prob, tokens).cpu())
@@ -214,22 +226,25 @@ def measure(prob: Problem, cores: list[int], repeats: int) -> tuple[dict, list[d
                                  measured_speedup=statistics.median(t / run[j]["emulated_s"] for t, run in pairs),
                                  latent_rmse=(to_latent(prob, hit["x"]) - seq_latent).pow(2).mean().sqrt().item(),
                                  decoded=frames is not None,
-                                 psnr_db=None if frames is None else psnr(frames, seq_frames)))
+                                 psnr_db=None if frames is None else psnr(frames, seq_frames),
+                                 judge=verdict(prob, frames)))
     reference = dict(steps=prob.steps, nfe=prob.steps, seconds=statistics.median(seq_times),
-                     min_s=min(seq_times), max_s=max(seq_times), runs=len(seq_times))
+                     min_s=min(seq_times), max_s=max(seq_times), runs=len(seq_times), judge=verdict(prob, seq_frames))
     return reference, rows
 
 
 # ----------------------------------------------------------------------------- report
 def table(rows: list[dict]) -> str:
-    head = ("K", "init", "hit", "round", "NFEs", "ideal x", "measured x", "latent RMSE", "PSNR dB")
+    head = ("K", "init", "hit", "round", "NFEs", "ideal x", "measured x", "latent RMSE", "PSNR dB", "judge")
     out = [head]
     for r in rows:
         out.append((str(r["cores"]), f"{r['init_name']} {r['init']}",
                     "preview" if r["preview"] else f"core {r['core']}", str(r["round"]), str(r["nfe"]),
                     f"{r['ideal_speedup']:.2f}", f"{r['measured_speedup']:.2f}", f"{r['latent_rmse']:.3g}",
                     "- (no VAE)" if not r.get("decoded", True) else
-                    "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"))
+                    "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}",
+                    "-" if not r.get("judge") else "ok" if all(v is not False for v in r["judge"].values()) else
+                    "wrong: " + ",".join(k for k, v in r["judge"].items() if v is False)))
     widths = [max(len(x[i]) for x in out) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in out)
 
@@ -283,7 +298,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="demo", help="demo (falls back to tiny if unavailable), tiny, or any "
+    ap.add_argument("--model", default="demo", help="demo (falls back to tiny if unavailable), demo64, tiny, or any "
                                                     "preset (its architecture with random weights, see above)")
     ap.add_argument("--layers", type=int, default=2, help="blocks per expert of a random-weight preset")
     ap.add_argument("--steps", type=int, default=24, help="grid steps N (Euler)")
@@ -295,24 +310,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="results folder (default: bench/results)")
     args = ap.parse_args(argv)
     logging.getLogger("paradit").setLevel(logging.WARNING)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.model not in ("demo", "tiny") else "cpu")
+    shipped = judged_recipe(args.model) is not None or args.model == "tiny"
+    device = torch.device("cuda" if torch.cuda.is_available() and not shipped else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    if args.model in ("demo", "tiny"):
+    if shipped:
         pipe, short, note = load_pipeline(args.model)
     else:
         pipe, short, note = random_pipeline(args.model, args.layers, device)
     size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
     if pipe.cfg.name == "tiny":
         size, args.frames = size or TINY_VIDEO[0], args.frames or TINY_VIDEO[1]
-    prob = make_problem(pipe, args.steps, args.seed, size, args.frames)
+    prompt = judged_prompt(pipe.cfg.name, PROMPT) if judged_recipe(pipe.cfg.name) else None   # tiny: not judged
+    prob = make_problem(pipe, args.steps, args.seed, size, args.frames, prompt)
     t0 = time.time()
     with torch.no_grad():
         reference, rows = measure(prob, [int(k) for k in args.cores.split(",")], args.repeats)
     last = [r for r in rows if not r["preview"] and r["core"] == 0]
     exact = max(r["latent_rmse"] for r in last) if last else None
     cfg = pipe.cfg
-    settings = (f"{short}; {prob.x0.shape[0]} tokens, Euler N={prob.steps}, shift "
+    settings = (f"{short}; {prompt or PROMPT!r}, {prob.x0.shape[0]} tokens, Euler N={prob.steps}, shift "
                 f"{cfg.shift:g}, guidance {prob.guidance}, seed {args.seed}, median of {args.repeats}")
     print(settings)
     print("note:", note)
@@ -327,8 +344,9 @@ def main(argv=None) -> int:
                                 threads=1 if device.type == "cpu" else None),
                   sequential=reference, last_hit_max_rmse_vs_sequential=exact, method=__doc__, hits=rows,
                   wall_s=time.time() - t0)
-    json_path = write_json(results_path("chords", "json", args.out, tag), result)
-    png_path = results_path("chords", "png", args.out, tag)
+    what = "chords" if cfg.name == "demo" or not prompt else f"chords_{cfg.name}"   # demo64's beside demo's
+    json_path = write_json(results_path(what, "json", args.out, tag), result)
+    png_path = results_path(what, "png", args.out, tag)
     where = "one process, 1 thread" if device.type == "cpu" else "one process, one GPU"
     plot(rows, f"CHORDS on {machine_description(device.type)} [{tag}], {where}\n{settings}", png_path)
     print(f"wrote {json_path} and {png_path}")

@@ -145,6 +145,17 @@ def judged_prompts(model: str, n: int) -> list[str]:
     return [every[(step * i) % len(every)] for i in range(n)]
 
 
+def judged_prompt(model: str, prompt: str) -> str:
+    """`prompt` in a judged model's vocabulary: its first prompt that begins so ("a red circle moving
+    right" is demo's own, "... slowly" demo64's, whose prompts all name a speed)."""
+    recipe = judged_recipe(model)
+    fits = [p for p in all_prompts(recipe)] if recipe else []
+    fits = [p for p in fits if p == prompt or p.startswith(prompt + " ")]
+    if not fits:
+        raise ValueError(f"{prompt!r} is no prompt of {model!r}'s vocabulary, nor the start of one")
+    return fits[0]
+
+
 # ----------------------------------------------------------------------------- memory
 def reset_peak_rss() -> bool:
     """Reset this process's RSS high-water mark (Linux: writing 5 to clear_refs); False if not."""

@@ -15,9 +15,11 @@ by paradit.models.quant.quantize_experts (--mode, default fp8: the blocks' linea
            full_depth_s scales the per-block time to the preset's depth (40 blocks for A14B;
            embeddings and head are under 0.1% of a step), so a cut-down --layers run predicts the
            full step.
-  demo     Pipeline.from_pretrained("demo") (the shipped trained model), its experts cast to bf16:
-           the latent after a full denoise (its 24 steps, or --demo-steps; a fixed prompt and seed) in bf16 and in
-           fp8 (relative error fp8 vs bf16), and bf16 vs the fp32 original.
+  demo     Pipeline.from_pretrained("demo") (the shipped trained model; --model demo64 for the 64x64x33
+           one), its experts cast to bf16: the latent after a full denoise (its 24 steps, or --demo-steps;
+           "a red circle moving right" in its vocabulary, seed 0) in bf16 and in fp8: the latents'
+           relative error fp8 vs bf16 and bf16 vs the fp32 original, the decoded videos' PSNR and SSIM
+           likewise, and paradit.demo.judge's verdict on each of the three videos.
   fp8 attention is measured when paradit.models.quant finds its kernel (FlashAttention-3 on
            Hopper); otherwise the JSON says what is missing.
 Results: bench/results/<date>_<machine>_quant.json (and .png where matplotlib is installed).
@@ -39,12 +41,13 @@ from unittest import mock
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
+from launcher import (environment, judged_prompt, judged_prompts, machine_description, machine_tag,  # noqa: E402
+                      results_path, write_json)
 from scaling import build_model, make_inputs, make_step, timed  # noqa: E402
 
 from paradit.compile import compile_blocks  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
-from paradit.demo.judge import rel_err  # noqa: E402
+from paradit.demo.judge import judge, psnr, rel_err, ssim  # noqa: E402
 from paradit.errors import ParameterError  # noqa: E402
 from paradit.launch import init_distributed  # noqa: E402
 from paradit.models import quant  # noqa: E402
@@ -159,28 +162,41 @@ def fp32_reference(cfg, device, inputs) -> dict:
             torch.cuda.empty_cache()
 
 
-def demo_latents(device, mode: str, emulate: bool, steps: int | None) -> dict:
-    """The demo model's final latent: fp32 as shipped, cast to bf16, then bf16 with `mode` applied."""
+def demo_latents(device, mode: str, emulate: bool, steps: int | None, model: str = "demo") -> dict:
+    """A judged demo model's final latent: fp32 as shipped, cast to bf16, then bf16 with `mode` applied."""
     from paradit.pipeline import Pipeline
-    pipe = Pipeline.from_pretrained("demo", device=str(device))
+    pipe = Pipeline.from_pretrained(model, device=str(device))
+    prompt = judged_prompt(model, DEMO_PROMPT)
     run = dict(output="latent", progress=False, seed=0, steps=steps)
-    latents = {"fp32": pipe(DEMO_PROMPT, **run)}
+    latents = {"fp32": pipe(prompt, **run)}
     for k, m in enumerate(pipe.experts):
         pipe.experts[k] = m.to(torch.bfloat16)
     t0 = time.perf_counter()
-    latents["bf16"] = pipe(DEMO_PROMPT, **run)
+    latents["bf16"] = pipe(prompt, **run)
     bf16_s = time.perf_counter() - t0
     with cpu_emulation(emulate):
         report = quant.quantize_experts(pipe.experts, mode)
         if report["attention"]:
             pipe.runtime.use_attention(quant.fp8_attention(), report["attention"], pipe.experts)
     t0 = time.perf_counter()
-    latents[mode] = pipe(DEMO_PROMPT, **run)
-    return {"steps": len(pipe.record.step_s), "prompt": DEMO_PROMPT, "seed": 0,
-            "bf16_vs_fp32": {"rel_err": rel_err(latents["bf16"], latents["fp32"])},
-            "fp8_vs_bf16": {"rel_err": rel_err(latents[mode], latents["bf16"])},
-            "fp8_vs_fp32": {"rel_err": rel_err(latents[mode], latents["fp32"])},
-            "denoise_s": {"bf16": bf16_s, "fp8": time.perf_counter() - t0}}
+    latents[mode] = pipe(prompt, **run)
+    fp8_s = time.perf_counter() - t0
+    frames = {k: pipe.vae.decode(v.float()) for k, v in latents.items()}
+    versus = lambda a, b: {"rel_err": rel_err(latents[a], latents[b]), "psnr_db": psnr(frames[a], frames[b]),  # noqa: E731
+                           "ssim": ssim(frames[a], frames[b])}
+    return {"model": model, "steps": len(pipe.record.step_s), "prompt": prompt, "seed": 0,
+            "bf16_vs_fp32": versus("bf16", "fp32"), "fp8_vs_bf16": versus(mode, "bf16"),
+            "fp8_vs_fp32": versus(mode, "fp32"), "judge": {k: judge(f, prompt)._asdict() for k, f in frames.items()},
+            "denoise_s": {"bf16": bf16_s, "fp8": fp8_s}}
+
+
+def judged_model(name: str) -> str:
+    """--model's check: a demo model the judge knows (bench/launcher.py), else the launcher's error."""
+    try:
+        judged_prompts(name, 1)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
 
 
 def attention_status(device) -> dict:
@@ -224,6 +240,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--no-compile", action="store_true", help="eager steps only (always so on a CPU)")
     ap.add_argument("--no-demo", action="store_true", help="skip the demo model's denoise")
     ap.add_argument("--demo-steps", type=int, help="the demo denoise's steps (default: the demo's 24)")
+    ap.add_argument("--model", "--demo-model", dest="demo_model", default="demo", type=judged_model,
+                    help="the judged model of the demo denoise: demo (16x16x9) or demo64 (64x64x33)")
     ap.add_argument("--cpu-emulation", action="store_true",
                     help="CPU smoke test: lift torchao's GPU assert (numbers meaningless)")
     ap.add_argument("--out", help="results folder (default: bench/results)")
@@ -269,7 +287,8 @@ def main(argv=None) -> Path:
                                                           "fp8": fp8_compiled.get("median_s")}},
         steps={"bf16": {"eager": bf16_eager, "compiled": bf16_compiled},
                "fp8": {"eager": fp8_eager, "compiled": fp8_compiled}},
-        demo=None if args.no_demo else attempt("demo", demo_latents, device, args.mode, emulate, args.demo_steps))
+        demo=None if args.no_demo else attempt("demo", demo_latents, device, args.mode, emulate, args.demo_steps,
+                                                       args.demo_model))
     full = WanConfig.preset(args.preset).num_layers
     for kind, s in result["step_s"].items():
         if s and s["bf16"] and s["fp8"]:
@@ -281,7 +300,7 @@ def main(argv=None) -> Path:
           f"{result['forward']['fp8']['velocity_rel_err']:.3e})"
           + (f"; bf16 vs fp32: {result['forward']['bf16_vs_fp32']['rel_err']:.3e}" if ref32 else ""), flush=True)
     if result["demo"] and "error" not in result["demo"]:
-        print(f"  demo latent after {result['demo']['steps']} steps: {args.mode} vs bf16 "
+        print(f"  {args.demo_model} latent after {result['demo']['steps']} steps: {args.mode} vs bf16 "
               f"{result['demo']['fp8_vs_bf16']['rel_err']:.3e}, bf16 vs fp32 "
               f"{result['demo']['bf16_vs_fp32']['rel_err']:.3e}", flush=True)
     path = write_json(results_path("quant", "json", args.out, result["machine"]), result)

@@ -260,6 +260,15 @@ def test_bench_sweeps_the_demo_model_and_extrapolates_a_checkpoint(tmp_path):
     assert low["mean_psnr_db"] > high["mean_psnr_db"] > 20 and 0 < high["mean_ssim"] <= low["mean_ssim"] <= 1
     same = torch.randint(0, 256, (3, 16, 16, 3), dtype=torch.uint8)
     assert bench.ssim(same, same) == pytest.approx(1.0) and bench.ssim(same, 255 - same) < 0.5
+    assert [r["judge_uncached"]["speed"] for r in result["runs"]] == [None] * 4     # demo's prompts name none
+    # demo64: its own prompts (a speed word each), judged; its file beside demo's
+    assert bench.main(["--model", "demo64", "--prompts", "1", "--thresholds", "0.3", "--steps", "4", "--warmup", "1",
+                       "--out", str(tmp_path)]) == 0
+    (big,) = json.loads(next(tmp_path.glob("*_cache_demo64_4steps.json")).read_text())["runs"]
+    assert big["prompt"] == "a red square moving left slowly" and big["judge_cached"]["speed"] is not None
+    assert set(big["judge_uncached"]) == {"colour", "shape", "direction", "speed"} and big["psnr_db"] != 0
+    with pytest.raises(ValueError, match="'tiny' is not a judged demo model"):
+        bench.judged_prompts("tiny", 1)
     # a checkpoint folder (random weights): speed only, extrapolated at the demo sweep's savings
     e2e.write_checkpoint("tiny", tmp_path / "ckpt", "cpu")
     assert bench.main(["--model", str(tmp_path / "ckpt"), "--size", "64x48", "--frames", "5", "--prompts", "1",

@@ -201,6 +201,10 @@ def test_bench_smoke_on_cpu(torchao_on_cpu, tmp_path):
     assert result["step_s"]["eager"]["bf16"] > 0 and result["step_s"]["eager"]["fp8"] > 0
     assert result["quantised"]["linears"]["layers_per_expert"] == [20]
     assert result["demo"]["steps"] == 2 and 0 < result["demo"]["fp8_vs_bf16"]["rel_err"] < 0.5
+    assert result["demo"]["fp8_vs_bf16"]["psnr_db"] > 0 and set(result["demo"]["judge"]) == {"fp32", "bf16", "fp8"}
+    big = bench_quant.demo_latents(torch.device("cpu"), "fp8", True, 2, "demo64")   # --model demo64's denoise
+    assert big["prompt"] == "a red circle moving right slowly" and 0 < big["fp8_vs_bf16"]["rel_err"] < 0.5
+    assert big["judge"]["fp8"]["speed"] is not None
 
 
 def test_from_pretrained_quantises_after_loading(torchao_on_cpu, monkeypatch):
