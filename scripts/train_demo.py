@@ -161,7 +161,7 @@ def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
     cpu = torch.device(args.device).type == "cpu"
     args.noise_gen = None if cpu else torch.Generator(args.device).manual_seed(args.seed + 5)
     torch.manual_seed(args.seed + 1)
-    base = WanTransformer(cfg).to(args.device)
+    base = None if args.init else WanTransformer(cfg).to(args.device)   # --init: the experts are read instead
     total = args.shared + args.iters
     new_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)  # noqa: E731
     losses = {"shared": [], "high": [], "low": []}
@@ -172,7 +172,7 @@ def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
             parts = "  ".join(f"{n} {sum(losses[n][-100:]) / len(losses[n][-100:]):.4f}" for n in names)
             log(f"iter {it:5d}  loss {parts}  {time.perf_counter() - t0:.0f}s")
 
-    opt, gen = new_opt(base), torch.Generator().manual_seed(args.seed + 2)
+    opt, gen = (new_opt(base) if base is not None else None), torch.Generator().manual_seed(args.seed + 2)
     probe = dict(t=None)
 
     def budget(it: int, steps_per_it: int) -> None:

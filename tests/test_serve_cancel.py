@@ -4,6 +4,7 @@ lane runs the next job with generate's latent."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import httpx
 import torch
@@ -41,25 +42,29 @@ def next_job_is_generates(served: Server, tmp_path) -> None:
     assert len(list(served.state_dir.glob("videos/*.mp4"))) == 1   # the cancelled jobs' files never were
 
 
+@contextmanager
+def two_process_server(tmp_path, name: str, layout: list[str], delay_at: str):
+    """(process, Server) of a 2-process server with `layout`, its ranks slowed at PARADIT_DELAY_AT;
+    on leaving, the server must still be alive (a cancel must not kill it)."""
+    proc = ServerProcess([*layout, "--api-key", KEY, "--save-latents"], nproc=2, state_dir=tmp_path / "state",
+                         env={"PARADIT_DELAY_AT": delay_at}).launch()
+    with proc, httpx.Client(base_url=proc.url, headers=AUTH, timeout=30) as client:
+        yield proc, Server(name, proc.wait_ready(), client, proc.state_dir)
+        assert proc.proc.poll() is None, proc.output[-3000:]
+
+
 def test_a_running_job_is_cancelled_on_every_rank(tmp_path):
     # rank 1 slowed at step 3 of each job: the job is seen running before it can finish
-    proc = ServerProcess(["--ulysses", "2", "--api-key", KEY, "--save-latents"], nproc=2,
-                         state_dir=tmp_path / "state", env={"PARADIT_DELAY_AT": "1:step3:3"}).launch()
-    with proc, httpx.Client(base_url=proc.url, headers=AUTH, timeout=30) as client:
-        served = Server("cancel", proc.wait_ready(), client, proc.state_dir)
+    with two_process_server(tmp_path, "cancel", ["--ulysses", "2"], "1:step3:3") as (proc, served):
         cancel(served, served.submit(num_inference_steps=LONG, seed=1)["id"])
         assert "cancelled at step" in proc.output and not list(served.state_dir.glob("videos/*"))
         next_job_is_generates(served, tmp_path)
-        assert proc.proc.poll() is None, proc.output[-3000:]
 
 
 def test_split_experts_cancel_on_either_stage(tmp_path):
     # each stage slowed once a job (the high one before step 3, the low one before step 13), so that
     # the test sees the job on the stage it means to cancel it on
-    proc = ServerProcess(["--experts", "split", "--api-key", KEY, "--save-latents"], nproc=2,
-                         state_dir=tmp_path / "state", env={"PARADIT_DELAY_AT": "0:step3:3,1:step13:3"}).launch()
-    with proc, httpx.Client(base_url=proc.url, headers=AUTH, timeout=30) as client:
-        served = Server("cancel-split", proc.wait_ready(), client, proc.state_dir)
+    with two_process_server(tmp_path, "cancel-split", ["--experts", "split"], "0:step3:3,1:step13:3") as (proc, served):
         # on the high stage: the low stage is told at the hand-off and skips the job
         cancel(served, served.submit(num_inference_steps=LONG, seed=1)["id"])
         # on the low stage, once it has run two of its steps (the high stage is free for the next job)
@@ -67,4 +72,3 @@ def test_split_experts_cancel_on_either_stage(tmp_path):
         stopped = [int(n) for n in re.findall(rf"cancelled at step (\d+) of {LONG}", proc.output)]
         assert len(stopped) == 2 and stopped[0] <= N_HIGH < stopped[1], proc.output[-3000:]
         next_job_is_generates(served, tmp_path)   # the stages still count their hand-offs alike
-        assert proc.proc.poll() is None, proc.output[-3000:]
