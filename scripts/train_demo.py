@@ -24,6 +24,11 @@ without any. scripts/demo_report.py makes that report (judged, images) again fro
 times 20 more and sets both so that the whole training takes about that long, in the defaults'
 ratio (3 shared iterations to 1 of the experts, each of which costs two steps). On CUDA the
 matmuls run in TF32 and clips are rendered on the GPU; the run is then not bit-reproducible.
+
+--ema DECAY keeps an exponential moving average of each expert's weights through the experts'
+stage (fp32, on the device; it starts at the expert's weights when the stage begins, the given
+ones with --init, and takes ema = DECAY * ema + (1 - DECAY) * weights after every optimizer step)
+and saves and judges the averages instead of the raw weights.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file, save_model
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # scripts/, repo root
 
@@ -71,7 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", help="a folder of high/low.safetensors: train these two experts on (no shared stage)")
     p.add_argument("--bf16", action="store_true", help="CUDA: forward and backward under bf16 autocast "
                    "(fp32 weights and AdamW); a small model's TF32 step is mostly fp32 attention")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="save an exponential moving average of each "
+                   "expert's weights (updated every step of the experts' stage) instead of the raw weights; "
+                   "0.999 averages over about the last 1000 steps")
     args = p.parse_args(argv)
+    if args.ema is not None and not 0 < args.ema < 1:
+        p.error(f"--ema {args.ema:g}: the decay must be in (0, 1), e.g. 0.999")
     args.out = args.out or f"paradit/assets/{args.preset}"
     if args.minutes is not None and args.minutes * 60 < 2 * PROBE[1]:
         p.error(f"--minutes {args.minutes:g}: give at least {2 * PROBE[1] / 60:g} (the step time is measured first)")
@@ -202,6 +213,7 @@ def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
         for o in opts:
             o.load_state_dict(opt.state_dict())                          # carry AdamW's moments on
     gens = [torch.Generator().manual_seed(args.seed + 3 + k) for k in range(2)]
+    emas = [ema_of(m, args.ema) for m in experts] if args.ema else None
     it = args.shared
     while it < args.shared + args.iters:                                # --minutes may reset args.iters
         if not args.shared:
@@ -210,11 +222,22 @@ def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
         for k, name in enumerate(("high", "low")):
             set_lr(opts[k], lr_at(it, total, args.lr, args.warmup))
             losses[name].append(train_step(experts[k], opts[k], codec, table, recipe, cfg, k == 0, args, gens[k]))
+            if emas:
+                emas[k].update_parameters(experts[k])
         report(it, ["high", "low"])
         it += 1
+    if emas:
+        experts = [e.module for e in emas]                              # the averages are what is saved
     for m in experts:
         m.eval().requires_grad_(False)
     return experts, text, codec, losses, time.perf_counter() - t0
+
+
+def ema_of(model: WanTransformer, decay: float) -> AveragedModel:
+    """An fp32 exponential moving average of `model`'s weights on its device, starting at them."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    ema.update_parameters(model)                                        # the first update copies the weights
+    return ema
 
 
 def load_expert(cfg: WanConfig, path: Path, device: str) -> WanTransformer:

@@ -86,3 +86,33 @@ def test_recipe_learns_at_reduced_scale(train_demo):
         assert sum(v.colour for v in verdicts) >= 2 * len(prompts) / 6, verdicts
     finally:
         torch.set_num_threads(threads)
+
+
+def test_ema_is_what_init_training_saves(train_demo, tmp_path):
+    """--init with --ema: the experts train on from the shipped demo weights w0, and what is saved is
+    d^3 w0 + d^2 (1 - d) w1 + d (1 - d) w2 + (1 - d) w3 over the raw weights w1..w3 after each step
+    (taken from runs of 1, 2 and 3 iterations: with the warmup longer than the run, a step's
+    learning rate does not depend on the run's length), not the raw w3."""
+    from safetensors.torch import load_file
+    cfg, init = WanConfig.preset("demo"), Path(__file__).resolve().parents[1] / "paradit" / "assets" / "demo"
+    flags = ["--preset", "demo", "--init", str(init), "--batch", "2", "--warmup", "100", "--lr", "0.1"]
+
+    def run(iters: int, *extra: str):
+        args = train_demo.parse_args(flags + ["--iters", str(iters), *extra])
+        return train_demo.train(cfg, args, log=lambda *a: None)
+
+    raw = [[load_file(init / f"{name}.safetensors") for name in ("high", "low")]]
+    raw += [[m.state_dict() for m in run(iters)[0]] for iters in (1, 2, 3)]
+    experts, text, _, losses, _ = run(3, "--ema", "0.6")
+    train_demo.save(tmp_path, experts, text, {}, losses)
+    weights = (0.6**3, 0.6**2 * 0.4, 0.6 * 0.4, 0.4)                # d = 0.6
+    for k, name in enumerate(("high", "low")):
+        saved = load_file(tmp_path / f"{name}.safetensors")
+        assert saved.keys() == raw[0][k].keys()
+        for key, value in saved.items():
+            hand = sum(c * w[k][key].double() for c, w in zip(weights, raw))
+            assert torch.allclose(value.double(), hand, atol=1e-6), (name, key)
+        moved = max((saved[key] - raw[3][k][key]).abs().max().item() for key in saved)
+        assert moved > 1e-4, (name, moved)                     # the average, not the last weights
+    with pytest.raises(SystemExit):
+        train_demo.parse_args(["--ema", "1"])                   # a decay of 1 would never move
