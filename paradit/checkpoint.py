@@ -232,7 +232,6 @@ def load_components(spec, mesh):
     from paradit.models.lora import check_loras
     from paradit.models.reader import Reader, quick_gil_handoff
     from paradit.parallel.weights import InTurn, SharedRead, node_read_groups
-    from paradit.components import resolve_offload
     from paradit.residency import experts_on_host
     from paradit.models.attention import build_kernels_ahead, pick_backend
     from paradit.parallel.attention import local_heads
@@ -242,7 +241,7 @@ def load_components(spec, mesh):
         cfg = model_config(ck)
         needed = _normalise_needed(spec.experts_needed, cfg.num_experts)
         dtype = spec.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        mode = resolve_offload(spec.offload, cfg, mesh)
+        mode = spec.offload   # concrete: build_spec resolved "auto"
         on_host = experts_on_host(mode, len(needed))              # read straight into pinned host buffers
         groups, node_size = node_read_groups(needed, torch.device("cpu") if on_host else device, spec.read_once)
         turns = InTurn(sorted(groups))

@@ -68,23 +68,3 @@ def tiny_components(cfg: WanConfig, device, dtype, seed: int = 0, needed: set[in
     vae = VideoVAE.tiny(cfg.z_dim, seed=seed, device=device)
     return experts, text, vae
 
-
-def resolve_offload(mode: str, cfg, mesh, settings=None) -> str:
-    """A concrete offload mode: `mode` itself, or for "auto" the planner's fastest mode that fits
-    this rank's layout on this GPU kind at `settings` (default: the preset's video); "none" on a
-    CPU, whose memory the planner does not model."""
-    from paradit.residency import check_offload
-    if check_offload(mode) != "auto":
-        return mode
-    if mesh.device.type != "cuda":
-        return "none"
-    from paradit.plan import GPUS, evaluate, make_problem
-    name = torch.cuda.get_device_name(mesh.device).lower()
-    kind = next((k for k in GPUS if k in name), "h100")
-    w, h, f, steps = ((settings.width, settings.height, settings.frames, settings.steps) if settings
-                      else (*cfg.size, cfg.frames, cfg.steps))
-    guided = settings is None or any(g != 1.0 for g in settings.guidance)
-    layout = getattr(mesh, "split", None) or mesh.config
-    problem = make_problem(cfg, layout.world_size, kind, w, h, f, steps, offload="auto", guidance=guided,
-                           cfg_mode=layout.cfg_mode)
-    return evaluate(problem, layout).offload

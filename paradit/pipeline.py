@@ -88,13 +88,15 @@ class Pipeline:
         """The ranks that serve this rank's requests together (paradit.parallel.requests)."""
         return self.mesh.group("request")
 
-    def apply_offload(self, mode: str, settings: VideoSettings | None = None) -> str:
-        """Keep components in host memory per `mode` (paradit.residency); 'auto' asks the planner,
-        for `settings` (default: the preset's video). Returns the mode applied. Once per pipeline."""
+    def apply_offload(self, mode: str) -> str:
+        """Keep components in host memory per `mode` (paradit.residency; "auto" is resolved before the
+        build, by paradit.runspec.build_spec). Returns the mode applied. Once per pipeline."""
         from paradit.offload import ExpertResidency, TextEncoderResidency
-        from paradit.components import resolve_offload
+        from paradit.residency import check_offload
         assert self.offload == "none" and self.residency is None, "offload is applied once"
-        mode = resolve_offload(mode, self.cfg, self.mesh, settings)
+        if check_offload(mode) == "auto":
+            raise ParameterError("offload", mode, "apply_offload takes a concrete mode", "build with "
+                                 "Pipeline.from_pretrained(..., offload='auto'), which asks the planner")
         if offloads_experts(mode):
             self.denoiser.residency = ExpertResidency(self.experts, self.mesh.device)
             if not self.residency.active:

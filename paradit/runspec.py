@@ -87,7 +87,7 @@ class BuildSpec:
         _lora_flag("high", "a LoRA for the high-noise expert of a Wan2.2 A14B model only; repeatable"),
         _lora_flag("low", "a LoRA for the low-noise expert of a Wan2.2 A14B model only; repeatable")),
         value=_lora_flags)
-    # paradit.residency mode ("auto" resolved where the mesh exists, or by the CLI's planner)
+    # paradit.residency mode ("auto" resolved by build_spec: plan_offload, as the CLI's planner does)
     offload: str = option("none", dict(parse=str, default="auto", choices=OFFLOAD_MODES, shown=(
         "auto; none on a CPU"), help=(
         "keep the text encoder and/or the idle expert in host memory, copied to the GPU when used; auto: the "
@@ -101,6 +101,7 @@ class BuildSpec:
     seed: int = 0                           # the tiny preset's weight seed
     dtype: object = None                    # None: bf16 on a GPU, fp32 on a CPU (checkpoints); fp32 presets
     read_once: bool | None = None           # checkpoints: a node's ranks read an expert's files once
+    force: bool = False                     # build an offload mode the planner finds no room for (--force)
 
 
 @dataclass(frozen=True)
@@ -182,12 +183,42 @@ def build_spec(model: str, parallel: ParallelConfig | None = None, **options) ->
         layout = sharded_layout(layout, cfg, info.device, o.offload, o.quant, o.compile)
     if layout.stages_pending:
         layout = resolve_stages(layout, cfg, info.world_size)
+    from paradit.launch import planner_gpu
+    offload = plan_offload(o.offload, cfg, layout, planner_gpu(info.device), info, loras=len(o.loras), force=o.force)
     needed = o.experts_needed
     if needed is None and layout.stages is not None:  # each stage reads its own expert
         needed = placement.experts_needed(layout, info.rank, 1, 1)
-    return replace(o, cfg=cfg, layout=layout, experts_needed=None if needed is None else frozenset(needed),
+    return replace(o, cfg=cfg, layout=layout, offload=offload,
+                   experts_needed=None if needed is None else frozenset(needed),
                    components=None if o.components is None else str(o.components), loras=tuple(o.loras),
                    compile=bool(o.compile))
+
+
+def plan_offload(mode: str, cfg: WanConfig, layout: ParallelConfig, kind: str | None, info,
+                 settings: VideoSettings | None = None, loras: int = 0, force: bool = False) -> str:
+    """The offload mode to build `layout` with: `mode`, or for "auto" the planner's fastest that fits it
+    on GPU kind `kind` at `settings` (default: the model's video) and on the hosts `info` describes
+    (paradit.launch.DistInfo: the host memory the launcher read, the ranks sharing it). A mode whose
+    pinned host copies do not fit the host, given or chosen, is a ParameterError naming offload (force:
+    build it anyway). Nothing is planned without a GPU kind (a CPU, whose memory the planner does not
+    model) or for a model it has no preset for: "auto" is "none" there."""
+    from paradit.plan import Infeasibility, evaluate, make_problem
+    from paradit.plan.hardware import host_options
+    from paradit.plan.memory import host_reason
+    from paradit.residency import check_offload
+    if kind is None or cfg.name not in PRESETS:
+        return "none" if check_offload(mode) == "auto" else mode
+    s = settings or VideoSettings.resolve(cfg)
+    problem = make_problem(cfg, layout.world_size, kind, s.width, s.height, s.frames, s.steps, offload=mode,
+                           guidance=any(g != 1.0 for g in s.guidance), cfg_mode=layout.cfg_mode, loras=loras,
+                           **host_options(info))
+    cand = evaluate(problem, layout)
+    # the planner checks a host only where the GPUs fit; the library builds what they may not fit too
+    why = cand.reason if cand.why is Infeasibility.HOST_MEMORY else \
+        host_reason(problem, cand, cand.offload) if cand.breakdown is not None else ""
+    if why and not force:
+        raise ParameterError("offload", mode, why, "force=True builds it anyway")
+    return cand.offload if mode == "auto" else mode
 
 
 def check_attention(attention: str, device) -> None:

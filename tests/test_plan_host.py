@@ -2,6 +2,7 @@
 what the host has available (paradit.plan.memory's docstring)."""
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -10,12 +11,15 @@ import pytest
 from paradit.cli.flags import UsageError, parse_args
 from paradit.cli.layout import resolve_layout
 from paradit.cli.spec import video_settings
+from paradit.checkpoint import save_diffusers_layout
 from paradit.config import WanConfig
+from paradit.errors import ParameterError
 from paradit.launch import spawn
 from paradit.plan import GPUS, Infeasibility, ParallelConfig, evaluate, make_problem, plan, rank_roles
 from paradit.plan.cli import main
 from paradit.plan.hardware import available_host_gb
 from paradit.plan.memory import HOST_MARGIN_GB, host_gb
+from paradit.runspec import build_spec
 
 A14B = "wan2.2-t2v-a14b"
 EXPERT, TEXT = 28.6, 11.4            # GB of bf16: one A14B expert, umT5
@@ -88,6 +92,37 @@ def test_the_cli_refuses_a_mode_the_host_cannot_pin_and_names_the_fix():
     forced = parse_args(["--model", A14B, "--gpu", "h100", "--size", "1280x720", "--frames", "81",
                          "--ulysses", "8", "--offload", "layers", "--force"])
     assert resolve_layout(forced, cfg, host, video_settings(forced, cfg, None)).world_size == 8
+
+
+def configs_only(root, preset: str) -> str:
+    """A checkpoint folder of `preset` holding its JSON configs and no weights: all build_spec reads."""
+    cfg = WanConfig.preset(preset)
+    for name in ("transformer", "transformer_2")[:cfg.num_experts]:
+        save_diffusers_layout(SimpleNamespace(cfg=cfg), root / name, config_only=True)
+    for name, config in (("vae", {"z_dim": cfg.z_dim}), ("text_encoder", {"d_model": cfg.text_dim}), ("tokenizer", {})):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"boundary_ratio": cfg.boundary}))
+    return str(root)
+
+
+def test_the_library_holds_offload_to_the_host(tmp_path, monkeypatch):
+    # Pipeline.from_pretrained's build (build_spec) on one L40S, patched in (this machine has no GPU), with
+    # the host's MemAvailable patched where the launcher reads it: A14B at 720p fits the card only with its
+    # experts and text encoder in host memory (all or layers: 57.2 + 11.4 GB pinned, 2 GB besides)
+    folder = configs_only(tmp_path, A14B)
+    monkeypatch.setattr("paradit.launch.planner_gpu", lambda device: "l40s")
+    monkeypatch.setattr("paradit.launch.available_host_gb", lambda: 200.0)
+    assert build_spec(folder, offload="auto").offload == "all"
+    monkeypatch.setattr("paradit.launch.available_host_gb", lambda: 40.0)
+    for mode in ("auto", "all", "experts"):   # chosen or given, a mode the host cannot pin is refused
+        with pytest.raises(ParameterError) as err:
+            build_spec(folder, offload=mode)
+        assert err.value.param == "offload" and err.value.value == mode
+        for part in ("host memory", "57.2 GB of experts per rank", "> 40.0 GB available", "force=True"):
+            assert part in str(err.value), (mode, part)
+    assert build_spec(folder, offload="all", force=True).offload == "all"
+    assert build_spec(folder, offload="text-encoder").offload == "text-encoder"   # 13.4 GB: it fits
 
 
 def test_planner_cli_shows_and_takes_the_host_figure(capsys):

@@ -37,10 +37,8 @@ def gpu_kind(flags: Flags) -> str | None:
     if flags.gpu:
         return flags.gpu
     import torch
-    if not torch.cuda.is_available():
-        return None
-    from paradit.plan.hardware import gpu_preset
-    return gpu_preset(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory / 1e9)
+    from paradit.launch import planner_gpu
+    return planner_gpu(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run_options(flags: Flags, settings, info, offload: str | None = None, cfg_mode: str | None = None) -> dict:
@@ -48,11 +46,15 @@ def run_options(flags: Flags, settings, info, offload: str | None = None, cfg_mo
     guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged, and the host
     memory the launcher read (info: paradit.launch.DistInfo; the planner rules out offload modes whose
     pinned copies do not fit it)."""
-    loras = sum(len(flags.values.get(f) or ()) for f in ("lora", "lora_high", "lora_low"))
-    return dict(offload=flags.offload if offload is None else offload, loras=loras,
+    from paradit.plan.hardware import host_options
+    return dict(offload=flags.offload if offload is None else offload, loras=lora_files(flags),
                 cfg_mode=flags.cfg_mode if cfg_mode is None else cfg_mode, shard_weights=shard_mode(flags),
-                guidance=any(g != 1.0 for g in settings.guidance), host_gb=getattr(info, "host_gb", None),
-                ranks_per_host=getattr(info, "ranks_per_host", None))
+                guidance=any(g != 1.0 for g in settings.guidance), **host_options(info))
+
+
+def lora_files(flags: Flags) -> int:
+    """The LoRA files the flags merge (the planner counts their merge time and memory)."""
+    return sum(len(flags.values.get(f) or ()) for f in ("lora", "lora_high", "lora_low"))
 
 
 def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, options: dict) -> ParallelConfig:
@@ -177,19 +179,16 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, info, flags: 
 
 
 def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, info) -> str:
-    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind and host; none on a
-    CPU."""
-    from paradit.plan import evaluate, make_problem
+    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind and host
+    (paradit.runspec.plan_offload, as the library's offload="auto"); none on a CPU."""
+    from paradit.runspec import plan_offload
     kind = gpu_kind(flags)
     if flags.offload == "layers" and kind is not None and cfg.name in PRESETS and not flags.force:
         refuse_needless_layers(cfg, layout, kind, settings)
     if flags.offload != "auto":
         return flags.offload
-    if info.device.type != "cuda" or kind is None or cfg.name not in PRESETS:
-        return "none"
-    problem = make_problem(cfg, layout.world_size, kind, settings.width, settings.height, settings.frames,
-                           settings.steps, **run_options(flags, settings, info, cfg_mode=layout.cfg_mode))
-    return evaluate(problem, layout).offload
+    return plan_offload("auto", cfg, layout, kind if info.device.type == "cuda" else None, info, settings,
+                        lora_files(flags), flags.force)
 
 
 def refuse_needless_layers(cfg, layout: ParallelConfig, kind: str, settings) -> None:

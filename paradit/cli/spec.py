@@ -182,7 +182,8 @@ def resolve(flags: Flags, info) -> RunSpec:
         if image is not None and (layout.stages or (chords and cfg.task == "ti2v")):
             raise UsageError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
         needed = experts_needed(cfg, layout, settings, chords, info.rank)
-        options = build_options(flags.values) | {"offload": offload_mode(flags, cfg, layout, settings, info)}
+        options = build_options(flags.values) | {"offload": offload_mode(flags, cfg, layout, settings, info),
+                                                 "force": flags.force}
         _check_quant(flags, info, options["offload"], layout)
         build = build_spec(parallel=layout, experts_needed=needed, **options)
     return RunSpec(build, settings, chords, flags.negative_prompt, flags.image, image, size_source(flags, image),

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from paradit.errors import ParameterError
-from paradit.plan.hardware import available_host_gb
+from paradit.plan.hardware import available_host_gb, gpu_preset
 
 log = logging.getLogger("paradit")
 
@@ -59,6 +59,14 @@ class DistInfo:
     backend: str | None  # None: single process, no process group
     host_gb: float | None = None   # host memory available at start, GB: the least of the world's hosts (None: unknown)
     ranks_per_host: int = 1        # ranks sharing one host's memory (torchrun's LOCAL_WORLD_SIZE)
+
+
+def planner_gpu(device: torch.device) -> str | None:
+    """The planner's GPU preset of `device` (from its name and memory: paradit.plan.hardware.gpu_preset);
+    None off CUDA, whose memory the planner does not model."""
+    if device.type != "cuda":
+        return None
+    return gpu_preset(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory / 1e9)
 
 
 def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:

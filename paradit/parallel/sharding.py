@@ -120,10 +120,7 @@ def sharded_layout(parallel, cfg, device: torch.device, offload: str, quant: str
     do not combine with, refused before any weight is read."""
     from paradit.plan.search import resolve_sharding
     from paradit.plan.sharding import check_shard_options
-    kind = None
-    if device.type == "cuda":
-        from paradit.plan.hardware import gpu_preset
-        kind = gpu_preset(torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory / 1e9)
-    parallel = resolve_sharding(parallel, cfg, kind)
+    from paradit.launch import planner_gpu
+    parallel = resolve_sharding(parallel, cfg, planner_gpu(device))
     check_shard_options(parallel, offload, quant, compile)
     return parallel

@@ -109,6 +109,13 @@ def available_host_gb(meminfo: str = "/proc/meminfo") -> float | None:
         return None
 
 
+def host_options(info) -> dict:
+    """The host figures a launcher read (paradit.launch.DistInfo: host_gb, the least memory available over
+    the world's hosts, and ranks_per_host), as make_problem takes them: offload modes whose pinned copies
+    do not fit are ruled out. A figure the info lacks or does not know (None) is not checked."""
+    return dict(host_gb=getattr(info, "host_gb", None), ranks_per_host=getattr(info, "ranks_per_host", None))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Efficiency factors (fractions of the GPUSpec rates) and small fixed costs."""
