@@ -55,7 +55,7 @@ def build_module(arch: str, seed: int, folder: str | None):
     """The fp32 AutoencoderKLWan every mode copies: from --folder, else seeded random (diffusers' init)."""
     from diffusers import AutoencoderKLWan
 
-    from e2e import WAN22_VAE
+    from random_checkpoint import WAN22_VAE
 
     if folder:
         path = Path(folder)
