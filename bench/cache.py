@@ -47,9 +47,10 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
-from launcher import (environment, judged_prompts, judged_recipe, machine_description, machine_tag,  # noqa: E402
+from launcher import (environment, judged_recipe, machine_description, machine_tag,  # noqa: E402
                       results_path, write_json)
 
+from paradit.demo.data import judged_prompts  # noqa: E402
 from paradit.demo.judge import judge, psnr, rel_err, ssim  # noqa: E402
 
 THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)

@@ -133,18 +133,6 @@ def judged_recipe(model: str):
     return RECIPES.get(model)
 
 
-def judged_prompts(model: str, n: int) -> list[str]:
-    """n prompts of a judged model's own vocabulary, 2 per colour with shapes and motions mixed:
-    every (len/12)-th prompt, and one further when the recipe has speed words, so that the odd
-    step alternates them ("slowly", "quickly"). demo's pick (every 6th) is the one its sweeps used."""
-    recipe = judged_recipe(model)
-    if recipe is None:
-        raise ValueError(f"{model!r} is not a judged demo model (those are {', '.join(RECIPES)})")
-    every = all_prompts(recipe)
-    step = len(every) // 12 + (len(recipe.speeds) > 1)
-    return [every[(step * i) % len(every)] for i in range(n)]
-
-
 def judged_prompt(model: str, prompt: str) -> str:
     """`prompt` in a judged model's vocabulary: its first prompt that begins so ("a red circle moving
     right" is demo's own, "... slowly" demo64's, whose prompts all name a speed)."""

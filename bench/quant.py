@@ -41,12 +41,13 @@ from unittest import mock
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from launcher import (environment, judged_prompt, judged_prompts, machine_description, machine_tag,  # noqa: E402
+from launcher import (environment, judged_prompt, machine_description, machine_tag,  # noqa: E402
                       results_path, write_json)
 from scaling import build_model, make_inputs, make_step, timed  # noqa: E402
 
 from paradit.compile import compile_blocks  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
+from paradit.demo.data import judged_prompts  # noqa: E402
 from paradit.demo.judge import judge, psnr, rel_err, ssim  # noqa: E402
 from paradit.errors import ParameterError  # noqa: E402
 from paradit.launch import init_distributed  # noqa: E402
@@ -191,7 +192,7 @@ def demo_latents(device, mode: str, emulate: bool, steps: int | None, model: str
 
 
 def judged_model(name: str) -> str:
-    """--model's check: a demo model the judge knows (bench/launcher.py), else the launcher's error."""
+    """--model's check: a demo model the judge knows (paradit.demo.data.judged_prompts), else its error."""
     try:
         judged_prompts(name, 1)
     except ValueError as err:

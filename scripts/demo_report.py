@@ -25,17 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, run as a script
 
 from paradit.config import WanConfig  # noqa: E402
-from paradit.demo.data import RECIPES, Recipe, all_prompts  # noqa: E402
+from paradit.demo.data import RECIPES, Recipe, judged_prompts  # noqa: E402
 from paradit.demo.judge import judge  # noqa: E402
 
 FIELDS = ("colour", "shape", "direction", "speed")
-
-
-def judged_prompts(recipe: Recipe) -> tuple[list[str], str]:
-    """The prompts a trained model is judged on: those training never showed, else 12 of its own."""
-    if recipe.held_out:
-        return [recipe.prompt(c) for c in recipe.held_out_combos()], "held out of training"
-    return all_prompts(recipe)[::6], "12 training prompts (every colour twice)"
 
 
 def evaluate(videos: list[torch.Tensor], prompts: list[str], which: str) -> dict:
@@ -172,7 +165,8 @@ def write_report(pipe, folder: Path, info: dict, docs: Path | None, losses) -> d
             drawn[prompt, seed] = pipe(prompt, seed=seed, progress=False).cpu()
         return drawn[prompt, seed]
 
-    prompts, which = judged_prompts(recipe)
+    prompts = judged_prompts(recipe)
+    which = "held out of training" if recipe.held_out else "12 training prompts (every colour twice)"
     judged = evaluate([draw(p, i) for i, p in enumerate(prompts)], prompts, which)
     judged["by"] = (f"scripts/demo_report.py on {pipe.mesh.device.type}, torch {torch.__version__}, "
                     f"{time.perf_counter() - t0:.0f} s")

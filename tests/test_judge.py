@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from paradit.demo.data import COLOURS, DEMO, DEMO64, DIRECTIONS, SHAPES, all_prompts, clips_for, render
+from paradit.demo.data import (COLOURS, DEMO, DEMO64, DIRECTIONS, SHAPES, all_prompts, clips_for, judged_prompts,
+                               parse_prompt, render)
 from paradit.demo.judge import judge, psnr, rel_err, ssim
 
 
@@ -106,6 +107,18 @@ def test_judge_is_at_chance_on_noise():
     rate = lambda field: sum(bool(getattr(v, field)) for v in verdicts) / len(verdicts)  # noqa: E731
     assert rate("direction") == 0 and rate("speed") == 0 and not any(v.ok for v in verdicts)
     assert rate("colour") <= 2 / 6 and rate("shape") <= 0.5
+
+
+def test_the_prompts_each_demo_model_is_judged_on():
+    # the honest set (scripts/demo_report.py): demo64's 24 held out of training; demo holds none out: 12 of its own
+    assert judged_prompts("demo64") == [DEMO64.prompt(c) for c in DEMO64.held_out_combos()] and DEMO64.held_out == 24
+    assert judged_prompts(DEMO) == all_prompts(DEMO)[::6] == judged_prompts("demo", 12)
+    # n spread over the whole vocabulary (the benchmarks' sweeps): every colour twice, demo64's speeds alternating
+    sweep = [parse_prompt(p) for p in judged_prompts("demo64", 12)]
+    assert [w[0] for w in sweep] == [c for c in COLOURS for _ in range(2)]
+    assert [w[3] for w in sweep] == ["slowly", "quickly"] * 6 and len({w[1:3] for w in sweep}) == 12
+    with pytest.raises(ValueError, match="'tiny' is not a judged demo model"):
+        judged_prompts("tiny", 1)
 
 
 def test_judge_names_a_prompt_it_cannot_judge():

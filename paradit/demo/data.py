@@ -77,6 +77,22 @@ def all_prompts(recipe: Recipe = DEMO) -> list[str]:
     return [recipe.prompt(c) for c in recipe.combos()]
 
 
+def judged_prompts(model: str | Recipe, n: int | None = None) -> list[str]:
+    """The prompts a demo model (a RECIPES name, or its Recipe) is judged on. n None: the honest set,
+    those training never showed (Recipe.held_out), else 12 of its own. n: n prompts spread over the
+    whole vocabulary (the benchmarks' sweeps), 2 per colour with shapes and motions mixed: every
+    (len/12)-th, one further where there are speed words so that the odd step alternates them. A
+    model that is not a demo model is a ValueError."""
+    recipe = model if isinstance(model, Recipe) else RECIPES.get(model)
+    if recipe is None:
+        raise ValueError(f"{model!r} is not a judged demo model (those are {', '.join(RECIPES)})")
+    if n is None and recipe.held_out:
+        return [recipe.prompt(c) for c in recipe.held_out_combos()]
+    every = all_prompts(recipe)
+    step = len(every) // 12 + (len(recipe.speeds) > 1)
+    return [every[(step * i) % len(every)] for i in range(12 if n is None else n)]
+
+
 def unknown_words(prompt: str, recipe: Recipe = DEMO) -> list[str]:
     """The words of `prompt` that no training prompt has (the demo model knows "a COLOUR SHAPE
     moving DIRECTION [SPEED]" and nothing else), in order, once each; [] for a prompt it can draw."""
