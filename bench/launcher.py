@@ -49,6 +49,12 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA timing's end); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine_tag(device_type: str | None = None) -> str:
     """'cpu2' (cores), 'h100x1', 'h200x8' (GPU kind and count); the file-name part of results."""
     device_type = device_type or ("cuda" if has_cuda() else "cpu")

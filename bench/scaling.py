@@ -75,7 +75,7 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
 from launcher import (environment, has_cuda, machine_description, machine_tag, peak_rss_mb,  # noqa: E402
-                      reset_peak_rss, results_path, run_world, write_json, cpu_cores)
+                      reset_peak_rss, results_path, run_world, sync, write_json, cpu_cores)
 
 from paradit.config import WanConfig  # noqa: E402
 from paradit.models.transformer import WanTransformer, patchify, token_grid  # noqa: E402
@@ -250,11 +250,6 @@ def make_step(runtime: Runtime, model: WanTransformer, inputs: dict, measure: st
         state["x"] = state["x"] + (sig[i + 1] - sig[i]) * v
         state["i"] += 1
     return step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, n: int, device: torch.device, together: bool = True) -> list[float]:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, root
-from launcher import environment, has_cuda, results_path, run_world, write_json  # noqa: E402
+from launcher import environment, has_cuda, results_path, run_world, sync, write_json  # noqa: E402
 
 from paradit.models.vae import VideoVAE, decode_bytes, tiles_bytes  # noqa: E402
 
@@ -71,11 +71,6 @@ def make_vae(module, device, dtype, **kw) -> VideoVAE:
     copy = type(module).from_config(module.config)
     copy.load_state_dict(module.state_dict())
     return VideoVAE(copy, device, dtype, **kw)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device, warmup: int, repeats: int) -> tuple[dict, object]:
