@@ -1,11 +1,11 @@
 """Timings and test hooks: one mechanism, importable from every layer (plain Python, no torch).
 
 A phase of the library's work, start-up (the CLI's pipeline import, config, weights, text encoder
-and its warm-up, VAE, offload, compile) or a request (text encode, image encode, each step, denoise, VAE decode, video write), runs inside
-`phase(NAME, into)`: it first passes the test hook of that name, then times the block into
-`into["NAME_s"]`. A point that is not timed (a CHORDS round, the split hand-off) passes its hook
-with `hook(NAME)`. Timings are plain dicts the caller owns (a loader's start-up, a request's
-record); nothing here keeps state.
+and its warm-up, VAE, offload, compile) or a request (text encode, image encode, each step or
+CHORDS round, denoise, VAE decode, video write), runs inside `phase(NAME, into)`: it first passes
+the test hook of that name, then times the block into `into["NAME_s"]`. A point that is not timed
+(the split hand-off) passes its hook with `hook(NAME)`. Timings are plain dicts the caller owns (a
+loader's start-up, a request's record); nothing here keeps state.
 
 The hooks let tests make one rank fail or stall at a named point, to prove that every rank stops
 with the reason and that nothing hangs:

@@ -80,7 +80,8 @@ class Pipeline:
                             lambda self, v: setattr(self.denoiser, "check_finite", v),
                             doc="stop with FloatingPointError at a non-finite velocity")
     on_step = property(lambda self: self.denoiser.on_step, lambda self, v: setattr(self.denoiser, "on_step", v),
-                       doc="on_step(step index, seconds) after each sequential step (the server's progress)")
+                       doc="on_step(index, seconds) after each sequential step or CHORDS round (the server's "
+                           "progress); raising engine.Stopped stops the request there, on every rank")
     residency = property(lambda self: self.denoiser.residency, doc="the ExpertResidency, with offloaded experts")
 
     @property

@@ -151,6 +151,12 @@ class ChordsSettings:
         except ValueError as err:
             raise ParameterError("init", self.init, str(err)) from None
 
+    def max_rounds(self, steps: int) -> int:
+        """The rounds a run of `steps` steps makes: exactly, or at most under a residual stop (its hits
+        may agree sooner than core 0's exact one)."""
+        init = self.resolve_init(steps)
+        return chords_schedule.rounds_for(init, steps, self.stop) or chords_schedule.rounds_for(init, steps, None)
+
     def validate(self, steps: int, mesh_cores: int) -> None:
         """Everything checkable before weights load, against a mesh of `mesh_cores` core groups."""
         if mesh_cores not in (1, self.cores):

@@ -3,12 +3,15 @@ import pytest
 import torch
 
 from paradit.config import WanConfig
+from paradit.engine import Stopped
 from paradit.launch import spawn
 from paradit.cli.flags import parse_stop
+from paradit.pipeline import Pipeline, tiny_components
 from paradit.settings import ChordsSettings, chords_layout
 from paradit.plan.placement import chords_experts
+from paradit.schedulers.chords_schedule import count_nfe
 from paradit.schedulers.schedule import high_noise_steps
-from workers import PIPE_KW, chords_hits, pipeline_latent, tiny_config
+from workers import PIPE_KW, PROMPT, chords_hits, pipeline_latent, tiny_config
 
 # (world, layout, cores, heads): each core group is the layout without its chords axis
 TABLE = [
@@ -77,3 +80,25 @@ def test_bad_settings():
         chords_layout(ChordsSettings(4), world=6, inner=2)
     assert chords_layout(ChordsSettings(4), world=8, inner=2) == 4
     assert chords_layout(ChordsSettings(4), world=2, inner=2) == 1
+
+
+def test_on_step_runs_after_every_round_and_stops_the_request_there():
+    """The hook the server's cancel uses (paradit.serve.engine.Worker.on_step) runs after every CHORDS
+    round, as after every sequential step; raised Stopped ends the request at that round, its
+    later rounds never evaluated; the pipeline then runs the next request."""
+    cfg, chords, steps = tiny_config(2), ChordsSettings(2), 8
+    pipe = Pipeline(cfg, *tiny_components(cfg, "cpu", torch.float32)[:2], None)
+    seen = []
+    pipe.on_step = lambda i, seconds: seen.append(i)
+    whole = pipe(PROMPT, output="latent", chords=chords, **(PIPE_KW | dict(steps=steps)))
+    assert seen == list(range(pipe.record.chords.rounds)) and len(seen) > 2
+
+    def stop_at_round_3(i, seconds):
+        if i == 2:
+            raise Stopped("stopped at round 3")
+    pipe.on_step = stop_at_round_3
+    with pytest.raises(Stopped):
+        pipe(PROMPT, output="latent", chords=chords, **(PIPE_KW | dict(steps=steps)))
+    assert len(pipe.record.trace) == count_nfe(chords.resolve_init(steps), steps, 3)   # rounds 1-3 evaluated
+    pipe.on_step = None
+    assert torch.equal(pipe(PROMPT, output="latent", chords=chords, **(PIPE_KW | dict(steps=steps))), whole)

@@ -15,7 +15,6 @@ import torch
 
 from paradit.engine.denoiser import Denoiser
 from paradit.engine.request import Request
-from paradit.events import hook
 from paradit.parallel.collectives import all_gather_equal
 from paradit.schedulers import wan_sigmas, wan_timesteps
 from paradit.schedulers.chords import Chords
@@ -60,7 +59,11 @@ def chords_denoise(den: Denoiser, req: Request, settings: ChordsSettings, on_hit
     def velocity(points):
         pairs = plan[state["round"]]                           # [(core, index)] of this round
         state["round"] += 1
-        hook(f"round{state['round']}")
+        with den.boundary(f"round{state['round']}", state["round"] - 1):   # on every rank: the server's cancel
+            vs = round_velocities(pairs, points)
+        return vs
+
+    def round_velocities(pairs, points):
         assert [i for _, i in pairs] == [i for i, _ in points], "controller left the static schedule"
         # every rank decides every core's step, from the same numbers (one reduction a round)
         skips = cache_plan(cache, req, pairs, points, den, ts) if cache else [False] * len(points)

@@ -1,6 +1,7 @@
 """The model side of every driver: guided velocities and sampler steps on this rank's token shard."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -22,8 +23,9 @@ class Denoiser:
 
     residency: an ExpertResidency (paradit.offload) when experts live in host memory; its prefetches
     and releases run around every evaluation. check_finite: stop at a non-finite velocity.
-    on_step(step index, seconds): called after each sequential step (the server's progress); it may
-    raise engine.request.Stopped to stop the request there (the server's cancel)."""
+    on_step(index, seconds): called after each sequential step, and after each CHORDS round (every
+    rank of the request at the same one; the server's progress); it may raise
+    engine.request.Stopped to stop the request there (the server's cancel)."""
 
     def __init__(self, cfg: WanConfig, runtime, experts: list, residency=None):
         self.cfg, self.runtime, self.experts, self.residency = cfg, runtime, experts, residency
@@ -119,15 +121,25 @@ class Denoiser:
         cache = self.step_cache(req)
         bar = tqdm(steps, desc="denoise", unit="step", disable=not (progress and self.mesh.is_output_rank))
         for i in bar:
-            with phase(f"step{i}") as step:
+            with self.boundary(f"step{i}", i, req.record.step_s):
                 x = sched.step(self.cached_velocity(req, cache, i, x, timesteps[i], space.grid), timesteps[i], x)
                 x = conditioning.after_step(x, req.condition)               # TI2V: frame 0 stays the image
-                if x.is_cuda:  # the step's kernels, not just their launch, belong to its time
-                    torch.cuda.synchronize(x.device)
-            req.record.step_s.append(step.seconds)
-            if self.on_step is not None:
-                self.on_step(i, req.record.step_s[-1])
         return x
+
+    @contextmanager
+    def boundary(self, name: str, i: int, times: list[float] | None = None):
+        """The work up to step boundary i of a request (a sampler step, or a CHORDS round: every
+        driver's loop goes through here): test hook `name` (paradit.events), the work timed with its
+        device kernels (appended to `times`), then on_step(i, seconds), which may stop the request
+        here by raising Stopped. Not reached when the work raises."""
+        with phase(name) as span:
+            yield
+            if self.mesh.device.type == "cuda":  # the kernels, not just their launch, belong to its time
+                torch.cuda.synchronize(self.mesh.device)
+        if times is not None:
+            times.append(span.seconds)
+        if self.on_step is not None:
+            self.on_step(i, span.seconds)
 
     def evaluation_experts(self, s: VideoSettings, chords: ChordsSettings | None = None) -> list[int]:
         """The expert of each evaluation this rank makes for one request, in order: from the

@@ -11,9 +11,10 @@ from paradit.settings import VideoSettings
 
 
 class Stopped(Exception):
-    """Raised by Denoiser.on_step to stop the request at this step boundary (a server's cancel). Every
-    rank of the request's group must raise it at the same step; with split experts the driver ends
-    the request on both stages (paradit.engine.split) and goes on with the next one."""
+    """Raised by Denoiser.on_step to stop the request at this step boundary (a sampler step or a
+    CHORDS round; a server's cancel). Every rank of the request's group must raise it at the same
+    one; with split experts the driver ends the request on both stages (paradit.engine.split) and
+    goes on with the next one."""
 
 
 @dataclass

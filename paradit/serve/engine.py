@@ -5,8 +5,8 @@ every rank already shares; an in-process HashStore in a world of one). A lane is
 ranks that runs a job together: one data-parallel replica, or the whole two-stage pipeline with
 split experts. Idle ranks poll their lane's next key; they never wait inside a collective, so an
 idle service never reaches the collective timeout, however long it idles. Ranks report back
-through the same store: `progress/SEQ/STAGE` after each denoising step, `done/SEQ` when the video
-is written (or why it failed), `mem/RANK` after each job.
+through the same store: `progress/SEQ/STAGE` after each denoising step (each round under CHORDS),
+`done/SEQ` when the video is written (or why it failed), `mem/RANK` after each job.
 """
 from __future__ import annotations
 
@@ -91,6 +91,7 @@ class Worker:
         self.reporter = mesh.roles.leads
         self.current: dict | None = None   # the command this rank is working on
         self.steps: list[float] = []
+        self.boundaries = ("step", 0)      # the current job's step boundaries: their unit and count
         self.jobs = self.requests()        # one iterator of the lane's commands, across cancelled jobs
         self.lora_dir, self.switch_s = lora_dir, 0.0   # --lora-dir: per-request LoRA sets, switched per job
         self.lora_sets = None
@@ -130,8 +131,15 @@ class Worker:
     def begin(self, cmd: dict) -> None:
         self.report_memory()  # after the previous job
         self.current, self.steps, self.first_step_at = cmd, [], None
+        self.boundaries = self.boundaries_of(cmd["request"]["steps"])
+
+    def boundaries_of(self, steps: int) -> tuple[str, int]:
+        """The step boundaries of a job of `steps` steps, where it reports progress and may be cancelled:
+        its sampler steps, or under CHORDS its rounds (at most: a residual stop may end it sooner)."""
+        return ("step", steps) if self.chords is None else ("round", self.chords.max_rounds(steps))
 
     def on_step(self, i: int, seconds: float) -> None:
+        """After sampler step i (CHORDS round i) on every rank of the request group: cancel, progress."""
         self.check_cancelled(i)
         if not (self.reporter and self.current):
             return
@@ -139,7 +147,8 @@ class Worker:
         self.first_step_at = self.first_step_at or now - seconds
         self.steps.append(seconds)
         self.channel.set(f"progress/{self.current['seq']}/{self.stage}",
-                         {"step": i + 1, "start": self.first_step_at, "end": now, "step_s": self.steps})
+                         {"step": i + 1, "of": self.boundaries[1], "start": self.first_step_at, "end": now,
+                          "step_s": self.steps})
 
     def lora_specs(self, request: dict) -> tuple:
         from paradit.models.lora import LoraSpec
@@ -147,9 +156,10 @@ class Worker:
                      for name, scale, expert in request.get("loras") or ())
 
     def check_cancelled(self, i: int) -> None:
-        """At a step boundary: whether the job was cancelled, agreed over the request group (the lane, or
-        with split experts the stage running the job: any rank that has seen the cancel key stops them
-        all, at this same step). The stage's first rank reports it; then JobCancelled on every rank."""
+        """At a step boundary (a sampler step, or a CHORDS round): whether the job was cancelled, agreed
+        over the request group (the lane, every CHORDS core of it included, or with split experts the
+        stage running the job: any rank that has seen the cancel key stops them all, at this same
+        boundary). The stage's first rank reports it; then JobCancelled on every rank."""
         if self.current is None:
             return
         seq = self.current["seq"]
@@ -161,7 +171,8 @@ class Worker:
             seen = bool(flag.item())
         if not seen:
             return
-        stop = JobCancelled(f"cancelled at step {i + 1} of {self.current['request']['steps']}")
+        unit, count = self.boundaries
+        stop = JobCancelled(f"cancelled at {unit} {i + 1} of {count}")
         if self.reporter:
             self.channel.set_once(f"done/{seq}", {"ok": False, "cancelled": True, "rank": self.rank,
                                                   "error": str(stop)})

@@ -14,8 +14,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.queue = Gauge("paradit_queue_depth", "Jobs accepted and waiting for the engine", registry=r)
         self.jobs = Gauge("paradit_jobs", "Jobs in the state directory, by status", ["status"], registry=r)
-        self.step = Histogram("paradit_step_seconds", "One denoising step, timed on the first rank of each "
-                              "stage (0: high-noise or both experts, 1: low-noise)", ["stage"],
+        self.step = Histogram("paradit_step_seconds", "One denoising step (a CHORDS round under --chords), timed "
+                              "on the first rank of each stage (0: high-noise or both experts, 1: low-noise)", ["stage"],
                               buckets=STEP_BUCKETS, registry=r)
         self.request = Histogram("paradit_request_seconds", "From acceptance to the finished video",
                                  buckets=REQUEST_BUCKETS, registry=r)

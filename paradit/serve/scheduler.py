@@ -52,12 +52,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ what the API reads
     def progress(self, job: Job) -> int:
-        """0-99 from the denoising steps reported so far (100 is for completed jobs)."""
+        """0-99 from the denoising steps (CHORDS rounds) reported so far (100 is for completed jobs)."""
         with self.lock:
             flight = self.flights.get(job.seq)
             reports = list(flight.progress.values()) if flight else []
-        steps = max((r["step"] for r in reports), default=0)
-        return min(99, int(100 * steps / max(1, job.request["steps"])))
+        return min(99, int(100 * max((r["step"] / max(1, r["of"]) for r in reports), default=0)))
 
     def queue_depth(self) -> int:
         return self.jobs.counts()["queued"]
@@ -125,7 +124,8 @@ class Scheduler:
                             *(f"progress/{seq}/{s}" for s in range(self.stages)))
 
     def cancel(self, job: Job) -> str | None:
-        """Stop a running job at its next step boundary (every rank of its lane); None, or why not."""
+        """Stop a running job at its next step boundary (a sampler step or a CHORDS round; every rank of
+        its lane); None, or why not."""
         with self.lock:
             flight = self.flights.get(job.seq)
         if flight is None:
