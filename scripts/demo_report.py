@@ -145,13 +145,16 @@ def read_losses(folder: Path, logs: list[str] | None) -> tuple[dict[str, list] |
 
 
 def sampler(cfg: WanConfig, experts, text, codec, device: str):
-    """A one-device pipeline of trained experts with everything on `device`."""
+    """A one-device pipeline of trained experts with everything on `device`; its codec decodes what
+    the low-noise expert can write (paradit.demo.decode_writable), as the shipped model's does."""
+    from paradit.demo import decode_writable
     from paradit.parallel.mesh import init_parallel
     from paradit.pipeline import Pipeline
     from paradit.plan.layout import ParallelConfig
     text.model.to(device)
     text.device = torch.device(device)
-    return Pipeline(cfg, experts, text, codec, mesh=init_parallel(ParallelConfig(), device=device))
+    return Pipeline(cfg, experts, text, decode_writable(codec, experts),
+                    mesh=init_parallel(ParallelConfig(), device=device))
 
 
 def write_report(pipe, folder: Path, info: dict, docs: Path | None, losses) -> dict:

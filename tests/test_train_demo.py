@@ -81,6 +81,10 @@ def test_recipe_learns_at_reduced_scale(train_demo):
         first = sum(losses["shared"][:20]) / 20
         assert all(sum(losses[k][-20:]) / 20 < 0.8 * first for k in ("high", "low")), losses
         pipe = train_demo.sampler(cfg, experts, text, codec, "cpu")
+        # the raw decode: this dim-64 head writes 64 of a token's 384 latent values, too few for the
+        # shipped model's projection onto them (paradit/demo/writable.py: it drops what demo64's
+        # 192 cannot write, 3% of its clips) to keep what a model this small draws (6 colours of 24)
+        pipe.vae.writable = None
         prompts = [recipe.prompt(c) for c in recipe.held_out_combos()]
         verdicts = [judge(pipe(p, seed=i, progress=False), p) for i, p in enumerate(prompts)]
         assert sum(v.colour for v in verdicts) >= 2 * len(prompts) / 6, verdicts

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, load_model
 
 from paradit.config import WanConfig
 from paradit.demo.codec import TimeToDepthCodec
+from paradit.demo.data import BACKGROUND
+from paradit.demo.writable import WritableSpace
 from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer
 
@@ -39,4 +41,12 @@ def demo_components(cfg: WanConfig, device, dtype=None, seed: int = 0, needed=No
         experts.append(m.to(device).eval().requires_grad_(False))
     text = TextEncoder.tiny(cfg.text_dim, cfg.text_len, device=device)   # the architecture; weights next
     load_model(text.model, str(assets / "text_encoder.safetensors"))
-    return experts, text, TimeToDepthCodec.for_config(cfg, device=device)
+    return experts, text, decode_writable(TimeToDepthCodec.for_config(cfg, device=device), experts)
+
+
+def decode_writable(codec: TimeToDepthCodec, experts) -> TimeToDepthCodec:
+    """`codec`, made to decode only what the low-noise expert (the last of `experts`, which takes
+    the last steps) can write: demo64's head writes half of each token's latent, and the other half
+    would decode as grain (paradit/demo/writable.py). Nothing changes for a head that writes it all."""
+    codec.writable = WritableSpace.for_expert(experts[-1], codec, BACKGROUND)
+    return codec

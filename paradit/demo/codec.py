@@ -17,6 +17,10 @@ ordered (frame, block row, block column, rgb): the order of the frames is still 
 
 Same interface as paradit.models.vae.VideoVAE: decode(latent (C, F_lat, H, W) fp32) -> uint8
 (F, H, W, 3); encode(uint8 (F, H, W, 3)) -> latent.
+
+`writable`, when set (paradit.demo.demo_components does for demo64), is applied to a latent before
+it is decoded: the part of it the model cannot write is the sampler's initial noise, demo64's
+background grain (paradit/demo/writable.py). The codec itself stays lossless.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class TimeToDepthCodec:
         per = window * space * space                                       # RGB triples per latent pixel
         self.mean = torch.tensor(mean).repeat(per).view(-1, 1, 1, 1)      # (z_dim, 1, 1, 1)
         self.std = torch.tensor(std).repeat(per).view(-1, 1, 1, 1)
+        self.writable = None                # a WritableSpace to project latents onto before decoding
 
     @classmethod
     def for_config(cls, cfg, device="cpu") -> "TimeToDepthCodec":
@@ -88,7 +93,9 @@ class TimeToDepthCodec:
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:
         """fp32 latent (..., C, F_lat, H, W) -> uint8 (..., F, H, W, 3); each frame from the first
-        latent frame that holds it."""
+        latent frame that holds it; `writable` (when set) projects the latent first."""
+        if self.writable is not None:
+            latent = self.writable(latent)
         x = latent.float().cpu() * self.std + self.mean                      # (..., C, F_lat, H', W')
         n = x.shape[-3]
         frames = self.window * (n - 1) + 1
