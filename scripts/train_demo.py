@@ -28,7 +28,8 @@ matmuls run in TF32 and clips are rendered on the GPU; the run is then not bit-r
 --ema DECAY keeps an exponential moving average of each expert's weights through the experts'
 stage (fp32, on the device; it starts at the expert's weights when the stage begins, the given
 ones with --init, and takes ema = DECAY * ema + (1 - DECAY) * weights after every optimizer step)
-and saves and judges the averages instead of the raw weights.
+and saves and judges the averages instead of the raw weights (which go to OUT/raw, unjudged:
+`python scripts/demo_report.py OUT/raw --docs ''` judges them).
 """
 from __future__ import annotations
 
@@ -226,9 +227,9 @@ def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
                 emas[k].update_parameters(experts[k])
         report(it, ["high", "low"])
         it += 1
-    if emas:
-        experts = [e.module for e in emas]                              # the averages are what is saved
-    for m in experts:
+    if emas:                                                            # the averages are what is saved;
+        args.raw, experts = experts, [e.module for e in emas]           # main keeps the raw ones in OUT/raw
+    for m in experts + getattr(args, "raw", []):
         m.eval().requires_grad_(False)
     return experts, text, codec, losses, time.perf_counter() - t0
 
@@ -271,12 +272,14 @@ def main(argv=None) -> None:
     cfg = WanConfig.preset(args.preset)
     experts, text, codec, losses, seconds = train(cfg, args)
     info = dict(command="python scripts/train_demo.py " + " ".join(argv or sys.argv[1:]),
-                args={k: v for k, v in vars(args).items() if k != "noise_gen"}, preset=cfg.name,
+                args={k: v for k, v in vars(args).items() if k not in ("noise_gen", "raw")}, preset=cfg.name,
                 train_seconds=round(seconds, 1), device=torch.cuda.get_device_name() if not cpu else "cpu",
                 final_loss={n: sum(ls[-100:]) / len(ls[-100:]) for n, ls in losses.items() if ls},
                 torch=torch.__version__)
     save(Path(args.out), experts, text, info, losses)
-    print(f"trained in {seconds:.0f}s; weights in {args.out}")
+    if args.ema:                         # the raw weights too, to judge against the averages if need be
+        save(Path(args.out) / "raw", args.raw, text, dict(info, ema="none: the raw weights of this run"), losses)
+    print(f"trained in {seconds:.0f}s; weights in {args.out}" + (f" (the raw ones in {args.out}/raw)" * bool(args.ema)))
     pipe = sampler(cfg, experts, text, codec, args.device)
     write_report(pipe, Path(args.out), info, Path(args.docs) if args.docs else None,
                  (loss_points(losses, 10), f"{args.out}/{LOSSES}: means of 10 iterations"))

@@ -118,5 +118,16 @@ def test_ema_is_what_init_training_saves(train_demo, tmp_path):
             assert torch.allclose(value.double(), hand, atol=1e-6), (name, key)
         moved = max((saved[key] - raw[3][k][key]).abs().max().item() for key in saved)
         assert moved > 1e-4, (name, moved)                     # the average, not the last weights
+    out, threads = tmp_path / "cli", torch.get_num_threads()   # the script keeps the raw weights in OUT/raw
+    try:
+        train_demo.main(flags + ["--iters", "3", "--ema", "0.6", "--out", str(out), "--docs", ""])
+    finally:                                                    # main sets one thread, deterministic kernels
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    for k, name in enumerate(("high", "low")):                  # (one thread here: other bits, same weights)
+        kept, averaged = load_file(out / "raw" / f"{name}.safetensors"), load_file(out / f"{name}.safetensors")
+        assert all(torch.allclose(kept[key], raw[3][k][key], atol=1e-6) for key in kept)
+        ours = load_file(tmp_path / f"{name}.safetensors")
+        assert all(torch.allclose(averaged[key], ours[key], atol=1e-6) for key in kept)
     with pytest.raises(SystemExit):
         train_demo.parse_args(["--ema", "1"])                   # a decay of 1 would never move
