@@ -5,13 +5,15 @@ import torch
 from paradit.config import WanConfig
 from paradit.engine import Stopped
 from paradit.launch import spawn
+from paradit.models.transformer import patchify
+from paradit.parallel.collectives import even_split
 from paradit.cli.flags import parse_stop
 from paradit.pipeline import Pipeline, tiny_components
 from paradit.settings import ChordsSettings, chords_layout
 from paradit.plan.placement import chords_experts
 from paradit.schedulers.chords_schedule import count_nfe
 from paradit.schedulers.schedule import high_noise_steps
-from workers import PIPE_KW, PROMPT, chords_hits, pipeline_latent, tiny_config
+from workers import PIPE_KW, PROMPT, chords_hits, chords_hits_per_stop, pipeline_latent, tiny_config
 
 # (world, layout, cores, heads): each core group is the layout without its chords axis
 TABLE = [
@@ -102,3 +104,41 @@ def test_on_step_runs_after_every_round_and_stops_the_request_there():
     assert len(pipe.record.trace) == count_nfe(chords.resolve_init(steps), steps, 3)   # rounds 1-3 evaluated
     pipe.on_step = None
     assert torch.equal(pipe(PROMPT, output="latent", chords=chords, **(PIPE_KW | dict(steps=steps))), whole)
+
+
+
+RESIDUAL_CORES, RESIDUAL_HEADS = 3, 3   # 3 cores: the 2nd real hit can stop a run before core 0's (2 cannot)
+
+
+@pytest.fixture(scope="module")
+def residual_stops():
+    """Two residual thresholds and one process's hits under each. One tau lies between the two token
+    shards' own residuals (2 ulysses ranks): a rank deciding from its shard alone would stop while the
+    other ran on into the next round's collectives. The other lies just below the whole latent's
+    residual: a sum that counted a shard's copies in other core groups too would fall below it."""
+    cfg = tiny_config(RESIDUAL_HEADS)
+    whole = chords_hits(dict(heads=RESIDUAL_HEADS), None, RESIDUAL_CORES, None)[0]
+    real = [patchify(lat[None], cfg.patch)[0].double() for _, _, preview, lat in whole if not preview]
+    diff = real[1] - real[0]                                    # (45 tokens, P*C): hit 2 - hit 1
+    shards = torch.split(diff, even_split(diff.shape[0], 2))   # the two ulysses ranks' tokens
+    res = sorted(d.norm().item() / d.numel() for d in shards)
+    residual = diff.norm().item() / diff.numel()
+    # margins of ~1%: the layouts' hits differ by fp32 rounding, ~1e-4 of this small difference
+    taus = [(res[0] * res[1]) ** 0.5, 0.99 * residual]
+    assert residual < res[0] < taus[0] < res[1] and res[1] / res[0] > 1.02
+    # one process stops at the 2nd real hit under taus[0]; under taus[1], below the only residual
+    # compared before core 0's hit, it runs on to core 0's as with no stop (test_chords.py: stop=tau)
+    refs = [chords_hits(dict(heads=RESIDUAL_HEADS), None, RESIDUAL_CORES, taus[0])[0], whole]
+    assert [h[:3] for h in refs[0]] == [h[:3] for h in whole[:3]] and whole[-1][0] == 0
+    return taus, refs
+
+
+@pytest.mark.parametrize("world, layout", [(2, dict(ulysses=2)), (6, dict(chords=3, ulysses=2))])
+def test_a_residual_stop_is_decided_on_the_whole_latent_by_every_rank(world, layout, residual_stops):
+    """residual:TAU compares the whole latent's residual, as one process does, on every rank of the
+    request (its sequence-parallel group, and every core group), so all stop after the same hit."""
+    taus, refs = residual_stops
+    for rank, per_tau in enumerate(spawn(chords_hits_per_stop, world, dict(heads=RESIDUAL_HEADS), layout,
+                                         RESIDUAL_CORES, taus, timeout_s=60)):
+        for tau, hits, ref in zip(taus, per_tau, refs):
+            _check_same_hits(hits, ref, f"{layout} tau={tau:.3e} rank {rank}")

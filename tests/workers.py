@@ -100,6 +100,11 @@ def chords_hits(cfg_kw: dict, layout: dict | None, cores: int, stop, needed_per_
     return hits, loaded
 
 
+def chords_hits_per_stop(cfg_kw: dict, layout: dict | None, cores: int, stops: list):
+    """chords_hits' hits for each stop rule, in one world."""
+    return [chords_hits(cfg_kw, layout, cores, stop)[0] for stop in stops]
+
+
 SPLIT_PROMPTS = ["a red circle moving left", "a blue square moving up", "a green triangle moving right"]
 
 

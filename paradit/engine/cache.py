@@ -87,7 +87,7 @@ class StepCache:
     def __init__(self, settings: CacheSettings, steps: int, mesh, traffic=None, trajectories: int = 1):
         self.settings, self.last = settings, steps - 1
         self.group, self.device, self.traffic = mesh.group("request"), mesh.device, traffic
-        self.counted = mesh.rank("cfg") == 0 and mesh.rank("chords") == 0   # one copy of each token shard
+        self.counted = mesh.counts_shard   # one copy of each token shard
         self.paths = [_Trajectory() for _ in range(trajectories)]
 
     def plan(self, points: list[tuple[int, int, int, torch.Tensor]]) -> list[bool]:

@@ -5,17 +5,21 @@ shard; there is no master. In a round, the core groups active in that round eval
 in parallel and the velocities are exchanged over the chords axis (each rank only with the ranks
 holding the same token shard). The controller is deterministic, so every rank already holds every
 core's x: only v travels. With a chords degree of 1 the K cores are evaluated in turn on the same
-ranks (the single-process emulation), which computes the same hits.
+ranks (the single-process emulation), which computes the same hits. The one value-dependent choice,
+a residual stop, is taken from the whole latent's residual, summed over the request group to the same
+bits on every rank (whole_sums): a rank deciding from its own shard could stop while the others ran
+on into the next round's collectives.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from paradit.engine.denoiser import Denoiser
 from paradit.engine.request import Request
-from paradit.parallel.collectives import all_gather_equal
+from paradit.parallel.collectives import agreed_sum, all_gather_equal
 from paradit.schedulers import wan_sigmas, wan_timesteps
 from paradit.schedulers.chords import Chords
 from paradit.settings import ChordsSettings
@@ -82,15 +86,15 @@ def chords_denoise(den: Denoiser, req: Request, settings: ChordsSettings, on_hit
 
     report = req.record.chords = ChordsReport(init=init)
     hits = []
-    for hit in ch.run(velocity, x, stop=settings.stop):
+    for hit in ch.run(velocity, x, stop=settings.stop, distance=lambda d: whole_residual(d, mesh, traffic)):
         report.rounds, report.nfe = hit.round, hit.nfe
         report.hits.append({"core": hit.core, "round": hit.round, "nfe": hit.nfe, "preview": hit.preview,
                             "ideal_speedup": s.steps / hit.round})
         hits.append(hit.x)
         if on_hit is not None:
             on_hit(hit, space.to_latent(hit.x))
-    for entry, dist in zip(report.hits, hit_distances(hits)):
-        entry["rms_from_last"] = dist  # of this rank's shard; the shards are equal-sized samples
+    for entry, dist in zip(report.hits, hit_distances(hits, mesh, traffic)):
+        entry["rms_from_last"] = dist
     return space.to_latent(hits[-1])
 
 
@@ -106,7 +110,27 @@ def cache_plan(cache, req: Request, pairs, points, den: Denoiser, ts: list[int])
     return skips
 
 
-def hit_distances(hits: list[torch.Tensor]) -> list[float]:
-    """RMS distance of every hit's latent from the last one."""
+def whole_sums(shards: list[torch.Tensor], mesh, traffic=None) -> list[tuple[float, float]]:
+    """(sum of squares, element count) of each token-space tensor, of which this rank holds one token
+    shard, over the whole latent (each shard counted once over the request group) in float64: the same
+    bits on every rank, so that a decision taken from them (a residual stop) is the same everywhere.
+    One collective; every rank of the request calls it together."""
+    local = torch.zeros(len(shards), 2, dtype=torch.float64, device=mesh.device)
+    if mesh.counts_shard:
+        for row, d in enumerate(shards):
+            local[row, 0], local[row, 1] = d.double().pow(2).sum(), d.numel()
+    return [tuple(row) for row in agreed_sum(local, mesh.group("request"), traffic).tolist()]
+
+
+def whole_residual(diff: torch.Tensor, mesh, traffic=None) -> float:
+    """A residual stop's distance (paradit.schedulers.chords.residual) of the whole latent, of which
+    diff is this rank's token shard: the same number one device computes, the same bits on every rank."""
+    squares, numel = whole_sums([diff], mesh, traffic)[0]
+    return math.sqrt(squares) / numel
+
+
+def hit_distances(hits: list[torch.Tensor], mesh, traffic=None) -> list[float]:
+    """RMS distance of every hit's latent from the last one, over the whole latent."""
     ref = hits[-1].double()
-    return [((h.double() - ref).pow(2).mean().sqrt()).item() for h in hits]
+    sums = whole_sums([h.double() - ref for h in hits], mesh, traffic)
+    return [math.sqrt(squares / numel) for squares, numel in sums]

@@ -55,6 +55,12 @@ class Mesh:
         return self.groups.get(axis)
 
     @property
+    def counts_shard(self) -> bool:
+        """Whether this rank's token shard counts in a sum over the request group: one copy of each
+        shard does (the first CFG rank of the first CHORDS core group); the other copies add zeros."""
+        return self.rank("cfg") == 0 and self.rank("chords") == 0
+
+    @property
     def is_output_rank(self) -> bool:
         """The rank that gets the frames and writes them, one per dp replica (Mesh.roles.writes)."""
         return self.roles.writes

@@ -93,6 +93,13 @@ def rectify(
     return phi(x_f, v_f, sigma_f, sigma_next) + (x_prev - x_b) + (sigma_next - sigma_b) * (v_prev - v_b)
 
 
+def residual(diff: torch.Tensor) -> float:
+    """The stop rule's distance of two consecutive real hits: ||x_j - x_{j-1}||_2 / numel (the paper's),
+    in float64. A runtime that holds one token shard of x passes its own: this one sees only diff."""
+    diff = diff.double()
+    return diff.pow(2).sum().sqrt().item() / diff.numel()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or the input dtype if it is wider (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
@@ -187,13 +194,16 @@ class Chords:
 
     # The run.
 
-    def run(self, velocity: Velocity, x: torch.Tensor, stop: int | float | None = None) -> Iterator[Hit]:
+    def run(self, velocity: Velocity, x: torch.Tensor, stop: int | float | None = None,
+            distance: Callable[[torch.Tensor], float] = residual) -> Iterator[Hit]:
         """Solve from x at sigmas[0]; yield hits as they appear (see the module docstring).
 
         velocity(points) gets [(index, x), ...], one pair per active core, core order (slowest
         first), x in the compute dtype, and returns their velocities in the same order.
         stop: None (until core 0 reaches N: its hit is sequential Euler), int m (after the m-th
         real hit), float tau (when ||x_j - x_{j-1}||_2 / numel < tau for consecutive real hits).
+        distance(x_j - x_{j-1}): that residual; a runtime whose x is one token shard gives the whole
+        latent's, the same number on every rank, or its ranks would stop after different hits.
         """
         max_hits, tau = parse_stop(stop, self.num_cores)
         dtype = compute_dtype(x.dtype)
@@ -222,8 +232,7 @@ class Chords:
                 real_hits += 1
                 done = real_hits >= max_hits
                 if tau is not None and last_real is not None:
-                    diff = (core.x - last_real).double()
-                    done = done or torch.linalg.vector_norm(diff).item() / diff.numel() < tau
+                    done = done or distance(core.x - last_real) < tau
                 last_real = core.x
                 yield Hit(core.id, rounds, core.x, nfe)
                 if done:
