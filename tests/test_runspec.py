@@ -89,6 +89,46 @@ def test_a_server_wide_lora_and_chords_job_gives_generates_latent(demo_lora, tmp
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_inference_steps", bad.text
 
 
+def test_a_chords_service_takes_the_step_counts_whose_experts_its_ranks_loaded():
+    """A CHORDS service's ranks load the experts their core runs at the server's --steps; a request is
+    taken when every rank holds the experts its core runs at the request's steps (those a server at
+    those --steps would load), refused otherwise naming num_inference_steps and the fix. The tiny
+    model over 2 core groups: --steps 3 loads both experts on both cores, --steps 2 only the high-noise
+    one, the model's default 8 steps the high on core 0 and both on core 1; the check read the default,
+    so it refused a 3-step request at --steps 3 and took an 8-step one at --steps 2, which then failed
+    on core 1, mid-job."""
+    from paradit.cli.spec import resolve
+    from paradit.launch import DistInfo
+    from paradit.models.text_encoder import word_tokenizer
+    from paradit.serve.cli import parse_args as serve_args
+    from paradit.serve.schema import ApiError, Checker, Limits, VideoRequest
+
+    def specs(steps: int) -> list:   # each rank's spec of `paradit.serve --chords 2 --steps N`, 2 processes
+        flags = serve_args(["--model", "tiny", "--chords", "2", "--steps", str(steps)])
+        return [resolve(flags, DistInfo(rank, 2, rank, torch.device("cpu"), "gloo")) for rank in range(2)]
+    loaded = {n: [spec.build.experts_needed for spec in specs(n)] for n in range(2, 10)}
+    assert loaded[3] == [{0, 1}, {0, 1}] and loaded[2] == [{0}, {0}] and loaded[8] == [{0}, {0, 1}]
+    outcomes = set()
+    for served in (2, 3, 8):
+        spec = specs(served)[0]   # rank 0's, which builds the checker, as paradit.serve.cli.run does
+        checker = Checker(spec.cfg, "tiny", word_tokenizer(), Limits(50, 10**6), spec.settings, None, spec.chords,
+                          spec.layout)
+        for n in range(2, 10):
+            body = VideoRequest(prompt=PROMPT, num_inference_steps=n)
+            taken = all(need <= have for need, have in zip(loaded[n], loaded[served]))
+            outcomes.add((served, n, taken))
+            if taken:
+                assert checker.resolve(body)["steps"] == n
+                continue
+            with pytest.raises(ApiError) as refused:
+                checker.resolve(body)
+            assert refused.value.param == "num_inference_steps", (served, n)
+            assert f"--steps {served}); give {served} or leave num_inference_steps out, or serve with --steps {n}" \
+                in refused.value.message, refused.value.message
+    assert checker.resolve(VideoRequest(prompt=PROMPT))["steps"] == 8   # the server's --steps by default
+    assert {(3, 3, True), (2, 8, False), (8, 2, True), (8, 3, False)} <= outcomes   # both ways, each served
+
+
 def test_a_build_option_is_its_field_and_its_use(monkeypatch, demo_lora):
     """A build option is declared once (a BuildSpec field made with runspec.option): declared here at
     run time, with no other edit, it is a flag of generate and of the service, a keyword of

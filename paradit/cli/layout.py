@@ -206,12 +206,20 @@ def refuse_needless_layers(cfg, layout: ParallelConfig, kind: str, settings) -> 
 
 
 def experts_needed(cfg, layout: ParallelConfig, settings, chords, rank: int) -> frozenset | None:
-    """The experts this rank runs (0 = high noise, 1 = low noise); None: all of them (paradit.plan.placement)."""
+    """The experts rank `rank` runs (0 = high noise, 1 = low noise) for videos of settings' steps and
+    shift; None: all of them (paradit.plan.placement). What a rank loads, and so what a CHORDS
+    service's requests may need (paradit.serve.schema.Checker.check_chords)."""
     high = high_noise_steps(cfg.boundary, settings.steps, settings.shift)
     if layout.stages or chords is None:
         return placement.experts_needed(layout, rank, settings.steps, high)
+    return placement.experts_needed(layout, rank, settings.steps, high, chords.resolve_init(settings.steps),
+                                    chords.stop)
+
+
+def log_chords(cfg, settings, chords) -> None:
+    """The CHORDS cores' start indices and the experts each core runs, in the run's log."""
     init = chords.resolve_init(settings.steps)
-    per_core = placement.chords_experts(init, settings.steps, high, chords.stop)
+    per_core = placement.chords_experts(init, settings.steps, high_noise_steps(cfg.boundary, settings.steps,
+                                                                               settings.shift), chords.stop)
     log.info("CHORDS: %d cores, init %s, stop %s; experts per core: %s", chords.cores, init, chords.stop,
              [sorted(["high", "low"][k] for k in e) for e in per_core])
-    return placement.experts_needed(layout, rank, settings.steps, high, init, chords.stop)

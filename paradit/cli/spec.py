@@ -20,7 +20,7 @@ from pathlib import Path
 
 from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, flag_terms,  # noqa: F401
                                parse_args)
-from paradit.cli.layout import experts_needed, offload_mode, resolve_layout
+from paradit.cli.layout import experts_needed, log_chords, offload_mode, resolve_layout
 from paradit.config import PRESETS, WanConfig
 from paradit.plan.layout import ParallelConfig
 from paradit.plan.placement import rank_roles
@@ -182,6 +182,8 @@ def resolve(flags: Flags, info) -> RunSpec:
         if image is not None and (layout.stages or (chords and cfg.task == "ti2v")):
             raise UsageError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
         needed = experts_needed(cfg, layout, settings, chords, info.rank)
+        if chords is not None and not layout.stages:
+            log_chords(cfg, settings, chords)
         options = build_options(flags.values) | {"offload": offload_mode(flags, cfg, layout, settings, info),
                                                  "force": flags.force}
         _check_quant(flags, info, options["offload"], layout)

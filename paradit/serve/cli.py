@@ -144,9 +144,9 @@ def run(flags, info, parts: Parts) -> None:
     parts.worker = Worker(pipe, channel, state_dir, spec.save_latents, spec.chords, lora_dir,
                           lora_base(spec) if lora_dir else None)
     if info.rank == 0:
-        checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, flags.cache,
-                          spec.chords, spec.layout)
-        checker.state_dir, checker.defaults, checker.negative = state_dir, spec.settings, spec.negative_prompt
+        checker = Checker(cfg, flags.model, copy.deepcopy(pipe.text_encoder.tokenizer), limits, spec.settings,
+                          flags.cache, spec.chords, spec.layout)
+        checker.state_dir, checker.negative = state_dir, spec.negative_prompt
         checker.lora_names = None if lora_dir is None else frozenset(p.stem for p in lora_dir.glob("*.safetensors"))
         start_scheduling(service, checker, channel, spec.layout, info.world_size, parts)
 

@@ -163,14 +163,15 @@ class Checker:
     """Checks requests against the served model. `tokenizer` counts prompt tokens: a copy of the
     engine's, used under a lock (a fast tokenizer must not be used by two threads at once)."""
 
-    def __init__(self, cfg: WanConfig, model: str, tokenizer, limits: Limits, cache: str | None = None, chords=None,
-                 layout=None):
+    def __init__(self, cfg: WanConfig, model: str, tokenizer, limits: Limits, defaults: VideoSettings,
+                 cache: str | None = None, chords=None, layout=None):
         self.cfg, self.model, self.tokenizer, self.limits = cfg, model, tokenizer, limits
+        # the server's default request (its --steps, --size, ...): the settings its ranks were built for
+        self.defaults = defaults
         self.cache = cache   # the step cache of requests that give none (the server's --cache)
         self.chords, self.layout = chords, layout   # --chords: every job is solved with CHORDS on this layout
         self.state_dir = None                       # where accepted first frames are stored (serve.cli sets it)
         self.lora_names: frozenset | None = None    # the LoRAs of --lora-dir (None: no --lora-dir)
-        self.defaults: VideoSettings | None = None  # the server's default request (its --steps, --size, ...)
         self.negative: str | None = None            # and its --negative-prompt
         self.lock = threading.Lock()
 
@@ -188,7 +189,7 @@ class Checker:
             self.check_prompt(body.negative_prompt, "negative_prompt", empty_ok=True)
         width, height = self.size(body.size) if image is None or body.size is not None else \
             self.image_size(image)
-        d = self.defaults or VideoSettings.resolve(cfg)
+        d = self.defaults
         frames = self.frames(body.num_frames, body.seconds)
         frames = d.frames if frames is None else frames
         steps = d.steps if body.num_inference_steps is None else body.num_inference_steps
@@ -259,9 +260,9 @@ class Checker:
 
     def check_chords(self, s: VideoSettings, sampler: str | None) -> None:
         """A CHORDS server's request: Euler steps, enough of them for the cores, and no expert that a
-        rank did not load (each rank loaded those its core needs at the model's default steps)."""
-        from paradit.plan.placement import experts_needed
-        from paradit.schedulers.schedule import high_noise_steps
+        rank did not load (each rank loaded those its core runs at the server's --steps: the same
+        function, on the same settings, as the ranks' own resolve)."""
+        from paradit.cli.layout import experts_needed
         if sampler == "unipc":
             raise ApiError(400, "sampler unipc: this service solves with CHORDS (Euler steps, --chords); leave "
                                 "sampler out or give \"euler\"", "sampler")
@@ -270,18 +271,17 @@ class Checker:
         except ParameterError as err:
             raise ApiError(400, f"num_inference_steps {s.steps}: {err.reason} (this service runs CHORDS with "
                                 f"{self.chords.cores} cores)", "num_inference_steps") from None
-        served = VideoSettings.resolve(self.cfg)
-
-        def needed(v: VideoSettings, rank: int):
-            high = high_noise_steps(self.cfg.boundary, v.steps, v.shift)
-            return experts_needed(self.layout, rank, v.steps, high, self.chords.resolve_init(v.steps),
-                                  self.chords.stop)
+        served = self.defaults
         for rank in range(self.layout.world_size):
-            have, need = needed(served, rank), needed(s, rank)
+            have = experts_needed(self.cfg, self.layout, served, self.chords, rank)
+            need = experts_needed(self.cfg, self.layout, s, self.chords, rank)
             if have is not None and (need is None or not need <= have):
-                raise ApiError(400, f"num_inference_steps {s.steps}: a CHORDS core would need an expert its ranks "
-                                    f"did not load (they load those of {served.steps} steps); give "
-                                    f"{served.steps}", "num_inference_steps")
+                missing = " and ".join(["high-noise", "low-noise"][k] for k in sorted((need or {0, 1}) - have))
+                raise ApiError(400, f"num_inference_steps {s.steps}: CHORDS core "
+                                    f"{self.layout.coords(rank)['chords']} would run the {missing} expert, which "
+                                    f"its ranks did not load (they loaded the experts of this service's --steps "
+                                    f"{served.steps}); give {served.steps} or leave num_inference_steps out, or "
+                                    f"serve with --steps {s.steps}", "num_inference_steps")
 
     def check_prompt(self, text: str, param: str, empty_ok: bool = False) -> None:
         from paradit.models.text_encoder import clean_prompt
@@ -297,7 +297,7 @@ class Checker:
     def size(self, size: str | None) -> tuple[int, int]:
         """The text "WxH" as two integers (their values are the library's to check)."""
         if size is None:
-            return (self.defaults.width, self.defaults.height) if self.defaults else self.cfg.size
+            return self.defaults.width, self.defaults.height
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
         if not m:
             raise ApiError(400, f"size {size!r}: write it as WIDTHxHEIGHT, e.g. "
