@@ -40,6 +40,17 @@ def test_from_pretrained_builds_the_shipped_weights(demo64):
     assert video.shape == (33, 64, 64, 3) and video.dtype == torch.uint8
 
 
+def test_demo64_guides_only_its_high_noise_steps(demo64):
+    """demo64's default guidance is (4, 1) (docs/demo-model.md: crisper shapes than (4, 3)): a run
+    without guidance is the run with (4.0, 1.0), whose low-noise steps skip the unconditional pass,
+    and not the run with (4.0, 3.0). 2 steps at shift 5: t = 999 (high-noise), 833 (low-noise)."""
+    kw = dict(width=32, height=32, frames=9, steps=2, seed=2, output="latent", progress=False)
+    default = demo64(PROMPT, **kw)
+    assert [g for _, _, g in demo64.record.trace] == [4.0, 1.0]
+    assert torch.equal(default, demo64(PROMPT, guidance=(4.0, 1.0), **kw))
+    assert not torch.equal(default, demo64(PROMPT, guidance=(4.0, 3.0), **kw))
+
+
 def test_generate_runs_demo64_as_the_library_does(demo64, tmp_path):
     """`python -m paradit.generate --model demo64` in a subprocess: its mp4 and latent, the latent
     bit for bit the library's (one process, the same arithmetic)."""
