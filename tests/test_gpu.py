@@ -224,10 +224,12 @@ def test_offloaded_expert_read_into_pinned_memory_with_its_loras(tiny_folder, di
     merge on the CPU within bf16's rounding."""
     from paradit.models.loading import load_transformer
     from paradit.models.lora import LoraSpec
-    from paradit.offload import host_weights_of, offload_on_load
+    from paradit.offload import host_weights_of, offload_on_load, then_pinned
     path, spec = tiny_folder / "transformer", [LoraSpec(distill_loras[0], 0.8)]
     resident = load_transformer(path, torch.bfloat16, "cuda", loras=spec).state_dict()
-    offloaded = load_transformer(path, torch.bfloat16, "cuda", loras=spec, host=offload_on_load("cuda"))
+    # as paradit.checkpoint.expert_load does: page-locked at once where a LoRA's merge copies back
+    offloaded = then_pinned(load_transformer, path, torch.bfloat16, "cuda", loras=spec,
+                            host=offload_on_load("cuda", pin=True))
     weights = host_weights_of(offloaded)
     assert weights is not None and all(b._registered for b in weights.buffers)
     state = offloaded.state_dict()

@@ -84,11 +84,11 @@ def test_the_distilled_recipe_on_one_h100_runs_without_offload():
     assert c.layout == U1 and c.offload == "none"
     assert c.mem_gb == pytest.approx(78.4, rel=0.05)
     offloaded = evaluate(p.problem, U1, "experts")
-    # offloading costs its set-up (pinning 57 GB: 8.4 s at the 6.8 GB/s fitted to the H100 runs of
-    # 2026-12-06) and the swaps; the merge costs the same either way
-    assert offloaded.feasible and offloaded.time_to_video_s > c.time_to_video_s + 8
+    # offloading costs its set-up (read straight into pinned host buffers: ~2 s at the rate fitted to
+    # the final H100 runs of 2026-12-06) and the swaps; the merge costs the same either way
+    assert offloaded.feasible and offloaded.time_to_video_s > c.time_to_video_s + 1
     assert offloaded.video.lora_merge == c.video.lora_merge > 0
-    assert offloaded.video.offload_setup > 5 and c.video.offload_setup == 0
+    assert offloaded.video.offload_setup > 1 and c.video.offload_setup == 0
 
 
 def test_guided_on_one_h100_chooses_in_turn_if_it_fits_else_offload():
@@ -114,7 +114,7 @@ def test_ranking_is_by_time_to_video_not_by_step():
     v = best.video
     assert v.total == pytest.approx(v.weights + v.lora_merge + v.offload_setup + v.encode + v.denoise
                                     + v.decode + v.write)
-    assert v.denoise == best.latency_s and offloaded.video.offload_setup > 5
+    assert v.denoise == best.latency_s and offloaded.video.offload_setup > 1
 
 
 # configurations measured to fit (allocated peak, GB), pinned: the planner must not refuse any of
@@ -249,12 +249,13 @@ def test_video_fit_reads_rates_from_runs(tmp_path):
     assert h100["weights_gbps"] == pytest.approx(read_gb / 6.9, rel=1e-3)
     # host_buffers_s sums the two experts' set-ups, side by side: the start-up they add is one's
     assert h100["offload_setup_gbps"] == pytest.approx(2 * 28.577 / (11.44 / 2), rel=1e-3)
-    assert h100["encode_s"] == 0.4 and "lora_merge_gbps" not in h100
+    from paradit.plan import DEFAULT_CALIBRATION
+    shipped = json.loads(Path(DEFAULT_CALIBRATION).read_text())["gpus"]["h100"]
+    # no run had LoRAs: the shipped rate is kept, not refitted
+    assert h100["encode_s"] == 0.4 and h100.get("lora_merge_gbps") == shipped.get("lora_merge_gbps")
     gpix = 1280 * 720 * 81 / 1e9
     assert h100["decode_s_per_gpix"] == pytest.approx(3.0 / gpix, rel=1e-3)
     assert h100["write_s_per_gpix"] == pytest.approx(1.5 / gpix, rel=1e-3)
-    from paradit.plan import DEFAULT_CALIBRATION
-    shipped = json.loads(Path(DEFAULT_CALIBRATION).read_text())["gpus"]["h100"]
     assert h100["matmul_efficiency"] == shipped["matmul_efficiency"]      # the entry's other factors kept
     assert load_calibration(str(out)).for_gpu("h100").weights_gbps == pytest.approx(read_gb / 6.9, rel=1e-3)
     only = subprocess.run([sys.executable, str(ROOT / "bench" / "video_fit.py"), str(results), "--only",
@@ -262,4 +263,4 @@ def test_video_fit_reads_rates_from_runs(tmp_path):
                           timeout=300)
     assert only.returncode == 0, only.stderr[-3000:]
     h100 = json.loads(out.read_text())["gpus"]["h100"]
-    assert "weights_gbps" not in h100 and h100["offload_setup_gbps"] == pytest.approx(2 * 28.577 / 5.72, rel=1e-3)
+    assert h100.get("weights_gbps") == shipped.get("weights_gbps") and h100["offload_setup_gbps"] == pytest.approx(2 * 28.577 / 5.72, rel=1e-3)
