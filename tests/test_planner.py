@@ -103,6 +103,8 @@ def test_expert_offload_changes_nothing_where_a_gpu_holds_one_expert():
     split = ParallelConfig(experts="split", stages=((1, 1, 1), (1, 1, 1)))
     none, experts = evaluate(p, split, "none"), evaluate(p, split, "experts")
     assert none.mem_gb == experts.mem_gb and none.latency_s == experts.latency_s
+    for stage in ("high", "low"):   # each stage's one expert stays loaded through every phase
+        assert getattr(none.breakdown.mem_gb, stage).phases == getattr(experts.breakdown.mem_gb, stage).phases
     assert evaluate(p, split).offload in ("none", "text-encoder")   # auto: never a useless mode
 
 

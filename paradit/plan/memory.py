@@ -13,8 +13,8 @@ Phases of one rank, each the memory resident through the run plus that phase's o
              + the VAE's bf16 weights where it encodes or decodes
              + overhead_gb (latents, embeddings, cuBLAS workspaces: a fitted constant)
     load     = resident + the LoRA merge's workspace (each weight merged on the GPU as it is read, an
-               offloaded expert's on its way into host memory); offloaded experts are not on the GPU
-               until the denoising starts, so they count neither here nor in the encode
+               offloaded expert's on its way into host memory); experts kept in host memory are not on
+               the GPU until the denoising starts, so they count neither here nor in the encode
     encode   = resident + max(the text encoder's device copy when offloaded, the VAE encode of the
                image condition: I2V the whole video, TI2V its first frame)
     denoise  = resident + activation_scale x one block's working set x b x local tokens, where b is 2
@@ -83,9 +83,10 @@ def rank_memory(p, stage: Stage, experts: int, text: bool, decode: bool, mode: s
     decode_gb = cal.decode_scale * vae["decode"] * decode_share(p.width, u * r)
     work = {"load": merge, "encode": max(text_gb - text_resident, cal.decode_scale * vae["encode"]),
             "denoise": acts, "decode": _decode_work(p, resident, decode_gb) if decode else 0.0}
-    # offloaded experts (and streamed layers) come onto the GPU when the denoising starts: none there
-    # to load or encode (measured: 11.9 GB at the encode with --offload experts, the text encoder)
-    before = resident - (weights if offloads_experts(mode) or streams_layers(mode) else 0.0)
+    # experts kept in host memory (and streamed layers) come onto the GPU when the denoising starts:
+    # none there to load or encode (measured: 11.9 GB at the encode with --offload experts, the text
+    # encoder); a rank's single expert is never offloaded (experts_on_host, as the loader decides)
+    before = resident - (weights if experts_on_host(mode, experts) else 0.0)
     phases = Phases(**{name: (before if name in ("load", "encode") else resident) + w for name, w in work.items()})
     phase = max(work, key=lambda name: getattr(phases, name))
     return MemoryCost(weights, text_resident, overhead, work[phase], getattr(phases, phase), phase, phases, on_gpu)
