@@ -165,7 +165,9 @@ def plan_budget(args, step_s: float, spent_s: float, log=print) -> None:
 def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
     """Stage 1: one model on all sigmas (`--shared` iterations). Stage 2: two copies of it, the
     high-noise and the low-noise expert, each on its side of the boundary (`--iters` iterations
-    each), as Wan2.2's experts grow from one model. One learning-rate schedule spans both stages."""
+    each), as Wan2.2's experts grow from one model. One learning-rate schedule spans both stages.
+    Returns (experts to save, text encoder, codec, losses, seconds, raw): with --ema the experts are
+    the averages and raw the trained weights themselves; raw is None without it."""
     recipe = recipe or RECIPES[cfg.name]
     torch.manual_seed(args.seed)
     text = TextEncoder.tiny(cfg.text_dim, cfg.text_len, seed=args.seed)
@@ -227,11 +229,12 @@ def train(cfg: WanConfig, args, log=print, recipe: Recipe | None = None):
                 emas[k].update_parameters(experts[k])
         report(it, ["high", "low"])
         it += 1
-    if emas:                                                            # the averages are what is saved;
-        args.raw, experts = experts, [e.module for e in emas]           # main keeps the raw ones in OUT/raw
-    for m in experts + getattr(args, "raw", []):
+    raw = None
+    if emas:                                                            # the averages are what is saved
+        raw, experts = experts, [e.module for e in emas]
+    for m in experts + (raw or []):
         m.eval().requires_grad_(False)
-    return experts, text, codec, losses, time.perf_counter() - t0
+    return experts, text, codec, losses, time.perf_counter() - t0, raw
 
 
 def ema_of(model: WanTransformer, decay: float) -> AveragedModel:
@@ -270,15 +273,15 @@ def main(argv=None) -> None:
     torch.use_deterministic_algorithms(cpu)            # CUDA's cuBLAS would need CUBLAS_WORKSPACE_CONFIG
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not cpu
     cfg = WanConfig.preset(args.preset)
-    experts, text, codec, losses, seconds = train(cfg, args)
+    experts, text, codec, losses, seconds, raw = train(cfg, args)
     info = dict(command="python scripts/train_demo.py " + " ".join(argv or sys.argv[1:]),
-                args={k: v for k, v in vars(args).items() if k not in ("noise_gen", "raw")}, preset=cfg.name,
+                args={k: v for k, v in vars(args).items() if k != "noise_gen"}, preset=cfg.name,
                 train_seconds=round(seconds, 1), device=torch.cuda.get_device_name() if not cpu else "cpu",
                 final_loss={n: sum(ls[-100:]) / len(ls[-100:]) for n, ls in losses.items() if ls},
                 torch=torch.__version__)
     save(Path(args.out), experts, text, info, losses)
     if args.ema:                         # the raw weights too, to judge against the averages if need be
-        save(Path(args.out) / "raw", args.raw, text, dict(info, ema="none: the raw weights of this run"), losses)
+        save(Path(args.out) / "raw", raw, text, dict(info, ema="none: the raw weights of this run"), losses)
     print(f"trained in {seconds:.0f}s; weights in {args.out}" + (f" (the raw ones in {args.out}/raw)" * bool(args.ema)))
     pipe = sampler(cfg, experts, text, codec, args.device)
     write_report(pipe, Path(args.out), info, Path(args.docs) if args.docs else None,

@@ -77,7 +77,7 @@ def test_recipe_learns_at_reduced_scale(train_demo):
         recipe = Recipe(frames=9, size=24, half=(3.0, 4.0), speeds=SPEEDS, held_out=24)
         args = train_demo.parse_args(["--preset", "demo64", "--shared", "300", "--iters", "60", "--batch", "16",
                                       "--warmup", "20", "--lr", "2e-3"])
-        experts, text, codec, losses, _ = train_demo.train(cfg, args, log=lambda *a: None, recipe=recipe)
+        experts, text, codec, losses, *_ = train_demo.train(cfg, args, log=lambda *a: None, recipe=recipe)
         first = sum(losses["shared"][:20]) / 20
         assert all(sum(losses[k][-20:]) / 20 < 0.8 * first for k in ("high", "low")), losses
         pipe = train_demo.sampler(cfg, experts, text, codec, "cpu")
@@ -107,7 +107,7 @@ def test_ema_is_what_init_training_saves(train_demo, tmp_path):
 
     raw = [[load_file(init / f"{name}.safetensors") for name in ("high", "low")]]
     raw += [[m.state_dict() for m in run(iters)[0]] for iters in (1, 2, 3)]
-    experts, text, _, losses, _ = run(3, "--ema", "0.6")
+    experts, text, _, losses, *_ = run(3, "--ema", "0.6")
     train_demo.save(tmp_path, experts, text, {}, losses)
     weights = (0.6**3, 0.6**2 * 0.4, 0.6 * 0.4, 0.4)                # d = 0.6
     for k, name in enumerate(("high", "low")):
