@@ -272,7 +272,7 @@ class JobStore:
         return len(found)
 
     def remove_temporaries(self) -> int:
-        """Files a killed service was writing (paradit.outputs names them `.NAME.tmpPID.SUFFIX`): at
+        """Files a killed service was writing (paradit.outputs names them `.paradit-tmpPID-N`): at
         start, before any job runs, every hidden file in videos/ is one."""
         found = [f for f in (self.dir / "videos").glob(".*") if f.is_file()]
         for f in found:
