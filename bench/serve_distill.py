@@ -8,7 +8,7 @@ server's default request: the 4-step recipe) on the checkpoint, with two random 
 real shapes in DIR (bench/lora_distill.py: high_noise, low_noise, rank --rank), and posts --jobs jobs
 one after another, each listing the two LoRAs ("loras": [{"name": "high_noise", "expert": "high"},
 {"name": "low_noise", "expert": "low"}]); the second job on uses --scale-2 for its high-noise LoRA, so
-that each job after the first switches sets (0 switches if it is 1.0). Writes
+that the second job switches sets and later ones keep it (0 switches if it is 1.0). Writes
 bench/results/DATE_HOST_serve_distill.json: the service's start-up (process start to ready), each
 job's timings (queued, run, LoRA switch, denoising span) and the wall time from POST to completed.
 Random LoRAs: the timings are real, the videos are noise.
