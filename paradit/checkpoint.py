@@ -1,6 +1,6 @@
 """Pipeline checkpoints: where the parts are, what model they are, and a lean, concurrent load.
 
-Two layouts are read (WAN_SPEC.md):
+Two layouts are read:
   * diffusers: model_index.json, transformer/ (high-noise expert), transformer_2/ (low-noise
     expert; absent for one-expert models), text_encoder/ (umT5), tokenizer/, vae/, scheduler/;
   * original: high_noise_model/ and low_noise_model/ (or one transformer folder) of safetensors.

@@ -1,7 +1,7 @@
 """Model presets and video settings.
 
 A `WanConfig` describes one Wan DiT architecture plus the sampling defaults of its release
-(WAN_SPEC.md). Presets are looked up by name with `WanConfig.preset(name)`.
+(the original Wan code's configs, wan/configs/). Presets are looked up by name with `WanConfig.preset(name)`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ParameterError: a value a library call cannot take, named in the caller's terms.
 
-The library speaks of its parameters (`steps=0`, `ulysses=3`); the CLI (paradit.spec) catches
+The library speaks of its parameters (`steps=0`, `ulysses=3`); the CLI (paradit.cli.flags.flag_terms) catches
 the same error and names the flag the user typed instead (`--steps 0`). Pure Python, no torch.
 """
 from __future__ import annotations

@@ -150,13 +150,14 @@ def test_the_readme_lists_only_models_generate_runs():
 
 
 DOCUMENTS = [README, *README.parent.glob("docs/*.md"), README.parent / "bench" / "README.md"]
-UNREACHABLE = r"PEERS\.md|DESIGN\.md|CHORDS\.md|/work/|\b[Ii]ssues? \d+|\b[Ii]tems? \d+ of issue"
+UNREACHABLE = r"PEERS\.md|DESIGN\.md|CHORDS\.md|WAN_SPEC|/work/|\b[Ii]ssues? \d+|\b[Ii]tems? \d+ of issue"
 
 
 def test_the_docs_point_only_at_what_a_reader_can_open():
-    """Docs and docstrings named notes outside the repository (PEERS.md, DESIGN.md, CHORDS.md, a
-    /work/ path) and issue numbers of a tracker no reader has; relative links must resolve."""
-    sources = [*DOCUMENTS, *README.parent.glob("paradit/**/*.py")]
+    """Docs, docstrings and the shipped calibration (whose notes the planner prints) named notes outside
+    the repository (PEERS.md, DESIGN.md, CHORDS.md, WAN_SPEC.md, a /work/ path) and issue numbers of a
+    tracker no reader has; relative links must resolve."""
+    sources = [*DOCUMENTS, *README.parent.glob("paradit/**/*.py"), *README.parent.glob("paradit/**/*.json")]
     found = [f"{path.name}: {m.group(0)}" for path in sources for m in re.finditer(UNREACHABLE, path.read_text())]
     assert found == [], found
     for doc in DOCUMENTS:

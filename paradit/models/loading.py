@@ -25,7 +25,7 @@ from paradit.models.build import BUILD_LOCK, assign_weights, build_on_meta  # no
 from paradit.models.names import _PREFIXES, to_diffusers_name, to_original_name  # noqa: F401 (re-exported)
 from paradit.models.transformer import WanTransformer
 
-# Parameters of the Wan2.1 I2V image branch, which paradit does not implement (WAN_SPEC.md).
+# Parameters of the Wan2.1 I2V image branch, which paradit does not implement.
 _UNSUPPORTED = re.compile(r"(add_[kv]_proj|norm_added_k|image_embedder|img_emb|k_img|v_img|norm_k_img)")
 
 

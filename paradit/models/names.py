@@ -1,10 +1,10 @@
-"""Parameter names: diffusers' WanTransformer3DModel names <-> the original Wan code's (WAN_SPEC.md).
+"""Parameter names: diffusers' WanTransformer3DModel names <-> the original Wan code's (wan/modules/model.py).
 Plain Python (no torch): the loader, the LoRA reader and the benchmarks rename through one table."""
 from __future__ import annotations
 
 import re
 
-# (diffusers, original Wan) parameter-name prefixes (WAN_SPEC.md), one table read both ways: a name
+# (diffusers, original Wan) parameter-name prefixes, one table read both ways: a name
 # is renamed by the first pair whose side is a prefix of it (inside a block: of what follows
 # `blocks.N.`), and left as it is when none is.
 _TOP_NAMES = [

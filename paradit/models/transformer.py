@@ -1,4 +1,5 @@
-"""The Wan 2.x diffusion transformer, single-device, written as the math (WAN_SPEC.md).
+"""The Wan 2.x diffusion transformer, single-device, written as the math (the original Wan code's
+wan/modules/model.py, and diffusers' transformer_wan.py).
 
 Parallelism is applied from outside (paradit.parallel.parallelize):
   * every self-attention calls `self.attn_fn(q, k, v)`, the seam a parallel layout rebinds;

@@ -13,7 +13,7 @@ then set_timesteps(N, shift=shift)):
     timestep  = int64(sigma * 1000)                    # truncated, from the float64 values
     sigmas    = [sigma..., 0]                          # then stored as float32
 
-What we found checking this against WAN_SPEC's facts (T2V-A14B 40 steps shift 12 starts
+What we found checking this against the original schedule's facts (T2V-A14B 40 steps shift 12 starts
 999, 997, 995, 993, 990, 988 and has 26 steps at t >= 875; I2V-A14B 40 steps shift 5 has 15 at
 t >= 900): the literal formula with 0.999 gives those facts as well. sigma_max = float32(0.999)
 = 0.99900001287 differs from 0.999 in the timesteps only where sigma * 1000 lands on an integer,
