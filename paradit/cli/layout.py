@@ -125,7 +125,7 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
 
 def shard_mode(flags: Flags) -> str:
     """--shard-weights, where auto never picks sharding for a run it does not combine with (--compile,
-    --quant, --offload experts/all: paradit.plan.sharding.check_shard_options)."""
+    --quant, --offload experts/all/layers: paradit.plan.sharding.check_shard_options)."""
     from paradit.residency import moves_experts
     if flags.shard_weights == "auto" and (flags.compile or flags.quant != "none" or moves_experts(flags.offload)):
         return "none"
