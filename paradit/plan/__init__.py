@@ -6,6 +6,8 @@
     model      one Wan expert in numbers: parameters, FLOPs, working sets
     costs      the time and memory of one layout: evaluate -> Candidate
     sharding   weight sharding: memory, all-gathers, which group (if any) a layout shards over
+    memory     the peak allocated per phase (load, encode, denoise, decode), pinned host memory per host
+    video      the time to the video: start-up, encode, denoise, decode, write
     results    Candidate, its typed breakdowns, Infeasibility (why a layout cannot run)
     ranking    the order of candidates, and why one ranks below the choice (Defeat)
     search     every layout of a machine, evaluated and ranked: plan -> Plan
