@@ -265,8 +265,7 @@ LAYERS = (
     ("engine", ("paradit.engine",)),
     ("parallel", ("paradit.parallel",)),
     ("launch", ("paradit.launch",)),
-    ("single device", ("paradit.models", "paradit.schedulers", "paradit.conditioning", "paradit.demo",
-                       "paradit.cache")),
+    ("single device", ("paradit.models", "paradit.schedulers", "paradit.conditioning", "paradit.demo")),
     ("plain Python", ("paradit.plan", "paradit.settings", "paradit.residency", "paradit.config", "paradit.errors",
                       "paradit.events", "paradit.schedulers.schedule", "paradit.schedulers.chords_schedule")),
 )
