@@ -117,6 +117,11 @@ BAD_CLI = [
     (["--plan", "auto"], r"need a GPU kind", 2, "all"),
     (["--experts", "auto"], r"single device \(--experts auto\): needs 1 process, but .*; --experts split$", 2, "all"),
     (["--experts", "split", "--stages", "1,2"], r"needs 3 processes, but the world has 2.*--stages 1,1", 2, "all"),
+    # a world of 1: the split-experts offer must not replace the layout's own message
+    (["--sp", "2"], r"--sp 2\): needs 2 processes, but the world has 1; layouts that fit 1: no layout flags$", 1, "all"),
+    (["--cfg-par", "2"], r"needs 2 processes, but the world has 1", 1, "all"),
+    (["--experts", "split"], r"^--experts split: needs at least 2 processes \(one per stage\), but the world has 1; "
+                             r"use: --experts colocated$", 1, "all"),
     (["--plan", "auto", "--gpu", "h100", "--sp", "2"], r"--plan auto chooses the layout itself: drop --sp", 2, "all"),
     # weight sharding
     (["--dp", "2", "--shard-weights", "sp"], r"--shard-weights sp: the layout's sequence-parallel group .*has one "

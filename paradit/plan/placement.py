@@ -18,7 +18,8 @@ from paradit.schedulers.chords_schedule import core_experts, init_sequence, roun
 def stage_sizes(world: int, high_steps: int, steps: int) -> tuple[int, int]:
     """GPUs per stage of split experts, in proportion to each stage's steps (T2V-A14B 26:14 -> 5 + 3 of 8)."""
     if world < 2:
-        raise ValueError("split experts need at least 2 processes (one per stage)")
+        raise ParameterError("experts", "split", f"needs at least 2 processes (one per stage), but the world has "
+                             f"{world}", "use", ({"experts": "colocated"},))
     high = min(world - 1, max(1, round(world * high_steps / steps)))
     return high, world - high
 
