@@ -127,7 +127,10 @@ class Pipeline:
         or only, 1 = low-noise; others are never read), components (a diffusers-layout folder for
         an original-layout checkpoint's text encoder, tokenizer and VAE), read_once (checkpoints: the
         ranks of a node that load the same expert read its files once between them). An unknown
-        keyword is a ParameterError naming it."""
+        keyword is a ParameterError naming it. settings (a paradit.settings.VideoSettings) and gpu (a
+        planner GPU kind): what offload="auto" and shard_weights="auto" are planned for, and an offload
+        mode's pinned copies held to the host at (default: the model's video on this device's kind;
+        generate and the service pass their run's video and --gpu)."""
         return cls.from_spec(build_spec(name_or_path, parallel, **options))
 
     @classmethod

@@ -87,7 +87,7 @@ class BuildSpec:
         _lora_flag("high", "a LoRA for the high-noise expert of a Wan2.2 A14B model only; repeatable"),
         _lora_flag("low", "a LoRA for the low-noise expert of a Wan2.2 A14B model only; repeatable")),
         value=_lora_flags)
-    # paradit.residency mode ("auto" resolved by build_spec: plan_offload, as the CLI's planner does)
+    # paradit.residency mode ("auto" resolved by build_spec: plan_offload, for the video and GPU kind it plans for)
     offload: str = option("none", dict(parse=str, default="auto", choices=OFFLOAD_MODES, shown=(
         "auto; none on a CPU"), help=(
         "keep the text encoder and/or the idle expert in host memory, copied to the GPU when used; auto: the "
@@ -160,14 +160,20 @@ def check_options(options: dict) -> dict:
     return options
 
 
-def build_spec(model: str, parallel: ParallelConfig | None = None, **options) -> BuildSpec:
+def build_spec(model: str, parallel: ParallelConfig | None = None, settings: VideoSettings | None = None,
+               gpu: str | None = None, **options) -> BuildSpec:
     """The validated BuildSpec of these options, before any weight is built or read: the model's
     config, the quant mode and attention kernels on this machine, the LoRAs' headers, weight
-    sharding ("auto" resolved), split stages without sizes resolved from the step split, and a
-    split stage's experts. options: BuildSpec's other fields by name (check_options; a new option
-    needs no edit here). ParameterError otherwise."""
+    sharding and offload ("auto" resolved by the planner, an offload mode held to the host's memory),
+    split stages without sizes resolved from the step split, and a split stage's experts.
+    options: BuildSpec's other fields by name (check_options; a new option needs no edit here).
+    settings, gpu: what the planner plans for, the video (default: the model's; generate and the
+    service pass their run's) and the GPU kind (default: this device's, planner_kind). ParameterError
+    otherwise."""
     from paradit.launch import init_distributed
     from paradit.models.quant import check_quant
+    from paradit.plan.search import resolve_sharding
+    from paradit.plan.sharding import check_shard_options
     o = BuildSpec(model, None, parallel or ParallelConfig(), **check_options(options))
     info = init_distributed(o.device)
     check_quant(o.quant, info.device, o.offload, parallel)
@@ -177,14 +183,15 @@ def build_spec(model: str, parallel: ParallelConfig | None = None, **options) ->
         from paradit.models.lora import check_loras
         check_loras(o.loras, cfg, warn=False)  # files, names, shapes (headers); the build warns and merges
     check_build(model, o.seed, o.experts_needed, o.components)   # a preset without weights last: the rest checked
+    kind, video = planner_kind(gpu, info.device), planned_video(cfg, settings)
+    planner = planner_options(video, len(o.loras), info)
     layout = o.layout
-    if layout.shard_weights != "none":  # "auto" resolved; refused with what it cannot combine with
-        from paradit.parallel.sharding import sharded_layout
-        layout = sharded_layout(layout, cfg, info.device, o.offload, o.quant, o.compile)
+    if layout.shard_weights != "none":  # "auto" planned as offload is; refused with what it cannot combine with
+        layout = resolve_sharding(layout, cfg, kind, video, offload=o.offload, cfg_mode=layout.cfg_mode, **planner)
+        check_shard_options(layout, o.offload, o.quant, o.compile)
     if layout.stages_pending:
         layout = resolve_stages(layout, cfg, info.world_size)
-    from paradit.launch import planner_gpu
-    offload = plan_offload(o.offload, cfg, layout, planner_gpu(info.device), info, loras=len(o.loras), force=o.force)
+    offload = plan_offload(o.offload, cfg, layout, kind, video, planner, o.force)
     needed = o.experts_needed
     if needed is None and layout.stages is not None:  # each stage reads its own expert
         needed = placement.experts_needed(layout, info.rank, 1, 1)
@@ -194,24 +201,52 @@ def build_spec(model: str, parallel: ParallelConfig | None = None, **options) ->
                    compile=bool(o.compile))
 
 
-def plan_offload(mode: str, cfg: WanConfig, layout: ParallelConfig, kind: str | None, info,
-                 settings: VideoSettings | None = None, loras: int = 0, force: bool = False) -> str:
-    """The offload mode to build `layout` with: `mode`, or for "auto" the planner's fastest that fits it
-    on GPU kind `kind` at `settings` (default: the model's video) and on the hosts `info` describes
-    (paradit.launch.DistInfo: the host memory the launcher read, the ranks sharing it). A mode whose
-    pinned host copies do not fit the host, given or chosen, is a ParameterError naming offload (force:
-    build it anyway). Nothing is planned without a GPU kind (a CPU, whose memory the planner does not
-    model) or for a model it has no preset for: "auto" is "none" there."""
-    from paradit.plan import Infeasibility, evaluate, make_problem
+def planner_kind(gpu: str | None, device) -> str | None:
+    """The planner's GPU kind of a build on `device`: `gpu` (generate's --gpu) where the device is a
+    GPU, else the device's own (paradit.launch.planner_gpu); None off CUDA, whose memory the planner
+    does not model."""
+    from paradit.launch import planner_gpu
+    from paradit.plan import GPUS
+    if gpu is not None and gpu not in GPUS:
+        raise ParameterError("gpu", gpu, f"not a GPU kind the planner knows; choose one of {', '.join(GPUS)}")
+    found = planner_gpu(device)
+    return found if gpu is None or found is None else gpu
+
+
+def planned_video(cfg: WanConfig, settings: VideoSettings | None) -> VideoSettings:
+    """The video a build is planned for: `settings` (a run's), else the model's default."""
+    if settings is None:
+        return VideoSettings.resolve(cfg)
+    if not isinstance(settings, VideoSettings):
+        raise ParameterError("settings", settings, "the video to plan for is a paradit.settings.VideoSettings",
+                             "pass VideoSettings.resolve(cfg, width, height, frames, steps, ...), or leave it out "
+                             "for the model's default video")
+    return settings
+
+
+def planner_options(settings: VideoSettings, loras: int, info) -> dict:
+    """The planner's options (make_problem's) of a run at `settings`, besides its layout and offload:
+    guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged (their
+    merge time and memory) and the host memory the launcher read (info: paradit.launch.DistInfo;
+    offload modes whose pinned copies do not fit it are ruled out)."""
     from paradit.plan.hardware import host_options
+    return dict(guidance=any(g != 1.0 for g in settings.guidance), loras=loras, **host_options(info))
+
+
+def plan_offload(mode: str, cfg: WanConfig, layout: ParallelConfig, kind: str | None, settings: VideoSettings,
+                 options: dict, force: bool = False) -> str:
+    """The offload mode to build `layout` with: `mode`, or for "auto" the planner's fastest that fits it
+    on GPU kind `kind` at `settings` under `options` (planner_options: guidance, LoRAs, the hosts' memory).
+    A mode whose pinned host copies do not fit the host, given or chosen, is a ParameterError naming
+    offload (force: build it anyway). Nothing is planned without a GPU kind (a CPU, whose memory the
+    planner does not model) or for a model it has no preset for: "auto" is "none" there."""
+    from paradit.plan import Infeasibility, evaluate, make_problem
     from paradit.plan.memory import host_reason
     from paradit.residency import check_offload
     if kind is None or cfg.name not in PRESETS:
         return "none" if check_offload(mode) == "auto" else mode
-    s = settings or VideoSettings.resolve(cfg)
-    problem = make_problem(cfg, layout.world_size, kind, s.width, s.height, s.frames, s.steps, offload=mode,
-                           guidance=any(g != 1.0 for g in s.guidance), cfg_mode=layout.cfg_mode, loras=loras,
-                           **host_options(info))
+    size = (settings.width, settings.height, settings.frames, settings.steps)
+    problem = make_problem(cfg, layout.world_size, kind, *size, offload=mode, cfg_mode=layout.cfg_mode, **options)
     cand = evaluate(problem, layout)
     # the planner checks a host only where the GPUs fit; the library builds what they may not fit too
     why = cand.reason if cand.why is Infeasibility.HOST_MEMORY else \

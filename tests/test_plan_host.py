@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from paradit.cli.flags import UsageError, parse_args
 from paradit.cli.layout import resolve_layout
@@ -20,6 +21,7 @@ from paradit.plan.cli import main
 from paradit.plan.hardware import available_host_gb
 from paradit.plan.memory import HOST_MARGIN_GB, host_gb
 from paradit.runspec import build_spec
+from paradit.settings import VideoSettings
 
 A14B = "wan2.2-t2v-a14b"
 EXPERT, TEXT = 28.6, 11.4            # GB of bf16: one A14B expert, umT5
@@ -151,3 +153,73 @@ def test_the_launcher_gives_every_rank_the_same_host_figure():
     assert got[0] == got[1] and got[0][1] == 2         # LOCAL_WORLD_SIZE unset: both ranks on this host
     if here is not None:      # the least of the ranks' reads; the machine's memory moves a little meanwhile
         assert math.isclose(got[0][0], here, abs_tol=4.0)
+
+
+def fake_host(monkeypatch, kind: str, host_gb: float, world: int = 1):
+    """This process as one rank of `world` on a `kind` GPU (patched in: this machine has none) whose host has
+    `host_gb` available, all the world's ranks on it: the figures build_spec reads from the launcher."""
+    from paradit.launch import DistInfo
+    info = DistInfo(0, world, 0, torch.device("cpu"), "gloo" if world > 1 else None, host_gb, world)
+    monkeypatch.setattr("paradit.launch.planner_gpu", lambda device: kind)
+    monkeypatch.setattr("paradit.launch.init_distributed", lambda *args, **kwargs: info)
+    return info
+
+
+def test_the_library_plans_offload_for_the_video_it_is_given(tmp_path, monkeypatch):
+    # A14B on one L40S with 60 GB of host memory: at its default 1280x720x81 only all or layers fit the card,
+    # and neither fits the host (57.2 + 11.4 GB pinned, 2 besides); at 832x480x17 experts fits both (59.2 GB)
+    folder = configs_only(tmp_path, A14B)
+    fake_host(monkeypatch, "l40s", 60.0)
+    small = VideoSettings.resolve(WanConfig.preset(A14B), 832, 480, 17)
+    with pytest.raises(ParameterError) as err:
+        build_spec(folder, offload="auto")
+    assert err.value.param == "offload" and "force=True" in str(err.value)
+    assert build_spec(folder, offload="auto", settings=small).offload == "experts"
+    with pytest.raises(ParameterError) as err:   # an explicit mode the host cannot pin: refused at any video
+        build_spec(folder, offload="all", settings=small)
+    assert err.value.param == "offload" and "> 60.0 GB available" in str(err.value) and "force=True" in str(err.value)
+    assert build_spec(folder, offload="all", settings=small, force=True).offload == "all"
+    assert build_spec(folder, offload="auto", settings=small, gpu="h100").offload == "none"   # 80 GB: no offload
+    with pytest.raises(ParameterError, match="^gpu='h1000'"):
+        build_spec(folder, offload="auto", settings=small, gpu="h1000")
+    with pytest.raises(ParameterError, match="^settings=.*VideoSettings"):
+        build_spec(folder, offload="auto", settings={"width": 832})
+
+
+def test_the_cli_plans_offload_once_for_its_run(tmp_path, monkeypatch):
+    # generate's --offload auto is the library's offload="auto" planned for the run's video and --gpu: one
+    # planning (runspec.plan_offload, in build_spec), not the CLI's then a check at the model's default video
+    from paradit import runspec
+    from paradit.cli.spec import resolve
+    folder = configs_only(tmp_path, A14B)
+    info = fake_host(monkeypatch, "l40s", 60.0)
+    calls = []
+    planned = runspec.plan_offload
+    monkeypatch.setattr(runspec, "plan_offload", lambda *args, **kw: calls.append(args) or planned(*args, **kw))
+    spec = resolve(parse_args(["--model", folder, "--size", "832x480", "--frames", "17"]), info)
+    assert spec.build.offload == "experts" and len(calls) == 1
+    mode, _, _, kind, video = calls[0][:5]
+    assert (mode, kind, video) == ("auto", "l40s", spec.settings)
+    assert build_spec(folder, offload="auto", settings=spec.settings).offload == spec.build.offload
+    h100 = resolve(parse_args(["--model", folder, "--size", "832x480", "--frames", "17", "--gpu", "h100"]), info)
+    assert h100.build.offload == "none" and calls[-1][3] == "h100"
+    # an explicit --offload layers where the experts fit whole is still the CLI's refusal (141 GB, 400 GB host)
+    info = fake_host(monkeypatch, "l40s", 400.0)
+    with pytest.raises(UsageError, match="^--offload layers: .* holds its experts whole on h200"):
+        resolve(parse_args(["--model", folder, "--size", "832x480", "--frames", "17", "--gpu", "h200", "--offload",
+                            "layers"]), info)
+
+
+def test_auto_sharding_holds_offload_to_the_host(tmp_path, monkeypatch):
+    # A14B over Ulysses 2 on two L40S of one host. With room to pin both experts on each rank (2 x 59.2 GB,
+    # the text encoder's 11.4 besides), the weights stay whole and the experts are offloaded; on a 100 GB host
+    # they cannot be pinned, and shard_weights="auto" shards each expert over the pair instead (no expert
+    # offloaded), as the CLI plans it
+    folder = configs_only(tmp_path, A14B)
+    u2 = ParallelConfig(ulysses=2, shard_weights="auto")
+    fake_host(monkeypatch, "l40s", 400.0, world=2)
+    roomy = build_spec(folder, u2, offload="auto")
+    assert roomy.layout.shard_weights == "none" and roomy.offload in ("experts", "all")
+    fake_host(monkeypatch, "l40s", 100.0, world=2)
+    held = build_spec(folder, u2, offload="auto")
+    assert held.layout.shard_weights == "sp" and held.offload in ("none", "text-encoder")

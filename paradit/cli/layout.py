@@ -43,13 +43,12 @@ def gpu_kind(flags: Flags) -> str | None:
 
 def run_options(flags: Flags, settings, info, offload: str | None = None, cfg_mode: str | None = None) -> dict:
     """The planner's options of this run: offload and CFG mode (the flags' unless given), weight sharding,
-    guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged, and the host
-    memory the launcher read (info: paradit.launch.DistInfo; the planner rules out offload modes whose
-    pinned copies do not fit it)."""
-    from paradit.plan.hardware import host_options
-    return dict(offload=flags.offload if offload is None else offload, loras=lora_files(flags),
-                cfg_mode=flags.cfg_mode if cfg_mode is None else cfg_mode, shard_weights=shard_mode(flags),
-                guidance=any(g != 1.0 for g in settings.guidance), **host_options(info))
+    and what a build plans with (paradit.runspec.planner_options: guidance, the LoRA files merged, the
+    host memory the launcher read, info: paradit.launch.DistInfo)."""
+    from paradit.runspec import planner_options
+    return planner_options(settings, lora_files(flags), info) | dict(
+        offload=flags.offload if offload is None else offload, shard_weights=shard_mode(flags),
+        cfg_mode=flags.cfg_mode if cfg_mode is None else cfg_mode)
 
 
 def lora_files(flags: Flags) -> int:
@@ -178,17 +177,13 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, info, flags: 
                          f"{where}: {cand.reason}{hint}. Pass --force to run it anyway")
 
 
-def offload_mode(flags: Flags, cfg, layout: ParallelConfig, settings, info) -> str:
-    """--offload auto: the planner's fastest mode that fits this layout on this GPU kind and host
-    (paradit.runspec.plan_offload, as the library's offload="auto"); none on a CPU."""
-    from paradit.runspec import plan_offload
+def check_layers(flags: Flags, cfg, layout: ParallelConfig, settings) -> None:
+    """--offload layers where it only adds copies (refuse_needless_layers; --force streams anyway). The
+    offload mode itself, --offload auto's included, is the build's to plan (paradit.runspec.build_spec
+    with this run's video, as the library's offload="auto" is planned)."""
     kind = gpu_kind(flags)
     if flags.offload == "layers" and kind is not None and cfg.name in PRESETS and not flags.force:
         refuse_needless_layers(cfg, layout, kind, settings)
-    if flags.offload != "auto":
-        return flags.offload
-    return plan_offload("auto", cfg, layout, kind if info.device.type == "cuda" else None, info, settings,
-                        lora_files(flags), flags.force)
 
 
 def refuse_needless_layers(cfg, layout: ParallelConfig, kind: str, settings) -> None:

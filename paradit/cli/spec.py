@@ -20,7 +20,7 @@ from pathlib import Path
 
 from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, flag_terms,  # noqa: F401
                                parse_args)
-from paradit.cli.layout import experts_needed, log_chords, offload_mode, resolve_layout
+from paradit.cli.layout import check_layers, experts_needed, log_chords, resolve_layout
 from paradit.config import PRESETS, WanConfig
 from paradit.plan.layout import ParallelConfig
 from paradit.plan.placement import rank_roles
@@ -171,7 +171,8 @@ def resolve(flags: Flags, info) -> RunSpec:
     """The validated spec of this rank (info: paradit.launch.DistInfo); UsageError otherwise. The
     one function from flags to a RunSpec, for generate and the service alike. The build options
     come from their declarations (paradit.runspec.build_options) and go to build_spec as they are,
-    but the layout, the experts this rank loads and --offload auto, which the planner resolves here."""
+    with the layout and the experts this rank loads, resolved here, and what build_spec plans
+    --offload auto for: this run's video and --gpu (as the library's offload="auto" is planned)."""
     check_combinations(flags)
     with flag_terms(flags):
         cfg = model_config(flags)
@@ -184,10 +185,10 @@ def resolve(flags: Flags, info) -> RunSpec:
         needed = experts_needed(cfg, layout, settings, chords, info.rank)
         if chords is not None and not layout.stages:
             log_chords(cfg, settings, chords)
-        options = build_options(flags.values) | {"offload": offload_mode(flags, cfg, layout, settings, info),
-                                                 "force": flags.force}
-        _check_quant(flags, info, options["offload"], layout)
-        build = build_spec(parallel=layout, experts_needed=needed, **options)
+        check_layers(flags, cfg, layout, settings)
+        build = build_spec(parallel=layout, settings=settings, gpu=flags.gpu, experts_needed=needed,
+                           force=flags.force, **build_options(flags.values))
+        _check_quant(flags, info, build.offload, layout)
     return RunSpec(build, settings, chords, flags.negative_prompt, flags.image, image, size_source(flags, image),
                    flags.check_finite, flags.save_latents)
 

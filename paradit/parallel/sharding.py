@@ -113,14 +113,3 @@ class PeakWeights:
         for h in self._handles:
             h.remove()
 
-
-def sharded_layout(parallel, cfg, device: torch.device, offload: str, quant: str, compile: bool):
-    """The library's layout with shard_weights="auto" resolved by the planner for this GPU kind
-    ("none" on a CPU, whose memory the planner does not model); then the options sharded weights
-    do not combine with, refused before any weight is read."""
-    from paradit.plan.search import resolve_sharding
-    from paradit.plan.sharding import check_shard_options
-    from paradit.launch import planner_gpu
-    parallel = resolve_sharding(parallel, cfg, planner_gpu(device))
-    check_shard_options(parallel, offload, quant, compile)
-    return parallel
