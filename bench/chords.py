@@ -69,7 +69,7 @@ def random_pipeline(name: str, layers: int, device: torch.device):
     from paradit.config import WanConfig
     from paradit.parallel.mesh import single_device_mesh
     from paradit.pipeline import Pipeline
-    from scaling import build_model
+    from scaling_measure import build_model
     cfg = WanConfig.preset(name).replace(num_layers=layers)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     experts = [build_model(cfg, device, dtype, seed=k) for k in range(cfg.num_experts)]

@@ -49,6 +49,11 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
+def rank_device(device_type: str) -> torch.device:
+    """This rank's device: the GPU the launcher made current (one a rank), or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a CUDA timing's end); nothing on a CPU."""
     if device.type == "cuda":

@@ -37,9 +37,10 @@ Measures (--measure, default both):
            padded keys then take part in attention, which the rel err column shows where the tokens do
            not divide) and all-gathers the output; diffusers: the model.
   step     one guided velocity (cond + uncond, then the CFG combine) as each library runs it in its
-           pipeline. paradit: bench/scaling.py's measure_point unchanged: Runtime.velocity on the rank's
-           token shard, cond and uncond batched, plus the Euler update (so its comm share and bytes
-           per collective come too). diffusers: one batch-2 forward (cond, uncond) and the combine.
+           pipeline. paradit: bench/scaling_measure.py's measure_point unchanged: Runtime.velocity on
+           the rank's token shard, cond and uncond batched, plus the Euler update (so its comm share
+           and bytes per collective come too). diffusers: one batch-2 forward (cond, uncond) and the
+           combine.
            xfuser: two forwards, cond then uncond, and the combine, the way diffusers' WanPipeline
            (which xfuser's Wan T2V runner drives) calls the transformer.
   time     a first call timed apart (first_call_s), --warmup - 1 more untimed, then --steps timed calls,
@@ -47,7 +48,7 @@ Measures (--measure, default both):
            counts; --stat (median, or min on a shared machine) picks the headline.
   memory   GPU: torch.cuda.max_memory_allocated over the timed calls (the weights are shared, so every
            library's figure includes the same weights once). CPU: the process's peak RSS, high-water
-           mark reset per row (scaling.reset_memory).
+           mark reset per row (scaling_measure.reset_memory).
   rel err  ||out - ref|| / ||ref|| in fp32; ref = paradit's single-device output of the same measure
            (step: the guided velocity, before any update), computed once outside the timing. It proves
            both sides computed the same function: ~1e-6 in fp32, ~1e-2 in bf16 (different summation
@@ -55,7 +56,7 @@ Measures (--measure, default both):
   speedup  paradit's single-device time of the same measure / the row's time (latency, not per GPU).
   drift    rank 0 times a matmul before and after every row; > 25% off the run's median marks the row
            suspect ("?", a note), as scaling.py does.
-  --layers N builds N blocks; times and memory are extrapolated per layer by scaling.extrapolate.
+  --layers N builds N blocks; times and memory are extrapolated per layer by scaling_fit.extrapolate.
 """
 from __future__ import annotations
 
@@ -75,8 +76,11 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, repo root
 from launcher import environment, has_cuda, machine_description, machine_tag, results_path, run_world, write_json  # noqa: E402
-from scaling import (_speed_check, add_run_args, build_model, drift_notes, extrapolate, make_inputs,  # noqa: E402
-                     measure_point, merge_ranks, model_config, options, parse_layout, plan_points, timed_calls)
+from scaling import add_run_args, options  # noqa: E402
+from scaling_fit import extrapolate  # noqa: E402
+from scaling_layouts import parse_layout, plan_points  # noqa: E402
+from scaling_measure import (build_model, drift_notes, make_inputs, measure_point, merge_ranks, model_config,  # noqa: E402
+                             speed_check, timed_calls)
 
 from paradit.checkpoint import to_diffusers_name  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
@@ -189,7 +193,7 @@ class _Holder:
 
 # ============================================================================ one world
 def latent_call(cfg: WanConfig, inputs: dict, device, dtype) -> dict:
-    """scaling.make_inputs' tokens as the latent a diffusers-style model takes, in the model dtype,
+    """scaling_measure.make_inputs' tokens as the latent a diffusers-style model takes, in the model dtype,
     the first timestep of the schedule, and the text in the model dtype (as WanPipeline passes them)."""
     x = unpatchify(inputs["tokens"][None], inputs["grid"], cfg.patch).to(device, dtype)   # (1, C, F, H, W)
     t = torch.full((1,), 1000.0 * inputs["sigmas"][0], device=device)
@@ -199,7 +203,7 @@ def latent_call(cfg: WanConfig, inputs: dict, device, dtype) -> dict:
 
 
 def measure_calls(fn, opts: dict, device, attention: str, traffic: Traffic | None = None) -> dict:
-    """One rank's numbers for a callable, in the shape scaling.merge_ranks reads; traffic: the
+    """One rank's numbers for a callable, in the shape scaling_measure.merge_ranks reads; traffic: the
     counter paradit's collectives count into (the other libraries' traffic is not counted)."""
     return timed_calls(fn, opts["steps"], opts["warmup"], device, traffic or Traffic()) | dict(attention=attention)
 
@@ -286,7 +290,7 @@ def world_main(points: list[dict], opts: dict, ref_path: str) -> list[dict] | No
     lead = not dist.is_initialized() or dist.get_rank() == 0
     diffusers_model, xf, records = None, {}, []
     for point in points:
-        before = _speed_check(device)
+        before = speed_check(device)
         if point["library"] == "paradit":
             mine, out = run_paradit(model, cfg, inputs, call, point, opts, device)
         elif point["library"] == "diffusers":
@@ -306,7 +310,7 @@ def world_main(points: list[dict], opts: dict, ref_path: str) -> list[dict] | No
             continue
         rec = merge_ranks(point, ranks, opts["stat"])
         rec["rel_err_vs_paradit"] = rel_err(out, ref[point["measure"]]) if point["measure"] in ref else None
-        rec["machine_speed"] = dict(matmul_tflops_before=before, matmul_tflops_after=_speed_check(device))
+        rec["machine_speed"] = dict(matmul_tflops_before=before, matmul_tflops_after=speed_check(device))
         records.append(rec)
         if point["library"] == "paradit" and point["world"] == 1 and lead:
             ref[point["measure"]] = out.float().cpu()
@@ -323,7 +327,7 @@ def layout_name(config: dict) -> str:
 
 
 def plan(args, cfg: WanConfig, device_type: str) -> tuple[list[dict], list[str]]:
-    """Every row to run: paradit's points from scaling.plan_points, diffusers at world 1, xfuser wherever
+    """Every row to run: paradit's points from scaling_layouts.plan_points, diffusers at world 1, xfuser wherever
     paradit runs a layout."""
     specs = [parse_layout(t) for t in (args.layouts or DEFAULT_LAYOUTS).split(",") if t.strip()]
     for s in specs:
@@ -386,7 +390,7 @@ def attach_speedups(records: list[dict]) -> None:
 def table(records: list[dict], extrapolated: dict | None) -> str:
     head = ["library", "layout", "world", "measure", "time ms [min-max]", "speedup vs paradit single", "peak MB",
             "rel err vs paradit", "notes"]
-    if extrapolated:   # the same time and memory scaled to the full depth (scaling.extrapolate)
+    if extrapolated:   # the same time and memory scaled to the full depth (scaling_fit.extrapolate)
         head[5:5] = [f"s x{extrapolated['layers_full']}/{extrapolated['layers_run']} layers", "peak GiB (full)"]
     rows = [head]
     for r in records:

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from launcher import code_revision, environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
 from peers import diffusers_class, diffusers_twin, latent_call  # noqa: E402
-from scaling import build_model, make_inputs  # noqa: E402
+from scaling_measure import build_model, make_inputs  # noqa: E402
 
 from paradit.config import WanConfig  # noqa: E402
 

@@ -43,7 +43,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from launcher import (environment, judged_prompt, machine_description, machine_tag,  # noqa: E402
                       results_path, write_json)
-from scaling import build_model, make_inputs, make_step, timed  # noqa: E402
+from scaling_measure import build_model, make_inputs, make_step, timed  # noqa: E402
 
 from paradit.compile import compile_blocks  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402

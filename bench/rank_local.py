@@ -62,8 +62,9 @@ import torch
 import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from launcher import environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
-from scaling import build_model, gpu_spec, make_inputs, probe_main, sync, timed, write_calibration  # noqa: E402
+from launcher import environment, machine_description, machine_tag, results_path, sync, write_json  # noqa: E402
+from scaling_fit import gpu_spec, write_calibration  # noqa: E402
+from scaling_measure import build_model, make_inputs, probe_main, timed  # noqa: E402
 
 import paradit.plan as pl  # noqa: E402
 from paradit.config import WanConfig  # noqa: E402
