@@ -9,6 +9,7 @@ clients from 127.0.0.2, and the other attacks from 127.0.0.3 (other loopback add
 machines would."""
 from __future__ import annotations
 
+import json
 import select
 import socket
 import threading
@@ -257,3 +258,20 @@ def test_bounded_abuse_run(server):
     grown = rss_bytes(pid) - start
     assert grown < 200 * 2**20, f"the server grew by {grown / 2**20:.0f} MB"
     assert "Traceback" not in server.output, server.output[-3000:]
+
+
+# ----------------------------------------------------------------------------- nested fields
+@pytest.mark.parametrize("item,param,words", [
+    ({"name": "a", "foo": 1}, "loras[0].foo", "unknown field; a LoRA's fields are name, scale, expert"),
+    ({"name": "a", "expert": "mid"}, "loras[0].expert", "'high', 'low' or 'all'"),
+    ({"scale": 1.0}, "loras[0].name", "required"),
+])
+def test_a_lora_item_s_errors_name_its_own_field(item, param, words):
+    """An unknown key inside a LoRA item was answered 'loras: unknown field; the fields are prompt,
+    negative_prompt, ...' (the request's fields, none of them wrong); a bad expert named only 'loras'."""
+    from paradit.serve.schema import ApiError, parse_body
+    body = json.dumps({"prompt": PROMPT, "loras": [{"name": "b"}, item][1:]}).encode()
+    with pytest.raises(ApiError) as err:
+        parse_body(body, "application/json")
+    assert err.value.status == 422 and err.value.param == param, (err.value.param, err.value.message)
+    assert err.value.message.startswith(f"{param}: ") and words in err.value.message, err.value.message

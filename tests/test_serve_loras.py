@@ -64,6 +64,6 @@ def test_per_request_loras(nproc, layout, tmp_path):
         assert "paradit_lora_switch_seconds_count 3.0" in metrics
         for loras, param in (([{"name": "c"}], "loras[0].name"), ([{"name": "a", "scale": 0.0}], "loras[0].scale"),
                              ([{"name": "a", "scale": 1e9}], "loras[0].scale"),
-                             ([{"name": "a", "expert": "mid"}], "loras")):
+                             ([{"name": "a", "expert": "mid"}], "loras[0].expert")):
             r = client.post("/v1/videos", json={"prompt": PROMPT, "loras": loras})
             assert r.status_code in (400, 422) and r.json()["error"]["param"] == param, r.text

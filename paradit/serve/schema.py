@@ -127,14 +127,24 @@ def long_numbers(value):
             yield from long_numbers(v)
 
 
+def item_field(loc: list[str]) -> str | None:
+    """A field of one of a request's LoRA items, as its 400s name it: ["loras", "0", "scale"] ->
+    "loras[0].scale"; None for any other place."""
+    if len(loc) >= 3 and loc[0] == "loras" and loc[1].isdigit():
+        return f"loras[{loc[1]}].{loc[2]}"
+    return None
+
+
 def validation_error(errors: list[dict]) -> ApiError:
     """pydantic's errors (the body's, or the query's) -> one 422 naming each field, with what would be valid."""
     lines, first = [], None
     for e in errors:
         loc = [str(p) for p in e["loc"][1:]] if e["loc"][:1] == ("query",) else [str(p) for p in e["loc"]]
-        param = loc[0] if loc else "body"
+        param = item_field(loc) or (loc[0] if loc else "body")
         first = first or param
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and param != loc[0]:
+            lines.append(f"{param}: unknown field; a LoRA's fields are {', '.join(LoraItem.model_fields)}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{param}: unknown field; the fields are {', '.join(FIELDS)}")
         elif e["type"] == "missing":
             lines.append(f"{param}: required")
