@@ -408,6 +408,23 @@ def test_a_taken_port_stops_the_cli_with_the_reason(tmp_path):
     assert "loading the models" not in proc.stdout
 
 
+def test_a_bad_lora_dir_stops_the_cli_before_any_model_loads(tmp_path):
+    """--lora-dir's files were checked only after the models were built (a whole checkpoint read, the
+    port open, then an error), and named as --lora."""
+    import subprocess
+    import sys
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "empty.safetensors").write_bytes(b"")
+    for folder, words in ((loras, f"--lora-dir {loras}: every .safetensors file in it must be a LoRA of demo"),
+                          (tmp_path / "missing", f"--lora-dir {tmp_path / 'missing'}: no such folder")):
+        proc = subprocess.run([sys.executable, "-m", "paradit.serve", "--port", "0", "--state-dir", str(tmp_path),
+                               "--lora-dir", str(folder)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"paradit: error (rank 0): {words}" in proc.stderr, proc.stderr[-2000:]
+        assert "loading the models" not in proc.stdout and "Traceback" not in proc.stderr
+
+
 # ----------------------------------------------------------------------------- the job store alone
 def test_recovery_rules(tmp_path):
     store = JobStore(tmp_path)

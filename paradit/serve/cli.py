@@ -126,6 +126,7 @@ def run(flags, info, parts: Parts) -> None:
     check_args(flags)
     spec = resolve(flags, info)
     cfg = spec.cfg
+    lora_dir = lora_folder(flags, spec) if flags.lora_dir else None
     limits = Limits(flags.max_steps, flags.max_video_tokens or Limits.default_video_tokens(cfg))
     state_dir = Path(flags.state_dir)
 
@@ -140,7 +141,6 @@ def run(flags, info, parts: Parts) -> None:
         pipe.warmup(**spec.settings.__dict__)
     pipe.check_finite = spec.check_finite
     channel = Channel()
-    lora_dir = lora_folder(flags, spec) if flags.lora_dir else None
     parts.worker = Worker(pipe, channel, state_dir, spec.save_latents, spec.chords, lora_dir,
                           lora_base(spec) if lora_dir else None)
     if info.rank == 0:
@@ -155,9 +155,9 @@ def run(flags, info, parts: Parts) -> None:
 
 
 def lora_folder(flags, spec) -> Path:
-    """--lora-dir, checked on every rank before any job: a folder of LoRAs that fit the model, on a
-    build whose weights a job may change in place (whole, not FP8, not offloaded)."""
-    from paradit.models.lora import LoraSpec, check_loras
+    """--lora-dir, checked on every rank before any weights are built: a folder of LoRAs that fit the
+    model, on a build whose weights a job may change in place (whole, not FP8, not offloaded)."""
+    from paradit.models.lora import LoraError, LoraSpec, check_loras
     folder = Path(flags.lora_dir)
     if not folder.is_dir():
         raise ValueError(f"--lora-dir {folder}: no such folder")
@@ -169,7 +169,11 @@ def lora_folder(flags, spec) -> Path:
         raise ValueError(f"--lora-dir: per-request LoRAs change the experts' weights in place, which are FP8 "
                          f"(--quant {b.quant}), sharded (--shard-weights {b.layout.shard_weights}) or offloaded "
                          f"(--offload {b.offload}) here; serve them whole, or merge fixed LoRAs with --lora")
-    check_loras([LoraSpec(f) for f in files], spec.cfg, warn=False)   # headers: every file fits the model
+    try:
+        check_loras([LoraSpec(f) for f in files], spec.cfg, warn=False)   # headers: every file fits the model
+    except LoraError as err:
+        raise ValueError(f"--lora-dir {folder}: every .safetensors file in it must be a LoRA of {spec.cfg.name} "
+                         f"(requests may name any of them); move out or replace: {err}") from None
     return folder
 
 
