@@ -31,6 +31,19 @@ def test_the_generate_help_imports_no_torch():
     assert "paradit.cli.flags" in imported and "torch" not in imported
 
 
+def test_the_generate_checks_import_neither_transformers_nor_diffusers(tmp_path):
+    # every check runs before paradit.pipeline's imports (transformers, which imports torch._dynamo, and
+    # diffusers: seconds): a refusal comes without them. --out is checked last, after the prompt's blank
+    # check and the demo model's vocabulary check, which reached the text encoder's module
+    out = tmp_path / "video.txt"
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "paradit.generate", "--model", "demo",
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"--out {out}: the video is written as H.264 mp4" in run.stderr, run.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "paradit.cli.spec" in imported and "torch" in imported   # what it reached
+    assert not {"transformers", "diffusers", "paradit.models.text_encoder", "torch._dynamo"} & imported
+
+
 def test_planner_module_runs():
     run = subprocess.run([sys.executable, "-m", "paradit.plan", "--model", "wan2.2-t2v-a14b", "--gpus", "8",
                           "--size", "1280x720", "--frames", "81"], capture_output=True, text=True, timeout=120)
@@ -267,7 +280,8 @@ LAYERS = (
     ("launch", ("paradit.launch",)),
     ("single device", ("paradit.models", "paradit.schedulers", "paradit.conditioning", "paradit.demo")),
     ("plain Python", ("paradit.plan", "paradit.settings", "paradit.residency", "paradit.config", "paradit.errors",
-                      "paradit.events", "paradit.schedulers.schedule", "paradit.schedulers.chords_schedule")),
+                      "paradit.events", "paradit.prompts", "paradit.schedulers.schedule",
+                      "paradit.schedulers.chords_schedule")),
 )
 
 

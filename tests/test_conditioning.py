@@ -112,7 +112,8 @@ def test_image_flag_checks():
 
 # ----------------------------------------------------------------------------- text encoder
 def test_text_encoder_follows_the_original():
-    from paradit.models.text_encoder import TextEncoder, clean_prompt
+    from paradit.models.text_encoder import TextEncoder
+    from paradit.prompts import clean_prompt
 
     assert clean_prompt("  a  red &amp;amp; blue\n circle ") == "a red & blue circle"
     enc = TextEncoder.tiny(32, 16)

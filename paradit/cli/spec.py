@@ -24,6 +24,7 @@ from paradit.cli.layout import check_layers, experts_needed, log_chords, resolve
 from paradit.config import PRESETS, WanConfig
 from paradit.plan.layout import ParallelConfig
 from paradit.plan.placement import rank_roles
+from paradit.prompts import clean_prompt
 from paradit.runspec import RUNNABLE_PRESETS, RunSpec, build_options, build_spec  # noqa: F401 (RunSpec's home)
 from paradit.settings import ChordsSettings, VideoSettings
 
@@ -104,7 +105,6 @@ def read_prompts(flags: Flags) -> tuple[str, ...]:
 
 def is_blank(prompt: str) -> bool:
     """Empty once cleaned as the text encoder cleans prompts (as the service judges them)."""
-    from paradit.models.text_encoder import clean_prompt
     return clean_prompt(prompt) == ""
 
 

@@ -15,7 +15,6 @@ from paradit.config import WanConfig
 from paradit.demo.codec import TimeToDepthCodec
 from paradit.demo.data import BACKGROUND
 from paradit.demo.writable import WritableSpace
-from paradit.models.text_encoder import TextEncoder
 from paradit.models.transformer import WanTransformer
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
@@ -39,6 +38,9 @@ def demo_components(cfg: WanConfig, device, dtype=None, seed: int = 0, needed=No
             m = WanTransformer(cfg)
         m.load_state_dict(load_file(assets / f"{name}.safetensors"), assign=True)
         experts.append(m.to(device).eval().requires_grad_(False))
+    # imported here: the CLI's vocabulary check (paradit.demo.data) runs this package's imports before
+    # the input is valid, and the text encoder's are transformers' (seconds)
+    from paradit.models.text_encoder import TextEncoder
     text = TextEncoder.tiny(cfg.text_dim, cfg.text_len, device=device)   # the architecture; weights next
     load_model(text.model, str(assets / "text_encoder.safetensors"))
     return experts, text, decode_writable(TimeToDepthCodec.for_config(cfg, device=device), experts)

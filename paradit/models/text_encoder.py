@@ -1,8 +1,8 @@
 """The text encoder: transformers' UMT5EncoderModel and a tokenizer, Wan's way.
 
-The prompt is cleaned (HTML entities, whitespace; ftfy where installed), tokenised to at most
-text_len tokens (right padding, EOS kept under truncation), encoded with the attention mask,
-trimmed to its real length and zero-padded back to text_len: the original Wan code's convention
+The prompt is cleaned (paradit.prompts: HTML entities, whitespace; ftfy where installed), tokenised
+to at most text_len tokens (right padding, EOS kept under truncation), encoded with the attention
+mask, trimmed to its real length and zero-padded back to text_len: the original Wan code's convention
 (wan/modules/t5.py, tokenizers.py); cross-attention then sees all text_len positions.
 
 `TextEncoder.embed` is what a request calls: each prompt encoded alone (so that its embedding does
@@ -15,16 +15,15 @@ a request with the default negative prompt encodes its own prompt only.
 from __future__ import annotations
 
 import contextlib
-import functools
-import html
 import logging
-import re
 import time
 from collections import OrderedDict
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from paradit.prompts import clean_prompt
 
 log = logging.getLogger("paradit")
 
@@ -42,22 +41,6 @@ def word_tokenizer(words=WORDS) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-@functools.cache
-def _fix_text():
-    """ftfy.fix_text where ftfy is installed, else the identity: looked up once, not on every prompt."""
-    try:
-        import ftfy
-        return ftfy.fix_text
-    except ImportError:  # ftfy only repairs mojibake; plain prompts are unchanged by it
-        return lambda text: text
-
-
-def clean_prompt(text: str) -> str:
-    """wan/modules/tokenizers.py's clean='whitespace': ftfy (if installed), HTML unescaped twice, spaces."""
-    text = html.unescape(html.unescape(_fix_text()(text))).strip()
-    return re.sub(r"\s+", " ", text).strip()
 
 
 class TextEncoder:

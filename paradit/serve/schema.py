@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
+from paradit.prompts import clean_prompt
 from paradit.settings import MAX_FRAMES, MAX_SEED, SAMPLER_NAMES, VideoSettings, resolve_cache
 
 Guidance = Annotated[list[float], Field(min_length=2, max_length=2)]
@@ -294,7 +295,6 @@ class Checker:
                                     f"serve with --steps {s.steps}", "num_inference_steps")
 
     def check_prompt(self, text: str, param: str, empty_ok: bool = False) -> None:
-        from paradit.models.text_encoder import clean_prompt
         cleaned = clean_prompt(text)
         if not cleaned and not empty_ok:
             raise ApiError(400, f"{param}: empty after removing whitespace; describe the video", param)
