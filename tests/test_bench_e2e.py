@@ -93,3 +93,18 @@ def test_probe_keeps_the_runs_peak_beside_each_phases(monkeypatch):
     decode()
     assert record["startup"]["allocated_gb"] == 5 and record["decode"]["allocated_gb"] == 3
     assert torch.cuda.max_memory_allocated() == 7e9                 # the run's, as the sidecar reads it
+
+
+def test_probe_leaves_the_pipeline_s_imports_to_the_cli(tmp_path):
+    """bench/cli_probe.py wraps the pipeline's methods once the CLI imports paradit.pipeline (where the CLI
+    times that import, pipeline_import_s), not before the CLI's clock: a run refused by its checks, under
+    the probe, imports neither paradit.pipeline nor transformers. (The probe's phases of a run that goes
+    through: test_e2e_writes_a_checkpoint_and_reports_every_phase.)"""
+    import subprocess
+    probe = Path(__file__).resolve().parents[1] / "bench" / "cli_probe.py"
+    run = subprocess.run([sys.executable, "-X", "importtime", str(probe), "--phase-memory", str(tmp_path / "p.json"),
+                          "--", "--model", "tiny", "--out", str(tmp_path / "video.txt")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "the video is written as H.264 mp4" in run.stderr, run.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "paradit.cli.spec" in imported and not {"paradit.pipeline", "transformers"} & imported
