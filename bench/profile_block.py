@@ -3,7 +3,7 @@
     python bench/profile_block.py                       # GPU: A14B shape, 1280x720x81, 2 blocks, bf16
     python bench/profile_block.py --preset tiny --size 256x256 --frames 65      # CPU, fp32
 
-Both models hold the same random weights (bench/peers.py's diffusers_twin) and take the same input.
+Both models hold the same random weights (bench/peers_measure.py's diffusers_twin) and take the same input.
 After two warm-up forwards, torch.profiler records one forward of each; the table lists the kernels
 (device time on GPU, CPU time on CPU) summed by name, largest first, and a total per model, so that
 a gap between the two libraries (bench/peers.py) can be traced to the kernels that make it.
@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from launcher import code_revision, environment, machine_description, machine_tag, results_path, write_json  # noqa: E402
-from peers import diffusers_class, diffusers_twin, latent_call  # noqa: E402
+from peers_measure import diffusers_class, diffusers_twin, latent_call  # noqa: E402
 from scaling_measure import build_model, make_inputs  # noqa: E402
 
 from paradit.config import WanConfig  # noqa: E402
