@@ -119,7 +119,7 @@ class Pipeline:
         every option are validated against the world before any weights are built or read.
 
         parallel: the layout; ParallelConfig(experts="split") without stages takes the stage sizes
-        from the step split of the preset's schedule. options: paradit.runspec.BuildSpec's fields,
+        from the step split of the planned video's steps and shift (settings=, below). options: paradit.runspec.BuildSpec's fields,
         each described at its declaration there (the build options are generate's flags too:
         offload="auto" is --offload auto), e.g. loras=[LoraSpec(path, scale, target="all"|"high"|"low")]
         merged into the experts this rank loads, offload, quant, compile (then warm up with
@@ -130,7 +130,8 @@ class Pipeline:
         keyword is a ParameterError naming it. settings (a paradit.settings.VideoSettings) and gpu (a
         planner GPU kind): what offload="auto" and shard_weights="auto" are planned for, and an offload
         mode's pinned copies held to the host at (default: the model's video on this device's kind;
-        generate and the service pass their run's video and --gpu)."""
+        generate and the service pass their run's video and --gpu); planned: paradit.plan.plan(...).choice
+        of this layout at that video and kind, whose offload mode is taken rather than planned again."""
         return cls.from_spec(build_spec(name_or_path, parallel, **options))
 
     @classmethod

@@ -59,6 +59,14 @@ def moves_experts(mode: str) -> bool:
     return offloads_experts(mode) or streams_layers(mode)
 
 
+def runs_with_quant(mode: str, quant: str) -> bool:
+    """Whether offload `mode` runs with FP8 mode `quant` (paradit.settings.QUANT_MODES): not where it moves
+    experts, whose host buffers (paradit.offload.HostWeights, streamed ones too) hold their loaded dtype's
+    tensors, not FP8 weights. The one rule: paradit.models.quant.check_quant refuses by it, and the
+    planner's offload "auto" picks no mode it rules out."""
+    return quant == "none" or not moves_experts(mode)
+
+
 def experts_on_host(mode: str, held: int) -> bool:
     """Whether a rank holding `held` experts keeps them in host memory under `mode`."""
     return (offloads_experts(mode) and held > 1) or streams_layers(mode)

@@ -161,15 +161,17 @@ def check_options(options: dict) -> dict:
 
 
 def build_spec(model: str, parallel: ParallelConfig | None = None, settings: VideoSettings | None = None,
-               gpu: str | None = None, **options) -> BuildSpec:
+               gpu: str | None = None, planned=None, **options) -> BuildSpec:
     """The validated BuildSpec of these options, before any weight is built or read: the model's
     config, the quant mode and attention kernels on this machine, the LoRAs' headers, weight
-    sharding and offload ("auto" resolved by the planner, an offload mode held to the host's memory),
-    split stages without sizes resolved from the step split, and a split stage's experts.
+    sharding and offload ("auto" resolved by the planner, never to what the quant mode cannot run
+    with; an offload mode held to the host's memory), split stages without sizes resolved from the
+    step split of the planned video, and a split stage's experts.
     options: BuildSpec's other fields by name (check_options; a new option needs no edit here).
     settings, gpu: what the planner plans for, the video (default: the model's; generate and the
-    service pass their run's) and the GPU kind (default: this device's, planner_kind). ParameterError
-    otherwise."""
+    service pass their run's) and the GPU kind (default: this device's, planner_kind). planned: the
+    planner's Candidate of this very layout, video and GPU kind (paradit.plan.plan(...).choice; generate's
+    --plan auto), whose offload mode is taken rather than planned again. ParameterError otherwise."""
     from paradit.launch import init_distributed
     from paradit.models.quant import check_quant
     from paradit.plan.search import resolve_sharding
@@ -184,14 +186,14 @@ def build_spec(model: str, parallel: ParallelConfig | None = None, settings: Vid
         check_loras(o.loras, cfg, warn=False)  # files, names, shapes (headers); the build warns and merges
     check_build(model, o.seed, o.experts_needed, o.components)   # a preset without weights last: the rest checked
     kind, video = planner_kind(gpu, info.device), planned_video(cfg, settings)
-    planner = planner_options(video, len(o.loras), info)
+    planner = planner_options(video, len(o.loras), o.quant, info)
     layout = o.layout
     if layout.shard_weights != "none":  # "auto" planned as offload is; refused with what it cannot combine with
         layout = resolve_sharding(layout, cfg, kind, video, offload=o.offload, cfg_mode=layout.cfg_mode, **planner)
         check_shard_options(layout, o.offload, o.quant, o.compile)
     if layout.stages_pending:
-        layout = resolve_stages(layout, cfg, info.world_size)
-    offload = plan_offload(o.offload, cfg, layout, kind, video, planner, o.force)
+        layout = resolve_stages(layout, cfg, info.world_size, video)
+    offload = plan_offload(o.offload, cfg, layout, kind, video, planner, o.force, planned)
     needed = o.experts_needed
     if needed is None and layout.stages is not None:  # each stage reads its own expert
         needed = placement.experts_needed(layout, info.rank, 1, 1)
@@ -224,19 +226,21 @@ def planned_video(cfg: WanConfig, settings: VideoSettings | None) -> VideoSettin
     return settings
 
 
-def planner_options(settings: VideoSettings, loras: int, info) -> dict:
+def planner_options(settings: VideoSettings, loras: int, quant: str, info) -> dict:
     """The planner's options (make_problem's) of a run at `settings`, besides its layout and offload:
     guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged (their
-    merge time and memory) and the host memory the launcher read (info: paradit.launch.DistInfo;
-    offload modes whose pinned copies do not fit it are ruled out)."""
+    merge time and memory), the FP8 mode (offload modes that move experts ruled out) and the host
+    memory the launcher read (info: paradit.launch.DistInfo; offload modes whose pinned copies do not
+    fit it are ruled out)."""
     from paradit.plan.hardware import host_options
-    return dict(guidance=any(g != 1.0 for g in settings.guidance), loras=loras, **host_options(info))
+    return dict(guidance=any(g != 1.0 for g in settings.guidance), loras=loras, quant=quant, **host_options(info))
 
 
 def plan_offload(mode: str, cfg: WanConfig, layout: ParallelConfig, kind: str | None, settings: VideoSettings,
-                 options: dict, force: bool = False) -> str:
+                 options: dict, force: bool = False, planned=None) -> str:
     """The offload mode to build `layout` with: `mode`, or for "auto" the planner's fastest that fits it
-    on GPU kind `kind` at `settings` under `options` (planner_options: guidance, LoRAs, the hosts' memory).
+    on GPU kind `kind` at `settings` under `options` (planner_options: guidance, LoRAs, FP8, the hosts'
+    memory), or the mode of `planned` (the planner's Candidate of this layout, already evaluated).
     A mode whose pinned host copies do not fit the host, given or chosen, is a ParameterError naming
     offload (force: build it anyway). Nothing is planned without a GPU kind (a CPU, whose memory the
     planner does not model) or for a model it has no preset for: "auto" is "none" there."""
@@ -247,13 +251,26 @@ def plan_offload(mode: str, cfg: WanConfig, layout: ParallelConfig, kind: str | 
         return "none" if check_offload(mode) == "auto" else mode
     size = (settings.width, settings.height, settings.frames, settings.steps)
     problem = make_problem(cfg, layout.world_size, kind, *size, offload=mode, cfg_mode=layout.cfg_mode, **options)
-    cand = evaluate(problem, layout)
+    cand = evaluate(problem, layout) if planned is None else check_planned(planned, layout, mode)
     # the planner checks a host only where the GPUs fit; the library builds what they may not fit too
     why = cand.reason if cand.why is Infeasibility.HOST_MEMORY else \
         host_reason(problem, cand, cand.offload) if cand.breakdown is not None else ""
     if why and not force:
         raise ParameterError("offload", mode, why, "force=True builds it anyway")
     return cand.offload if mode == "auto" else mode
+
+
+def check_planned(planned, layout: ParallelConfig, mode: str):
+    """`planned`, a feasible Candidate of the planner for `layout` under offload `mode` (or "auto")."""
+    from paradit.plan.results import Candidate
+    if not isinstance(planned, Candidate) or not planned.feasible:
+        raise ParameterError("planned", planned, "the planner's choice is a feasible paradit.plan Candidate",
+                             "pass paradit.plan.plan(...).choice, or leave it out to plan the offload here")
+    if planned.layout != layout or mode not in ("auto", planned.offload):
+        raise ParameterError("planned", f"{planned.layout.describe()}, offload {planned.offload}",
+                             f"planned for another build than {layout.describe()} with offload {mode}",
+                             "pass the choice of this layout's plan, or leave it out to plan the offload here")
+    return planned
 
 
 def check_attention(attention: str, device) -> None:
@@ -290,17 +307,16 @@ def model_config(name_or_path: str, components=None) -> WanConfig:
     return checkpoint_config(name_or_path, components)
 
 
-def resolve_stages(parallel: ParallelConfig, cfg: WanConfig, world: int) -> ParallelConfig:
-    """experts='split' without stages: the stage sizes from the step split of the preset's
-    schedule (paradit.plan.placement), each stage's sp from the head count."""
+def resolve_stages(parallel: ParallelConfig, cfg: WanConfig, world: int, settings: VideoSettings) -> ParallelConfig:
+    """experts='split' without stages: the stage sizes from the step split of `settings`' steps and
+    shift (the video build_spec plans for; paradit.plan.placement), each stage's sp from the head count."""
     from paradit.schedulers.schedule import high_noise_steps
     if not parallel.stages_pending:
         return parallel
     if cfg.boundary is None:
         raise ParameterError("experts", "split", f"{cfg.name} has one expert; split experts need two (Wan2.2 A14B)")
-    s = VideoSettings.resolve(cfg)
-    high = high_noise_steps(cfg.boundary, s.steps, s.shift)
-    return placement.split_layout(cfg.num_heads, placement.stage_sizes(world, high, s.steps), parallel.cfg)
+    high = high_noise_steps(cfg.boundary, settings.steps, settings.shift)
+    return placement.split_layout(cfg.num_heads, placement.stage_sizes(world, high, settings.steps), parallel.cfg)
 
 
 def build_components(spec: BuildSpec, mesh):

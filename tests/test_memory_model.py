@@ -141,7 +141,7 @@ def test_configurations_measured_to_fit_are_not_refused(gpu, argv, measured):
     flags = parse_args(["--model", "wan2.2-t2v-a14b", "--gpu", gpu, *argv])
     cfg = WanConfig.preset("wan2.2-t2v-a14b")
     info = SimpleNamespace(world_size=1, rank=0)
-    layout = resolve_layout(flags, cfg, info, video_settings(flags, cfg, None))   # refuses what it predicts won't fit
+    layout, _ = resolve_layout(flags, cfg, info, video_settings(flags, cfg, None))   # refuses what it predicts won't fit
     assert layout.world_size == 1
 
 
@@ -227,7 +227,7 @@ def test_the_service_takes_the_cfg_mode():
     cfg, info = WanConfig.preset("tiny"), SimpleNamespace(world_size=1, rank=0)
     for given, expected in (("in-turn", "in-turn"), ("auto", "batched")):
         flags = serve_args(["--model", "tiny", "--cfg-mode", given])
-        assert resolve_layout(flags, cfg, info, video_settings(flags, cfg, None)).cfg_mode == expected
+        assert resolve_layout(flags, cfg, info, video_settings(flags, cfg, None))[0].cfg_mode == expected
 
 
 def test_video_fit_reads_rates_from_runs(tmp_path):

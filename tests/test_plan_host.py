@@ -90,10 +90,10 @@ def test_the_cli_refuses_a_mode_the_host_cannot_pin_and_names_the_fix():
         assert part in text, part
     # the same run on a host with room for it, or with --force, is not refused
     roomy = SimpleNamespace(world_size=8, rank=0, host_gb=600.0, ranks_per_host=8)
-    assert resolve_layout(flags, cfg, roomy, settings).world_size == 8
+    assert resolve_layout(flags, cfg, roomy, settings)[0].world_size == 8
     forced = parse_args(["--model", A14B, "--gpu", "h100", "--size", "1280x720", "--frames", "81",
                          "--ulysses", "8", "--offload", "layers", "--force"])
-    assert resolve_layout(forced, cfg, host, video_settings(forced, cfg, None)).world_size == 8
+    assert resolve_layout(forced, cfg, host, video_settings(forced, cfg, None))[0].world_size == 8
 
 
 def configs_only(root, preset: str) -> str:
@@ -223,3 +223,79 @@ def test_auto_sharding_holds_offload_to_the_host(tmp_path, monkeypatch):
     fake_host(monkeypatch, "l40s", 100.0, world=2)
     held = build_spec(folder, u2, offload="auto")
     assert held.layout.shard_weights == "sp" and held.offload in ("none", "text-encoder")
+
+
+def counting(fn, calls: list):
+    """fn, recording each call's result in `calls`."""
+    return lambda *args, **kw: calls.append(fn(*args, **kw)) or calls[-1]
+
+
+def test_fp8_is_never_planned_with_an_offload_that_moves_experts(tmp_path, monkeypatch):
+    # FP8 weights do not move through the experts' host buffers (residency.runs_with_quant; check_quant
+    # refuses experts, all and layers with it). A14B on one L40S at 832x480x17: in bf16 offload "auto" keeps the
+    # experts in host memory; with quant="fp8" the library plans a mode FP8 runs with, as the CLI does (the
+    # CLI's own memory check refuses it, the bf16 figures not fitting, until --force), never experts
+    from paradit.cli.spec import resolve
+    monkeypatch.setattr("paradit.models.quant.fp8_linears_missing", lambda device: [])   # as on an FP8 GPU
+    folder = configs_only(tmp_path, A14B)
+    info = fake_host(monkeypatch, "l40s", 400.0)
+    small = VideoSettings.resolve(WanConfig.preset(A14B), 832, 480, 17)
+    assert build_spec(folder, offload="auto", settings=small).offload == "experts"
+    fp8 = build_spec(folder, offload="auto", quant="fp8", settings=small)
+    assert fp8.offload == "text-encoder"          # the least memory of the modes that move no expert
+    argv = ["--model", folder, "--size", "832x480", "--frames", "17", "--quant", "fp8"]
+    with pytest.raises(UsageError, match=r"predicted not to fit on l40s \(for bf16 weights: --quant fp8 is not "
+                                         r"modelled.*--force"):
+        resolve(parse_args(argv), info)
+    assert resolve(parse_args(argv + ["--force"]), info).build.offload == fp8.offload
+    for mode in ("experts", "all", "layers"):     # given: refused, on every path, before the build
+        with pytest.raises(ParameterError, match=rf"^quant='fp8': the expert offload \(offload {mode}\) does not"):
+            build_spec(folder, offload=mode, quant="fp8", settings=small)
+    # auto sharding is none with FP8 (FSDP2 gathers the loaded dtype): where bf16 shards, FP8 builds whole
+    fake_host(monkeypatch, "l40s", 100.0, world=2)
+    u2 = ParallelConfig(ulysses=2, shard_weights="auto")
+    assert build_spec(folder, u2, offload="auto").layout.shard_weights == "sp"
+    held = build_spec(folder, u2, offload="auto", quant="fp8")
+    assert held.layout.shard_weights == "none" and held.offload in ("none", "text-encoder")
+
+
+def test_split_stages_without_sizes_follow_the_run_steps(tmp_path, monkeypatch):
+    # experts="split" without stages takes its sizes from the step split of the video build_spec plans for:
+    # A14B over 4 ranks, 40 steps at shift 12 (the model's) run 26 high-noise steps (3 + 1 GPUs); 10 at shift 1,
+    # 2 of them (1 + 3), as generate's --experts split --steps 10 --shift 1 splits them
+    from paradit.cli.spec import resolve
+    folder = configs_only(tmp_path, A14B)
+    info = fake_host(monkeypatch, "h100", 400.0, world=4)
+    split = ParallelConfig(experts="split")
+    assert build_spec(folder, split).layout.stage_sizes == (3, 1)
+    run = VideoSettings.resolve(WanConfig.preset(A14B), 832, 480, 17, steps=10, shift=1.0)
+    library = build_spec(folder, split, settings=run)
+    assert library.layout.stage_sizes == (1, 3) and library.experts_needed == frozenset({0})
+    cli = resolve(parse_args(["--model", folder, "--size", "832x480", "--frames", "17", "--steps", "10", "--shift",
+                              "1", "--experts", "split"]), info)
+    assert cli.layout == library.layout
+
+
+def test_plan_auto_plans_the_offload_with_the_layout(tmp_path, monkeypatch):
+    # --plan auto: the planner's search chooses the layout and its offload mode together (2 x L40S at
+    # 832x480x17: U1 cfg2, experts offloaded); the build takes that choice, with no second evaluation of it
+    # (before: build_spec's plan_offload and the CLI's memory check each evaluated the layout again)
+    import paradit.plan as planner
+    from paradit.cli.spec import resolve
+    folder = configs_only(tmp_path, A14B)
+    info = fake_host(monkeypatch, "l40s", 400.0, world=2)
+    plans, evaluations = [], []
+    monkeypatch.setattr(planner, "plan", counting(planner.plan, plans))
+    monkeypatch.setattr(planner, "evaluate", counting(planner.evaluate, evaluations))
+    spec = resolve(parse_args(["--model", folder, "--plan", "auto", "--size", "832x480", "--frames", "17"]), info)
+    choice = plans[0].choice
+    assert len(plans) == 1 and evaluations == []
+    assert (spec.layout, spec.build.offload) == (choice.layout, choice.offload) and choice.offload == "experts"
+    # the library takes the same choice (planned=), and plans the same without it
+    assert build_spec(folder, choice.layout, settings=spec.settings, offload="auto", planned=choice).offload == "experts"
+    assert build_spec(folder, choice.layout, settings=spec.settings, offload="auto").offload == "experts"
+    assert len(evaluations) == 1
+    with pytest.raises(ParameterError, match=r"^planned=.*planned for another build"):
+        build_spec(folder, ParallelConfig(ulysses=2), settings=spec.settings, offload="auto", planned=choice)
+    with pytest.raises(ParameterError, match=r"^planned=.*planned for another build"):
+        build_spec(folder, choice.layout, settings=spec.settings, offload="none", planned=choice)

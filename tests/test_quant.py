@@ -95,8 +95,10 @@ def fp8_machine(monkeypatch):
 def test_offload_and_ring_are_refused(fp8_machine):
     assert quant.check_quant("none", CPU, "all", ParallelConfig(ring=2)) == ()
     assert quant.check_quant("fp8", CPU, "text-encoder", ParallelConfig(ring=2)) == ("linears",)
-    with pytest.raises(ParameterError, match=r"quant='fp8': the expert offload \(offload experts\)"):
-        quant.check_quant("fp8", CPU, "experts")
+    for mode in ("experts", "all", "layers"):   # each moves experts through host buffers of the loaded dtype
+        with pytest.raises(ParameterError, match=rf"quant='fp8': the expert offload \(offload {mode}\)"):
+            quant.check_quant("fp8", CPU, mode)
+    assert quant.check_quant("fp8", CPU, "auto") == ("linears",)   # build_spec plans auto without them
     with pytest.raises(ParameterError, match=r"quant='fp8-all': Ring attention merges .* log-sum-exp"):
         quant.check_quant("fp8-all", CPU, "none", ParallelConfig(ulysses=2, ring=2))
     split = ParallelConfig(experts="split", stages=((1, 2, 1), (1, 1, 1)))

@@ -43,10 +43,10 @@ def gpu_kind(flags: Flags) -> str | None:
 
 def run_options(flags: Flags, settings, info, offload: str | None = None, cfg_mode: str | None = None) -> dict:
     """The planner's options of this run: offload and CFG mode (the flags' unless given), weight sharding,
-    and what a build plans with (paradit.runspec.planner_options: guidance, the LoRA files merged, the
-    host memory the launcher read, info: paradit.launch.DistInfo)."""
+    and what a build plans with (paradit.runspec.planner_options: guidance, the LoRA files merged, FP8,
+    the host memory the launcher read, info: paradit.launch.DistInfo)."""
     from paradit.runspec import planner_options
-    return planner_options(settings, lora_files(flags), info) | dict(
+    return planner_options(settings, lora_files(flags), flags.quant, info) | dict(
         offload=flags.offload if offload is None else offload, shard_weights=shard_mode(flags),
         cfg_mode=flags.cfg_mode if cfg_mode is None else cfg_mode)
 
@@ -56,8 +56,9 @@ def lora_files(flags: Flags) -> int:
     return sum(len(flags.values.get(f) or ()) for f in ("lora", "lora_high", "lora_low"))
 
 
-def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, options: dict) -> ParallelConfig:
-    """--plan auto / --experts auto: the planner's choice for this world and GPU kind (options: run_options)."""
+def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool, options: dict):
+    """--plan auto / --experts auto: the planner's choice (a paradit.plan Candidate: the layout and its
+    offload mode) for this world and GPU kind (options: run_options)."""
     from paradit.plan import plan
     if kind is None:
         raise UsageError("--plan auto / --experts auto need a GPU kind to plan for: run on a GPU or "
@@ -68,7 +69,7 @@ def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool
                          f"{cfg.name} at {settings.width}x{settings.height}x{settings.frames}:\n{p.explain()}")
     if log_choice:
         log.info("planner: %s", p.explain())
-    return p.choice.layout
+    return p.choice
 
 
 def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
@@ -90,15 +91,19 @@ def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
     return placement.split_layout(cfg.num_heads, sizes, flags.cfg_par)
 
 
-def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelConfig:
-    kind = gpu_kind(flags)
+def resolve_layout(flags: Flags, cfg, info, settings, chords=None):
+    """This run's layout, checked against the world and (without --force) the planner's memory figures,
+    and with --plan auto the planner's Candidate of it (None otherwise, or where --chords changed the
+    plan's layout): its offload mode is planned already (paradit.runspec.build_spec's `planned`)."""
+    kind, planned = gpu_kind(flags), None
     if flags.plan == "auto":
-        layout = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, run_options(flags, settings, info))
+        planned = planned_layout(cfg, info.world_size, settings, kind, info.rank == 0, run_options(flags, settings, info))
+        layout = planned.layout
     elif flags.experts == "split":
         layout = split_layout(flags, cfg, info.world_size, settings)
     elif flags.experts == "auto" and kind is not None:
         chosen = planned_layout(cfg, info.world_size, settings, kind, False, run_options(flags, settings, info))
-        layout = (split_layout(flags, cfg, info.world_size, settings) if chosen.experts == "split"
+        layout = (split_layout(flags, cfg, info.world_size, settings) if chosen.layout.experts == "split"
                   else layout_from_flags(flags, cfg.num_heads))
     else:  # colocated, or auto with no GPU to plan for (CPU): both experts on every rank
         layout = layout_from_flags(flags, cfg.num_heads)
@@ -117,9 +122,11 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None) -> ParallelCo
         layout.validate(info.world_size, cfg.num_heads)
     except ParameterError as err:
         raise with_split_offered(err, flags, cfg, info.world_size, settings, layout) from None
-    if kind is not None and not flags.force:
+    if planned is not None and planned.layout != layout:
+        planned = None
+    if kind is not None and not flags.force and planned is None:   # the plan's choice fits: it is the plan's
         check_memory(cfg, layout, kind, settings, info, flags)
-    return layout
+    return layout, planned
 
 
 def shard_mode(flags: Flags) -> str:
@@ -173,8 +180,10 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, info, flags: 
         hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} --cfg-mode "
                 f"{best.layout.cfg_mode} ({best.mem_gb:.1f} GB per GPU)" if best else "")
         where = kind if cand.why is Infeasibility.OUT_OF_MEMORY else f"this host ({cand.offload})"
+        fp8 = (f" (for bf16 weights: --quant {flags.quant} is not modelled, and runs with --offload none or "
+               f"text-encoder only)" if flags.quant != "none" else "")
         raise UsageError(f"layout {layout.describe()} with --offload {flags.offload} is predicted not to fit on "
-                         f"{where}: {cand.reason}{hint}. Pass --force to run it anyway")
+                         f"{where}{fp8}: {cand.reason}{hint}. Pass --force to run it anyway")
 
 
 def check_layers(flags: Flags, cfg, layout: ParallelConfig, settings) -> None:

@@ -22,7 +22,6 @@ from paradit.cli.flags import (DEFAULT_PROMPT, LAYOUT_FLAGS, Flags, UsageError, 
                                parse_args)
 from paradit.cli.layout import check_layers, experts_needed, log_chords, resolve_layout
 from paradit.config import PRESETS, WanConfig
-from paradit.plan.layout import ParallelConfig
 from paradit.plan.placement import rank_roles
 from paradit.prompts import clean_prompt
 from paradit.runspec import RUNNABLE_PRESETS, RunSpec, build_options, build_spec  # noqa: F401 (RunSpec's home)
@@ -172,23 +171,24 @@ def resolve(flags: Flags, info) -> RunSpec:
     one function from flags to a RunSpec, for generate and the service alike. The build options
     come from their declarations (paradit.runspec.build_options) and go to build_spec as they are,
     with the layout and the experts this rank loads, resolved here, and what build_spec plans
-    --offload auto for: this run's video and --gpu (as the library's offload="auto" is planned)."""
+    --offload auto for: this run's video and --gpu (as the library's offload="auto" is planned), or
+    with --plan auto the plan's choice, whose offload mode is planned with its layout."""
     check_combinations(flags)
     with flag_terms(flags):
         cfg = model_config(flags)
         image = load_image(flags, cfg)
         settings = video_settings(flags, cfg, image)
         chords = chords_settings(flags)
-        layout = resolve_layout(flags, cfg, info, settings, chords)
+        layout, planned = resolve_layout(flags, cfg, info, settings, chords)
         if image is not None and (layout.stages or (chords and cfg.task == "ti2v")):
             raise UsageError("--image is not supported with --experts split, nor with --chords for TI2V-5B, yet")
         needed = experts_needed(cfg, layout, settings, chords, info.rank)
         if chords is not None and not layout.stages:
             log_chords(cfg, settings, chords)
         check_layers(flags, cfg, layout, settings)
-        build = build_spec(parallel=layout, settings=settings, gpu=flags.gpu, experts_needed=needed,
+        build = build_spec(parallel=layout, settings=settings, gpu=flags.gpu, planned=planned, experts_needed=needed,
                            force=flags.force, **build_options(flags.values))
-        _check_quant(flags, info, build.offload, layout)
+        _check_preset_quant(flags)
     return RunSpec(build, settings, chords, flags.negative_prompt, flags.image, image, size_source(flags, image),
                    flags.check_finite, flags.save_latents)
 
@@ -217,15 +217,9 @@ def size_source(flags: Flags, image) -> str:
     return f"{', '.join(given) + '; ' if given else ''}the model's default; --size WxH and --frames N change it"
 
 
-def _check_quant(flags: Flags, info, offload: str, layout: ParallelConfig) -> None:
-    if flags.quant == "none":
-        return
-    if flags.offload == "auto" and offload in ("experts", "all"):
-        raise UsageError(f"--quant {flags.quant}: --offload auto chose {offload}, and the expert offload does not "
-                         f"move FP8 weights; give --offload none or --offload text-encoder")
-    from paradit.models.quant import check_quant
-    parts = check_quant(flags.quant, info.device, offload, layout)   # the machine first: its error is the one to fix
-    if flags.model in RUNNABLE_PRESETS and parts:
+def _check_preset_quant(flags: Flags) -> None:
+    """FP8 on a preset (after build_spec: the machine's refusal, and the offload's, are the ones to fix)."""
+    if flags.model in RUNNABLE_PRESETS and flags.quant != "none":
         raise UsageError(f"--quant {flags.quant}: the {flags.model} preset runs in fp32, and FP8 takes "
                          f"bf16 models (the Wan checkpoints); bench/quant.py measures FP8 on the demo model "
                          f"cast to bf16")

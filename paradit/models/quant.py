@@ -34,6 +34,7 @@ from torch import nn
 
 from paradit.errors import ParameterError
 from paradit.models.attention import AttentionFn
+from paradit.residency import runs_with_quant
 from paradit.settings import quant_parts
 
 log = logging.getLogger("paradit")
@@ -210,7 +211,7 @@ def check_quant(mode: str, device, offload: str = "none", parallel=None) -> tupl
         missing += [m for m in fp8_attention_missing(device) if m not in missing]
     if missing:
         raise _cannot_run(mode, missing)
-    if parts and offload in ("experts", "all"):
+    if not runs_with_quant(offload, mode):
         raise ParameterError("quant", mode, f"the expert offload (offload {offload}) does not move FP8 weights",
                              "offload none or text-encoder with FP8")
     if "attention" in parts and _ring_degree(parallel) > 1:

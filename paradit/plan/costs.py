@@ -44,9 +44,9 @@ Host-link copies per request (offload), over the GPU's host link (PCIe) at its e
                   each streams the expert block by block behind compute, so a switch waits for
                   the embeddings and one block, plus whatever of the copy one step cannot hide:
                   (embed + block) / bw + max(0, expert / bw - step)
-`offload="auto"` evaluates every mode for each layout and keeps the fastest one that fits; so does
-`cfg_mode="auto"` for CFG batched or in turn (guided, on a group with cfg=1). Fastest is by the
-request's time to video (start-up, encode, denoise, decode, write: paradit.plan.video).
+`offload="auto"` evaluates every mode for each layout (with FP8 or sharded weights, those that move no
+expert) and keeps the fastest that fits; so does `cfg_mode="auto"` for CFG batched or in turn (guided, on a
+group with cfg=1). Fastest is by the request's time to video (start-up, encode, denoise, decode, write).
 
 Efficiency factors come from calibration.json (uncalibrated defaults until bench/ measures them).
 """
@@ -62,11 +62,12 @@ from paradit.plan.layout import CFG_MODES, ParallelConfig, Stage, auto_sp
 from paradit.plan.memory import cfg_batch, host_reason, memory_limit, oom_reason, rank_memory
 from paradit.plan.model import forward_flops
 from paradit.plan.placement import chords_experts, chords_init, chords_rounds
-from paradit.plan.sharding import best_sharding, gather_exposed_s, group_size, layers_exposed_s, refusal, shard_note
+from paradit.plan.sharding import (best_sharding, gather_exposed_s, group_size, layers_exposed_s, offload_refusal,
+                                   refusal, shard_note)
 from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, RequestParts,
                                   SplitBreakdown, StepCost)
 from paradit.plan.video import host_copy_s, offload_note, video_time
-from paradit.residency import check_offload, moves_experts, streams_layers
+from paradit.residency import check_offload, streams_layers
 from paradit.schedulers.schedule import high_noise_steps
 
 
@@ -89,6 +90,7 @@ class Problem:
     loras: int = 0                        # LoRA files merged at load (start-up time, the merge's workspace)
     host_gb: float | None = None          # host memory available on each host (None: unknown, not checked)
     ranks_per_host: int | None = None     # ranks sharing one host's memory (None: a node's GPUs)
+    quant: str = "none"                   # FP8 (settings.QUANT_MODES): not modelled; no expert moves with it
 
     @property
     def tokens(self) -> int:
@@ -256,11 +258,9 @@ def evaluate(p: Problem, layout: ParallelConfig, offload: str | None = None) -> 
         return best_sharding(p, layout, lambda q, lay: evaluate(q, lay, mode))
     if why := refusal(layout):
         return _infeasible(layout, Infeasibility.SHARD_GROUP, why)
-    if layout.shard_weights != "none" and moves_experts(mode):
-        return _infeasible(layout, Infeasibility.SHARDED_OFFLOAD, "expert offload moves whole experts; "
-                           "sharded weights are split over the group already")
-    modes = [m for m in (OFFLOAD_ORDER if mode == "auto" else (mode,))
-             if layout.shard_weights == "none" or not moves_experts(m)]
+    if refused := offload_refusal(p, layout, mode):
+        return _infeasible(layout, *refused)
+    modes = [m for m in (OFFLOAD_ORDER if mode == "auto" else (mode,)) if not offload_refusal(p, layout, m)]
     tried = [_evaluate_one(p, dataclasses.replace(layout, cfg_mode=c), m) for c in cfg_modes(p, layout) for m in modes]
     fits = [c for c in tried if c.feasible]
     if fits:

@@ -28,6 +28,7 @@ class Infeasibility(enum.Enum):
     HOST_MEMORY = "host memory"                                # the offload mode's pinned copies
     SHARD_GROUP = "no group to shard the weights over"          # a group of one; CHORDS' request group
     SHARDED_OFFLOAD = "expert offload with sharded weights"    # whole experts cannot move when split
+    FP8_OFFLOAD = "expert offload with FP8"                    # FP8 weights do not move (residency.runs_with_quant)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from paradit.plan.memory import memory_limit, ranks_per_host
 from paradit.plan.ranking import rank
 from paradit.plan.results import Candidate
 from paradit.residency import check_offload
-from paradit.settings import MAX_STEPS, check_frames, check_int, check_number, check_size
+from paradit.settings import MAX_STEPS, check_frames, check_int, check_number, check_size, quant_parts
 
 
 def _divisors(n: int) -> list[int]:
@@ -111,10 +111,12 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
                  steps: int | None = None, calibration: Calibration | str | None = None,
                  offload: str = "auto", guidance: bool = True,
                  allow_ring: bool = True, shard_weights: str = "auto", cfg_mode: str = "auto",
-                 loras: int = 0, host_gb: float | None = None, ranks_per_host: int | None = None) -> Problem:
+                 loras: int = 0, host_gb: float | None = None, ranks_per_host: int | None = None,
+                 quant: str = "none") -> Problem:
     """A Problem from names and defaults (the model's size, frames and steps when None). host_gb: the
     host memory each host has available (None: not checked); ranks_per_host: the ranks sharing it (None:
-    one node's GPUs, gpu.gpus_per_node)."""
+    one node's GPUs, gpu.gpus_per_node). quant: the run's FP8 mode (paradit.settings.QUANT_MODES), not
+    modelled, but with it no offload mode moves an expert and no weights are sharded."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
     spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
     check_int("gpus", gpus, 1, MAX_GPUS)
@@ -125,12 +127,14 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     steps = check_int("steps", pick(steps, m.steps), 1, MAX_STEPS)
     if cfg_mode not in ("auto", *CFG_MODES):
         raise ParameterError("cfg_mode", cfg_mode, f"choose one of auto, {', '.join(CFG_MODES)}")
+    quant_parts(quant)   # a mode it knows
     return Problem(m, gpus, spec, width, height, frames, steps, cal.for_gpu(spec.name), bool(guidance),
                    check_offload(offload), allow_ring, shard_weights=check_shard_mode(shard_weights),
                    cfg_mode=cfg_mode, loras=check_int("loras", loras, 0, 1000),
                    host_gb=None if host_gb is None else check_number("host_gb", host_gb, 0.0, 1e9, low_open=True),
                    ranks_per_host=None if ranks_per_host is None else check_int("ranks_per_host", ranks_per_host, 1,
-                                                                                 MAX_GPUS))
+                                                                                 MAX_GPUS),
+                   quant=quant)
 
 
 def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
@@ -147,7 +151,8 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     layout), cfg_mode ("batched", "in-turn" or "auto", the fastest that fits), guidance (False:
     guidance 1, no uncond forward), loras (LoRA files merged), allow_ring (see Problem), host_gb and
     ranks_per_host (the host memory each host has available and the ranks sharing it: offload modes whose
-    pinned copies do not fit are ruled out; paradit.plan.memory).
+    pinned copies do not fit are ruled out; paradit.plan.memory), quant (the run's FP8 mode: not modelled,
+    but offload modes that move experts and sharded weights, which FP8 does not run with, are ruled out).
     """
     if objective not in ("latency", "throughput"):
         raise ParameterError("objective", objective, "choose 'latency' or 'throughput'")

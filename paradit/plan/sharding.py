@@ -22,7 +22,8 @@ overlap is the calibration's ring_overlap (NCCL's copies contend with the comput
 as the ring's sends do). A step is one forward per rank (batched CFG, or CFG-parallel groups
 each gathering for their own forward), so each step pays one forward's exposed gathers.
 
-The choice (auto): among the modes a layout allows that fit, the fastest of those that leave
+The choice (auto): none with FP8 (quant; FSDP2 gathers the loaded dtype: check_shard_options); else among
+the modes a layout allows that fit, the fastest of those that leave
 HEADROOM of the allocator's memory spare and cost at most SLACK more time than the fastest mode
 that fits; else that fastest mode; else (nothing fits) the one needing least memory. The memory
 model is an estimate fitted to a few runs, and a longer prompt, a fragmented allocator after an
@@ -40,7 +41,8 @@ from paradit.errors import ParameterError
 from paradit.plan.hardware import GB
 from paradit.plan.layout import ParallelConfig, Stage
 from paradit.plan.model import param_parts
-from paradit.residency import moves_experts
+from paradit.plan.results import Infeasibility
+from paradit.residency import moves_experts, runs_with_quant
 
 PREFETCH = 1            # blocks gathered ahead (paradit.parallel.sharding.PREFETCH)
 LEAD = 2                # blocks copied ahead with offload="layers" (paradit.streaming.LEAD)
@@ -108,10 +110,22 @@ def allowed(layout: ParallelConfig) -> list[str]:
     return [mode for mode in MODES if not refusal(dataclasses.replace(layout, shard_weights=mode))]
 
 
+def offload_refusal(p, layout: ParallelConfig, mode: str) -> tuple[Infeasibility, str] | None:
+    """Why offload `mode` cannot run with `layout` in problem `p`, in kind and in words (None where it can):
+    a mode that moves experts, with sharded weights or with FP8 (paradit.residency.runs_with_quant)."""
+    if layout.shard_weights != "none" and moves_experts(mode):
+        return (Infeasibility.SHARDED_OFFLOAD, "expert offload moves whole experts; sharded weights are split "
+                                               "over the group already")
+    if not runs_with_quant(mode, p.quant):
+        return Infeasibility.FP8_OFFLOAD, f"offload {mode} moves experts; FP8 weights (quant {p.quant}) do not move"
+    return None
+
+
 def best_sharding(p, layout: ParallelConfig, evaluate):
     """The candidate of the best sharding mode of `layout` (module docstring); evaluate(p, layout)
     is the cost model's."""
-    tried = [evaluate(p, dataclasses.replace(layout, shard_weights=mode)) for mode in allowed(layout)]
+    modes = allowed(layout) if p.quant == "none" else ["none"]
+    tried = [evaluate(p, dataclasses.replace(layout, shard_weights=mode)) for mode in modes]
     fits = [c for c in tried if c.feasible]
     if not fits:
         return min(tried, key=lambda c: c.mem_gb if math.isfinite(c.mem_gb) else math.inf)

@@ -137,7 +137,7 @@ def run(flags, info, parts: Parts) -> None:
     from paradit.pipeline import Pipeline
     from paradit.serve.engine import Channel, Worker
     pipe = Pipeline.from_spec(spec.build)
-    if spec.build.compile:   # the graphs of the model's default video, before the service says ready
+    if spec.build.compile:   # the graphs of the server's default request (spec.settings), before it says ready
         pipe.warmup(**spec.settings.__dict__)
     pipe.check_finite = spec.check_finite
     channel = Channel()
