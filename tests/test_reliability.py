@@ -268,6 +268,7 @@ BAD_LIBRARY = [
     (lambda: plan("tiny", 2, GPUS["h100"].replace(matmul_tflops=0.0)), r"matmul_tflops=0.0"),
     (lambda: plan("tiny", 2, GPUS["h100"].replace(nvlink_gbps=float("nan"))), r"nvlink_gbps=nan"),
     (lambda: plan("tiny", 2, objective="speed"), r"objective='speed'"),
+    (lambda: plan("tiny", 2, quant="fp4"), r"^quant='fp4': choose one of none, fp8, "),
     (lambda: load_calibration("/missing.json"), r"calibration='/missing.json': no such file"),
     (lambda: Pipeline.from_pretrained("tiny", device="cpu", quant="fp8"),
      r"^quant='fp8': FP8 cannot run on this machine; it needs an NVIDIA GPU of compute capability 8.9"),
