@@ -61,6 +61,15 @@ def check_number(param: str, value, low: float, high: float, low_open: bool = Fa
     return float(value)
 
 
+def check_guidance(guidance) -> tuple[float, float]:
+    """One guidance scale, or two (high-noise, low-noise expert) -> the pair, each finite in [0, MAX_GUIDANCE]."""
+    if isinstance(guidance, (int, float)):
+        guidance = (guidance, guidance)
+    if not isinstance(guidance, (tuple, list)) or len(guidance) != 2:
+        raise ParameterError("guidance", guidance, "give one scale, or two (high-noise, low-noise)")
+    return tuple(check_number("guidance", g, 0.0, MAX_GUIDANCE) for g in guidance)
+
+
 def check_int(param: str, value, low: int, high: int) -> int:
     if not is_int(value) or not low <= value <= high:
         raise ParameterError(param, value, f"must be an integer from {low} to {high}")
@@ -119,12 +128,7 @@ class VideoSettings:
         frames = check_frames(cfg, pick(frames, cfg.frames))
         steps = check_int("steps", pick(steps, cfg.steps), 1, MAX_STEPS)
         shift = check_number("shift", pick(shift, cfg.shift), MIN_SHIFT, MAX_SHIFT)
-        guidance = pick(guidance, cfg.guidance)
-        if isinstance(guidance, (int, float)):
-            guidance = (guidance, guidance)
-        if not isinstance(guidance, (tuple, list)) or len(guidance) != 2:
-            raise ParameterError("guidance", guidance, "give one scale, or two (high-noise, low-noise)")
-        guidance = tuple(check_number("guidance", g, 0.0, MAX_GUIDANCE) for g in guidance)
+        guidance = check_guidance(pick(guidance, cfg.guidance))
         seed = check_int("seed", seed, 0, MAX_SEED)
         if sampler not in SAMPLER_NAMES:
             raise ParameterError("sampler", sampler, f"choose one of {', '.join(SAMPLER_NAMES)}")

@@ -307,6 +307,9 @@ BAD_PLAN = [
     (["--gpus", "0"], r"--gpus 0"),
     (["--gpus", "8", "--top", "0"], r"--top 0"),
     (["--gpus", "8", "--max-chords", "0"], r"--max-chords 0"),
+    (["--gpus", "8", "--guidance", "nan"], r"--guidance nan: must be a finite number in \[0, 100\]"),  # was planned
+    (["--gpus", "8", "--guidance", "4,-inf"], r"--guidance 4,-inf: must be a finite number"),           # as guided
+    (["--gpus", "8", "--guidance", "1e9"], r"--guidance 1e9: must be in \[0, 100\]"),
     ([], r"--gpus N is required"),
 ]
 

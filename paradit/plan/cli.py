@@ -23,6 +23,7 @@ from paradit.plan import GPUS, MAX_GPUS, Plan, load_calibration, plan
 from paradit.plan.hardware import available_host_gb
 from paradit.plan.layout import SHARD_MODES
 from paradit.residency import OFFLOAD_MODES
+from paradit.settings import check_guidance
 
 FLAGS = (
     Flag("--model", str, "wan2.2-t2v-a14b", "the architecture", "wan2.2-t2v-a14b", choices=tuple(WanConfig.names())),
@@ -106,8 +107,7 @@ def make_plan(args: Flags) -> Plan:
         if overrides:
             gpu = gpu.replace(**overrides)
         width, height = args.size or (None, None)
-        scales = args.guidance if isinstance(args.guidance, tuple) else (args.guidance,)
-        guided = args.guidance is None or any(g != 1.0 for g in scales)
+        guided = args.guidance is None or any(g != 1.0 for g in check_guidance(args.guidance))
         return plan(args.model, args.gpus, gpu, width, height, args.frames, args.steps,
                     args.objective, load_calibration(args.calibration), args.max_chords,
                     offload=args.offload, allow_ring=not args.no_ring, shard_weights=args.shard_weights,
