@@ -39,6 +39,7 @@ from paradit.parallel.stages import HandoffSignal
 from paradit.plan.layout import ParallelConfig
 from paradit.residency import offloads_experts, offloads_text_encoder, streams_layers
 from paradit.runspec import BuildSpec, build_components, build_spec
+from paradit.prompts import check_prompt
 from paradit.settings import ChordsSettings, VideoSettings
 
 log = logging.getLogger("paradit")
@@ -210,7 +211,7 @@ class Pipeline:
         Every rank of the request group passes the same request: checked first, refused otherwise."""
         check_same_request(request_fields(prompt, negative_prompt, s, image, chords), self.request_group,
                            self.mesh.device)
-        self.check_request(s, image, chords)
+        self.check_request(prompt, negative_prompt, s, image, chords)
         if self.mesh.split is not None:
             done = []
             self.stream([(prompt, negative_prompt, s)], lambda i, latent, _: done.append(latent), progress)
@@ -250,7 +251,7 @@ class Pipeline:
 
         def requests():
             for prompt, negative, s, *image in prompts:
-                self.check_request(s, image[0] if image else None, chords)
+                self.check_request(prompt, negative, s, image[0] if image else None, chords)
                 yield self.request(prompt, negative, s) if self.mesh.coords["stage"] == 0 else self.new_request(s)
 
         def finished(i, req, latent, seconds):
@@ -259,8 +260,11 @@ class Pipeline:
                 on_done(i, latent, seconds)
         return run_split(self.denoiser, requests(), self.handoff, finished, progress)
 
-    def check_request(self, s: VideoSettings, image, chords) -> None:
+    def check_request(self, prompt, negative_prompt, s: VideoSettings, image, chords) -> None:
         """What this pipeline cannot run, refused before any work (the same on every rank)."""
+        check_prompt("prompt", prompt)
+        if negative_prompt is not None:
+            check_prompt("negative_prompt", negative_prompt, empty_ok=True)
         if self.mesh.split is not None and (image is not None or chords is not None):
             raise ParameterError("image" if image is not None else "chords", "given", "split experts run "
                                  "text-to-video requests with the sequential sampler only, for now",

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from paradit.config import WanConfig
+from paradit.errors import ParameterError
 from paradit.models.loading import CheckpointError
 from paradit.models.transformer import patchify, token_grid
 from paradit.parallel.collectives import cfg_combine
@@ -88,6 +89,22 @@ A14B, TI2V = WanConfig.preset("wan2.2-t2v-a14b"), WanConfig.preset("wan2.2-ti2v-
 def test_bad_video_settings(cfg, kw, message):
     with pytest.raises(ValueError, match=message):
         VideoSettings.resolve(cfg, **kw)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(prompt=None), r"^prompt=None: must be text \(a str\)"),              # was TypeError: NoneType ... iterable
+    (dict(prompt=["a red circle"]), r"^prompt=\['a red circle'\]: must be text"),  # was TypeError: unhashable
+    (dict(prompt=b"a red circle"), r"^prompt=b'a red circle': must be text"),
+    (dict(prompt="  &nbsp; "), r"^prompt='  &nbsp; ': empty after removing whitespace; describe the video"),  # ran
+    (dict(prompt="a red \udce9 circle"), r"^prompt='a red \\udce9 circle': not valid UTF-8 \(a lone surrogate "
+                                          r"at position 6\)"),            # was TypeError: TextEncodeInput must be ...
+    (dict(prompt="a red circle", negative_prompt=3), r"^negative_prompt=3: must be text"),
+])
+def test_bad_prompts_are_named(pipe, kw, message):
+    """The CLI and the service refused these with the field named; the library raised the tokenizer's
+    TypeError, or generated from a blank prompt."""
+    with pytest.raises(ParameterError, match=message):
+        pipe(**kw, steps=1, output="latent", progress=False)
 
 
 def test_preset_defaults():
