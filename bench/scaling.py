@@ -236,7 +236,7 @@ def print_report(records: list[dict], probe: dict, cfg: WanConfig, full_cfg: Wan
             print(f"compiled: {p['label']} {p['measure']}: first call {p['first_call_s']:.3g} s (graph build), "
                   f"then {p['step_s']['headline']:.3g} s per step")
     print(f"fit: compute x{fit['compute_scale']:.3g} ({fit['compute_points']} points), comm x{fit['comm_scale']:.3g} "
-          f"({fit['comm_points']} points)")
+          f"({fit['comm_points']} points)" + (f"; capped at 1: {', '.join(fit['capped'])}" if fit["capped"] else ""))
     for n in a["drift"]:
         print("WARNING:", n)
 

@@ -81,6 +81,9 @@ def fit_calibration(points: list[dict], base: pl.Calibration, fit_world_max: int
                predicted transfer time by r (latency and bandwidth cannot be told apart this way).
     Points with world > fit_world_max (oversubscribed CPU cores) are left out, and so are compiled
     points (+compile): the planner models eager runs, as the CLI makes them without --compile.
+    An efficiency scaled above 1 (steps faster than the spec's rate allows: on a busy machine the
+    probe may have run slower than the steps) is capped at 1, a fraction of the rate, and named in
+    `capped`.
     """
     s_list, r_list = [], []
     for pt in points:
@@ -97,8 +100,10 @@ def fit_calibration(points: list[dict], base: pl.Calibration, fit_world_max: int
     factors = dict(matmul_efficiency=base.matmul_efficiency * s, attention_efficiency=base.attention_efficiency * s,
                    elementwise_efficiency=base.elementwise_efficiency * s,
                    comm_efficiency=base.comm_efficiency / r, collective_latency_us=base.collective_latency_us * r)
+    capped = [k for k, v in factors.items() if k.endswith("_efficiency") and v > 1.0]
+    factors |= dict.fromkeys(capped, 1.0)     # Calibration refuses a fraction above 1
     return dict(compute_scale=s, comm_scale=r, compute_points=len(s_list), comm_points=len(r_list),
-                factors=factors)
+                factors=factors, capped=capped)
 
 
 def write_calibration(path: str, spec_name: str, fit: dict, base_path: str | None, note: str,
