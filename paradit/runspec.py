@@ -20,6 +20,7 @@ spec.<name>). tests/test_runspec.py declares one at run time and finds it at eve
 """
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 from paradit.config import PRESETS, WanConfig
@@ -51,6 +52,18 @@ def _lora_flags(every, high, low) -> tuple:
     """--lora, --lora-high, --lora-low (PATH[:SCALE], each repeatable) -> LoraSpec entries."""
     from paradit.models.lora import lora_specs
     return tuple(lora_specs(every, high, low))
+
+
+def _check_loras(value) -> None:
+    if not isinstance(value, (list, tuple)):   # a str would be read as one LoRA per character
+        raise ParameterError("loras", value, "give a list of LoraSpec(path, scale, target)",
+                             "e.g. loras=[LoraSpec('style.safetensors', 0.8)] (paradit.models.lora)")
+
+
+def _check_dtype(value) -> None:
+    import torch
+    if value is not None and not isinstance(value, torch.dtype):
+        raise ParameterError("dtype", value, "give a torch.dtype (e.g. torch.bfloat16), or None for the default")
 
 
 def _lora_flag(target: str, help: str) -> dict:
@@ -86,7 +99,7 @@ class BuildSpec:
                           "repeatable"),
         _lora_flag("high", "a LoRA for the high-noise expert of a Wan2.2 A14B model only; repeatable"),
         _lora_flag("low", "a LoRA for the low-noise expert of a Wan2.2 A14B model only; repeatable")),
-        value=_lora_flags)
+        value=_lora_flags, check=_check_loras)
     # paradit.residency mode ("auto" resolved by build_spec: plan_offload, for the video and GPU kind it plans for)
     offload: str = option("none", dict(parse=str, default="auto", choices=OFFLOAD_MODES, shown=(
         "auto; none on a CPU"), help=(
@@ -99,7 +112,7 @@ class BuildSpec:
     compile: bool = option(False, dict(parse=None, help=(   # regional torch.compile of the blocks
         "torch.compile each transformer block, then warm up one step per expert before the timed run")))
     seed: int = 0                           # the tiny preset's weight seed
-    dtype: object = None                    # None: bf16 on a GPU, fp32 on a CPU (checkpoints); fp32 presets
+    dtype: object = option(None, check=_check_dtype)   # None: bf16 on a GPU, fp32 on a CPU (checkpoints); fp32 presets
     read_once: bool | None = None           # checkpoints: a node's ranks read an expert's files once
     force: bool = False                     # build an offload mode the planner finds no room for (--force)
 
@@ -176,6 +189,12 @@ def build_spec(model: str, parallel: ParallelConfig | None = None, settings: Vid
     from paradit.models.quant import check_quant
     from paradit.plan.search import resolve_sharding
     from paradit.plan.sharding import check_shard_options
+    if not isinstance(model, (str, os.PathLike)) or not str(model):
+        raise ParameterError("model", model, f"give a preset name ({', '.join(RUNNABLE_PRESETS)}) or a checkpoint "
+                                             f"folder")
+    if parallel is not None and not isinstance(parallel, ParallelConfig):
+        raise ParameterError("parallel", parallel, "give a ParallelConfig", "e.g. parallel=ParallelConfig(ulysses=2) "
+                                                   "(paradit.plan)")
     o = BuildSpec(model, None, parallel or ParallelConfig(), **check_options(options))
     info = init_distributed(o.device)
     check_quant(o.quant, info.device, o.offload, parallel)

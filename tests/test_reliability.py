@@ -273,6 +273,14 @@ BAD_LIBRARY = [
     (lambda: Pipeline.from_pretrained("tiny", device="cpu", quant="fp8"),
      r"^quant='fp8': FP8 cannot run on this machine; it needs an NVIDIA GPU of compute capability 8.9"),
     (lambda: Pipeline.from_pretrained("tiny", quant="int8"), r"^quant='int8': choose one of none, fp8, "),
+    # types a caller can get wrong: each was a TypeError or AttributeError from deep inside, or 13 errors
+    (lambda: Pipeline.from_pretrained("tiny", loras="x.safetensors"), r"^loras='x.safetensors': give a list of "
+     r"LoraSpec\(path, scale, target\)"),
+    (lambda: Pipeline.from_pretrained("tiny", parallel={"ulysses": 2}), r"^parallel=\{'ulysses': 2\}: give a "
+     r"ParallelConfig"),
+    (lambda: Pipeline.from_pretrained(None), r"^model=None: give a preset name \(tiny, demo, demo64\) or a checkpoint"),
+    (lambda: Pipeline.from_pretrained(""), r"^model='': give a preset name"),      # was the current folder
+    (lambda: Pipeline.from_pretrained("tiny", dtype="float16"), r"^dtype='float16': give a torch.dtype"),
 ]
 
 
