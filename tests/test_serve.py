@@ -393,6 +393,17 @@ def test_one_service_per_state_dir(tmp_path):
     lock_state_dir(tmp_path).close()  # free again once the holder is gone
 
 
+def test_a_state_dir_that_cannot_be_a_folder_is_named(tmp_path):
+    """A file given as --state-dir ended the service with 'FileExistsError: [Errno 17] File exists', exit 1."""
+    from paradit.serve.cli import lock_state_dir
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"^--state-dir .*afile: it is a file; name a folder the service may write"):
+        lock_state_dir(tmp_path / "afile")
+    with pytest.raises(ValueError, match=r"^--state-dir .*afile/sub: cannot create it \(Not a directory\)"):
+        lock_state_dir(tmp_path / "afile" / "sub")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_a_taken_port_stops_the_cli_with_the_reason(tmp_path):
     """The CLI's error path, as a user meets it: exit 2, the reason on stderr, before any model loads."""
     import subprocess

@@ -95,8 +95,13 @@ def is_loopback(host: str) -> bool:
 
 def lock_state_dir(state_dir: Path):
     """One service per state directory: an exclusive lock, released by the OS however we exit."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    f = open(state_dir / "lock", "a+")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        f = open(state_dir / "lock", "a+")
+    except OSError as err:   # a file in its place, a parent that is one, a place nothing can be created
+        why = "it is a file" if state_dir.is_file() else f"cannot create it ({err.strerror})"
+        raise ValueError(f"--state-dir {state_dir}: {why}; name a folder the service may write (made if "
+                         f"missing)") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
