@@ -45,10 +45,12 @@ def check_task(cfg: WanConfig, image) -> None:
     """An image for a text-only model, or none for I2V, is a user error that names the evidence."""
     evidence = cfg.extra.get("evidence", f"preset {cfg.name}")
     if image is not None and cfg.task == "t2v":
-        raise ValueError(f"--image was given, but {cfg.name} is a text-to-video model ({evidence}); image "
-                         f"conditioning needs an I2V-A14B checkpoint (in_channels 36) or TI2V-5B (in_channels 48)")
+        raise ParameterError("image", str(image) if isinstance(image, (str, Path)) else "a PIL image",
+                             f"{cfg.name} is a text-to-video model ({evidence}); image conditioning needs an "
+                             f"I2V-A14B checkpoint (in_channels 36) or TI2V-5B (in_channels 48)", "leave it out")
     if image is None and cfg.task == "i2v":
-        raise ValueError(f"{cfg.name} is an image-to-video model ({evidence}): give the first frame with --image")
+        raise ParameterError("image", None, f"{cfg.name} is an image-to-video model ({evidence})",
+                             "give the first frame")
 
 
 def load_image(path):
@@ -61,7 +63,8 @@ def load_image(path):
         return path.convert("RGB")
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--image {path}: no such file")
+        raise ParameterError("image", str(path), "a folder" if path.is_dir() else "no such file",
+                             "name an image file" if path.is_dir() else "")
     try:
         with warnings.catch_warnings():  # PIL's warning for a large image: check_image_size refuses it in words
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -72,7 +75,8 @@ def load_image(path):
     except Image.DecompressionBombError as err:  # PIL's own guard, in formats whose size shows late
         raise ParameterError("image", str(path), f"refused by PIL as a decompression bomb ({err})") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"--image {path}: not a readable image ({err})") from None
+        raise ParameterError("image", str(path), f"not a readable image ({err})",
+                             "give a PNG, JPEG or WebP file") from None
 
 
 def check_image_size(width: int, height: int) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from paradit import conditioning
 from paradit import outputs as out_mod
 from paradit.cli.flags import flag_terms
 from paradit.cli.spec import parse_args, resolve, resolve_batch
@@ -153,7 +154,7 @@ BAD_CLI = [
     (["--prompts-file", "{files}/missing.txt"], r"no such file", 2, "all"),
     (["--prompts-file", "{files}/empty.txt"], r"has no prompts", 2, "all"),
     (["--prompts-file", "{files}/binary.txt"], r"--prompts-file .*binary.txt: not UTF-8 text \(byte 0xff", 2, "all"),
-    (["--image", "{files}/image.txt"], r"--image was given, but tiny is a text-to-video model", 2, "all"),
+    (["--image", "{files}/image.txt"], r"--image .*image.txt: tiny is a text-to-video model", 2, "all"),
     # the machine
     (["--device", "bogus"], r"--device bogus: choose auto, cpu, cuda or cuda:N", 2, "all"),
     (["--device", "meta"], r"--device meta: choose auto, cpu, cuda or cuda:N", 2, "all"),
@@ -281,6 +282,14 @@ BAD_LIBRARY = [
     (lambda: Pipeline.from_pretrained(None), r"^model=None: give a preset name \(tiny, demo, demo64\) or a checkpoint"),
     (lambda: Pipeline.from_pretrained(""), r"^model='': give a preset name"),      # was the current folder
     (lambda: Pipeline.from_pretrained("tiny", dtype="float16"), r"^dtype='float16': give a torch.dtype"),
+    # the first frame, in the library's words (they said "--image was given", "--image PATH: no such file")
+    (lambda: conditioning.check_task(TINY, "x.png"), r"^image='x.png': tiny is a text-to-video model \(preset "
+     r"tiny\); image conditioning needs an I2V-A14B checkpoint .*; leave it out$"),
+    (lambda: conditioning.check_task(WanConfig.preset("wan2.2-i2v-a14b"), None), r"^image=None: wan2.2-i2v-a14b is "
+     r"an image-to-video model \(preset wan2.2-i2v-a14b\); give the first frame$"),
+    (lambda: conditioning.load_image("/no/such.png"), r"^image='/no/such.png': no such file$"),
+    (lambda: conditioning.load_image("/tmp"), r"^image='/tmp': a folder; name an image file$"),
+    (lambda: conditioning.load_image(__file__), r"^image='.*test_reliability.py': not a readable image \("),
 ]
 
 

@@ -335,6 +335,8 @@ def in_flag_terms(err: ParameterError, flags: Flags, param_flags: dict | None = 
         flag = param_flags.get(param)
         if flag is None:
             return f"{param}={value!r}"
+        if not flags.given(flag) and value is None:   # a flag that is missing: "--image: ..."
+            return flag
         return f"{flag} {flags.typed.get(flag, value)}"
     return err.render(name, flag_alternative)
 
