@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from paradit.config import WanConfig
+from paradit.errors import ParameterError
 from paradit.events import phase, timed
 from paradit.models.loading import (CheckpointError, TensorIndex, config_from_checkpoint, index_checkpoint,
                                     load_transformer, to_diffusers_name)
@@ -84,8 +85,8 @@ class Checkpoint:
 def locate(path: str | Path, components: str | Path | None = None) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"--model {path}: not a preset name and not a checkpoint folder "
-                              f"(presets: {', '.join(WanConfig.names())})")
+        raise ParameterError("model", str(path), f"not a preset name and not a checkpoint folder (presets: "
+                             f"{', '.join(WanConfig.names())})")
     layout, experts = None, []
     for name, (high, low) in EXPERT_DIRS.items():
         if (path / high).is_dir():
@@ -94,8 +95,8 @@ def locate(path: str | Path, components: str | Path | None = None) -> Checkpoint
     if layout is None and (path / "config.json").exists() and any(path.glob("*.safetensors*")):
         layout, experts = "transformer", [path]
     if layout is None:
-        raise CheckpointError(f"{path} is not a Wan checkpoint: expected model_index.json with transformer/ "
-                              f"(and transformer_2/), or high_noise_model/ and low_noise_model/")
+        raise ParameterError("model", str(path), "not a Wan checkpoint: expected model_index.json with transformer/ "
+                             "(and transformer_2/), or high_noise_model/ and low_noise_model/")
     index = _read_json(path / "model_index.json")
     if layout == "diffusers" and (index.get("transformer_2") or [None])[0] and len(experts) == 1:
         raise CheckpointError(f"{path / 'model_index.json'} lists transformer_2 (the low-noise expert), but "

@@ -116,9 +116,9 @@ def test_preset_defaults():
 def test_unknown_preset_and_non_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="unknown model preset"):
         WanConfig.preset("wan9")
-    with pytest.raises(CheckpointError, match="not a preset name and not a checkpoint"):
+    with pytest.raises(ParameterError, match=r"^model='.*missing': not a preset name and not a checkpoint"):
         Pipeline.from_pretrained(str(tmp_path / "missing"))
-    with pytest.raises(CheckpointError, match="not a Wan checkpoint"):
+    with pytest.raises(ParameterError, match=r"^model='.*': not a Wan checkpoint: expected model_index.json"):
         Pipeline.from_pretrained(str(tmp_path))
 
 

@@ -148,7 +148,8 @@ BAD_CLI = [
     # the model, prompts, image
     (["--model", "wan9"], r"neither a preset", 2, "all"),
     (["--model", "wan2.2-t2v-a14b"], r"architecture without weights.*pass the checkpoint folder", 2, "all"),
-    (["--model", "{files}/not_a_checkpoint"], r"not a Wan checkpoint", 2, "all"),
+    (["--model", "{files}/not_a_checkpoint"], r"^--model .*not_a_checkpoint: not a Wan checkpoint", 2, "all"),
+    (["--model", "{files}/a_file"], r"^--model .*a_file: not a preset name and not a checkpoint folder", 2, "all"),
     (["--components", "{files}"], r"--components is for checkpoint folders", 2, "all"),
     (["--prompt", "x", "--prompts-file", "{files}/prompts.txt"], r"--prompt and --prompts-file", 2, "all"),
     (["--prompts-file", "{files}/missing.txt"], r"no such file", 2, "all"),
