@@ -20,6 +20,7 @@ spec.<name>). tests/test_runspec.py declares one at run time and finds it at eve
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 
@@ -29,6 +30,15 @@ from paradit.plan import placement
 from paradit.plan.layout import ParallelConfig
 from paradit.residency import OFFLOAD_MODES
 from paradit.settings import QUANT_MODES, ChordsSettings, VideoSettings, check_int
+
+
+def path_flag(text: str) -> str:
+    """A flag's file or folder name (the declarations' parse=, generate's and the service's flags alike);
+    an empty one is refused: Path('') is the current folder, which a flag left empty by a shell
+    variable would quietly name."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty path; name a file or folder")
+    return text
 
 
 def option(default=MISSING, flag: dict | None = None, flags: tuple[dict, ...] = (), value=None, check=None):
@@ -67,8 +77,8 @@ def _check_dtype(value) -> None:
 
 
 def _lora_flag(target: str, help: str) -> dict:
-    return dict(name="--lora" + ("" if target == "all" else "-" + target), parse=str, default=None, help=help,
-                metavar="PATH[:SCALE]", repeat=True)
+    return dict(name="--lora" + ("" if target == "all" else "-" + target), parse=path_flag, default=None,
+                help=help, metavar="PATH[:SCALE]", repeat=True)
 
 
 # presets that bring their weights (built locally, paradit.components); the other presets are architectures
@@ -80,7 +90,7 @@ ATTENTION_CHOICES = ("auto", "fa4", "flash", "sdpa", "math")
 class BuildSpec:
     """What builds one rank's pipeline, validated (build_spec). The fields made with option() are
     the build options: a flag of generate and the service, and a keyword of Pipeline.from_pretrained."""
-    model: str = option(flag=dict(parse=str, default="demo", shown="demo", metavar="NAME|FOLDER", help=(
+    model: str = option(flag=dict(parse=path_flag, default="demo", shown="demo", metavar="NAME|FOLDER", help=(
         "a preset that brings its weights (tiny: random, demo: the shipped trained 16x16 model, demo64: the "
         "64x64x33 one) or a Wan checkpoint folder")))
     cfg: WanConfig                          # the model's (build_spec reads it)
@@ -89,7 +99,7 @@ class BuildSpec:
         "auto: cuda:LOCAL_RANK if CUDA is available, else cpu")))
     attention: str = option("auto", dict(parse=str, choices=ATTENTION_CHOICES, shown="auto",
                                          help="attention kernels"))
-    components: str | None = option(None, dict(parse=str, metavar="FOLDER", help=(
+    components: str | None = option(None, dict(parse=path_flag, metavar="FOLDER", help=(
         "diffusers-layout folder whose text_encoder/, tokenizer/ and vae/ an original-layout checkpoint --model "
         "uses (overrides a diffusers folder's own)")))
     experts_needed: frozenset | None = None  # the experts this rank loads (None: all)

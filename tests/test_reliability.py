@@ -150,6 +150,12 @@ BAD_CLI = [
     (["--model", "wan2.2-t2v-a14b"], r"architecture without weights.*pass the checkpoint folder", 2, "all"),
     (["--model", "{files}/not_a_checkpoint"], r"^--model .*not_a_checkpoint: not a Wan checkpoint", 2, "all"),
     (["--model", "{files}/a_file"], r"^--model .*a_file: not a preset name and not a checkpoint folder", 2, "all"),
+    # an empty path was read as the current folder ('.'): "--image .: no such file", "--lora :1 ... it is a folder"
+    (["--image", ""], r"^--image '': an empty path; name a file or folder$", 2, "all"),
+    (["--prompts-file", ""], r"^--prompts-file '': an empty path", 2, "all"),
+    (["--model", ""], r"^--model '': an empty path", 2, "all"),
+    (["--components", ""], r"^--components '': an empty path", 2, "all"),
+    (["--lora", ""], r"^--lora '': an empty path", 2, "all"),
     (["--components", "{files}"], r"--components is for checkpoint folders", 2, "all"),
     (["--prompt", "x", "--prompts-file", "{files}/prompts.txt"], r"--prompt and --prompts-file", 2, "all"),
     (["--prompts-file", "{files}/missing.txt"], r"no such file", 2, "all"),

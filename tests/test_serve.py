@@ -374,7 +374,9 @@ def test_bad_flags_are_named():
     from paradit.serve.cli import check_args, parse_args
     cases = [(["--host", "0.0.0.0"], "--api-key KEY"), (["--port", "70000"], "0-65535"),
              (["--max-queue", "0"], "--max-queue 0"), (["--max-video-tokens", "-5"], ">= 1"),
-             (["--request-timeout", "0"], "--request-timeout 0")]
+             (["--request-timeout", "0"], "--request-timeout 0"),
+             (["--state-dir", ""], "--state-dir '': an empty path"),      # was the current folder
+             (["--lora-dir", ""], "--lora-dir '': an empty path")]
     for argv, words in cases:
         with pytest.raises(ValueError, match=words):
             check_args(parse_args(argv))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from paradit.errors import ParameterError
+from paradit.runspec import path_flag as PATH
 from paradit.plan.hardware import GPUS
 from paradit.plan.layout import SHARD_MODES
 from paradit.settings import SAMPLER_NAMES
@@ -154,11 +155,11 @@ def _timeout_shown() -> str:
 FLAGS: tuple[Flag, ...] = (
     # what to generate
     Flag("--prompt", TEXT, None, "the text to generate", repr(DEFAULT_PROMPT), metavar="TEXT"),
-    Flag("--prompts-file", str, None, "one prompt a line (UTF-8); data-parallel replicas share them out; "
+    Flag("--prompts-file", PATH, None, "one prompt a line (UTF-8); data-parallel replicas share them out; "
          "instead of --prompt", metavar="FILE"),
     Flag("--negative-prompt", TEXT, None, "what to guide away from", "the model's own; for Wan checkpoints "
          "the original Wan's Chinese one", metavar="TEXT"),
-    Flag("--image", str, None, "first frame for I2V-A14B / TI2V-5B checkpoints; without --size the video takes "
+    Flag("--image", PATH, None, "first frame for I2V-A14B / TI2V-5B checkpoints; without --size the video takes "
          "the image's shape at the preset's area", metavar="FILE"),
     # the video
     Flag("--size", SIZE, None, "WIDTHxHEIGHT, e.g. 1280x720. Videos with a side under 128 pixels (the demo's "

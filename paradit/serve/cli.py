@@ -34,7 +34,7 @@ PER_REQUEST = ("--prompt", "--prompts-file", "--image", "--seed", "--out", "--ch
 
 
 def serve_flags():
-    from paradit.cli.flags import FLOAT, INT, Flag
+    from paradit.cli.flags import FLOAT, INT, PATH, Flag
     return (
         Flag("--host", str, "127.0.0.1", "address to listen on; another than loopback needs --api-key (or "
              "--insecure)", "127.0.0.1", metavar="ADDR"),
@@ -42,13 +42,13 @@ def serve_flags():
         Flag("--api-key", str, None, "clients must send `Authorization: Bearer KEY` to /v1",
              "the environment variable PARADIT_API_KEY", metavar="KEY"),
         Flag("--insecure", help="listen beyond loopback without an API key"),
-        Flag("--state-dir", str, "outputs/serve", "jobs (SQLite) and videos; a restart resumes them",
+        Flag("--state-dir", PATH, "outputs/serve", "jobs (SQLite) and videos; a restart resumes them",
              "outputs/serve", metavar="DIR"),
         Flag("--max-queue", INT, 64, "queued jobs beyond which POST /v1/videos answers 429", "64", metavar="N"),
         Flag("--max-steps", INT, 200, "the most num_inference_steps a request may ask", "200", metavar="N"),
         Flag("--max-video-tokens", INT, None, "the largest video a request may ask, in transformer tokens",
              "4x the model's default video", metavar="N"),
-        Flag("--lora-dir", str, None, "a folder of LoRAs (NAME.safetensors) that requests may list by name "
+        Flag("--lora-dir", PATH, None, "a folder of LoRAs (NAME.safetensors) that requests may list by name "
              "(\"loras\": [{\"name\", \"scale\", \"expert\"}]): merged on the GPU per job, the base weights "
              "restored exactly when the set changes", None, metavar="DIR"),
         Flag("--request-timeout", FLOAT, 10.0, "seconds a request's headers, and then its body, may take to "
