@@ -113,7 +113,6 @@ def paradit_row(module, latent, device, name, args) -> tuple[dict, torch.Tensor]
     lat_hw, frames = z.shape[-2:], z.shape[2]
     est = decode_bytes(vae.vae, lat_hw, frames, dtype) if tiles is None else tiles_bytes(vae.vae, lat_hw, frames, dtype, tiles)
     row.update(mode=name, dtype=str(dtype), tiles=None if tiles is None else vars(tiles), estimate_gb=est / 1e9, **kw)
-    del vae
     return row, video.float().cpu()
 
 
@@ -125,7 +124,6 @@ def diffusers_row(module, latent, device, name, args) -> tuple[dict, torch.Tenso
         vae.vae.enable_tiling()
     row, video = timed(lambda: vae.vae.decode(z, return_dict=False)[0], device, args.warmup, args.repeats)
     row.update(mode=name, dtype=str(dtype), tiling=tiling)
-    del vae
     return row, video.float().cpu()
 
 
