@@ -25,6 +25,7 @@ diffusers child's PYTHONPATH only. A loader that fails is recorded with its erro
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -112,11 +113,9 @@ def child(loader: str, folder: str, dtype_name: str) -> dict:
         load = lambda: WanTransformer3DModel.from_pretrained(  # noqa: E731
             folder, torch_dtype=getattr(torch, dtype_name))
     import_s = time.perf_counter() - t0
-    try:
-        import accelerate  # noqa: F401
-        has_accelerate = True
-    except ImportError:
-        has_accelerate = False
+    # whether diffusers can use accelerate (its own test, find_spec); importing it here would put it
+    # in paradit's import baseline too, which never imports it
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
     after_import = proc_status()
     with open("/proc/self/clear_refs", "w") as f:   # reset VmHWM: the peak of the load itself
         f.write("5")

@@ -105,7 +105,7 @@ def video_size_for_image(cfg: WanConfig, image_w: int, image_h: int) -> tuple[in
         raise ParameterError("image", f"{image_w}x{image_h}", f"at {cfg.name}'s area ({cfg.size[0] * cfg.size[1]:,} "
                              f"pixels) an image of this shape makes a video outside the sizes it takes (multiples "
                              f"of {m}, from {m} to {MAX_SIDE // m * m} a side)", "crop the image to a less extreme "
-                             f"shape, or give the video's size") from None
+                             "shape, or give the video's size") from None
     log.info("image %dx%d: the video is %dx%d (the image's shape at %s's area)", image_w, image_h, width, height,
              cfg.name)
     return width, height

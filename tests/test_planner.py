@@ -1,6 +1,5 @@
 """The planner's cost model against hand-computed figures, and its rules and CLI."""
 import json
-import math
 import subprocess
 import sys
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from paradit.checkpoint import save_diffusers_layout
 from paradit.launch import spawn
-from paradit.models.loading import index_checkpoint, load_transformer, read_tensors
+from paradit.models.loading import index_checkpoint, read_tensors
 from paradit.models.reader import Reader, header
 from paradit.parallel.weights import shares
 from paradit.pipeline import tiny_components
