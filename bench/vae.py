@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # bench/, root
-from launcher import environment, has_cuda, results_path, run_world, sync, write_json  # noqa: E402
+from launcher import environment, has_cuda, rank_device, results_path, run_world, sync, write_json  # noqa: E402
 
 from paradit.models.vae import VideoVAE, decode_bytes, tiles_bytes  # noqa: E402
 
@@ -127,13 +127,13 @@ def diffusers_row(module, latent, device, name, args) -> tuple[dict, torch.Tenso
     return row, video.float().cpu()
 
 
-def spread_rank(arch: str, seed: int, folder, shape, args_dict: dict):
+def spread_rank(device_type: str, arch: str, seed: int, folder, shape, args_dict: dict):
     """One rank of spread-N: bf16-auto over the world; rank 0 returns its row and video."""
     import torch.distributed as dist
 
     from paradit.parallel.vae import spread_decode
 
-    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+    device = rank_device(device_type)
     vae = make_vae(build_module(arch, seed, folder), device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     latent = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     args = argparse.Namespace(**args_dict)
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     for n in (int(w) for w in args.worlds.split(",") if w):
         try:
-            row, frames = run_world(spread_rank, n, args.arch, args.seed, args.folder, shape, vars(args),
+            row, frames = run_world(spread_rank, n, device.type, args.arch, args.seed, args.folder, shape, vars(args),
                                     device_type=device.type)[0]
         except Exception as err:   # e.g. fewer GPUs than ranks: the row says why
             rows.append(dict(mode=f"spread-{n}", error=f"{type(err).__name__}: {err}"[-500:]))

@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from paradit.config import WanConfig  # noqa: E402
+from paradit.demo.judge import rel_err  # noqa: E402
 from paradit.plan.layout import ParallelConfig  # noqa: E402
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
@@ -99,10 +100,6 @@ def reference(cfg: WanConfig, device, dtype) -> dict:
 
 
 # ----------------------------------------------------------------------------- one rank of a world
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def run_layout(cfg: WanConfig, fields: dict, ref: dict, device, dtype) -> dict:
     """This rank's errors for one layout: model output and latent, where this rank holds them."""
     import torch.distributed as dist
