@@ -4,7 +4,6 @@ import torch
 
 from paradit.config import WanConfig
 from paradit.errors import ParameterError
-from paradit.models.loading import CheckpointError
 from paradit.models.transformer import patchify, token_grid
 from paradit.parallel.collectives import cfg_combine
 from paradit.pipeline import Pipeline, VideoSettings
