@@ -9,7 +9,7 @@ each (ulysses, ring, cfg) of a group, each split of the experts into a high- and
 at that stage's best layout) is made of (ulysses u, ring r, cfg c) stages; a rank's work inside a
 denoising step depends on its stage only: tokens ceil(L / (u r)), H / u heads of attention over
 the L / r tokens of its Ulysses group in r ring steps (log-sum-exp merges in between), batch 2
-(batched CFG) when c = 1. Stages the planner refuses (paradit.plan.costs.stage_check) are left out.
+(batched CFG) when c = 1. Stages the planner refuses (paradit.plan.step.stage_check) are left out.
 
 One rank, alone. This process stands in for rank 0 of a world of u r c ranks: a process group of
 torch's "fake" backend (torch.testing._internal.distributed.fake_pg: every collective returns at

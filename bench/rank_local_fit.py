@@ -14,7 +14,7 @@ from scaling_fit import write_calibration
 
 import paradit.plan as pl
 from paradit.config import WanConfig
-from paradit.plan.costs import stage_step
+from paradit.plan.step import stage_step
 
 FITTED = ("matmul_efficiency", "attention_efficiency", "layer_overhead_us")
 HALF_ROWS = (0, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)   # gemm_half_rows tried

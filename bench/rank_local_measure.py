@@ -20,7 +20,7 @@ from paradit.config import WanConfig
 from paradit.parallel.attention import local_heads
 from paradit.parallel.mesh import init_parallel
 from paradit.parallel.runtime import Runtime
-from paradit.plan.costs import stage_check
+from paradit.plan.step import stage_check
 from paradit.plan.layout import ParallelConfig
 
 MODES = ("eager", "graph", "compiled", "compiled+graph")

@@ -18,7 +18,7 @@ FLOPs of one forward of one expert (a multiply-add counts 2):
 Per rank and step each term is divided by U R (tokens are split); with an uneven head split
 the self-attention and the all-to-alls are multiplied by ceil(H/U) / (H/U) (padded heads).
 
-Time of one step on one rank (every term below is per forward, times n_f):
+Time of one step on one rank (paradit.plan.step; every term below is per forward, times n_f):
     compute   = linear / (rate * e_mm * M / (M + m0))    M = b l rows; small GEMMs run slower
               + attention / (rate * e_attn)
               + elementwise bytes (40 D + 4 F per token and layer) / (HBM * e_elem)
@@ -58,14 +58,14 @@ from dataclasses import dataclass
 
 from paradit.config import WanConfig
 from paradit.plan.hardware import Calibration, GPUSpec
-from paradit.plan.layout import CFG_MODES, ParallelConfig, Stage, auto_sp
-from paradit.plan.memory import cfg_batch, host_reason, memory_limit, oom_reason, rank_memory
-from paradit.plan.model import forward_flops
+from paradit.plan.layout import CFG_MODES, ParallelConfig, Stage
+from paradit.plan.memory import host_reason, memory_limit, oom_reason, rank_memory
 from paradit.plan.placement import chords_experts, chords_init, chords_rounds
 from paradit.plan.sharding import (best_sharding, gather_exposed_s, group_size, layers_exposed_s, offload_refusal,
                                    refusal, shard_note)
 from paradit.plan.results import (Candidate, ColocatedBreakdown, HighLow, Infeasibility, MemoryCost, RequestParts,
                                   SplitBreakdown, StepCost)
+from paradit.plan.step import bandwidth, stage_check, stage_step
 from paradit.plan.video import host_copy_s, offload_note, video_time
 from paradit.residency import check_offload, streams_layers
 from paradit.schedulers.schedule import high_noise_steps
@@ -95,133 +95,6 @@ class Problem:
     @property
     def tokens(self) -> int:
         return self.model.num_tokens(self.width, self.height, self.frames)
-
-
-def _intra_node(gpu: GPUSpec, offsets: list[int], stride: int, size: int, span: int) -> bool:
-    """Whether every group of a mesh axis (stride, size) stays inside one node, in each copy
-    of a sub-mesh of `span` ranks starting at one of `offsets`."""
-    node = gpu.gpus_per_node
-    return all(first // node == (first + stride * (size - 1)) // node
-               for offset in offsets for first in range(offset, offset + span)
-               if ((first - offset) // stride) % size == 0)
-
-
-def _bandwidth(p: Problem, offsets: list[int], stride: int, size: int, span: int) -> float:
-    """Bytes/s one rank moves on a mesh axis: NVLink inside a node, the NIC across nodes."""
-    inside = _intra_node(p.gpu, offsets, stride, size, span)
-    return (p.gpu.nvlink_gbps if inside else p.gpu.internode_gbps) * 1e9 * p.calibration.comm_efficiency
-
-
-def stage_check(p: Problem, stage: Stage) -> tuple[Infeasibility, str] | None:
-    """Why this (ulysses, ring, cfg) stage cannot run, in kind and in words; None if it can."""
-    u, r, c = stage
-    heads = p.model.num_heads
-    if c == 2 and not p.guidance:
-        return Infeasibility.NO_GUIDANCE, "cfg=2 needs classifier-free guidance"
-    if u > heads:
-        return Infeasibility.TOO_MANY_ULYSSES, f"ulysses {u} > {heads} heads"
-    if heads % u and p.allow_ring:
-        eu, er = auto_sp(heads, u * r)
-        return (Infeasibility.UNEVEN_HEADS,
-                f"uneven heads: {heads} over ulysses {u}; ring balances it (U{eu} R{er})")
-    if u * r > 1 and math.ceil(p.tokens / (u * r)) < p.calibration.min_tokens_per_rank:
-        return (Infeasibility.FEW_TOKENS, f"{math.ceil(p.tokens / (u * r))} tokens per rank < "
-                                          f"{p.calibration.min_tokens_per_rank}")
-    return None
-
-
-def stage_step(p: Problem, stage: Stage, offsets: list[int], cfg_mode: str = "batched") -> StepCost:
-    """Seconds, FLOPs and bytes of one denoising step of one stage, per rank.
-
-    Copies of the stage start at ranks `offsets` (replicas, CHORDS cores); where they sit
-    decides which links their mesh axes use. CFG in turn runs two batch-1 forwards a step.
-    """
-    u, r, c = stage
-    span = math.prod(stage)
-    batch = cfg_batch(p, stage, cfg_mode)
-    forwards = 2 if p.guidance and c == 1 and batch == 1 else 1
-    out = _scaled(_compute(p, stage, batch), forwards)
-    out |= _scaled(_ulysses(p, stage, batch, _bandwidth(p, offsets, 1, u, span)), forwards)
-    out |= _scaled(_ring(p, stage, batch, out["self_attention_s"] / forwards,
-                         _bandwidth(p, offsets, u, r, span)), forwards)
-    # CFG-parallel: the two groups swap their velocity shards (fp32, token space) once a step
-    m, alpha = p.model, p.calibration.collective_latency_us * 1e-6
-    out["bytes_cfg"] = out["local_tokens"] * m.out_channels * math.prod(m.patch) * 4 if c == 2 else 0
-    out["cfg_s"] = alpha + out["bytes_cfg"] / _bandwidth(p, offsets, u * r, 2, span) if c == 2 else 0.0
-    out["launch_s"] = forwards * m.num_layers * p.calibration.layer_overhead_us * 1e-6
-    out["forwards"] = forwards
-    out["step_s"] = sum(out[k] for k in ("compute_s", "ulysses_s", "ring_exposed_s",
-                                         "ring_merge_s", "cfg_s", "launch_s"))
-    return StepCost(**out)
-
-
-def _scaled(costs: dict, forwards: int) -> dict:
-    """The seconds, FLOPs and bytes of one forward, times the forwards of a step (counts and shapes kept)."""
-    keep = ("local_tokens", "batch", "head_padding")
-    return {k: v if k in keep else v * forwards for k, v in costs.items()}
-
-
-def _compute(p: Problem, stage: Stage, batch: int) -> dict:
-    """GEMMs, attention and memory-bound elementwise work of one forward of `batch` sequences on one
-    rank (StepCost fields)."""
-    m, gpu, cal = p.model, p.gpu, p.calibration
-    u, r, c = stage
-    n, d, heads, L = m.num_layers, m.dim, m.num_heads, p.tokens
-    local = math.ceil(L / (u * r))
-    pad = math.ceil(heads / u) / (heads / u)              # padded heads of an uneven split
-    rate = gpu.matmul_tflops * 1e12
-
-    whole = forward_flops(m, L)
-    self_attn = n * 4 * L * L * d * pad
-    cross_attn = whole["attention"] - n * 4 * L * L * d
-    flops_linear = batch * whole["linear"] * local / L
-    rows = batch * local
-    t_linear = flops_linear / (rate * cal.matmul_efficiency * rows / (rows + cal.gemm_half_rows))
-    t_self = batch * self_attn * local / L / (rate * cal.attention_efficiency)
-    t_cross = batch * cross_attn * local / L / (rate * cal.attention_efficiency)
-    t_elem = batch * n * local * (40 * d + 4 * m.ffn_dim) / _hbm(p)
-    return {"compute_s": t_linear + t_self + t_cross + t_elem, "linear_s": t_linear,
-            "attention_s": t_self + t_cross, "self_attention_s": t_self, "elementwise_s": t_elem,
-            "flops_linear": flops_linear,
-            "flops_attention": batch * (self_attn + cross_attn) * local / L,
-            "local_tokens": local, "batch": batch, "head_padding": pad}
-
-
-def _hbm(p: Problem) -> float:
-    return p.gpu.hbm_tbps * 1e12 * p.calibration.elementwise_efficiency
-
-
-def _ulysses(p: Problem, stage: Stage, batch: int, bw: float) -> dict:
-    """Per layer: one all-to-all of packed q, k, v and one of the output; nothing hides them."""
-    u, r, _ = stage
-    m, heads = p.model, p.model.num_heads
-    if u == 1:
-        return {"ulysses_s": 0.0, "bytes_ulysses": 0.0}
-    local = math.ceil(p.tokens / (u * r))
-    pad = math.ceil(heads / u) / (heads / u)
-    sent = m.num_layers * 4 * batch * local * m.dim * 2 * (u - 1) / u * pad
-    alpha = p.calibration.collective_latency_us * 1e-6
-    return {"ulysses_s": 2 * m.num_layers * alpha + sent / bw, "bytes_ulysses": sent}
-
-
-def _ring(p: Problem, stage: Stage, batch: int, t_self: float, bw: float) -> dict:
-    """Per layer: R-1 sends of the post-all-to-all K and V block ((L/R) tokens x D/U dims).
-
-    Attention on the block in hand hides the sends, but only partly (ring_overlap): NCCL
-    kernels contend for SMs and HBM. Each received block's partial output is merged into the
-    fp32 accumulator through its log-sum-exp: ~3 fp32 passes over the output, memory-bound.
-    """
-    u, r, _ = stage
-    m, heads = p.model, p.model.num_heads
-    if r == 1:
-        return {"ring_exposed_s": 0.0, "ring_total_s": 0.0, "ring_merge_s": 0.0, "bytes_ring": 0.0}
-    pad = math.ceil(heads / u) / (heads / u)
-    block_numel = batch * math.ceil(p.tokens / r) * (m.dim / u) * pad     # one of K, V, out
-    sends = m.num_layers * (r - 1)
-    total = sends * (p.calibration.collective_latency_us * 1e-6 + 2 * block_numel * 2 / bw)
-    return {"ring_exposed_s": total - p.calibration.ring_overlap * min(total, t_self),
-            "ring_total_s": total, "ring_merge_s": sends * block_numel * 4 * 3 / _hbm(p),
-            "bytes_ring": sends * 2 * block_numel * 2}
 
 
 def _infeasible(layout: ParallelConfig, why: Infeasibility, reason: str) -> Candidate:
@@ -300,7 +173,7 @@ def _evaluate_colocated(p: Problem, layout: ParallelConfig, mode: str = "none") 
     if k > 1:   # all-gather of (x, v) over the chords axis, fp32 token-space shards
         shard = step.local_tokens * m.out_channels * math.prod(m.patch) * 4
         exchange = p.calibration.collective_latency_us * 1e-6 + \
-            2 * shard * (k - 1) / _bandwidth(p, replicas, core, k, core * k)
+            2 * shard * (k - 1) / bandwidth(p, replicas, core, k, core * k)
     round_s = step.step_s + exchange
     copies = host_copy_s(p, mode, held, True, round_s)
     latency = rounds * round_s + copies
@@ -343,7 +216,7 @@ def _evaluate_split(p: Problem, layout: ParallelConfig, mode: str = "none") -> C
     c, f, h, w = m.latent_shape(p.width, p.height, p.frames)
     handoff_bytes = 4 * c * f * h * w * 4 + 2 * m.text_len * m.text_dim * 2
     handoff = p.calibration.collective_latency_us * 1e-6 + \
-        handoff_bytes / _bandwidth(p, replicas, size_hi, 2, layout.group_size)
+        handoff_bytes / bandwidth(p, replicas, size_hi, 2, layout.group_size)
     copies = host_copy_s(p, mode, 1, True, steps.high.step_s)   # the high stage encodes
     stage_s = HighLow(counts.high * steps.high.step_s + copies, counts.low * steps.low.step_s)
     latency = stage_s.high + stage_s.low + handoff
@@ -392,7 +265,7 @@ def _gathering(p: Problem, layout: ParallelConfig, stage: Stage, step: StepCost,
     block_s = (step.compute_s + step.ulysses_s + step.ring_exposed_s) / f / p.model.num_layers
     gather = stream = 0.0
     if g > 1:
-        bw = _bandwidth(p, offsets, 1, g, math.prod(stage))
+        bw = bandwidth(p, offsets, 1, g, math.prod(stage))
         gather = f * gather_exposed_s(p.model, g, bw, cal.collective_latency_us * 1e-6, cal.ring_overlap, block_s)
     if streams_layers(mode):
         stream = f * layers_exposed_s(p.model, p.gpu.host_link_gbps * 1e9 * cal.host_link_efficiency, block_s)

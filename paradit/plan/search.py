@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from paradit.config import PRESETS, WanConfig
 from paradit.errors import ParameterError
-from paradit.plan.costs import Problem, evaluate, split_memory, stage_check, stage_step
+from paradit.plan.costs import Problem, evaluate, split_memory
+from paradit.plan.step import stage_check, stage_step
 from paradit.plan.explain import explain
 from paradit.plan.hardware import GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
 from paradit.plan.layout import CFG_MODES, SHARD_MODES, ParallelConfig, Stage
