@@ -215,7 +215,7 @@ def build_spec(model: str, parallel: ParallelConfig | None = None, settings: Vid
         check_loras(o.loras, cfg, warn=False)  # files, names, shapes (headers); the build warns and merges
     check_build(model, o.seed, o.experts_needed, o.components)   # a preset without weights last: the rest checked
     kind, video = planner_kind(gpu, info.device), planned_video(cfg, settings)
-    planner = planner_options(video, len(o.loras), o.quant, info)
+    planner = planner_options(video, len(o.loras), o.quant, o.compile, info)
     layout = o.layout
     if layout.shard_weights != "none":  # "auto" planned as offload is; refused with what it cannot combine with
         layout = resolve_sharding(layout, cfg, kind, video, offload=o.offload, cfg_mode=layout.cfg_mode, **planner)
@@ -255,14 +255,15 @@ def planned_video(cfg: WanConfig, settings: VideoSettings | None) -> VideoSettin
     return settings
 
 
-def planner_options(settings: VideoSettings, loras: int, quant: str, info) -> dict:
+def planner_options(settings: VideoSettings, loras: int, quant: str, compile: bool, info) -> dict:
     """The planner's options (make_problem's) of a run at `settings`, besides its layout and offload:
     guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged (their
-    merge time and memory), the FP8 mode (offload modes that move experts ruled out) and the host
-    memory the launcher read (info: paradit.launch.DistInfo; offload modes whose pinned copies do not
-    fit it are ruled out)."""
+    merge time and memory), the FP8 mode (offload modes that move experts and sharded weights ruled
+    out), compiled blocks (sharded weights ruled out) and the host memory the launcher read (info:
+    paradit.launch.DistInfo; offload modes whose pinned copies do not fit it are ruled out)."""
     from paradit.plan.hardware import host_options
-    return dict(guidance=any(g != 1.0 for g in settings.guidance), loras=loras, quant=quant, **host_options(info))
+    return dict(guidance=any(g != 1.0 for g in settings.guidance), loras=loras, quant=quant, compile=bool(compile),
+                **host_options(info))
 
 
 def plan_offload(mode: str, cfg: WanConfig, layout: ParallelConfig, kind: str | None, settings: VideoSettings,

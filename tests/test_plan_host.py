@@ -259,6 +259,27 @@ def test_fp8_is_never_planned_with_an_offload_that_moves_experts(tmp_path, monke
     assert held.layout.shard_weights == "none" and held.offload in ("none", "text-encoder")
 
 
+def test_auto_sharding_is_never_planned_with_compile(tmp_path, monkeypatch):
+    # compiled blocks run whole weights (plan.sharding.check_shard_options). A14B over Ulysses 2 on two L40S
+    # of a 100 GB host, the text encoder offloaded: in bf16 shard_weights="auto" shards over sp; with
+    # compile=True the planner keeps the weights whole (before: it planned sp and build_spec then refused it,
+    # naming shard_weights), in the library, in generate's --compile and in the planner's own search
+    from paradit.cli.spec import resolve
+    folder = configs_only(tmp_path, A14B)
+    info = fake_host(monkeypatch, "l40s", 100.0, world=2)
+    u2 = ParallelConfig(ulysses=2, shard_weights="auto")
+    assert build_spec(folder, u2, offload="text-encoder").layout.shard_weights == "sp"
+    compiled = build_spec(folder, u2, offload="text-encoder", compile=True)
+    assert compiled.layout.shard_weights == "none" and compiled.compile
+    argv = ["--model", folder, "--ulysses", "2", "--offload", "text-encoder", "--compile", "--force"]
+    assert resolve(parse_args(argv), info).layout == compiled.layout
+    with pytest.raises(ParameterError, match=r"^shard_weights='sp': sharded weights run eagerly"):   # asked for
+        build_spec(folder, ParallelConfig(ulysses=2, shard_weights="sp"), offload="text-encoder", compile=True)
+    searched = plan(A14B, 2, "l40s", compile=True, host_gb=100.0, ranks_per_host=2)
+    assert {c.layout.shard_weights for c in searched.candidates} == {"none"}
+    assert "sp" in {c.layout.shard_weights for c in plan(A14B, 2, "l40s", host_gb=100.0, ranks_per_host=2).candidates}
+
+
 def test_split_stages_without_sizes_follow_the_run_steps(tmp_path, monkeypatch):
     # experts="split" without stages takes its sizes from the step split of the video build_spec plans for:
     # A14B over 4 ranks, 40 steps at shift 12 (the model's) run 26 high-noise steps (3 + 1 GPUs); 10 at shift 1,

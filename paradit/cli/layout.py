@@ -44,10 +44,10 @@ def gpu_kind(flags: Flags) -> str | None:
 def run_options(flags: Flags, settings, info, offload: str | None = None, cfg_mode: str | None = None) -> dict:
     """The planner's options of this run: offload and CFG mode (the flags' unless given), weight sharding,
     and what a build plans with (paradit.runspec.planner_options: guidance, the LoRA files merged, FP8,
-    the host memory the launcher read, info: paradit.launch.DistInfo)."""
+    --compile, the host memory the launcher read, info: paradit.launch.DistInfo)."""
     from paradit.runspec import planner_options
-    return planner_options(settings, lora_files(flags), flags.quant, info) | dict(
-        offload=flags.offload if offload is None else offload, shard_weights=shard_mode(flags),
+    return planner_options(settings, lora_files(flags), flags.quant, flags.compile, info) | dict(
+        offload=flags.offload if offload is None else offload, shard_weights=flags.shard_weights,
         cfg_mode=flags.cfg_mode if cfg_mode is None else cfg_mode)
 
 
@@ -113,7 +113,7 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None):
         layout = dataclasses.replace(layout, chords=chords_layout(chords, info.world_size, layout.world_size))
         chords.validate(settings.steps, layout.chords)
     if flags.plan != "auto":
-        layout = dataclasses.replace(layout, shard_weights=shard_mode(flags))
+        layout = dataclasses.replace(layout, shard_weights=flags.shard_weights)
     if flags.plan != "auto" or flags.cfg_mode != "auto":   # --plan auto's layout carries the planner's CFG mode
         layout = with_cfg_mode(flags, cfg, layout, settings, kind, info)
     from paradit.plan.search import resolve_sharding
@@ -127,15 +127,6 @@ def resolve_layout(flags: Flags, cfg, info, settings, chords=None):
     if kind is not None and not flags.force and planned is None:   # the plan's choice fits: it is the plan's
         check_memory(cfg, layout, kind, settings, info, flags)
     return layout, planned
-
-
-def shard_mode(flags: Flags) -> str:
-    """--shard-weights, where auto never picks sharding for a run it does not combine with (--compile,
-    --quant, --offload experts/all/layers: paradit.plan.sharding.check_shard_options)."""
-    from paradit.residency import moves_experts
-    if flags.shard_weights == "auto" and (flags.compile or flags.quant != "none" or moves_experts(flags.offload)):
-        return "none"
-    return flags.shard_weights
 
 
 def with_cfg_mode(flags: Flags, cfg, layout: ParallelConfig, settings, kind: str | None, info) -> ParallelConfig:

@@ -91,6 +91,7 @@ class Problem:
     host_gb: float | None = None          # host memory available on each host (None: unknown, not checked)
     ranks_per_host: int | None = None     # ranks sharing one host's memory (None: a node's GPUs)
     quant: str = "none"                   # FP8 (settings.QUANT_MODES): not modelled; no expert moves with it
+    compile: bool = False                 # torch.compile: not modelled; the weights stay whole with it
 
     @property
     def tokens(self) -> int:

@@ -113,11 +113,12 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
                  offload: str = "auto", guidance: bool = True,
                  allow_ring: bool = True, shard_weights: str = "auto", cfg_mode: str = "auto",
                  loras: int = 0, host_gb: float | None = None, ranks_per_host: int | None = None,
-                 quant: str = "none") -> Problem:
+                 quant: str = "none", compile: bool = False) -> Problem:
     """A Problem from names and defaults (the model's size, frames and steps when None). host_gb: the
     host memory each host has available (None: not checked); ranks_per_host: the ranks sharing it (None:
     one node's GPUs, gpu.gpus_per_node). quant: the run's FP8 mode (paradit.settings.QUANT_MODES), not
-    modelled, but with it no offload mode moves an expert and no weights are sharded."""
+    modelled, but with it no offload mode moves an expert and no weights are sharded. compile: whether the
+    run compiles its blocks (torch.compile), not modelled, but compiled blocks run whole weights."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
     spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
     check_int("gpus", gpus, 1, MAX_GPUS)
@@ -135,7 +136,7 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
                    host_gb=None if host_gb is None else check_number("host_gb", host_gb, 0.0, 1e9, low_open=True),
                    ranks_per_host=None if ranks_per_host is None else check_int("ranks_per_host", ranks_per_host, 1,
                                                                                  MAX_GPUS),
-                   quant=quant)
+                   quant=quant, compile=bool(compile))
 
 
 def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
@@ -153,7 +154,9 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     guidance 1, no uncond forward), loras (LoRA files merged), allow_ring (see Problem), host_gb and
     ranks_per_host (the host memory each host has available and the ranks sharing it: offload modes whose
     pinned copies do not fit are ruled out; paradit.plan.memory), quant (the run's FP8 mode: not modelled,
-    but offload modes that move experts and sharded weights, which FP8 does not run with, are ruled out).
+    but offload modes that move experts and sharded weights, which FP8 does not run with, are ruled out),
+    compile (torch.compile of the blocks: not modelled, but sharded weights, which it does not run with,
+    are ruled out).
     """
     if objective not in ("latency", "throughput"):
         raise ParameterError("objective", objective, "choose 'latency' or 'throughput'")

@@ -22,8 +22,9 @@ overlap is the calibration's ring_overlap (NCCL's copies contend with the comput
 as the ring's sends do). A step is one forward per rank (batched CFG, or CFG-parallel groups
 each gathering for their own forward), so each step pays one forward's exposed gathers.
 
-The choice (auto): none with FP8 (quant; FSDP2 gathers the loaded dtype: check_shard_options); else among
-the modes a layout allows that fit, the fastest of those that leave
+The choice (auto): none with FP8 (quant; FSDP2 gathers the loaded dtype) or compiled blocks (compile), which
+sharded weights do not run with (whole_only, check_shard_options); else among the modes a layout allows
+that fit, the fastest of those that leave
 HEADROOM of the allocator's memory spare and cost at most SLACK more time than the fastest mode
 that fits; else that fastest mode; else (nothing fits) the one needing least memory. The memory
 model is an estimate fitted to a few runs, and a longer prompt, a fragmented allocator after an
@@ -121,10 +122,16 @@ def offload_refusal(p, layout: ParallelConfig, mode: str) -> tuple[Infeasibility
     return None
 
 
+def whole_only(quant: str, compile: bool) -> bool:
+    """Whether a run with FP8 mode `quant` and compiled blocks (`compile`) keeps its weights whole: sharded
+    weights run with neither (check_shard_options refuses them; auto never picks them)."""
+    return quant != "none" or bool(compile)
+
+
 def best_sharding(p, layout: ParallelConfig, evaluate):
     """The candidate of the best sharding mode of `layout` (module docstring); evaluate(p, layout)
     is the cost model's."""
-    modes = allowed(layout) if p.quant == "none" else ["none"]
+    modes = ["none"] if whole_only(p.quant, p.compile) else allowed(layout)
     tried = [evaluate(p, dataclasses.replace(layout, shard_weights=mode)) for mode in modes]
     fits = [c for c in tried if c.feasible]
     if not fits:
