@@ -386,6 +386,31 @@ def test_bad_flags_are_named():
         check_args(parse_args(["--host", loopback]))
 
 
+def test_a_default_request_beyond_the_service_s_own_limits_is_refused_at_start():
+    """serve --steps 300 (above --max-steps 200), or --size 256x256 --frames 101 (above the limit of 4x the
+    model's default video), started, then refused every request that left the field out, blaming the
+    client: 'num_inference_steps 300 is out of range'."""
+    import torch
+
+    from paradit.cli.spec import resolve
+    from paradit.config import WanConfig
+    from paradit.launch import DistInfo
+    from paradit.serve.cli import limits_of, parse_args
+    info = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+
+    def limits(*argv):
+        flags = parse_args(["--model", "tiny", *argv])
+        return limits_of(flags, resolve(flags, info))
+    with pytest.raises(ValueError, match=r"^--steps 300: above --max-steps 200, so every request that gives no "
+                                         r"num_inference_steps would be refused; lower --steps or raise --max-steps$"):
+        limits("--steps", "300")
+    with pytest.raises(ValueError, match=r"^the default video \(256x256, 101 frames\) is 6656 tokens, above "
+                                         r"--max-video-tokens 1000, .*; make it smaller or raise --max-video-tokens$"):
+        limits("--size", "256x256", "--frames", "101", "--max-video-tokens", "1000")
+    assert limits("--size", "256x256", "--frames", "101").max_video_tokens == 4 * 6656   # 4x the served default
+    assert limits().max_video_tokens == 4 * WanConfig.preset("tiny").num_tokens(64, 64, 9)
+
+
 def test_one_service_per_state_dir(tmp_path):
     from paradit.serve.cli import lock_state_dir
     held = lock_state_dir(tmp_path)

@@ -47,7 +47,7 @@ def serve_flags():
         Flag("--max-queue", INT, 64, "queued jobs beyond which POST /v1/videos answers 429", "64", metavar="N"),
         Flag("--max-steps", INT, 200, "the most num_inference_steps a request may ask", "200", metavar="N"),
         Flag("--max-video-tokens", INT, None, "the largest video a request may ask, in transformer tokens",
-             "4x the model's default video", metavar="N"),
+             "4x the model's default video, or the server's --size and --frames if larger", metavar="N"),
         Flag("--lora-dir", PATH, None, "a folder of LoRAs (NAME.safetensors) that requests may list by name "
              "(\"loras\": [{\"name\", \"scale\", \"expert\"}]): merged on the GPU per job, the base weights "
              "restored exactly when the set changes", None, metavar="DIR"),
@@ -125,14 +125,14 @@ class Parts:
 
 def run(flags, info, parts: Parts) -> None:
     from paradit.cli.spec import resolve
-    from paradit.serve.schema import Checker, Limits
+    from paradit.serve.schema import Checker
 
     # 1. validate everything before any weights exist (every rank): generate's resolve, the same spec
     check_args(flags)
     spec = resolve(flags, info)
     cfg = spec.cfg
     lora_dir = lora_folder(flags, spec) if flags.lora_dir else None
-    limits = Limits(flags.max_steps, flags.max_video_tokens or Limits.default_video_tokens(cfg))
+    limits = limits_of(flags, spec)
     state_dir = Path(flags.state_dir)
 
     # 2. rank 0: the state directory and the HTTP front, answering 503 until the models are loaded
@@ -157,6 +157,23 @@ def run(flags, info, parts: Parts) -> None:
 
     # 4. serve until stopped
     parts.worker.run()
+
+
+def limits_of(flags, spec):
+    """--max-steps and --max-video-tokens (default: 4x the model's or the default request's video),
+    refused where they would refuse the server's own default request (what a request leaves out)."""
+    from paradit.serve.schema import Limits
+    s, cfg = spec.settings, spec.cfg
+    limits = Limits(flags.max_steps, flags.max_video_tokens or Limits.default_video_tokens(cfg, s))
+    if s.steps > limits.max_steps:
+        raise ValueError(f"--steps {s.steps}: above --max-steps {limits.max_steps}, so every request that gives no "
+                         f"num_inference_steps would be refused; lower --steps or raise --max-steps")
+    tokens = cfg.num_tokens(s.width, s.height, s.frames)
+    if tokens > limits.max_video_tokens:
+        raise ValueError(f"the default video ({s.width}x{s.height}, {s.frames} frames) is {tokens} tokens, above "
+                         f"--max-video-tokens {limits.max_video_tokens}, so every request that gives no size and "
+                         f"frames would be refused; make it smaller or raise --max-video-tokens")
+    return limits
 
 
 def lora_folder(flags, spec) -> Path:

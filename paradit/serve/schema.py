@@ -165,9 +165,10 @@ class Limits:
     max_video_tokens: int
 
     @staticmethod
-    def default_video_tokens(cfg: WanConfig) -> int:
-        """4x the model's default video, in transformer tokens."""
-        return 4 * cfg.num_tokens(*cfg.size, cfg.frames)
+    def default_video_tokens(cfg: WanConfig, s: VideoSettings) -> int:
+        """4x the model's default video or the default request's (s: the server's --size and --frames),
+        whichever is larger, in transformer tokens."""
+        return 4 * max(cfg.num_tokens(*cfg.size, cfg.frames), cfg.num_tokens(s.width, s.height, s.frames))
 
 
 class Checker:
