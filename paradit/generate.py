@@ -42,7 +42,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from paradit.cli.flags import flag_terms  # noqa: E402
-from paradit.cli.spec import Batch, RunSpec, files_of, parse_args, resolve, resolve_batch  # noqa: E402
+from paradit.cli.spec import Batch, RunSpec, files_of, hit_path, parse_args, resolve, resolve_batch  # noqa: E402
 from paradit.events import phase  # noqa: E402
 from paradit.launch import init_distributed, setup_logging, shutdown  # noqa: E402
 from paradit.launch.faults import (EXIT_PEER_FAILED, AbortWatcher, count_reported, peer_failure,  # noqa: E402
@@ -164,7 +164,7 @@ def stream_hits(pipe, path: Path, fps: int):
     def on_hit(hit, latent):
         if not pipe.mesh.is_output_rank:
             return
-        out = path.with_name(f"{path.stem}.hit{count[0]}{path.suffix}")
+        out = hit_path(path, count[0])
         write_video(out, pipe.vae.decode(latent).numpy(), fps)
         print(f"paradit: CHORDS hit {count[0]} (core {hit.core}, round {hit.round}"
               f"{', preview' if hit.preview else ''}) -> {out}", flush=True)

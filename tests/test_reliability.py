@@ -180,6 +180,9 @@ BAD_CLI = [
     (["--out", "{files}/a_file/x.mp4"], r"a_file is not a directory", 2, "output"),
     (["--out", "/proc/paradit-test/x.mp4"], r"cannot create files in /proc", 2, "output"),
     (["--save-latents", "--out", "{tmp}/v.mp4"], r"v.latent.safetensors is a directory", 2, "output"),
+    # a streamed hit's name taken: refused mid-run, after the weights, as 'IsADirectoryError', exit 1
+    (["--chords", "2", "--steps", "2", "--chords-stream", "--out", "{tmp}/h.mp4"],
+     r"^--out .*h.mp4: cannot write .*h.hit2.mp4: .*is a directory", 2, "output"),
 ]
 
 
@@ -199,6 +202,7 @@ def test_bad_cli_input(args, message, world, where, files, tmp_path):
     args = [a.format(files=files, out=tmp_path / "video", tmp=tmp_path) for a in args]
     (tmp_path / "adir.mp4").mkdir()
     (tmp_path / "v.latent.safetensors").mkdir()
+    (tmp_path / "h.hit2.mp4").mkdir()   # the last of --chords 2's streamed hits (a preview and two)
     before = sorted(tmp_path.iterdir())
     if "--out" not in args:
         args += ["--out", str(tmp_path / "video.mp4")]

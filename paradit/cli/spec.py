@@ -131,10 +131,17 @@ def files_of(path: Path, save_latents: bool) -> list[Path]:
     return files + ([path.with_suffix(".latent.safetensors")] if save_latents else [])
 
 
+def hit_path(path: Path, j: int) -> Path:
+    """The j-th CHORDS hit's preview beside the video (--chords-stream): NAME.hitJ.mp4, j = 0 (the coarse
+    preview) to K (the K cores' real hits)."""
+    return path.with_name(f"{path.stem}.hit{j}{path.suffix}")
+
+
 def check_outputs(paths: tuple[Path, ...], flags: Flags) -> None:
     from paradit.outputs import check_writable
     for path in paths:
-        for file in files_of(path, flags.save_latents):
+        hits = [hit_path(path, j) for j in range(flags.chords + 1)] if flags.chords_stream else []
+        for file in files_of(path, flags.save_latents) + hits:
             why = check_writable(file)
             if why:
                 raise UsageError(f"--out {flags.out}: cannot write {file}: {why}")
