@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from paradit.settings import quant_parts
+
 OFFLOAD_MODES = ("auto", "none", "text-encoder", "experts", "all", "layers")
 
 
@@ -60,11 +62,13 @@ def moves_experts(mode: str) -> bool:
 
 
 def runs_with_quant(mode: str, quant: str) -> bool:
-    """Whether offload `mode` runs with FP8 mode `quant` (paradit.settings.QUANT_MODES): not where it moves
-    experts, whose host buffers (paradit.offload.HostWeights, streamed ones too) hold their loaded dtype's
-    tensors, not FP8 weights. The one rule: paradit.models.quant.check_quant refuses by it, and the
-    planner's offload "auto" picks no mode it rules out."""
-    return quant == "none" or not moves_experts(mode)
+    """Whether offload `mode` runs with FP8 mode `quant` (paradit.settings.QUANT_MODES): not where `quant` makes
+    FP8 weights (fp8, fp8-all: the linear layers) and `mode` moves experts, whose host buffers
+    (paradit.offload.HostWeights, streamed ones too) hold their loaded dtype's tensors. fp8-attention
+    quantises no weight (q, k and v inside the kernel), so its experts move as loaded, with every mode.
+    The one rule: paradit.models.quant.check_quant refuses by it, and the planner's offload "auto" picks
+    no mode it rules out."""
+    return "linears" not in quant_parts(quant) or not moves_experts(mode)
 
 
 def experts_on_host(mode: str, held: int) -> bool:

@@ -258,8 +258,8 @@ def planned_video(cfg: WanConfig, settings: VideoSettings | None) -> VideoSettin
 def planner_options(settings: VideoSettings, loras: int, quant: str, compile: bool, info) -> dict:
     """The planner's options (make_problem's) of a run at `settings`, besides its layout and offload:
     guidance (a guidance of 1 for both experts has no uncond forward), the LoRA files merged (their
-    merge time and memory), the FP8 mode (offload modes that move experts and sharded weights ruled
-    out), compiled blocks (sharded weights ruled out) and the host memory the launcher read (info:
+    merge time and memory), the FP8 mode (sharded weights ruled out, and with FP8 weights offload modes
+    that move experts), compiled blocks (sharded weights ruled out) and the host memory the launcher read (info:
     paradit.launch.DistInfo; offload modes whose pinned copies do not fit it are ruled out)."""
     from paradit.plan.hardware import host_options
     return dict(guidance=any(g != 1.0 for g in settings.guidance), loras=loras, quant=quant, compile=bool(compile),

@@ -251,6 +251,9 @@ def test_fp8_is_never_planned_with_an_offload_that_moves_experts(tmp_path, monke
     for mode in ("experts", "all", "layers"):     # given: refused, on every path, before the build
         with pytest.raises(ParameterError, match=rf"^quant='fp8': the expert offload \(offload {mode}\) does not"):
             build_spec(folder, offload=mode, quant="fp8", settings=small)
+    # fp8-attention makes no FP8 weight: its experts move as bf16's do, and are planned so
+    monkeypatch.setattr("paradit.models.quant.fp8_attention_missing", lambda device: [])
+    assert build_spec(folder, offload="auto", quant="fp8-attention", settings=small).offload == "experts"
     # auto sharding is none with FP8 (FSDP2 gathers the loaded dtype): where bf16 shards, FP8 builds whole
     fake_host(monkeypatch, "l40s", 100.0, world=2)
     u2 = ParallelConfig(ulysses=2, shard_weights="auto")

@@ -107,6 +107,39 @@ def test_offload_and_ring_are_refused(fp8_machine):
     assert quant.check_quant("fp8-attention", CPU, "none", ParallelConfig(ulysses=2)) == ("attention",)
 
 
+def emulated_fp8_attention(calls: list):
+    """FP8 self-attention as cuDNN's kernel rounds it (q, k, v in float8 e4m3, one scale per tensor), then
+    SDPA in the inputs' dtype: the FP8 kernels run on Hopper only; this stands in for them on the CPU."""
+    def attention(q, k, v):                             # (B, S, H, D) each
+        calls.append(q.shape)
+        q, k, v = ((t8.to(t.dtype) * scale.to(t.dtype)).transpose(1, 2)   # (B, H, S, D)
+                   for t in (q, k, v) for t8, scale in [quant._e4m3(t)])
+        return nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)   # (B, S, H, D)
+    return attention
+
+
+def test_fp8_attention_runs_with_every_offload_mode(fp8_machine, monkeypatch):
+    # fp8-attention quantises no weight (only self-attention's q, k, v, inside the kernel), so the experts move
+    # through their host buffers as loaded, as without FP8 (residency.runs_with_quant; before, check_quant
+    # refused experts, all and layers with it). The tiny model offloaded gives the same latent as kept on the
+    # device, with the FP8 kernel (emulated) bound to both experts, on every step
+    from paradit.pipeline import Pipeline
+    for mode in ("experts", "all", "layers"):
+        assert quant.check_quant("fp8-attention", CPU, mode) == ("attention",)
+    calls = []
+    monkeypatch.setattr("paradit.pipeline.fp8_attention", lambda: emulated_fp8_attention(calls))
+    kw = dict(steps=4, seed=3, progress=False, output="latent")
+    plain = Pipeline.from_pretrained("tiny")("a red circle", **kw)
+    kept = Pipeline.from_pretrained("tiny", quant="fp8-attention")("a red circle", **kw)
+    per_run = len(calls)
+    assert per_run == 4 * 2 and rel(kept, plain) > 1e-4   # 4 steps x 2 blocks (CFG batched): it ran, and rounds
+    for mode in ("experts", "layers"):
+        pipe = Pipeline.from_pretrained("tiny", quant="fp8-attention", offload=mode)
+        before = len(calls)
+        assert torch.equal(pipe("a red circle", **kw), kept) and len(calls) - before == per_run, mode
+        assert sorted({e for step in pipe.record.residency for e in step}) == [0, 1], mode   # both moved in turn
+
+
 def test_fp32_and_odd_shapes_are_refused(fp8_machine):
     pytest.importorskip("torchao")
     with pytest.raises(ParameterError, match=r"the model is in torch.float32; FP8 linear layers take bf16"):

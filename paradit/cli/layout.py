@@ -160,6 +160,7 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, info, flags: 
     """Refuse, before loading, a layout the planner predicts will not fit its GPUs, or whose offload mode's
     pinned copies will not fit the host (override: --force)."""
     from paradit.plan import Infeasibility, evaluate, make_problem, plan
+    from paradit.residency import runs_with_quant
     if cfg.name not in PRESETS:
         return
     size = (settings.width, settings.height, settings.frames, settings.steps)
@@ -171,8 +172,8 @@ def check_memory(cfg, layout: ParallelConfig, kind: str, settings, info, flags: 
         hint = (f"; the planner suggests {best.layout.label()} with --offload {best.offload} --cfg-mode "
                 f"{best.layout.cfg_mode} ({best.mem_gb:.1f} GB per GPU)" if best else "")
         where = kind if cand.why is Infeasibility.OUT_OF_MEMORY else f"this host ({cand.offload})"
-        fp8 = (f" (for bf16 weights: --quant {flags.quant} is not modelled, and runs with --offload none or "
-               f"text-encoder only)" if flags.quant != "none" else "")
+        moved = "" if runs_with_quant("experts", flags.quant) else ", and runs with --offload none or text-encoder only"
+        fp8 = f" (for bf16 weights: --quant {flags.quant} is not modelled{moved})" if flags.quant != "none" else ""
         raise UsageError(f"layout {layout.describe()} with --offload {flags.offload} is predicted not to fit on "
                          f"{where}{fp8}: {cand.reason}{hint}. Pass --force to run it anyway")
 

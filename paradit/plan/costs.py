@@ -90,7 +90,7 @@ class Problem:
     loras: int = 0                        # LoRA files merged at load (start-up time, the merge's workspace)
     host_gb: float | None = None          # host memory available on each host (None: unknown, not checked)
     ranks_per_host: int | None = None     # ranks sharing one host's memory (None: a node's GPUs)
-    quant: str = "none"                   # FP8 (settings.QUANT_MODES): not modelled; no expert moves with it
+    quant: str = "none"                   # FP8 (settings.QUANT_MODES): not modelled; FP8 weights move no expert
     compile: bool = False                 # torch.compile: not modelled; the weights stay whole with it
 
     @property

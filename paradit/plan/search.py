@@ -117,7 +117,8 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     """A Problem from names and defaults (the model's size, frames and steps when None). host_gb: the
     host memory each host has available (None: not checked); ranks_per_host: the ranks sharing it (None:
     one node's GPUs, gpu.gpus_per_node). quant: the run's FP8 mode (paradit.settings.QUANT_MODES), not
-    modelled, but with it no offload mode moves an expert and no weights are sharded. compile: whether the
+    modelled, but with FP8 weights (fp8, fp8-all) no offload mode moves an expert, and with any no weights
+    are sharded. compile: whether the
     run compiles its blocks (torch.compile), not modelled, but compiled blocks run whole weights."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
     spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
@@ -154,7 +155,7 @@ def plan(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     guidance 1, no uncond forward), loras (LoRA files merged), allow_ring (see Problem), host_gb and
     ranks_per_host (the host memory each host has available and the ranks sharing it: offload modes whose
     pinned copies do not fit are ruled out; paradit.plan.memory), quant (the run's FP8 mode: not modelled,
-    but offload modes that move experts and sharded weights, which FP8 does not run with, are ruled out),
+    but sharded weights, and with FP8 weights offload modes that move experts, are ruled out),
     compile (torch.compile of the blocks: not modelled, but sharded weights, which it does not run with,
     are ruled out).
     """
