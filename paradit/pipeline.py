@@ -46,6 +46,17 @@ log = logging.getLogger("paradit")
 __all__ = ["Pipeline", "RunRecord", "VideoSettings", "tiny_components"]
 
 
+
+def stream_item(i: int, item) -> tuple:
+    """prompts[i] of Pipeline.stream, (prompt, negative_prompt, settings[, image]) -> its four parts."""
+    if not isinstance(item, (tuple, list)) or len(item) not in (3, 4) or not isinstance(item[2], VideoSettings):
+        raise ParameterError(f"prompts[{i}]", item, "give (prompt, negative_prompt, settings[, image]) with settings "
+                             "a paradit.settings.VideoSettings", "e.g. (\"a red circle\", None, "
+                             "VideoSettings.resolve(pipe.cfg, steps=20))")
+    prompt, negative, s, *image = item
+    return prompt, negative, s, image[0] if image else None
+
+
 class Pipeline:
     def __init__(self, cfg: WanConfig, experts: list[WanTransformer], text_encoder: TextEncoder,
                  vae: VideoVAE | None, parallel: ParallelConfig | None = None, mesh: Mesh | None = None,
@@ -240,18 +251,19 @@ class Pipeline:
         from paradit.engine.split import StageTimes, run_split
         if self.mesh.split is None:
             times = StageTimes()
-            for i, (prompt, negative, s, *image) in enumerate(prompts):   # an image: the request's first frame
+            for i, item in enumerate(prompts):
+                prompt, negative, s, image = stream_item(i, item)
                 t0 = time.time()
-                latent = self.run(prompt, s, negative, image=image[0] if image else None, chords=chords,
-                                  progress=progress)
+                latent = self.run(prompt, s, negative, image=image, chords=chords, progress=progress)
                 times.spans.append((i, 0, t0, time.time()))
                 if on_done is not None:
                     on_done(i, latent, time.time() - t0)
             return times
 
         def requests():
-            for prompt, negative, s, *image in prompts:
-                self.check_request(prompt, negative, s, image[0] if image else None, chords)
+            for i, item in enumerate(prompts):
+                prompt, negative, s, image = stream_item(i, item)
+                self.check_request(prompt, negative, s, image, chords)
                 yield self.request(prompt, negative, s) if self.mesh.coords["stage"] == 0 else self.new_request(s)
 
         def finished(i, req, latent, seconds):

@@ -106,6 +106,18 @@ def test_bad_prompts_are_named(pipe, kw, message):
         pipe(**kw, steps=1, output="latent", progress=False)
 
 
+def test_bad_stream_items_are_named(pipe):
+    """pipe.stream([3]) raised 'cannot unpack non-iterable int object'; stream("a prompt") 'not enough values
+    to unpack'."""
+    with pytest.raises(ParameterError, match=r"^prompts\[0\]=3: give \(prompt, negative_prompt, settings"):
+        pipe.stream([3])
+    with pytest.raises(ParameterError, match=r"^prompts\[0\]='a'"):
+        pipe.stream("a red circle")
+    ok = (PROMPT, None, VideoSettings.resolve(pipe.cfg, steps=1))
+    with pytest.raises(ParameterError, match=r"^prompts\[1\]=\('b', None, 5\): .*VideoSettings"):
+        pipe.stream([ok, ("b", None, 5)], progress=False)
+
+
 def test_preset_defaults():
     s = VideoSettings.resolve(A14B)
     assert (s.width, s.height, s.frames, s.steps, s.shift, s.guidance) == (1280, 720, 81, 40, 12.0, (4.0, 3.0))
