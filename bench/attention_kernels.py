@@ -208,7 +208,7 @@ def fp8_table(fns: dict, device, args) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--tokens", type=int, default=75600, help="query = key tokens (A14B 1280x720x81: 75,600)")
@@ -221,36 +221,17 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", action="store_true", help="the per-rank shapes of Ulysses / Ring 1-8, B = 1, 2")
     ap.add_argument("--fp8", action="store_true", help="FP8 attention (cuDNN) against bf16, time and error")
     ap.add_argument("--tokens2", type=int, default=32760, help="--layouts: a second resolution (0: none)")
-    args = ap.parse_args(argv)
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    fns = candidates(device)
-    tag = machine_tag(device.type)
-    print(f"attention kernels on {machine_description(device.type)}: {args.tokens} tokens, {args.heads} heads x "
-          f"{args.head_dim}, {dtype}", flush=True)
+    return ap.parse_args(argv)
 
-    checks = check(fns, device, dtype)
+
+def print_checks(checks: dict) -> None:
     for name, c in checks.items():
         print(f"  check {name:<24} " + (c.get("error") or f"out err {c['out_rel_err']:.2e}" + (
             f" lse {c['lse_max_abs_err']:.2e}" if c.get("lse_max_abs_err") is not None else "")), flush=True)
-    if args.fp8:
-        rows = fp8_table(fns, device, args)
-        result = dict(what="attention_fp8", date=time.strftime("%Y-%m-%d"), machine=tag,
-                      machine_description=machine_description(device.type), environment=environment(),
-                      shape=dict(tokens=args.tokens, heads=args.heads, head_dim=args.head_dim),
-                      method=__doc__, rows=rows)
-        print(f"wrote {write_json(results_path('attention_fp8', 'json', args.out, tag), result)}")
-        return 0
-    if args.layouts:
-        rows = layouts_table(fns, device, dtype, args)
-        result = dict(what="attention_layouts", date=time.strftime("%Y-%m-%d"), machine=tag,
-                      machine_description=machine_description(device.type), environment=environment(),
-                      shape=dict(tokens=args.tokens, tokens2=args.tokens2, heads=args.heads,
-                                 head_dim=args.head_dim, dtype=str(dtype)),
-                      checks=checks, method=__doc__, rows=rows)
-        print(f"wrote {write_json(results_path('attention_layouts', 'json', args.out, tag), result)}")
-        return 0
+
+
+def kernel_rows(fns: dict, checks: dict, device, dtype, args) -> list[dict]:
+    """Every kernel timed at the full shape (the math reference only up to 8,192 tokens), one line each."""
     s, h, d = args.tokens, args.heads, args.head_dim
     flops = 4 * s * s * h * d
     q, k, v = (torch.randn(1, s, h, d, device=device, dtype=dtype) for _ in range(3))
@@ -269,18 +250,52 @@ def main(argv=None) -> int:
               + (f"   err out {row['out_rel_err']:.2e}" if "out_rel_err" in row else "")
               + (f" lse {row['lse_max_abs_err']:.2e}" if row.get("lse_max_abs_err") is not None else "")
               + (f"   {row['error']}" if "error" in row else ""), flush=True)
+    return rows
+
+
+def print_fastest(rows: list[dict]) -> None:
     best = {kind: max((r for r in rows if r["kind"] == kind and "tflops" in r), key=lambda r: r["tflops"],
                       default=None) for kind in ("plain", "lse")}
     for kind, r in best.items():
         if r:
             print(f"fastest {kind}: {r['kernel']} ({r['tflops']:.3g} TFLOP/s)")
-    result = dict(what="attention", date=time.strftime("%Y-%m-%d"), machine=tag,
-                  machine_description=machine_description(device.type), environment=environment(),
-                  shape=dict(tokens=s, heads=h, head_dim=d, dtype=str(dtype), flops_per_call=flops),
-                  check_shape="q 999 x k 1003 tokens, 3 heads x 128, against fp32 math", method=__doc__, rows=rows)
-    print(f"wrote {write_json(results_path('attention', 'json', args.out, tag), result)}")
-    return 0
 
+
+def write_result(what: str, device, out, **fields) -> None:
+    """bench/results/<date>_<machine>_<what>.json (or under --out): the machine, then `fields`."""
+    tag = machine_tag(device.type)
+    result = dict(what=what, date=time.strftime("%Y-%m-%d"), machine=tag,
+                  machine_description=machine_description(device.type), environment=environment(), **fields)
+    print(f"wrote {write_json(results_path(what, 'json', out, tag), result)}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    fns = candidates(device)
+    print(f"attention kernels on {machine_description(device.type)}: {args.tokens} tokens, {args.heads} heads x "
+          f"{args.head_dim}, {dtype}", flush=True)
+    checks = check(fns, device, dtype)
+    print_checks(checks)
+    if args.fp8:
+        rows = fp8_table(fns, device, args)
+        write_result("attention_fp8", device, args.out, shape=dict(tokens=args.tokens, heads=args.heads,
+                     head_dim=args.head_dim), method=__doc__, rows=rows)
+    elif args.layouts:
+        rows = layouts_table(fns, device, dtype, args)
+        write_result("attention_layouts", device, args.out,
+                     shape=dict(tokens=args.tokens, tokens2=args.tokens2, heads=args.heads, head_dim=args.head_dim,
+                                dtype=str(dtype)), checks=checks, method=__doc__, rows=rows)
+    else:
+        rows = kernel_rows(fns, checks, device, dtype, args)
+        print_fastest(rows)
+        s, h, d = args.tokens, args.heads, args.head_dim
+        write_result("attention", device, args.out,
+                     shape=dict(tokens=s, heads=h, head_dim=d, dtype=str(dtype), flops_per_call=4 * s * s * h * d),
+                     check_shape="q 999 x k 1003 tokens, 3 heads x 128, against fp32 math", method=__doc__, rows=rows)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
