@@ -228,7 +228,7 @@ def plot(result: dict, path: Path) -> Path | None:
     return path
 
 
-def main(argv=None) -> Path:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", help="model preset (default: wan2.2-t2v-a14b on GPU, tiny at dim 64 on CPU)")
     ap.add_argument("--size", help="WIDTHxHEIGHT (default 1280x720 GPU, 64x64 CPU)")
@@ -246,9 +246,12 @@ def main(argv=None) -> Path:
     ap.add_argument("--cpu-emulation", action="store_true",
                     help="CPU smoke test: lift torchao's GPU assert (numbers meaningless)")
     ap.add_argument("--out", help="results folder (default: bench/results)")
-    args = ap.parse_args(argv)
-    logging.getLogger("paradit").setLevel(logging.WARNING)
-    device = init_distributed("auto").device
+    return ap.parse_args(argv)
+
+
+def settle(args, device) -> bool:
+    """The device's defaults (DEFAULTS) for what was not given; FP8 refused here, naming what is missing,
+    unless emulated. Returns whether it is: --cpu-emulation on a CPU."""
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     for k in ("preset", "size", "frames", "layers", "warmup", "repeats"):
         setattr(args, k, getattr(args, k) or d[k])
@@ -261,6 +264,11 @@ def main(argv=None) -> Path:
         except ParameterError as err:
             raise SystemExit(f"bench/quant.py: {err}" + ("; for a CPU smoke test pass --cpu-emulation"
                                                           if device.type == "cpu" else ""))
+    return emulate
+
+
+def measure(args, device, emulate: bool) -> dict:
+    """bf16 against FP8: the forward's errors, the steps' times, the demo denoise; the result as written."""
     w, h = (int(v) for v in args.size.split("x"))
     cfg = bench_config(args.preset, args.layers, device)
     inputs = make_inputs(cfg, dict(width=w, height=h, frames=args.frames, sample_steps=cfg.steps), device)
@@ -290,20 +298,37 @@ def main(argv=None) -> Path:
                "fp8": {"eager": fp8_eager, "compiled": fp8_compiled}},
         demo=None if args.no_demo else attempt("demo", demo_latents, device, args.mode, emulate, args.demo_steps,
                                                        args.demo_model))
-    full = WanConfig.preset(args.preset).num_layers
-    for kind, s in result["step_s"].items():
+    for s in result["step_s"].values():
         if s and s["bf16"] and s["fp8"]:
             s["speedup"] = s["bf16"] / s["fp8"]
+    return result
+
+
+def report(result: dict, args) -> None:
+    """The step times (and at the preset's full depth), the forward's errors, the demo's latent errors."""
+    full = WanConfig.preset(args.preset).num_layers
+    for kind, s in result["step_s"].items():
+        if s and "speedup" in s:
             print(f"  {kind:8s} step: bf16 {s['bf16']:.3f} s, {args.mode} {s['fp8']:.3f} s ({s['speedup']:.2f}x); "
                   f"at the full {full} blocks: {s['bf16'] * full / args.layers:.2f} s vs "
                   f"{s['fp8'] * full / args.layers:.2f} s", flush=True)
-    print(f"  forward rel. error {args.mode} vs bf16: {result['forward']['fp8']['rel_err']:.3e} (velocity "
-          f"{result['forward']['fp8']['velocity_rel_err']:.3e})"
-          + (f"; bf16 vs fp32: {result['forward']['bf16_vs_fp32']['rel_err']:.3e}" if ref32 else ""), flush=True)
+    forward = result["forward"]
+    print(f"  forward rel. error {args.mode} vs bf16: {forward['fp8']['rel_err']:.3e} (velocity "
+          f"{forward['fp8']['velocity_rel_err']:.3e})"
+          + (f"; bf16 vs fp32: {forward['bf16_vs_fp32']['rel_err']:.3e}" if forward["bf16_vs_fp32"] else ""), flush=True)
     if result["demo"] and "error" not in result["demo"]:
         print(f"  {args.demo_model} latent after {result['demo']['steps']} steps: {args.mode} vs bf16 "
               f"{result['demo']['fp8_vs_bf16']['rel_err']:.3e}, bf16 vs fp32 "
               f"{result['demo']['bf16_vs_fp32']['rel_err']:.3e}", flush=True)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    logging.getLogger("paradit").setLevel(logging.WARNING)
+    device = init_distributed("auto").device
+    emulate = settle(args, device)
+    result = measure(args, device, emulate)
+    report(result, args)
     path = write_json(results_path("quant", "json", args.out, result["machine"]), result)
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path}", flush=True)
