@@ -290,7 +290,7 @@ def table(result: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint folder (diffusers layout), or 'tiny'")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -303,15 +303,62 @@ def main(argv=None) -> int:
     ap.add_argument("--sources", default="pread,mmap", help="comma-separated reader sources to time the experts with")
     ap.add_argument("--threads", type=int, default=None, help="reader threads (default: what the loader uses)")
     ap.add_argument("--out", help="results folder (default: bench/results)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from launcher import environment, machine_description, machine_tag, results_path, write_json
+
+def bench_device(args) -> torch.device:
+    """--device (auto: CUDA if there is one), its memory capped at --memory-cap-gb."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.memory_cap_gb:
         if device.type != "cuda":
             raise SystemExit("--memory-cap-gb caps CUDA memory; this run is on the CPU")
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 1e9 / total), device)
+    return device
+
+
+def measure_components(folder: Path, device: torch.device, dtype: torch.dtype, args) -> dict:
+    """Steps 0 and 1: the reader's two halves, each component alone, the experts once per source."""
+    from paradit.checkpoint import reader_threads
+    sources, threads = args.sources.split(","), args.threads or reader_threads(1)
+    result = {"reader": reader_halves(folder, device, sources, threads)}
+    print("reader:", json.dumps(result["reader"]), flush=True)
+    result["alone"] = components_alone(folder, device, dtype, threads)
+    print("alone:", json.dumps(result["alone"]), flush=True)
+    result["experts_by_source"] = {}
+    for source in sources:
+        part = experts_alone(folder, device, dtype, source, threads)
+        part["gb_per_s"] = part["bytes"] / 1e9 / part["s"]
+        result["experts_by_source"][source] = part
+        print(f"experts ({source}):", json.dumps(part), flush=True)
+    return result
+
+
+def measure_modes(folder: Path, device: torch.device, args) -> dict:
+    """Steps 2 and 3, once per --offload-modes entry: the whole start-up, then the timed steps."""
+    settings = {"steps": args.steps, "frames": args.frames}
+    if args.size:
+        settings["width"], settings["height"] = (int(v) for v in args.size.lower().split("x"))
+    result = {"steps": []}
+    modes = args.offload_modes.split(",")
+    for i, mode in enumerate(modes):
+        pipe, startup = whole_startup(folder, device, mode)
+        if i == 0:
+            result["startup"] = startup
+        result.setdefault("startups", []).append(startup)
+        if args.steps:
+            result["steps"].append(step_times(pipe, settings, device))
+        print(f"offload {mode}: start-up", json.dumps(startup), "steps",
+              json.dumps(result["steps"][-1] if args.steps else None), flush=True)
+        del pipe
+        free(device)
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from launcher import environment, machine_description, machine_tag, results_path, write_json
+    device = bench_device(args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tmp = tempfile.TemporaryDirectory(prefix="paradit_startup_") if args.checkpoint == "tiny" else None
     folder = write_tiny(Path(tmp.name)) if tmp else Path(args.checkpoint)
@@ -321,34 +368,8 @@ def main(argv=None) -> int:
                   "memory_cap_gb": args.memory_cap_gb, "page_cache_warmed_gb": warm_gb,
                   "machine": machine_description(device.type), "environment": environment(),
                   "threads": threading.active_count()}
-        from paradit.checkpoint import reader_threads
-        sources, threads = args.sources.split(","), args.threads or reader_threads(1)
-        result["reader"] = reader_halves(folder, device, sources, threads)
-        print("reader:", json.dumps(result["reader"]), flush=True)
-        result["alone"] = components_alone(folder, device, dtype, threads)
-        print("alone:", json.dumps(result["alone"]), flush=True)
-        result["experts_by_source"] = {}
-        for source in sources:
-            part = experts_alone(folder, device, dtype, source, threads)
-            part["gb_per_s"] = part["bytes"] / 1e9 / part["s"]
-            result["experts_by_source"][source] = part
-            print(f"experts ({source}):", json.dumps(part), flush=True)
-        settings = {"steps": args.steps, "frames": args.frames}
-        if args.size:
-            settings["width"], settings["height"] = (int(v) for v in args.size.lower().split("x"))
-        result["steps"] = []
-        modes = args.offload_modes.split(",")
-        for i, mode in enumerate(modes):
-            pipe, startup = whole_startup(folder, device, mode)
-            if i == 0:
-                result["startup"] = startup
-            result.setdefault("startups", []).append(startup)
-            if args.steps:
-                result["steps"].append(step_times(pipe, settings, device))
-            print(f"offload {mode}: start-up", json.dumps(startup), "steps",
-                  json.dumps(result["steps"][-1] if args.steps else None), flush=True)
-            del pipe
-            free(device)
+        result |= measure_components(folder, device, dtype, args)
+        result |= measure_modes(folder, device, args)
     finally:
         if tmp:
             tmp.cleanup()
@@ -356,7 +377,6 @@ def main(argv=None) -> int:
     path = write_json(results_path("startup", "json", args.out, machine_tag(device.type)), result)
     print(f"wrote {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
