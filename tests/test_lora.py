@@ -256,6 +256,9 @@ def test_bad_specs_and_flags(bad):
         LoraSpec("x.safetensors", target="mid")
     with pytest.raises(LoraError, match=r"--lora-high 'x.safetensors:strong': write PATH or PATH:SCALE"):
         parse_lora("x.safetensors:strong", "high")
+    with pytest.raises(LoraError, match=r"^--lora 'x.safetensors:nan': write PATH or PATH:SCALE with a finite "
+                                        r"number SCALE"):   # it said "a number", which nan is
+        parse_lora("x.safetensors:nan")
     colon = bad / "with:colon.safetensors"        # an existing file whose name has a colon is a path
     colon.write_bytes((bad / "good.safetensors").read_bytes())
     assert lora_specs(["a.safetensors:0.5"], None, [str(colon), "d.safetensors"]) == [

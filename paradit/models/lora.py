@@ -80,7 +80,7 @@ def parse_lora(text: str, target: str = "all") -> LoraSpec:
             return LoraSpec(path, float(tail), target)
         except ValueError:
             if not Path(text).exists():
-                raise LoraError(f"{FLAGS[target]} {text!r}: write PATH or PATH:SCALE with a number SCALE, "
+                raise LoraError(f"{FLAGS[target]} {text!r}: write PATH or PATH:SCALE with a finite number SCALE, "
                                 f"e.g. lora.safetensors:0.8") from None
     return LoraSpec(text, 1.0, target)
 
