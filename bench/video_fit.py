@@ -53,7 +53,7 @@ def run_rates(row: dict, preset: str, gpu: str | None) -> tuple[str, dict] | Non
     gpix = p.width * p.height * p.frames / 1e9
     rates = {}
     if not point["loras"] and start.get("weights_s"):
-        rates["weights_gbps"] = (experts * expert_gb + text_encoder_gb(m) + vae_gb(m, p.width, p.height, p.frames)
+        rates["weights_gbps"] = (experts * expert_gb + text_encoder_gb(m) + vae_gb(m, p.width, p.height)
                                  ["weights"]) / start["weights_s"]
     if experts_on_host(point["offload"], experts) and start.get("host_buffers_s"):
         added_s = start["host_buffers_s"] / experts    # the sum of `experts` concurrent set-ups: about one

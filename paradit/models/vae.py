@@ -4,7 +4,7 @@ Precision and tiling follow the memory there is. On a GPU the VAE runs in bf16 (
 WanPipeline runs it when loaded in bf16); elsewhere in fp32. A latent is decoded whole, frame by
 frame with the causal cache, when the estimated peak (`decode_bytes`) fits in the device's free
 memory; otherwise in the fewest tiles that fit (`plan_tiles`). At 720p x 81 in bf16 the whole
-decode needs about 12 GB (`decode_bytes`), so on one large GPU it is one piece and does no
+decode needs about 9.8 GB (`decode_bytes`), so on one large GPU it is one piece and does no
 overlapping tile's work twice.
 
 Tiles follow the procedure of diffusers' `AutoencoderKLWan.tiled_decode` (overlapping spatial
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from paradit.models.vae_memory import decode_bytes, encode_bytes, work_bytes  # noqa: F401 (imported from here too)
+from paradit.models.vae_memory import (decode_bytes, encode_bytes, video_bytes,  # noqa: F401 (imported from here too)
+                                       work_bytes)
 
 try:   # imported with the pipeline, as before; only a Wan VAE needs it (wan_autoencoder), not the demo's codec
     from diffusers import AutoencoderKLWan
@@ -97,15 +98,12 @@ def tile_origins(vae: AutoencoderKLWan, z: Tensor, tiles: Tiles | None = None) -
 
 # ----------------------------------------------------------------------------- memory
 def tiles_bytes(vae: AutoencoderKLWan, lat_hw, frames: int, dtype, tiles: Tiles, device_type: str = "cuda") -> int:
-    """The peak of a tiled decode: one tile's working set, every decoded tile and the blended video."""
+    """The peak of a tiled decode: one tile's decode, every decoded tile and the blended video."""
     g = tile_geometry(vae, tiles)
     tile_hw = (min(g["lat_h"], lat_hw[0]), min(g["lat_w"], lat_hw[1]))
     count = -(-lat_hw[0] // g["lat_stride_h"]) * -(-lat_hw[1] // g["lat_stride_w"])
-    frames_only = decode_bytes(vae, tile_hw, frames, dtype, device_type) - decode_bytes(vae, tile_hw, 1, dtype,
-                                                                                      device_type)
-    video = (decode_bytes(vae, lat_hw, frames, dtype, device_type)
-             - decode_bytes(vae, lat_hw, 1, dtype, device_type)) / 2
-    return int(decode_bytes(vae, tile_hw, frames, dtype, device_type) + count * frames_only / 2 + video)
+    return int(decode_bytes(vae, tile_hw, frames, dtype, device_type)
+               + count * video_bytes(vae, tile_hw, frames, dtype) + video_bytes(vae, lat_hw, frames, dtype))
 
 
 def tile_area(vae: AutoencoderKLWan, lat_hw, tiles: Tiles) -> int:

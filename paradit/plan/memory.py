@@ -20,13 +20,15 @@ Phases of one rank, each the memory resident through the run plus that phase's o
     denoise  = resident + activation_scale x one block's working set x b x local tokens, where b is 2
                for batched CFG (cond and uncond in one forward), 1 for CFG in turn, for CFG-parallel
                and without guidance (guidance 1 has no uncond forward at all)
-    decode   = resident + the VAE decode's working set: the whole latent's (decode_scale x the estimate
-               of paradit.plan.model.vae_gb; spread over the rank's sequence-parallel group, its
-               column tile's: plan.model.decode_share) when it fits in the share of free memory the
-               runtime gives a decode (paradit.models.vae.MEMORY_USE of it), else that share: the
-               tiles are chosen to fit it
-The peak is the fullest phase. overhead_gb, activation_scale, decode_scale and lora_merge_gb are
-fitted to measured peaks by bench/memory_fit.py.
+    decode   = resident + the VAE decode's working set: the whole latent's (decode_scale x one decoder
+               call's peak, counted from the decoder's structure: paradit.plan.model.vae_gb; spread
+               over the rank's sequence-parallel group, its column tile's: plan.model.decode_share)
+               when it fits in the share of free memory the runtime gives a decode
+               (paradit.models.vae.MEMORY_USE of it), else that share: the tiles are chosen to fit it
+The peak is the fullest phase. overhead_gb, activation_scale and lora_merge_gb are fitted to measured
+peaks by bench/memory_fit.py; decode_scale can be, but is shipped at 1: the count is the allocator's
+peak (bench/vae_memory.py), and the fitted 0.75 had stood in for an estimate 25% high on Wan2.1's
+decode and 23% low on Wan2.2's.
 
 Host memory. A rank page-locks its offloaded components' bf16 bytes (pinned_gb): the text encoder where
 it encodes and the mode offloads it, its experts where the mode keeps them in host memory (experts and
@@ -71,7 +73,7 @@ def rank_memory(p, stage: Stage, experts: int, text: bool, decode: bool, mode: s
     parts of its fullest phase, every phase's total."""
     m, cal = p.model, p.calibration
     u, r, _ = stage
-    vae = vae_gb(m, p.width, p.height, p.frames, image_frames(m, p.frames) if text else 0)
+    vae = vae_gb(m, p.width, p.height, image_frames(m, p.frames) if text else 0)
     on_gpu = 0 if streams_layers(mode) else 1 if offloads_experts(mode) and experts > 1 else experts
     weights = layers_weights_gb(m) if streams_layers(mode) else weights_gb(m, on_gpu, shard)
     text_gb = text_encoder_gb(m) if text else 0.0

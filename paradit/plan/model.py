@@ -55,30 +55,53 @@ def activation_gb(m: WanConfig, local_tokens: int, batch: int, ring: bool) -> fl
     return batch * local_tokens * (4 * d + max(attention, ffn)) / GB
 
 
-# The Wan VAEs as diffusers' AutoencoderKLWan builds them: parameters (held in bf16 on a GPU), and the
-# channels per output pixel of the decoder's last conv and of the encoder's first (after the Wan2.2
-# VAE's 2x2 patch), which set a call's working set. tests/test_planner.py checks them against diffusers.
-VAE_SHAPES = {"wan2.1": {"params": 126_892_531, "decode_channels": 96, "encode_channels": 96},
-              "wan2.2": {"params": 704_688_668, "decode_channels": 64, "encode_channels": 40}}
-# bytes per pixel and channel of one bf16 VAE call on CUDA: paradit.models.vae_memory.work_bytes (48 per
+# The Wan VAEs as diffusers' AutoencoderKLWan builds them: parameters (held in bf16 on a GPU); the
+# encoder's channels per input pixel (conv_in's, after the Wan2.2 VAE's 2x2 patch), which set an encode's
+# working set; the spatial compression (pixels per latent pixel along a side); and the decoder's shape
+# in the numbers that set a decoder call's peak (decoder_call_bytes): cache_channels (the channels whose
+# last 2 frames its causal convolutions keep, summed over its levels, each weighted by its pixels per
+# latent pixel), top_channels (the widest convolution input at its last level) and top_scale (that
+# level's pixels per latent pixel: 8 x 8 for both, the Wan2.2 decoder's output being 2x2-patched).
+# paradit.models.vae_memory.decoder_shape reads them off a module; tests/test_vae_memory.py checks these
+# against diffusers'.
+VAE_SHAPES = {"wan2.1": {"params": 126_892_531, "ratio": 8, "cache_channels": 75_664, "top_channels": 96,
+                         "top_scale": 64, "encode_channels": 96},
+              "wan2.2": {"params": 704_688_668, "ratio": 16, "cache_channels": 228_400, "top_channels": 512,
+                         "top_scale": 64, "encode_channels": 40}}
+# bytes per pixel and channel of one bf16 VAE encode on CUDA: paradit.models.vae_memory.work_bytes (48 per
 # channel, a third of it fp32: 48 x (2 x 2 + 4) / 3)
 VAE_WORK_BYTES = 128.0
+# A decoder call (one latent frame after the first: 4 frames at its last level) peaks at its last level:
+# every causal convolution's 2-frame cache, and about 7 tensors of the widest 4-frame size there. Counted
+# on the real decoders (tests/test_vae_memory.py: the live tensors of a decode on the meta device, which
+# bench/vae.py's measured CUDA peak matches: 9.76 GB for Wan2.1 at 720p x 81): Wan2.1's peak is in its
+# last RMS norm (the 96-channel input, two fp32 copies, two convolution outputs: 7.4), Wan2.2's in its
+# last block's first convolution (the 512-channel input, diffusers' copy of it for a shortcut that block
+# does not have, the activation, the cache-extended and the padded inputs at 1.5 each, the shortcut: 6.7)
+TOP_COPIES, TOP_FRAMES, CACHE_FRAMES = 7, 4, 2
 
 
-def vae_gb(m: WanConfig, width: int, height: int, frames: int, image_frames: int = 0) -> dict[str, float]:
+def decoder_call_bytes(shape: dict, latent_pixels: int, itemsize: int) -> float:
+    """Peak bytes of one decoder call on a latent of `latent_pixels` pixels, weights aside (the
+    allocator's peak on CUDA: within 1% of the counted tensors in bf16, +3.5% in fp32)."""
+    per_pixel = (CACHE_FRAMES * shape["cache_channels"]
+                 + TOP_COPIES * TOP_FRAMES * shape["top_channels"] * shape["top_scale"])
+    return per_pixel * latent_pixels * itemsize
+
+
+def vae_gb(m: WanConfig, width: int, height: int, image_frames: int = 0) -> dict[str, float]:
     """GB of the VAE on a GPU: its bf16 weights, the whole-latent decode's working set (one decoder
-    call at the top level plus the decoded frames held twice, as paradit.models.vae_memory.decode_bytes
-    estimates it), and the encode of `image_frames` frames (I2V: the whole video; TI2V: one). The
-    tiny and demo codecs are negligible."""
+    call's peak, decoder_call_bytes: the CLI hands each call's frames to the mp4 encoder, so no decoded
+    video is held; paradit.models.vae_memory.decode_bytes adds it for a decode that returns the video),
+    and the encode of `image_frames` frames (I2V: the whole video; TI2V: one). The tiny and demo codecs
+    are negligible."""
     shape = VAE_SHAPES.get(m.vae)
     if shape is None:
         return {"weights": 0.0, "decode": 0.0, "encode": 0.0}
     pixels = width * height
-
-    def call(channels: int, out_frames: int) -> float:
-        return (VAE_WORK_BYTES * channels * pixels + 2 * 3 * out_frames * pixels * 2) / GB
-    return {"weights": shape["params"] * 2 / GB, "decode": call(shape["decode_channels"], frames),
-            "encode": call(shape["encode_channels"], image_frames) if image_frames else 0.0}
+    decode = decoder_call_bytes(shape, pixels / shape["ratio"] ** 2, 2)
+    encode = (VAE_WORK_BYTES * shape["encode_channels"] * pixels + 2 * 3 * image_frames * pixels * 2) / GB
+    return {"weights": shape["params"] * 2 / GB, "decode": decode / GB, "encode": encode if image_frames else 0.0}
 
 
 BLEND_PX = 64   # paradit.models.vae.BLEND_PX: the overlap of a spread decode's column tiles

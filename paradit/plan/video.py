@@ -48,7 +48,7 @@ def video_time(p, mode: str, experts: int, decoders: int, denoise_s: float) -> V
     decoded over `decoders` ranks, denoising in `denoise_s` (host copies included)."""
     m, cal = p.model, p.calibration
     expert_gb = param_count(m) * 2 / GB
-    vae = vae_gb(m, p.width, p.height, p.frames)
+    vae = vae_gb(m, p.width, p.height)
     read_gb = experts * expert_gb + text_encoder_gb(m) + vae["weights"]
     merge_s = experts * expert_gb / cal.lora_merge_gbps if p.loras else 0.0
     gpix = p.width * p.height * p.frames / 1e9
