@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 MIN_SIDE = 128  # videos smaller than this are written enlarged, so that a player shows them
+MAX_WRITTEN_SIDE = 16384  # libx264 (through ffmpeg's scaler) writes nothing wider: measured, 32768 fails
 
 
 TEMP_PREFIX = ".paradit-"
@@ -41,15 +42,21 @@ def temp_path(path: Path, tag: str = "tmp") -> Path:
     return Path(path).with_name(f"{TEMP_PREFIX}{tag}{os.getpid()}-{next(_serial)}")
 
 
+def enlargement(width: int, height: int, min_side: int = MIN_SIDE) -> int:
+    """The smallest integer factor k that makes both sides >= min_side, but no more than keeps both
+    within MAX_WRITTEN_SIDE (a 4096x16 video is written 16384x64, not 32768x128, which fails)."""
+    return max(1, min(-(-min_side // min(width, height)), MAX_WRITTEN_SIDE // max(width, height)))
+
+
 def enlarge(frames: np.ndarray, min_side: int = MIN_SIDE) -> tuple[np.ndarray, int]:
-    """Frames (F, H, W, 3) enlarged by the smallest integer factor k that makes both sides >= min_side
-    (nearest-neighbour, so the pixels themselves are unchanged); returns (frames, k)."""
-    k = max(1, -(-min_side // min(frames.shape[1:3])))
+    """Frames (F, H, W, 3) enlarged by `enlargement` (nearest-neighbour, so the pixels themselves are
+    unchanged); returns (frames, k)."""
+    k = enlargement(frames.shape[2], frames.shape[1], min_side)
     return (frames.repeat(k, axis=1).repeat(k, axis=2) if k > 1 else frames), k
 
 
 def written_size(width: int, height: int, min_side: int = MIN_SIDE) -> tuple[int, int]:
-    k = max(1, -(-min_side // min(width, height)))
+    k = enlargement(width, height, min_side)
     return width * k, height * k
 
 
@@ -200,7 +207,7 @@ class VideoStream:
     def _start(self, shape) -> None:
         from imageio_ffmpeg import get_ffmpeg_exe
         _, h, w, _ = shape
-        self.k = max(1, -(-MIN_SIDE // min(h, w)))                     # as enlarge() will
+        self.k = enlargement(w, h)                                      # as enlarge() will
         cmd = [get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
                "-s", f"{w * self.k}x{h * self.k}", "-r", str(self.fps), "-i", "-", "-an", "-vcodec", "libx264",
                "-pix_fmt", "yuv420p", "-crf", "10", "-x264-params", f"rc-lookahead={self.LOOKAHEAD}",

@@ -13,6 +13,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_reliability import error_lines, ranks_reporting, torchrun
@@ -79,6 +80,16 @@ def test_an_unwritable_name_is_refused_up_front_on_every_rank(tmp_path):
                for line in errors), errors
     assert not re.search(r'File ".*/paradit/', proc.stderr) and "layout:" not in proc.stderr, proc.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_thin_video_is_written(tmp_path):
+    """--size 4096x16 ran every step, then failed to write ('EncodeError: ffmpeg failed ... exit 187'): the
+    enlargement for its 16-pixel side made it 32768 pixels wide, beyond what libx264 takes (16384)."""
+    from paradit.outputs import MAX_WRITTEN_SIDE, write_video, written_size
+    assert written_size(4096, 16) == (16384, 64) and written_size(16, 16) == (128, 128)
+    assert max(written_size(4096, 16)) <= MAX_WRITTEN_SIDE
+    write_video(tmp_path / "x.mp4", np.zeros((1, 16, 4096, 3), np.uint8), 12)
+    assert (tmp_path / "x.mp4").stat().st_size > 0
 
 
 def test_discard_never_raises(tmp_path, monkeypatch):

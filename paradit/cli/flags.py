@@ -163,7 +163,8 @@ FLAGS: tuple[Flag, ...] = (
          "the image's shape at the preset's area", metavar="FILE"),
     # the video
     Flag("--size", SIZE, None, "WIDTHxHEIGHT, e.g. 1280x720. Videos with a side under 128 pixels (the demo's "
-         "16x16) are written enlarged by an integer factor, nearest-neighbour; the sidecar records both sizes",
+         "16x16) are written enlarged by an integer factor, nearest-neighbour (to at most 16384 a side, "
+         "libx264's limit); the sidecar records both sizes",
          "the preset's", metavar="WxH"),
     Flag("--frames", INT, None, "frames, of the form 4k+1 (8k+1, k >= 1, for the demo model)", "the preset's",
          metavar="N"),
