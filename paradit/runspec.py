@@ -337,16 +337,21 @@ def model_config(name_or_path: str, components=None) -> WanConfig:
     return checkpoint_config(name_or_path, components)
 
 
-def resolve_stages(parallel: ParallelConfig, cfg: WanConfig, world: int, settings: VideoSettings) -> ParallelConfig:
-    """experts='split' without stages: the stage sizes from the step split of `settings`' steps and
-    shift (the video build_spec plans for; paradit.plan.placement), each stage's sp from the head count."""
+def resolve_stages(parallel: ParallelConfig, cfg: WanConfig, world: int, settings: VideoSettings,
+                   sizes: tuple[int, int] | None = None) -> ParallelConfig:
+    """experts='split' without stages: stages of `sizes` GPUs (generate's --stages), else of the step split of
+    `settings`' steps and shift (the video build_spec plans for; paradit.plan.placement), each stage's sp
+    from the head count and `parallel.cfg` CFG-parallel groups. The one calculation, for build_spec and
+    generate's --experts split (paradit.cli.layout.split_layout)."""
     from paradit.schedulers.schedule import high_noise_steps
     if not parallel.stages_pending:
         return parallel
     if cfg.boundary is None:
         raise ParameterError("experts", "split", f"{cfg.name} has one expert; split experts need two (Wan2.2 A14B)")
-    high = high_noise_steps(cfg.boundary, settings.steps, settings.shift)
-    return placement.split_layout(cfg.num_heads, placement.stage_sizes(world, high, settings.steps), parallel.cfg)
+    if sizes is None:
+        sizes = placement.stage_sizes(world, high_noise_steps(cfg.boundary, settings.steps, settings.shift),
+                                      settings.steps)
+    return placement.split_layout(cfg.num_heads, sizes, parallel.cfg)
 
 
 def build_components(spec: BuildSpec, mesh):

@@ -300,6 +300,26 @@ def test_split_stages_without_sizes_follow_the_run_steps(tmp_path, monkeypatch):
     assert cli.layout == library.layout
 
 
+def test_the_cli_splits_stages_by_the_library_s_function(tmp_path, monkeypatch):
+    # one calculation of split stages (runspec.resolve_stages: the step split, or the sizes given, each stage's
+    # sp from the heads, cfg groups checked), for experts="split" and generate's --experts split alike
+    from paradit import runspec
+    from paradit.cli.spec import resolve
+    folder = configs_only(tmp_path, A14B)
+    info = fake_host(monkeypatch, "h100", 400.0, world=4)
+    calls = []
+    monkeypatch.setattr(runspec, "resolve_stages", counting(runspec.resolve_stages, calls))
+    argv = ["--model", folder, "--size", "832x480", "--frames", "17", "--experts", "split"]
+    assert resolve(parse_args(argv), info).layout.stages == calls[-1].stages and len(calls) == 1
+    assert resolve(parse_args(argv + ["--stages", "1,3"]), info).layout.stage_sizes == (1, 3) and len(calls) == 2
+    with pytest.raises(UsageError, match=r"^--cfg-par 2: a stage of 3 GPUs \(split 3\+1\) cannot hold 2 CFG-parallel "
+                                         r"groups; give stage sizes divisible by 2, or use: --cfg-par 1$"):
+        resolve(parse_args(argv + ["--stages", "3,1", "--cfg-par", "2"]), info)
+    with pytest.raises(ParameterError, match=r"^cfg=2: a stage of 3 GPUs \(split 3\+1\) .*or use: cfg=1$"):
+        build_spec(folder, ParallelConfig(experts="split", cfg=2), settings=VideoSettings.resolve(
+            WanConfig.preset(A14B), 832, 480, 17))
+
+
 def test_plan_auto_plans_the_offload_with_the_layout(tmp_path, monkeypatch):
     # --plan auto: the planner's search chooses the layout and its offload mode together (2 x L40S at
     # 832x480x17: U1 cfg2, experts offloaded); the build takes that choice, with no second evaluation of it

@@ -73,22 +73,14 @@ def planned_layout(cfg, world: int, settings, kind: str | None, log_choice: bool
 
 
 def split_layout(flags: Flags, cfg, world: int, settings) -> ParallelConfig:
-    """--experts split: stage sizes from --stages or the step split; each stage's sp from the heads."""
-    if cfg.boundary is None:
-        raise UsageError("--experts split needs a two-expert model (Wan2.2 A14B); this one has one expert")
-    if flags.stages is not None:
-        sizes = flags.stages
-        if len(sizes) != 2 or min(sizes) < 1:
-            raise UsageError(f"--stages {flags.typed.get('--stages')}: give two GPU counts >= 1, high,low "
-                             f"(e.g. 5,3), that add up to the world ({world})")
-    else:
-        sizes = placement.stage_sizes(world, high_noise_steps(cfg.boundary, settings.steps, settings.shift),
-                                      settings.steps)
-    for n in sizes:
-        if n % flags.cfg_par:
-            raise UsageError(f"--stages {','.join(map(str, sizes))}: a stage of {n} GPUs cannot hold "
-                             f"--cfg-par {flags.cfg_par}")
-    return placement.split_layout(cfg.num_heads, sizes, flags.cfg_par)
+    """--experts split: stage sizes from --stages or the step split of this run's video, each stage's sp from
+    the heads (paradit.runspec.resolve_stages, as the library's experts="split" without stages)."""
+    from paradit.runspec import resolve_stages
+    sizes = flags.stages
+    if sizes is not None and (len(sizes) != 2 or min(sizes) < 1):
+        raise UsageError(f"--stages {flags.typed.get('--stages')}: give two GPU counts >= 1, high,low "
+                         f"(e.g. 5,3), that add up to the world ({world})")
+    return resolve_stages(ParallelConfig(experts="split", cfg=flags.cfg_par), cfg, world, settings, sizes)
 
 
 def resolve_layout(flags: Flags, cfg, info, settings, chords=None):

@@ -30,8 +30,9 @@ def split_layout(num_heads: int, sizes: tuple[int, int], cfg: int = 1) -> Parall
     sizes = tuple(sizes)
     for n in sizes:
         if n % cfg:
-            raise ParameterError("stages", sizes, f"a stage of {n} GPUs cannot hold cfg={cfg}",
-                                 f"give stage sizes divisible by {cfg}")
+            raise ParameterError("cfg", cfg, f"a stage of {n} GPUs (split {'+'.join(map(str, sizes))}) cannot hold "
+                                 f"{cfg} CFG-parallel groups", f"give stage sizes divisible by {cfg}, or use",
+                                 ({"cfg": 1},))
     return ParallelConfig(experts="split", stages=tuple((*auto_sp(num_heads, n // cfg), cfg) for n in sizes))
 
 
