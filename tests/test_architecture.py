@@ -155,11 +155,17 @@ def base_name(node) -> str | None:
 
 def writes_to_tables(sources: dict[str, str]) -> list[str]:
     """Where a function writes to a module-level container, of its own module or another's (by
-    name), or declares a global: state kept in modules. Import-time construction is not counted."""
+    name), or to an attribute of a module-level function (a once-flag), or declares a global: state
+    kept in modules. Import-time construction is not counted."""
     trees = {m: ast.parse(text) for m, text in sources.items()}
     tables = {name: m for m, tree in trees.items() for name in module_tables(tree)}
     found = []
     for m, tree in trees.items():
+        functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        found += [f"{m} writes {m}.{ast.unparse(t)} (line {node.lineno})" for node in ast.walk(tree)
+                  if isinstance(node, (ast.Assign, ast.AugAssign))
+                  for t in getattr(node, "targets", [getattr(node, "target", None)])
+                  if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in functions]
         for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             local = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             local |= {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
@@ -185,8 +191,11 @@ def test_the_state_check_finds_a_global_counter():
     sources = {"a": "from collections import defaultdict\nTRAFFIC = defaultdict(lambda: [0, 0])\n"
                     "def count(op, n):\n    TRAFFIC[op][0] += n\n",
                "b": "from a import TRAFFIC\ndef call():\n    TRAFFIC.clear()\n",
-               "c": "TABLE = {'x': 1}\nTABLE.update(y=2)\ndef read():\n    return TABLE['x']\n"}
-    assert writes_to_tables(sources) == ["a writes a.TRAFFIC (line 4)", "b writes a.TRAFFIC (line 3)"]
+               "c": "TABLE = {'x': 1}\nTABLE.update(y=2)\ndef read():\n    return TABLE['x']\n",
+               # the once-flags paradit.launch had: an attribute set on the function itself
+               "d": "def once():\n    if getattr(once, '_done', False):\n        return\n    once._done = True\n"}
+    assert writes_to_tables(sources) == ["a writes a.TRAFFIC (line 4)", "b writes a.TRAFFIC (line 3)",
+                                         "d writes d.once._done (line 4)"]
 
 
 def test_no_module_level_mutable_state():

@@ -7,6 +7,7 @@ MASTER_PORT); without it the process is a world of one and no process group is c
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import math
 import os
@@ -146,31 +147,37 @@ def cpu_threads(local_ranks: int, cores: int) -> int:
     return 1 if per_rank <= 2 else per_rank
 
 
-def set_cpu_threads() -> None:
-    """Set torch's thread count for a CPU run (once), unless OMP_NUM_THREADS says it; log the choice."""
-    if getattr(set_cpu_threads, "_done", False):
-        return
-    set_cpu_threads._done = True
+@functools.cache
+def set_cpu_threads() -> int:
+    """Set torch's thread count for a CPU run, unless OMP_NUM_THREADS says it; log the choice; return it.
+    Once per process (functools.cache: the first call's choice stands), so that init_distributed,
+    called by each build, neither repeats the line nor undoes a torch.set_num_threads made since."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if os.environ.get("OMP_NUM_THREADS"):
         log.info("cpu threads: %d (OMP_NUM_THREADS=%s)", torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])
-        return
+        return torch.get_num_threads()
     torch.set_num_threads(cpu_threads(local, cores))
     log.info("cpu threads: %d (%d cores, %d local rank%s)", torch.get_num_threads(), cores, local,
              "" if local == 1 else "s")
+    return torch.get_num_threads()
+
+
+RANK_HANDLER = "paradit-rank"   # the name of setup_logging's handler on the "paradit" logger
 
 
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
-    """Rank 0 logs at `level`; other ranks only warnings and errors, tagged with their rank."""
-    if getattr(setup_logging, "_done", False):
+    """Rank 0 logs at `level`; other ranks only warnings and errors, tagged with their rank. The first
+    call stands (generate.py calls it before the world exists, init_distributed after): the logger's
+    own handlers say whether it was made."""
+    if any(h.get_name() == RANK_HANDLER for h in log.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(RANK_HANDLER)
     handler.setFormatter(logging.Formatter(f"[paradit r{rank}] %(message)s"))
     log.addHandler(handler)
     log.setLevel(level if rank == 0 else logging.WARNING)
     log.propagate = False
-    setup_logging._done = True
 
 
 def shutdown() -> None:
