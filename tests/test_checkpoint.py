@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from ckpt_workers import (NEGATIVE, PROMPT, RUN, SIZE, TINY_T2V, checkpoint_ranks, components, read_once_ranks,
                           small_tiles, write_checkpoint)
 from paradit.checkpoint import model_config, to_diffusers_name
+from paradit.demo.judge import rel_err
 from paradit.launch import spawn
 from paradit.models.loading import CheckpointError, to_original_name
 from paradit.pipeline import Pipeline
@@ -18,10 +19,6 @@ from paradit.pipeline import Pipeline
 # 4 ranks (ulysses 2 x cfg 2) against 1: fp32 with another summation order (split softmax, uneven
 # shards); rounding stays near 1e-7 relative, 1e-5 leaves two orders of margin (a bug is > 1e-2).
 RTOL = 1e-5
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

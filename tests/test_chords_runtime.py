@@ -8,6 +8,7 @@ from paradit.launch import spawn
 from paradit.models.transformer import patchify
 from paradit.parallel.collectives import even_split
 from paradit.cli.flags import parse_stop
+from paradit.demo.judge import rel_err
 from paradit.pipeline import Pipeline, tiny_components
 from paradit.settings import ChordsSettings, chords_layout
 from paradit.plan.placement import chords_experts
@@ -23,10 +24,6 @@ TABLE = [
     (8, dict(chords=2, ring=2, cfg=2), 2, 2),
 ]
 RTOL = 1e-5  # fp32, the same Euler controller, split attention: rounding only (as in test_parallel)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

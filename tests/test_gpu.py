@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from paradit.config import WanConfig
+from paradit.demo.judge import rel_err as rel
 from paradit.models.attention import BACKENDS, _flash_module, fa4_available, kernels, math_attention_lse, pick_backend
 from paradit.models.transformer import WanTransformer
 from paradit.parallel.collectives import lse_merge
@@ -23,10 +24,6 @@ BF16_RTOL = 2e-2
 INSTALLED = [b for b in BACKENDS if (b != "flash" or _flash_module()) and (b != "fa4" or fa4_available())]
 if torch.cuda.is_available() and pick_backend("cuda", torch.bfloat16) == "auto":
     INSTALLED.append("auto")      # per shape: flash-attn-4 or cuDNN
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def qkv(s, h=8, d=128, seed=0):

@@ -7,6 +7,7 @@ divides (45 and 105 tokens).
 import pytest
 import torch
 
+from paradit.demo.judge import rel_err
 from paradit.launch import spawn
 from paradit.parallel.runtime import Runtime
 from workers import compiled_against_eager, model_output, pipeline_latent, run_layout_table, tiny_config
@@ -31,10 +32,6 @@ WORLDS = sorted({row[0] for row in TABLE})
 # fp32 with a different summation order (split softmax, LSE merge, uneven head groups): rounding
 # stays near 1e-7 relative; 1e-5 is two orders of margin and far below any real layout bug (>1e-2).
 RTOL = 1e-5
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ on 2 Ulysses ranks) and token counts no degree divides (45, 105); fp32.
 import pytest
 
 from paradit.config import WanConfig
+from paradit.demo.judge import rel_err
 from paradit.launch import spawn
 from paradit.plan import GPUS, ParallelConfig, plan
 from shard_workers import bad_sharding_on_every_rank, chords_reference, sharded_config, table_run
@@ -34,10 +35,6 @@ CHORDS = [(4, "chords2 U2 sp", dict(chords=2, ulysses=2, shard_weights="sp"), 3,
 # orders above the rounding seen (~1e-7) and far below any layout bug (>1e-2).
 RTOL = 1e-5
 A14B = WanConfig.preset("wan2.2-t2v-a14b")
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
