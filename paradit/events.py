@@ -29,11 +29,27 @@ class InjectedFailure(RuntimeError):
     """The failure PARADIT_FAIL_AT asked for."""
 
 
+FORMS = {"PARADIT_FAIL_AT": ("RANK:NAME", "1:step3"), "PARADIT_DELAY_AT": ("RANK:NAME:SECONDS", "1:step3:2.5")}
+
+
 def _points(variable: str) -> list[list[str]]:
-    """The entries of a hook variable naming this process's rank, split at ':' (after the rank)."""
-    me = os.environ.get("RANK", "0")
-    entries = [e.split(":") for e in os.environ.get(variable, "").split(",") if e]
+    """The entries of a hook variable naming this process's rank, split at ':' (after the rank); a
+    malformed entry is a ValueError naming it (it was ignored, or failed mid-run as a float)."""
+    me, text = os.environ.get("RANK", "0"), os.environ.get(variable, "")
+    entries = [e.split(":") for e in text.split(",") if e]
+    form, example = FORMS[variable]
+    for e in entries:
+        if len(e) != form.count(":") + 1 or not e[0].isdigit() or not _seconds(e[2:]):
+            raise ValueError(f"{variable}={text!r}: entry {':'.join(e)!r} is not {form} (e.g. {example})")
     return [rest for rank, *rest in entries if rank == me]
+
+
+def _seconds(rest: list[str]) -> bool:
+    """No seconds field, or one that is a finite number >= 0."""
+    try:
+        return not rest or 0 <= float(rest[0]) < float("inf")
+    except ValueError:
+        return False
 
 
 def hook(name: str) -> None:

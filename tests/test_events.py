@@ -36,6 +36,20 @@ def test_a_hook_names_a_rank_and_a_point(monkeypatch):
         hook("step3")
 
 
+@pytest.mark.parametrize("variable,value,message", [
+    ("PARADIT_FAIL_AT", "garbage", r"^PARADIT_FAIL_AT='garbage': entry 'garbage' is not RANK:NAME"),   # was ignored
+    ("PARADIT_FAIL_AT", "0:step3:5", r"entry '0:step3:5' is not RANK:NAME"),
+    ("PARADIT_DELAY_AT", "0:step0:abc", r"^PARADIT_DELAY_AT='0:step0:abc': entry '0:step0:abc' is not "
+                                        r"RANK:NAME:SECONDS"),           # was "could not convert string to float"
+    ("PARADIT_DELAY_AT", "0:step0", r"entry '0:step0' is not RANK:NAME:SECONDS"),   # was "not enough values to unpack"
+    ("PARADIT_DELAY_AT", "x:step0:1", r"entry 'x:step0:1' is not RANK:NAME:SECONDS"),
+])
+def test_a_malformed_hook_variable_is_named(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=message):
+        hook("step0")
+
+
 def test_a_request_phase_is_a_hook(monkeypatch):
     from paradit.engine.request import RunRecord
     record = RunRecord()
