@@ -376,7 +376,11 @@ def test_bad_flags_are_named():
              (["--max-queue", "0"], "--max-queue 0"), (["--max-video-tokens", "-5"], ">= 1"),
              (["--request-timeout", "0"], "--request-timeout 0"),
              (["--state-dir", ""], "--state-dir '': an empty path"),      # was the current folder
-             (["--lora-dir", ""], "--lora-dir '': an empty path")]
+             (["--lora-dir", ""], "--lora-dir '': an empty path"),
+             # curl sends 'Bearer kéy' as UTF-8, the server read the header as Latin-1: no client could match it
+             (["--api-key", "kéy"], r"^--api-key \(or PARADIT_API_KEY\): its character 2 is a space or not "
+                                   r"printable ASCII"),
+             (["--api-key", "key "], r"its character 4 is a space")]
     for argv, words in cases:
         with pytest.raises(ValueError, match=words):
             check_args(parse_args(argv))

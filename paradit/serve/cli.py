@@ -82,6 +82,12 @@ def check_args(flags) -> None:
     if not (flags.api_key or flags.insecure or is_loopback(flags.host)):
         raise ValueError(f"--host {flags.host} accepts connections from other machines: set --api-key KEY (or "
                          f"PARADIT_API_KEY) so that only clients with the key can use /v1, or pass --insecure")
+    bad = next((i for i, ch in enumerate(flags.api_key or "") if not " " < ch <= "~"), None)
+    if bad is not None:   # the key itself is never printed
+        raise ValueError(f"--api-key (or PARADIT_API_KEY): its character {bad + 1} is a space or not printable "
+                         f"ASCII; clients send a header's other bytes in encodings of their own (curl UTF-8, the "
+                         f"server reads Latin-1) and drop its edge spaces, so no client could match it: use "
+                         f"letters, digits and punctuation")
 
 
 def is_loopback(host: str) -> bool:
