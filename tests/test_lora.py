@@ -254,6 +254,9 @@ def test_bad_specs_and_flags(bad):
         check_loras([LoraSpec(bad / "good.safetensors", target="low")], WanConfig.preset("wan2.1-t2v-1.3b"))
     with pytest.raises(LoraError, match=r"target='mid'.*all, high, low"):
         LoraSpec("x.safetensors", target="mid")
+    for path in (None, "", 3):   # None was a TypeError from os.fspath, "" the current folder
+        with pytest.raises(LoraError, match=rf"^LoraSpec\(path={path!r}\): give the \.safetensors file's path"):
+            LoraSpec(path)
     with pytest.raises(LoraError, match=r"--lora-high 'x.safetensors:strong': write PATH or PATH:SCALE"):
         parse_lora("x.safetensors:strong", "high")
     with pytest.raises(LoraError, match=r"^--lora 'x.safetensors:nan': write PATH or PATH:SCALE with a finite "

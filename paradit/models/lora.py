@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from contextlib import ExitStack
@@ -63,6 +64,8 @@ class LoraSpec:
     target: str = "all"   # "all" (every expert), "high" / "low" (one Wan2.2 expert)
 
     def __post_init__(self):
+        if not isinstance(self.path, (str, os.PathLike)) or not str(self.path).strip():
+            raise LoraError(f"LoraSpec(path={self.path!r}): give the .safetensors file's path")
         if self.target not in TARGETS:
             raise LoraError(f"LoraSpec(target={self.target!r}): choose one of {', '.join(TARGETS)}")
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
