@@ -269,7 +269,8 @@ def test_bounded_abuse_run(server):
 def test_a_lora_item_s_errors_name_its_own_field(item, param, words):
     """An unknown key inside a LoRA item was answered 'loras: unknown field; the fields are prompt,
     negative_prompt, ...' (the request's fields, none of them wrong); a bad expert named only 'loras'."""
-    from paradit.serve.schema import ApiError, parse_body
+    from paradit.serve.body import parse_body
+    from paradit.serve.schema import ApiError
     body = json.dumps({"prompt": PROMPT, "loras": [{"name": "b"}, item][1:]}).encode()
     with pytest.raises(ApiError) as err:
         parse_body(body, "application/json")

@@ -19,10 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from paradit.serve import images
+from paradit.serve.body import parse_body, validate_data, validation_error
 from paradit.serve.guard import MAX_BODY, Guard
 from paradit.serve.jobs import MIN_FREE, JobStore, disk_full
 from paradit.serve.metrics import Metrics
-from paradit.serve.schema import ApiError, VideoRequest, parse_body, validate_data, validation_error, video_object
+from paradit.serve.schema import ApiError, VideoRequest, video_object
 
 STATIC = Path(__file__).resolve().parent / "static"
 

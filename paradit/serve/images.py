@@ -96,7 +96,7 @@ def load_stored(state_dir: Path, name: str):
 
 def multipart_fields(raw: bytes, content_type: str) -> dict:
     """A multipart/form-data body -> the request's fields: the upload as base64 under input_reference
-    (parse_body's form), JSON-typed values for the number and list fields ("4" -> 4, "[4, 3]")."""
+    (paradit.serve.body.parse_body's form), JSON-typed values for the number and list fields ("4" -> 4, "[4, 3]")."""
     message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
     if not message.is_multipart():
         raise ApiError(422, "the multipart body has no parts (send Content-Type: multipart/form-data with a "
