@@ -327,7 +327,7 @@ def quick_gil_handoff(seconds: float = 5e-4):
     beside the build. A tenth of the interval bounds each wait at 0.5 ms; the build, which gives the
     GIL up more often, barely slows (the readers hold it for microseconds). Process-wide: restored on exit.
     Not enough on its own: an H100 run on 2026-12-06 still took 11.1 s of start-up beside the build
-    against 3.3 s without flash-attn-4 (the kernel's on-disk cache spares later processes the build)."""
+    against 3.3 s without flash-attn-4, and 6.7 s with the kernel in flash-attn-4's disk cache."""
     before = sys.getswitchinterval()
     sys.setswitchinterval(seconds)
     try:
