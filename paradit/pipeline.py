@@ -37,14 +37,13 @@ from paradit.parallel.requests import check_same_request, decode_group, request_
 from paradit.parallel.runtime import Runtime
 from paradit.parallel.stages import HandoffSignal
 from paradit.plan.layout import ParallelConfig
+from paradit.prompts import check_prompt
 from paradit.residency import offloads_experts, offloads_text_encoder, streams_layers
 from paradit.runspec import BuildSpec, build_components, build_spec
-from paradit.prompts import check_prompt
 from paradit.settings import ChordsSettings, VideoSettings
 
 log = logging.getLogger("paradit")
 __all__ = ["Pipeline", "RunRecord", "VideoSettings", "tiny_components"]
-
 
 
 def stream_item(i: int, item) -> tuple:

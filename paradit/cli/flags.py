@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from paradit.errors import ParameterError
-from paradit.runspec import path_flag as PATH
 from paradit.plan.hardware import GPUS
 from paradit.plan.layout import SHARD_MODES
+from paradit.runspec import path_flag as PATH
 from paradit.settings import SAMPLER_NAMES
 
 DEFAULT_PROMPT = "a red circle moving right"
