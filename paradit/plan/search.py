@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from paradit.config import PRESETS, WanConfig
 from paradit.errors import ParameterError
 from paradit.plan.costs import Problem, evaluate, split_memory
-from paradit.plan.step import stage_check, stage_step
 from paradit.plan.explain import explain
 from paradit.plan.hardware import GPUS, MAX_GPUS, Calibration, GPUSpec, load_calibration
 from paradit.plan.layout import CFG_MODES, SHARD_MODES, ParallelConfig, Stage
 from paradit.plan.memory import memory_limit, ranks_per_host
 from paradit.plan.ranking import rank
 from paradit.plan.results import Candidate
+from paradit.plan.step import stage_check, stage_step
 from paradit.residency import check_offload
 from paradit.settings import MAX_STEPS, check_frames, check_int, check_number, check_size, quant_parts
 
@@ -118,8 +118,8 @@ def make_problem(model: str | WanConfig, gpus: int, gpu: str | GPUSpec = "h200",
     host memory each host has available (None: not checked); ranks_per_host: the ranks sharing it (None:
     one node's GPUs, gpu.gpus_per_node). quant: the run's FP8 mode (paradit.settings.QUANT_MODES), not
     modelled, but with FP8 weights (fp8, fp8-all) no offload mode moves an expert, and with any no weights
-    are sharded. compile: whether the
-    run compiles its blocks (torch.compile), not modelled, but compiled blocks run whole weights."""
+    are sharded. compile: whether the run compiles its blocks (torch.compile), not modelled, but compiled
+    blocks run whole weights."""
     m = model if isinstance(model, WanConfig) else WanConfig.preset(model)
     spec = gpu if isinstance(gpu, GPUSpec) else _gpu(gpu)
     check_int("gpus", gpus, 1, MAX_GPUS)
